@@ -19,6 +19,7 @@ def main() -> None:
     try:
         app()
     except ZayaError as e:
-        fail(str(e))
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
