@@ -1,0 +1,157 @@
+"""ZAYA1's configuration, read from either checkpoint layout's config.json.
+
+transformers' layout counts 40 hybrid layers (attention + MoE each); Zyphra's original counts 80 alternating
+layers and names things differently. Both normalise to one `ZayaConfig`, which is also mlx-lm's `ModelArgs`.
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .errors import ZayaError
+
+LAYER_TYPES = ("hybrid", "hybrid_sliding")
+DEFAULT_ROPE = {
+    "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
+    "hybrid_sliding": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
+}
+
+
+@dataclass
+class ZayaConfig:
+    model_type: str = "zaya"
+    vocab_size: int = 262_272
+    hidden_size: int = 2048
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    moe_intermediate_size: int = 2048
+    num_experts: int = 16
+    num_experts_per_tok: int = 1
+    router_hidden_size: int = 256
+    cca_time0: int = 2
+    cca_time1: int = 2
+    rms_norm_eps: float = 1e-5
+    layer_types: Optional[list] = None
+    sliding_window: Optional[int] = None
+    rope_parameters: Optional[dict] = None
+    max_position_embeddings: int = 131_072
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    lm_head_bias: bool = False
+    pad_token_id: Optional[int] = 0
+    bos_token_id: Optional[int] = 2
+    eos_token_id: object = 106
+    quantization: Optional[dict] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = ["hybrid"] * self.num_hidden_layers
+        self.layer_types = list(self.layer_types)
+        rope = {k: dict(v) for k, v in (self.rope_parameters or DEFAULT_ROPE).items() if isinstance(v, dict)}
+        self.rope_parameters = {t: {**DEFAULT_ROPE[t], **rope.get(t, {})} for t in LAYER_TYPES}
+        self.validate()
+
+    def validate(self):
+        """Reject what the port does not implement, naming the setting."""
+        checks = [
+            (self.model_type == "zaya", f"model_type is {self.model_type!r}, not 'zaya'"),
+            (self.num_experts_per_tok == 1, f"num_experts_per_tok={self.num_experts_per_tok}: ZAYA1 routes each token to one expert"),
+            (self.num_key_value_heads > 0 and self.num_attention_heads % self.num_key_value_heads == 0,
+             f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads={self.num_key_value_heads}"),
+            ((self.num_key_value_heads * self.head_dim) % 2 == 0, "the value projection must split into two halves"),
+            (len(self.layer_types) == self.num_hidden_layers,
+             f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"),
+            (set(self.layer_types) <= set(LAYER_TYPES), f"unknown layer type in {sorted(set(self.layer_types))}"),
+            ("hybrid_sliding" not in self.layer_types or (self.sliding_window or 0) > 0,
+             "sliding layers need a positive sliding_window"),
+            (self.cca_time0 >= 1 and self.cca_time1 >= 1, "cca_time0 and cca_time1 must be >= 1"),
+        ]
+        for t, p in self.rope_parameters.items():
+            checks.append((p.get("rope_type", "default") == "default", f"rope_type {p.get('rope_type')!r} for {t} layers is not supported"))
+        for ok, message in checks:
+            if not ok:
+                raise ZayaError(f"unsupported config: {message}")
+
+    @property
+    def conv_state_size(self) -> int:
+        """How many previous q/k inputs the two causal convolutions look back over."""
+        return (self.cca_time0 - 1) + (self.cca_time1 - 1)
+
+    @property
+    def eos_token_ids(self) -> list:
+        e = self.eos_token_id
+        return [] if e is None else list(e) if isinstance(e, (list, tuple)) else [e]
+
+    def rope_dims(self, layer_type: str) -> int:
+        return int(self.head_dim * self.rope_parameters[layer_type]["partial_rotary_factor"])
+
+    def rope_theta(self, layer_type: str) -> float:
+        return float(self.rope_parameters[layer_type]["rope_theta"])
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ZayaConfig":
+        """Either layout's config.json (mlx-lm calls this too)."""
+        raw = _from_legacy(raw) if is_legacy_config(raw) else raw
+        known = cls.__dataclass_fields__
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as e:
+            raise ZayaError(f"invalid config: {e}") from None
+
+    def to_dict(self) -> dict:
+        """transformers-style config.json (what our MLX folders carry)."""
+        d = asdict(self)
+        d["architectures"] = ["ZayaForCausalLM"]
+        if d["quantization"] is None:
+            del d["quantization"]
+        return d
+
+
+def is_legacy_config(raw: dict) -> bool:
+    return "ffn_hidden_size" in raw or "zaya_mlp_expansion" in raw
+
+
+def _from_legacy(raw: dict) -> dict:
+    """Zyphra's original 80-layer config -> transformers' keys.
+
+    `swa_layers` lists sliding layers in the original numbering (attention layers are the even ones).
+    """
+    for key, expected in (("zaya_use_mod", True), ("zaya_use_eda", True), ("scale_residual_merge", True),
+                          ("cca", True), ("add_bias_linear", False), ("gated_linear_unit", True)):
+        if key in raw and bool(raw[key]) != expected:
+            raise ZayaError(f"unsupported config: {key}={raw[key]} (ZAYA1 uses {expected})")
+    if raw.get("activation_func", "swiglu") != "swiglu":
+        raise ZayaError(f"unsupported config: activation_func={raw['activation_func']!r}")
+    if raw["num_hidden_layers"] % 2:
+        raise ZayaError(f"unsupported config: {raw['num_hidden_layers']} layers do not pair into attention + MoE")
+    n_layers = raw["num_hidden_layers"] // 2
+    n_heads = raw.get("cca_num_q_heads", raw.get("num_attention_heads"))
+    head_dim = raw.get("kv_channels") or raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    swa = raw.get("swa_layers") or []
+    if any(i % 2 or not 0 <= i < raw["num_hidden_layers"] for i in swa):
+        raise ZayaError(f"unsupported config: swa_layers {swa} must name attention (even) layers")
+    partial = raw.get("partial_rotary_factor", 0.5)
+    out = {
+        k: raw[k] for k in ("model_type", "vocab_size", "hidden_size", "num_experts", "cca_time0", "cca_time1",
+                            "max_position_embeddings", "tie_word_embeddings", "attention_bias", "lm_head_bias",
+                            "pad_token_id", "bos_token_id", "eos_token_id", "sliding_window", "quantization")
+        if k in raw
+    }
+    out.update(
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=raw.get("num_query_groups", raw.get("num_key_value_heads")),
+        head_dim=head_dim,
+        moe_intermediate_size=raw["ffn_hidden_size"] // 2,
+        num_experts_per_tok=raw.get("moe_router_topk", 1),
+        router_hidden_size=raw["zaya_mlp_expansion"],
+        rms_norm_eps=raw.get("norm_epsilon", raw.get("rms_norm_eps", 1e-5)),
+        layer_types=["hybrid_sliding" if 2 * k in swa else "hybrid" for k in range(n_layers)],
+        rope_parameters={
+            "hybrid": {"rope_type": "default", "rope_theta": raw.get("rope_theta", 5_000_000.0), "partial_rotary_factor": partial},
+            "hybrid_sliding": {"rope_type": "default", "rope_theta": raw.get("swa_rotary_base") or 10_000.0,
+                               "partial_rotary_factor": partial},
+        },
+    )
+    return out

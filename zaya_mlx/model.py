@@ -1,0 +1,307 @@
+"""ZAYA1 in MLX, with the semantics of transformers' `ZayaForCausalLM`.
+
+Each layer: RMSNorm -> Compressed Convolutional Attention -> residual scaling -> RMSNorm -> top-1 MoE with an
+MLP router (16 experts + a skip choice) -> residual scaling. The residual stream is fp32; logits are fp32.
+This file is also mlx-lm's model module for `model_type` "zaya" (`ModelArgs`, `Model`, `sanitize`).
+"""
+
+import math
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, KVCache
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+
+from . import layouts
+from .config import ZayaConfig
+
+ModelArgs = ZayaConfig
+
+
+class ResidualScaling(nn.Module):
+    """`(out + b_o) * s_o + (residual + b_r) * s_r`, the sum kept in fp32."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.hidden_states_scale = mx.ones((dims,))
+        self.hidden_states_bias = mx.zeros((dims,))
+        self.residual_scale = mx.ones((dims,))
+        self.residual_bias = mx.zeros((dims,))
+
+    def __call__(self, out: mx.array, residual: mx.array) -> mx.array:
+        out = (out + self.hidden_states_bias) * self.hidden_states_scale
+        f32 = mx.float32
+        residual = (residual + self.residual_bias.astype(f32)) * self.residual_scale.astype(f32)
+        return out.astype(f32) + residual
+
+
+class CCAProjection(nn.Module):
+    """Queries, keys and values of Compressed Convolutional Attention.
+
+    One fused projection gives q, k and both value halves. `[q, k]` runs through a causal depthwise conv and a
+    causal grouped conv (one group per head) over the cached previous inputs; q and k also keep a residual
+    path through their head means. Half of the value comes from the previous token (`v_delayed`).
+    """
+
+    def __init__(self, args: ZayaConfig):
+        super().__init__()
+        d, nh, nkv = args.head_dim, args.num_attention_heads, args.num_key_value_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = nh, nkv, d
+        self.q_dim, self.k_dim, self.v_half = nh * d, nkv * d, nkv * d // 2
+        self.state_size = args.conv_state_size
+        channels = self.q_dim + self.k_dim
+        self.in_proj = nn.Linear(args.hidden_size, channels + 2 * self.v_half, bias=args.attention_bias)
+        self.conv_qk_depthwise = nn.Conv1d(channels, channels, args.cca_time0, groups=channels, bias=True)
+        self.conv_qk_grouped = nn.Conv1d(channels, channels, args.cca_time1, groups=nh + nkv, bias=True)
+
+    def __call__(self, x: mx.array, conv_cache: Optional[ArraysCache], pad_mask: Optional[mx.array]):
+        B, L, _ = x.shape
+        if pad_mask is not None:  # padding starts the sequence afresh: zero inputs, as for a lone sequence
+            x = x * pad_mask[..., None].astype(x.dtype)
+        proj = self.in_proj(x)
+        q_end, k_end = self.q_dim, self.q_dim + self.k_dim
+        qk, v_current, v_delayed = proj[..., :k_end], proj[..., k_end : k_end + self.v_half], proj[..., k_end + self.v_half :]
+        if pad_mask is not None and "bias" in self.in_proj:
+            qk = qk * pad_mask[..., None].astype(qk.dtype)
+
+        state = conv_cache[0] if conv_cache is not None else None
+        v_prev = conv_cache[1] if conv_cache is not None else None
+        if state is None:
+            state = mx.zeros((B, self.state_size, qk.shape[-1]), qk.dtype)
+        if v_prev is None:  # the delayed projection of a zero input
+            v_prev = self._delayed_of_zero(B, v_delayed.dtype)
+        conv_in = mx.concatenate([state, qk], axis=1)
+        if conv_cache is not None:
+            conv_cache[0] = conv_in[:, conv_in.shape[1] - self.state_size :]
+            conv_cache[1] = v_delayed[:, -1]
+        conv = self.conv_qk_grouped(self.conv_qk_depthwise(conv_in))
+
+        nh, nkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q = qk[..., :q_end].reshape(B, L, nkv, nh // nkv, d)
+        k = qk[..., q_end:].reshape(B, L, nkv, 1, d)
+        q_res = (q + k) * 0.5
+        k_res = q_res.mean(axis=-2)
+        queries = conv[..., :q_end].reshape(B, L, nh, d) + q_res.reshape(B, L, nh, d)
+        keys = conv[..., q_end:].reshape(B, L, nkv, d) + k_res
+        v_shifted = mx.concatenate([v_prev[:, None], v_delayed[:, :-1]], axis=1)
+        values = mx.concatenate([v_current, v_shifted], axis=-1).reshape(B, L, nkv, d)
+        return queries, keys, values
+
+    def _delayed_of_zero(self, batch: int, dtype) -> mx.array:
+        if "bias" in self.in_proj:
+            return mx.broadcast_to(self.in_proj.bias[-self.v_half :], (batch, self.v_half)).astype(dtype)
+        return mx.zeros((batch, self.v_half), dtype)
+
+
+class QKNorm(nn.Module):
+    """L2-normalise q and k to norm sqrt(d); scale keys by a learned per-KV-head temperature."""
+
+    def __init__(self, args: ZayaConfig):
+        super().__init__()
+        self.temp = mx.zeros((args.num_key_value_heads,))
+        self.scale = math.sqrt(args.head_dim)
+
+    def __call__(self, queries: mx.array, keys: mx.array):
+        eps = mx.finfo(queries.dtype).eps
+
+        def l2(x):
+            x32 = x.astype(mx.float32)
+            norm = mx.maximum(mx.sqrt(mx.sum(x32 * x32, axis=-1, keepdims=True)), eps)
+            return (x32 * (self.scale / norm)).astype(x.dtype)
+
+        return l2(queries), l2(keys) * self.temp[:, None].astype(keys.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ZayaConfig, layer_type: str):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.qkv_proj = CCAProjection(args)
+        self.qk_norm = QKNorm(args)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=args.attention_bias)
+        self.rope = nn.RoPE(args.rope_dims(layer_type), traditional=False, base=args.rope_theta(layer_type))
+        self.scale = args.head_dim**-0.5
+
+    def __call__(self, x, mask, cache: Optional[CacheList], pad_mask):
+        B, L, _ = x.shape
+        kv_cache, conv_cache = (cache[0], cache[1]) if cache is not None else (None, None)
+        queries, keys, values = self.qkv_proj(x, conv_cache, pad_mask)
+        queries, keys = self.qk_norm(queries, keys)
+        queries, keys, values = (a.transpose(0, 2, 1, 3) for a in (queries, keys, values))
+        offset = kv_cache.offset if kv_cache is not None else 0
+        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        if kv_cache is not None:
+            keys, values = kv_cache.update_and_fetch(keys, values)
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class RouterMLP(nn.Module):
+    def __init__(self, dims: int, classes: int, eps: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(dims, eps=eps)
+        self.fc1 = nn.Linear(dims, dims, bias=True)
+        self.fc2 = nn.Linear(dims, dims, bias=True)
+        self.out_proj = nn.Linear(dims, classes, bias=False)
+
+    def __call__(self, r):
+        return self.out_proj(nn.gelu(self.fc2(nn.gelu(self.fc1(self.norm(r))))))
+
+
+class Router(nn.Module):
+    """Top-1 over the experts and a skip choice; the down-projected state also feeds the next layer's router."""
+
+    def __init__(self, args: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.down_proj = nn.Linear(args.hidden_size, args.router_hidden_size, bias=True)
+        if layer_idx > 0:
+            self.router_states_scale = mx.ones((args.router_hidden_size,))
+        self.router_mlp = RouterMLP(args.router_hidden_size, args.num_experts + 1, args.rms_norm_eps)
+        self.balancing_biases = mx.array([0.0] * args.num_experts + [-1.0], dtype=mx.float32)
+
+    def __call__(self, x, prev_state):
+        r = self.down_proj(x)
+        if prev_state is not None and "router_states_scale" in self:
+            r = r + prev_state * self.router_states_scale
+        probs = mx.softmax(self.router_mlp(r).astype(mx.float32), axis=-1)
+        choice = mx.argmax(probs + self.balancing_biases, axis=-1)
+        weight = mx.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+        return choice, weight, r
+
+
+class Experts(nn.Module):
+    """SwiGLU experts stacked as mlx-lm SwitchLinears (quantizable); choice == num_experts is the skip."""
+
+    def __init__(self, args: ZayaConfig):
+        super().__init__()
+        self.num_experts = args.num_experts
+        self.gate_up_proj = SwitchLinear(args.hidden_size, 2 * args.moe_intermediate_size, args.num_experts, bias=False)
+        self.down_proj = SwitchLinear(args.moe_intermediate_size, args.hidden_size, args.num_experts, bias=False)
+
+    def __call__(self, x, choice, weight):
+        weight = mx.where(choice == self.num_experts, 0.0, weight)
+        idx = mx.minimum(choice, self.num_experts - 1)[..., None]
+        h = mx.expand_dims(x, (-2, -3))
+        do_sort = idx.size >= 64  # many tokens: group them by expert for contiguous weight reads
+        inv_order = None
+        if do_sort:
+            h, idx, inv_order = _gather_sort(h, idx)
+        gate, up = mx.split(self.gate_up_proj(h, idx, sorted_indices=do_sort), 2, axis=-1)
+        y = self.down_proj(swiglu(gate, up), idx, sorted_indices=do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv_order, x.shape[:-1] + (1,))
+        y = y.reshape(x.shape)
+        return y * weight[..., None].astype(y.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.gate = Router(args, layer_idx)
+        self.experts = Experts(args)
+
+    def __call__(self, x, router_state):
+        choice, weight, router_state = self.gate(x, router_state)
+        return self.experts(x, choice, weight), router_state
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ZayaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = args.layer_types[layer_idx]
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_attn = Attention(args, self.layer_type)
+        self.post_attention_residual_scale = ResidualScaling(args.hidden_size)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.mlp = MoE(args, layer_idx)
+        self.post_mlp_residual_scale = ResidualScaling(args.hidden_size)
+
+    def __call__(self, h, router_state, mask, cache, pad_mask):
+        dtype = self.input_layernorm.weight.dtype
+        out = self.self_attn(self.input_layernorm(h.astype(dtype)), mask, cache, pad_mask)
+        h = self.post_attention_residual_scale(out, h)
+        out, router_state = self.mlp(self.post_attention_layernorm(h.astype(dtype)), router_state)
+        return self.post_mlp_residual_scale(out, h), router_state
+
+
+def attention_mask(L: int, offset: int, left_padding: Optional[mx.array], window: Optional[int]):
+    """Boolean [B|1, 1, L, offset+L] mask, or "causal"/None where the fused kernel's own causal mask is exact.
+
+    Padding keys are hidden; a padding query sees only itself, so no row is empty.
+    """
+    if left_padding is None and (window is None or offset + L <= window):
+        return "causal" if L > 1 else None
+    q = mx.arange(offset, offset + L)[:, None]
+    k = mx.arange(offset + L)[None]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (q - k < window)
+    if left_padding is not None:
+        mask = (mask & (k >= left_padding[:, None, None, None])) | (k == q)
+    return mask
+
+
+class ZayaModel(nn.Module):
+    def __init__(self, args: ZayaConfig):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.input_hidden_states_scale = mx.ones((args.hidden_size,))
+        self.input_hidden_states_bias = mx.zeros((args.hidden_size,))
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache=None):
+        B, L = tokens.shape
+        h = self.embed_tokens(tokens)
+        h = ((h + self.input_hidden_states_bias) * self.input_hidden_states_scale).astype(mx.float32)
+
+        kv = cache[0][0] if cache is not None else None
+        offset, left_padding = 0, None
+        if isinstance(kv, BatchKVCache):
+            offset, left_padding = kv.size(), kv.left_padding
+        elif kv is not None:
+            offset = kv.offset
+        masks = {t: attention_mask(L, offset, left_padding, self.args.sliding_window if t == "hybrid_sliding" else None)
+                 for t in set(self.args.layer_types)}
+        pad_mask = None
+        if left_padding is not None and L > 1:
+            pad_mask = mx.arange(offset, offset + L)[None] >= left_padding[:, None]
+
+        router_state = None
+        for i, layer in enumerate(self.layers):
+            c = cache[i] if cache is not None else None
+            h, router_state = layer(h, router_state, masks[layer.layer_type], c, pad_mask)
+        return self.norm(h.astype(self.norm.weight.dtype))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ZayaConfig):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = ZayaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
+
+    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        h = self.model(tokens, cache)
+        logits = self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
+        return logits.astype(mx.float32)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self, batch_left_padding: Optional[list] = None) -> list:
+        """One mlx-lm `CacheList(kv, conv)` per layer; a left-padded batch gets a `BatchKVCache`."""
+        def kv():
+            return KVCache() if batch_left_padding is None else BatchKVCache(list(batch_left_padding))
+
+        return [CacheList(kv(), ArraysCache(2)) for _ in self.layers]
+
+    def sanitize(self, weights: dict) -> dict:
+        """Any supported checkpoint layout -> canonical MLX names (mlx-lm calls this on load)."""
+        return layouts.to_canonical(weights, self.args)
