@@ -61,8 +61,8 @@ TINY = {
 VARIANTS = tuple(TINY)
 
 # Balancing bias of the skip class per variant (the expert entries get small random values). With the router
-# weights below, 0.0 sends roughly a fifth of tokens to skip; 0.25 sends most but not all.
-SKIP_BIAS = {"skipheavy": 0.25}
+# weights below, 0.0 sends roughly a fifth of tokens to skip; 0.15 sends most but not all.
+SKIP_BIAS = {"skipheavy": 0.15}
 
 # The transformers-layout names that are not written because embeddings are tied.
 TIED = ("lm_head.weight",)
