@@ -2,5 +2,6 @@
 
 from .errors import ZayaError
 from .loading import load_model
+from .quantization import quantize  # light: mlx.core only; reads checkpoints when called
 
-__all__ = ["ZayaError", "load_model"]
+__all__ = ["ZayaError", "load_model", "quantize"]
