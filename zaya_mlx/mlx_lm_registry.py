@@ -1,0 +1,61 @@
+"""Make ZAYA a model type mlx-lm knows: `mlx_lm.models.zaya` is our model module.
+
+mlx-lm finds a model's code by importing `mlx_lm.models.<model_type>`. `register()` (run by `import zaya_mlx`)
+adds an import hook that answers that one name with a module re-exporting `zaya_mlx.model` (`Model`,
+`ModelArgs`, whose `sanitize` maps every checkpoint layout to our names). Then, after `import zaya_mlx`,
+`mlx_lm.load(folder)`, `mlx_lm.generate` and `mlx_lm.server` work on any ZAYA folder.
+
+The hook is cheap (nothing heavy is imported until mlx-lm asks for the module), and it stands aside if
+mlx-lm ever ships its own `models/zaya.py` (`register(force=True)` overrides that).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+
+MODULE = "mlx_lm.models.zaya"
+
+
+class _ZayaModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == MODULE:
+            return importlib.machinery.ModuleSpec(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return None  # a fresh module object
+
+    def exec_module(self, module):
+        from . import model as ours
+
+        for name, value in vars(ours).items():
+            if not name.startswith("__"):
+                setattr(module, name, value)
+        module.__doc__ = ours.__doc__
+
+
+def _upstream_has_zaya() -> bool:
+    spec = importlib.util.find_spec("mlx_lm")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(p) / "models" / "zaya.py").exists() for p in spec.submodule_search_locations)
+
+
+def is_registered() -> bool:
+    return any(isinstance(f, _ZayaModuleFinder) for f in sys.meta_path)
+
+
+def register(force: bool = False) -> bool:
+    """Install the hook (idempotent). Returns whether `mlx_lm.models.zaya` is ours."""
+    if is_registered():
+        return True
+    if not force and _upstream_has_zaya():
+        return False
+    if force:
+        sys.modules.pop(MODULE, None)
+    sys.meta_path.insert(0, _ZayaModuleFinder())
+    return True
