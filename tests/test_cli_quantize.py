@@ -1,0 +1,71 @@
+"""`zaya quantize`: a thin CLI over `zaya_mlx.quantize`; errors are one line on stderr and a non-zero exit."""
+
+import json
+
+import pytest
+
+import fixtures
+from zaya_mlx.cli import main
+
+fixtures.TINY.setdefault("quant", dict(fixtures.TINY["base"], moe_intermediate_size=128))
+
+
+@pytest.fixture(scope="module")
+def src(tiny_checkpoint):
+    return tiny_checkpoint("quant")
+
+
+def zaya(monkeypatch, capsys, *args):
+    """Run `zaya ARGS` in process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr("sys.argv", ["zaya", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_writes_folder_and_table(src, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q"
+    code, stdout, _ = zaya(monkeypatch, capsys, "quantize", src, out, "--recipe", "mixed", "--shard-size", "0.0001")
+    assert code == 0
+    assert "mlp.experts.gate_up_proj" in stdout and "affine4 g64" in stdout and "total" in stdout
+    config = json.loads((out / "config.json").read_text())
+    block = config["quantization"]
+    assert {k: block[k] for k in ("group_size", "bits", "mode")} == {"group_size": 64, "bits": 8, "mode": "affine"}
+    assert block["model.layers.2.mlp.experts.down_proj"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+
+
+def test_recipe_file_and_force(src, tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "embed8.json"
+    recipe.write_text(json.dumps({"rules": [{"match": "model.embed_tokens", "format": "affine8"}]}))
+    out = tmp_path / "q"
+    out.mkdir()
+    code, _, err = zaya(monkeypatch, capsys, "quantize", src, out, "--recipe", recipe)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error:") and "--force" in err
+    code, stdout, _ = zaya(monkeypatch, capsys, "quantize", src, out, "--recipe", recipe, "--force")
+    assert code == 0 and "embed_tokens" in stdout
+    block = json.loads((out / "config.json").read_text())["quantization"]
+    assert block["mode"] == "affine" and block["bits"] == 8
+    assert block["model.layers.0.self_attn.o_proj"] is False  # quantizable, named by no rule: kept
+
+
+@pytest.mark.parametrize("case", ["unknown recipe", "bad recipe file", "missing src", "not a model", "bad shard size"])
+def test_errors_are_one_line(src, tmp_path, monkeypatch, capsys, case):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rules": [{"match": "*", "format": "int2"}]}')
+    args = {
+        "unknown recipe": [src, tmp_path / "o", "--recipe", "fp3"],
+        "bad recipe file": [src, tmp_path / "o", "--recipe", bad],
+        "missing src": [tmp_path / "nowhere", tmp_path / "o"],
+        "not a model": [tmp_path, tmp_path / "o"],
+        "bad shard size": [src, tmp_path / "o", "--shard-size", "0"],
+    }[case]
+    code, _, err = zaya(monkeypatch, capsys, "quantize", *args)
+    assert code == 1, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]

@@ -1,0 +1,368 @@
+"""The quantizer: round trips on tiny checkpoints, bytes on disk, bit-identical kept tensors, atomic writes.
+
+KL divergences are measured against the unquantized fp32 model on 512 tokens; with `pytest -s` they are printed.
+"""
+
+import importlib
+import json
+import re
+import struct
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import fixtures
+from fixtures import fixture_ids
+from zaya_mlx import ZayaError, load_model, quantize
+from zaya_mlx import quantization as q
+from zaya_mlx.loading import open_checkpoint
+
+# A variant whose every quantized dim fits group sizes 16..64 (hidden 64, expert intermediate 128); the base
+# variant's intermediate (32) does not fit group 64, which the skipped-tensor test relies on.
+fixtures.TINY.setdefault("quant", dict(fixtures.TINY["base"], moe_intermediate_size=128))
+
+RECIPES = ("affine8", "mxfp8", "mixed", "nvfp4", "affine4", "mxfp4")
+# Hand-computed stored bits per weight: packed value + the group's scale (+ bias for affine), bf16 for affine.
+BPW = {"mxfp4": 4 + 8 / 32, "nvfp4": 4 + 8 / 16, "mxfp8": 8 + 8 / 32, "affine4": 4 + 32 / 64, "affine8": 8 + 32 / 64}
+ATTN_EMBED = re.compile(r"model\.embed_tokens|.*\.self_attn\.(qkv_proj\.in_proj|o_proj)")
+EXPERTS = re.compile(r".*\.mlp\.experts\.(gate_up_proj|down_proj)")
+ROUTER = re.compile(r".*\.mlp\.gate\.(down_proj|router_mlp\.(fc1|fc2|out_proj))")
+
+
+def expected_bpw(recipe: str, module: str) -> float:
+    if recipe == "mixed":
+        return BPW["affine4"] if EXPERTS.fullmatch(module) else BPW["affine8"]
+    return BPW[recipe]
+
+
+def log_softmax(x):
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def kl(ref_logits, logits) -> float:
+    p = mx.softmax(ref_logits, axis=-1)
+    return mx.mean(mx.sum(p * (log_softmax(ref_logits) - log_softmax(logits)), axis=-1)).item()
+
+
+def read_folder(folder) -> dict:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out = {}
+    for f in sorted(set(index["weight_map"].values())):
+        out.update(mx.load(str(folder / f)))
+    assert set(out) == set(index["weight_map"])
+    return out
+
+
+def leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+@pytest.fixture(scope="module")
+def quant_src(tiny_checkpoint):
+    return tiny_checkpoint("quant")  # transformers layout, fp32, 2 shards, with tokenizer
+
+
+@pytest.fixture(scope="module")
+def quantized(quant_src, tmp_path_factory):
+    """recipe -> (folder, report), each written once."""
+    done = {}
+
+    def get(recipe):
+        if recipe not in done:
+            out = tmp_path_factory.mktemp("quantized") / recipe
+            done[recipe] = (out, quantize(quant_src, out, recipe=recipe, progress=False))
+        return done[recipe]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def kl_per_recipe(quant_src, quantized):
+    ids = mx.array(fixture_ids(seed=1, length=64, batch=8))
+    ref = load_model(quant_src, dtype="float32")(ids)
+    out = {r: kl(ref, load_model(quantized(r)[0], dtype="float32")(ids)) for r in RECIPES}
+    print("\nKL(unquantized || quantized) over 512 tokens:", {r: f"{v:.2e}" for r, v in out.items()})
+    return out
+
+
+def with_mlx_lm(monkeypatch):
+    """mlx-lm with model_type zaya registered (the registry module if present, else our model module)."""
+    try:
+        registry = importlib.import_module("zaya_mlx.mlx_lm_registry")
+        getattr(registry, "register", lambda: None)()
+    except ImportError:
+        import zaya_mlx.model
+
+        monkeypatch.setitem(sys.modules, "mlx_lm.models.zaya", zaya_mlx.model)
+    import mlx_lm
+
+    return mlx_lm
+
+
+# --- recipes ------------------------------------------------------------------------------------------------------
+
+
+def test_builtin_recipes_load():
+    assert set(RECIPES) <= set(q.available_recipes())
+    for name in RECIPES:
+        recipe = q.load_recipe(name)
+        assert recipe.description and recipe.default is None
+        # what decides routing stays; experts, attention and the embedding are quantized
+        assert recipe.format_for("model.layers.0.mlp.gate.router_mlp.fc1", 40) is None
+        assert recipe.format_for("model.layers.7.mlp.gate.down_proj", 40) is None
+        for module in ("model.layers.3.mlp.experts.gate_up_proj", "model.layers.3.self_attn.o_proj", "model.embed_tokens"):
+            assert recipe.format_for(module, 40) is not None, (name, module)
+
+
+def test_formats_bits_per_weight():
+    for spec, bpw in [("mxfp4", 4.25), ("nvfp4", 4.5), ("mxfp8", 8.25), ("affine4", 4.5), ("affine8", 8.5),
+                      ("affine4-g32", 5.0), ("affine3-g128", 3.25)]:
+        assert q.Format.parse(spec).bits_per_weight() == bpw, spec
+    assert q.Format.parse({"mode": "affine", "bits": 6, "group_size": 32}) == q.Format("affine", 6, 32)
+    assert q.Format.parse("keep") is None
+    for bad in ("mxfp3", "affine7", "affine4-g48", {"mode": "mxfp4", "group_size": 64}, 4):
+        with pytest.raises(ValueError):
+            q.Format.parse(bad)
+
+
+def test_rules_by_pattern_and_layer():
+    recipe = q.load_recipe({"rules": [
+        {"match": "model.layers.*.mlp.experts.*", "layers": [0, "-2:"], "format": "affine8"},
+        {"regex": r"model\.layers\.\d+\.mlp\.experts\.down_proj", "format": "keep"},
+        {"match": "model.layers.*.mlp.experts.*", "format": "mxfp4"},
+    ], "default": "nvfp4"})
+    f = lambda m: recipe.format_for(m, 10)  # noqa: E731
+    assert f("model.layers.0.mlp.experts.down_proj") == q.Format("affine", 8, 64)
+    assert f("model.layers.9.mlp.experts.down_proj") == q.Format("affine", 8, 64)
+    assert f("model.layers.8.mlp.experts.gate_up_proj") == q.Format("affine", 8, 64)
+    assert f("model.layers.5.mlp.experts.down_proj") is None
+    assert f("model.layers.5.mlp.experts.gate_up_proj") == q.Format("mxfp4", 4, 32)
+    assert f("model.embed_tokens") == q.Format("nvfp4", 4, 16)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("no-such-recipe", "unknown recipe 'no-such-recipe'"),
+    ({"rules": [{"match": "x", "format": "int3"}]}, "unknown format"),
+    ({"rules": [{"match": "x", "format": "mxfp4", "layer": [1]}]}, "unknown keys"),
+    ({"rules": [{"match": "x", "regex": "x", "format": "mxfp4"}]}, "exactly one of"),
+    ({"rules": [{"match": "x", "layers": ["a:b"], "format": "mxfp4"}]}, "layers"),
+    ({"rulez": []}, "unknown recipe keys"),
+])
+def test_bad_recipes_are_one_line_errors(bad, message):
+    with pytest.raises(ZayaError, match=re.escape(message)) as e:
+        q.load_recipe(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_recipe_file(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text('{"rules": [{"match": "model.embed_tokens", "format": "affine8"}]}')
+    recipe = q.load_recipe(str(path))
+    assert recipe.name == "mine" and recipe.format_for("model.embed_tokens", 3) == q.Format("affine", 8, 64)
+    path.write_text("{not json")
+    with pytest.raises(ZayaError, match="not valid JSON"):
+        q.load_recipe(str(path))
+
+
+# --- round trips --------------------------------------------------------------------------------------------------
+
+
+def test_kl_ordering(kl_per_recipe):
+    k = kl_per_recipe
+    assert all(np.isfinite(v) and v >= 0 for v in k.values()), k
+    # ordered as expected, with margins (measured margins are 5x and more)
+    assert k["affine8"] < 0.5 * k["mixed"], k
+    assert k["mixed"] < 0.5 * min(k["mxfp4"], k["affine4"]), k
+    assert k["mxfp8"] < 0.5 * min(k["mxfp4"], k["affine4"], k["nvfp4"]), k
+    assert k["mxfp4"] < 0.1 and k["affine4"] < 0.1, k
+
+
+def test_report(quantized):
+    _, report = quantized("mixed")
+    groups = {g.name: g for g in report.groups}
+    assert groups["mlp.experts.gate_up_proj"].format == "affine4 g64"
+    assert groups["embed_tokens"].format == "affine8 g64"
+    assert groups["mlp.gate.router_mlp.fc1"].rel_error is None
+    assert 0 < groups["embed_tokens"].rel_error < 0.02 < groups["mlp.experts.down_proj"].rel_error < 0.2
+    assert groups["mlp.experts.down_proj"].bits_per_weight == 4.5
+    assert not report.skipped
+    assert report.bytes == sum(g.bytes for g in report.groups)
+    from rich.console import Console
+
+    console = Console(record=True, width=100)
+    console.print(report)
+    assert "mlp.experts.gate_up_proj" in console.export_text()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_layout_config_and_bytes_on_disk(quantized, quant_src, recipe):
+    out, report = quantized(recipe)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "zaya" and config["quantization"] == config["quantization_config"]
+    block = config["quantization"]
+    weights = read_folder(out)
+    source = dict(open_checkpoint(quant_src).iter_tensors())
+
+    quantized_modules = sorted(n[: -len(".scales")] for n in weights if n.endswith(".scales"))
+    modules = [n[: -len(".weight")] for n in source if n.endswith(".weight")]
+    assert quantized_modules == sorted(m for m in modules if ATTN_EMBED.fullmatch(m) or EXPERTS.fullmatch(m))
+    for module in quantized_modules:
+        params = source[f"{module}.weight"].size
+        stored = sum(weights[f"{module}.{s}"].nbytes for s in ("weight", "scales", "biases") if f"{module}.{s}" in weights)
+        assert stored * 8 == params * expected_bpw(recipe, module), module
+        # mlx-lm convention: the global default or a per-module dict says how
+        params_of = block.get(module, {k: block[k] for k in ("group_size", "bits", "mode")})
+        assert params_of["bits"] == (8 if expected_bpw(recipe, module) > 8 else 4), module
+    # the router's linears are quantizable modules left as they are: an explicit False
+    assert sorted(k for k, v in block.items() if v is False) == sorted(m for m in modules if ROUTER.fullmatch(m))
+
+    # files hold exactly the header and the tensors
+    data = 0
+    for f in sorted(out.glob("model-*-of-*.safetensors")):
+        n = struct.unpack("<Q", f.read_bytes()[:8])[0]
+        header = json.loads(f.read_bytes()[8 : 8 + n])
+        header.pop("__metadata__")
+        size = max(v["data_offsets"][1] for v in header.values())
+        assert f.stat().st_size == 8 + n + size
+        data += size
+    kept = sum(a.nbytes for n, a in source.items() if not (n.endswith(".weight") and n[:-7] in quantized_modules))
+    expected = kept + sum(source[f"{m}.weight"].size * expected_bpw(recipe, m) / 8 for m in quantized_modules)
+    assert data == expected == report.bytes
+
+
+@pytest.mark.parametrize("layout, dtype", [("transformers", "float32"), ("legacy", "bfloat16")])
+def test_kept_tensors_bit_identical(tiny_checkpoint, tmp_path, layout, dtype):
+    src = tiny_checkpoint("quant", layout, dtype)
+    out = tmp_path / "out"
+    quantize(src, out, "mxfp4", progress=False)
+    weights = read_folder(out)
+    kept = 0
+    for name, a in open_checkpoint(src).iter_tensors():
+        if name.endswith(".weight") and f"{name[:-7]}.scales" in weights:
+            continue  # quantized
+        b = weights[name]
+        assert a.dtype == b.dtype and a.shape == b.shape and mx.array_equal(a, b).item(), name
+        kept += 1
+    assert kept > 40
+    assert weights["model.layers.0.mlp.gate.balancing_biases"].dtype == mx.float32
+    if dtype == "bfloat16":
+        assert weights["model.layers.0.mlp.experts.down_proj.scales"].dtype == mx.uint8
+        assert weights["model.norm.weight"].dtype == mx.bfloat16
+    model = load_model(out)
+    assert model(mx.array([[5, 6, 7]])).shape == (1, 3, 384)
+
+
+def test_loads_with_mlx_lm(quantized, monkeypatch):
+    mlx_lm = with_mlx_lm(monkeypatch)
+    ids = mx.array(fixture_ids(seed=2, length=16, batch=2))
+    for recipe in ("mxfp4", "mixed"):
+        out, _ = quantized(recipe)
+        model, tokenizer = mlx_lm.load(str(out))
+        assert type(model.model.embed_tokens).__name__ == "QuantizedEmbedding"
+        assert type(model.layers[0].mlp.experts.gate_up_proj).__name__ == "QuantizedSwitchLinear"
+        assert type(model.layers[0].mlp.gate.router_mlp.fc1).__name__ == "Linear"
+        ours = load_model(out, dtype="float32")
+        assert mx.allclose(model(ids), ours(ids), atol=1e-4, rtol=1e-4).item(), recipe
+        assert tokenizer.encode("hello there") and tokenizer.chat_template
+
+
+def test_side_files_copied(quantized, quant_src):
+    out, _ = quantized("mxfp4")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        assert (out / name).read_bytes() == (quant_src / name).read_bytes(), name
+
+
+def test_shape_that_does_not_fit_stays_unquantized(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("base")  # expert intermediate 32: down_proj [E, 64, 32] does not fit group 64
+    out = tmp_path / "out"
+    report = quantize(src, out, "affine4", progress=False)
+    names = sorted(s.name for s in report.skipped)
+    assert names == [f"model.layers.{i}.mlp.experts.down_proj.weight" for i in range(3)]
+    assert all("group size 64" in s.reason and s.format == "affine4 g64" for s in report.skipped)
+    config = json.loads((out / "config.json").read_text())
+    assert all(config["quantization"][n[:-7]] is False for n in names)
+    weights = read_folder(out)
+    source = dict(open_checkpoint(src).iter_tensors())
+    for n in names:
+        assert mx.array_equal(weights[n], source[n]).item()
+    assert "model.layers.0.mlp.experts.gate_up_proj.scales" in weights
+    load_model(out, dtype="float32")(mx.array([[3, 4, 5]]))
+
+
+def test_shards_and_index(quant_src, tmp_path):
+    out = tmp_path / "out"
+    report = quantize(quant_src, out, "mxfp4", progress=False, max_shard_size=60_000)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    n = len(files)
+    assert n == report.shards > 2 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == report.bytes
+    from safetensors import safe_open
+
+    for f in files:
+        arrays = mx.load(str(out / f))
+        assert {k for k, v in index["weight_map"].items() if v == f} == set(arrays)
+        with safe_open(str(out / f), framework="numpy") as st:  # the reference reader agrees
+            assert st.metadata() == {"format": "mlx"}
+            for k in st.keys():
+                if arrays[k].dtype != mx.bfloat16:
+                    assert np.array_equal(st.get_tensor(k), np.array(arrays[k])), k
+    ids = mx.array([[7, 8, 9, 10]])
+    quantize(quant_src, tmp_path / "single", "mxfp4", progress=False)
+    assert mx.array_equal(load_model(out)(ids), load_model(tmp_path / "single")(ids)).item()
+
+
+# --- safety -------------------------------------------------------------------------------------------------------
+
+
+def test_refuses_to_overwrite_and_force_replaces(quant_src, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(ZayaError, match="already exists.*--force"):
+        quantize(quant_src, out, progress=False)
+    assert (out / "mine.txt").read_text() == "keep me"
+    quantize(quant_src, out, "mxfp4", force=True, progress=False)
+    assert not (out / "mine.txt").exists() and (out / "config.json").exists()
+    assert leftovers(tmp_path, "out") == []
+    with pytest.raises(ZayaError, match="already quantized"):
+        quantize(out, tmp_path / "again", progress=False)
+    with pytest.raises(ZayaError, match="source folder"):
+        quantize(quant_src, quant_src, force=True, progress=False)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_run_leaves_nothing(quant_src, tmp_path, monkeypatch, error, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    calls = {"n": 0}
+    add = q._ShardWriter.add
+
+    def failing_add(self, name, a):
+        calls["n"] += 1
+        if calls["n"] == 20:  # mid-run: after a shard was started and tensors written
+            raise error("simulated")
+        return add(self, name, a)
+
+    monkeypatch.setattr(q._ShardWriter, "add", failing_add)
+    with pytest.raises(error):
+        quantize(quant_src, out, "mxfp4", force=True, progress=False, max_shard_size=20_000)
+    assert calls["n"] == 20
+    assert leftovers(tmp_path, "out") == []
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_bad_source_is_one_line_error(tmp_path):
+    for src in (tmp_path / "missing", tmp_path):
+        with pytest.raises(ZayaError) as e:
+            quantize(src, tmp_path / "out", progress=False)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
