@@ -127,6 +127,11 @@ def _from_legacy(raw: dict) -> dict:
         raise ZayaError(f"unsupported config: {raw['num_hidden_layers']} layers do not pair into attention + MoE")
     n_layers = raw["num_hidden_layers"] // 2
     n_heads = raw.get("cca_num_q_heads", raw.get("num_attention_heads"))
+    n_kv = raw.get("num_query_groups", raw.get("num_key_value_heads"))
+    if raw.get("moe_router_topk", 1) != 1:
+        raise ZayaError(f"unsupported config: moe_router_topk={raw['moe_router_topk']}: ZAYA1 routes each token to one expert")
+    if not n_kv or n_heads % n_kv:
+        raise ZayaError(f"unsupported config: cca_num_q_heads={n_heads} is not a multiple of num_query_groups={n_kv}")
     head_dim = raw.get("kv_channels") or raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     swa = raw.get("swa_layers") or []
     if any(i % 2 or not 0 <= i < raw["num_hidden_layers"] for i in swa):
@@ -141,10 +146,9 @@ def _from_legacy(raw: dict) -> dict:
     out.update(
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
-        num_key_value_heads=raw.get("num_query_groups", raw.get("num_key_value_heads")),
+        num_key_value_heads=n_kv,
         head_dim=head_dim,
         moe_intermediate_size=raw["ffn_hidden_size"] // 2,
-        num_experts_per_tok=raw.get("moe_router_topk", 1),
         router_hidden_size=raw["zaya_mlp_expansion"],
         rms_norm_eps=raw.get("norm_epsilon", raw.get("rms_norm_eps", 1e-5)),
         layer_types=["hybrid_sliding" if 2 * k in swa else "hybrid" for k in range(n_layers)],

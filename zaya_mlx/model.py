@@ -8,6 +8,7 @@ This file is also mlx-lm's model module for `model_type` "zaya" (`ModelArgs`, `M
 import math
 from typing import Optional
 
+import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
@@ -182,6 +183,8 @@ class Experts(nn.Module):
 
     def __call__(self, x, choice, weight):
         weight = mx.where(choice == self.num_experts, 0.0, weight)
+        if self._needs_expert_loop():
+            return self._per_expert(x, choice) * weight[..., None].astype(x.dtype)
         idx = mx.minimum(choice, self.num_experts - 1)[..., None]
         h = mx.expand_dims(x, (-2, -3))
         do_sort = idx.size >= 64  # many tokens: group them by expert for contiguous weight reads
@@ -194,6 +197,21 @@ class Experts(nn.Module):
             y = _scatter_unsort(y, inv_order, x.shape[:-1] + (1,))
         y = y.reshape(x.shape)
         return y * weight[..., None].astype(y.dtype)
+
+    def _needs_expert_loop(self) -> bool:
+        """MLX's CPU gather_mm takes only float32; dense bf16/fp16 experts on the CPU go one expert at a time."""
+        return (mx.default_device() == mx.cpu and "scales" not in self.gate_up_proj
+                and self.gate_up_proj.weight.dtype != mx.float32)
+
+    def _per_expert(self, x, choice):
+        """Each used expert on its own rows (as transformers does); skip rows are left at zero."""
+        flat, ids = x.reshape(-1, x.shape[-1]), np.array(choice.reshape(-1))
+        out = mx.zeros_like(flat)
+        for e in np.unique(ids[ids < self.num_experts]):
+            rows = mx.array(np.nonzero(ids == e)[0])
+            gate, up = mx.split(flat[rows] @ self.gate_up_proj.weight[int(e)].T, 2, axis=-1)
+            out[rows] = swiglu(gate, up) @ self.down_proj.weight[int(e)].T
+        return out.reshape(x.shape)
 
 
 class MoE(nn.Module):
