@@ -44,3 +44,83 @@ def quantize_command(
     report = quantize(src, out, recipe=recipe, force=force, progress=True, max_shard_size=int(shard_size * (1 << 30)))
     Console().print(report.table())
 
+
+# --- generate / serve (text generation) ---------------------------------------------------------------------------
+
+from typing import Optional  # noqa: E402
+
+from .loading import DEFAULT_MODEL as _DEFAULT_MODEL  # noqa: E402
+
+
+@app.command("generate")
+def generate_command(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads it from stdin)."),
+    model: str = typer.Option(_DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens to generate, reasoning included."),
+    temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p times the top probability (0 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    no_think: bool = typer.Option(False, "--no-think", help="Ask the model to answer without reasoning first."),
+    raw: bool = typer.Option(False, "--raw", help="Feed the prompt as plain text, without the chat template."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
+) -> None:
+    """Answer one prompt: the reasoning streams dimmed, the answer normally, then a line of speeds."""
+    from rich.console import Console
+
+    from .generation import REASONING, load, stream_generate
+    from .tokenizer import apply_chat_template, require_tokenizer
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        fail("the prompt is empty")
+    llm, tokenizer = load(model, dtype=dtype)
+    require_tokenizer(tokenizer)
+    if raw:
+        ids = prompt
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = apply_chat_template(tokenizer, messages, enable_thinking=not no_think)
+    stream = stream_generate(llm, tokenizer, ids, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
+                             min_p=min_p, seed=seed)
+    out, err = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
+    channel, last = None, None
+    for r in stream:
+        if channel == REASONING and r.channel != REASONING:
+            out.print()
+            out.print()
+        channel, last = r.channel, r
+        if r.text:
+            out.print(r.text, style="dim" if r.channel == REASONING else None, end="", markup=False)
+    out.print()
+    if last is not None:
+        err.print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | generation: "
+                  f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | peak memory "
+                  f"{last.peak_memory_gb:.2f} GB | {last.finish_reason}", style="dim", markup=False)
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve_command(
+    ctx: typer.Context,
+    model: str = typer.Option(_DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+) -> None:
+    """Serve the model over mlx-lm's OpenAI-compatible HTTP server (extra options go to mlx_lm.server)."""
+    from .loading import open_checkpoint, resolve_model_path
+    from .mlx_lm_registry import register
+
+    path = resolve_model_path(model)
+    open_checkpoint(path)  # a broken checkpoint is one line here, not a traceback in the server
+    register()
+    from mlx_lm import server
+
+    sys.argv = ["mlx_lm.server", "--model", str(path), "--host", host, "--port", str(port), *ctx.args]
+    server.main()
+
+
+if __name__ == "__main__":
+    main()
