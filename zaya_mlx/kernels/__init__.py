@@ -1,0 +1,28 @@
+"""Fused decode ops, one a file, each with its plain-MLX reference.
+
+Dispatch by back end: on a Metal GPU the kernels run through ``mx.fast.metal_kernel``, on an NVIDIA GPU
+(MLX-CUDA) through ``mx.fast.cuda_kernel``, and on the CPU the references run. The kernel sources live
+in metal/ (installed as ``zaya_mlx.metal``): one portable body a kernel plus a Metal and a CUDA prelude.
+``ZAYA_KERNELS=0`` forces the references everywhere.
+"""
+
+from ._build import backend
+from .cca import cca_decode_step, cca_decode_step_reference, offset_array
+from .experts import QuantizedStack, as_stack, expert_gather, expert_gather_reference
+from .norms import residual_norm, residual_norm_reference
+from .router import router_mlp, router_mlp_reference
+
+__all__ = [
+    "backend",
+    "cca_decode_step",
+    "cca_decode_step_reference",
+    "offset_array",
+    "QuantizedStack",
+    "as_stack",
+    "expert_gather",
+    "expert_gather_reference",
+    "residual_norm",
+    "residual_norm_reference",
+    "router_mlp",
+    "router_mlp_reference",
+]

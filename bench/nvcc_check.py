@@ -1,0 +1,101 @@
+"""Compile the CUDA twins offline with nvcc, the way mx.fast.cuda_kernel assembles them.
+
+No GPU needed: this catches syntax and type errors before spending device time. It mimics MLX's
+generated kernel (MLX's header, then ours, then a __global__ function whose arguments are the inputs
+and outputs, with template arguments as `using`/`constexpr` lines). Usage: python bench/nvcc_check.py
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from zaya_mlx.kernels import _build  # noqa: E402
+
+MOCK_MLX_HEADER = """
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+#include <cooperative_groups.h>
+"""
+
+CT = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "u32": "uint32_t", "i32": "int32_t", "u8": "uint8_t"}
+
+
+def build(name, body, inputs, outputs, template):
+    header, source = _build.kernel_source(body, "cuda")
+    s = MOCK_MLX_HEADER + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+    s += f"__global__ void {name}(\n"
+    args = [f"    const {CT[t]}* {n}" for n, t in inputs] + [f"    {CT[t]}* {n}" for n, t in outputs]
+    s += ",\n".join(args) + ") {\n"
+    for k, v in template:
+        s += f"  using {k} = {CT[v]};\n" if isinstance(v, str) else f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = {str(v).lower()};\n"
+    s += source + "\n}\n}\n"
+    return s
+
+
+CASES = [
+    ("cca_bf16", "cca_decode.h",
+     [("qkv", "bf16"), ("conv_state", "bf16"), ("v_prev", "bf16"), ("dw_w", "bf16"), ("dw_b", "bf16"),
+      ("gw_w", "bf16"), ("gw_b", "bf16"), ("temp", "bf16"), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")],
+     [("q_out", "bf16"), ("k_out", "bf16"), ("v_out", "bf16"), ("conv_out", "bf16"), ("vprev_out", "bf16")],
+     [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("T0", 2), ("T1", 2), ("RD", 64), ("NT", 128)]),
+    ("cca_f32", "cca_decode.h",
+     [("qkv", "f32"), ("conv_state", "f32"), ("v_prev", "f32"), ("dw_w", "f32"), ("dw_b", "f32"),
+      ("gw_w", "f32"), ("gw_b", "f32"), ("temp", "f32"), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")],
+     [("q_out", "f32"), ("k_out", "f32"), ("v_out", "f32"), ("conv_out", "f32"), ("vprev_out", "f32")],
+     [("T", "f32"), ("D", 64), ("NH", 4), ("NKV", 1), ("T0", 3), ("T1", 2), ("RD", 32), ("NT", 128)]),
+]
+for qm, wt, st, bt, bits, gs in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f32", "f32", 16, 1),
+                                 (2, "u32", "bf16", "bf16", 4, 64), (2, "u32", "bf16", "bf16", 8, 32),
+                                 (3, "u32", "u8", "f32", 4, 32)]:
+    for glu in (True, False):
+        CASES.append((f"expert_q{qm}_b{bits}_{'glu' if glu else 'down'}", "expert_matvec.h",
+                      [("x", "bf16"), ("expert", "i32"), ("rweight", "bf16"), ("w", wt), ("scales", st), ("biases", bt)],
+                      [("y", "bf16")],
+                      [("T", "bf16"), ("K", 2048), ("NOUT", 2048), ("GLU", glu), ("QM", qm), ("BITS", bits), ("GS", gs),
+                       ("NE", 16), ("RPW", 1 if glu else 2), ("NT", 256)]))
+for wq, wt in [(0, "bf16"), (1, "f32")]:
+    for prev in (True, False):
+        CASES.append((f"router_w{wq}_{prev}", "router_mlp.h",
+                      [("rdown", "bf16"), ("rprev", "bf16"), ("rscale", "bf16"), ("nw", "bf16"), ("w1", wt), ("b1", "bf16"),
+                       ("w2", wt), ("b2", "bf16"), ("wo", wt), ("bal", "f32"), ("fparams", "f32")],
+                      [("rnext", "bf16"), ("choice", "i32"), ("prob", "bf16")],
+                      [("T", "bf16"), ("R", 256), ("NE1", 17), ("HAS_PREV", prev), ("WQ", wq), ("NT", 512)]))
+for router in (True, False):
+    CASES.append((f"resnorm_{router}", "residual_norm.h",
+                  [("o", "bf16"), ("h", "f32"), ("hs", "bf16"), ("hb", "bf16"), ("rs", "bf16"), ("rb", "bf16"),
+                   ("nw", "bf16"), ("wd", "bf16"), ("bd", "bf16"), ("fparams", "f32")],
+                  [("h_out", "f32"), ("x_out", "bf16"), ("r_out", "bf16")],
+                  [("T", "bf16"), ("RT", "bf16"), ("H", 2048), ("HAS_ROUTER", router), ("R", 256), ("RPB", 16),
+                   ("WQ", 0), ("NT", 256)]))
+
+
+def main():
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        print("nvcc not found: skipped")
+        return 0
+    bad = 0
+    with tempfile.TemporaryDirectory() as d:
+        for name, body, ins, outs, tmpl in CASES:
+            path = os.path.join(d, name + ".cu")
+            with open(path, "w") as f:
+                f.write(build(name, body, ins, outs, tmpl))
+            r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", os.devnull, "-Xptxas", "-v", path],
+                               capture_output=True, text=True)
+            spill = [ln for ln in r.stderr.splitlines() if "spill" in ln and " 0 bytes spill" not in ln]
+            regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
+            status = "ok" if r.returncode == 0 else "FAILED"
+            print(f"{status:6s} {name:28s} {regs[-1] if regs else ''} {' '.join(spill)}")
+            if r.returncode != 0:
+                bad += 1
+                print(r.stderr[-3000:])
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

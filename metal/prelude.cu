@@ -1,0 +1,52 @@
+// zaya-mlx kernels: the CUDA prelude (the twin of prelude.metal; see there for what each name means).
+// mx.fast.cuda_kernel compiles it with NVRTC after MLX's own header (cuda_bf16.h, cuda_fp16.h, ...).
+
+#define ZK_DEV __device__ __forceinline__
+#define ZK_SHARED __shared__
+#define ZK_BARRIER() __syncthreads()
+#define ZK_UNROLL _Pragma("unroll")
+#define ZK_U2F(u) __uint_as_float(static_cast<uint32_t>(u))
+#define ZK_LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
+
+ZK_DEV float zk_simd_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    x += __shfl_xor_sync(0xffffffffu, x, o);
+  }
+  return x;
+}
+ZK_DEV float zk_simd_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  }
+  return x;
+}
+ZK_DEV float zk_exp(float x) {
+  return expf(x);
+}
+ZK_DEV float zk_sqrt(float x) {
+  return sqrtf(x);
+}
+ZK_DEV float zk_rsqrt(float x) {
+  return rsqrtf(x);
+}
+ZK_DEV float zk_cos(float x) {
+  return cosf(x);
+}
+ZK_DEV float zk_sin(float x) {
+  return sinf(x);
+}
+ZK_DEV float zk_erf(float x) {
+  return erff(x);
+}
+template <typename T>
+ZK_DEV float zk_round(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+// ---- body prologue ----
+const int zk_tid = int(threadIdx.x);
+const int zk_bx = int(blockIdx.x);
+const int zk_by = int(blockIdx.y);
+const int zk_lane = int(threadIdx.x & 31u);
+const int zk_warp = int(threadIdx.x >> 5);

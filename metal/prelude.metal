@@ -1,0 +1,65 @@
+// zaya-mlx kernels: the Metal prelude.
+//
+// Every kernel body in this folder (*.h) is written once, in the subset of C++ that the Metal Shading
+// Language and CUDA share, and reaches each back end through a prelude: this file for Metal
+// (mx.fast.metal_kernel), prelude.cu for CUDA (mx.fast.cuda_kernel). A prelude maps a handful of names:
+//   ZK_DEV          an inline device function          ZK_SHARED    threadgroup / __shared__ storage
+//   ZK_BARRIER()    a threadgroup barrier              ZK_UNROLL    unroll the next loop
+//   ZK_U2F(u)       reinterpret 32 bits as a float     ZK_LOAD_U4   one 16-byte load (uint4) at index i
+//   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp)
+//   zk_exp, zk_sqrt, zk_rsqrt, zk_cos, zk_sin, zk_erf  float32 math
+//   zk_round<T>(x)  round a float to dtype T and back, to follow a reference that rounds there
+// and, after the marker line below, the body prologue: the thread indices every body starts from
+// (zk_tid, zk_bx, zk_by, zk_lane, zk_warp). The prologue is part of the kernel source, not the header,
+// because MLX adds a Metal attribute argument only when the source names it.
+
+#include <metal_stdlib>
+using namespace metal;
+
+#define ZK_DEV inline
+#define ZK_SHARED threadgroup
+#define ZK_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define ZK_UNROLL _Pragma("clang loop unroll(full)")
+#define ZK_U2F(u) as_type<float>(static_cast<uint32_t>(u))
+#define ZK_LOAD_U4(ptr, i) (((const device uint4*)(ptr))[(i)])
+
+ZK_DEV float zk_simd_sum(float x) {
+  return simd_sum(x);
+}
+ZK_DEV float zk_simd_max(float x) {
+  return simd_max(x);
+}
+ZK_DEV float zk_exp(float x) {
+  return metal::precise::exp(x);
+}
+ZK_DEV float zk_sqrt(float x) {
+  return metal::precise::sqrt(x);
+}
+ZK_DEV float zk_rsqrt(float x) {
+  return metal::precise::rsqrt(x);
+}
+ZK_DEV float zk_cos(float x) {
+  return metal::precise::cos(x);
+}
+ZK_DEV float zk_sin(float x) {
+  return metal::precise::sin(x);
+}
+// Metal has no erf: Abramowitz & Stegun 7.1.26 (absolute error under 1.5e-7).
+ZK_DEV float zk_erf(float x) {
+  const float ax = metal::abs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  const float poly =
+      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float r = 1.0f - poly * metal::precise::exp(-ax * ax);
+  return x < 0.0f ? -r : r;
+}
+template <typename T>
+ZK_DEV float zk_round(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+// ---- body prologue ----
+const int zk_tid = int(thread_position_in_threadgroup.x);
+const int zk_bx = int(threadgroup_position_in_grid.x);
+const int zk_by = int(threadgroup_position_in_grid.y);
+const int zk_lane = int(thread_index_in_simdgroup);
+const int zk_warp = int(simdgroup_index_in_threadgroup);

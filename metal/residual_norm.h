@@ -1,0 +1,73 @@
+// Residual scaling + RMSNorm for decode, optionally with the router's down-projection: one launch
+// where the plain path takes the residual scaling's elementwise ops, a cast, RMSNorm and (with
+// HAS_ROUTER) a matmul with bias. h_out = (o + hb) * hs + (h + rb) * rs (the fp32 residual stream),
+// x_out = RMSNorm(h_out in T) * nw, and r_out = Wd x_out + bd. Plain-MLX reference:
+// zaya_mlx/kernels/norms.py, residual_norm_reference.
+//
+// Grid: x = NBLK threadgroups per row, y = row n. Every threadgroup recomputes the row's norm (a few KB
+// from cache) so that the router rows can be split over NBLK threadgroups without waiting on another;
+// threadgroup 0 alone writes h_out and x_out.
+// Template: T (activation dtype), RT (dtype of o + hb: T, or float32 when the scales are float32), H,
+// HAS_ROUTER, R (router rows), RPB (router rows per threadgroup), WQ (router weights: 0 bf16, 1 f32), NT.
+// Inputs: o [N, H] (T), h [N, H] float32, hs, hb, rs, rb, nw [H], wd [R, H], bd [R], fparams [1]
+// float32 (the RMSNorm eps).
+// Outputs: h_out [N, H] float32, x_out [N, H] (T), r_out [N, R] (T) (a dummy without HAS_ROUTER).
+constexpr int NWARP = NT / 32;
+constexpr int VPW = (WQ == 0) ? 2 : 1;
+constexpr int NV = H / (4 * VPW);
+constexpr int ITERS = (NV + 31) / 32;
+constexpr int QMW = (WQ == 0) ? 0 : 1;
+
+const int blk = zk_bx;
+const int n = zk_by;
+
+ZK_SHARED float zk_x[H];
+ZK_SHARED float zk_red[NWARP];
+
+float ss = 0.0f;
+for (int k = zk_tid; k < H; k += NT) {
+  const float ov = zk_round<RT>(zk_round<RT>(static_cast<float>(o[n * H + k]) + static_cast<float>(hb[k])) *
+                                static_cast<float>(hs[k]));
+  const float hv = (h[n * H + k] + static_cast<float>(rb[k])) * static_cast<float>(rs[k]);
+  const float hn = ov + hv;
+  if (blk == 0) {
+    h_out[n * H + k] = hn;
+  }
+  const float ht = zk_round<T>(hn);
+  zk_x[k] = ht;
+  ss += ht * ht;
+}
+ss = zk_simd_sum(ss);
+if (zk_lane == 0) {
+  zk_red[zk_warp] = ss;
+}
+ZK_BARRIER();
+float tot = 0.0f;
+for (int w = 0; w < NWARP; ++w) {
+  tot += zk_red[w];
+}
+const float inv = zk_rsqrt(tot / float(H) + fparams[0]);
+for (int k = zk_tid; k < H; k += NT) {
+  const float xv = zk_round<T>(static_cast<float>(nw[k]) * zk_round<T>(zk_x[k] * inv));
+  zk_x[k] = xv;
+  if (blk == 0) {
+    x_out[n * H + k] = static_cast<T>(xv);
+  }
+}
+if (HAS_ROUTER) {
+  ZK_BARRIER();
+  for (int o2 = blk * RPB + zk_warp; o2 < (blk + 1) * RPB && o2 < R; o2 += NWARP) {
+    float a = 0.0f;
+    ZK_UNROLL
+    for (int it = 0; it < ITERS; ++it) {
+      const int v = it * 32 + zk_lane;
+      if (v < NV) {
+        a += zk_dot_u4<QMW, 16>(ZK_LOAD_U4(wd, o2 * NV + v), zk_x, v * 4 * VPW).d;
+      }
+    }
+    a = zk_simd_sum(a);
+    if (zk_lane == 0) {
+      r_out[n * R + o2] = static_cast<T>(a + static_cast<float>(bd[o2]));
+    }
+  }
+}

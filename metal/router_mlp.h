@@ -1,0 +1,123 @@
+// ZAYA router MLP for decode: one launch per step and layer for everything after the router's
+// down-projection. It replaces: r = r_down + r_prev * router_states_scale (the router state passed on
+// to the next layer), RMSNorm, fc1 + GELU, fc2 + GELU, the output projection to NE1 = experts + skip
+// logits, softmax, argmax of (p + balancing_biases) and gathering p at the choice: about a dozen
+// primitives. Plain-MLX reference: zaya_mlx/kernels/router.py, router_mlp_reference.
+//
+// Grid: one threadgroup of NT threads per token (x = n). Matvecs: one SIMD group per output row, its
+// lanes along the row in 16-byte loads; the R-wide vectors live in threadgroup memory.
+// Template: T (activation dtype), R (router width, a multiple of 8), NE1, HAS_PREV, WQ (weights:
+// 0 bf16, 1 f32), NT.
+// Inputs: rdown [N, R], rprev [N, R], rscale [R], nw [R], w1 [R, R], b1 [R], w2 [R, R], b2 [R],
+// wo [NE1, R], bal [NE1] float32, fparams [1] float32 (the RMSNorm eps).
+// Outputs: rnext [N, R] (T), choice [N] int32, prob [N] (T).
+constexpr int NWARP = NT / 32;
+constexpr int VPW = (WQ == 0) ? 2 : 1;
+constexpr int NV = R / (4 * VPW);
+constexpr int ITERS = (NV + 31) / 32;
+constexpr int QMW = (WQ == 0) ? 0 : 1;
+
+const int n = zk_bx;
+
+ZK_SHARED float zk_a[R];
+ZK_SHARED float zk_h[R];
+ZK_SHARED float zk_l[NE1];
+ZK_SHARED float zk_red[NWARP];
+
+// Router state and its squared norm.
+float ss = 0.0f;
+for (int k = zk_tid; k < R; k += NT) {
+  float r = static_cast<float>(rdown[n * R + k]);
+  if (HAS_PREV) {
+    r = zk_round<T>(r + zk_round<T>(static_cast<float>(rprev[n * R + k]) * static_cast<float>(rscale[k])));
+  }
+  rnext[n * R + k] = static_cast<T>(r);
+  zk_a[k] = r;
+  ss += r * r;
+}
+ss = zk_simd_sum(ss);
+if (zk_lane == 0) {
+  zk_red[zk_warp] = ss;
+}
+ZK_BARRIER();
+float tot = 0.0f;
+for (int w = 0; w < NWARP; ++w) {
+  tot += zk_red[w];
+}
+const float inv = zk_rsqrt(tot / float(R) + fparams[0]);
+for (int k = zk_tid; k < R; k += NT) {
+  zk_h[k] = zk_round<T>(static_cast<float>(nw[k]) * zk_round<T>(zk_a[k] * inv));
+}
+ZK_BARRIER();
+
+// fc1 + GELU: zk_h -> zk_a; fc2 + GELU: zk_a -> zk_h; logits: zk_h -> zk_l.
+for (int layer = 0; layer < 3; ++layer) {
+  const int nout = (layer == 2) ? NE1 : R;
+  for (int o = zk_warp; o < nout; o += NWARP) {
+    float a = 0.0f;
+    ZK_UNROLL
+    for (int it = 0; it < ITERS; ++it) {
+      const int v = it * 32 + zk_lane;
+      if (v < NV) {
+        const int k0 = v * 4 * VPW;
+        if (layer == 0) {
+          a += zk_dot_u4<QMW, 16>(ZK_LOAD_U4(w1, o * NV + v), zk_h, k0).d;
+        } else if (layer == 1) {
+          a += zk_dot_u4<QMW, 16>(ZK_LOAD_U4(w2, o * NV + v), zk_a, k0).d;
+        } else {
+          a += zk_dot_u4<QMW, 16>(ZK_LOAD_U4(wo, o * NV + v), zk_h, k0).d;
+        }
+      }
+    }
+    a = zk_simd_sum(a);
+    if (zk_lane == 0) {
+      if (layer == 2) {
+        zk_l[o] = zk_round<T>(a);
+      } else {
+        const float z = zk_round<T>(a + static_cast<float>(layer == 0 ? b1[o] : b2[o]));
+        const float gl = zk_round<T>(0.5f * z * (1.0f + zk_erf(z * 0.7071067811865476f)));
+        if (layer == 0) {
+          zk_a[o] = gl;
+        } else {
+          zk_h[o] = gl;
+        }
+      }
+    }
+  }
+  ZK_BARRIER();
+}
+
+// Softmax over the NE1 logits (one SIMD group), then the biased argmax (thread 0).
+if (zk_warp == 0) {
+  float m = -3.0e38f;
+  for (int j = zk_lane; j < NE1; j += 32) {
+    m = (zk_l[j] > m) ? zk_l[j] : m;
+  }
+  m = zk_simd_max(m);
+  float s = 0.0f;
+  for (int j = zk_lane; j < NE1; j += 32) {
+    s += zk_exp(zk_l[j] - m);
+  }
+  s = zk_simd_sum(s);
+  float pj[(NE1 + 31) / 32];
+  for (int j = zk_lane, t = 0; j < NE1; j += 32, ++t) {
+    pj[t] = zk_round<T>(zk_exp(zk_l[j] - m) / s);
+  }
+  for (int j = zk_lane, t = 0; j < NE1; j += 32, ++t) {
+    zk_l[j] = pj[t];
+  }
+}
+ZK_BARRIER();
+if (zk_tid == 0) {
+  float best = -3.0e38f;
+  int bi = 0;
+  for (int j = 0; j < NE1; ++j) {
+    const float v = zk_l[j] + bal[j];
+    if (v > best) {
+      best = v;
+      bi = j;
+    }
+  }
+  choice[n] = bi;
+  prob[n] = static_cast<T>(zk_l[bi]);
+}

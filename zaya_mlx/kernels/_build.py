@@ -1,0 +1,79 @@
+"""Assemble the GPU kernels from metal/: a prelude for the back end, the shared helpers, one body.
+
+Each kernel body in metal/ (``*.h``) is written once in the subset of C++ that Metal and CUDA share;
+``prelude.metal`` and ``prelude.cu`` map its few back-end names. This module glues them into an
+``mx.fast.metal_kernel`` or ``mx.fast.cuda_kernel`` (built once per body and back end, then cached; MLX
+itself caches one compiled variant per template instantiation) and says which back end a call runs on.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from importlib import resources
+from pathlib import Path
+
+import mlx.core as mx
+
+_MARKER = "// ---- body prologue ----"
+
+
+def backend() -> str:
+    """'metal', 'cuda' or 'cpu': where the next op on the default device runs.
+
+    ``ZAYA_KERNELS=0`` (or ``off``) in the environment forces 'cpu', i.e. the plain-MLX references,
+    on any device.
+    """
+    if os.environ.get("ZAYA_KERNELS", "1").lower() in ("0", "off", "false", "no"):
+        return "cpu"
+    if mx.default_device().type != mx.gpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+@functools.cache
+def _source(name: str) -> str:
+    try:
+        return resources.files("zaya_mlx.metal").joinpath(name).read_text()
+    except (ModuleNotFoundError, FileNotFoundError):  # a plain checkout on PYTHONPATH, not installed
+        return (Path(__file__).resolve().parents[2] / "metal" / name).read_text()
+
+
+def _prelude(back: str) -> tuple[str, str]:
+    text = _source("prelude.metal" if back == "metal" else "prelude.cu")
+    header, prologue = text.split(_MARKER)
+    return header, prologue
+
+
+def kernel_source(body: str, back: str) -> tuple[str, str]:
+    """(header, source) for a body file on a back end: what mx.fast.*_kernel receives."""
+    header, prologue = _prelude(back)
+    return header + "\n" + _source("common.h"), prologue + "\n" + _source(body)
+
+
+@functools.cache
+def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
+    """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda')."""
+    header, source = kernel_source(body, back)
+    name = "zaya_" + body.split(".")[0]
+    if back == "metal":
+        return mx.fast.metal_kernel(
+            name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header
+        )
+    if back == "cuda":
+        return mx.fast.cuda_kernel(
+            name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header
+        )
+    raise ValueError(f"no GPU kernels for back end {back!r}")
+
+
+@functools.cache
+def dummy(dtype=mx.float32) -> mx.array:
+    """A one-element array for a kernel input that a variant never reads."""
+    a = mx.zeros((4,), dtype=dtype)
+    mx.eval(a)
+    return a

@@ -1,0 +1,236 @@
+"""CCA decode step: the fused op for one new token, and its plain-MLX reference.
+
+For each layer and decode step, everything between the fused q/k/v projection (``in_proj``) and
+attention: append the new q/k inputs to the conv state, the causal depthwise conv (kernel t0, bias)
+and causal grouped conv (kernel t1, one group per head, bias), the residual means
+``q_res = (q + repeat_kv(k)) / 2`` and ``k_res`` (the mean of ``q_res`` over each KV group), L2
+normalisation of query and key to norm ``sqrt(d)`` with an eps clamp, the key temperature, NeoX RoPE on
+the first ``rope_dims`` channels of each head, and the value made of the current half and the previous
+token's delayed half. The kernel (metal/cca_decode.h) does all of it in one launch; the reference is
+about 30 MLX primitives.
+
+Semantics follow transformers' ``ZayaCCAProjection`` + ``ZayaQKNorm`` + ``apply_rotary_pos_emb``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+
+from ._build import backend, get_kernel
+
+
+def _eps(dtype) -> float:
+    return float(mx.finfo(dtype).eps)
+
+
+def cca_decode_step_reference(
+    qkv,
+    conv_state,
+    v_prev,
+    dw_w,
+    dw_b,
+    gw_w,
+    gw_b,
+    temp,
+    offset,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    rope_dims: int,
+    rope_base: float,
+    norm_eps: float | None = None,
+):
+    """One CCA decode step in plain MLX ops (what the kernel replaces).
+
+    qkv [B, Q+K+V] (or [B, 1, Q+K+V]): ``in_proj`` of the new token, rows q (nh*d), k (nkv*d),
+    v_current (nkv*d/2), v_delayed (nkv*d/2). conv_state [B, S, C]: the last S = (t0-1)+(t1-1) q/k
+    inputs (C = Q+K). v_prev [B, nkv*d/2]: the previous token's v_delayed (zeros before the first
+    token). dw_w [C, t0, 1], dw_b [C], gw_w [C, t1, C/(nh+nkv)], gw_b [C]: the two convs in MLX layout.
+    temp [nkv]: key temperature. offset: the token's position, an int or an int32 array [B].
+    norm_eps: the clamp of the L2 norm (default: the dtype's machine epsilon, as transformers).
+
+    Returns q [B, nh, 1, d], k [B, nkv, 1, d] (both normalised and rotated), v [B, nkv, 1, d],
+    new_conv_state [B, S, C], new_v_prev [B, nkv*d/2].
+    """
+    B = qkv.shape[0]
+    qkv = qkv.reshape(B, -1)
+    nh, nkv, d = n_heads, n_kv_heads, head_dim
+    Q, K = nh * d, nkv * d
+    C = Q + K
+    VH = K // 2
+    G = nh + nkv
+    rep = nh // nkv
+    dtype = qkv.dtype
+    eps = _eps(dtype) if norm_eps is None else norm_eps
+
+    window = mx.concatenate([conv_state.astype(dtype), qkv[:, None, :C]], axis=1)  # [B, S+1, C]
+    new_state = window[:, 1:, :]
+    y = mx.conv1d(window, dw_w.astype(dtype), groups=C) + dw_b.astype(dtype)  # [B, t1, C]
+    y = mx.conv1d(y, gw_w.astype(dtype), groups=G) + gw_b.astype(dtype)  # [B, 1, C]
+    y = y[:, -1, :]
+
+    q = qkv[:, :Q].reshape(B, nh, d)
+    k = qkv[:, Q:C].reshape(B, nkv, d)
+    q_res = (q + mx.repeat(k, rep, axis=1)) * 0.5
+    k_res = q_res.reshape(B, nkv, rep, d).mean(axis=2)
+    query = y[:, :Q].reshape(B, nh, d) + q_res
+    key = y[:, Q:].reshape(B, nkv, d) + k_res
+
+    def l2(t):
+        n = mx.sqrt(mx.sum(mx.square(t.astype(mx.float32)), axis=-1, keepdims=True)).astype(t.dtype)
+        return t * (math.sqrt(d) / mx.maximum(n, eps))
+
+    query = l2(query)
+    key = l2(key) * temp.astype(dtype)[:, None]
+
+    query = mx.fast.rope(query[:, :, None, :], rope_dims, traditional=False, base=rope_base, scale=1.0, offset=offset)
+    key = mx.fast.rope(key[:, :, None, :], rope_dims, traditional=False, base=rope_base, scale=1.0, offset=offset)
+
+    value = mx.concatenate([qkv[:, C : C + VH], v_prev.astype(dtype)], axis=-1).reshape(B, nkv, 1, d)
+    return query, key, value, new_state, qkv[:, C + VH :]
+
+
+@functools.cache
+def _inv_freq(rope_dims: int, rope_base: float) -> mx.array:
+    # As mx.fast.rope computes it: base ** (-i / (dims / 2)) for i < dims / 2.
+    half = rope_dims // 2
+    f = mx.exp2(-(mx.arange(half, dtype=mx.float32) / half) * math.log2(rope_base))
+    mx.eval(f)
+    return f
+
+
+def offset_array(offset, batch: int) -> mx.array:
+    """Positions as the kernel reads them: int32 [batch]. Pass one array to every layer of a step: an
+    int becomes a constant (no graph primitive), an array is used as it is."""
+    if isinstance(offset, mx.array):
+        off = offset if offset.dtype == mx.int32 else offset.astype(mx.int32)
+        if off.ndim != 1:
+            off = off.reshape(-1)
+        if off.size == 1 and batch > 1:
+            off = mx.broadcast_to(off, (batch,))
+        return off
+    return mx.array([int(offset)] * batch, dtype=mx.int32)
+
+
+@functools.cache
+def _fparams(eps: float) -> mx.array:
+    a = mx.array([eps], dtype=mx.float32)
+    mx.eval(a)
+    return a
+
+
+_INPUTS = (
+    "qkv",
+    "conv_state",
+    "v_prev",
+    "dw_w",
+    "dw_b",
+    "gw_w",
+    "gw_b",
+    "temp",
+    "offset",
+    "inv_freq",
+    "fparams",
+)
+_OUTPUTS = ("q_out", "k_out", "v_out", "conv_out", "vprev_out")
+
+
+def kernel_supported(conv_state, *, n_heads, n_kv_heads, head_dim, rope_dims, **_) -> bool:
+    """Whether the fused kernel covers these shapes (else the reference runs)."""
+    return (
+        conv_state.shape[1] >= 1
+        and n_heads % n_kv_heads == 0
+        and head_dim % 2 == 0
+        and 0 <= rope_dims <= head_dim
+        and rope_dims % 2 == 0
+        and head_dim <= 1024
+    )
+
+
+def _cca_kernel(
+    qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, *, n_heads, n_kv_heads, head_dim, rope_dims,
+    rope_base, norm_eps, back
+):
+    B = qkv.shape[0]
+    dtype = qkv.dtype
+    nh, nkv, d = n_heads, n_kv_heads, head_dim
+    C = (nh + nkv) * d
+    S = conv_state.shape[1]
+    t0 = dw_w.shape[1]
+    t1 = gw_w.shape[1]
+    off = offset_array(offset, B)
+    eps = _eps(dtype) if norm_eps is None else norm_eps
+    nt = max(128, ((d + 31) // 32) * 32)
+    kern = get_kernel("cca_decode.h", back, _INPUTS, _OUTPUTS)
+    inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else mx.zeros((1,), mx.float32)
+    outs = kern(
+        inputs=[
+            qkv,
+            conv_state.astype(dtype),
+            v_prev.astype(dtype),
+            dw_w,
+            dw_b,
+            gw_w,
+            gw_b,
+            temp,
+            off,
+            inv,
+            _fparams(float(eps)),
+        ],
+        template=[
+            ("T", dtype),
+            ("D", d),
+            ("NH", nh),
+            ("NKV", nkv),
+            ("T0", t0),
+            ("T1", t1),
+            ("RD", rope_dims),
+            ("NT", nt),
+        ],
+        grid=((nh + nkv) * nt, B, 1),
+        threadgroup=(nt, 1, 1),
+        output_shapes=[(B, nh, 1, d), (B, nkv, 1, d), (B, nkv, 1, d), (B, S, C), (B, nkv * d // 2)],
+        output_dtypes=[dtype] * 5,
+    )
+    return tuple(outs)
+
+
+def cca_decode_step(
+    qkv,
+    conv_state,
+    v_prev,
+    dw_w,
+    dw_b,
+    gw_w,
+    gw_b,
+    temp,
+    offset,
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    rope_dims: int,
+    rope_base: float,
+    norm_eps: float | None = None,
+    impl: str = "auto",
+):
+    """One CCA decode step (see ``cca_decode_step_reference`` for the arguments and results).
+
+    impl: 'auto' (the fused kernel on a Metal or CUDA GPU, the reference on the CPU), 'kernel' or
+    'reference'.
+    """
+    kw = dict(
+        n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_dims=rope_dims, rope_base=rope_base,
+        norm_eps=norm_eps,
+    )
+    back = backend()
+    use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
+    if use_kernel and back != "cpu" and kernel_supported(conv_state, **kw):
+        return _cca_kernel(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, back=back, **kw)
+    if impl == "kernel":
+        raise RuntimeError(f"the fused CCA kernel cannot run here (back end {back!r})")
+    return cca_decode_step_reference(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, **kw)

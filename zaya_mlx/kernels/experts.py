@@ -1,0 +1,211 @@
+"""Top-1 expert gather for decode: the fused ops and their plain-MLX reference.
+
+For each token, its one selected expert's SwiGLU: ``gate, up = split(W_gu[e] x)`` (gate rows first),
+``y = W_down[e](silu(gate) * up) * weight``; the skip choice (index E) gives zero. The kernels
+(metal/expert_matvec.h: one launch for gate/up + SwiGLU, one for down + router weight) read only the
+selected expert's rows, from bfloat16/float32 stacks or MLX's quantized layouts (affine 2/4/8-bit,
+MXFP4). They replace mlx-lm's SwitchGLU path (expand, gather_mm or gather_qmm twice, split, silu,
+multiply, scale, mask).
+
+Weights are given as a stacked array ``[E, 2I, H]`` / ``[E, H, I]``, or as anything with mlx-lm's
+``QuantizedSwitchLinear`` fields (``weight`` packed uint32, ``scales``, ``biases`` or None,
+``group_size``, ``bits``, ``mode``): the module itself, or a ``QuantizedStack``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ._build import backend, dummy, get_kernel
+
+
+@dataclass(frozen=True)
+class QuantizedStack:
+    """A stack of E quantized matrices [E, rows, cols] in MLX's layout (as ``mx.quantize`` writes)."""
+
+    weight: mx.array
+    scales: mx.array
+    biases: mx.array | None
+    group_size: int
+    bits: int
+    mode: str = "affine"
+    global_scale: mx.array | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.weight.shape[0], self.weight.shape[1], self.scales.shape[-1] * self.group_size)
+
+    @classmethod
+    def quantize(cls, w: mx.array, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedStack":
+        q, s, *b = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+        return cls(q, s, b[0] if b else None, group_size, bits, mode)
+
+    def dequantize(self, dtype=mx.float32) -> mx.array:
+        return mx.dequantize(
+            self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits, mode=self.mode
+        ).astype(dtype)
+
+
+def as_stack(w):
+    """An ``mx.array`` (dense stack) or a ``QuantizedStack`` for any accepted weight form."""
+    if isinstance(w, (mx.array, QuantizedStack)):
+        return w
+    if getattr(w, "scales", None) is not None:
+        return QuantizedStack(
+            w.weight,
+            w.scales,
+            getattr(w, "biases", None),
+            int(w.group_size),
+            int(w.bits),
+            str(getattr(w, "mode", "affine")),
+            getattr(w, "global_scale", None),
+        )
+    if getattr(w, "weight", None) is not None:  # mlx-lm SwitchLinear
+        return w.weight
+    raise TypeError(f"not an expert weight stack: {type(w).__name__}")
+
+
+def _gather(x, w, idx):
+    if isinstance(w, QuantizedStack):
+        return mx.gather_qmm(
+            x,
+            w.weight,
+            w.scales,
+            w.biases,
+            rhs_indices=idx,
+            transpose=True,
+            group_size=w.group_size,
+            bits=w.bits,
+            mode=w.mode,
+            global_scale=w.global_scale,
+        )
+    return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx)
+
+
+def expert_gather_reference(x, expert, weight, gate_up, down):
+    """Top-1 expert SwiGLU in plain MLX ops (what the kernels replace).
+
+    x [N, H]; expert [N] int32 (E = skip: zero output); weight [N] (the router's probability of the
+    choice); gate_up [E, 2I, H] and down [E, H, I], dense or quantized. Returns [N, H] in x's dtype.
+    """
+    gu, dn = as_stack(gate_up), as_stack(down)
+    E = gu.shape[0]
+    H = x.shape[-1]
+    N = x.size // H
+    expert = expert.reshape(N)
+    idx = mx.minimum(expert, E - 1).reshape(N, 1)
+    h = _gather(x.reshape(N, 1, 1, H), gu, idx)
+    gate, up = mx.split(h, 2, axis=-1)
+    y = _gather(nn.silu(gate) * up, dn, idx).reshape(N, H)
+    y = y * weight.reshape(N, 1).astype(y.dtype)
+    return mx.where((expert < E).reshape(N, 1), y, mx.zeros((), y.dtype))
+
+
+# --- kernels -------------------------------------------------------------------------------------
+
+_INPUTS = ("x", "expert", "rweight", "w", "scales", "biases")
+_OUTPUTS = ("y",)
+_NT = 256
+
+
+def _qm(w) -> tuple[int, int, int] | None:
+    """(QM, BITS, GS) for the kernel, or None when it does not cover this weight form."""
+    if isinstance(w, QuantizedStack):
+        if w.global_scale is not None:
+            return None
+        if w.mode == "mxfp4" and w.bits == 4 and w.group_size == 32:
+            return 3, 4, 32
+        if w.mode == "affine" and w.bits in (2, 4, 8) and w.biases is not None:
+            vpv = 4 * 32 // w.bits
+            if w.group_size % vpv == 0:
+                return 2, w.bits, w.group_size
+        return None
+    if w.dtype == mx.bfloat16:
+        return 0, 16, 1
+    if w.dtype == mx.float32:
+        return 1, 16, 1
+    return None
+
+
+def _vpv(qm: int, bits: int) -> int:
+    return 4 * (2 if qm == 0 else 1 if qm == 1 else 32 // bits)
+
+
+def kernel_supported(x, gate_up, down) -> bool:
+    gu, dn = as_stack(gate_up), as_stack(down)
+    a, b = _qm(gu), _qm(dn)
+    if a is None or b is None:
+        return False
+    H = x.shape[-1]
+    E, two_i, Hg = gu.shape
+    I = two_i // 2
+    return Hg == H and dn.shape[1:] == (H, I) and H % _vpv(a[0], a[1]) == 0 and I % _vpv(b[0], b[1]) == 0
+
+
+def _matvec(x, expert, rweight, w, *, glu, nout, back):
+    qm, bits, gs = _qm(w)
+    K = x.shape[-1]
+    N = x.size // K
+    rpw = 1 if glu else 2
+    per_block = (_NT // 32) * rpw
+    blocks = (nout + per_block - 1) // per_block
+    if isinstance(w, QuantizedStack):
+        wt, sc, bi = w.weight, w.scales, (w.biases if w.biases is not None else dummy())
+        ne = w.weight.shape[0]
+    else:
+        wt, sc, bi = w, dummy(), dummy()
+        ne = w.shape[0]
+    kern = get_kernel("expert_matvec.h", back, _INPUTS, _OUTPUTS)
+    return kern(
+        inputs=[x, expert, rweight, wt, sc, bi],
+        template=[
+            ("T", x.dtype),
+            ("K", K),
+            ("NOUT", nout),
+            ("GLU", glu),
+            ("QM", qm),
+            ("BITS", bits),
+            ("GS", gs),
+            ("NE", ne),
+            ("RPW", rpw),
+            ("NT", _NT),
+        ],
+        grid=(blocks * _NT, N, 1),
+        threadgroup=(_NT, 1, 1),
+        output_shapes=[tuple(x.shape[:-1]) + (nout,)],
+        output_dtypes=[x.dtype],
+    )[0]
+
+
+def expert_gather_kernel(x, expert, weight, gate_up, down, *, back=None):
+    """The two fused launches; the result has x's shape ([N, H], or [B, 1, H] for a decode step)."""
+    if expert.ndim != 1:
+        expert = expert.reshape(-1)
+    if weight.ndim != 1:
+        weight = weight.reshape(-1)
+    back = back or backend()
+    gu, dn = as_stack(gate_up), as_stack(down)
+    H = x.shape[-1]
+    I = gu.shape[1] // 2
+    if expert.dtype != mx.int32:
+        expert = expert.astype(mx.int32)
+    h = _matvec(x, expert, weight, gu, glu=True, nout=I, back=back)
+    return _matvec(h, expert, weight, dn, glu=False, nout=H, back=back)
+
+
+def expert_gather(x, expert, weight, gate_up, down, *, impl: str = "auto"):
+    """Top-1 expert SwiGLU (see ``expert_gather_reference``); impl: 'auto', 'kernel' or 'reference'."""
+    back = backend()
+    use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
+    if use_kernel and back != "cpu" and kernel_supported(x, gate_up, down):
+        return expert_gather_kernel(x, expert, weight, gate_up, down, back=back)
+    if impl == "kernel":
+        raise RuntimeError(f"the expert kernels cannot run here (back end {backend()!r})")
+    return expert_gather_reference(x, expert, weight, gate_up, down)

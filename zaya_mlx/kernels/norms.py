@@ -1,0 +1,100 @@
+"""Residual scaling + RMSNorm (+ the router's down-projection) for decode: fused op and reference.
+
+ZAYA's residual step is ``h = (o + b_o) * s_o + (h + b_h) * s_h`` with the residual stream ``h`` in
+float32, followed by an RMSNorm of ``h`` cast to the activation dtype; after attention the MoE router's
+down-projection ``W_d x + b_d`` reads that normalised ``x`` too. The kernel (metal/residual_norm.h)
+does the three in one launch, where the plain path takes about seven primitives.
+Semantics follow transformers' ``ZayaResidualScaling`` and ``ZayaRMSNorm``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+
+from ._build import backend, dummy, get_kernel
+
+
+def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None):
+    """Plain MLX ops. o [..., H] (attention or MoE output), h [..., H] float32 (the residual stream),
+    hs/hb/rs/rb [H] (hidden_states_scale/bias, residual_scale/bias), norm_w [H], eps.
+    Returns (h_new float32, x = rmsnorm(h_new), r_down = router_w x + router_b or None)."""
+    h_new = (o + hb) * hs + (h + rb) * rs
+    x = mx.fast.rms_norm(h_new.astype(o.dtype), norm_w, eps)
+    r = None if router_w is None else mx.addmm(router_b, x, router_w.T)
+    return h_new, x, r
+
+
+_INPUTS = ("o", "h", "hs", "hb", "rs", "rb", "nw", "wd", "bd", "fparams")
+_OUTPUTS = ("h_out", "x_out", "r_out")
+_NT = 256
+
+
+@functools.cache
+def _fparams(eps: float) -> mx.array:
+    a = mx.array([eps], dtype=mx.float32)
+    mx.eval(a)
+    return a
+
+
+def kernel_supported(o, h, router_w=None) -> bool:
+    H = o.shape[-1]
+    ok = h.dtype == mx.float32 and H % 8 == 0 and H <= 8192
+    if router_w is not None:
+        ok = ok and isinstance(router_w, mx.array) and router_w.dtype in (mx.bfloat16, mx.float32)
+    return ok
+
+
+def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None, *, back=None):
+    back = back or backend()
+    H = o.shape[-1]
+    N = o.size // H
+    dtype = o.dtype
+    has_router = router_w is not None
+    R = router_w.shape[0] if has_router else 1
+    rpb = 16
+    nblk = (R + rpb - 1) // rpb if has_router else 1
+    # the dtype of (o + hb): the activation dtype, unless the residual parameters are float32
+    rt = mx.float32 if (hs.dtype == mx.float32 or hb.dtype == mx.float32 or dtype == mx.float32) else dtype
+    kern = get_kernel("residual_norm.h", back, _INPUTS, _OUTPUTS)
+    outs = kern(
+        inputs=[
+            o,
+            h,
+            hs,
+            hb,
+            rs,
+            rb,
+            norm_w,
+            router_w if has_router else dummy(dtype),
+            router_b if has_router else dummy(dtype),
+            _fparams(float(eps)),
+        ],
+        template=[
+            ("T", dtype),
+            ("RT", rt),
+            ("H", H),
+            ("HAS_ROUTER", has_router),
+            ("R", R),
+            ("RPB", rpb),
+            ("WQ", 0 if (not has_router or router_w.dtype == mx.bfloat16) else 1),
+            ("NT", _NT),
+        ],
+        grid=(nblk * _NT, N, 1),
+        threadgroup=(_NT, 1, 1),
+        output_shapes=[tuple(h.shape), tuple(o.shape), tuple(o.shape[:-1]) + (R,) if has_router else (1,)],
+        output_dtypes=[mx.float32, dtype, dtype],
+    )
+    return outs[0], outs[1], (outs[2] if has_router else None)
+
+
+def residual_norm(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None, *, impl="auto"):
+    """Residual scaling + RMSNorm (+ router down-projection); impl: 'auto', 'kernel' or 'reference'."""
+    back = backend()
+    use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
+    if use_kernel and back != "cpu" and kernel_supported(o, h, router_w):
+        return residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w, router_b, back=back)
+    if impl == "kernel":
+        raise RuntimeError(f"the residual-norm kernel cannot run here (back end {back!r})")
+    return residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w, router_b)
