@@ -122,5 +122,70 @@ def serve_command(
     server.main()
 
 
+# --- rsa (Markovian RSA) ------------------------------------------------------------------------------------------
+
+
+@app.command("rsa")
+def rsa_command(
+    problem: str = typer.Argument(..., help="The problem ('-' reads it from stdin)."),
+    model: str = typer.Option("Zyphra/ZAYA1-8B", "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    preset: str = typer.Option("laptop", "--preset", help="laptop (a 16 GB Mac) or report (the paper's setting)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Population: rollouts per round."),
+    c: Optional[int] = typer.Option(None, "--c", help="Tails per aggregation prompt (<= n)."),
+    tau: Optional[int] = typer.Option(None, "--tau", help="Tail length carried between rounds, in tokens."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Most new tokens per rollout (beta)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-T", help="Aggregation rounds after round 0 (0 = vote only)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the sampler and the choice of tails."),
+    temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (1 = off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p times the top probability (0 = off)."),
+    template: str = typer.Option("tails", "--template", help="Aggregation template: tails, brief, or a .jinja file."),
+    memory: Optional[float] = typer.Option(None, "--memory", help="Memory budget in GB (default: a safe share)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most rollouts decoded together."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    no_think: bool = typer.Option(False, "--no-think", help="Ask the model to answer without reasoning first."),
+    show_text: bool = typer.Option(False, "--show-text", help="Print the winning rollout's text."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the whole result (rounds, tails, votes) here."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
+) -> None:
+    """Markovian RSA: rounds of parallel rollouts, each aggregating tails of the last round; majority vote."""
+    from rich.console import Console
+
+    from . import rsa
+    from .generation import load
+    from .rsa_view import RSAView, render_result
+
+    if problem == "-":
+        problem = sys.stdin.read()
+    if not problem.strip():
+        fail("the problem is empty")
+    if preset not in rsa.PRESETS:
+        fail(f"unknown preset {preset!r}: use one of {', '.join(rsa.PRESETS)}")
+    console = Console(highlight=False)
+    with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else _nullcontext():
+        llm, tokenizer = load(model, dtype=dtype)
+    p = rsa.PRESETS[preset]
+    view = RSAView(console, n or p.n, budget or p.budget, p.rounds if rounds is None else rounds)
+    with view:
+        result = rsa.run(llm, tokenizer, problem, n, c, tau, budget, rounds, seed, preset=preset, temperature=temp,
+                         top_p=top_p, top_k=top_k, min_p=min_p, template=template, enable_thinking=not no_think,
+                         system=system, memory_budget=int(memory * 1e9) if memory else None, max_batch=max_batch,
+                         on_event=view)
+    render_result(console, result, show_text=show_text)
+    if json_out:
+        import dataclasses
+        import json
+        from pathlib import Path
+
+        Path(json_out).write_text(json.dumps(dataclasses.asdict(result), indent=1) + "\n")
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 if __name__ == "__main__":
     main()
