@@ -446,3 +446,54 @@ def test_batched_rounds_give_each_rollout_the_greedy_tokens_it_gets_alone(sensit
     for t in (1, 2):
         for ro, prompt in zip(result.rounds[t].rollouts, prompts[t]):
             assert ro.tokens == decode_alone(model, prompt, 12, greedy, stop)
+
+
+# --- the CLI and /rsa in the chat UI ------------------------------------------------------------------------------
+
+
+def test_cli_rsa_on_the_tiny_model(tiny_model_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from zaya_mlx.cli import app
+
+    out = tmp_path / "result.json"
+    args = ["rsa", "What is 2+3?", "--model", str(tiny_model_dir), "--dtype", "float32", "--n", "3", "--c", "2",
+            "--tau", "8", "--budget", "12", "--rounds", "1", "--template", "brief", "--temp", "30", "--json", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "round 1/1" in res.output and "rounds · 3 rollouts" in res.output
+    saved = json.loads(out.read_text())
+    assert len(saved["rounds"]) == 2 and saved["params"]["n"] == 3 and saved["plan"]["context_bound"] > 0
+    bad = CliRunner().invoke(app, args[:6] + ["--c", "5"])
+    assert isinstance(bad.exception, ZayaError) and "--c" in str(bad.exception)
+
+
+def test_rsa_mode_in_the_chat_ui(tiny):
+    import io
+
+    from rich.console import Console
+
+    from zaya_mlx.chat_session import ChatSession
+    from zaya_mlx.tui import ChatUI
+
+    model, tok = tiny
+    buf = io.StringIO()
+    ui = ChatUI(ChatSession(model, tok), console=Console(file=buf, width=120, highlight=False))
+    ui.handle("/rsa")
+    assert "RSA off · preset laptop" in buf.getvalue()
+    ui.handle("/rsa n=3 c=2 tau=8 beta=12 rounds=1 template=brief temp=30 on")
+    assert "RSA on" in buf.getvalue() and "n=3 c=2 tau=8 budget=12 rounds=1" in buf.getvalue()
+    ui.handle("What is 2+3?")
+    out = buf.getvalue()
+    assert "round 1/1" in out and "2 rounds · 3 rollouts" in out
+    assert [m["role"] for m in ui.session.messages] == ["user", "assistant"]
+    ui.handle("/rsa c=9")  # accepted now, refused by the engine at the next prompt (c > n)
+    ui.handle("again")
+    assert "error: RSA --c (9) cannot exceed --n (3)" in buf.getvalue()
+    ui.handle("/rsa bogus")
+    ui.handle("/rsa tau=0")
+    assert "unknown argument 'bogus'" in buf.getvalue() and "tau must be at least 1" in buf.getvalue()
+    ui.handle("/rsa report off")
+    assert ui.prompt_handler == ui.stream_turn and "RSA off · preset report: n=16 c=4" in buf.getvalue()

@@ -114,3 +114,101 @@ def render_result(console: Console, result: RSAResult, show_text: bool = False) 
     t = result.timings
     console.print(Text(f"{len(result.rounds)} rounds · {result.params['n']} rollouts · {result.tokens_generated} "
                        f"tokens in {t['total_s']:.1f} s · {t['tokens_per_s']:,.1f} tok/s", style="dim"))
+
+
+# --- /rsa in `zaya chat` ------------------------------------------------------------------------------------------
+
+# key=value settings of `/rsa` (aliases on the right of the table below) and their types.
+CHAT_KEYS = {"n": int, "c": int, "tau": int, "budget": int, "rounds": int, "seed": int, "temp": float,
+             "top_p": float, "top_k": int, "min_p": float, "template": str, "max_batch": int}
+ALIASES = {"beta": "budget", "k": "c", "t": "rounds", "temperature": "temp", "top-p": "top_p", "top-k": "top_k",
+           "min-p": "min_p", "max-batch": "max_batch"}
+CHAT_USAGE = "/rsa [on|off|laptop|report|key=value ...]"
+
+
+def chat_state(ui) -> dict:
+    """The RSA settings of a chat UI (kept on the UI object): enabled, preset, overrides."""
+    state = getattr(ui, "rsa_state", None)
+    if state is None:
+        state = {"enabled": False, "preset": "laptop", "overrides": {}}
+        ui.rsa_state = state
+    return state
+
+
+def chat_params(state: dict) -> dict:
+    """The preset's values with the overrides on top, as `rsa.run` keywords."""
+    from . import rsa
+
+    p = rsa.PRESETS[state["preset"]]
+    out = {"n": p.n, "c": p.c, "tau": p.tau, "budget": p.budget, "rounds": p.rounds, "seed": 0,
+           "temp": rsa.DEFAULT_TEMPERATURE, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "template": rsa.DEFAULT_TEMPLATE,
+           "max_batch": None}
+    out.update(state["overrides"])
+    return out
+
+
+def _describe(state: dict) -> str:
+    p = chat_params(state)
+    mode = "on" if state["enabled"] else "off"
+    extra = "".join(f" {k}={p[k]}" for k in ("seed", "top_p", "top_k", "min_p", "max_batch")
+                    if p[k] not in (None, 0, 0.0, 1.0) or (k == "seed" and p[k]))
+    return (f"RSA {mode} · preset {state['preset']}: n={p['n']} c={p['c']} tau={p['tau']} budget={p['budget']} "
+            f"rounds={p['rounds']} temp={p['temp']} template={p['template']}{extra}")
+
+
+def rsa_slash_command(ui, arg: str) -> None:
+    """`/rsa`: show the settings; `on`/`off`: answer prompts with Markovian RSA or normally; `laptop`/`report`:
+    pick a preset (clears the key=value overrides); `key=value`: set n, c, tau, budget (beta), rounds, seed, temp,
+    top_p, top_k, min_p, template, max_batch."""
+    from . import rsa
+    from .errors import ZayaError
+
+    state = chat_state(ui)
+    for word in arg.split():
+        low = word.lower()
+        if low in ("on", "off"):
+            state["enabled"] = low == "on"
+            ui.prompt_handler = (lambda text: answer_with_rsa(ui, text)) if state["enabled"] else ui.stream_turn
+        elif low in rsa.PRESETS:
+            state["preset"], state["overrides"] = low, {}
+        elif "=" in word:
+            key, _, value = word.partition("=")
+            key = ALIASES.get(key.lower(), key.lower().replace("-", "_"))
+            if key not in CHAT_KEYS:
+                raise ZayaError(f"/rsa: unknown setting {key!r}; settings: {', '.join(CHAT_KEYS)}")
+            try:
+                parsed = CHAT_KEYS[key](value)
+            except ValueError:
+                raise ZayaError(f"/rsa: {key} needs a {CHAT_KEYS[key].__name__}, got {value!r}") from None
+            if key == "template":
+                rsa.load_template(parsed)  # unknown names fail now, not at the next prompt
+            elif key not in ("temp", "top_p", "min_p", "seed") and parsed < (0 if key == "rounds" else 1):
+                raise ZayaError(f"/rsa: {key} must be at least {0 if key == 'rounds' else 1}")
+            state["overrides"][key] = parsed
+        else:
+            raise ZayaError(f"/rsa: unknown argument {word!r}; usage: {CHAT_USAGE}")
+    ui.note(_describe(state))
+
+
+def answer_with_rsa(ui, text: str) -> None:
+    """Answer `text` with Markovian RSA (the conversation's system prompt, thinking setting and model), show the
+    live view, the answer and the vote, and add the turn to the conversation (the winning rollout's text as the
+    assistant's reply). The problem is `text` alone: earlier turns are not part of it. Ctrl-C stops the run."""
+    from . import rsa
+
+    session = ui.session
+    p = chat_params(chat_state(ui))
+    view = RSAView(ui.console, p["n"], p["budget"], p["rounds"])
+    try:
+        with view:
+            result = rsa.run(session.model, session.tokenizer, text, p["n"], p["c"], p["tau"], p["budget"],
+                             p["rounds"], p["seed"], temperature=p["temp"], top_p=p["top_p"], top_k=p["top_k"],
+                             min_p=p["min_p"], template=p["template"], max_batch=p["max_batch"],
+                             enable_thinking=session.enable_thinking, system=session.system, on_event=view)
+    except KeyboardInterrupt:
+        ui.note("RSA stopped; nothing was added to the conversation")
+        return
+    render_result(ui.console, result)
+    reply = result.winner_text if result.winner >= 0 else result.rounds[-1].rollouts[0].text
+    session.messages.append({"role": "user", "content": text})
+    session.messages.append({"role": "assistant", "content": reply})
