@@ -99,9 +99,9 @@ float tot = 0.0f;
 for (int w = 0; w < NWARP; ++w) {
   tot += zk_red[w];
 }
-float nrm = zk_round<T>(zk_sqrt(tot));
+float nrm = zk_sqrt(tot);
 nrm = (nrm < fparams[0]) ? fparams[0] : nrm;
-const float fac = zk_round<T>(zk_sqrt(float(D)) / nrm);
+const float fac = zk_sqrt(float(D)) / nrm;
 
 // 5. Scale to norm sqrt(D), key temperature, RoPE (NeoX halves) on the first RD channels.
 if (zk_tid < D) {

@@ -85,7 +85,7 @@ for (int r = 0; r < RPW; ++r) {
         const float act = zk_round<T>(gate / (1.0f + zk_exp(-gate)));
         out = act * up;
       } else {
-        out = zk_round<T>(a0) * static_cast<float>(rweight[n]);
+        out = zk_round<T>(a0) * zk_round<T>(static_cast<float>(rweight[n]));
       }
     }
     y[n * NOUT + o] = static_cast<T>(out);

@@ -10,7 +10,7 @@
 // 0 bf16, 1 f32), NT.
 // Inputs: rdown [N, R], rprev [N, R], rscale [R], nw [R], w1 [R, R], b1 [R], w2 [R, R], b2 [R],
 // wo [NE1, R], bal [NE1] float32, fparams [1] float32 (the RMSNorm eps).
-// Outputs: rnext [N, R] (T), choice [N] int32, prob [N] (T).
+// Outputs: rnext [N, R] (T), choice [N] int32, prob [N] float32 (softmax in float32 over T logits).
 constexpr int NWARP = NT / 32;
 constexpr int VPW = (WQ == 0) ? 2 : 1;
 constexpr int NV = R / (4 * VPW);
@@ -101,7 +101,7 @@ if (zk_warp == 0) {
   s = zk_simd_sum(s);
   float pj[(NE1 + 31) / 32];
   for (int j = zk_lane, t = 0; j < NE1; j += 32, ++t) {
-    pj[t] = zk_round<T>(zk_exp(zk_l[j] - m) / s);
+    pj[t] = zk_exp(zk_l[j] - m) / s;
   }
   for (int j = zk_lane, t = 0; j < NE1; j += 32, ++t) {
     zk_l[j] = pj[t];
@@ -119,5 +119,5 @@ if (zk_tid == 0) {
     }
   }
   choice[n] = bi;
-  prob[n] = static_cast<T>(zk_l[bi]);
+  prob[n] = zk_l[bi];
 }

@@ -386,12 +386,10 @@ def test_router_kernel_matches_reference(N, R, E1, prev, dtype):
     if dtype == mx.float32:
         assert same.all()
         assert rel(w, w_ref) < 1e-5
-    else:  # bfloat16 rounding may flip a choice only between near-equal biased probabilities
-        _, _, _, _, _, _, _, _, _, bal, _ = args
-        logits_p = np.array(router_mlp_reference(*args[:-3], args[-3], bal, 1e-5)[2].astype(mx.float32))
-        assert same.mean() >= 0.5 or N < 2
-        assert rel(w[same], w_ref[same]) < 2e-2 if same.any() else True
-        del logits_p
+    else:  # bfloat16 logits may round a near-tie differently: a flip must be between near-equal choices
+        assert same.mean() >= 0.5
+        assert rel(np.array(w)[same], np.array(w_ref)[same]) < 1e-2
+    assert w.dtype == mx.float32
 
 
 @gpu_only

@@ -80,9 +80,10 @@ def cca_decode_step_reference(
     query = y[:, :Q].reshape(B, nh, d) + q_res
     key = y[:, Q:].reshape(B, nkv, d) + k_res
 
-    def l2(t):
-        n = mx.sqrt(mx.sum(mx.square(t.astype(mx.float32)), axis=-1, keepdims=True)).astype(t.dtype)
-        return t * (math.sqrt(d) / mx.maximum(n, eps))
+    def l2(t):  # in float32, one rounding (as the model's QKNorm)
+        t32 = t.astype(mx.float32)
+        n = mx.maximum(mx.sqrt(mx.sum(t32 * t32, axis=-1, keepdims=True)), eps)
+        return (t32 * (math.sqrt(d) / n)).astype(t.dtype)
 
     query = l2(query)
     key = l2(key) * temp.astype(dtype)[:, None]

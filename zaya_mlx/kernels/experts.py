@@ -73,6 +73,9 @@ def as_stack(w):
 
 
 def _gather(x, w, idx):
+    if not isinstance(w, QuantizedStack) and w.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        # MLX's CPU gather_mm takes float32 only: gather the chosen experts' matrices, then matmul
+        return x @ mx.take(w, idx.reshape(-1), axis=0).swapaxes(-1, -2)[:, None]
     if isinstance(w, QuantizedStack):
         return mx.gather_qmm(
             x,

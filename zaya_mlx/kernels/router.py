@@ -21,15 +21,15 @@ from ._build import backend, dummy, get_kernel
 def router_mlp_reference(r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, bal, eps):
     """Plain MLX ops. r_down [N, R]; r_prev [N, R] or None (first layer); r_scale [R] or None; norm_w [R];
     fc1/fc2 [R, R] + bias [R]; out_w [E+1, R]; bal [E+1] float32; eps: the RMSNorm eps.
-    Returns (r_next [N, R], choice [N] int32, weight [N])."""
+    Returns (r_next [N, R], choice [N] int32, weight [N] float32): softmax in float32 over the logits."""
     r = r_down
     if r_prev is not None:
         r = r + r_prev * r_scale
     h = mx.fast.rms_norm(r, norm_w, eps)
     h = nn.gelu(mx.addmm(fc1_b, h, fc1_w.T))
     h = nn.gelu(mx.addmm(fc2_b, h, fc2_w.T))
-    p = mx.softmax(h @ out_w.T, axis=-1)
-    choice = mx.argmax(p.astype(mx.float32) + bal, axis=-1).astype(mx.int32)
+    p = mx.softmax((h @ out_w.T).astype(mx.float32), axis=-1)
+    choice = mx.argmax(p + bal, axis=-1).astype(mx.int32)
     weight = mx.take_along_axis(p, choice[..., None], axis=-1)[..., 0]
     return r, choice, weight
 
@@ -91,7 +91,7 @@ def router_mlp_kernel(r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_
         grid=(N * nt, 1, 1),
         threadgroup=(nt, 1, 1),
         output_shapes=[tuple(r_down.shape), tuple(r_down.shape[:-1]), tuple(r_down.shape[:-1])],
-        output_dtypes=[dtype, mx.int32, dtype],
+        output_dtypes=[dtype, mx.int32, mx.float32],
     )
     return tuple(outs)
 
