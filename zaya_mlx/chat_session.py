@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
@@ -26,7 +27,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import CacheList
 
 from .errors import ZayaError
-from .generation import (DEFAULT_MAX_TOKENS, GenerationResponse, _token_stream, cache_length, check_context,
+from .generation import (DEFAULT_MAX_TOKENS, GenerationResponse, _token_stream, check_context,
                          context_limit, prompt_opens_reasoning)
 from .prompt_cache import cache_nbytes, load_prompt_cache, save_prompt_cache
 from .reasoning import REASONING
@@ -118,7 +119,9 @@ class ChatSession:
         self.stats = ChatStats(context_limit=self.max_context)
 
     def interrupt(self) -> None:
-        """Ask a running `send` to stop after its current token (its finish_reason is then "interrupted")."""
+        """Ask a running `send` to end before its next token (then `last_finish_reason` is "interrupted").
+
+        Safe to call from a signal handler or another thread; the reply so far is kept in the history."""
         self._interrupt = True
 
     @property
@@ -197,7 +200,7 @@ class ChatSession:
         check_context(self.model, 0, len(ids), opts["max_tokens"], self.max_context)
         self._interrupt = False
         gen = self._turn(user_text, ids, opts)
-        self._active = gen
+        self._active = weakref.ref(gen)  # dropping the generator (a `break`) closes it and records the reply
         return gen
 
     def _turn(self, user_text: str, ids: list[int], opts: dict) -> Iterator[GenerationResponse]:
@@ -217,20 +220,22 @@ class ChatSession:
                 starts_in_reasoning=prompt_opens_reasoning(self.tokenizer, ids),
                 prefill_step_size=self.prefill_step_size, max_context=self.max_context, **opts,
             )
+            self._tokens.append(ids[-1])  # generate_step feeds it with the first sampled token
             for text, responses in steps:
                 generated.append(responses[-1].token)
                 self._tokens.append(responses[-1].token)
                 raw.append(text)
                 if len(generated) == 1:
                     prompt_tps = prompt_tokens / max(time.perf_counter() - tic, 1e-9)
-                if self._interrupt and responses[-1].finish_reason is None:
-                    responses[-1] = replace(responses[-1], finish_reason="interrupted")
                 for r in responses:
                     (reasoning if r.channel == REASONING else answer).append(r.text)
                     last = replace(r, prompt_tokens=prompt_tokens, prompt_tps=prompt_tps)
                     yield last
                 finish = responses[-1].finish_reason
                 if finish:
+                    break
+                if self._interrupt:  # set while the caller handled this token: stop before the next one
+                    finish = "interrupted"
                     break
             clean = True
         except GeneratorExit:
@@ -258,8 +263,10 @@ class ChatSession:
             self.last_finish_reason = finish if clean and finish else "interrupted"
 
     def _close_active(self) -> None:
-        if self._active is not None:
-            gen, self._active = self._active, None
+        """Finish a reply still streaming (recording what it has) before the conversation changes."""
+        gen = self._active() if self._active is not None else None
+        self._active = None
+        if gen is not None:
             gen.close()
 
     def ask(self, user_text: str, **overrides) -> str:
@@ -297,14 +304,20 @@ class ChatSession:
         return session
 
     def save_cache(self, path) -> None:
-        """Write the KV/conv cache and the token ids it holds (resume later without prefilling again)."""
-        save_prompt_cache(path, self._cache, self._tokens, model_id=getattr(self.model, "zaya_source", None))
+        """Write the KV/conv cache, the token ids it holds and the rollback snapshots (resume without prefill)."""
+        positions = sorted(self._snapshots)
+        extra = [[a for a in self._snapshots[p][layer]] for p in positions for layer in range(len(self._cache))]
+        save_prompt_cache(path, self._cache, self._tokens, model_id=getattr(self.model, "zaya_source", None),
+                          metadata={"snapshots": json.dumps(positions)}, extra=extra)
 
     def load_cache(self, path) -> None:
         """Use a cache saved by `save_cache` (with this model); the next turn reuses whatever prefix matches."""
         self._close_active()
-        cache, tokens, _ = load_prompt_cache(path, self.model)
-        self._cache, self._tokens, self._snapshots = cache, tokens, {}
+        cache, tokens, meta = load_prompt_cache(path, self.model)
+        positions = json.loads(meta.get("snapshots", "[]"))
+        extra, layers = meta.get("extra", []), len(cache)
+        self._cache, self._tokens = cache, tokens
+        self._snapshots = {p: extra[i * layers : (i + 1) * layers] for i, p in enumerate(positions)}
 
     def __repr__(self) -> str:
         return f"ChatSession({len(self.messages)} messages, {len(self._tokens)} tokens cached)"

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlx_lm.models.cache import CacheList, KVCache
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 from mlx_lm.models.cache import load_prompt_cache as _mlx_lm_load
 from mlx_lm.models.cache import save_prompt_cache as _mlx_lm_save
 
@@ -46,8 +46,11 @@ def _held(cache: list) -> int:
 
 
 def save_prompt_cache(path, cache: list, tokens: Sequence[int], *, model_id: Optional[str] = None,
-                      metadata: Optional[dict] = None) -> Path:
-    """Write `cache` (a B=1 model cache holding exactly `tokens`) to `path` (.safetensors added if missing)."""
+                      metadata: Optional[dict] = None, extra: Optional[list] = None) -> Path:
+    """Write `cache` (a B=1 model cache holding exactly `tokens`) to `path` (.safetensors added if missing).
+
+    `extra`: more state to keep with it, a list of lists of arrays (or None), e.g. a chat session's snapshots.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
@@ -55,13 +58,19 @@ def save_prompt_cache(path, cache: list, tokens: Sequence[int], *, model_id: Opt
     held = _held(cache)
     if held >= 0 and held != len(tokens):
         raise ZayaError(f"the cache holds {held} tokens but {len(tokens)} token ids were given")
+    extra = list(extra or [])
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(format=FORMAT, version=VERSION, model_id=model_id or "", tokens=json.dumps(tokens),
-                num_layers=str(len(cache)))
+                num_layers=str(len(cache)), num_extra=str(len(extra)))
+    states = []
+    for arrays in extra:
+        state = ArraysCache(len(arrays))
+        state.cache = list(arrays)
+        states.append(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
     try:
-        _mlx_lm_save(str(tmp), _compact(cache), meta)
+        _mlx_lm_save(str(tmp), _compact(cache) + states, meta)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -72,6 +81,7 @@ def save_prompt_cache(path, cache: list, tokens: Sequence[int], *, model_id: Opt
 def load_prompt_cache(path, model=None) -> tuple[list, list[int], dict]:
     """`(cache, tokens, metadata)` from a file written by `save_prompt_cache`.
 
+    metadata holds the strings saved (model_id, ...), and under "extra" the `extra` array lists, if any.
     With `model`, checks that the cache fits it (layers, KV heads and head size) and raises ZayaError if not.
     """
     path = Path(path)
@@ -85,13 +95,18 @@ def load_prompt_cache(path, model=None) -> tuple[list, list[int], dict]:
         raise ZayaError(f"{path} is not a readable prompt cache ({type(e).__name__})") from None
     if meta.get("format") != FORMAT:
         raise ZayaError(f"{path} is not a zaya prompt cache (no '{FORMAT}' metadata)")
+    meta = dict(meta)
+    n_extra = int(meta.get("num_extra", 0) or 0)
+    if n_extra:
+        cache, extras = cache[: len(cache) - n_extra], cache[len(cache) - n_extra :]
+        meta["extra"] = [list(e.cache) for e in extras]
     tokens = [int(t) for t in json.loads(meta.get("tokens", "[]"))]
     held = _held(cache)
     if held >= 0 and held != len(tokens):
         raise ZayaError(f"{path} is inconsistent: the cache holds {held} tokens, its metadata lists {len(tokens)}")
     if model is not None:
         check_fits(cache, model, path)
-    return cache, tokens, dict(meta)
+    return cache, tokens, meta
 
 
 def check_fits(cache: list, model, where="the prompt cache") -> None:

@@ -1,0 +1,88 @@
+"""`zaya generate`: streams with the chat template, reasoning dimmed, a one-line summary; user errors are one
+line on stderr and a non-zero exit, never a traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures import write_fixture_model
+from generation_fixtures import loaded
+from zaya_mlx.cli import main
+from zaya_mlx.generation import generate
+from zaya_mlx.tokenizer import apply_chat_template
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def zaya(*args, env=None):
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "zaya_mlx.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT, timeout=120)
+
+
+def run_main(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["zaya", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    return loaded(tmp_path_factory.getbasetemp() / "generation")
+
+
+def test_generate_streams_the_chat_answer(gen):
+    model, tokenizer, folder = gen
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    expected = generate(model, tokenizer, apply_chat_template(tokenizer, messages), max_tokens=6)
+    result = zaya("generate", "-m", str(folder), "-p", "hello", "--system", "Be brief.", "-n", "6", "--temp", "0",
+                  "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected.answer + "\n"
+    summary = result.stderr.strip().splitlines()
+    assert len(summary) == 1 and "tok/s" in summary[0] and "peak memory" in summary[0] and "6 tokens" in summary[0]
+
+
+def test_reasoning_is_dimmed(gen, monkeypatch, capsys):
+    _, _, folder = gen
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    # A raw prompt that ends in <think>: all of the generation is reasoning.
+    code, out, err = run_main(monkeypatch, capsys, "generate", "-m", str(folder), "-p", "hello <think>", "--raw",
+                              "-n", "4", "--temp", "0", "--dtype", "float32")
+    assert code in (0, None)
+    assert "\x1b[2m" in out  # dim
+
+
+def test_user_errors_are_one_line(gen, tmp_path, monkeypatch, capsys):
+    _, _, folder = gen
+    write_fixture_model(tmp_path / "no-tokenizer", with_tokenizer=False)
+    cases = [
+        (["-m", str(tmp_path / "missing"), "-p", "hi"], "no model folder"),
+        (["-m", str(tmp_path / "no-tokenizer"), "-p", "hi"], "has no tokenizer"),
+        (["-m", str(folder), "-p", "hi", "-n", "100000"], "context limit"),
+        (["-m", str(folder), "-p", "hi " * 600, "-n", "1"], "over the context limit"),
+        (["-m", str(folder), "-p", "hi", "--top-p", "0"], "top-p"),
+        (["-m", str(folder), "-p", "  "], "empty"),
+    ]
+    for args, message in cases:
+        code, out, err = run_main(monkeypatch, capsys, "generate", *args)
+        assert code == 1, (args, err)
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
+        assert "Traceback" not in err and out == ""
+
+
+def test_real_entry_point_errors_and_offline_default(tmp_path):
+    write_fixture_model(tmp_path / "no-tokenizer", with_tokenizer=False)
+    result = zaya("generate", "-m", str(tmp_path / "no-tokenizer"), "-p", "hi")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "has no tokenizer" in result.stderr
+    # The default model with no network and no local copy: one line that says how to get it.
+    result = zaya("generate", "-p", "hi", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "Zyphra/ZAYA1-8B" in result.stderr and "download" in result.stderr

@@ -1,0 +1,89 @@
+"""ZAYA as an mlx-lm model type: mlx_lm.load / generate / server on our folders, after `import zaya_mlx`."""
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import zaya_mlx
+from generation_fixtures import loaded
+from zaya_mlx.generation import generate
+
+PROMPT = [270, 78, 78, 81, 269, 277, 81, 84, 78, 70, 161, 202, 175]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mlx_lm_models_zaya_is_our_module():
+    module = importlib.import_module("mlx_lm.models.zaya")
+    from zaya_mlx import model as ours
+
+    assert module.Model is ours.Model and module.ModelArgs is ours.ModelArgs
+
+
+@pytest.mark.parametrize("layout", ["transformers", "legacy"])
+def test_mlx_lm_load_gives_our_logits(tiny_checkpoint, layout):
+    import mlx_lm
+
+    folder = tiny_checkpoint("base", layout)
+    theirs, tokenizer = mlx_lm.load(str(folder))
+    ours = zaya_mlx.load_model(folder, dtype="float32")
+    ids = mx.array([PROMPT])
+    np.testing.assert_array_equal(np.array(theirs(ids)), np.array(ours(ids)))
+    assert 106 in tokenizer.eos_token_ids
+
+
+def test_mlx_lm_generate_matches_ours(tmp_path_factory):
+    import mlx_lm
+    from mlx_lm.generate import stream_generate as mlx_lm_stream
+
+    model, tokenizer, folder = loaded(tmp_path_factory.getbasetemp() / "generation")
+    theirs, their_tokenizer = mlx_lm.load(str(folder))
+    text = "hello the world"
+    ours = generate(model, tokenizer, text, max_tokens=12)
+    their_tokens = [r.token for r in mlx_lm_stream(theirs, their_tokenizer, text, max_tokens=12)]
+    assert their_tokens == ours.tokens
+    assert mlx_lm.generate(theirs, their_tokenizer, text, max_tokens=12) == ours.text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_zaya_serve_answers_like_generate(tmp_path_factory):
+    model, tokenizer, folder = loaded(tmp_path_factory.getbasetemp() / "generation")
+    expected = generate(model, tokenizer, "hello the world", max_tokens=8).text
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    server = subprocess.Popen([sys.executable, "-m", "zaya_mlx.cli", "serve", "--model", str(folder),
+                               "--port", str(port), "--log-level", "WARNING"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        body = json.dumps({"prompt": "hello the world", "max_tokens": 8, "temperature": 0}).encode()
+        deadline = time.time() + 60
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError(server.stdout.read().decode()[-2000:]) from None
+                time.sleep(0.3)
+        assert answer["choices"][0]["text"] == expected
+        assert answer["usage"]["completion_tokens"] == 8
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
