@@ -3,11 +3,9 @@
 KL divergences are measured against the unquantized fp32 model on 512 tokens; with `pytest -s` they are printed.
 """
 
-import importlib
 import json
 import re
 import struct
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -87,15 +85,11 @@ def kl_per_recipe(quant_src, quantized):
     return out
 
 
-def with_mlx_lm(monkeypatch):
-    """mlx-lm with model_type zaya registered (the registry module if present, else our model module)."""
-    try:
-        registry = importlib.import_module("zaya_mlx.mlx_lm_registry")
-        getattr(registry, "register", lambda: None)()
-    except ImportError:
-        import zaya_mlx.model
+def with_mlx_lm():
+    """mlx-lm with model_type zaya registered (`import zaya_mlx` does it; make sure)."""
+    from zaya_mlx.mlx_lm_registry import register
 
-        monkeypatch.setitem(sys.modules, "mlx_lm.models.zaya", zaya_mlx.model)
+    assert register()
     import mlx_lm
 
     return mlx_lm
@@ -254,8 +248,8 @@ def test_kept_tensors_bit_identical(tiny_checkpoint, tmp_path, layout, dtype):
     assert model(mx.array([[5, 6, 7]])).shape == (1, 3, 384)
 
 
-def test_loads_with_mlx_lm(quantized, monkeypatch):
-    mlx_lm = with_mlx_lm(monkeypatch)
+def test_loads_with_mlx_lm(quantized):
+    mlx_lm = with_mlx_lm()
     ids = mx.array(fixture_ids(seed=2, length=16, batch=2))
     for recipe in ("mxfp4", "mixed"):
         out, _ = quantized(recipe)

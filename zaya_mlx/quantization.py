@@ -41,7 +41,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import mlx.core as mx
 
@@ -60,7 +59,7 @@ __all__ = [
 
 DEFAULT_RECIPE = "mxfp4"
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
-_CHUNK_ELEMENTS = 1 << 24  # rows quantized (and compared) at a time: 64 MB of fp32 temporaries at most
+_CHUNK_ELEMENTS = 1 << 20  # quantized (and compared) at a time: CPU mxfp4/nvfp4 need ~100 B an element of temporaries
 
 # mode -> (allowed bits, allowed group sizes, bits of one scale, has an affine bias)
 _MODES = {
@@ -489,20 +488,10 @@ def _quantize_tensor(w: mx.array, fmt: Format, dtype) -> tuple[list[mx.array], f
 
 
 def _model_config(ckpt) -> dict:
-    """The MLX folder's config.json (without the quantization block): transformers-style keys, model_type zaya."""
-    cfg = ckpt.config
-    for attr in ("to_mlx_dict", "to_dict"):
-        if callable(getattr(cfg, attr, None)):
-            out = dict(getattr(cfg, attr)())
-            break
-    else:
-        if ckpt.layout == "legacy":
-            import dataclasses
-
-            out = dataclasses.asdict(cfg)
-        else:
-            out = dict(ckpt.raw_config)
-    for key in ("quantization", "quantization_config", "_name_or_path", "transformers_version"):
+    """The MLX folder's config.json without the quantization block: transformers-style keys whatever the source
+    layout (a legacy 80-layer config comes out as the 40-layer one), model_type zaya."""
+    out = ckpt.config.to_dict()
+    for key in ("quantization", "quantization_config"):
         out.pop(key, None)
     out["model_type"] = "zaya"
     return out
