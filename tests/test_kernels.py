@@ -409,3 +409,36 @@ def test_residual_norm_kernel_matches_reference(N, H, R, dtype):
         assert rel(out[2], ref[2]) < tol
     else:
         assert out[2] is None
+
+
+# --- the model's fused decode path against its plain ops ------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant", [None, "mxfp4"])
+def test_fused_decode_matches_plain_decode(quant, monkeypatch):
+    """Same weights, same tokens: the fused decode step (kernels on a GPU, their references on the CPU) gives the
+    logits of the model's plain ops, for a lone sequence and for a left-padded batch."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    from zaya_mlx.benchmark import build_zaya, small_config
+
+    dtype = mx.float32 if quant is None else mx.bfloat16
+    model = build_zaya(small_config(), quant, seed=2, dtype=dtype)
+    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    for batch, pads in ((1, None), (3, [0, 2, 5])):
+        prompt = mx.random.randint(0, 512, (batch, 9)).astype(mx.int32)
+        logits, caches = {}, {}
+        for mode in ("0", "1"):
+            monkeypatch.setenv("ZAYA_FUSED", mode)
+            caches[mode] = model.make_cache(pads)
+            model(prompt, caches[mode])
+        tok = mx.array([[7]] * batch, dtype=mx.int32)
+        for _ in range(3):
+            for mode in ("0", "1"):
+                monkeypatch.setenv("ZAYA_FUSED", mode)
+                logits[mode] = model(tok, caches[mode])
+            err = float(mx.abs(logits["1"] - logits["0"]).max() / mx.abs(logits["0"]).max())
+            assert err < tol, (batch, err)
+            tok = mx.argmax(logits["0"][:, -1:], axis=-1).astype(mx.int32)
+        if pads is not None:
+            assert isinstance(caches["1"][0][0], BatchKVCache)

@@ -189,3 +189,41 @@ def _nullcontext():
 
 if __name__ == "__main__":
     main()
+
+
+# --- bench (issue 7) -----------------------------------------------------------------------------------------------
+
+
+@app.command("bench")
+def bench_command(
+    quant: str = typer.Option("bf16,mxfp4", "--quant", "-q", help="Comma-separated weights: bf16, mxfp4, affine4, affine8, mxfp8."),
+    batch: str = typer.Option("1,8", "--batch", "-b", help="Comma-separated batch sizes."),
+    prompt: int = typer.Option(512, "--prompt", help="Prompt tokens for the prefill measurement."),
+    context: int = typer.Option(256, "--context", help="Tokens in the cache before decoding is timed."),
+    steps: int = typer.Option(64, "--steps", help="Decode steps timed."),
+    plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
+    vmlx: Optional[str] = typer.Option(None, "--vmlx", help="Compare with vMLX's ZAYA port: 'pip' (installed vmlx) or a path to its models/zaya.py."),
+    small: bool = typer.Option(False, "--small", help="A tiny model of the same structure (a smoke run)."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    markdown_out: Optional[str] = typer.Option(None, "--markdown", help="Write the results table (Markdown) here."),
+) -> None:
+    """Full-size ZAYA1-8B shapes, random weights: tokens/s, weight and KV bytes, graph primitives per token."""
+    import json as _json
+    import shlex
+
+    from .benchmark import markdown, run, to_dict
+
+    results = run(
+        quants=tuple(q.strip() for q in quant.split(",") if q.strip()),
+        batches=tuple(int(b) for b in batch.split(",") if b.strip()),
+        prompt=prompt, context=context, steps=steps, small=small, plain=plain,
+        vmlx=(True if vmlx == "pip" else vmlx), log=typer.echo,
+    )
+    table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    typer.echo(table)
+    if json_out:
+        with open(json_out, "w") as f:
+            _json.dump([to_dict(r) for r in results], f, indent=1)
+    if markdown_out:
+        with open(markdown_out, "w") as f:
+            f.write(table)

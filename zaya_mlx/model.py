@@ -6,6 +6,7 @@ This file is also mlx-lm's model module for `model_type` "zaya" (`ModelArgs`, `M
 """
 
 import math
+import os
 from typing import Optional
 
 import numpy as np
@@ -15,7 +16,7 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, KVCache
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
-from . import layouts
+from . import kernels, layouts
 from .config import ZayaConfig
 
 ModelArgs = ZayaConfig
@@ -273,6 +274,8 @@ class ZayaModel(nn.Module):
 
     def __call__(self, tokens: mx.array, cache=None):
         B, L = tokens.shape
+        if L == 1 and cache is not None and use_fused_decode():
+            return fused_decode(self, tokens, cache)
         h = self.embed_tokens(tokens)
         h = ((h + self.input_hidden_states_bias) * self.input_hidden_states_scale).astype(mx.float32)
 
@@ -323,3 +326,107 @@ class Model(nn.Module):
     def sanitize(self, weights: dict) -> dict:
         """Any supported checkpoint layout -> canonical MLX names (mlx-lm calls this on load)."""
         return layouts.to_canonical(weights, self.args)
+
+
+# --- the fused decode step (one token per sequence) ----------------------------------------------------------
+#
+# The same function as ZayaModel.__call__ for L == 1, with each layer in about 14 graph primitives instead of
+# ~100: the CCA decode step, the router MLP, both expert matvecs and each residual scaling + RMSNorm (+ the
+# router's down-projection) are one launch each (zaya_mlx/kernels, sources in metal/). On the CPU the kernels'
+# plain-MLX references run in their place.
+
+FUSED_DECODE = "auto"  # "auto": on a Metal or CUDA GPU; "on": everywhere (the CPU runs the references); "off"
+
+
+def use_fused_decode() -> bool:
+    mode = os.environ.get("ZAYA_FUSED", FUSED_DECODE).lower()
+    if mode in ("1", "on", "true"):
+        return True
+    if mode in ("0", "off", "false"):
+        return False
+    return kernels.backend() != "cpu"
+
+
+@mx.compile
+def _embed_glue(h, bias, scale):
+    return ((h + bias) * scale).astype(mx.float32)
+
+
+def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
+    """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated."""
+    args = model.args
+    B = tokens.shape[0]
+    kv0 = cache[0][0]
+    if isinstance(kv0, BatchKVCache):
+        offset, left_padding = kv0.size(), kv0.left_padding
+        positions = kv0.offset  # per row: steps taken less the row's left padding
+    else:
+        offset, left_padding = kv0.offset, None
+        positions = offset
+    positions = kernels.offset_array(positions, B)
+    masks = {t: attention_mask(1, offset, left_padding, args.sliding_window if t == "hybrid_sliding" else None)
+             for t in set(args.layer_types)}
+
+    layers = model.layers
+    h = _embed_glue(model.embed_tokens(tokens), model.input_hidden_states_bias, model.input_hidden_states_scale)
+    x = layers[0].input_layernorm(h.astype(layers[0].input_layernorm.weight.dtype))
+    router_state = None
+    for i, layer in enumerate(layers):
+        next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else model.norm
+        h, x, router_state = _fused_layer(layer, h, x, router_state, masks[layer.layer_type], cache[i], positions,
+                                          next_norm)
+    return x
+
+
+def _fused_layer(layer: DecoderLayer, h, x, router_state, mask, cache, positions, next_norm):
+    """(h, x) -> (h', x' = next_norm(h'), router state): attention, residual, MoE, residual, next norm."""
+    attn, B = layer.self_attn, x.shape[0]
+    proj = attn.qkv_proj
+    kv_cache, conv_cache = cache[0], cache[1]
+    qkv = proj.in_proj(x)
+    state, v_prev = conv_cache[0], conv_cache[1]
+    if state is None:
+        state = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), qkv.dtype)
+    if v_prev is None:
+        v_prev = proj._delayed_of_zero(B, qkv.dtype)
+    dw, gw = proj.conv_qk_depthwise, proj.conv_qk_grouped
+    q, k, v, conv_cache[0], conv_cache[1] = kernels.cca_decode_step(
+        qkv, state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions,
+        n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, rope_dims=attn.rope.dims,
+        rope_base=attn.rope.base,
+    )
+    keys, values = kv_cache.update_and_fetch(k, v)
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
+    o = attn.o_proj(out.reshape(B, 1, -1))  # [B, nh, 1, d] -> [B, 1, nh*d]: one token, no transpose needed
+
+    gate, experts = layer.mlp.gate, layer.mlp.experts
+    res, norm, down = layer.post_attention_residual_scale, layer.post_attention_layernorm, gate.down_proj
+    dense_down = "scales" not in down
+    h, x, r_down = kernels.residual_norm(
+        o, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias, norm.weight,
+        norm.eps, down.weight if dense_down else None, down["bias"] if dense_down else None,
+    )
+    if r_down is None:
+        r_down = down(x)
+
+    mlp = gate.router_mlp
+    has_prev = router_state is not None and "router_states_scale" in gate
+    if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)):  # quantized router: plain ops
+        r = r_down + router_state * gate.router_states_scale if has_prev else r_down
+        probs = mx.softmax(mlp(r).astype(mx.float32), axis=-1)
+        choice = mx.argmax(probs + gate.balancing_biases, axis=-1)
+        weight = mx.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+    else:
+        r, choice, weight = kernels.router_mlp(
+            r_down, router_state if has_prev else None, gate.router_states_scale if has_prev else None,
+            mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight,
+            gate.balancing_biases, mlp.norm.eps,
+        )
+    y = kernels.expert_gather(x, choice, weight, experts.gate_up_proj, experts.down_proj)
+
+    res = layer.post_mlp_residual_scale
+    h, x, _ = kernels.residual_norm(
+        y, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
+        next_norm.weight, next_norm.eps,
+    )
+    return h, x, r

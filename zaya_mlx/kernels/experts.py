@@ -95,8 +95,9 @@ def _gather(x, w, idx):
 def expert_gather_reference(x, expert, weight, gate_up, down):
     """Top-1 expert SwiGLU in plain MLX ops (what the kernels replace).
 
-    x [N, H]; expert [N] int32 (E = skip: zero output); weight [N] (the router's probability of the
-    choice); gate_up [E, 2I, H] and down [E, H, I], dense or quantized. Returns [N, H] in x's dtype.
+    x [N, H] (or [B, 1, H]); expert [N] int32 (E = skip: zero output); weight [N] (the router's
+    probability of the choice); gate_up [E, 2I, H] and down [E, H, I], dense or quantized. Returns an
+    array of x's shape and dtype.
     """
     gu, dn = as_stack(gate_up), as_stack(down)
     E = gu.shape[0]
@@ -108,7 +109,7 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
     gate, up = mx.split(h, 2, axis=-1)
     y = _gather(nn.silu(gate) * up, dn, idx).reshape(N, H)
     y = y * weight.reshape(N, 1).astype(y.dtype)
-    return mx.where((expert < E).reshape(N, 1), y, mx.zeros((), y.dtype))
+    return mx.where((expert < E).reshape(N, 1), y, mx.zeros((), y.dtype)).reshape(x.shape)
 
 
 # --- kernels -------------------------------------------------------------------------------------
@@ -189,10 +190,7 @@ def _matvec(x, expert, rweight, w, *, glu, nout, back):
 
 def expert_gather_kernel(x, expert, weight, gate_up, down, *, back=None):
     """The two fused launches; the result has x's shape ([N, H], or [B, 1, H] for a decode step)."""
-    if expert.ndim != 1:
-        expert = expert.reshape(-1)
-    if weight.ndim != 1:
-        weight = weight.reshape(-1)
+    # expert and weight may be [N] or [B, 1]: the kernels read them flat (no reshape in the graph)
     back = back or backend()
     gu, dn = as_stack(gate_up), as_stack(down)
     H = x.shape[-1]

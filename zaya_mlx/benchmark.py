@@ -1,0 +1,367 @@
+"""Decode/prefill benchmark on full-size random weights (`zaya bench`, bench/bench_decode.py).
+
+Builds the model from a ZayaConfig in memory (no checkpoint needed), random weights, optionally quantized as a
+recipe in quantize/ does (experts, attention projections, tied embedding; router kept), and measures:
+weight bytes (all, and read per decoded token at batch 1), KV bytes per token, graph primitives per decoded
+token (the nodes `mx.export_to_dot` writes for one decode step), prefill and decode tokens/s, peak memory.
+Optionally the same decode figures for vMLX's ZAYA port (pip package `vmlx`, or its `models/zaya.py` given as a
+file) in the same run, for a ratio. Speeds are measured, never asserted: no timed tests.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import importlib.util
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import kernels
+from .config import ZayaConfig
+from .model import Model
+
+# quantization formats of the recipes (group size, bits, mode)
+FORMATS = {
+    "mxfp4": (32, 4, "mxfp4"),
+    "affine4": (64, 4, "affine"),
+    "affine8": (64, 8, "affine"),
+    "mxfp8": (32, 8, "mxfp8"),
+}
+QUANTIZED_PATHS = re.compile(r"(mlp\.experts\.|qkv_proj\.in_proj|self_attn\.o_proj|embed_tokens|lm_head)")
+VMLX_QUANTIZED_PATHS = re.compile(r"(switch_mlp|qkv\.linear_q|qkv\.linear_k|qkv\.val_proj|self_attn\.o_proj|embed_tokens|lm_head)")
+
+
+def full_config(**overrides) -> ZayaConfig:
+    """ZAYA1-8B's shapes (the ZayaConfig defaults), with overrides for smaller runs."""
+    return ZayaConfig(**overrides)
+
+
+def small_config() -> ZayaConfig:
+    """A few-MB model with the same structure, for a smoke run on a CPU."""
+    return ZayaConfig(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=64, moe_intermediate_size=256, num_experts=4, router_hidden_size=64)
+
+
+def _quantize(model: nn.Module, quant: str | None, paths: re.Pattern) -> None:
+    if not quant or quant in ("none", "bf16", "bfloat16"):
+        return
+    group_size, bits, mode = FORMATS[quant]
+
+    def pred(path, module):
+        return hasattr(module, "to_quantized") and bool(paths.search(path)) and ".gate." not in path and "router" not in path
+
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=pred)
+
+
+def _materialize(model: nn.Module, dtype=mx.bfloat16) -> None:
+    """Random init -> dtype, one layer at a time (bounded peak memory); router balancing biases stay fp32."""
+    from mlx.utils import tree_unflatten
+
+    groups = collections.OrderedDict()
+    for k, v in tree_flatten(model.parameters()):
+        m = re.match(r"(.*?layers\.\d+)\.", k)
+        groups.setdefault(m.group(1) if m else k, []).append((k, v))
+    for items in groups.values():
+        new = [(k, v.astype(mx.float32 if "balancing_biases" in k else dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+               for k, v in items]
+        model.update(tree_unflatten(new), strict=False)
+        mx.eval([v for _, v in new])
+
+
+def build_zaya(config: ZayaConfig, quant: str | None = None, seed: int = 0, dtype=mx.bfloat16) -> Model:
+    """The port with random weights: bf16 (router biases fp32), temperatures at 1, optionally quantized."""
+    mx.random.seed(seed)
+    model = Model(config)
+    for layer in model.layers:
+        layer.self_attn.qk_norm.temp = mx.ones_like(layer.self_attn.qk_norm.temp)
+        gate = layer.mlp.gate  # spread the routing: random balancing biases, a live skip choice
+        gate.balancing_biases = mx.random.normal(gate.balancing_biases.shape) * 0.02
+    _materialize(model, dtype)
+    _quantize(model, quant, QUANTIZED_PATHS)
+    mx.eval(model.parameters())
+    return model
+
+
+def load_vmlx_module(path: str | None = None):
+    """vMLX's ZAYA model module: from the installed package, or from a copy of its models/zaya.py."""
+    path = path or os.environ.get("ZAYA_VMLX_FILE")
+    if path:
+        import sys
+
+        spec = importlib.util.spec_from_file_location("vmlx_zaya", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["vmlx_zaya"] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        return mod
+    return importlib.import_module("vmlx_engine.models.zaya")
+
+
+def build_vmlx(mod, config: ZayaConfig, quant: str | None = None, seed: int = 0):
+    """vMLX's port (Zyphra's legacy 80-layer layout: attention and MoE alternate) with the same shapes."""
+    mx.random.seed(seed)
+    args = mod.ModelArgs(
+        hidden_size=config.hidden_size, num_hidden_layers=2 * config.num_hidden_layers,
+        ffn_hidden_size=2 * config.moe_intermediate_size, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, num_query_groups=config.num_key_value_heads,
+        cca_num_q_heads=config.num_attention_heads, kv_channels=config.head_dim, vocab_size=config.vocab_size,
+        num_experts=config.num_experts, zaya_mlp_expansion=config.router_hidden_size,
+    )
+    model = mod.Model(args)
+    for layer in model.layers:
+        if getattr(layer, "self_attn", None) is not None:
+            layer.self_attn.qkv.temp = mx.ones_like(layer.self_attn.qkv.temp)
+    _materialize(model)
+    _quantize(model, quant, VMLX_QUANTIZED_PATHS)
+    mx.eval(model.parameters())
+    return model
+
+
+# --- measurements ----------------------------------------------------------------------------------------------
+
+
+def weight_bytes(model: nn.Module, num_experts: int) -> tuple[int, int]:
+    """(all weight bytes, bytes read per decoded token at batch 1: every weight except the unchosen experts)."""
+    total = expert = 0
+    for k, v in tree_flatten(model.parameters()):
+        total += v.nbytes
+        if "experts" in k or "switch_mlp" in k:
+            expert += v.nbytes
+    return total, total - expert + expert // num_experts
+
+
+def _cache_arrays(cache) -> list:
+    out = []
+    for c in cache:
+        state = getattr(c, "state", None)
+        for a in tree_flatten(state)[0:] if state is not None else []:
+            if isinstance(a[1], mx.array):
+                out.append(a[1])
+    return out
+
+
+def count_primitives(forward, make_cache, batch: int, prompt: int = 8) -> tuple[int, dict]:
+    """Graph primitives of one decode step (logits and updated caches), as mx.export_to_dot writes them."""
+    cache = make_cache()
+    mx.eval(forward(mx.zeros((batch, prompt), mx.int32), cache))
+    mx.eval(_cache_arrays(cache))
+    logits = forward(mx.zeros((batch, 1), mx.int32), cache)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "step.dot")
+        mx.export_to_dot(path, logits, *_cache_arrays(cache))
+        text = open(path).read()
+    labels = re.findall(r'label ="([^"]+)", shape=rectangle', text)
+    mx.eval(logits)
+    return len(labels), dict(collections.Counter(labels).most_common())
+
+
+def _argmax_last(logits):
+    return mx.argmax(logits[:, -1, :], axis=-1, keepdims=True).astype(mx.int32)
+
+
+def time_prefill(hidden, head, make_cache, batch: int, length: int, vocab: int, reps: int = 2) -> float:
+    """Prompt tokens/s: hidden states for the whole prompt + logits of the last position, into a fresh cache."""
+    best = None
+    for r in range(reps + 1):  # the first run compiles kernels and shapes
+        cache = make_cache()
+        tokens = mx.random.randint(0, vocab, (batch, length)).astype(mx.int32)
+        mx.eval(tokens)
+        mx.synchronize()
+        t0 = time.perf_counter()
+        out = head(hidden(tokens, cache)[:, -1:, :])
+        mx.eval(out, _cache_arrays(cache))
+        mx.synchronize()
+        dt = time.perf_counter() - t0
+        if r:
+            best = dt if best is None else min(best, dt)
+    return batch * length / best
+
+
+def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int) -> float:
+    """Decoded tokens/s (all sequences together), greedy, each step's graph built while the last one runs."""
+    cache = make_cache()
+    tokens = mx.random.randint(0, vocab, (batch, context)).astype(mx.int32)
+    tok = _argmax_last(forward(tokens, cache))
+    mx.eval(tok, _cache_arrays(cache))
+    for _ in range(3):  # warm-up: kernel compilation
+        tok = _argmax_last(forward(tok, cache))
+        mx.eval(tok)
+    mx.synchronize()
+    build = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tb = time.perf_counter()
+        tok = _argmax_last(forward(tok, cache))
+        build += time.perf_counter() - tb
+        mx.async_eval(tok)
+    mx.eval(tok)
+    mx.synchronize()
+    dt = time.perf_counter() - t0
+    BUILD_MS[batch] = 1e3 * build / steps
+    return batch * steps / dt
+
+
+BUILD_MS: dict = {}  # batch -> ms of Python graph building per step in the last time_decode
+
+
+@dataclass
+class Result:
+    name: str
+    quant: str
+    device: str
+    weight_gb: float = 0.0
+    weight_gb_per_token: float = 0.0
+    kv_bytes_per_token: int = 0
+    primitives_per_step: dict = field(default_factory=dict)  # batch -> count
+    primitive_kinds: dict = field(default_factory=dict)
+    prefill_tps: dict = field(default_factory=dict)  # batch -> tokens/s
+    decode_tps: dict = field(default_factory=dict)
+    peak_gb: float = 0.0
+    max_rel_logit_diff: float | None = None  # fused decode vs the plain path, same weights
+    build_ms: dict = field(default_factory=dict)  # batch -> ms per step spent building the graph in Python
+
+
+def _fused(mode: str):
+    os.environ["ZAYA_FUSED"] = mode
+
+
+def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: int = 512, context: int = 256,
+               steps: int = 64, fused: bool = True, check: bool = True, log=print) -> Result:
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    model = build_zaya(config, quant)
+    log(f"  built {quant or 'bf16'} model in {time.perf_counter() - t0:.1f} s")
+    total, per_tok = weight_bytes(model, config.num_experts)
+    name = "zaya-mlx (fused decode)" if fused else "zaya-mlx (plain ops)"
+    res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
+    dt = mx.bfloat16.size
+    res.kv_bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * dt * config.num_hidden_layers
+
+    def hidden(tokens, cache):
+        return model.model(tokens, cache)
+
+    def head(h):
+        return (model.lm_head(h) if "lm_head" in model else model.model.embed_tokens.as_linear(h)).astype(mx.float32)
+
+    _fused("1" if fused else "0")
+    try:
+        for b in batches:
+            n, kinds = count_primitives(model, model.make_cache, b)
+            res.primitives_per_step[b] = n
+            if b == batches[0]:
+                res.primitive_kinds = kinds
+            if fused:  # prefill runs the same ops either way
+                res.prefill_tps[b] = time_prefill(hidden, head, model.make_cache, b, prompt, config.vocab_size)
+            res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
+            res.build_ms[b] = BUILD_MS[b]
+            log(f"  batch {b}: {n} primitives/step, prefill {res.prefill_tps.get(b, 0):.0f} tok/s, "
+                f"decode {res.decode_tps[b]:.1f} tok/s (graph building {BUILD_MS[b]:.2f} ms/step)")
+        if check and fused:
+            res.max_rel_logit_diff = fused_vs_plain(model, config, batch=max(batches))
+            log(f"  fused vs plain decode logits: max |diff| / max |logit| = {res.max_rel_logit_diff:.2e}")
+    finally:
+        os.environ.pop("ZAYA_FUSED", None)
+    res.peak_gb = mx.get_peak_memory() / 1e9
+    del model
+    mx.clear_cache()
+    return res
+
+
+def fused_vs_plain(model: Model, config: ZayaConfig, batch: int = 2, context: int = 24, steps: int = 4) -> float:
+    """Worst relative logit difference over a few decode steps: fused path vs the model's plain ops."""
+    tokens = mx.random.randint(0, config.vocab_size, (batch, context)).astype(mx.int32)
+    worst = 0.0
+    caches = {m: model.make_cache() for m in ("0", "1")}
+    toks = {}
+    for m, c in caches.items():
+        _fused(m)
+        toks[m] = _argmax_last(model(tokens, c))
+        mx.eval(toks[m])
+    tok = toks["0"]
+    for _ in range(steps):
+        out = {}
+        for m, c in caches.items():
+            _fused(m)
+            out[m] = model(tok, c)
+            mx.eval(out[m])
+        ref = out["0"]
+        worst = max(worst, (mx.abs(out["1"] - ref).max() / mx.abs(ref).max()).item())
+        tok = _argmax_last(ref)
+    _fused("1")
+    return worst
+
+
+def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context: int = 256, steps: int = 16,
+               log=print) -> Result:
+    mx.reset_peak_memory()
+    model = build_vmlx(mod, config, quant)
+    total, per_tok = weight_bytes(model, config.num_experts)
+    res = Result("vMLX ZAYA port", quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
+    res.kv_bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * mx.bfloat16.size * config.num_hidden_layers
+    for b in batches:
+        n, kinds = count_primitives(model, model.make_cache, b)
+        res.primitives_per_step[b] = n
+        if b == batches[0]:
+            res.primitive_kinds = kinds
+        res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
+        res.build_ms[b] = BUILD_MS[b]
+        log(f"  batch {b}: {n} primitives/step, decode {res.decode_tps[b]:.1f} tok/s "
+            f"(graph building {BUILD_MS[b]:.2f} ms/step)")
+    res.peak_gb = mx.get_peak_memory() / 1e9
+    del model
+    mx.clear_cache()
+    return res
+
+
+def markdown(results: list[Result], command: str) -> str:
+    lines = [f"Command: `{command}`", f"Device: {results[0].device if results else '?'}, kernels: {kernels.backend()}", ""]
+    lines.append("| model | weights | GB | GB read / token (B=1) | KV bytes / token | primitives / step (B=1) | "
+                 "prefill tok/s B=1 | B=8 | decode tok/s B=1 | B=8 | peak GB |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        def g(d, b, fmt="{:.0f}"):
+            return fmt.format(d[b]) if b in d else "-"
+        lines.append(f"| {r.name} | {r.quant} | {r.weight_gb:.2f} | {r.weight_gb_per_token:.3f} | {r.kv_bytes_per_token} | "
+                     f"{g(r.primitives_per_step, 1, '{}')} | {g(r.prefill_tps, 1)} | {g(r.prefill_tps, 8)} | "
+                     f"{g(r.decode_tps, 1, '{:.1f}')} | {g(r.decode_tps, 8, '{:.1f}')} | {r.peak_gb:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps=64, small=False, plain=False,
+        vmlx: str | bool | None = None, log=print) -> list[Result]:
+    """The whole benchmark; returns one Result per (model, weights) measured."""
+    config = small_config() if small else full_config()
+    results = []
+    for q in quants:
+        q = None if q in ("bf16", "none") else q
+        log(f"zaya-mlx {q or 'bf16'}:")
+        results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, log=log))
+        if plain:
+            log(f"zaya-mlx {q or 'bf16'} (plain ops):")
+            results.append(bench_zaya(config, q, batches, prompt, context, max(8, steps // 4), fused=False,
+                                      check=False, log=log))
+    if vmlx:
+        try:
+            mod = load_vmlx_module(vmlx if isinstance(vmlx, str) else None)
+        except Exception as e:  # noqa: BLE001
+            log(f"vMLX: not available ({type(e).__name__}: {e})")
+            mod = None
+        if mod is not None:
+            for q in quants:
+                q = None if q in ("bf16", "none") else q
+                log(f"vMLX {q or 'bf16'}:")
+                try:
+                    results.append(bench_vmlx(config, q, mod, (1,), context, 16, log=log))
+                except Exception as e:  # noqa: BLE001
+                    log(f"  vMLX {q or 'bf16'} failed: {type(e).__name__}: {e}")
+    return results
+
+
+def to_dict(r: Result) -> dict:
+    return asdict(r)
