@@ -4,7 +4,6 @@ gives each sequence what it gets alone; stops, limits, chunked prefill, tokenize
 import copy
 import json
 
-import mlx.core as mx
 import numpy as np
 import pytest
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import CacheList
 
 from .errors import ZayaError
 from .generation import (DEFAULT_MAX_TOKENS, GenerationResponse, _token_stream, check_context,

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
 from .errors import ZayaError
-from .reasoning import ANSWER, REASONING, ReasoningSplitter, starts_in_reasoning as _starts_in_reasoning
+from .reasoning import ANSWER, REASONING, ReasoningSplitter, starts_in_reasoning as _starts_in_reasoning  # noqa: F401
 from .sampling import check_sampling, make_logits_processors, make_sampler
 from .tokenizer import encode_prompt, load_tokenizer, require_tokenizer, turn_start_id
 
