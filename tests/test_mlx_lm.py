@@ -89,8 +89,6 @@ def test_zaya_serve_answers_like_generate(tmp_path_factory):
         server.wait(timeout=10)
 
 
-@pytest.mark.xfail(strict=False, reason="model.py must honour ArraysCache.lengths (right-padded prefill of mlx-lm's "
-                   "BatchGenerator, which mlx_lm.server uses for concurrent requests): see the issue-3 report")
 def test_mlx_lm_batch_generator_matches_ours(tmp_path_factory):
     import mlx_lm
     from mlx_lm.generate import batch_generate as mlx_lm_batch_generate

@@ -75,7 +75,15 @@ class CCAProjection(nn.Module):
         if v_prev is None:  # the delayed projection of a zero input
             v_prev = self._delayed_of_zero(B, v_delayed.dtype)
         conv_in = mx.concatenate([state, qk], axis=1)
-        if conv_cache is not None:
+        if conv_cache is not None and conv_cache.lengths is not None:
+            # A right-padded batch (mlx-lm's BatchGenerator): keep each row's state at its own end.
+            ends = mx.clip(conv_cache.lengths, 0, L)
+            positions = (ends[:, None] + mx.arange(self.state_size))[..., None]
+            conv_cache[0] = mx.take_along_axis(conv_in, positions, axis=1)
+            last = mx.take_along_axis(v_delayed, mx.maximum(ends - 1, 0)[:, None, None], axis=1)[:, 0]
+            conv_cache[1] = mx.where(ends[:, None] > 0, last, v_prev)
+            conv_cache.advance(L)
+        elif conv_cache is not None:
             conv_cache[0] = conv_in[:, conv_in.shape[1] - self.state_size :]
             conv_cache[1] = v_delayed[:, -1]
         conv = self.conv_qk_grouped(self.conv_qk_depthwise(conv_in))
