@@ -336,10 +336,11 @@ class MemoryPlan:
     """How a run fits in memory. Bytes unless named otherwise.
 
     context_bound: the most tokens a sequence holds (prompt + c x (tau + framing) + beta).
-    sequence_bytes: one sequence's cache at its peak: KV at the bound (allocation rounded up as mlx-lm grows it)
-    + conv state, or, if larger, twice its prompt's KV (batch_generate prefills each prompt on its own cache,
-    then merges them into the batch: both exist for a moment).
-    fixed_bytes: weights + the shared prefix cache + activations (prefill chunk, decode logits, attention scratch).
+    sequence_bytes: one sequence's cache at the bound: KV (allocation rounded up as mlx-lm grows it) + conv state.
+    fixed_bytes: weights + the shared prefix cache + working memory: one layer's weights (what a layer may copy
+    or dequantize while it runs) and activations (prefill chunk, decode logits, attention scratch).
+    Checked on an H100 with MLX-CUDA, 8B shapes (bench/bench_rsa.py): the measured peak was within a few percent
+    under this plan at N = 1..16.
     batch_size: sequences decoded together; sub_batches = ceil(n / batch_size) per round.
     """
 
@@ -354,6 +355,7 @@ class MemoryPlan:
     state_bytes_per_sequence: int
     sequence_bytes: int
     weights_bytes: int
+    layer_bytes: int
     prefix_bytes: int
     activation_bytes: int
     budget_bytes: int
@@ -364,7 +366,7 @@ class MemoryPlan:
 
     @property
     def fixed_bytes(self) -> int:
-        return self.weights_bytes + self.prefix_bytes + self.activation_bytes
+        return self.weights_bytes + self.layer_bytes + self.prefix_bytes + self.activation_bytes
 
     def summary(self) -> str:
         gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
@@ -394,7 +396,7 @@ def _alloc(tokens: int) -> int:
 
 def plan_memory(args, *, n: int, c: int, tau: int, beta: int, prompt_tokens: int, framing_tokens: int = 0,
                 context_bound: Optional[int] = None, head_tokens: int = 0, weights_bytes: int = 0,
-                dtype_bytes: int = 2, budget_bytes: Optional[int] = None, budget_source: str = "given",
+                layer_bytes: int = 0, dtype_bytes: int = 2, budget_bytes: Optional[int] = None, budget_source: str = "given",
                 prefill_step_size: int = 512, max_batch: Optional[int] = None) -> MemoryPlan:
     """Fit `n` sequences of at most `context_bound` tokens (default prompt + c x min(tau, beta) + beta) into the budget,
     decoding at most `max_batch` together (default: all n).
@@ -413,7 +415,7 @@ def plan_memory(args, *, n: int, c: int, tau: int, beta: int, prompt_tokens: int
                         f"budget), over the model's context of {max_pos}; lower {culprit}")
     kv = kv_bytes_per_token(args, dtype_bytes)
     state = state_bytes_per_sequence(args, dtype_bytes)
-    seq = max(_alloc(bound) * kv, 2 * _alloc(bound - beta) * kv) + state
+    seq = _alloc(bound) * kv + state
     prefix = _alloc(head_tokens) * kv + state
     V, H = args.vocab_size, args.hidden_size
     inter = getattr(args, "moe_intermediate_size", 4 * H)
@@ -423,7 +425,7 @@ def plan_memory(args, *, n: int, c: int, tau: int, beta: int, prompt_tokens: int
     def act(b: int) -> int:  # + the last position's logits, and per decode step fp32 logits/log-probs x 3
         return prefill_act + V * 4 + 3 * b * V * 4 + b * 10 * H * 4
 
-    fixed = weights_bytes + prefix
+    fixed = weights_bytes + layer_bytes + prefix
     b = min(n, max_batch) if max_batch else n
     while b >= 1 and fixed + act(b) + b * seq > budget_bytes:
         b -= 1
@@ -440,7 +442,7 @@ def plan_memory(args, *, n: int, c: int, tau: int, beta: int, prompt_tokens: int
     b = math.ceil(n / sub)  # even sub-batches: same count, smaller peak
     return MemoryPlan(n=n, c=c, tau=tau, beta=beta, prompt_tokens=prompt_tokens, framing_tokens=framing_tokens,
                       context_bound=bound, kv_bytes_per_token=kv, state_bytes_per_sequence=state, sequence_bytes=seq,
-                      weights_bytes=weights_bytes, prefix_bytes=prefix, activation_bytes=act(b),
+                      weights_bytes=weights_bytes, layer_bytes=layer_bytes, prefix_bytes=prefix, activation_bytes=act(b),
                       budget_bytes=int(budget_bytes), budget_source=budget_source, batch_size=b, sub_batches=sub,
                       peak_bytes=fixed + act(b) + b * seq)
 
@@ -449,6 +451,14 @@ def model_weight_bytes(model) -> int:
     from mlx.utils import tree_flatten
 
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def model_layer_bytes(model) -> int:
+    """Bytes of the model's largest decoder layer (0 when it has no `model.layers`)."""
+    from mlx.utils import tree_flatten
+
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    return max((sum(v.nbytes for _, v in tree_flatten(layer.parameters())) for layer in layers), default=0)
 
 
 def model_dtype_bytes(model, default: int = 2) -> int:
@@ -629,14 +639,15 @@ def run(model, tokenizer, problem: str, n: Optional[int] = None, c: Optional[int
             memory_budget, budget_src = default_memory_budget()
         plan = plan_memory(args, n=n, c=c, tau=tau, beta=beta, prompt_tokens=prompt_tokens,
                            framing_tokens=builder.framing_tokens, context_bound=bound, head_tokens=len(builder.head),
-                           weights_bytes=model_weight_bytes(model), dtype_bytes=model_dtype_bytes(model),
+                           weights_bytes=model_weight_bytes(model), layer_bytes=model_layer_bytes(model),
+                           dtype_bytes=model_dtype_bytes(model),
                            budget_bytes=memory_budget, budget_source=budget_src, prefill_step_size=prefill_step_size,
                            max_batch=max_batch)
     else:  # a back end without a model: no memory to plan
         b = min(n, max_batch) if max_batch else n
         plan = MemoryPlan(n=n, c=c, tau=tau, beta=beta, prompt_tokens=prompt_tokens,
                           framing_tokens=builder.framing_tokens, context_bound=bound, kv_bytes_per_token=0,
-                          state_bytes_per_sequence=0, sequence_bytes=0, weights_bytes=0, prefix_bytes=0,
+                          state_bytes_per_sequence=0, sequence_bytes=0, weights_bytes=0, layer_bytes=0, prefix_bytes=0,
                           activation_bytes=0, budget_bytes=int(memory_budget or 0), budget_source="none",
                           batch_size=b, sub_batches=math.ceil(n / b), peak_bytes=0)
     emit(RSAEvent("plan", data={"plan": plan}))
