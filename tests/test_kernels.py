@@ -27,6 +27,9 @@ from zaya_mlx.kernels import (
 from zaya_mlx.kernels import _build
 
 GPU = backend() in ("metal", "cuda")
+# float32 checks: MLX-CUDA runs float32 matmuls and convolutions in TF32 (~1e-4 relative) where the kernels and
+# the CPU compute in float32, so on a GPU the float32 bound is the TF32 one.
+F32 = 1e-5 if mx.default_device() == mx.cpu else 2e-3
 gpu_only = pytest.mark.skipif(not GPU, reason="no Metal or CUDA back end here: kernels not run")
 
 
@@ -112,9 +115,9 @@ def test_cca_reference_matches_transformers(nh, nkv, d, t0, t1):
             rope_base=theta,
         )
         assert q.shape == (B, nh, 1, d) and k.shape == (B, nkv, 1, d) and v.shape == (B, nkv, 1, d)
-        assert rel(q[:, :, 0], tq[:, :, t]) < 1e-5
-        assert rel(k[:, :, 0], tk[:, :, t]) < 1e-5
-        assert rel(v[:, :, 0], tv[:, :, t]) < 1e-6
+        assert rel(q[:, :, 0], tq[:, :, t]) < F32
+        assert rel(k[:, :, 0], tk[:, :, t]) < F32
+        assert rel(v[:, :, 0], tv[:, :, t]) < F32
 
 
 def _cca_inputs(B, nh, nkv, d, t0, t1, dtype, seed):
@@ -245,12 +248,12 @@ def test_router_reference_matches_transformers():
         m(r_down[0]), m(prev[0]), m(router.router_states_scale), m(mlp.norm.weight), m(mlp.fc1.weight), m(mlp.fc1.bias),
         m(mlp.fc2.weight), m(mlp.fc2.bias), m(mlp.out_proj.weight), m(router.balancing_biases), cfg.rms_norm_eps,
     )
-    assert rel(r, nxt[0].numpy()) < 1e-6
+    assert rel(r, nxt[0].numpy()) < F32
     # transformers maps the skip choice (index E) to expert 0 with weight 0 before its experts run
     skip = np.array(choice) == 6
     assert skip.any() and (~skip).any()
     assert (np.where(skip, 0, np.array(choice)) == idx.reshape(-1).numpy()).all()
-    assert rel(np.where(skip, 0, np.array(weight)), probs.reshape(-1).numpy()) < 1e-5
+    assert rel(np.where(skip, 0, np.array(weight)), probs.reshape(-1).numpy()) < F32
 
 
 def test_residual_norm_reference_matches_transformers():
@@ -273,7 +276,7 @@ def test_residual_norm_reference_matches_transformers():
         m(o), m(h), m(res.hidden_states_scale), m(res.hidden_states_bias), m(res.residual_scale), m(res.residual_bias),
         m(norm.weight), 1e-5, m(wd), m(bd),
     )
-    assert rel(h2, hn.numpy()) < 1e-6 and rel(x2, x.numpy()) < 1e-5 and rel(r2, r.numpy()) < 1e-5
+    assert rel(h2, hn.numpy()) < 1e-6 and rel(x2, x.numpy()) < F32 and rel(r2, r.numpy()) < F32
 
 
 # --- kernels against references (GPU only) ----------------------------------------------------------
@@ -297,7 +300,7 @@ def test_cca_kernel_matches_reference(shape, dtype):
     offset = mx.array([7 + 1000 * b for b in range(B)], dtype=mx.int32) if B > 1 else 123
     ref = cca_decode_step_reference(**a, offset=offset, **kw)
     out = cca_decode_step(**a, offset=offset, impl="kernel", **kw)
-    tol = 1e-2 if dtype == mx.bfloat16 else 1e-5
+    tol = 1e-2 if dtype == mx.bfloat16 else F32
     for name, o, r in zip(("q", "k", "v", "conv_state", "v_prev"), out, ref):
         assert o.shape == r.shape and o.dtype == r.dtype, name
         if name in ("v", "conv_state", "v_prev"):
@@ -319,7 +322,7 @@ def test_cca_kernel_decodes_a_sequence():
         qkv = rnd(2, a["qkv"].shape[1])
         qr, kr, vr, s_ref, v_ref = cca_decode_step_reference(qkv, s_ref, v_ref, **w, offset=t, **kw)
         qk, kk, vk, s_k, v_k = cca_decode_step(qkv, s_k, v_k, **w, offset=t, impl="kernel", **kw)
-        assert rel(qk, qr) < 1e-5 and rel(kk, kr) < 1e-5 and mx.array_equal(vk, vr) and mx.array_equal(s_k, s_ref)
+        assert rel(qk, qr) < F32 and rel(kk, kr) < F32 and mx.array_equal(vk, vr) and mx.array_equal(s_k, s_ref)
 
 
 EXPERT_CASES = [  # N, H, I, E, expert choices (None: a mix with skips)
@@ -342,7 +345,7 @@ def test_expert_kernel_matches_reference(case, fmt, opts):
         ref = expert_gather_reference(x, expert, weight, gu, dn)
         out = expert_gather(x, expert, weight, gu, dn, impl="kernel")
         assert out.shape == ref.shape and out.dtype == ref.dtype
-        tol = 2e-2 if dtype == mx.bfloat16 else 1e-5
+        tol = 2e-2 if dtype == mx.bfloat16 else F32
         assert rel(out, ref) < tol, (dtype, rel(out, ref))
         skip = np.array(expert) >= E
         assert (np.array(out.astype(mx.float32))[skip] == 0).all()
@@ -380,15 +383,15 @@ def test_router_kernel_matches_reference(N, R, E1, prev, dtype):
     args = _router_inputs(N, R, E1, dtype, seed=N * R + E1, prev=prev)
     r_ref, c_ref, w_ref = router_mlp_reference(*args)
     r, c, w = router_mlp(*args, impl="kernel")
-    assert mx.array_equal(r, r_ref)
+    assert rel(r, r_ref) < (1e-2 if dtype == mx.bfloat16 else 1e-6)  # the reference may fuse a multiply-add
     assert c.dtype == mx.int32 and c.shape == (N,)
     same = np.array(c) == np.array(c_ref)
     if dtype == mx.float32:
         assert same.all()
-        assert rel(w, w_ref) < 1e-5
+        assert rel(w, w_ref) < F32
     else:  # bfloat16 logits may round a near-tie differently: a flip must be between near-equal choices
         assert same.mean() >= 0.5
-        assert rel(np.array(w)[same], np.array(w_ref)[same]) < 1e-2
+        assert rel(np.array(w)[same], np.array(w_ref)[same]) < 3e-2  # a bf16 logit ulp moves p by ~1%
     assert w.dtype == mx.float32
 
 
@@ -403,7 +406,7 @@ def test_residual_norm_kernel_matches_reference(N, H, R, dtype):
     ref = residual_norm_reference(o, h, *p[:4], p[4], 1e-5, wd, bd)
     out = residual_norm(o, h, *p[:4], p[4], 1e-5, wd, bd, impl="kernel")
     assert rel(out[0], ref[0]) < 1e-6
-    tol = 1e-2 if dtype == mx.bfloat16 else 1e-5
+    tol = 1e-2 if dtype == mx.bfloat16 else F32
     assert rel(out[1], ref[1]) < tol
     if R:
         assert rel(out[2], ref[2]) < tol
@@ -424,7 +427,7 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
 
     dtype = mx.float32 if quant is None else mx.bfloat16
     model = build_zaya(small_config(), quant, seed=2, dtype=dtype)
-    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    tol = max(1e-4, F32) if dtype == mx.float32 else 3e-2
     for batch, pads in ((1, None), (3, [0, 2, 5])):
         prompt = mx.random.randint(0, 512, (batch, 9)).astype(mx.int32)
         logits, caches = {}, {}

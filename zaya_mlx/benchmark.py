@@ -11,6 +11,7 @@ file) in the same run, for a ratio. Speeds are measured, never asserted: no time
 from __future__ import annotations
 
 import collections
+import gc
 import importlib
 import importlib.util
 import os
@@ -208,6 +209,24 @@ def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab
 
 
 BUILD_MS: dict = {}  # batch -> ms of Python graph building per step in the last time_decode
+EVAL_MS: dict = {}  # batch -> ms of one synchronous eval of an already-built step (encoding + GPU), no overlap
+
+
+def time_step_eval(forward, make_cache, batch: int, context: int, vocab: int, reps: int = 5) -> float:
+    cache = make_cache()
+    tok = _argmax_last(forward(mx.random.randint(0, vocab, (batch, context)).astype(mx.int32), cache))
+    mx.eval(tok)
+    best = None
+    for _ in range(reps):
+        tok = _argmax_last(forward(tok, cache))
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(tok)
+        mx.synchronize()
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    EVAL_MS[batch] = 1e3 * best
+    return EVAL_MS[batch]
 
 
 @dataclass
@@ -225,6 +244,7 @@ class Result:
     peak_gb: float = 0.0
     max_rel_logit_diff: float | None = None  # fused decode vs the plain path, same weights
     build_ms: dict = field(default_factory=dict)  # batch -> ms per step spent building the graph in Python
+    eval_ms: dict = field(default_factory=dict)  # batch -> ms of a synchronous eval of one built step
 
 
 def _fused(mode: str):
@@ -232,13 +252,17 @@ def _fused(mode: str):
 
 
 def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: int = 512, context: int = 256,
-               steps: int = 64, fused: bool = True, check: bool = True, log=print) -> Result:
+               steps: int = 64, fused: bool = True, check: bool = True, log=print, compiled: bool = True,
+               model: Model | None = None) -> Result:
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    model = build_zaya(config, quant)
-    log(f"  built {quant or 'bf16'} model in {time.perf_counter() - t0:.1f} s")
+    own = model is None
+    if own:
+        model = build_zaya(config, quant)
+        log(f"  built {quant or 'bf16'} model in {time.perf_counter() - t0:.1f} s")
     total, per_tok = weight_bytes(model, config.num_experts)
-    name = "zaya-mlx (fused decode)" if fused else "zaya-mlx (plain ops)"
+    name = ("zaya-mlx (fused decode)" if compiled else "zaya-mlx (fused, not compiled)") if fused else "zaya-mlx (plain ops)"
+    os.environ["ZAYA_COMPILE"] = "1" if compiled else "0"
     res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
     dt = mx.bfloat16.size
     res.kv_bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * dt * config.num_hidden_layers
@@ -256,20 +280,25 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
             res.primitives_per_step[b] = n
             if b == batches[0]:
                 res.primitive_kinds = kinds
-            if fused:  # prefill runs the same ops either way
+            if fused and compiled:  # prefill runs the same ops either way
                 res.prefill_tps[b] = time_prefill(hidden, head, model.make_cache, b, prompt, config.vocab_size)
             res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
             res.build_ms[b] = BUILD_MS[b]
+            res.eval_ms[b] = time_step_eval(model, model.make_cache, b, context, config.vocab_size)
             log(f"  batch {b}: {n} primitives/step, prefill {res.prefill_tps.get(b, 0):.0f} tok/s, "
-                f"decode {res.decode_tps[b]:.1f} tok/s (graph building {BUILD_MS[b]:.2f} ms/step)")
+                f"decode {res.decode_tps[b]:.1f} tok/s (graph building {BUILD_MS[b]:.2f} ms/step, "
+                f"one step's eval {res.eval_ms[b]:.2f} ms)")
         if check and fused:
             res.max_rel_logit_diff = fused_vs_plain(model, config, batch=max(batches))
             log(f"  fused vs plain decode logits: max |diff| / max |logit| = {res.max_rel_logit_diff:.2e}")
     finally:
         os.environ.pop("ZAYA_FUSED", None)
+        os.environ.pop("ZAYA_COMPILE", None)
     res.peak_gb = mx.get_peak_memory() / 1e9
-    del model
-    mx.clear_cache()
+    if own:
+        del model
+        gc.collect()  # the compiled step functions hold the model in a reference cycle
+        mx.clear_cache()
     return res
 
 
@@ -315,6 +344,7 @@ def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context
             f"(graph building {BUILD_MS[b]:.2f} ms/step)")
     res.peak_gb = mx.get_peak_memory() / 1e9
     del model
+    gc.collect()  # the compiled step functions hold the model in a reference cycle
     mx.clear_cache()
     return res
 
@@ -341,11 +371,18 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
     for q in quants:
         q = None if q in ("bf16", "none") else q
         log(f"zaya-mlx {q or 'bf16'}:")
-        results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, log=log))
+        model = build_zaya(config, q)
+        results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, log=log, model=model))
         if plain:
+            log(f"zaya-mlx {q or 'bf16'} (fused, not compiled):")
+            results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, check=False, log=log,
+                                      compiled=False, model=model))
             log(f"zaya-mlx {q or 'bf16'} (plain ops):")
             results.append(bench_zaya(config, q, batches, prompt, context, max(8, steps // 4), fused=False,
-                                      check=False, log=log))
+                                      check=False, log=log, model=model))
+        del model
+        gc.collect()
+        mx.clear_cache()
     if vmlx:
         try:
             mod = load_vmlx_module(vmlx if isinstance(vmlx, str) else None)

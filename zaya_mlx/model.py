@@ -355,13 +355,19 @@ def use_fused_decode() -> bool:
     return kernels.backend() != "cpu"
 
 
-@mx.compile
-def _embed_glue(h, bias, scale):
-    return ((h + bias) * scale).astype(mx.float32)
+def use_compiled_decode() -> bool:
+    """Whether the fused step's fixed-shape parts run as mx.compile'd functions (``ZAYA_COMPILE=0``: not)."""
+    return os.environ.get("ZAYA_COMPILE", "1").lower() not in ("0", "off", "false")
 
 
 def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
-    """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated."""
+    """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated.
+
+    Between two attentions everything has fixed shapes, so the step is one function per layer boundary (the
+    previous layer's o_proj, residual + norm + router down-projection, router, experts, residual + next norm,
+    then the next layer's in_proj and CCA step), compiled once per batch size; only the KV cache update and
+    attention (whose length grows) run op by op.
+    """
     args = model.args
     B = tokens.shape[0]
     kv0 = cache[0][0]
@@ -376,35 +382,99 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
              for t in set(args.layer_types)}
 
     layers = model.layers
-    h = _embed_glue(model.embed_tokens(tokens), model.input_hidden_states_bias, model.input_hidden_states_scale)
-    x = layers[0].input_layernorm(h.astype(layers[0].input_layernorm.weight.dtype))
-    router_state = None
+    for i, layer in enumerate(layers):  # the conv state of a cache that has seen no token yet
+        conv = cache[i][1]
+        proj = layer.self_attn.qkv_proj
+        if conv[0] is None:
+            conv[0] = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), layer.input_layernorm.weight.dtype)
+        if conv[1] is None:
+            conv[1] = proj._delayed_of_zero(B, layer.input_layernorm.weight.dtype)
+
+    conv = cache[0][1]
+    h, q, k, v, conv[0], conv[1] = _step_function(model, -1)(tokens, conv[0], conv[1], positions)
+    r = _zeros_like_router_state(B, args.router_hidden_size, layers[0].input_layernorm.weight.dtype)
     for i, layer in enumerate(layers):
-        next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else model.norm
-        h, x, router_state = _fused_layer(layer, h, x, router_state, masks[layer.layer_type], cache[i], positions,
-                                          next_norm)
-    return x
+        attn = layer.self_attn
+        keys, values = cache[i][0].update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=masks[layer.layer_type])
+        if i + 1 < len(layers):
+            conv = cache[i + 1][1]
+            h, r, q, k, v, conv[0], conv[1] = _step_function(model, i)(out, h, r, conv[0], conv[1], positions)
+        else:
+            return _step_function(model, i)(out, h, r)
 
 
-def _fused_layer(layer: DecoderLayer, h, x, router_state, mask, cache, positions, next_norm):
-    """(h, x) -> (h', x' = next_norm(h'), router state): attention, residual, MoE, residual, next norm."""
-    attn, B = layer.self_attn, x.shape[0]
+_ZEROS = {}
+
+
+def _zeros_like_router_state(batch, width, dtype):
+    """The first layer's router has no previous state: a constant placeholder (no graph primitive per step)."""
+    key = (batch, width, dtype)
+    if key not in _ZEROS:
+        _ZEROS[key] = mx.zeros((batch, 1, width), dtype)
+        mx.eval(_ZEROS[key])
+    return _ZEROS[key]
+
+
+def _step_function(model: "ZayaModel", i: int):
+    """The function from layer i's attention output to layer i+1's q, k, v (i = -1: from the token ids; the last
+    layer: to the final norm), compiled unless ZAYA_COMPILE=0. Cached per model and layer; a cached function is
+    rebuilt when the layer's weights are replaced (it holds them as constants)."""
+    compiled = use_compiled_decode()
+    layers = model.layers
+    nxt = layers[i + 1] if i + 1 < len(layers) else None
+    cur = layers[i] if i >= 0 else None
+    mods = [m for m in (cur, nxt) if m is not None]
+    sig = (compiled, kernels.backend(), *(id(a) for m in mods for _, a in _weight_refs(m)))
+    cached = model.__dict__.setdefault("_fused_steps", {})  # a plain attribute: not a parameter
+    hit = cached.get(i)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+
+    if i < 0:
+        def fn(tokens, state, v_prev, positions):
+            h = model.embed_tokens(tokens)
+            h = ((h + model.input_hidden_states_bias) * model.input_hidden_states_scale).astype(mx.float32)
+            x = nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype))
+            return (h, *_attention_inputs(nxt, x, state, v_prev, positions))
+    elif nxt is None:
+        def fn(out, h, r):
+            h, x, r = _mlp_block(cur, out, h, r, model.norm)
+            return x
+    else:
+        def fn(out, h, r, state, v_prev, positions):
+            h, x, r = _mlp_block(cur, out, h, r, nxt.input_layernorm)
+            return (h, r, *_attention_inputs(nxt, x, state, v_prev, positions))
+
+    f = mx.compile(fn) if compiled else fn
+    cached[i] = (sig, f)
+    return f
+
+
+def _weight_refs(layer: DecoderLayer):
+    """The arrays that identify a layer's weights (a replaced weight means a new compiled function)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [("in", attn.qkv_proj.in_proj.weight), ("o", attn.o_proj.weight),
+            ("gu", mlp.experts.gate_up_proj.weight), ("dn", mlp.experts.down_proj.weight),
+            ("r", mlp.gate.router_mlp.fc1.weight), ("d", mlp.gate.down_proj.weight)]
+
+
+def _attention_inputs(layer: DecoderLayer, x, state, v_prev, positions):
+    """in_proj and the fused CCA step: q, k, v for attention and the layer's new conv state and delayed value."""
+    attn = layer.self_attn
     proj = attn.qkv_proj
-    kv_cache, conv_cache = cache[0], cache[1]
-    qkv = proj.in_proj(x)
-    state, v_prev = conv_cache[0], conv_cache[1]
-    if state is None:
-        state = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), qkv.dtype)
-    if v_prev is None:
-        v_prev = proj._delayed_of_zero(B, qkv.dtype)
     dw, gw = proj.conv_qk_depthwise, proj.conv_qk_grouped
-    q, k, v, conv_cache[0], conv_cache[1] = kernels.cca_decode_step(
-        qkv, state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions,
+    return kernels.cca_decode_step(
+        proj.in_proj(x), state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions,
         n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, rope_dims=attn.rope.dims,
         rope_base=attn.rope.base,
     )
-    keys, values = kv_cache.update_and_fetch(k, v)
-    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
+
+
+def _mlp_block(layer: DecoderLayer, out, h, router_state, next_norm):
+    """From attention's output [B, nh, 1, d]: o_proj, residual, MoE, residual, then next_norm (the next layer's
+    input norm or the final norm). Returns (h, next_norm(h), router state)."""
+    attn, B = layer.self_attn, out.shape[0]
     o = attn.o_proj(out.reshape(B, 1, -1))  # [B, nh, 1, d] -> [B, 1, nh*d]: one token, no transpose needed
 
     gate, experts = layer.mlp.gate, layer.mlp.experts
@@ -418,7 +488,7 @@ def _fused_layer(layer: DecoderLayer, h, x, router_state, mask, cache, positions
         r_down = down(x)
 
     mlp = gate.router_mlp
-    has_prev = router_state is not None and "router_states_scale" in gate
+    has_prev = "router_states_scale" in gate
     if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)):  # quantized router: plain ops
         r = r_down + router_state * gate.router_states_scale if has_prev else r_down
         probs = mx.softmax(mlp(r).astype(mx.float32), axis=-1)

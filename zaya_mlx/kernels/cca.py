@@ -88,8 +88,10 @@ def cca_decode_step_reference(
     query = l2(query)
     key = l2(key) * temp.astype(dtype)[:, None]
 
-    query = mx.fast.rope(query[:, :, None, :], rope_dims, traditional=False, base=rope_base, scale=1.0, offset=offset)
-    key = mx.fast.rope(key[:, :, None, :], rope_dims, traditional=False, base=rope_base, scale=1.0, offset=offset)
+    query, key = query[:, :, None, :], key[:, :, None, :]
+    if rope_dims > 0:
+        query = mx.fast.rope(query, rope_dims, traditional=False, base=rope_base, scale=1.0, offset=offset)
+        key = mx.fast.rope(key, rope_dims, traditional=False, base=rope_base, scale=1.0, offset=offset)
 
     value = mx.concatenate([qkv[:, C : C + VH], v_prev.astype(dtype)], axis=-1).reshape(B, nkv, 1, d)
     return query, key, value, new_state, qkv[:, C + VH :]
@@ -99,7 +101,7 @@ def cca_decode_step_reference(
 def _inv_freq(rope_dims: int, rope_base: float) -> mx.array:
     # As mx.fast.rope computes it: base ** (-i / (dims / 2)) for i < dims / 2.
     half = rope_dims // 2
-    f = mx.exp2(-(mx.arange(half, dtype=mx.float32) / half) * math.log2(rope_base))
+    f = mx.power(mx.array(2.0, mx.float32), -(mx.arange(half, dtype=mx.float32) / half) * math.log2(rope_base))
     mx.eval(f)
     return f
 
