@@ -187,6 +187,32 @@ def _nullcontext():
     return contextlib.nullcontext()
 
 
+# --- chat (the terminal UI) ----------------------------------------------------------------------------------------
+
+
+@app.command("chat")
+def chat_command(
+    model: str = typer.Option(_DEFAULT_MODEL, "--model", "-m",
+                              help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="Most tokens per answer, reasoning included."),
+    temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
+    no_think: bool = typer.Option(False, "--no-think", help="Ask the model to answer without reasoning first."),
+    show_reasoning: bool = typer.Option(False, "--show-reasoning",
+                                        help="Show the reasoning in full (piped: print it inside <think>...</think>)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
+) -> None:
+    """Chat in the terminal: streamed reasoning and Markdown answers, slash commands (/help). With stdin not a
+    terminal, reads one prompt per line and prints the answers plainly."""
+    from .tui import run_chat
+
+    options = dict(enable_thinking=not no_think, temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    raise typer.Exit(run_chat(model, system=system, dtype=dtype, show_reasoning=show_reasoning,
+                              session_options=options))
+
+
 if __name__ == "__main__":
     main()
 

@@ -1,0 +1,690 @@
+"""`zaya chat`: the rich terminal UI over `ChatSession`.
+
+Thin by design: `zaya_mlx.chat_session.ChatSession` holds the conversation, the KV cache reused across turns,
+the sampling settings and the statistics; this module reads input, renders the stream and parses slash
+commands. Everything the UI does is one `ChatSession` call.
+
+- A turn: the reasoning streams live in a dim block, folds to one line ("thought for N tokens") when the
+  answer starts (`/think` keeps it unfolded), the answer streams as Markdown (code highlighted), and a status
+  line follows: prompt and generation tokens/s, tokens in the context out of the limit, KV cache size, peak
+  memory. Ctrl-C stops the generation between two tokens; the session keeps the partial answer.
+- Input: `> ` prompt with readline editing and history; a trailing backslash continues the message on the
+  next line, and the lines of a paste arrive as one message. Ctrl-C on an empty prompt, or Ctrl-D, exits.
+- Piped stdin (`run_piped`): one prompt per line, answers printed plainly, one per prompt.
+
+Extending (the Markovian RSA mode, issue 6): commands live in `COMMANDS` (name -> `Command`);
+`register_command` adds or replaces one, and each `ChatUI` copies the table at start. A UI answers a prompt
+with `ui.prompt_handler(text)` (default `ui.stream_turn`); `/rsa on` can swap in a handler that runs
+`zaya_mlx.rsa.run` and renders its own progress, `/rsa off` puts `ui.stream_turn` back. The `/rsa` entry
+below is the slot for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional, TextIO
+
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.padding import Padding
+from rich.segment import Segment
+from rich.table import Table
+from rich.text import Text
+
+from .errors import ZayaError
+
+REASONING = "reasoning"
+CODE_THEME = "monokai"
+
+
+# --- small formatters --------------------------------------------------------------------------------------------
+
+
+def format_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _stat(stats, *names, default=None):
+    """A field of `session.stats`, whether it is an object or a mapping."""
+    for name in names:
+        value = stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def status_line(last, stats, interrupted: bool = False) -> Text:
+    """One dim line after a turn: prompt and generation tokens/s, context used, KV cache size, peak memory."""
+    parts = []
+    if interrupted:
+        parts.append("interrupted")
+    elif last is not None and last.finish_reason == "length":
+        parts.append("stopped at max tokens (/max N)")
+    if last is not None:
+        parts.append(f"prompt {last.prompt_tokens} tok @ {last.prompt_tps:.1f} tok/s")
+        parts.append(f"gen {last.generation_tokens} tok @ {last.generation_tps:.1f} tok/s")
+    used = _stat(stats, "context_tokens", "tokens_in_context")
+    limit = _stat(stats, "context_limit")
+    if used is not None:
+        parts.append(f"context {used}/{limit}" if limit else f"context {used}")
+    kv = _stat(stats, "kv_cache_bytes", "cache_bytes")
+    if kv is not None:
+        parts.append(f"KV {format_bytes(kv)}")
+    peak = last.peak_memory_gb if last is not None else _stat(stats, "peak_memory_gb")
+    if peak is not None:
+        parts.append(f"peak {format_bytes(peak * 1e9)}")
+    return Text(" · ".join(parts), style="dim")
+
+
+# --- rendering a turn --------------------------------------------------------------------------------------------
+
+
+class TurnView:
+    """What one turn shows: a reasoning block (live, or folded to one line) and the answer as Markdown."""
+
+    def __init__(self, show_reasoning: bool = False):
+        self.show_reasoning = show_reasoning
+        self.reasoning = ""
+        self.answer = ""
+        self.reasoning_tokens = 0
+        self.answer_started = False
+        self.started = time.perf_counter()
+        self.reasoning_seconds: Optional[float] = None
+        self.live_chars: Optional[int] = None  # while live, draw only the end of a long reasoning block
+
+    def add(self, r) -> None:
+        if r.channel == REASONING:
+            self.reasoning += r.text
+            self.reasoning_tokens = r.generation_tokens
+        else:
+            if not self.answer_started:
+                self.answer_started = True
+                self.reasoning_seconds = time.perf_counter() - self.started
+            self.answer += r.text
+
+    @property
+    def has_reasoning(self) -> bool:
+        return bool(self.reasoning.strip())
+
+    def thought_line(self) -> str:
+        n = self.reasoning_tokens
+        secs = f", {self.reasoning_seconds:.1f} s" if self.reasoning_seconds is not None else ""
+        return f"thought for {n} token{'s' if n != 1 else ''}{secs}"
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.has_reasoning:
+            if self.answer_started and not self.show_reasoning:
+                yield Text(f"▸ {self.thought_line()} (/think shows it)", style="dim italic")
+            else:
+                head = f"▾ {self.thought_line()}" if self.answer_started else "thinking…"
+                body = self.reasoning.strip()
+                if self.live_chars is not None and len(body) > self.live_chars:
+                    body = "…" + body[-self.live_chars :]
+                yield Text(head, style="dim italic")
+                yield Padding(Text(body, style="dim"), (0, 0, 0, 2))
+        answer = self.answer.strip()
+        if answer:
+            if self.has_reasoning:
+                yield Text("")
+            yield Markdown(answer, code_theme=CODE_THEME)
+
+
+class Tail:
+    """Draw only the last lines of a renderable that fit the terminal (a live view must never overflow it)."""
+
+    def __init__(self, renderable, reserve: int = 1):
+        self.renderable = renderable
+        self.reserve = reserve
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        height = max(1, console.size.height - self.reserve)
+        lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
+        for line in lines[-height:]:
+            yield from line
+            yield Segment.line()
+
+
+class _CtrlC:
+    """While active, the first Ctrl-C only sets `hit` (the loop stops between two tokens); a second one raises.
+
+    On a terminal it also turns off the echo of typed keys and the flush of pending output that Ctrl-C does by
+    default (both would scramble the live view); type-ahead is kept for the next prompt.
+    """
+
+    def __init__(self, stdin: Optional[TextIO] = None):
+        self.hit = False
+        self.stdin = stdin
+        self._previous = None
+        self._termios = None
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __enter__(self):
+        self.hit = False
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: plain KeyboardInterrupt semantics
+            self._previous = None
+        try:
+            import termios
+
+            if self.stdin is not None and self.stdin.isatty():
+                fd = self.stdin.fileno()
+                saved = termios.tcgetattr(fd)
+                quiet = list(saved)
+                quiet[3] = (quiet[3] & ~termios.ECHO) | termios.NOFLSH
+                termios.tcsetattr(fd, termios.TCSADRAIN, quiet)
+                self._termios = (fd, saved)
+        except (ImportError, OSError, ValueError, AttributeError):
+            self._termios = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._termios is not None:
+            import termios
+
+            fd, saved = self._termios
+            try:
+                termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            except OSError:
+                pass
+            self._termios = None
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+# --- slash commands ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Command:
+    name: str  # with the slash: "/temp"
+    handler: Callable[["ChatUI", str], None]  # (ui, the text after the command name, stripped)
+    usage: str
+    help: str
+
+
+COMMANDS: Dict[str, Command] = {}
+
+
+def register_command(name: str, handler: Callable[["ChatUI", str], None], usage: str = "", help: str = "") -> None:
+    """Add (or replace) a slash command for every ChatUI created afterwards."""
+    name = name if name.startswith("/") else "/" + name
+    COMMANDS[name] = Command(name, handler, usage or name, help)
+
+
+def command(name: str, usage: str = "", help: str = ""):
+    def wrap(fn):
+        register_command(name, fn, usage, help)
+        return fn
+
+    return wrap
+
+
+@command("/help", help="this list")
+def _cmd_help(ui: "ChatUI", arg: str) -> None:
+    table = Table.grid(padding=(0, 2))
+    for cmd in ui.commands.values():
+        table.add_row(Text(cmd.usage, style="bold"), cmd.help)
+    table.add_row(Text("text\\", style="bold"), "a trailing backslash continues the message on the next line")
+    table.add_row(Text("Ctrl-C", style="bold"), "stop the answer (kept in the history); on an empty prompt: exit")
+    ui.console.print(table)
+
+
+@command("/reset", help="start a new conversation (the system prompt stays)")
+def _cmd_reset(ui: "ChatUI", arg: str) -> None:
+    ui.session.reset()
+    ui.last_view = None
+    ui.note("conversation cleared")
+
+
+@command("/system", usage="/system TEXT", help="set the system prompt (the conversation goes on); alone: show it")
+def _cmd_system(ui: "ChatUI", arg: str) -> None:
+    if not arg:
+        current = ui.system_prompt()
+        ui.note(f"system prompt: {current}" if current else "no system prompt")
+        return
+    ui.session.set_system(arg)
+    ui.note("system prompt set")
+
+
+@command("/temp", usage="/temp X", help="sampling temperature (0 = greedy)")
+def _cmd_temp(ui: "ChatUI", arg: str) -> None:
+    try:
+        value = float(arg)
+        if value < 0 or value != value:
+            raise ValueError
+    except ValueError:
+        ui.note(f"usage: /temp X, a number >= 0 (now {ui.setting('temperature')})")
+        return
+    ui.set_setting("temperature", value)
+    ui.note(f"temperature {value:g}")
+
+
+@command("/max", usage="/max N", help="most tokens an answer may take (reasoning included)")
+def _cmd_max(ui: "ChatUI", arg: str) -> None:
+    try:
+        value = int(arg)
+        if value < 1:
+            raise ValueError
+    except ValueError:
+        ui.note(f"usage: /max N, a whole number >= 1 (now {ui.setting('max_tokens')})")
+        return
+    ui.set_setting("max_tokens", value)
+    ui.note(f"max tokens {value}")
+
+
+@command("/think", help="show or fold the reasoning blocks")
+def _cmd_think(ui: "ChatUI", arg: str) -> None:
+    ui.show_reasoning = not ui.show_reasoning
+    if ui.show_reasoning:
+        ui.note("reasoning shown in full")
+        if ui.last_view is not None and ui.last_view.has_reasoning and ui.last_view.answer_started:
+            ui.console.print(Padding(Text(ui.last_view.reasoning.strip(), style="dim"), (0, 0, 0, 2)))
+    else:
+        ui.note("reasoning folded to one line")
+
+
+STAT_LABELS = {
+    "prompt_tokens": "prompt tokens, last turn",
+    "prompt_tps": "prompt tok/s",
+    "generation_tokens": "generated tokens, last turn",
+    "generation_tps": "generation tok/s",
+    "context_tokens": "tokens in context",
+    "context_limit": "context limit",
+    "kv_cache_bytes": "KV cache",
+    "peak_memory_gb": "peak memory",
+    "reused_tokens": "tokens reused from the cache",
+}
+
+
+@command("/stats", help="speed, context, KV cache and memory of this conversation")
+def _cmd_stats(ui: "ChatUI", arg: str) -> None:
+    stats = ui.session.stats
+    items = stats.items() if isinstance(stats, dict) else vars(stats).items()
+    table = Table.grid(padding=(0, 2))
+    for key, value in items:
+        if key.endswith("bytes") and isinstance(value, (int, float)):
+            shown = format_bytes(value)
+        elif key.endswith("_gb") and isinstance(value, (int, float)):
+            shown = format_bytes(value * 1e9)
+        elif isinstance(value, float):
+            shown = f"{value:.1f}"
+        else:
+            shown = str(value)
+        table.add_row(Text(STAT_LABELS.get(key, key.replace("_", " ")), style="bold"), shown)
+    for name in ("temperature", "top_p", "max_tokens"):
+        value = ui.setting(name)
+        if value is not None:
+            table.add_row(Text(name.replace("_", " "), style="bold"), f"{value:g}")
+    ui.console.print(table)
+
+
+@command("/save", usage="/save FILE", help="write the conversation to FILE (JSON)")
+def _cmd_save(ui: "ChatUI", arg: str) -> None:
+    if not arg:
+        ui.note("usage: /save FILE")
+        return
+    path = Path(arg).expanduser()
+    data = ui.session.to_json()
+    text = data if isinstance(data, str) else json.dumps(data, indent=2, ensure_ascii=False)
+    write_atomic(path, text)
+    ui.note(f"saved {len(ui.session.messages)} messages to {path}")
+
+
+@command("/load", usage="/load FILE", help="replace the conversation with the one in FILE")
+def _cmd_load(ui: "ChatUI", arg: str) -> None:
+    if not arg:
+        ui.note("usage: /load FILE")
+        return
+    path = Path(arg).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        ui.note(f"cannot read {path}: {e.strerror or e}")
+        return
+    ui.load_conversation(text)
+    ui.last_view = None
+    ui.note(f"loaded {len(ui.session.messages)} messages from {path}")
+
+
+@command("/rsa", usage="/rsa [on|off|laptop|report|key=value]",
+         help="Markovian RSA mode: answer with rounds of rollouts and a vote; alone: show its settings")
+def _cmd_rsa(ui: "ChatUI", arg: str) -> None:
+    from .rsa_view import rsa_slash_command  # issue 6: the mode, its settings and its view live there
+
+    rsa_slash_command(ui, arg)
+
+
+@command("/exit", help="leave (also Ctrl-D)")
+def _cmd_exit(ui: "ChatUI", arg: str) -> None:
+    ui.running = False
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename it into place (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if not text.endswith("\n"):
+                f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --- the interactive UI ------------------------------------------------------------------------------------------
+
+PROMPT = "> "
+CONTINUATION = "… "
+
+
+def _color_prompt(text: str, console: Console) -> str:
+    """The input prompt, colored when the console is, with readline's invisible-text markers around escapes."""
+    if console.no_color or not console.is_terminal or console.color_system is None:
+        return text
+    return f"\001\x1b[1;32m\002{text}\001\x1b[0m\002"
+
+
+class ChatUI:
+    """The interactive loop: read a message, run a command or a turn, render."""
+
+    def __init__(self, session, console: Optional[Console] = None, show_reasoning: bool = False,
+                 model_label: str = "", stdin: Optional[TextIO] = None):
+        self.session = session
+        self.console = console or Console(highlight=False)
+        self.show_reasoning = show_reasoning
+        self.model_label = model_label
+        self.stdin = stdin or sys.stdin
+        self.commands: Dict[str, Command] = dict(COMMANDS)
+        self.prompt_handler: Callable[[str], None] = self.stream_turn
+        self.last_view: Optional[TurnView] = None
+        self.running = True
+
+    # small helpers the commands use
+    def note(self, text: str) -> None:
+        self.console.print(Text(text, style="cyan"))
+
+    def setting(self, name: str):
+        """A sampling setting of the session (temperature, top_p, max_tokens, ...)."""
+        return self.session.sampling.get(name)
+
+    def set_setting(self, name: str, value) -> None:
+        self.session.sampling[name] = value
+
+    def system_prompt(self) -> Optional[str]:
+        return self.session.system
+
+    def load_conversation(self, text: str) -> None:
+        """Replace the session with one saved by /save (`ChatSession.to_json`); the cache is rebuilt lazily."""
+        old = self.session
+        self.session = type(old).from_json(old.model, old.tokenizer, text, max_context=old.max_context,
+                                           prefill_step_size=old.prefill_step_size)
+
+    # input
+    def read_message(self) -> Optional[str]:
+        """One message (several lines joined), or None to exit. Ctrl-C with text typed clears the line."""
+        lines: list = []
+        prompt = PROMPT
+        while True:
+            try:
+                line = input(_color_prompt(prompt, self.console))
+            except EOFError:
+                self.console.print()
+                return None
+            except KeyboardInterrupt:
+                typed = _line_buffer()
+                self.console.print()
+                if lines or typed:
+                    lines, prompt = [], PROMPT
+                    continue
+                return None
+            lines.append(line)
+            lines.extend(self._drain_paste())
+            if lines[-1].endswith("\\"):
+                lines[-1] = lines[-1][:-1]
+                prompt = CONTINUATION
+                continue
+            return "\n".join(lines)
+
+    def _drain_paste(self) -> list:
+        """Lines already waiting on a terminal's stdin right after one was read: the rest of a paste."""
+        out: list = []
+        try:
+            if not self.stdin.isatty():
+                return out
+            while select.select([self.stdin], [], [], 0.03)[0]:
+                out.append(input())
+        except (OSError, ValueError, EOFError):
+            pass
+        return out
+
+    # the loop
+    def banner(self) -> None:
+        stats = self.session.stats
+        limit = _stat(stats, "context_limit")
+        head = Text("ZAYA1 chat", style="bold")
+        if self.model_label:
+            head.append(f" · {self.model_label}", style="")
+        if limit:
+            head.append(f" · context {limit} tokens", style="dim")
+        self.console.print(head)
+        self.console.print(Text("/help for commands · Ctrl-C stops an answer · Ctrl-D exits", style="dim"))
+
+    def run(self) -> None:
+        self.banner()
+        while self.running:
+            text = self.read_message()
+            if text is None:
+                break
+            try:
+                self.handle(text)
+            except KeyboardInterrupt:  # Ctrl-C in a command (a turn handles its own)
+                self.note("cancelled")
+
+    def handle(self, text: str) -> None:
+        """A line of input: a slash command, or a prompt for the model."""
+        if not text.strip():
+            return
+        stripped = text.strip()
+        if stripped.startswith("//"):
+            text = stripped[1:]  # "//x" sends "/x" to the model
+        elif stripped.startswith("/"):
+            name = stripped.split(maxsplit=1)[0].lower()
+            arg = stripped[len(name):]
+            cmd = self.commands.get(name)
+            if cmd is not None:
+                try:
+                    cmd.handler(self, arg.strip())
+                except ZayaError as e:
+                    self.console.print(Text(f"error: {e}", style="red"))
+                return
+            if "/" not in name[1:]:  # "/usr/bin/x ..." is a prompt, "/foo" a typo
+                self.note(f"unknown command {name}; /help lists the commands")
+                return
+        try:
+            self.prompt_handler(text)
+        except ZayaError as e:
+            self.console.print(Text(f"error: {e}", style="red"))
+
+    def stream_turn(self, text: str, **overrides) -> TurnView:
+        """Send `text`, stream the reasoning and answer, then the status line. Ctrl-C stops between tokens."""
+        view = TurnView(show_reasoning=self.show_reasoning)
+        last = None
+        interrupted = False
+        live = None
+        overrides = {**fit_max_tokens(self.session, text), **overrides}
+        responses = self.session.send(text, **overrides)
+        try:
+            with _CtrlC(self.stdin) as ctrl_c:
+                if self.console.is_terminal:
+                    view.live_chars = max(200, self.console.size.width * self.console.size.height)
+                    live = Live(Tail(view), console=self.console, refresh_per_second=12, transient=True,
+                                redirect_stdout=False, redirect_stderr=False)
+                    live.start()
+                try:
+                    for r in responses:
+                        view.add(r)
+                        last = r
+                        if ctrl_c.hit:
+                            interrupted = True
+                            break
+                except KeyboardInterrupt:
+                    interrupted = True
+                finally:
+                    responses.close()  # the session keeps what was generated so far
+                    if live is not None:
+                        live.stop()
+        finally:
+            view.live_chars = None
+        self.last_view = view
+        self.console.print(view)
+        self.console.print(status_line(last, self.session.stats, interrupted))
+        return view
+
+
+def _line_buffer() -> str:
+    try:
+        import readline
+
+        return readline.get_line_buffer()
+    except Exception:
+        return ""
+
+
+def fit_max_tokens(session, text: str) -> dict:
+    """Per-turn overrides that cap max_tokens at the room left in the context, so a long conversation gets a
+    shorter answer instead of an error (a prompt that does not fit at all is still the session's error)."""
+    room = session.max_context - len(session.prompt_ids(text))
+    wanted = session.sampling.get("max_tokens")
+    if wanted is not None and 0 < room < wanted:
+        return {"max_tokens": room}
+    return {}
+
+
+# --- piped mode --------------------------------------------------------------------------------------------------
+
+
+def run_piped(session, lines: Iterable[str], out: TextIO, show_reasoning: bool = False) -> int:
+    """One prompt per non-empty line, in one conversation; each answer printed plainly, ending in one newline.
+    With `show_reasoning`, the reasoning comes first inside `<think>...</think>`. Returns the prompts answered."""
+    answered = 0
+    for line in lines:
+        prompt = line.rstrip("\r\n")
+        if not prompt.strip():
+            continue
+        writer = _PlainWriter(out)
+        in_reasoning = False
+        for r in session.send(prompt, **fit_max_tokens(session, prompt)):
+            if r.channel == REASONING:
+                if show_reasoning and r.text:
+                    if not in_reasoning:
+                        out.write("<think>\n")
+                        in_reasoning = True
+                    writer.write(r.text)
+            else:
+                if in_reasoning:
+                    writer.end()
+                    out.write("\n</think>\n")
+                    in_reasoning = False
+                    writer = _PlainWriter(out)
+                writer.write(r.text)
+            out.flush()
+        if in_reasoning:
+            writer.end()
+            out.write("\n</think>\n")
+            writer = _PlainWriter(out)
+        writer.end()
+        out.write("\n")
+        out.flush()
+        answered += 1
+    return answered
+
+
+class _PlainWriter:
+    """Streams text with the leading and trailing whitespace of the whole dropped."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.started = False
+        self.pending = ""
+
+    def write(self, text: str) -> None:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return
+            self.started = True
+        body = text.rstrip()
+        if body:
+            self.out.write(self.pending + body)
+            self.pending = text[len(body):]
+        else:
+            self.pending += text
+
+    def end(self) -> None:
+        self.pending = ""
+
+
+# --- entry point ---------------------------------------------------------------------------------------------------
+
+
+def run_chat(model: str, *, system: Optional[str] = None, dtype: Optional[str] = None,
+             show_reasoning: bool = False, session_options: Optional[dict] = None,
+             stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
+    """`zaya chat`: load the model, then the interactive UI (stdin a terminal) or piped mode. Returns the exit code."""
+    from .chat_session import ChatSession
+    from .generation import load
+    from .loading import resolve_model_path
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    interactive = stdin.isatty()
+    options = {k: v for k, v in (session_options or {}).items() if v is not None}
+
+    if not interactive:
+        path = resolve_model_path(model)
+        loaded_model, tokenizer = load(path, dtype=dtype)
+        session = ChatSession(loaded_model, tokenizer, system=system, **options)
+        run_piped(session, stdin, stdout, show_reasoning=show_reasoning)
+        return 0
+
+    console = Console(highlight=False, file=stdout)
+    path = resolve_model_path(model)  # a hub download shows its own progress bars
+    with console.status(f"loading {model}…", spinner="dots"):
+        loaded_model, tokenizer = load(path, dtype=dtype)
+    session = ChatSession(loaded_model, tokenizer, system=system, **options)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    ui = ChatUI(session, console=console, show_reasoning=show_reasoning, model_label=str(model), stdin=stdin)
+    ui.run()
+    return 0
