@@ -107,6 +107,7 @@ class TurnView:
         self.started = time.perf_counter()
         self.reasoning_seconds: Optional[float] = None
         self.live_chars: Optional[int] = None  # while live, draw only the end of a long reasoning block
+        self.done = False  # the stream has ended
 
     def add(self, r) -> None:
         if r.channel == REASONING:
@@ -131,6 +132,12 @@ class TurnView:
         if self.has_reasoning:
             if self.answer_started and not self.show_reasoning:
                 yield Text(f"▸ {self.thought_line()} (/think shows it)", style="dim italic")
+            elif self.done and not self.show_reasoning:
+                # Stopped inside the reasoning (Ctrl-C, max tokens): its last lines, not all of it.
+                yield Text(f"▸ {self.thought_line()}, no answer yet (/think shows it all)", style="dim italic")
+                tail = 3 * max(20, options.max_width - 2) - 1
+                body = self.reasoning.strip()
+                yield Padding(Text(("…" + body[-tail:]) if len(body) > tail else body, style="dim"), (0, 0, 0, 2))
             else:
                 head = f"▾ {self.thought_line()}" if self.answer_started else "thinking…"
                 body = self.reasoning.strip()
@@ -146,7 +153,7 @@ class TurnView:
 
 
 class Tail:
-    """Draw only the last lines of a renderable that fit the terminal (a live view must never overflow it)."""
+    """Draw only what fits the terminal, the first line and the last ones (a live view must never overflow it)."""
 
     def __init__(self, renderable, reserve: int = 1):
         self.renderable = renderable
@@ -155,7 +162,9 @@ class Tail:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         height = max(1, console.size.height - self.reserve)
         lines = console.render_lines(self.renderable, options.update(height=None), pad=False)
-        for line in lines[-height:]:
+        if len(lines) > height:  # keep the first line (the reasoning header or the folded line) in view
+            lines = lines[:1] + lines[len(lines) - height + 1 :]
+        for line in lines:
             yield from line
             yield Segment.line()
 
@@ -299,7 +308,7 @@ def _cmd_think(ui: "ChatUI", arg: str) -> None:
     ui.show_reasoning = not ui.show_reasoning
     if ui.show_reasoning:
         ui.note("reasoning shown in full")
-        if ui.last_view is not None and ui.last_view.has_reasoning and ui.last_view.answer_started:
+        if ui.last_view is not None and ui.last_view.has_reasoning:
             ui.console.print(Padding(Text(ui.last_view.reasoning.strip(), style="dim"), (0, 0, 0, 2)))
     else:
         ui.note("reasoning folded to one line")
@@ -564,6 +573,7 @@ class ChatUI:
                         live.stop()
         finally:
             view.live_chars = None
+            view.done = True
         self.last_view = view
         self.console.print(view)
         self.console.print(status_line(last, self.session.stats, interrupted))
