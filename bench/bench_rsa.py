@@ -91,9 +91,9 @@ def main() -> None:
           f"{a.layers} of the 8B's 40 layers, {a.dtype}, weights {weights / 1e9:.2f} GB")
     print(f"one round: {a.head} shared + {a.c} x {a.tail} tail tokens of prompt per rollout, {a.decode} tokens each")
 
-    one_round(model, 1, a.head, rest, 8, seed=99)  # warm-up at the measured shapes: compile kernels, allocate
     rows = []
     for n in [int(x) for x in a.ns.split(",")]:
+        one_round(model, n, a.head, rest, 8, seed=99 + n)  # warm-up at this N's shapes: compile kernels, allocate
         r = one_round(model, n, a.head, rest, a.decode, seed=n)
         plan = rsa.plan_memory(args, n=n, c=a.c, tau=a.tail, beta=a.decode, prompt_tokens=a.head,
                                context_bound=a.head + rest + a.decode, head_tokens=a.head, weights_bytes=weights,

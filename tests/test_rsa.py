@@ -94,8 +94,8 @@ def test_report_preset_splits_into_sub_batches_under_a_small_budget():
     plan = rsa.plan_memory(ZayaConfig(), budget_bytes=40 * GB, **kw)
     assert plan.sub_batches > 1 and plan.batch_size * plan.sub_batches >= 16
     assert plan.peak_bytes <= 40 * GB
-    # One sequence: 57,844-token bound x 40 KB, rounded up to mlx-lm's 256-token steps.
-    assert plan.sequence_bytes == 256 * -(-(500 + 4 * 4096 + 40960) // 256) * 40960 + plan.state_bytes_per_sequence
+    # One sequence: twice its KV at the 57,844-token bound (40 KB a token, rounded up to mlx-lm's 256-token steps).
+    assert plan.sequence_bytes == 2 * 256 * -(-(500 + 4 * 4096 + 40960) // 256) * 40960 + plan.state_bytes_per_sequence
     assert rsa.plan_memory(ZayaConfig(), budget_bytes=500 * GB, max_batch=5, **kw).sub_batches == 4
 
 
