@@ -24,7 +24,7 @@ for part in "$@"; do
     nvcc)
       python3 bench/nvcc_check.py 2>&1 | tee "$OUT/nvcc.log" || rc=1 ;;
     tests)
-      timeout 330 python3 -m pytest tests/test_kernels.py -q -rs --noconftest -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+      timeout 480 python3 -m pytest tests/test_kernels.py -q -rs --noconftest -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench)
       timeout 560 python3 bench/bench_decode.py --quant bf16,mxfp4 --batch 1,8 --plain $VMLX \
