@@ -417,16 +417,21 @@ def test_residual_norm_kernel_matches_reference(N, H, R, dtype):
 # --- the model's fused decode path against its plain ops ------------------------------------------------------
 
 
-@pytest.mark.parametrize("quant", [None, "mxfp4"])
+@pytest.mark.parametrize("quant", [None, "mxfp4", "mxfp4+router"])
 def test_fused_decode_matches_plain_decode(quant, monkeypatch):
     """Same weights, same tokens: the fused decode step (kernels on a GPU, their references on the CPU) gives the
-    logits of the model's plain ops, for a lone sequence and for a left-padded batch."""
+    logits of the model's plain ops, for a lone sequence and for a left-padded batch. "+router" also quantizes
+    the router MLP, which the fused step then runs through the router's own plain ops."""
+    import mlx.nn as nn
     from mlx_lm.models.cache import BatchKVCache
 
     from zaya_mlx.benchmark import build_zaya, small_config
 
-    dtype = mx.float32 if quant is None else mx.bfloat16
-    model = build_zaya(small_config(), quant, seed=2, dtype=dtype)
+    dtype = mx.bfloat16 if quant == "mxfp4" else mx.float32
+    model = build_zaya(small_config(), quant and quant.split("+")[0], seed=2, dtype=dtype)
+    if quant == "mxfp4+router":
+        nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
+                    class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
     tol = max(1e-4, F32) if dtype == mx.float32 else 3e-2
     for batch, pads in ((1, None), (3, [0, 2, 5])):
         prompt = mx.random.randint(0, 512, (batch, 9)).astype(mx.int32)

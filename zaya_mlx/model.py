@@ -172,7 +172,10 @@ class Router(nn.Module):
         self.balancing_biases = mx.array([0.0] * args.num_experts + [-1.0], dtype=mx.float32)
 
     def __call__(self, x, prev_state):
-        r = self.down_proj(x)
+        return self.route(self.down_proj(x), prev_state)
+
+    def route(self, r, prev_state):
+        """From the down-projected state `r`: (choice, weight, the state the next layer's router gets)."""
         if prev_state is not None and "router_states_scale" in self:
             r = r + prev_state * self.router_states_scale
         probs = mx.softmax(self.router_mlp(r).astype(mx.float32), axis=-1)
@@ -490,10 +493,7 @@ def _mlp_block(layer: DecoderLayer, out, h, router_state, next_norm):
     mlp = gate.router_mlp
     has_prev = "router_states_scale" in gate
     if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)):  # quantized router: plain ops
-        r = r_down + router_state * gate.router_states_scale if has_prev else r_down
-        probs = mx.softmax(mlp(r).astype(mx.float32), axis=-1)
-        choice = mx.argmax(probs + gate.balancing_biases, axis=-1)
-        weight = mx.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+        choice, weight, r = gate.route(r_down, router_state)
     else:
         r, choice, weight = kernels.router_mlp(
             r_down, router_state if has_prev else None, gate.router_states_scale if has_prev else None,
