@@ -1,10 +1,15 @@
 """`zaya`: a thin typer CLI over the Python API. Each command only parses, calls the API and prints."""
 
+import contextlib
+import shlex
 import sys
+from typing import Optional
 
 import typer
 
+from .config import DEFAULT_MODEL
 from .errors import ZayaError
+from .files import write_text_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ZAYA1 on MLX.")
 
@@ -15,47 +20,39 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def main() -> None:
-    try:
-        app()
-    except ZayaError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+# --- chat (the terminal UI) ----------------------------------------------------------------------------------------
 
 
-@app.command("quantize")
-def quantize_command(
-    src: str = typer.Argument(..., help="Hub repo id or local folder, in any layout the loader reads."),
-    out: str = typer.Argument(..., help="The MLX folder to write (must not exist unless --force)."),
-    recipe: str = typer.Option("mxfp4", "--recipe", "-r",
-                               help="mxfp4 (default), affine4, affine8, mixed, nvfp4, mxfp8, or a recipe JSON file."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically, at the end)."),
-    shard_size: float = typer.Option(5.0, "--shard-size", help="GiB of weights per output shard."),
+@app.command("chat")
+def chat_command(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="Most tokens per answer, reasoning included."),
+    temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
+    no_think: bool = typer.Option(False, "--no-think", help="Ask the model to answer without reasoning first."),
+    show_reasoning: bool = typer.Option(False, "--show-reasoning",
+                                        help="Show the reasoning in full (piped: print it inside <think>...</think>)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
 ) -> None:
-    """Quantize SRC into an MLX folder that zaya and mlx-lm load: quantized weights, config, tokenizer."""
-    from rich.console import Console
+    """Chat in the terminal: streamed reasoning and Markdown answers, slash commands (/help). With stdin not a
+    terminal, reads one prompt per line and prints the answers plainly."""
+    from .tui import run_chat
 
-    from .quantization import quantize
-
-    if shard_size <= 0:
-        fail("--shard-size must be positive")
-    report = quantize(src, out, recipe=recipe, force=force, progress=True, max_shard_size=int(shard_size * (1 << 30)))
-    Console().print(report.table())
+    options = dict(enable_thinking=not no_think, temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    raise typer.Exit(run_chat(model, system=system, dtype=dtype, show_reasoning=show_reasoning,
+                              session_options=options))
 
 
 # --- generate / serve (text generation) ---------------------------------------------------------------------------
-
-from typing import Optional  # noqa: E402
-
-from .loading import DEFAULT_MODEL as _DEFAULT_MODEL  # noqa: E402
 
 
 @app.command("generate")
 def generate_command(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads it from stdin)."),
-    model: str = typer.Option(_DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
     max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens to generate, reasoning included."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
@@ -105,7 +102,7 @@ def generate_command(
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve_command(
     ctx: typer.Context,
-    model: str = typer.Option(_DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
 ) -> None:
@@ -128,7 +125,7 @@ def serve_command(
 @app.command("rsa")
 def rsa_command(
     problem: str = typer.Argument(..., help="The problem ('-' reads it from stdin)."),
-    model: str = typer.Option("Zyphra/ZAYA1-8B", "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
     preset: str = typer.Option("laptop", "--preset", help="laptop (a 16 GB Mac) or report (the paper's setting)."),
     n: Optional[int] = typer.Option(None, "--n", help="Population: rollouts per round."),
     c: Optional[int] = typer.Option(None, "--c", help="Tails per aggregation prompt (<= n)."),
@@ -163,7 +160,7 @@ def rsa_command(
     if preset not in rsa.PRESETS:
         fail(f"unknown preset {preset!r}: use one of {', '.join(rsa.PRESETS)}")
     console = Console(highlight=False)
-    with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else _nullcontext():
+    with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         llm, tokenizer = load(model, dtype=dtype)
     p = rsa.PRESETS[preset]
     view = RSAView(console, n or p.n, budget or p.budget, p.rounds if rounds is None else rounds)
@@ -176,48 +173,34 @@ def rsa_command(
     if json_out:
         import dataclasses
         import json
-        from pathlib import Path
 
-        Path(json_out).write_text(json.dumps(dataclasses.asdict(result), indent=1) + "\n")
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
+        write_text_atomic(json_out, json.dumps(dataclasses.asdict(result), indent=1) + "\n")
 
 
-# --- chat (the terminal UI) ----------------------------------------------------------------------------------------
+# --- quantize ------------------------------------------------------------------------------------------------------
 
 
-@app.command("chat")
-def chat_command(
-    model: str = typer.Option(_DEFAULT_MODEL, "--model", "-m",
-                              help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="Most tokens per answer, reasoning included."),
-    temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
-    no_think: bool = typer.Option(False, "--no-think", help="Ask the model to answer without reasoning first."),
-    show_reasoning: bool = typer.Option(False, "--show-reasoning",
-                                        help="Show the reasoning in full (piped: print it inside <think>...</think>)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
+@app.command("quantize")
+def quantize_command(
+    src: str = typer.Argument(..., help="Hub repo id or local folder, in any layout the loader reads."),
+    out: str = typer.Argument(..., help="The MLX folder to write (must not exist unless --force)."),
+    recipe: str = typer.Option("mxfp4", "--recipe", "-r",
+                               help="mxfp4 (default), affine4, affine8, mixed, nvfp4, mxfp8, or a recipe JSON file."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (atomically, at the end)."),
+    shard_size: float = typer.Option(5.0, "--shard-size", help="GiB of weights per output shard."),
 ) -> None:
-    """Chat in the terminal: streamed reasoning and Markdown answers, slash commands (/help). With stdin not a
-    terminal, reads one prompt per line and prints the answers plainly."""
-    from .tui import run_chat
+    """Quantize SRC into an MLX folder that zaya and mlx-lm load: quantized weights, config, tokenizer."""
+    from rich.console import Console
 
-    options = dict(enable_thinking=not no_think, temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    raise typer.Exit(run_chat(model, system=system, dtype=dtype, show_reasoning=show_reasoning,
-                              session_options=options))
+    from .quantization import quantize
 
-
-if __name__ == "__main__":
-    main()
+    if shard_size <= 0:
+        fail("--shard-size must be positive")
+    report = quantize(src, out, recipe=recipe, force=force, progress=True, max_shard_size=int(shard_size * (1 << 30)))
+    Console().print(report.table())
 
 
-# --- bench (issue 7) -----------------------------------------------------------------------------------------------
+# --- bench ---------------------------------------------------------------------------------------------------------
 
 
 @app.command("bench")
@@ -234,8 +217,7 @@ def bench_command(
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="Write the results table (Markdown) here."),
 ) -> None:
     """Full-size ZAYA1-8B shapes, random weights: tokens/s, weight and KV bytes, graph primitives per token."""
-    import json as _json
-    import shlex
+    import json
 
     from .benchmark import markdown, run, to_dict
 
@@ -248,8 +230,20 @@ def bench_command(
     table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     typer.echo(table)
     if json_out:
-        with open(json_out, "w") as f:
-            _json.dump([to_dict(r) for r in results], f, indent=1)
+        write_text_atomic(json_out, json.dumps([to_dict(r) for r in results], indent=1) + "\n")
     if markdown_out:
-        with open(markdown_out, "w") as f:
-            f.write(table)
+        write_text_atomic(markdown_out, table)
+
+
+def main() -> None:
+    try:
+        app()
+    except ZayaError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

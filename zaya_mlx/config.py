@@ -9,6 +9,7 @@ from typing import Optional
 
 from .errors import ZayaError
 
+DEFAULT_MODEL = "Zyphra/ZAYA1-8B"
 LAYER_TYPES = ("hybrid", "hybrid_sliding")
 DEFAULT_ROPE = {
     "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},

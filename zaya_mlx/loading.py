@@ -16,11 +16,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import layouts
-from .config import ZayaConfig
+from .config import DEFAULT_MODEL, ZayaConfig
 from .errors import ZayaError
 from .model import Model
 
-DEFAULT_MODEL = "Zyphra/ZAYA1-8B"
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 DTYPES = {"bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float16": mx.float16, "fp16": mx.float16,
           "float32": mx.float32, "fp32": mx.float32}

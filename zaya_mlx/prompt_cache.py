@@ -9,7 +9,6 @@ they hold (mlx-lm keeps 256-token steps), checks the file against the model on l
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,6 +17,7 @@ from mlx_lm.models.cache import load_prompt_cache as _mlx_lm_load
 from mlx_lm.models.cache import save_prompt_cache as _mlx_lm_save
 
 from .errors import ZayaError
+from .files import atomic_path
 
 FORMAT = "zaya-prompt-cache"
 VERSION = "1"
@@ -67,14 +67,8 @@ def save_prompt_cache(path, cache: list, tokens: Sequence[int], *, model_id: Opt
         state = ArraysCache(len(arrays))
         state.cache = list(arrays)
         states.append(state)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-    try:
+    with atomic_path(path) as tmp:
         _mlx_lm_save(str(tmp), _compact(cache) + states, meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

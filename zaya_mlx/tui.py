@@ -22,11 +22,9 @@ below is the slot for it.
 from __future__ import annotations
 
 import json
-import os
 import select
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import ZayaError
+from .files import write_text_atomic
 
 REASONING = "reasoning"
 CODE_THEME = "monokai"
@@ -357,7 +356,7 @@ def _cmd_save(ui: "ChatUI", arg: str) -> None:
     path = Path(arg).expanduser()
     data = ui.session.to_json()
     text = data if isinstance(data, str) else json.dumps(data, indent=2, ensure_ascii=False)
-    write_atomic(path, text)
+    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
     ui.note(f"saved {len(ui.session.messages)} messages to {path}")
 
 
@@ -388,25 +387,6 @@ def _cmd_rsa(ui: "ChatUI", arg: str) -> None:
 @command("/exit", help="leave (also Ctrl-D)")
 def _cmd_exit(ui: "ChatUI", arg: str) -> None:
     ui.running = False
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it into place (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            if not text.endswith("\n"):
-                f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # --- the interactive UI ------------------------------------------------------------------------------------------
