@@ -48,6 +48,17 @@ def test_generate_streams_the_chat_answer(gen):
     assert len(summary) == 1 and "tok/s" in summary[0] and "peak memory" in summary[0] and "6 tokens" in summary[0]
 
 
+def test_default_max_tokens_fits_the_context(gen):
+    """Without -n, generation runs until the context is full (the fixture's 512 tokens), never past it."""
+    model, tokenizer, folder = gen
+    n_prompt = len(apply_chat_template(tokenizer, [{"role": "user", "content": "hello"}]))
+    result = zaya("generate", "-m", str(folder), "-p", "hello", "--temp", "0", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr.strip().splitlines()[-1]
+    assert model.args.max_position_embeddings == 512
+    assert f"generation: {512 - n_prompt} tokens" in summary and summary.endswith("| length"), summary
+
+
 def test_reasoning_is_dimmed(gen, monkeypatch, capsys):
     _, _, folder = gen
     monkeypatch.setenv("FORCE_COLOR", "1")

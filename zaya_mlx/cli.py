@@ -11,6 +11,9 @@ from .config import DEFAULT_MODEL
 from .errors import ZayaError
 from .files import write_text_atomic
 
+# ZAYA1 reasons at length before answering (its context is 131K tokens): a short cap would rarely reach the answer.
+MAX_TOKENS = 16384
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ZAYA1 on MLX.")
 
 
@@ -28,7 +31,7 @@ def chat_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: int = typer.Option(4096, "--max-tokens", "-n", help="Most tokens per answer, reasoning included."),
+    max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", help="Most tokens per answer, reasoning included."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
@@ -53,7 +56,8 @@ def chat_command(
 def generate_command(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads it from stdin)."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
-    max_tokens: int = typer.Option(2048, "--max-tokens", "-n", help="Most tokens to generate, reasoning included."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help=f"Most tokens to generate, reasoning "
+                                             f"included (default {MAX_TOKENS}, or what the context has room for)."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
@@ -67,7 +71,7 @@ def generate_command(
     """Answer one prompt: the reasoning streams dimmed, the answer normally, then a line of speeds."""
     from rich.console import Console
 
-    from .generation import REASONING, load, stream_generate
+    from .generation import REASONING, context_limit, load, stream_generate
     from .tokenizer import apply_chat_template, require_tokenizer
 
     if prompt == "-":
@@ -81,6 +85,9 @@ def generate_command(
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = apply_chat_template(tokenizer, messages, enable_thinking=not no_think)
+    if max_tokens is None:
+        n_prompt = len(tokenizer.encode(ids)) if isinstance(ids, str) else len(ids)
+        max_tokens = max(1, min(MAX_TOKENS, context_limit(llm) - n_prompt))
     stream = stream_generate(llm, tokenizer, ids, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
                              min_p=min_p, seed=seed)
     out, err = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
