@@ -118,15 +118,7 @@ def check_fits(cache: list, model, where="the prompt cache") -> None:
 
 def cache_nbytes(cache: Optional[list]) -> int:
     """Bytes the cache's arrays take (KV buffers, conv states)."""
-    if not cache:
-        return 0
-    total = 0
-    for c in cache:
-        try:
-            total += int(c.nbytes)
-        except (NotImplementedError, AttributeError):
-            pass
-    return total
+    return sum(int(c.nbytes) for c in cache or ())
 
 
 __all__ = ["save_prompt_cache", "load_prompt_cache", "check_fits", "cache_nbytes"]
