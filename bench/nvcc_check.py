@@ -6,6 +6,7 @@ and outputs, with template arguments as `using`/`constexpr` lines). Usage: pytho
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,12 +43,12 @@ CASES = [
      [("qkv", "bf16"), ("conv_state", "bf16"), ("v_prev", "bf16"), ("dw_w", "bf16"), ("dw_b", "bf16"),
       ("gw_w", "bf16"), ("gw_b", "bf16"), ("temp", "bf16"), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")],
      [("q_out", "bf16"), ("k_out", "bf16"), ("v_out", "bf16"), ("conv_out", "bf16"), ("vprev_out", "bf16")],
-     [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("T0", 2), ("T1", 2), ("RD", 64), ("NT", 128)]),
+     [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("T0", 2), ("T1", 2), ("RD", 64), ("NT", 1024)]),
     ("cca_f32", "cca_decode.h",
      [("qkv", "f32"), ("conv_state", "f32"), ("v_prev", "f32"), ("dw_w", "f32"), ("dw_b", "f32"),
       ("gw_w", "f32"), ("gw_b", "f32"), ("temp", "f32"), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")],
      [("q_out", "f32"), ("k_out", "f32"), ("v_out", "f32"), ("conv_out", "f32"), ("vprev_out", "f32")],
-     [("T", "f32"), ("D", 64), ("NH", 4), ("NKV", 1), ("T0", 3), ("T1", 2), ("RD", 32), ("NT", 128)]),
+     [("T", "f32"), ("D", 64), ("NH", 4), ("NKV", 1), ("T0", 3), ("T1", 2), ("RD", 32), ("NT", 1024)]),
 ]
 for qm, wt, st, bt, bits, gs in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f32", "f32", 16, 1),
                                  (2, "u32", "bf16", "bf16", 4, 64), (2, "u32", "bf16", "bf16", 8, 32),
@@ -70,8 +71,16 @@ for router in (True, False):
                   [("o", "bf16"), ("h", "f32"), ("hs", "bf16"), ("hb", "bf16"), ("rs", "bf16"), ("rb", "bf16"),
                    ("nw", "bf16"), ("wd", "bf16"), ("bd", "bf16"), ("fparams", "f32")],
                   [("h_out", "f32"), ("x_out", "bf16"), ("r_out", "bf16")],
-                  [("T", "bf16"), ("RT", "bf16"), ("H", 2048), ("HAS_ROUTER", router), ("R", 256), ("RPB", 16),
+                  [("T", "bf16"), ("RT", "bf16"), ("H", 2048), ("HAS_ROUTER", router), ("R", 256), ("RPB", 8),
                    ("WQ", 0), ("NT", 256)]))
+for split in (False, True):
+    CASES.append((f"attention_{'split' if split else 'single'}", "decode_attention.h",
+                  [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("lpad", "i32"), ("meta", "i32"),
+                   ("fparams", "f32")],
+                  [("out", "f32" if split else "bf16"), ("ml", "f32")],
+                  [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("NT", 416), ("SPLIT", split)]))
+CASES.append(("attention_combine", "attention_combine.h", [("part", "f32"), ("ml", "f32"), ("meta", "i32")],
+              [("out", "bf16")], [("T", "bf16"), ("D", 128), ("NT", 128)]))
 
 
 def main():
@@ -89,9 +98,14 @@ def main():
                                capture_output=True, text=True)
             spill = [ln for ln in r.stderr.splitlines() if "spill" in ln and " 0 bytes spill" not in ln]
             regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
+            nregs = int(re.search(r"Used (\d+) registers", regs[-1]).group(1)) if regs else 0
+            threads = dict(tmpl)["NT"]
             status = "ok" if r.returncode == 0 else "FAILED"
+            if nregs * threads > 65536:  # a launch of NT threads would fail: "too many resources requested"
+                status = "FAILED"
+                spill.append(f"{nregs} registers x {threads} threads > 65536")
             print(f"{status:6s} {name:28s} {regs[-1] if regs else ''} {' '.join(spill)}")
-            if r.returncode != 0:
+            if status != "ok":
                 bad += 1
                 print(r.stderr[-3000:])
     return 1 if bad else 0

@@ -38,14 +38,33 @@ ZK_DEV zk_pair zk_dot_word(uint32_t w, PX xs, int k) {
   return p;
 }
 
-// The dot product of one 16-byte chunk (four words, 4 * 32 / BITS values from k) with xs.
+// A 16-byte chunk of zeros (for loads that a guard skips).
+ZK_DEV uint4 zk_zero_u4() {
+  uint4 z;
+  z.x = 0u;
+  z.y = 0u;
+  z.z = 0u;
+  z.w = 0u;
+  return z;
+}
+
+// Where x[k] lives in a padded threadgroup vector: one spare word after every 32. A SIMD group whose
+// lanes read runs of 4, 8, 16 or 32 consecutive values (one 16-byte weight chunk each) then touches 32
+// different banks per read instead of a few banks many times over.
+ZK_DEV int zk_pad(int k) {
+  return k + (k >> 5);
+}
+
+// The dot product of one 16-byte chunk (four words, 4 * 32 / BITS values from k) with a padded
+// vector xs (see zk_pad; a chunk never straddles a 32-value boundary, so it stays contiguous there).
 template <int QM, int BITS, typename PX>
 ZK_DEV zk_pair zk_dot_u4(uint4 u, PX xs, int k) {
   constexpr int VPW = (QM == 0) ? 2 : ((QM == 1) ? 1 : (32 / BITS));
-  const zk_pair a = zk_dot_word<QM, BITS>(u.x, xs, k);
-  const zk_pair b = zk_dot_word<QM, BITS>(u.y, xs, k + VPW);
-  const zk_pair c = zk_dot_word<QM, BITS>(u.z, xs, k + 2 * VPW);
-  const zk_pair d = zk_dot_word<QM, BITS>(u.w, xs, k + 3 * VPW);
+  const int p = zk_pad(k);
+  const zk_pair a = zk_dot_word<QM, BITS>(u.x, xs, p);
+  const zk_pair b = zk_dot_word<QM, BITS>(u.y, xs, p + VPW);
+  const zk_pair c = zk_dot_word<QM, BITS>(u.z, xs, p + 2 * VPW);
+  const zk_pair d = zk_dot_word<QM, BITS>(u.w, xs, p + 3 * VPW);
   zk_pair r = {(a.d + b.d) + (c.d + d.d), (a.s + b.s) + (c.s + d.s)};
   return r;
 }

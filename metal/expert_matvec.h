@@ -6,7 +6,8 @@
 // zaya_mlx/kernels/experts.py, expert_gather_reference.
 //
 // Grid: x = blocks of NWARP * RPW outputs (one SIMD group computes RPW outputs, its lanes reading 16
-// bytes each along the row), y = token n. expert[n] outside [0, NE) (the skip choice) writes zeros.
+// bytes each along the row; up to four chunks of every row are loaded before any is summed), y = token n.
+// expert[n] outside [0, NE) (the skip choice) writes zeros.
 // Template: T (activation dtype), K (input width), NOUT (outputs), GLU, QM (0 bf16, 1 f32, 2 affine,
 // 3 mxfp4), BITS, GS (quantization group size; one group spans whole 16-byte chunks), NE (experts),
 // RPW (outputs per SIMD group), NT (threads).
@@ -22,14 +23,29 @@ constexpr int ITERS = (NV + 31) / 32;
 constexpr int GPR = (QM >= 2) ? (K / GS) : 1;
 constexpr int NR = GLU ? 2 : 1;
 constexpr int ROWS = NR * NOUT;
+constexpr int IB = (ITERS < 4) ? ITERS : 4;
 
 const int n = zk_by;
 const int e = expert[n];
 const bool skip = (e < 0) || (e >= NE);
 
-ZK_SHARED float zk_x[K];
-for (int k = zk_tid; k < K; k += NT) {
-  zk_x[k] = static_cast<float>(x[n * K + k]);
+ZK_SHARED float zk_x[K + K / 32];  // padded: see zk_pad
+{
+  // all loads first: a threadgroup store could alias a later load, which would then wait on the store
+  constexpr int EPT = (K + NT - 1) / NT;
+  float xv[EPT];
+  ZK_UNROLL
+  for (int i = 0; i < EPT; ++i) {
+    const int k = zk_tid + i * NT;
+    xv[i] = (k < K) ? static_cast<float>(x[n * K + k]) : 0.0f;
+  }
+  ZK_UNROLL
+  for (int i = 0; i < EPT; ++i) {
+    const int k = zk_tid + i * NT;
+    if (k < K) {
+      zk_x[zk_pad(k)] = xv[i];
+    }
+  }
 }
 ZK_BARRIER();
 
@@ -40,32 +56,38 @@ for (int i = 0; i < RPW * NR; ++i) {
   acc[i] = 0.0f;
 }
 if (!skip) {
+  // IB chunks of each of the RPW * NR rows at a time: their loads are all in flight before the sums.
   ZK_UNROLL
-  for (int r = 0; r < RPW; ++r) {
+  for (int it0 = 0; it0 < ITERS; it0 += IB) {
+    uint4 u[RPW * NR][IB];
     ZK_UNROLL
-    for (int t = 0; t < NR; ++t) {
-      const int o = o0 + r;
-      if (o < NOUT) {
-        const int row = e * ROWS + t * NOUT + o;
-        float a = 0.0f;
-        ZK_UNROLL
-        for (int it = 0; it < ITERS; ++it) {
-          const int v = it * 32 + zk_lane;
-          if (v < NV) {
-            const uint4 u = ZK_LOAD_U4(w, row * NV + v);
-            const int k0 = v * VPV;
-            const zk_pair p = zk_dot_u4<QM, BITS>(u, zk_x, k0);
-            if (QM == 2) {
-              const int gi = row * GPR + k0 / GS;
-              a += static_cast<float>(scales[gi]) * p.d + static_cast<float>(biases[gi]) * p.s;
-            } else if (QM == 3) {
-              a += ZK_U2F(static_cast<uint32_t>(scales[row * GPR + k0 / GS]) << 23) * p.d;
-            } else {
-              a += p.d;
-            }
+    for (int i = 0; i < RPW * NR; ++i) {
+      const int row = e * ROWS + (i % NR) * NOUT + o0 + i / NR;
+      ZK_UNROLL
+      for (int j = 0; j < IB; ++j) {
+        const int v = (it0 + j) * 32 + zk_lane;
+        const bool live = (o0 + i / NR < NOUT) && (v < NV);
+        u[i][j] = live ? ZK_LOAD_U4(w, row * NV + v) : zk_zero_u4();
+      }
+    }
+    ZK_UNROLL
+    for (int i = 0; i < RPW * NR; ++i) {
+      const int row = e * ROWS + (i % NR) * NOUT + o0 + i / NR;
+      ZK_UNROLL
+      for (int j = 0; j < IB; ++j) {
+        const int v = (it0 + j) * 32 + zk_lane;
+        if ((o0 + i / NR < NOUT) && (v < NV)) {
+          const int k0 = v * VPV;
+          const zk_pair p = zk_dot_u4<QM, BITS>(u[i][j], zk_x, k0);
+          if (QM == 2) {
+            const int gi = row * GPR + k0 / GS;
+            acc[i] += static_cast<float>(scales[gi]) * p.d + static_cast<float>(biases[gi]) * p.s;
+          } else if (QM == 3) {
+            acc[i] += ZK_U2F(static_cast<uint32_t>(scales[row * GPR + k0 / GS]) << 23) * p.d;
+          } else {
+            acc[i] += p.d;
           }
         }
-        acc[r * NR + t] = a;
       }
     }
   }

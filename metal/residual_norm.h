@@ -17,25 +17,42 @@ constexpr int VPW = (WQ == 0) ? 2 : 1;
 constexpr int NV = H / (4 * VPW);
 constexpr int ITERS = (NV + 31) / 32;
 constexpr int QMW = (WQ == 0) ? 0 : 1;
+constexpr int EPT = (H + NT - 1) / NT;  // elements of the row a thread takes
 
 const int blk = zk_bx;
 const int n = zk_by;
 
-ZK_SHARED float zk_x[H];
+ZK_SHARED float zk_x[H + H / 32];  // padded: see zk_pad
 ZK_SHARED float zk_red[NWARP];
 
-float ss = 0.0f;
-for (int k = zk_tid; k < H; k += NT) {
-  const float ov = zk_round<RT>(zk_round<RT>(static_cast<float>(o[n * H + k]) + static_cast<float>(hb[k])) *
-                                static_cast<float>(hs[k]));
-  const float hv = (h[n * H + k] + static_cast<float>(rb[k])) * static_cast<float>(rs[k]);
-  const float hn = ov + hv;
-  if (blk == 0) {
-    h_out[n * H + k] = hn;
+// Every input this thread needs is loaded before the first store: a store through one pointer could
+// alias a later load through another, so a loop that interleaves them waits out each load in turn.
+float ov[EPT];
+float hv[EPT];
+float nv[EPT];
+ZK_UNROLL
+for (int i = 0; i < EPT; ++i) {
+  const int k = zk_tid + i * NT;
+  if (k < H) {
+    ov[i] = zk_round<RT>(zk_round<RT>(static_cast<float>(o[n * H + k]) + static_cast<float>(hb[k])) *
+                         static_cast<float>(hs[k]));
+    hv[i] = (h[n * H + k] + static_cast<float>(rb[k])) * static_cast<float>(rs[k]);
+    nv[i] = static_cast<float>(nw[k]);
   }
-  const float ht = zk_round<T>(hn);
-  zk_x[k] = ht;
-  ss += ht * ht;
+}
+const float eps = fparams[0];
+float ss = 0.0f;
+ZK_UNROLL
+for (int i = 0; i < EPT; ++i) {
+  const int k = zk_tid + i * NT;
+  if (k < H) {
+    const float hn = ov[i] + hv[i];
+    if (blk == 0) {
+      h_out[n * H + k] = hn;
+    }
+    ov[i] = zk_round<T>(hn);
+    ss += ov[i] * ov[i];
+  }
 }
 ss = zk_simd_sum(ss);
 if (zk_lane == 0) {
@@ -46,12 +63,16 @@ float tot = 0.0f;
 for (int w = 0; w < NWARP; ++w) {
   tot += zk_red[w];
 }
-const float inv = zk_rsqrt(tot / float(H) + fparams[0]);
-for (int k = zk_tid; k < H; k += NT) {
-  const float xv = zk_round<T>(static_cast<float>(nw[k]) * zk_round<T>(zk_x[k] * inv));
-  zk_x[k] = xv;
-  if (blk == 0) {
-    x_out[n * H + k] = static_cast<T>(xv);
+const float inv = zk_rsqrt(tot / float(H) + eps);
+ZK_UNROLL
+for (int i = 0; i < EPT; ++i) {
+  const int k = zk_tid + i * NT;
+  if (k < H) {
+    const float xv = zk_round<T>(nv[i] * zk_round<T>(ov[i] * inv));
+    zk_x[zk_pad(k)] = xv;
+    if (blk == 0) {
+      x_out[n * H + k] = static_cast<T>(xv);
+    }
   }
 }
 if (HAS_ROUTER) {

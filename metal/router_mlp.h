@@ -4,8 +4,8 @@
 // logits, softmax, argmax of (p + balancing_biases) and gathering p at the choice: about a dozen
 // primitives. Plain-MLX reference: zaya_mlx/kernels/router.py, router_mlp_reference.
 //
-// Grid: one threadgroup of NT threads per token (x = n). Matvecs: one SIMD group per output row, its
-// lanes along the row in 16-byte loads; the R-wide vectors live in threadgroup memory.
+// Grid: one threadgroup of NT threads per token (x = n). Matvecs: a SIMD group takes RB output rows at
+// a time, its lanes along each row in 16-byte loads; the R-wide vectors live in threadgroup memory.
 // Template: T (activation dtype), R (router width, a multiple of 8), NE1, HAS_PREV, WQ (weights:
 // 0 bf16, 1 f32), NT.
 // Inputs: rdown [N, R], rprev [N, R], rscale [R], nw [R], w1 [R, R], b1 [R], w2 [R, R], b2 [R],
@@ -16,11 +16,12 @@ constexpr int VPW = (WQ == 0) ? 2 : 1;
 constexpr int NV = R / (4 * VPW);
 constexpr int ITERS = (NV + 31) / 32;
 constexpr int QMW = (WQ == 0) ? 0 : 1;
+constexpr int RB = (ITERS <= 2) ? 8 / ITERS : 1;  // rows a SIMD group loads at once
 
 const int n = zk_bx;
 
-ZK_SHARED float zk_a[R];
-ZK_SHARED float zk_h[R];
+ZK_SHARED float zk_a[R + R / 32];  // padded vectors: see zk_pad
+ZK_SHARED float zk_h[R + R / 32];
 ZK_SHARED float zk_l[NE1];
 ZK_SHARED float zk_red[NWARP];
 
@@ -32,7 +33,7 @@ for (int k = zk_tid; k < R; k += NT) {
     r = zk_round<T>(r + zk_round<T>(static_cast<float>(rprev[n * R + k]) * static_cast<float>(rscale[k])));
   }
   rnext[n * R + k] = static_cast<T>(r);
-  zk_a[k] = r;
+  zk_a[zk_pad(k)] = r;
   ss += r * r;
 }
 ss = zk_simd_sum(ss);
@@ -46,40 +47,60 @@ for (int w = 0; w < NWARP; ++w) {
 }
 const float inv = zk_rsqrt(tot / float(R) + fparams[0]);
 for (int k = zk_tid; k < R; k += NT) {
-  zk_h[k] = zk_round<T>(static_cast<float>(nw[k]) * zk_round<T>(zk_a[k] * inv));
+  zk_h[zk_pad(k)] = zk_round<T>(static_cast<float>(nw[k]) * zk_round<T>(zk_a[zk_pad(k)] * inv));
 }
 ZK_BARRIER();
 
-// fc1 + GELU: zk_h -> zk_a; fc2 + GELU: zk_a -> zk_h; logits: zk_h -> zk_l.
+// fc1 + GELU: zk_h -> zk_a; fc2 + GELU: zk_a -> zk_h; logits: zk_h -> zk_l. RB rows of a SIMD group at
+// a time, all their loads in flight before the sums.
 for (int layer = 0; layer < 3; ++layer) {
   const int nout = (layer == 2) ? NE1 : R;
-  for (int o = zk_warp; o < nout; o += NWARP) {
-    float a = 0.0f;
+  for (int o0 = zk_warp * RB; o0 < nout; o0 += NWARP * RB) {
+    uint4 u[RB][ITERS];
+    float bias[RB];
     ZK_UNROLL
-    for (int it = 0; it < ITERS; ++it) {
-      const int v = it * 32 + zk_lane;
-      if (v < NV) {
-        const int k0 = v * 4 * VPW;
-        if (layer == 0) {
-          a += zk_dot_u4<QMW, 16>(ZK_LOAD_U4(w1, o * NV + v), zk_h, k0).d;
+    for (int i = 0; i < RB; ++i) {
+      const int ob = (o0 + i < nout) ? o0 + i : 0;
+      bias[i] = (layer == 2) ? 0.0f : static_cast<float>(layer == 0 ? b1[ob] : b2[ob]);
+      ZK_UNROLL
+      for (int it = 0; it < ITERS; ++it) {
+        const int v = it * 32 + zk_lane;
+        const int idx = (o0 + i) * NV + v;
+        if (o0 + i >= nout || v >= NV) {
+          u[i][it] = zk_zero_u4();
+        } else if (layer == 0) {
+          u[i][it] = ZK_LOAD_U4(w1, idx);
         } else if (layer == 1) {
-          a += zk_dot_u4<QMW, 16>(ZK_LOAD_U4(w2, o * NV + v), zk_a, k0).d;
+          u[i][it] = ZK_LOAD_U4(w2, idx);
         } else {
-          a += zk_dot_u4<QMW, 16>(ZK_LOAD_U4(wo, o * NV + v), zk_h, k0).d;
+          u[i][it] = ZK_LOAD_U4(wo, idx);
         }
       }
     }
-    a = zk_simd_sum(a);
-    if (zk_lane == 0) {
-      if (layer == 2) {
-        zk_l[o] = zk_round<T>(a);
-      } else {
-        const float z = zk_round<T>(a + static_cast<float>(layer == 0 ? b1[o] : b2[o]));
-        const float gl = zk_round<T>(0.5f * z * (1.0f + zk_erf(z * 0.7071067811865476f)));
-        if (layer == 0) {
-          zk_a[o] = gl;
+    ZK_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      const int o = o0 + i;
+      float a = 0.0f;
+      ZK_UNROLL
+      for (int it = 0; it < ITERS; ++it) {
+        const int v = it * 32 + zk_lane;
+        if (v < NV) {
+          a += (layer == 1) ? zk_dot_u4<QMW, 16>(u[i][it], zk_a, v * 4 * VPW).d
+                            : zk_dot_u4<QMW, 16>(u[i][it], zk_h, v * 4 * VPW).d;
+        }
+      }
+      a = zk_simd_sum(a);
+      if (zk_lane == 0 && o < nout) {
+        if (layer == 2) {
+          zk_l[o] = zk_round<T>(a);
         } else {
-          zk_h[o] = gl;
+          const float z = zk_round<T>(a + bias[i]);
+          const float gl = zk_round<T>(0.5f * z * (1.0f + zk_erf(z * 0.7071067811865476f)));
+          if (layer == 0) {
+            zk_a[zk_pad(o)] = gl;
+          } else {
+            zk_h[zk_pad(o)] = gl;
+          }
         }
       }
     }

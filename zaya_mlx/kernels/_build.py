@@ -71,9 +71,15 @@ def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str
     raise ValueError(f"no GPU kernels for back end {back!r}")
 
 
-@functools.cache
-def dummy(dtype=mx.float32) -> mx.array:
-    """A one-element array for a kernel input that a variant never reads."""
-    a = mx.zeros((4,), dtype=dtype)
+@functools.lru_cache(maxsize=256)
+def constant(values: tuple, dtype=mx.float32) -> mx.array:
+    """A small evaluated array of fixed values (a kernel's scalar parameters): built once, then reused
+    with no graph primitive a call."""
+    a = mx.array(values, dtype=dtype)
     mx.eval(a)
     return a
+
+
+def dummy(dtype=mx.float32) -> mx.array:
+    """A small array for a kernel input that a variant never reads."""
+    return constant((0, 0, 0, 0), dtype)

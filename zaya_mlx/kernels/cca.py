@@ -19,7 +19,7 @@ import math
 
 import mlx.core as mx
 
-from ._build import backend, get_kernel
+from ._build import backend, constant, get_kernel
 
 
 def _eps(dtype) -> float:
@@ -119,12 +119,6 @@ def offset_array(offset, batch: int) -> mx.array:
     return mx.array([int(offset)] * batch, dtype=mx.int32)
 
 
-@functools.cache
-def _fparams(eps: float) -> mx.array:
-    a = mx.array([eps], dtype=mx.float32)
-    mx.eval(a)
-    return a
-
 
 _INPUTS = (
     "qkv",
@@ -142,7 +136,7 @@ _INPUTS = (
 _OUTPUTS = ("q_out", "k_out", "v_out", "conv_out", "vprev_out")
 
 
-def kernel_supported(conv_state, *, n_heads, n_kv_heads, head_dim, rope_dims, **_) -> bool:
+def kernel_supported(conv_state, gw_w, *, n_heads, n_kv_heads, head_dim, rope_dims, **_) -> bool:
     """Whether the fused kernel covers these shapes (else the reference runs)."""
     return (
         conv_state.shape[1] >= 1
@@ -150,7 +144,9 @@ def kernel_supported(conv_state, *, n_heads, n_kv_heads, head_dim, rope_dims, **
         and head_dim % 2 == 0
         and 0 <= rope_dims <= head_dim
         and rope_dims % 2 == 0
-        and head_dim <= 1024
+        and head_dim <= 256
+        and gw_w.shape[1] <= 4  # grouped-conv taps: the kernel unrolls T1 * D / 32 loads a lane
+        and max(conv_state.shape[1], gw_w.shape[1]) * head_dim <= 1024  # one item a thread of 1024
     )
 
 
@@ -167,7 +163,7 @@ def _cca_kernel(
     t1 = gw_w.shape[1]
     off = offset_array(offset, B)
     eps = _eps(dtype) if norm_eps is None else norm_eps
-    nt = max(128, ((d + 31) // 32) * 32)
+    nt = 1024
     kern = get_kernel("cca_decode.h", back, _INPUTS, _OUTPUTS)
     inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else mx.zeros((1,), mx.float32)
     outs = kern(
@@ -182,7 +178,7 @@ def _cca_kernel(
             temp,
             off,
             inv,
-            _fparams(float(eps)),
+            constant((float(eps),)),
         ],
         template=[
             ("T", dtype),
@@ -232,7 +228,7 @@ def cca_decode_step(
     )
     back = backend()
     use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
-    if use_kernel and back != "cpu" and kernel_supported(conv_state, **kw):
+    if use_kernel and back != "cpu" and kernel_supported(conv_state, gw_w, **kw):
         return _cca_kernel(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, back=back, **kw)
     if impl == "kernel":
         raise RuntimeError(f"the fused CCA kernel cannot run here (back end {back!r})")

@@ -150,7 +150,8 @@ def kernel_supported(x, gate_up, down) -> bool:
     H = x.shape[-1]
     E, two_i, Hg = gu.shape
     I = two_i // 2
-    return Hg == H and dn.shape[1:] == (H, I) and H % _vpv(a[0], a[1]) == 0 and I % _vpv(b[0], b[1]) == 0
+    fits = max(H, I) <= 7168  # the padded input row in 32 KB of threadgroup memory
+    return fits and Hg == H and dn.shape[1:] == (H, I) and H % _vpv(a[0], a[1]) == 0 and I % _vpv(b[0], b[1]) == 0
 
 
 def _matvec(x, expert, rweight, w, *, glu, nout, back):

@@ -10,12 +10,11 @@ Semantics follow transformers' ``ZayaRouter``.
 
 from __future__ import annotations
 
-import functools
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._build import backend, dummy, get_kernel
+from ._build import backend, constant, dummy, get_kernel
 
 
 def router_mlp_reference(r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, bal, eps):
@@ -38,12 +37,6 @@ _INPUTS = ("rdown", "rprev", "rscale", "nw", "w1", "b1", "w2", "b2", "wo", "bal"
 _OUTPUTS = ("rnext", "choice", "prob")
 
 
-@functools.cache
-def _fparams(eps: float) -> mx.array:
-    a = mx.array([eps], dtype=mx.float32)
-    mx.eval(a)
-    return a
-
 
 def kernel_supported(r_down, fc1_w, fc2_w, out_w) -> bool:
     R = r_down.shape[-1]
@@ -53,6 +46,7 @@ def kernel_supported(r_down, fc1_w, fc2_w, out_w) -> bool:
         and len({w.dtype for w in ws}) == 1
         and fc1_w.dtype in (mx.bfloat16, mx.float32)
         and R % 8 == 0
+        and R <= 1024
         and out_w.shape[0] <= 1024
     )
 
@@ -64,7 +58,7 @@ def router_mlp_kernel(r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_
     dtype = r_down.dtype
     ne1 = out_w.shape[0]
     has_prev = r_prev is not None
-    nt = 1024 if R >= 512 else 512 if R >= 128 else 128
+    nt = 512 if R >= 256 else 256  # 1024 threads would need <= 64 registers each
     kern = get_kernel("router_mlp.h", back, _INPUTS, _OUTPUTS)
     outs = kern(
         inputs=[
@@ -78,7 +72,7 @@ def router_mlp_kernel(r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_
             fc2_b.astype(fc1_b.dtype),
             out_w,
             bal if bal.dtype == mx.float32 else bal.astype(mx.float32),
-            _fparams(float(eps)),
+            constant((float(eps),)),
         ],
         template=[
             ("T", dtype),
