@@ -17,6 +17,8 @@ from zaya_mlx.kernels import (
     backend,
     cca_decode_step,
     cca_decode_step_reference,
+    decode_attention,
+    decode_attention_reference,
     expert_gather,
     expert_gather_reference,
     residual_norm,
@@ -49,7 +51,8 @@ def rnd(*shape, scale=1.0, dtype=mx.float32):
 
 
 @pytest.mark.parametrize("back", ["metal", "cuda"])
-@pytest.mark.parametrize("body", ["cca_decode.h", "expert_matvec.h", "router_mlp.h", "residual_norm.h"])
+@pytest.mark.parametrize("body", ["cca_decode.h", "expert_matvec.h", "router_mlp.h", "residual_norm.h",
+                                  "decode_attention.h", "attention_combine.h"])
 def test_kernel_sources_assemble(back, body):
     header, source = _build.kernel_source(body, back)
     assert "ZK_SHARED" in header and "zk_dot_u4" in header
@@ -279,6 +282,33 @@ def test_residual_norm_reference_matches_transformers():
     assert rel(h2, hn.numpy()) < 1e-6 and rel(x2, x.numpy()) < F32 and rel(r2, r.numpy()) < F32
 
 
+def _attention_numpy(q, keys, values, length, scale, pads, window):
+    """Softmax attention of one query per head over positions [start_b, length), written out by hand."""
+    q, k, v = (np.array(a.astype(mx.float32), np.float64) for a in (q, keys, values))
+    B, NH, _, D = q.shape
+    rep = NH // k.shape[1]
+    out = np.zeros((B, NH, 1, D))
+    for b in range(B):
+        start = max(pads[b] if pads is not None else 0, length - window if window else 0)
+        for h in range(NH):
+            kk, vv = k[b, h // rep, start:length], v[b, h // rep, start:length]
+            s = kk @ q[b, h, 0] * scale
+            p = np.exp(s - s.max())
+            out[b, h, 0] = (p / p.sum()) @ vv
+    return out
+
+
+@pytest.mark.parametrize("pads,window", [(None, None), ([0, 3, 5], None), (None, 6), ([0, 9, 2], 6)])
+def test_decode_attention_reference_matches_numpy(pads, window):
+    """Cache buffers longer than the filled length, grouped heads, left padding and a sliding window."""
+    mx.random.seed(5)
+    B, NH, NKV, D, cap, length = 3, 8, 2, 32, 20, 13
+    q, keys, values = rnd(B, NH, 1, D), rnd(B, NKV, cap, D), rnd(B, NKV, cap, D)
+    lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
+    out = decode_attention_reference(q, keys, values, length, scale=D**-0.5, left_padding=lp, window=window)
+    assert rel(out, _attention_numpy(q, keys, values, length, D**-0.5, pads, window)) < 1e-5
+
+
 # --- kernels against references (GPU only) ----------------------------------------------------------
 
 CCA_SHAPES = [  # nh, nkv, d, t0, t1, rope dims, batch
@@ -450,3 +480,30 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
             tok = mx.argmax(logits["0"][:, -1:], axis=-1).astype(mx.int32)
         if pads is not None:
             assert isinstance(caches["1"][0][0], BatchKVCache)
+
+
+ATTENTION_CASES = [  # B, NH, NKV, D, length, capacity, left padding, window
+    (1, 8, 2, 128, 300, 512, None, None),
+    (1, 8, 2, 128, 1, 256, None, None),
+    (8, 8, 2, 128, 77, 256, [0, 1, 2, 3, 10, 20, 30, 76], None),
+    (2, 8, 2, 128, 3000, 3072, [0, 100], None),  # past SINGLE_PASS_MAX: chunks, then the combine pass
+    (3, 8, 2, 128, 2500, 2560, [0, 4, 9], 1000),
+    (2, 4, 4, 64, 50, 64, None, 16),
+    (2, 8, 1, 256, 40, 64, [0, 5], None),
+    (1, 16, 2, 32, 1100, 1280, None, None),
+]
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_decode_attention_kernel_matches_reference(case, dtype):
+    B, NH, NKV, D, length, cap, pads, window = case
+    mx.random.seed(length + B)
+    q, keys, values = rnd(B, NH, 1, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype)
+    lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
+    kw = dict(scale=D**-0.5, left_padding=lp, window=window)
+    ref = decode_attention_reference(q, keys, values, length, **kw)
+    out = decode_attention(q, keys, values, length, impl="kernel", **kw)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel(out, ref) < (1e-2 if dtype == mx.bfloat16 else F32)

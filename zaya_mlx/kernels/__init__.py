@@ -7,6 +7,7 @@ in metal/ (installed as ``zaya_mlx.metal``): one portable body a kernel plus a M
 """
 
 from ._build import backend
+from .attention import decode_attention, decode_attention_reference
 from .cca import cca_decode_step, cca_decode_step_reference, offset_array
 from .experts import QuantizedStack, as_stack, expert_gather, expert_gather_reference
 from .norms import residual_norm, residual_norm_reference
@@ -14,6 +15,8 @@ from .router import router_mlp, router_mlp_reference
 
 __all__ = [
     "backend",
+    "decode_attention",
+    "decode_attention_reference",
     "cca_decode_step",
     "cca_decode_step_reference",
     "offset_array",

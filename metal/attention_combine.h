@@ -1,0 +1,27 @@
+// Decode attention, second pass for long caches: merges the chunks that decode_attention.h (SPLIT)
+// wrote for each query head, weighting chunk c's normalised output by its softmax sum l_c * exp(m_c - M).
+// Plain-MLX reference: zaya_mlx/kernels/attention.py, decode_attention_reference.
+//
+// Grid: x = b * NH + h (one threadgroup of NT threads, thread d < D writes output value d).
+// Template: T (output dtype), D, NT (>= D).
+// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [5] int32 (NC at 4).
+// Output: out [B, NH, 1, D] (T).
+const int bh = zk_bx;
+const int NC = meta[4];
+const int d = zk_tid;
+if (d < D) {
+  float mmax = -3.0e38f;
+  for (int c = 0; c < NC; ++c) {
+    const float mc = ml[(bh * NC + c) * 2];
+    mmax = (ml[(bh * NC + c) * 2 + 1] > 0.0f && mc > mmax) ? mc : mmax;
+  }
+  float sum = 0.0f;
+  float o = 0.0f;
+  for (int c = 0; c < NC; ++c) {
+    const float lc = ml[(bh * NC + c) * 2 + 1];
+    const float f = (lc > 0.0f) ? lc * zk_exp(ml[(bh * NC + c) * 2] - mmax) : 0.0f;
+    sum += f;
+    o += part[(bh * NC + c) * D + d] * f;
+  }
+  out[bh * D + d] = static_cast<T>((sum > 0.0f) ? o / sum : 0.0f);
+}

@@ -1,0 +1,95 @@
+"""Decode attention over a KV cache's buffers: the fused op and its plain-MLX reference.
+
+One query token per sequence attends to the first ``length`` positions of the cache's preallocated
+key/value buffers ([B, NKV, capacity, D], as mlx-lm's KVCache and BatchKVCache keep them), less a batch
+row's left padding and, for a sliding-window layer, the keys that fell out of the window. The kernel
+(metal/decode_attention.h, plus metal/attention_combine.h past ``SINGLE_PASS_MAX`` keys) reads the
+buffers in place: no slices, no mask array, and none of mx.fast.scaled_dot_product_attention's per-call
+host setup, which on MLX-CUDA costs more than the attention itself for one token.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ._build import backend, constant, get_kernel
+
+SINGLE_PASS_MAX = 1024  # keys a threadgroup takes in one pass; longer caches split into CHUNK-key chunks
+CHUNK = 512
+
+
+def decode_attention_reference(q, keys, values, length: int, *, scale: float, left_padding=None, window=None):
+    """q [B, NH, 1, D]; keys, values [B, NKV, CAP, D] with positions [0, length) filled; left_padding [B]
+    (int array) or None; window: a sliding window's size or None. Returns [B, NH, 1, D] in q's dtype."""
+    keys, values = keys[..., :length, :], values[..., :length, :]
+    mask = None
+    if left_padding is not None or (window is not None and length > window):
+        k = mx.arange(length)
+        mask = mx.ones((1, 1, 1, length), dtype=mx.bool_)
+        if window is not None:
+            mask = mask & (k > length - 1 - window)
+        if left_padding is not None:
+            mask = mask & (k[None] >= left_padding[:, None])[:, None, None, :]
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+
+
+def _threads(n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+    """Threads of a threadgroup: at most 16 SIMD groups, whose partial results fit in 28 KB of threadgroup
+    memory (Metal allows 32 KB in all)."""
+    per_group = (n_heads // n_kv_heads) * (head_dim + 2) * 4
+    return 32 * max(1, min(16, 28672 // per_group))
+
+
+def kernel_supported(q, keys) -> bool:
+    B, NH, L, D = q.shape
+    NKV = keys.shape[1]
+    return (
+        L == 1
+        and D % 32 == 0
+        and D <= 256
+        and NH % NKV == 0
+        and NH // NKV <= 8
+        and q.dtype == keys.dtype
+        and q.dtype in (mx.bfloat16, mx.float16, mx.float32)
+    )
+
+
+def decode_attention_kernel(q, keys, values, length: int, *, scale: float, left_padding=None, window=None,
+                            back=None):
+    back = back or backend()
+    B, NH, _, D = q.shape
+    NKV, cap = keys.shape[1], keys.shape[2]
+    nt = _threads(NH, NKV, D)
+    split = length > SINGLE_PASS_MAX
+    chunk = CHUNK if split else max(length, 1)
+    nc = (length + chunk - 1) // chunk if split else 1
+    meta = constant((length, window or 0, chunk, cap, nc), mx.int32)
+    lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
+    kern = get_kernel("decode_attention.h", back, ("q", "keys", "values", "lpad", "meta", "fparams"), ("out", "ml"))
+    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("NT", nt), ("SPLIT", split)]
+    inputs = [q, keys, values, lpad, meta, constant((scale,), mx.float32)]
+    if not split:
+        return kern(inputs=inputs, template=template, grid=(nt, B * NKV, 1), threadgroup=(nt, 1, 1),
+                    output_shapes=[q.shape, (1,)], output_dtypes=[q.dtype, mx.float32])[0]
+    part, ml = kern(inputs=inputs, template=template, grid=(nc * nt, B * NKV, 1), threadgroup=(nt, 1, 1),
+                    output_shapes=[(B, NH, nc, D), (B, NH, nc, 2)], output_dtypes=[mx.float32, mx.float32])
+    combine = get_kernel("attention_combine.h", back, ("part", "ml", "meta"), ("out",))
+    nt2 = max(32, D)
+    return combine(inputs=[part, ml, meta], template=[("T", q.dtype), ("D", D), ("NT", nt2)],
+                   grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1), output_shapes=[q.shape],
+                   output_dtypes=[q.dtype])[0]
+
+
+def decode_attention(q, keys, values, length: int, *, scale: float, left_padding=None, window=None, impl="auto",
+                     back=None):
+    """Attention of one new token per row (see ``decode_attention_reference``); impl: 'auto', 'kernel' or
+    'reference'; back: the back end if the caller knows it (``backend()``: once a step, not once a layer)."""
+    back = back or backend()
+    use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
+    if use_kernel and back != "cpu" and kernel_supported(q, keys):
+        return decode_attention_kernel(q, keys, values, length, scale=scale, left_padding=left_padding,
+                                       window=window, back=back)
+    if impl == "kernel":
+        raise RuntimeError(f"the decode attention kernel cannot run here (back end {back!r})")
+    return decode_attention_reference(q, keys, values, length, scale=scale, left_padding=left_padding,
+                                      window=window)
