@@ -507,3 +507,28 @@ def test_decode_attention_kernel_matches_reference(case, dtype):
     out = decode_attention(q, keys, values, length, impl="kernel", **kw)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel(out, ref) < (1e-2 if dtype == mx.bfloat16 else F32)
+
+
+def test_fused_decode_follows_replaced_weights(monkeypatch):
+    """The compiled step functions close over the weights; replacing weights through Model.update (what
+    load_weights and nn.quantize use) must reach the fused step, as it reaches the plain ops."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from zaya_mlx.benchmark import build_zaya, small_config
+
+    model = build_zaya(small_config(), None, seed=4, dtype=mx.float32)
+    prompt = mx.random.randint(0, 512, (1, 6)).astype(mx.int32)
+    tok = mx.array([[3]], dtype=mx.int32)
+
+    def step(mode):
+        monkeypatch.setenv("ZAYA_FUSED", mode)
+        cache = model.make_cache()
+        model(prompt, cache)
+        return model(tok, cache)
+
+    before = step("1")
+    scaled = [(k, v * 1.5) for k, v in tree_flatten(model.parameters()) if "o_proj.weight" in k]
+    model.update(tree_unflatten(scaled))
+    plain, fused = step("0"), step("1")
+    assert float(mx.abs(fused - before).max()) > 1e-3  # the change is visible at all
+    assert float(mx.abs(fused - plain).max() / mx.abs(plain).max()) < max(1e-4, F32)

@@ -283,6 +283,14 @@ class ZayaModel(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
+    def update(self, parameters: dict, strict: bool = True):
+        self.__dict__.pop("_fused_steps", None)  # compiled decode steps hold the old weights
+        return super().update(parameters, strict)
+
+    def update_modules(self, modules: dict, strict: bool = True):
+        self.__dict__.pop("_fused_steps", None)
+        return super().update_modules(modules, strict)
+
     def __call__(self, tokens: mx.array, cache=None):
         B, L = tokens.shape
         if L == 1 and cache is not None and use_fused_decode():
@@ -326,6 +334,14 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    def update(self, parameters: dict, strict: bool = True):
+        self.model.__dict__.pop("_fused_steps", None)  # compiled decode steps hold the old weights
+        return super().update(parameters, strict)
+
+    def update_modules(self, modules: dict, strict: bool = True):
+        self.model.__dict__.pop("_fused_steps", None)
+        return super().update_modules(modules, strict)
 
     def make_cache(self, batch_left_padding: Optional[list] = None) -> list:
         """One mlx-lm `CacheList(kv, conv)` per layer; a left-padded batch gets a `BatchKVCache`."""
@@ -381,30 +397,35 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
         offset, left_padding = kv0.offset, None
         positions = offset
     positions = kernels.offset_array(positions, B)
-    masks = {t: attention_mask(1, offset, left_padding, args.sliding_window if t == "hybrid_sliding" else None)
-             for t in set(args.layer_types)}
+    windows = {t: args.sliding_window if t == "hybrid_sliding" else None for t in set(args.layer_types)}
 
     layers = model.layers
     for i, layer in enumerate(layers):  # the conv state of a cache that has seen no token yet
         conv = cache[i][1]
+        if conv[0] is not None and conv[1] is not None:
+            break  # all layers' states are set together
         proj = layer.self_attn.qkv_proj
         if conv[0] is None:
             conv[0] = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), layer.input_layernorm.weight.dtype)
         if conv[1] is None:
             conv[1] = proj._delayed_of_zero(B, layer.input_layernorm.weight.dtype)
 
+    back = kernels.backend()
+    steps = _step_functions(model, back)
     conv = cache[0][1]
-    h, q, k, v, conv[0], conv[1] = _step_function(model, -1)(tokens, conv[0], conv[1], positions)
+    h, q, k, v, conv[0], conv[1] = steps[0](tokens, conv[0], conv[1], positions)
     r = _zeros_like_router_state(B, args.router_hidden_size, layers[0].input_layernorm.weight.dtype)
+    last = len(layers) - 1
     for i, layer in enumerate(layers):
-        attn = layer.self_attn
-        keys, values = cache[i][0].update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=masks[layer.layer_type])
-        if i + 1 < len(layers):
+        kv = cache[i][0]
+        kv.update_and_fetch(k, v)  # the views it returns go unused: attention reads the buffers in place
+        out = kernels.decode_attention(q, kv.keys, kv.values, offset + 1, scale=layer.self_attn.scale,
+                                       left_padding=left_padding, window=windows[layer.layer_type], back=back)
+        if i < last:
             conv = cache[i + 1][1]
-            h, r, q, k, v, conv[0], conv[1] = _step_function(model, i)(out, h, r, conv[0], conv[1], positions)
+            h, r, q, k, v, conv[0], conv[1] = steps[i + 1](out, h, r, conv[0], conv[1], positions)
         else:
-            return _step_function(model, i)(out, h, r)
+            return steps[i + 1](out, h, r)
 
 
 _ZEROS = {}
@@ -419,21 +440,27 @@ def _zeros_like_router_state(batch, width, dtype):
     return _ZEROS[key]
 
 
-def _step_function(model: "ZayaModel", i: int):
+def _step_functions(model: "ZayaModel", back: str) -> list:
+    """The step's functions, one per layer boundary: [from the token ids, after layer 0, ..., after the last].
+
+    Built once per model, back end and compile mode. A compiled function holds the weights it closed over as
+    constants, so replacing weights through ``update`` or ``update_modules`` (``load_weights``, ``nn.quantize``)
+    drops them; weights assigned to a submodule's attribute directly are not seen.
+    """
+    key = (use_compiled_decode(), back)
+    steps = model.__dict__.get("_fused_steps")  # a plain attribute: not a parameter
+    if steps is None or steps[0] != key:
+        steps = (key, [_step_function(model, i, key[0]) for i in range(-1, len(model.layers))])
+        model.__dict__["_fused_steps"] = steps
+    return steps[1]
+
+
+def _step_function(model: "ZayaModel", i: int, compiled: bool):
     """The function from layer i's attention output to layer i+1's q, k, v (i = -1: from the token ids; the last
-    layer: to the final norm), compiled unless ZAYA_COMPILE=0. Cached per model and layer; a cached function is
-    rebuilt when the layer's weights are replaced (it holds them as constants)."""
-    compiled = use_compiled_decode()
+    layer: to the final norm)."""
     layers = model.layers
     nxt = layers[i + 1] if i + 1 < len(layers) else None
     cur = layers[i] if i >= 0 else None
-    mods = [m for m in (cur, nxt) if m is not None]
-    sig = (compiled, kernels.backend(), *(id(a) for m in mods for _, a in _weight_refs(m)))
-    cached = model.__dict__.setdefault("_fused_steps", {})  # a plain attribute: not a parameter
-    hit = cached.get(i)
-    if hit is not None and hit[0] == sig:
-        return hit[1]
-
     if i < 0:
         def fn(tokens, state, v_prev, positions):
             h = model.embed_tokens(tokens)
@@ -448,18 +475,7 @@ def _step_function(model: "ZayaModel", i: int):
         def fn(out, h, r, state, v_prev, positions):
             h, x, r = _mlp_block(cur, out, h, r, nxt.input_layernorm)
             return (h, r, *_attention_inputs(nxt, x, state, v_prev, positions))
-
-    f = mx.compile(fn) if compiled else fn
-    cached[i] = (sig, f)
-    return f
-
-
-def _weight_refs(layer: DecoderLayer):
-    """The arrays that identify a layer's weights (a replaced weight means a new compiled function)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return [("in", attn.qkv_proj.in_proj.weight), ("o", attn.o_proj.weight),
-            ("gu", mlp.experts.gate_up_proj.weight), ("dn", mlp.experts.down_proj.weight),
-            ("r", mlp.gate.router_mlp.fc1.weight), ("d", mlp.gate.down_proj.weight)]
+    return mx.compile(fn) if compiled else fn
 
 
 def _attention_inputs(layer: DecoderLayer, x, state, v_prev, positions):
