@@ -7,8 +7,11 @@
 #   call 2 (carry .device/p2 .device/stage.sh .device/env.sh .vmlx):
 #       bash .device/stage.sh && . .device/env.sh && bash bench/run_on_device.sh tests bench
 #   later calls on the same (warm) machine: . .device/env.sh && bash bench/run_on_device.sh ...
-# Parts: nvcc (compile the CUDA twins offline), tests (tests/test_kernels.py), bench (bf16 + MXFP4, batch 1
-# and 8, the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only).
+#   (call 2 must follow call 1 within the 30 s a machine stays warm; and stage.sh as mlx-cuda.sh 0.32.4 writes it
+#   names the joined wheel without a version, which pip refuses: make it mlx_cuda_13-0.32.4-py3-none-...whl)
+# Parts: nvcc (compile the CUDA twins offline), tests (tests/test_kernels.py, by group), bench (bf16 + MXFP4,
+# batch 1 and 8, the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only),
+# profile (bench/profile_decode.py: one step's cost op by op).
 # Logs go to $OUT (the device tool's folder) or ./device-out.
 set -u
 OUT=${OUT:-device-out}
@@ -24,7 +27,15 @@ for part in "$@"; do
     nvcc)
       python3 bench/nvcc_check.py 2>&1 | tee "$OUT/nvcc.log" || rc=1 ;;
     tests)
-      timeout 480 python3 -m pytest tests/test_kernels.py -q -rs --noconftest -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+      # by group, each with its own limit: on a fresh machine every kernel variant is compiled by NVRTC first
+      # (several seconds each), so a group that runs out of time still leaves the others' results
+      for k in "attention_kernel" "cca_kernel" "router_kernel or residual_norm_kernel" "expert_kernel" "fused_decode"; do
+        timeout 240 python3 -m pytest tests/test_kernels.py -q -rs --noconftest -p no:cacheprovider -k "$k" 2>&1 \
+          | sed "s/^/[$k] /" | tee -a "$OUT/tests.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done ;;
+    profile)
+      timeout 300 python3 bench/profile_decode.py --quant mxfp4 --batch 1 --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench)
       timeout 560 python3 bench/bench_decode.py --quant bf16,mxfp4 --batch 1,8 --plain $VMLX \
