@@ -1,8 +1,10 @@
 """Compile the CUDA twins offline with nvcc, the way mx.fast.cuda_kernel assembles them.
 
-No GPU needed: this catches syntax and type errors before spending device time. It mimics MLX's
-generated kernel (MLX's header, then ours, then a __global__ function whose arguments are the inputs
-and outputs, with template arguments as `using`/`constexpr` lines). Usage: python bench/nvcc_check.py
+No GPU needed: this catches syntax and type errors before spending device time, launches that would need
+more registers than an SM has, and threadgroup memory past Metal's 32 KB (the Metal twins share the
+bodies). It mimics MLX's generated kernel (MLX's header, then ours, then a __global__ function whose
+arguments are the inputs and outputs, with template arguments as `using`/`constexpr` lines).
+Usage: python bench/nvcc_check.py
 """
 
 import os
@@ -104,6 +106,10 @@ def main():
             if nregs * threads > 65536:  # a launch of NT threads would fail: "too many resources requested"
                 status = "FAILED"
                 spill.append(f"{nregs} registers x {threads} threads > 65536")
+            smem = re.search(r"(\d+) bytes smem", regs[-1]) if regs else None
+            if smem and int(smem.group(1)) > 32768:  # the same body on Metal gets 32 KB of threadgroup memory
+                status = "FAILED"
+                spill.append(f"{smem.group(1)} bytes of threadgroup memory > Metal's 32768")
             print(f"{status:6s} {name:28s} {regs[-1] if regs else ''} {' '.join(spill)}")
             if status != "ok":
                 bad += 1
