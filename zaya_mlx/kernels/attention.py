@@ -50,7 +50,7 @@ def kernel_supported(q, keys) -> bool:
         and NH % NKV == 0
         and NH // NKV <= 8
         and q.dtype == keys.dtype
-        and q.dtype in (mx.bfloat16, mx.float16, mx.float32)
+        and q.dtype in (mx.bfloat16, mx.float32)  # the dtypes its GPU tests cover
     )
 
 
