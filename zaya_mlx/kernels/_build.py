@@ -78,6 +78,17 @@ def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str
     raise ValueError(f"no GPU kernels for back end {back!r}")
 
 
+def use_kernel(impl: str, back: str, supported, what: str) -> bool:
+    """Whether an op runs its kernel rather than its reference. impl 'auto' or 'kernel': on a Metal or CUDA
+    GPU where ``supported()`` says the kernel covers the call ('kernel' raises, naming ``what``, where it
+    cannot); 'reference': never."""
+    if impl in ("auto", "kernel") and back != "cpu" and supported():
+        return True
+    if impl == "kernel":
+        raise RuntimeError(f"{what} cannot run here (back end {back!r})")
+    return False
+
+
 @functools.lru_cache(maxsize=256)
 def constant(values: tuple, dtype=mx.float32) -> mx.array:
     """A small evaluated array of fixed values (a kernel's scalar parameters): built once, then reused

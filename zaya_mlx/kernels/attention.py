@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ._build import backend, constant, get_kernel
+from ._build import backend, constant, get_kernel, use_kernel
 
 SINGLE_PASS_MAX = 1024  # keys a threadgroup takes in one pass; longer caches split into CHUNK-key chunks
 CHUNK = 512
@@ -85,11 +85,8 @@ def decode_attention(q, keys, values, length: int, *, scale: float, left_padding
     """Attention of one new token per row (see ``decode_attention_reference``); impl: 'auto', 'kernel' or
     'reference'; back: the back end if the caller knows it (``backend()``: once a step, not once a layer)."""
     back = back or backend()
-    use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
-    if use_kernel and back != "cpu" and kernel_supported(q, keys):
+    if use_kernel(impl, back, lambda: kernel_supported(q, keys), "the decode attention kernel"):
         return decode_attention_kernel(q, keys, values, length, scale=scale, left_padding=left_padding,
                                        window=window, back=back)
-    if impl == "kernel":
-        raise RuntimeError(f"the decode attention kernel cannot run here (back end {back!r})")
     return decode_attention_reference(q, keys, values, length, scale=scale, left_padding=left_padding,
                                       window=window)

@@ -19,7 +19,7 @@ import math
 
 import mlx.core as mx
 
-from ._build import backend, constant, get_kernel
+from ._build import backend, constant, get_kernel, use_kernel
 
 
 def _eps(dtype) -> float:
@@ -117,7 +117,6 @@ def offset_array(offset, batch: int) -> mx.array:
             off = mx.broadcast_to(off, (batch,))
         return off
     return mx.array([int(offset)] * batch, dtype=mx.int32)
-
 
 
 _INPUTS = (
@@ -227,9 +226,6 @@ def cca_decode_step(
         norm_eps=norm_eps,
     )
     back = backend()
-    use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
-    if use_kernel and back != "cpu" and kernel_supported(conv_state, gw_w, **kw):
+    if use_kernel(impl, back, lambda: kernel_supported(conv_state, gw_w, **kw), "the fused CCA kernel"):
         return _cca_kernel(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, back=back, **kw)
-    if impl == "kernel":
-        raise RuntimeError(f"the fused CCA kernel cannot run here (back end {back!r})")
     return cca_decode_step_reference(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, **kw)

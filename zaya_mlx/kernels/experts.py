@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._build import backend, dummy, get_kernel
+from ._build import backend, dummy, get_kernel, use_kernel
 
 
 @dataclass(frozen=True)
@@ -205,9 +205,6 @@ def expert_gather_kernel(x, expert, weight, gate_up, down, *, back=None):
 def expert_gather(x, expert, weight, gate_up, down, *, impl: str = "auto"):
     """Top-1 expert SwiGLU (see ``expert_gather_reference``); impl: 'auto', 'kernel' or 'reference'."""
     back = backend()
-    use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
-    if use_kernel and back != "cpu" and kernel_supported(x, gate_up, down):
+    if use_kernel(impl, back, lambda: kernel_supported(x, gate_up, down), "the expert kernels"):
         return expert_gather_kernel(x, expert, weight, gate_up, down, back=back)
-    if impl == "kernel":
-        raise RuntimeError(f"the expert kernels cannot run here (back end {backend()!r})")
     return expert_gather_reference(x, expert, weight, gate_up, down)

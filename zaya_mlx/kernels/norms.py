@@ -9,10 +9,9 @@ Semantics follow transformers' ``ZayaResidualScaling`` and ``ZayaRMSNorm``.
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 
-from ._build import backend, constant, dummy, get_kernel
+from ._build import backend, constant, dummy, get_kernel, use_kernel
 
 
 def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None):
@@ -28,7 +27,6 @@ def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, ro
 _INPUTS = ("o", "h", "hs", "hb", "rs", "rb", "nw", "wd", "bd", "fparams")
 _OUTPUTS = ("h_out", "x_out", "r_out")
 _NT = 256
-
 
 
 def kernel_supported(o, h, router_w=None) -> bool:
@@ -85,9 +83,6 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, route
 def residual_norm(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None, *, impl="auto"):
     """Residual scaling + RMSNorm (+ router down-projection); impl: 'auto', 'kernel' or 'reference'."""
     back = backend()
-    use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
-    if use_kernel and back != "cpu" and kernel_supported(o, h, router_w):
+    if use_kernel(impl, back, lambda: kernel_supported(o, h, router_w), "the residual-norm kernel"):
         return residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w, router_b, back=back)
-    if impl == "kernel":
-        raise RuntimeError(f"the residual-norm kernel cannot run here (back end {back!r})")
     return residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w, router_b)

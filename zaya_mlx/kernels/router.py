@@ -10,11 +10,10 @@ Semantics follow transformers' ``ZayaRouter``.
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._build import backend, constant, dummy, get_kernel
+from ._build import backend, constant, dummy, get_kernel, use_kernel
 
 
 def router_mlp_reference(r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, bal, eps):
@@ -35,7 +34,6 @@ def router_mlp_reference(r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, f
 
 _INPUTS = ("rdown", "rprev", "rscale", "nw", "w1", "b1", "w2", "b2", "wo", "bal", "fparams")
 _OUTPUTS = ("rnext", "choice", "prob")
-
 
 
 def kernel_supported(r_down, fc1_w, fc2_w, out_w) -> bool:
@@ -94,9 +92,6 @@ def router_mlp(r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_
     """The router MLP (see ``router_mlp_reference``); impl: 'auto', 'kernel' or 'reference'."""
     args = (r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, out_w, bal, eps)
     back = backend()
-    use_kernel = impl == "kernel" or (impl == "auto" and back != "cpu")
-    if use_kernel and back != "cpu" and kernel_supported(r_down, fc1_w, fc2_w, out_w):
+    if use_kernel(impl, back, lambda: kernel_supported(r_down, fc1_w, fc2_w, out_w), "the router kernel"):
         return router_mlp_kernel(*args, back=back)
-    if impl == "kernel":
-        raise RuntimeError(f"the router kernel cannot run here (back end {back!r})")
     return router_mlp_reference(*args)
