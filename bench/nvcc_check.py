@@ -16,7 +16,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from zaya_mlx.kernels import _build  # noqa: E402
+from zaya_mlx.kernels import _build, attention, cca, experts, norms, router  # noqa: E402
 
 MOCK_MLX_HEADER = """
 #include <cuda_bf16.h>
@@ -45,12 +45,12 @@ CASES = [
      [("qkv", "bf16"), ("conv_state", "bf16"), ("v_prev", "bf16"), ("dw_w", "bf16"), ("dw_b", "bf16"),
       ("gw_w", "bf16"), ("gw_b", "bf16"), ("temp", "bf16"), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")],
      [("q_out", "bf16"), ("k_out", "bf16"), ("v_out", "bf16"), ("conv_out", "bf16"), ("vprev_out", "bf16")],
-     [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("T0", 2), ("T1", 2), ("RD", 64), ("NT", 1024)]),
+     [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("T0", 2), ("T1", 2), ("RD", 64), ("NT", cca._NT)]),
     ("cca_f32", "cca_decode.h",
      [("qkv", "f32"), ("conv_state", "f32"), ("v_prev", "f32"), ("dw_w", "f32"), ("dw_b", "f32"),
       ("gw_w", "f32"), ("gw_b", "f32"), ("temp", "f32"), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")],
      [("q_out", "f32"), ("k_out", "f32"), ("v_out", "f32"), ("conv_out", "f32"), ("vprev_out", "f32")],
-     [("T", "f32"), ("D", 64), ("NH", 4), ("NKV", 1), ("T0", 3), ("T1", 2), ("RD", 32), ("NT", 1024)]),
+     [("T", "f32"), ("D", 64), ("NH", 4), ("NKV", 1), ("T0", 3), ("T1", 2), ("RD", 32), ("NT", cca._NT)]),
 ]
 for qm, wt, st, bt, bits, gs in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f32", "f32", 16, 1),
                                  (2, "u32", "bf16", "bf16", 4, 64), (2, "u32", "bf16", "bf16", 8, 32),
@@ -60,27 +60,28 @@ for qm, wt, st, bt, bits, gs in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f
                       [("x", "bf16"), ("expert", "i32"), ("rweight", "bf16"), ("w", wt), ("scales", st), ("biases", bt)],
                       [("y", "bf16")],
                       [("T", "bf16"), ("K", 2048), ("NOUT", 2048), ("GLU", glu), ("QM", qm), ("BITS", bits), ("GS", gs),
-                       ("NE", 16), ("RPW", 1 if glu else 2), ("NT", 256)]))
+                       ("NE", 16), ("RPW", 1 if glu else 2), ("NT", experts._NT)]))
 for wq, wt in [(0, "bf16"), (1, "f32")]:
     for prev in (True, False):
         CASES.append((f"router_w{wq}_{prev}", "router_mlp.h",
                       [("rdown", "bf16"), ("rprev", "bf16"), ("rscale", "bf16"), ("nw", "bf16"), ("w1", wt), ("b1", "bf16"),
                        ("w2", wt), ("b2", "bf16"), ("wo", wt), ("bal", "f32"), ("fparams", "f32")],
                       [("rnext", "bf16"), ("choice", "i32"), ("prob", "bf16")],
-                      [("T", "bf16"), ("R", 256), ("NE1", 17), ("HAS_PREV", prev), ("WQ", wq), ("NT", 512)]))
+                      [("T", "bf16"), ("R", 256), ("NE1", 17), ("HAS_PREV", prev), ("WQ", wq), ("NT", router._threads(256))]))
 for router in (True, False):
     CASES.append((f"resnorm_{router}", "residual_norm.h",
                   [("o", "bf16"), ("h", "f32"), ("hs", "bf16"), ("hb", "bf16"), ("rs", "bf16"), ("rb", "bf16"),
                    ("nw", "bf16"), ("wd", "bf16"), ("bd", "bf16"), ("fparams", "f32")],
                   [("h_out", "f32"), ("x_out", "bf16"), ("r_out", "bf16")],
-                  [("T", "bf16"), ("RT", "bf16"), ("H", 2048), ("HAS_ROUTER", router), ("R", 256), ("RPB", 8),
-                   ("WQ", 0), ("NT", 256)]))
+                  [("T", "bf16"), ("RT", "bf16"), ("H", 2048), ("HAS_ROUTER", router), ("R", 256), ("RPB", norms._RPB),
+                   ("WQ", 0), ("NT", norms._NT)]))
 for split in (False, True):
     CASES.append((f"attention_{'split' if split else 'single'}", "decode_attention.h",
                   [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("lpad", "i32"), ("meta", "i32"),
                    ("fparams", "f32")],
                   [("out", "f32" if split else "bf16"), ("ml", "f32")],
-                  [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("NT", 416), ("SPLIT", split)]))
+                  [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("NT", attention._threads(8, 2, 128)),
+                   ("SPLIT", split)]))
 CASES.append(("attention_combine", "attention_combine.h", [("part", "f32"), ("ml", "f32"), ("meta", "i32")],
               [("out", "bf16")], [("T", "bf16"), ("D", 128), ("NT", 128)]))
 

@@ -133,6 +133,7 @@ _INPUTS = (
     "fparams",
 )
 _OUTPUTS = ("q_out", "k_out", "v_out", "conv_out", "vprev_out")
+_NT = 1024  # wide: the grouped conv takes a few channels a SIMD group, all loads in flight
 
 
 def kernel_supported(conv_state, gw_w, *, n_heads, n_kv_heads, head_dim, rope_dims, **_) -> bool:
@@ -162,7 +163,6 @@ def _cca_kernel(
     t1 = gw_w.shape[1]
     off = offset_array(offset, B)
     eps = _eps(dtype) if norm_eps is None else norm_eps
-    nt = 1024
     kern = get_kernel("cca_decode.h", back, _INPUTS, _OUTPUTS)
     inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else mx.zeros((1,), mx.float32)
     outs = kern(
@@ -187,10 +187,10 @@ def _cca_kernel(
             ("T0", t0),
             ("T1", t1),
             ("RD", rope_dims),
-            ("NT", nt),
+            ("NT", _NT),
         ],
-        grid=((nh + nkv) * nt, B, 1),
-        threadgroup=(nt, 1, 1),
+        grid=((nh + nkv) * _NT, B, 1),
+        threadgroup=(_NT, 1, 1),
         output_shapes=[(B, nh, 1, d), (B, nkv, 1, d), (B, nkv, 1, d), (B, S, C), (B, nkv * d // 2)],
         output_dtypes=[dtype] * 5,
     )

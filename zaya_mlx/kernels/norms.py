@@ -27,6 +27,7 @@ def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, ro
 _INPUTS = ("o", "h", "hs", "hb", "rs", "rb", "nw", "wd", "bd", "fparams")
 _OUTPUTS = ("h_out", "x_out", "r_out")
 _NT = 256
+_RPB = 8  # router rows a threadgroup: one a SIMD group, 32 threadgroups for ZAYA's 256
 
 
 def kernel_supported(o, h, router_w=None) -> bool:
@@ -44,8 +45,7 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, route
     dtype = o.dtype
     has_router = router_w is not None
     R = router_w.shape[0] if has_router else 1
-    rpb = 8  # router rows a threadgroup: one a SIMD group, 32 threadgroups for ZAYA's 256
-    nblk = (R + rpb - 1) // rpb if has_router else 1
+    nblk = (R + _RPB - 1) // _RPB if has_router else 1
     # the dtype of (o + hb): the activation dtype, unless the residual parameters are float32
     rt = mx.float32 if (hs.dtype == mx.float32 or hb.dtype == mx.float32 or dtype == mx.float32) else dtype
     kern = get_kernel("residual_norm.h", back, _INPUTS, _OUTPUTS)
@@ -68,7 +68,7 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, route
             ("H", H),
             ("HAS_ROUTER", has_router),
             ("R", R),
-            ("RPB", rpb),
+            ("RPB", _RPB),
             ("WQ", 0 if (not has_router or router_w.dtype == mx.bfloat16) else 1),
             ("NT", _NT),
         ],

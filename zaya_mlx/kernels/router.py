@@ -36,6 +36,11 @@ _INPUTS = ("rdown", "rprev", "rscale", "nw", "w1", "b1", "w2", "b2", "wo", "bal"
 _OUTPUTS = ("rnext", "choice", "prob")
 
 
+def _threads(R: int) -> int:
+    """Threads of the threadgroup: 512 for ZAYA's width (1024 would need <= 64 registers each)."""
+    return 512 if R >= 256 else 256
+
+
 def kernel_supported(r_down, fc1_w, fc2_w, out_w) -> bool:
     R = r_down.shape[-1]
     ws = (fc1_w, fc2_w, out_w)
@@ -56,7 +61,7 @@ def router_mlp_kernel(r_down, r_prev, r_scale, norm_w, fc1_w, fc1_b, fc2_w, fc2_
     dtype = r_down.dtype
     ne1 = out_w.shape[0]
     has_prev = r_prev is not None
-    nt = 512 if R >= 256 else 256  # 1024 threads would need <= 64 registers each
+    nt = _threads(R)
     kern = get_kernel("router_mlp.h", back, _INPUTS, _OUTPUTS)
     outs = kern(
         inputs=[
