@@ -14,7 +14,7 @@
 // the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h).
 // Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D] (CAP >= L), lpad [B] int32, meta [5] int32 (L, W,
 // CH, CAP, NC: the chunks in the grid), fparams [1] float32 (the softmax scale).
-// Outputs: SPLIT false: out [B, NH, 1, D] (T), ml [1] (unused). SPLIT true: out [B, NH, NC, D] float32,
+// Outputs: SPLIT false: out [B, 1, NH * D] (T), ml [1] (unused). SPLIT true: out [B, NH, NC, D] float32,
 // ml [B, NH, NC, 2] float32.
 constexpr int NWARP = NT / 32;
 constexpr int REP = NH / NKV;

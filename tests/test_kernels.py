@@ -295,7 +295,7 @@ def _attention_numpy(q, keys, values, length, scale, pads, window):
             s = kk @ q[b, h, 0] * scale
             p = np.exp(s - s.max())
             out[b, h, 0] = (p / p.sum()) @ vv
-    return out
+    return out.reshape(B, 1, NH * D)  # o_proj's input layout
 
 
 @pytest.mark.parametrize("pads,window", [(None, None), ([0, 3, 5], None), (None, 6), ([0, 9, 2], 6)])

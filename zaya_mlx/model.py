@@ -491,10 +491,9 @@ def _attention_inputs(layer: DecoderLayer, x, state, v_prev, positions):
 
 
 def _mlp_block(layer: DecoderLayer, out, h, router_state, next_norm):
-    """From attention's output [B, nh, 1, d]: o_proj, residual, MoE, residual, then next_norm (the next layer's
+    """From attention's output [B, 1, nh * d]: o_proj, residual, MoE, residual, then next_norm (the next layer's
     input norm or the final norm). Returns (h, next_norm(h), router state)."""
-    attn, B = layer.self_attn, out.shape[0]
-    o = attn.o_proj(out.reshape(B, 1, -1))  # [B, nh, 1, d] -> [B, 1, nh*d]: one token, no transpose needed
+    o = layer.self_attn.o_proj(out)
 
     gate, experts = layer.mlp.gate, layer.mlp.experts
     res, norm, down = layer.post_attention_residual_scale, layer.post_attention_layernorm, gate.down_proj

@@ -20,7 +20,9 @@ CHUNK = 512
 
 def decode_attention_reference(q, keys, values, length: int, *, scale: float, left_padding=None, window=None):
     """q [B, NH, 1, D]; keys, values [B, NKV, CAP, D] with positions [0, length) filled; left_padding [B]
-    (int array) or None; window: a sliding window's size or None. Returns [B, NH, 1, D] in q's dtype."""
+    (int array) or None; window: a sliding window's size or None. Returns [B, 1, NH * D] (o_proj's input) in
+    q's dtype."""
+    B, NH, _, D = q.shape
     keys, values = keys[..., :length, :], values[..., :length, :]
     mask = None
     if left_padding is not None or (window is not None and length > window):
@@ -30,7 +32,8 @@ def decode_attention_reference(q, keys, values, length: int, *, scale: float, le
             mask = mask & (k > length - 1 - window)
         if left_padding is not None:
             mask = mask & (k[None] >= left_padding[:, None])[:, None, None, :]
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+    return out.reshape(B, 1, NH * D)
 
 
 def _threads(n_heads: int, n_kv_heads: int, head_dim: int) -> int:
@@ -67,23 +70,25 @@ def decode_attention_kernel(q, keys, values, length: int, *, scale: float, left_
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
     kern = get_kernel("decode_attention.h", back, ("q", "keys", "values", "lpad", "meta", "fparams"), ("out", "ml"))
     template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("NT", nt), ("SPLIT", split)]
+    out_shape = (B, 1, NH * D)  # o_proj's input: the same memory as [B, NH, 1, D], no reshape node
     inputs = [q, keys, values, lpad, meta, constant((scale,), mx.float32)]
     if not split:
         return kern(inputs=inputs, template=template, grid=(nt, B * NKV, 1), threadgroup=(nt, 1, 1),
-                    output_shapes=[q.shape, (1,)], output_dtypes=[q.dtype, mx.float32])[0]
+                    output_shapes=[out_shape, (1,)], output_dtypes=[q.dtype, mx.float32])[0]
     part, ml = kern(inputs=inputs, template=template, grid=(nc * nt, B * NKV, 1), threadgroup=(nt, 1, 1),
                     output_shapes=[(B, NH, nc, D), (B, NH, nc, 2)], output_dtypes=[mx.float32, mx.float32])
     combine = get_kernel("attention_combine.h", back, ("part", "ml", "meta"), ("out",))
     nt2 = max(32, D)
     return combine(inputs=[part, ml, meta], template=[("T", q.dtype), ("D", D), ("NT", nt2)],
-                   grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1), output_shapes=[q.shape],
+                   grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1), output_shapes=[out_shape],
                    output_dtypes=[q.dtype])[0]
 
 
 def decode_attention(q, keys, values, length: int, *, scale: float, left_padding=None, window=None, impl="auto",
                      back=None):
-    """Attention of one new token per row (see ``decode_attention_reference``); impl: 'auto', 'kernel' or
-    'reference'; back: the back end if the caller knows it (``backend()``: once a step, not once a layer)."""
+    """Attention of one new token per row (see ``decode_attention_reference``): [B, 1, NH * D]. impl: 'auto',
+    'kernel' or 'reference'; back: the back end if the caller knows it (``backend()``: once a step, not once a
+    layer)."""
     back = back or backend()
     if use_kernel(impl, back, lambda: kernel_supported(q, keys), "the decode attention kernel"):
         return decode_attention_kernel(q, keys, values, length, scale=scale, left_padding=left_padding,
