@@ -56,34 +56,38 @@ for (int i = 0; i < RPW * NR; ++i) {
   acc[i] = 0.0f;
 }
 if (!skip) {
-  // IB chunks of each of the RPW * NR rows at a time: their loads are all in flight before the sums.
+  // IB chunks of each of the RPW * NR rows at a time, with their scales (and biases): all loads in flight
+  // before the sums, which then need no row indices. A chunk never straddles a quantization group.
   ZK_UNROLL
   for (int it0 = 0; it0 < ITERS; it0 += IB) {
     uint4 u[RPW * NR][IB];
+    float sc[RPW * NR][IB];
+    float bi[RPW * NR][IB];
+    bool live[RPW * NR][IB];
     ZK_UNROLL
     for (int i = 0; i < RPW * NR; ++i) {
       const int row = e * ROWS + (i % NR) * NOUT + o0 + i / NR;
       ZK_UNROLL
       for (int j = 0; j < IB; ++j) {
         const int v = (it0 + j) * 32 + zk_lane;
-        const bool live = (o0 + i / NR < NOUT) && (v < NV);
-        u[i][j] = live ? ZK_LOAD_U4(w, row * NV + v) : zk_zero_u4();
+        const int gi = row * GPR + (v * VPV) / GS;
+        live[i][j] = (o0 + i / NR < NOUT) && (v < NV);
+        u[i][j] = live[i][j] ? ZK_LOAD_U4(w, row * NV + v) : zk_zero_u4();
+        sc[i][j] = (QM == 2 && live[i][j]) ? static_cast<float>(scales[gi])
+                 : ((QM == 3 && live[i][j]) ? ZK_U2F(static_cast<uint32_t>(scales[gi]) << 23) : 1.0f);
+        bi[i][j] = (QM == 2 && live[i][j]) ? static_cast<float>(biases[gi]) : 0.0f;
       }
     }
     ZK_UNROLL
     for (int i = 0; i < RPW * NR; ++i) {
-      const int row = e * ROWS + (i % NR) * NOUT + o0 + i / NR;
       ZK_UNROLL
       for (int j = 0; j < IB; ++j) {
-        const int v = (it0 + j) * 32 + zk_lane;
-        if ((o0 + i / NR < NOUT) && (v < NV)) {
-          const int k0 = v * VPV;
-          const zk_pair p = zk_dot_u4<QM, BITS>(u[i][j], zk_x, k0);
+        if (live[i][j]) {
+          const zk_pair p = zk_dot_u4<QM, BITS>(u[i][j], zk_x, ((it0 + j) * 32 + zk_lane) * VPV);
           if (QM == 2) {
-            const int gi = row * GPR + k0 / GS;
-            acc[i] += static_cast<float>(scales[gi]) * p.d + static_cast<float>(biases[gi]) * p.s;
+            acc[i] += sc[i][j] * p.d + bi[i][j] * p.s;
           } else if (QM == 3) {
-            acc[i] += ZK_U2F(static_cast<uint32_t>(scales[row * GPR + k0 / GS]) << 23) * p.d;
+            acc[i] += sc[i][j] * p.d;
           } else {
             acc[i] += p.d;
           }
