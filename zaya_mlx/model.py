@@ -357,7 +357,7 @@ class Model(nn.Module):
 
 # --- the fused decode step (one token per sequence) ----------------------------------------------------------
 #
-# The same function as ZayaModel.__call__ for L == 1, with each layer in about 14 graph primitives instead of
+# The same function as ZayaModel.__call__ for L == 1, with each layer in about 11 graph primitives instead of
 # ~100: the CCA decode step, the router MLP, both expert matvecs and each residual scaling + RMSNorm (+ the
 # router's down-projection) are one launch each (zaya_mlx/kernels, sources in metal/). On the CPU the kernels'
 # plain-MLX references run in their place.

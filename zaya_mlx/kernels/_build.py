@@ -18,7 +18,7 @@ import mlx.core as mx
 _MARKER = "// ---- body prologue ----"
 
 # MLX-CUDA records 20 ops a CUDA graph unless MLX_MAX_OPS_PER_BUFFER says otherwise. A fused decode step is
-# ~490 ops, and 200 a graph decoded ~30% faster at batch 1 on an H100 (bench/RESULTS.md). Set only where CUDA
+# ~450 ops, and 200 a graph decoded ~30% faster at batch 1 on an H100 (bench/RESULTS.md). Set only where CUDA
 # is the back end and the user has not chosen; MLX reads it at its first GPU evaluation.
 CUDA_OPS_PER_GRAPH = "200"
 if mx.cuda.is_available():
