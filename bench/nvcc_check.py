@@ -60,7 +60,7 @@ for qm, wt, st, bt, bits, gs in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f
                       [("x", "bf16"), ("expert", "i32"), ("rweight", "bf16"), ("w", wt), ("scales", st), ("biases", bt)],
                       [("y", "bf16")],
                       [("T", "bf16"), ("K", 2048), ("NOUT", 2048), ("GLU", glu), ("QM", qm), ("BITS", bits), ("GS", gs),
-                       ("NE", 16), ("RPW", 1 if glu else 2), ("NT", experts._NT)]))
+                       ("NE", 16), ("RPW", experts._RPW), ("NT", experts._NT)]))
 for wq, wt in [(0, "bf16"), (1, "f32")]:
     for prev in (True, False):
         CASES.append((f"router_w{wq}_{prev}", "router_mlp.h",

@@ -13,6 +13,18 @@ ZK_DEV float zk_fp4(uint32_t q) {
   return ZK_U2F(bits);
 }
 
+// Two MXFP4 codes (bits 0-3 and 16-19 of q) times 2^-14. On CUDA, e2m1's sign, exponent and mantissa
+// bits placed in a half's give exactly that value (0.5 becomes a half subnormal), and one instruction
+// converts the pair; Metal takes the codes one at a time.
+ZK_DEV float2 zk_fp4x2(uint32_t q) {
+#ifdef __METAL_VERSION__
+  return float2(zk_fp4(q & 15u) * 6.103515625e-05f, zk_fp4((q >> 16) & 15u) * 6.103515625e-05f);
+#else
+  const uint32_t h = ((q & 0x00070007u) << 9) | ((q & 0x00080008u) << 12);
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+#endif
+}
+
 // The dot product of one 32-bit word of a weight row with the matching inputs xs[k ...].
 // QM: 0 = bfloat16 pairs, 1 = float32, 2 = affine BITS-bit codes, 3 = MXFP4 codes.
 template <int QM, int BITS, typename PX>
@@ -31,9 +43,11 @@ ZK_DEV zk_pair zk_dot_word(uint32_t w, PX xs, int k) {
     }
   } else {
     ZK_UNROLL
-    for (int j = 0; j < 8; ++j) {
-      p.d += xs[k + j] * zk_fp4((w >> (4 * j)) & 15u);
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = zk_fp4x2(w >> (4 * j));
+      p.d += xs[k + j] * f.x + xs[k + j + 4] * f.y;
     }
+    p.d *= 16384.0f;
   }
   return p;
 }
@@ -65,6 +79,35 @@ ZK_DEV zk_pair zk_dot_u4(uint4 u, PX xs, int k) {
   const zk_pair b = zk_dot_word<QM, BITS>(u.y, xs, p + VPW);
   const zk_pair c = zk_dot_word<QM, BITS>(u.z, xs, p + 2 * VPW);
   const zk_pair d = zk_dot_word<QM, BITS>(u.w, xs, p + 3 * VPW);
+  zk_pair r = {(a.d + b.d) + (c.d + d.d), (a.s + b.s) + (c.s + d.s)};
+  return r;
+}
+
+// Where x[k] lives in a threadgroup vector padded by four values after every 32: a chunk of 4, 8, 16 or
+// 32 values starts 16-byte aligned, so it is read as float4s, and the eight lanes that share a 16-byte
+// read phase (lanes reading consecutive chunks) touch all 32 banks once.
+ZK_DEV int zk_pad4(int k) {
+  return k + ((k >> 5) << 2);
+}
+
+// zk_dot_u4 over a zk_pad4 vector, p = zk_pad4(k) of the chunk's first value: the chunk's inputs come in
+// as float4 reads (a chunk never straddles a 32-value boundary, so it stays contiguous there).
+template <int QM, int BITS, typename PX>
+ZK_DEV zk_pair zk_dot_u4_aligned(uint4 u, PX xs, int p) {
+  constexpr int VPW = (QM == 0) ? 2 : ((QM == 1) ? 1 : (32 / BITS));
+  float xv[4 * VPW];
+  ZK_UNROLL
+  for (int i = 0; i < VPW; ++i) {
+    const float4 f = ZK_LDS4(xs, p / 4 + i);
+    xv[4 * i] = f.x;
+    xv[4 * i + 1] = f.y;
+    xv[4 * i + 2] = f.z;
+    xv[4 * i + 3] = f.w;
+  }
+  const zk_pair a = zk_dot_word<QM, BITS>(u.x, xv, 0);
+  const zk_pair b = zk_dot_word<QM, BITS>(u.y, xv, VPW);
+  const zk_pair c = zk_dot_word<QM, BITS>(u.z, xv, 2 * VPW);
+  const zk_pair d = zk_dot_word<QM, BITS>(u.w, xv, 3 * VPW);
   zk_pair r = {(a.d + b.d) + (c.d + d.d), (a.s + b.s) + (c.s + d.s)};
   return r;
 }

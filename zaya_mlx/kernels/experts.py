@@ -3,7 +3,7 @@
 For each token, its one selected expert's SwiGLU: ``gate, up = split(W_gu[e] x)`` (gate rows first),
 ``y = W_down[e](silu(gate) * up) * weight``; the skip choice (index E) gives zero. The kernels
 (metal/expert_matvec.h: one launch for gate/up + SwiGLU, one for down + router weight) read only the
-selected expert's rows, from bfloat16/float32 stacks or MLX's quantized layouts (affine 2/4/8-bit,
+selected expert's rows, from bfloat16/float32 stacks or MLX's quantized layouts (affine 4/8-bit,
 MXFP4). They replace mlx-lm's SwitchGLU path (expand, gather_mm or gather_qmm twice, split, silu,
 multiply, scale, mask).
 
@@ -117,6 +117,7 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
 _INPUTS = ("x", "expert", "rweight", "w", "scales", "biases")
 _OUTPUTS = ("y",)
 _NT = 256
+_RPW = 1  # weight rows a SIMD group: one keeps the most SIMD groups in flight at batch 1
 
 
 def _qm(w) -> tuple[int, int, int] | None:
@@ -126,7 +127,7 @@ def _qm(w) -> tuple[int, int, int] | None:
             return None
         if w.mode == "mxfp4" and w.bits == 4 and w.group_size == 32:
             return 3, 4, 32
-        if w.mode == "affine" and w.bits in (2, 4, 8) and w.biases is not None:
+        if w.mode == "affine" and w.bits in (4, 8) and w.biases is not None:
             vpv = 4 * 32 // w.bits
             if w.group_size % vpv == 0:
                 return 2, w.bits, w.group_size
@@ -150,7 +151,7 @@ def kernel_supported(x, gate_up, down) -> bool:
     H = x.shape[-1]
     E, two_i, Hg = gu.shape
     I = two_i // 2
-    fits = max(H, I) <= 7168  # the padded input row in 32 KB of threadgroup memory
+    fits = max(H, I) <= 6144  # the padded input row in 32 KB of threadgroup memory
     return fits and Hg == H and dn.shape[1:] == (H, I) and H % _vpv(a[0], a[1]) == 0 and I % _vpv(b[0], b[1]) == 0
 
 
@@ -158,8 +159,7 @@ def _matvec(x, expert, rweight, w, *, glu, nout, back):
     qm, bits, gs = _qm(w)
     K = x.shape[-1]
     N = x.size // K
-    rpw = 1 if glu else 2
-    per_block = (_NT // 32) * rpw
+    per_block = (_NT // 32) * _RPW // (2 if glu else 1)  # outputs a threadgroup
     blocks = (nout + per_block - 1) // per_block
     if isinstance(w, QuantizedStack):
         wt, sc, bi = w.weight, w.scales, (w.biases if w.biases is not None else dummy())
@@ -179,7 +179,7 @@ def _matvec(x, expert, rweight, w, *, glu, nout, back):
             ("BITS", bits),
             ("GS", gs),
             ("NE", ne),
-            ("RPW", rpw),
+            ("RPW", _RPW),
             ("NT", _NT),
         ],
         grid=(blocks * _NT, N, 1),
