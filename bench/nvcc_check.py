@@ -80,7 +80,8 @@ for split in (False, True):
                   [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("lpad", "i32"), ("meta", "i32"),
                    ("fparams", "f32")],
                   [("out", "f32" if split else "bf16"), ("ml", "f32")],
-                  [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("NT", attention._threads(8, 2, 128)),
+                  [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("HB", attention._heads_per_threadgroup(8, 2)),
+                   ("NT", attention._threads(attention._heads_per_threadgroup(8, 2), 128)),
                    ("SPLIT", split)]))
 CASES.append(("attention_combine", "attention_combine.h", [("part", "f32"), ("ml", "f32"), ("meta", "i32")],
               [("out", "bf16")], [("T", "bf16"), ("D", 128), ("NT", 128)]))

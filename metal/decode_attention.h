@@ -4,13 +4,14 @@
 // whose host-side setup costs more than its GPU time for one token. Plain-MLX reference:
 // zaya_mlx/kernels/attention.py, decode_attention_reference.
 //
-// Grid: x = chunk c of the key range, y = b * NKV + kv head. A threadgroup serves the REP = NH / NKV query
-// heads that share its KV head, so each key and value is read once. Each SIMD group walks its keys U at a
+// Grid: x = chunk c of the key range, y = b * (NH / HB) + head block. A threadgroup serves HB query heads
+// that share a KV head (HB divides NH / NKV): HB = NH / NKV reads each key and value once, a smaller HB
+// spreads a batch row over more threadgroups and shortens each one's work. Each SIMD group walks its keys U at a
 // time (all U loaded before use), lanes along the head dimension (DPL = D / 32 values each), and keeps an
 // online softmax per query head; the SIMD groups are merged through threadgroup memory. Row b attends to
 // keys [start_b, L) with start_b = max(left_padding[b], L - W if W > 0 else 0); chunk c covers
 // [start_b + c * CH, start_b + (c + 1) * CH).
-// Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, NT, SPLIT (false: one chunk, write
+// Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, SPLIT (false: one chunk, write
 // the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h).
 // Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D] (CAP >= L), lpad [B] int32, meta [5] int32 (L, W,
 // CH, CAP, NC: the chunks in the grid), fparams [1] float32 (the softmax scale).
@@ -18,13 +19,14 @@
 // ml [B, NH, NC, 2] float32.
 constexpr int NWARP = NT / 32;
 constexpr int REP = NH / NKV;
+constexpr int NHB = NH / HB;  // head blocks a batch row
 constexpr int DPL = D / 32;
 constexpr int U = 4;
 
 const int c = zk_bx;
-const int bh = zk_by;
-const int b = bh / NKV;
-const int kvh = bh - b * NKV;
+const int b = zk_by / NHB;
+const int h0 = (zk_by - b * NHB) * HB;  // the threadgroup's first query head
+const int kvh = h0 / REP;
 const int L = meta[0];
 const int W = meta[1];
 const int CH = meta[2];
@@ -39,20 +41,20 @@ const int lo = start + c * CH;
 const int hi = (lo + CH < L) ? lo + CH : L;
 const float scale = fparams[0];
 
-// This lane's slice of the REP queries, pre-scaled.
-float qv[REP][DPL];
+// This lane's slice of the HB queries, pre-scaled.
+float qv[HB][DPL];
 ZK_UNROLL
-for (int r = 0; r < REP; ++r) {
+for (int r = 0; r < HB; ++r) {
   ZK_UNROLL
   for (int j = 0; j < DPL; ++j) {
-    qv[r][j] = static_cast<float>(q[(b * NH + kvh * REP + r) * D + zk_lane * DPL + j]) * scale;
+    qv[r][j] = static_cast<float>(q[(b * NH + h0 + r) * D + zk_lane * DPL + j]) * scale;
   }
 }
-float m[REP];
-float l[REP];
-float acc[REP][DPL];
+float m[HB];
+float l[HB];
+float acc[HB][DPL];
 ZK_UNROLL
-for (int r = 0; r < REP; ++r) {
+for (int r = 0; r < HB; ++r) {
   m[r] = -3.0e38f;
   l[r] = 0.0f;
   ZK_UNROLL
@@ -79,7 +81,7 @@ for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
   for (int u = 0; u < U; ++u) {
     if (t0 + u < hi) {
       ZK_UNROLL
-      for (int r = 0; r < REP; ++r) {
+      for (int r = 0; r < HB; ++r) {
         float s = 0.0f;
         ZK_UNROLL
         for (int j = 0; j < DPL; ++j) {
@@ -101,36 +103,36 @@ for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
 }
 
 // Merge the SIMD groups: each writes its (m, l, acc), then thread i finishes output value i.
-ZK_SHARED float zk_m[NWARP * REP];
-ZK_SHARED float zk_l[NWARP * REP];
-ZK_SHARED float zk_acc[NWARP * REP * D];
+ZK_SHARED float zk_m[NWARP * HB];
+ZK_SHARED float zk_l[NWARP * HB];
+ZK_SHARED float zk_acc[NWARP * HB * D];
 ZK_UNROLL
-for (int r = 0; r < REP; ++r) {
+for (int r = 0; r < HB; ++r) {
   if (zk_lane == 0) {
-    zk_m[zk_warp * REP + r] = m[r];
-    zk_l[zk_warp * REP + r] = l[r];
+    zk_m[zk_warp * HB + r] = m[r];
+    zk_l[zk_warp * HB + r] = l[r];
   }
   ZK_UNROLL
   for (int j = 0; j < DPL; ++j) {
-    zk_acc[(zk_warp * REP + r) * D + zk_lane * DPL + j] = acc[r][j];
+    zk_acc[(zk_warp * HB + r) * D + zk_lane * DPL + j] = acc[r][j];
   }
 }
 ZK_BARRIER();
-for (int i = zk_tid; i < REP * D; i += NT) {
+for (int i = zk_tid; i < HB * D; i += NT) {
   const int r = i / D;
   const int d = i - r * D;
   float mmax = -3.0e38f;
   for (int w = 0; w < NWARP; ++w) {
-    mmax = (zk_m[w * REP + r] > mmax) ? zk_m[w * REP + r] : mmax;
+    mmax = (zk_m[w * HB + r] > mmax) ? zk_m[w * HB + r] : mmax;
   }
   float sum = 0.0f;
   float o = 0.0f;
   for (int w = 0; w < NWARP; ++w) {
-    const float f = (zk_l[w * REP + r] > 0.0f) ? zk_exp(zk_m[w * REP + r] - mmax) : 0.0f;
-    sum += zk_l[w * REP + r] * f;
-    o += zk_acc[(w * REP + r) * D + d] * f;
+    const float f = (zk_l[w * HB + r] > 0.0f) ? zk_exp(zk_m[w * HB + r] - mmax) : 0.0f;
+    sum += zk_l[w * HB + r] * f;
+    o += zk_acc[(w * HB + r) * D + d] * f;
   }
-  const int h = kvh * REP + r;
+  const int h = h0 + r;
   if (SPLIT) {
     const int pi = (b * NH + h) * NC + c;
     out[pi * D + d] = (sum > 0.0f) ? o / sum : 0.0f;

@@ -16,6 +16,7 @@ from ._build import backend, constant, get_kernel, use_kernel
 
 SINGLE_PASS_MAX = 1024  # keys a threadgroup takes in one pass; longer caches split into CHUNK-key chunks
 CHUNK = 512
+HEADS_PER_THREADGROUP = 1  # query heads a threadgroup: 1 spreads a batch row over NH threadgroups (see the body)
 
 
 def decode_attention_reference(q, keys, values, length: int, *, scale: float, left_padding=None, window=None):
@@ -36,10 +37,18 @@ def decode_attention_reference(q, keys, values, length: int, *, scale: float, le
     return out.reshape(B, 1, NH * D)
 
 
-def _threads(n_heads: int, n_kv_heads: int, head_dim: int) -> int:
-    """Threads of a threadgroup: at most 16 SIMD groups, whose partial results fit in 28 KB of threadgroup
-    memory (Metal allows 32 KB in all)."""
-    per_group = (n_heads // n_kv_heads) * (head_dim + 2) * 4
+def _heads_per_threadgroup(n_heads: int, n_kv_heads: int) -> int:
+    rep = n_heads // n_kv_heads
+    hb = min(HEADS_PER_THREADGROUP, rep)
+    while rep % hb:
+        hb -= 1
+    return hb
+
+
+def _threads(heads: int, head_dim: int) -> int:
+    """Threads of a threadgroup serving ``heads`` query heads: at most 16 SIMD groups, whose partial results
+    fit in 28 KB of threadgroup memory (Metal allows 32 KB in all)."""
+    per_group = heads * (head_dim + 2) * 4
     return 32 * max(1, min(16, 28672 // per_group))
 
 
@@ -62,20 +71,21 @@ def decode_attention_kernel(q, keys, values, length: int, *, scale: float, left_
     back = back or backend()
     B, NH, _, D = q.shape
     NKV, cap = keys.shape[1], keys.shape[2]
-    nt = _threads(NH, NKV, D)
+    hb = _heads_per_threadgroup(NH, NKV)
+    nt = _threads(hb, D)
     split = length > SINGLE_PASS_MAX
     chunk = CHUNK if split else max(length, 1)
     nc = (length + chunk - 1) // chunk if split else 1
     meta = constant((length, window or 0, chunk, cap, nc), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
     kern = get_kernel("decode_attention.h", back, ("q", "keys", "values", "lpad", "meta", "fparams"), ("out", "ml"))
-    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("NT", nt), ("SPLIT", split)]
+    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split)]
     out_shape = (B, 1, NH * D)  # o_proj's input: the same memory as [B, NH, 1, D], no reshape node
     inputs = [q, keys, values, lpad, meta, constant((scale,), mx.float32)]
     if not split:
-        return kern(inputs=inputs, template=template, grid=(nt, B * NKV, 1), threadgroup=(nt, 1, 1),
+        return kern(inputs=inputs, template=template, grid=(nt, B * NH // hb, 1), threadgroup=(nt, 1, 1),
                     output_shapes=[out_shape, (1,)], output_dtypes=[q.dtype, mx.float32])[0]
-    part, ml = kern(inputs=inputs, template=template, grid=(nc * nt, B * NKV, 1), threadgroup=(nt, 1, 1),
+    part, ml = kern(inputs=inputs, template=template, grid=(nc * nt, B * NH // hb, 1), threadgroup=(nt, 1, 1),
                     output_shapes=[(B, NH, nc, D), (B, NH, nc, 2)], output_dtypes=[mx.float32, mx.float32])
     combine = get_kernel("attention_combine.h", back, ("part", "ml", "meta"), ("out",))
     nt2 = max(32, D)
