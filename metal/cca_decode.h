@@ -38,7 +38,9 @@ ZK_SHARED float zk_n[D];
 ZK_SHARED float zk_red[NWARP];
 
 // 0. Everything the later steps read from memory besides the grouped-conv weights, loaded up front (a
-// store can alias a later load, so loads interleaved with stores would wait out their latencies in turn).
+// store can alias a later load, so loads interleaved with stores would wait out their latencies in turn);
+// L2 fetches the group's grouped-conv weights meanwhile.
+zk_prefetch(gw_w + cbase * (T1 * D), D * (T1 * D), zk_tid, NT);
 const int c0 = zk_tid;  // this thread's channel of the head in steps 4-6 (when < D)
 float dwx[T0];          // step 1: the depthwise window of item zk_tid (when < T1 * D)
 float dww[T0];
