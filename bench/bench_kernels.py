@@ -1,0 +1,113 @@
+"""Each fused decode kernel alone, at ZAYA1-8B's shapes: microseconds a call, kernel against its reference.
+
+A decode step is ~40 layers of these launches, so a kernel's latency, not its bandwidth, is what a step pays.
+Each case builds random inputs, then evaluates CALLS independent calls in one graph, best of REPS; the
+wall-clock figure includes MLX's per-op host work (several us on MLX-CUDA), so for a kernel's own GPU time run
+it under Nsight Compute:
+
+    ncu --metrics gpu__time_duration.sum --csv python3 bench/bench_kernels.py --calls 20 > kernels.csv
+
+Usage: python bench/bench_kernels.py [--batch 1,8] [--calls 100] [--only expert,router,...]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import mlx.core as mx  # noqa: E402
+
+from zaya_mlx import kernels  # noqa: E402
+from zaya_mlx.config import ZayaConfig  # noqa: E402
+
+
+def _rnd(*shape, scale=1.0, dtype=mx.bfloat16):
+    return (mx.random.normal(shape) * scale).astype(dtype)
+
+
+def cases(cfg: ZayaConfig, B: int, context: int):
+    """(name, fn(impl)) for each fused op, with inputs at cfg's shapes and batch B."""
+    H, I, E, R = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.router_hidden_size
+    NH, NKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    C = (NH + NKV) * D
+
+    gu = kernels.QuantizedStack.quantize(_rnd(E, 2 * I, H, scale=H**-0.5), group_size=32, bits=4, mode="mxfp4")
+    dn = kernels.QuantizedStack.quantize(_rnd(E, H, I, scale=I**-0.5), group_size=32, bits=4, mode="mxfp4")
+    x = _rnd(B, H)
+    choice = mx.array([(5 + 3 * b) % E for b in range(B)], dtype=mx.int32)
+    weight = mx.random.uniform(shape=(B,)).astype(mx.bfloat16)
+
+    rargs = (_rnd(B, R), _rnd(B, R), _rnd(R) + 1, _rnd(R) + 1, _rnd(R, R, scale=R**-0.5), _rnd(R, scale=0.1),
+             _rnd(R, R, scale=R**-0.5), _rnd(R, scale=0.1), _rnd(E + 1, R, scale=R**-0.5),
+             mx.random.normal((E + 1,)) * 0.02, 1e-5)
+    o, h = _rnd(B, H), mx.random.normal((B, H))
+    nparams = [_rnd(H) + 1 for _ in range(5)]
+    wd, bd = _rnd(R, H, scale=H**-0.5), _rnd(R, scale=0.1)
+
+    cap = max(1024, context + 1)
+    q, keys, values = _rnd(B, NH, 1, D), _rnd(B, NKV, cap, D), _rnd(B, NKV, cap, D)
+
+    S = cfg.conv_state_size
+    cca = dict(qkv=_rnd(B, C + NKV * D), conv_state=_rnd(B, S, C), v_prev=_rnd(B, NKV * D // 2),
+               dw_w=_rnd(C, cfg.cca_time0, 1, scale=0.5), dw_b=_rnd(C, scale=0.1),
+               gw_w=_rnd(C, cfg.cca_time1, D, scale=0.1), gw_b=_rnd(C, scale=0.1), temp=_rnd(NKV) + 1)
+    layer = cfg.layer_types[0]
+    positions = kernels.offset_array(context, B)
+    mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, rargs[:-1], o, h, nparams, wd, bd, q, keys,
+            values, cca, positions)
+
+    return [
+        ("expert gate/up + down", lambda impl: kernels.expert_gather(x, choice, weight, gu, dn, impl=impl)),
+        ("router MLP", lambda impl: kernels.router_mlp(*rargs, impl=impl)[0]),
+        ("residual + norm + router down", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, wd, bd,
+                                                                           impl=impl)[2]),
+        ("residual + norm", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, impl=impl)[1]),
+        ("CCA step", lambda impl: kernels.cca_decode_step(**cca, offset=positions, n_heads=NH, n_kv_heads=NKV,
+                                                           head_dim=D, rope_dims=cfg.rope_dims(layer),
+                                                           rope_base=cfg.rope_theta(layer),
+                                                           impl=impl)[0]),
+        (f"attention, {context} keys", lambda impl: kernels.decode_attention(q, keys, values, context, scale=D**-0.5,
+                                                                             impl=impl)),
+    ]
+
+
+def time_calls(fn, calls: int, reps: int) -> float:
+    """Microseconds a call: `calls` independent calls evaluated together, best of `reps`."""
+    mx.eval(fn())  # compile
+    best = None
+    for _ in range(reps):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval([fn() for _ in range(calls)])
+        mx.synchronize()
+        dt = (time.perf_counter() - t0) / calls * 1e6
+        best = dt if best is None else min(best, dt)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
+    ap.add_argument("--context", type=int, default=256, help="keys attention reads")
+    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated words a case name must contain one of")
+    args = ap.parse_args(argv)
+    back = kernels.backend()
+    print(f"device {mx.default_device()}, kernels on: {back}")
+    cfg = ZayaConfig()
+    only = [w for w in args.only.split(",") if w]
+    for B in (int(b) for b in args.batch.split(",")):
+        for name, fn in cases(cfg, B, args.context):
+            if only and not any(w in name for w in only):
+                continue
+            ker = time_calls(lambda: fn("auto"), args.calls, args.reps)
+            ref = time_calls(lambda: fn("reference"), args.calls, args.reps)
+            print(f"B={B:<2d} {name:32s} fused {ker:8.1f} us/call   reference {ref:8.1f} us/call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
