@@ -7,6 +7,7 @@ and quantized weights, odd shapes and batches > 1; those tests skip elsewhere.
 """
 
 import math
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -61,6 +62,19 @@ def test_kernel_sources_assemble(back, body):
         assert "thread_position_in_threadgroup" in source and "simdgroup_index_in_threadgroup" in source
     else:
         assert "threadIdx.x" in source
+
+
+def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies():
+    """zaya bench --host-floor: the same kernels with nothing in their bodies, then the real ones again."""
+    from zaya_mlx.benchmark import build_zaya, empty_kernels, small_config
+
+    model = build_zaya(small_config())
+    body = open(os.path.join(os.path.dirname(__file__), "..", "metal", "router_mlp.h")).read()
+    with empty_kernels(model):
+        header, source = _build.kernel_source("router_mlp.h", "cuda")
+        assert "zk_simd_sum" in header and "zk_dot_u4" in header
+        assert source.lstrip().startswith("const int zk_tid") and "rnext" not in source
+    assert _build.kernel_source("router_mlp.h", "cuda")[1].endswith(body)
 
 
 # --- CCA: reference against transformers ----------------------------------------------------------

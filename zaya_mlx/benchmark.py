@@ -11,6 +11,7 @@ file) in the same run, for a ratio. Speeds are measured, never asserted: no time
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -253,7 +254,7 @@ def _fused(mode: str):
 
 def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: int = 512, context: int = 256,
                steps: int = 64, fused: bool = True, check: bool = True, log=print, compiled: bool = True,
-               model: Model | None = None) -> Result:
+               model: Model | None = None, label: str | None = None) -> Result:
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     own = model is None
@@ -261,7 +262,8 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
         model = build_zaya(config, quant)
         log(f"  built {quant or 'bf16'} model in {time.perf_counter() - t0:.1f} s")
     total, per_tok = weight_bytes(model, config.num_experts)
-    name = ("zaya-mlx (fused decode)" if compiled else "zaya-mlx (fused, not compiled)") if fused else "zaya-mlx (plain ops)"
+    name = label or (("zaya-mlx (fused decode)" if compiled else "zaya-mlx (fused, not compiled)") if fused
+                     else "zaya-mlx (plain ops)")
     os.environ["ZAYA_COMPILE"] = "1" if compiled else "0"
     res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
     dt = mx.bfloat16.size
@@ -280,7 +282,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
             res.primitives_per_step[b] = n
             if b == batches[0]:
                 res.primitive_kinds = kinds
-            if fused and compiled:  # prefill runs the same ops either way
+            if fused and compiled and not label:  # prefill runs the same ops either way
                 res.prefill_tps[b] = time_prefill(hidden, head, model.make_cache, b, prompt, config.vocab_size)
             res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
             res.build_ms[b] = BUILD_MS[b]
@@ -363,8 +365,29 @@ def markdown(results: list[Result], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def empty_kernels(model: Model):
+    """Every custom kernel body emptied, for the model's fused decode: the same graph with no GPU work in our
+    kernels, so a step's time is the host's floor (building and encoding the graph) plus MLX's own ops."""
+    from .kernels import _build
+
+    source = _build._source
+
+    def reset():
+        _build.get_kernel.cache_clear()
+        model.model.__dict__.pop("_fused_steps", None)  # the compiled step functions hold the kernels they traced
+
+    _build._source = lambda name: source(name) if name.startswith("prelude") or name == "common.h" else "\n"
+    reset()
+    try:
+        yield
+    finally:
+        _build._source = source
+        reset()
+
+
 def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps=64, small=False, plain=False,
-        vmlx: str | bool | None = None, log=print) -> list[Result]:
+        vmlx: str | bool | None = None, host_floor=False, log=print) -> list[Result]:
     """The whole benchmark; returns one Result per (model, weights) measured."""
     config = small_config() if small else full_config()
     results = []
@@ -380,6 +403,11 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
             log(f"zaya-mlx {q or 'bf16'} (plain ops):")
             results.append(bench_zaya(config, q, batches, prompt, context, max(8, steps // 4), fused=False,
                                       check=False, log=log, model=model))
+        if host_floor and kernels.backend() != "cpu":
+            log(f"zaya-mlx {q or 'bf16'} (fused, kernel bodies empty):")
+            with empty_kernels(model):
+                results.append(bench_zaya(config, q, batches, prompt, context, steps, check=False, log=log,
+                                          model=model, label="zaya-mlx (fused, kernel bodies empty)"))
         del model
         gc.collect()
         mx.clear_cache()

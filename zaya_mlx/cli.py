@@ -218,6 +218,7 @@ def bench_command(
     context: int = typer.Option(256, "--context", help="Tokens in the cache before decoding is timed."),
     steps: int = typer.Option(64, "--steps", help="Decode steps timed."),
     plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
+    host_floor: bool = typer.Option(False, "--host-floor", help="Also time the fused path with every kernel body empty (GPU only): the host's floor for the same graph."),
     vmlx: Optional[str] = typer.Option(None, "--vmlx", help="Compare with vMLX's ZAYA port: 'pip' (installed vmlx) or a path to its models/zaya.py."),
     small: bool = typer.Option(False, "--small", help="A tiny model of the same structure (a smoke run)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here."),
@@ -231,7 +232,7 @@ def bench_command(
     results = run(
         quants=tuple(q.strip() for q in quant.split(",") if q.strip()),
         batches=tuple(int(b) for b in batch.split(",") if b.strip()),
-        prompt=prompt, context=context, steps=steps, small=small, plain=plain,
+        prompt=prompt, context=context, steps=steps, small=small, plain=plain, host_floor=host_floor,
         vmlx=(True if vmlx == "pip" else vmlx), log=typer.echo,
     )
     table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
