@@ -1,0 +1,130 @@
+"""The kernel bodies, run on the CPU through tests/kernel_emulator.py, against their plain-MLX references.
+
+The GPU tests in test_kernels.py check the compiled kernels where a Metal or CUDA back end exists; these check the
+same bodies, through the same launchers, on any machine with g++ (small shapes: every GPU thread is an OS
+thread here). The references are themselves checked against transformers or numpy in test_kernels.py.
+"""
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kernel_emulator import emulated
+from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, norms, router
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
+
+
+def rnd(*shape, scale=1.0, dtype=mx.float32):
+    return (mx.random.normal(shape) * scale).astype(dtype)
+
+
+def rel(a, b) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.abs(a - b).max() / (mx.abs(b).max() + 1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("N,prev", [(2, True), (1, False)])
+def test_router_body(N, prev, dtype):
+    mx.random.seed(N)
+    R, E1 = 96, 7
+    args = (rnd(N, R, dtype=dtype), rnd(N, R, dtype=dtype) if prev else None,
+            (mx.random.uniform(shape=(R,)) + 0.5).astype(dtype) if prev else None,
+            (mx.random.uniform(shape=(R,)) + 0.5).astype(dtype), rnd(R, R, scale=R**-0.5 * 2, dtype=dtype),
+            rnd(R, scale=0.1, dtype=dtype), rnd(R, R, scale=R**-0.5 * 2, dtype=dtype), rnd(R, scale=0.1, dtype=dtype),
+            rnd(E1, R, scale=R**-0.5 * 3, dtype=dtype), rnd(E1, scale=0.05), 1e-5)
+    r_ref, c_ref, w_ref = router.router_mlp_reference(*args)
+    with emulated():
+        r, c, w = router.router_mlp_kernel(*args, back="cuda")
+    assert rel(r, r_ref) < (1e-2 if dtype == mx.bfloat16 else 1e-6)
+    same = np.array(c) == np.array(c_ref)
+    assert same.all() or dtype == mx.bfloat16  # bf16 logits may round a near-tie differently
+    w, w_ref = np.array(w)[same], np.array(w_ref)[same]
+    assert np.abs(w - w_ref).max() / np.abs(w_ref).max() < (3e-2 if dtype == mx.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("R", [0, 40])
+def test_residual_norm_body(R, dtype):
+    mx.random.seed(R)
+    N, H = 2, 200
+    o, h = rnd(N, H, dtype=dtype), rnd(N, H, scale=4.0)
+    p = [(mx.random.uniform(shape=(H,)) + 0.5).astype(dtype) for _ in range(5)]
+    wd, bd = (rnd(R, H, scale=H**-0.5, dtype=dtype), rnd(R, scale=0.1, dtype=dtype)) if R else (None, None)
+    ref = norms.residual_norm_reference(o, h, *p[:4], p[4], 1e-5, wd, bd)
+    with emulated():
+        out = norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, wd, bd, back="cuda")
+    tol = 1e-2 if dtype == mx.bfloat16 else 1e-5
+    assert rel(out[0], ref[0]) < 1e-6 and rel(out[1], ref[1]) < tol
+    assert (rel(out[2], ref[2]) < tol) if R else out[2] is None
+
+
+FORMATS = [
+    ("dense", None),
+    ("affine", dict(group_size=64, bits=4)),
+    ("affine", dict(group_size=32, bits=8)),
+    ("mxfp4", dict(group_size=32, bits=4, mode="mxfp4")),
+]
+
+
+@pytest.mark.parametrize("fmt,opts", FORMATS)
+def test_expert_body(fmt, opts):
+    """Two tokens, one on the skip choice; odd widths (not multiples of a threadgroup's rows). Checked against
+    float64 numpy on the dequantized weights: MLX's CPU quantized matmul in bf16 is itself ~4% off there."""
+    mx.random.seed(3)
+    N, H, I, E = 2, 320, 192, 3
+    x = rnd(N, H, dtype=mx.bfloat16)
+    gu, dn = rnd(E, 2 * I, H, scale=H**-0.5, dtype=mx.bfloat16), rnd(E, H, I, scale=I**-0.5, dtype=mx.bfloat16)
+    if fmt != "dense":
+        gu, dn = QuantizedStack.quantize(gu, **opts), QuantizedStack.quantize(dn, **opts)
+    expert = mx.array([2, E], dtype=mx.int32)
+    weight = mx.array([0.7, 0.3]).astype(mx.bfloat16)
+    assert experts.kernel_supported(x, gu, dn)
+    with emulated():
+        out = np.array(experts.expert_gather_kernel(x, expert, weight, gu, dn, back="cuda").astype(mx.float32))
+
+    def dense(w):
+        return np.array((w.dequantize() if fmt != "dense" else w.astype(mx.float32))[2], np.float64)
+
+    h = dense(gu) @ np.array(x[0].astype(mx.float32), np.float64)
+    gate, up = h[:I], h[I:]
+    y = dense(dn) @ (gate / (1 + np.exp(-gate)) * up) * 0.7
+    assert np.abs(out[0] - y).max() / np.abs(y).max() < 2e-2
+    assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(8, 2, 64, 2, 2, 32, 2), (6, 3, 32, 3, 2, 16, 1)])
+def test_cca_body(shape):
+    nh, nkv, d, t0, t1, rd, B = shape
+    mx.random.seed(sum(shape))
+    C = (nh + nkv) * d
+    a = dict(qkv=rnd(B, C + nkv * d), conv_state=rnd(B, t0 - 1 + t1 - 1, C), v_prev=rnd(B, nkv * d // 2),
+             dw_w=rnd(C, t0, 1, scale=0.5), dw_b=rnd(C, scale=0.1), gw_w=rnd(C, t1, d, scale=0.1),
+             gw_b=rnd(C, scale=0.1), temp=mx.random.uniform(shape=(nkv,)) + 0.5)
+    kw = dict(n_heads=nh, n_kv_heads=nkv, head_dim=d, rope_dims=rd, rope_base=1e4)
+    offset = mx.array([5 + 100 * b for b in range(B)], dtype=mx.int32)
+    ref = cca.cca_decode_step_reference(**a, offset=offset, **kw)
+    with emulated():
+        out = cca._cca_kernel(**a, offset=offset, norm_eps=None, back="cuda", **kw)
+    for name, o, r in zip(("q", "k", "v", "conv_state", "v_prev"), out, ref):
+        assert o.shape == r.shape, name
+        assert rel(o, r) < 1e-5, (name, rel(o, r))
+
+
+@pytest.mark.parametrize("pads,window,single_pass", [(None, None, 64), ([0, 3], 6, 64), ([0, 9], None, 4)])
+def test_attention_body(pads, window, single_pass, monkeypatch):
+    """Grouped heads, left padding, a sliding window, and (single_pass = 4) the split into chunks + combine."""
+    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
+    monkeypatch.setattr(attention, "CHUNK", 4)
+    mx.random.seed(7)
+    B, NH, NKV, D, cap, length = 2, 4, 2, 32, 20, 13
+    q, keys, values = rnd(B, NH, 1, D), rnd(B, NKV, cap, D), rnd(B, NKV, cap, D)
+    lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
+    ref = attention.decode_attention_reference(q, keys, values, length, scale=D**-0.5, left_padding=lp, window=window)
+    with emulated():
+        out = attention.decode_attention_kernel(q, keys, values, length, scale=D**-0.5, left_padding=lp, window=window,
+                                                back="cuda")
+    assert out.shape == ref.shape and rel(out, ref) < 1e-5
