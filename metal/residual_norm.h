@@ -25,19 +25,32 @@ const int n = zk_by;
 ZK_SHARED float zk_x[H + H / 32];  // padded: see zk_pad
 ZK_SHARED float zk_red[NWARP];
 
-// Every input this thread needs is loaded before the first store: a store through one pointer could
-// alias a later load through another, so a loop that interleaves them waits out each load in turn.
+// Every input this thread needs is loaded before any is used, with no branch between the loads: a load
+// behind a branch (or after a store that could alias it) waits for what came before, so each element's seven
+// loads would cost a trip to memory of their own. A thread past the row's end reads element 0 and drops it.
 float ov[EPT];
 float hv[EPT];
 float nv[EPT];
-ZK_UNROLL
-for (int i = 0; i < EPT; ++i) {
-  const int k = zk_tid + i * NT;
-  if (k < H) {
-    ov[i] = zk_round<RT>(zk_round<RT>(static_cast<float>(o[n * H + k]) + static_cast<float>(hb[k])) *
-                         static_cast<float>(hs[k]));
-    hv[i] = (h[n * H + k] + static_cast<float>(rb[k])) * static_cast<float>(rs[k]);
+{
+  float hbv[EPT];
+  float hsv[EPT];
+  float rbv[EPT];
+  float rsv[EPT];
+  ZK_UNROLL
+  for (int i = 0; i < EPT; ++i) {
+    const int k = (zk_tid + i * NT < H) ? zk_tid + i * NT : 0;
+    ov[i] = static_cast<float>(o[n * H + k]);
+    hv[i] = h[n * H + k];
     nv[i] = static_cast<float>(nw[k]);
+    hbv[i] = static_cast<float>(hb[k]);
+    hsv[i] = static_cast<float>(hs[k]);
+    rbv[i] = static_cast<float>(rb[k]);
+    rsv[i] = static_cast<float>(rs[k]);
+  }
+  ZK_UNROLL
+  for (int i = 0; i < EPT; ++i) {
+    ov[i] = zk_round<RT>(zk_round<RT>(ov[i] + hbv[i]) * hsv[i]);
+    hv[i] = (hv[i] + rbv[i]) * rsv[i];
   }
 }
 const float eps = fparams[0];
