@@ -9,8 +9,9 @@
 // Grid: one threadgroup of NT threads per (head group g, batch row b): x = g (NH query heads, then NKV
 // key heads), y = b. Each group's D channels depend only on that group's inputs, so no threadgroup
 // waits for another.
-// Template: T (activation dtype), D, NH, NKV, T0, T1, RD (rope dims, even, <= D), NT (threads, >= D;
-// 1024 keeps the grouped conv's loads wide: a few channels a SIMD group).
+// Template: T (activation dtype: bfloat16 or float32), D, NH, NKV, T0, T1, RD (rope dims, even, <= D), NT
+// (threads, >= D, T1 * D and S * D; each SIMD group holds its grouped-conv rows in registers, 16 bytes a
+// lane and channel, so NT sets the registers a thread may use).
 // Inputs: qkv [B, P] (P = C + NKV*D, C = (NH+NKV)*D: q, k, v_current, v_delayed), conv_state [B, S, C]
 // (S = T0-1 + T1-1 >= 1), v_prev [B, NKV*D/2], dw_w [C, T0], dw_b [C], gw_w [C, T1, D], gw_b [C],
 // temp [NKV], offset [B] int32, inv_freq [RD/2] float32, fparams [1] float32 (the norm's eps clamp).
@@ -25,115 +26,120 @@ constexpr int REP = NH / NKV;
 constexpr int NWARP = NT / 32;
 constexpr int HALF = RD / 2;
 constexpr int CPW = (D + NWARP - 1) / NWARP;  // grouped-conv channels a SIMD group
-constexpr int KW = (T1 * D + 31) / 32;        // grouped-conv weights a lane, per channel
+constexpr int QMW = (sizeof(T) == 2) ? 0 : 1;  // grouped-conv weights as zk_dot_u4 reads them: bf16 or f32
+constexpr int VPC = 16 / sizeof(T);             // weights a 16-byte chunk
+constexpr int NCH = (T1 * D) / VPC;             // chunks a channel's weight row
+constexpr int KI = (NCH + 31) / 32;             // chunks a lane, per channel
 
 const int g = zk_bx;
 const int b = zk_by;
 const int cbase = g * D;
 const int xrow = b * P;
 
-ZK_SHARED float zk_dw[T1 * D];
+ZK_SHARED float zk_dw[T1 * D + (T1 * D) / 32];  // padded: see zk_pad
 ZK_SHARED float zk_y[D];
 ZK_SHARED float zk_n[D];
 ZK_SHARED float zk_red[NWARP];
 
-// 0. Everything the later steps read from memory besides the grouped-conv weights, loaded up front (a
-// store can alias a later load, so loads interleaved with stores would wait out their latencies in turn);
-// L2 fetches the group's grouped-conv weights meanwhile.
-zk_prefetch(gw_w + cbase * (T1 * D), D * (T1 * D), zk_tid, NT);
-const int c0 = zk_tid;  // this thread's channel of the head in steps 4-6 (when < D)
-float dwx[T0];          // step 1: the depthwise window of item zk_tid (when < T1 * D)
+// 0. Every load of the kernel, issued before any result is used and with no branch between them: a load
+// behind a branch waits for what came before it, so each group of loads would cost its own trip to memory.
+// A thread with no item in a step reads a valid element and drops it.
+const int c0 = zk_tid;                      // this thread's channel of the head in steps 4-6 (when < D)
+const int cc = (c0 < D) ? c0 : 0;
+const bool has1 = zk_tid < T1 * D;          // step 1: depthwise output item zk_tid
+const int m1 = has1 ? zk_tid / D : 0;
+const int ch1 = cbase + (has1 ? zk_tid - m1 * D : 0);
+float dwx[T0];
 float dww[T0];
-float dwb = 0.0f;
-float statev = 0.0f;    // step 2: conv state item zk_tid (when < S * D)
-float res = 0.0f;       // step 4: the residual path
-float tempv = 1.0f;     // step 5: the key temperature
-float cs = 1.0f;        // step 5: RoPE cos / sin
-float sn = 0.0f;
-float vv = 0.0f;        // step 6: value channel c0, and delayed value zk_tid (when < D / 2)
-float vd = 0.0f;
-if (zk_tid < T1 * D) {
-  const int m = zk_tid / D;
-  const int ch = cbase + (zk_tid - m * D);
-  ZK_UNROLL
-  for (int i = 0; i < T0; ++i) {
-    const int j = m + i;
-    dwx[i] = (j < S) ? static_cast<float>(conv_state[(b * S + j) * C + ch]) : static_cast<float>(qkv[xrow + ch]);
-    dww[i] = static_cast<float>(dw_w[ch * T0 + i]);
-  }
-  dwb = static_cast<float>(dw_b[ch]);
+ZK_UNROLL
+for (int i = 0; i < T0; ++i) {
+  const int j = m1 + i;
+  const float st = static_cast<float>(conv_state[(b * S + ((j < S) ? j : S - 1)) * C + ch1]);
+  dwx[i] = (j < S) ? st : static_cast<float>(qkv[xrow + ch1]);
+  dww[i] = static_cast<float>(dw_w[ch1 * T0 + i]);
 }
-if (zk_tid < S * D) {
-  const int j = zk_tid / D;
-  const int ch = cbase + (zk_tid - j * D);
-  statev = (j + 1 < S) ? static_cast<float>(conv_state[(b * S + j + 1) * C + ch]) : static_cast<float>(qkv[xrow + ch]);
+const float dwb = static_cast<float>(dw_b[ch1]);
+const bool has2 = zk_tid < S * D;           // step 2: conv state item zk_tid
+const int j2 = has2 ? zk_tid / D : 0;
+const int ch2 = cbase + (has2 ? zk_tid - j2 * D : 0);
+const float st2 = static_cast<float>(conv_state[(b * S + ((j2 + 1 < S) ? j2 + 1 : S - 1)) * C + ch2]);
+const float statev = (j2 + 1 < S) ? st2 : static_cast<float>(qkv[xrow + ch2]);
+// step 4: the residual path. A query head: (q + its key) / 2; a key head: the mean of that over its queries.
+const int kh = (g < NH) ? g / REP : g - NH;  // the key head of this group
+const float kv = static_cast<float>(qkv[xrow + NH * D + kh * D + cc]);
+float qs[REP];
+ZK_UNROLL
+for (int r = 0; r < REP; ++r) {
+  qs[r] = static_cast<float>(qkv[xrow + ((g < NH) ? g : kh * REP + r) * D + cc]);
 }
-if (c0 < D) {
-  if (g < NH) {
-    const float qv = static_cast<float>(qkv[xrow + g * D + c0]);
-    const float kv = static_cast<float>(qkv[xrow + NH * D + (g / REP) * D + c0]);
-    res = zk_round<T>(zk_round<T>(qv + kv) * 0.5f);
-  } else {
-    const int h = g - NH;
-    const float kv = static_cast<float>(qkv[xrow + NH * D + h * D + c0]);
-    float sum = 0.0f;
-    for (int r = 0; r < REP; ++r) {
-      const float qv = static_cast<float>(qkv[xrow + (h * REP + r) * D + c0]);
-      sum += zk_round<T>(zk_round<T>(qv + kv) * 0.5f);
-    }
-    res = zk_round<T>(sum / float(REP));
-    tempv = static_cast<float>(temp[h]);
-    const int f = h * D + c0;
-    vv = (f < VH) ? static_cast<float>(qkv[xrow + C + f]) : static_cast<float>(v_prev[b * VH + (f - VH)]);
-    if (c0 < D / 2) {
-      vd = static_cast<float>(qkv[xrow + C + VH + h * (D / 2) + c0]);
-    }
-  }
-  if (c0 < RD) {
-    const int i = (c0 < HALF) ? c0 : c0 - HALF;
-    const float theta = static_cast<float>(offset[b]) * inv_freq[i];
-    cs = zk_cos(theta);
-    sn = zk_sin(theta);
-  }
-}
+// steps 5-6: the key temperature, RoPE's angle, the value channel and the delayed value
+const float tempv = static_cast<float>(temp[kh]);
+const int f = kh * D + cc;
+const float vcur = static_cast<float>(qkv[xrow + C + ((f < VH) ? f : 0)]);
+const float vold = static_cast<float>(v_prev[b * VH + ((f < VH) ? 0 : f - VH)]);
+const float vd = static_cast<float>(qkv[xrow + C + VH + kh * (D / 2) + ((cc < D / 2) ? cc : 0)]);
+const int ri = (cc < HALF) ? cc : ((cc < RD) ? cc - HALF : 0);
+const float pos = static_cast<float>(offset[b]);
+const float freq = inv_freq[ri];
 const float eps = fparams[0];
+// step 3: this SIMD group's grouped-conv rows, 16 bytes a lane, and their biases
+uint4 gwv[CPW][KI];
 float gb[CPW];
 ZK_UNROLL
 for (int i = 0; i < CPW; ++i) {
   const int c = zk_warp + i * NWARP;
-  gb[i] = (c < D) ? static_cast<float>(gw_b[cbase + c]) : 0.0f;
+  const int ch = cbase + ((c < D) ? c : 0);
+  gb[i] = static_cast<float>(gw_b[ch]);
+  ZK_UNROLL
+  for (int it = 0; it < KI; ++it) {
+    const int v = it * 32 + zk_lane;
+    gwv[i][it] = ZK_LOAD_U4(gw_w, ch * NCH + ((v < NCH) ? v : 0));
+  }
 }
 
+float res;
+if (g < NH) {
+  res = zk_round<T>(zk_round<T>(qs[0] + kv) * 0.5f);
+} else {
+  float sum = 0.0f;
+  ZK_UNROLL
+  for (int r = 0; r < REP; ++r) {
+    sum += zk_round<T>(zk_round<T>(qs[r] + kv) * 0.5f);
+  }
+  res = zk_round<T>(sum / float(REP));
+}
+const float vv = (f < VH) ? vcur : vold;
+const float theta = pos * freq;
+const float cs = zk_cos(theta);
+const float sn = zk_sin(theta);
+
 // 1. Depthwise conv over the window [conv_state[b], qkv[b, :C]] (S + 1 positions): T1 outputs.
-if (zk_tid < T1 * D) {
+if (has1) {
   float acc = 0.0f;
   ZK_UNROLL
   for (int i = 0; i < T0; ++i) {
     acc += dww[i] * dwx[i];
   }
-  zk_dw[zk_tid] = zk_round<T>(acc + dwb);
+  zk_dw[zk_pad(zk_tid)] = zk_round<T>(acc + dwb);
 }
 // 2. The new conv state: window positions 1..S.
-if (zk_tid < S * D) {
-  const int j = zk_tid / D;
-  conv_out[(b * S + j) * C + cbase + (zk_tid - j * D)] = static_cast<T>(statev);
+if (has2) {
+  conv_out[(b * S + j2) * C + ch2] = static_cast<T>(statev);
 }
 ZK_BARRIER();
 
-// 3. Grouped conv: a SIMD group per output channel, CPW channels a group with all their loads in
-// flight, the lanes along the T1 * D weights.
+// 3. Grouped conv: a SIMD group per output channel, CPW channels a group, the lanes along the T1 * D
+// weights in 16-byte chunks.
 {
   float acc[CPW];
   ZK_UNROLL
   for (int i = 0; i < CPW; ++i) {
-    const int c = zk_warp + i * NWARP;
-    const int ch = cbase + c;
     float a = 0.0f;
     ZK_UNROLL
-    for (int j = 0; j < KW; ++j) {
-      const int k = zk_lane + 32 * j;
-      if (c < D && k < T1 * D) {
-        a += static_cast<float>(gw_w[ch * (T1 * D) + k]) * zk_dw[k];
+    for (int it = 0; it < KI; ++it) {
+      const int v = it * 32 + zk_lane;
+      if (v < NCH) {
+        a += zk_dot_u4<QMW, 16>(gwv[i][it], zk_dw, v * VPC).d;
       }
     }
     acc[i] = a;

@@ -42,15 +42,6 @@ ZK_DEV float zk_sin(float x) {
 ZK_DEV float zk_erf(float x) {
   return erff(x);
 }
-// Ask L2 for n elements from p, one 128-byte line a request, the requests spread over nt threads: no
-// result and no wait, so a kernel can start a later stage's loads while an earlier stage still computes.
-template <typename P>
-ZK_DEV void zk_prefetch(const P* p, int n, int tid, int nt) {
-  constexpr int step = (sizeof(P) < 128) ? int(128 / sizeof(P)) : 1;
-  for (int i = tid * step; i < n; i += nt * step) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + i));
-  }
-}
 template <typename T>
 ZK_DEV float zk_round(float x) {
   return static_cast<float>(static_cast<T>(x));

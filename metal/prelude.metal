@@ -10,7 +10,6 @@
 //   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp)
 //   zk_exp, zk_sqrt, zk_rsqrt, zk_cos, zk_sin, zk_erf  float32 math
 //   zk_round<T>(x)  round a float to dtype T and back, to follow a reference that rounds there
-//   zk_prefetch     ask L2 for data a later stage reads (CUDA; nothing on Metal)
 // and, after the marker line below, the body prologue: the thread indices every body starts from
 // (zk_tid, zk_bx, zk_by, zk_lane, zk_warp). The prologue is part of the kernel source, not the header,
 // because MLX adds a Metal attribute argument only when the source names it.
@@ -57,9 +56,6 @@ ZK_DEV float zk_erf(float x) {
   const float r = 1.0f - poly * metal::precise::exp(-ax * ax);
   return x < 0.0f ? -r : r;
 }
-// CUDA asks L2 for a later stage's data (prelude.cu); Metal has no such request, so nothing happens.
-template <typename P>
-ZK_DEV void zk_prefetch(const device P* p, int n, int tid, int nt) {}
 template <typename T>
 ZK_DEV float zk_round(float x) {
   return static_cast<float>(static_cast<T>(x));

@@ -101,7 +101,6 @@ inline float zk_rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline float zk_cos(float x) { return std::cos(x); }
 inline float zk_sin(float x) { return std::sin(x); }
 inline float zk_erf(float x) { return std::erf(x); }
-template <typename P> inline void zk_prefetch(const P*, int, int, int) {}
 template <typename T> inline float zk_round(float x) { return static_cast<float>(static_cast<T>(x)); }
 """
 

@@ -96,22 +96,24 @@ def test_expert_body(fmt, opts):
     assert (out[1] == 0).all()
 
 
-@pytest.mark.parametrize("shape", [(8, 2, 64, 2, 2, 32, 2), (6, 3, 32, 3, 2, 16, 1)])
-def test_cca_body(shape):
+@pytest.mark.parametrize("shape,dtype", [((8, 2, 64, 2, 2, 32, 2), mx.float32), ((6, 3, 32, 3, 2, 16, 1), mx.float32),
+                                         ((4, 2, 32, 2, 3, 0, 2), mx.bfloat16)])
+def test_cca_body(shape, dtype):
     nh, nkv, d, t0, t1, rd, B = shape
     mx.random.seed(sum(shape))
     C = (nh + nkv) * d
     a = dict(qkv=rnd(B, C + nkv * d), conv_state=rnd(B, t0 - 1 + t1 - 1, C), v_prev=rnd(B, nkv * d // 2),
              dw_w=rnd(C, t0, 1, scale=0.5), dw_b=rnd(C, scale=0.1), gw_w=rnd(C, t1, d, scale=0.1),
              gw_b=rnd(C, scale=0.1), temp=mx.random.uniform(shape=(nkv,)) + 0.5)
+    a = {k: v.astype(dtype) for k, v in a.items()}
     kw = dict(n_heads=nh, n_kv_heads=nkv, head_dim=d, rope_dims=rd, rope_base=1e4)
     offset = mx.array([5 + 100 * b for b in range(B)], dtype=mx.int32)
     ref = cca.cca_decode_step_reference(**a, offset=offset, **kw)
     with emulated():
         out = cca._cca_kernel(**a, offset=offset, norm_eps=None, back="cuda", **kw)
     for name, o, r in zip(("q", "k", "v", "conv_state", "v_prev"), out, ref):
-        assert o.shape == r.shape, name
-        assert rel(o, r) < 1e-5, (name, rel(o, r))
+        assert o.shape == r.shape and o.dtype == r.dtype, name
+        assert rel(o, r) < (1e-2 if dtype == mx.bfloat16 else 1e-5), (name, rel(o, r))
 
 
 @pytest.mark.parametrize("pads,window,single_pass", [(None, None, 64), ([0, 3], 6, 64), ([0, 9], None, 4)])

@@ -133,7 +133,11 @@ _INPUTS = (
     "fparams",
 )
 _OUTPUTS = ("q_out", "k_out", "v_out", "conv_out", "vprev_out")
-_NT = 1024  # wide: the grouped conv takes a few channels a SIMD group, all loads in flight
+def _threads(dtype) -> int:
+    """Threads of a threadgroup. Each lane holds its SIMD group's grouped-conv rows in registers (16 bytes a
+    lane and channel); 1024 threads leave 64 registers a thread, enough for bfloat16 rows, so float32 takes 512
+    (more channels a SIMD group, 128 registers a thread)."""
+    return 1024 if dtype.size == 2 else 512
 
 
 def kernel_supported(conv_state, gw_w, *, n_heads, n_kv_heads, head_dim, rope_dims, **_) -> bool:
@@ -146,7 +150,9 @@ def kernel_supported(conv_state, gw_w, *, n_heads, n_kv_heads, head_dim, rope_di
         and rope_dims % 2 == 0
         and head_dim <= 256
         and gw_w.shape[1] <= 4  # grouped-conv taps: the kernel unrolls T1 * D / 32 loads a lane
-        and max(conv_state.shape[1], gw_w.shape[1]) * head_dim <= 1024  # one item a thread of 1024
+        and gw_w.dtype in (mx.bfloat16, mx.float32)
+        and (gw_w.shape[1] * head_dim * gw_w.dtype.size) % 16 == 0  # a channel's weights in 16-byte chunks
+        and max(conv_state.shape[1], gw_w.shape[1]) * head_dim <= _threads(gw_w.dtype)  # one item a thread
     )
 
 
@@ -164,6 +170,7 @@ def _cca_kernel(
     off = offset_array(offset, B)
     eps = _eps(dtype) if norm_eps is None else norm_eps
     kern = get_kernel("cca_decode.h", back, _INPUTS, _OUTPUTS)
+    nt = _threads(dtype)
     inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else mx.zeros((1,), mx.float32)
     outs = kern(
         inputs=[
@@ -187,10 +194,10 @@ def _cca_kernel(
             ("T0", t0),
             ("T1", t1),
             ("RD", rope_dims),
-            ("NT", _NT),
+            ("NT", nt),
         ],
-        grid=((nh + nkv) * _NT, B, 1),
-        threadgroup=(_NT, 1, 1),
+        grid=((nh + nkv) * nt, B, 1),
+        threadgroup=(nt, 1, 1),
         output_shapes=[(B, nh, 1, d), (B, nkv, 1, d), (B, nkv, 1, d), (B, S, C), (B, nkv * d // 2)],
         output_dtypes=[dtype] * 5,
     )
