@@ -16,7 +16,7 @@ constexpr int VPW = (WQ == 0) ? 2 : 1;
 constexpr int NV = R / (4 * VPW);
 constexpr int ITERS = (NV + 31) / 32;
 constexpr int QMW = (WQ == 0) ? 0 : 1;
-constexpr int RB = (ITERS <= 2) ? 8 / ITERS : 1;  // rows a SIMD group loads at once
+constexpr int RB = (ITERS <= 4) ? 16 / ITERS : 1;  // rows a SIMD group loads at once: at most 16 chunks a lane
 
 const int n = zk_bx;
 
@@ -52,7 +52,9 @@ for (int k = zk_tid; k < R; k += NT) {
 ZK_BARRIER();
 
 // fc1 + GELU: zk_h -> zk_a; fc2 + GELU: zk_a -> zk_h; logits: zk_h -> zk_l. RB rows of a SIMD group at
-// a time, all their loads in flight before the sums.
+// a time, all their loads in flight before the sums: with the layers unrolled, no branch separates them (a
+// load behind a branch waits for what came before it).
+ZK_UNROLL
 for (int layer = 0; layer < 3; ++layer) {
   const int nout = (layer == 2) ? NE1 : R;
   for (int o0 = zk_warp * RB; o0 < nout; o0 += NWARP * RB) {
@@ -65,16 +67,10 @@ for (int layer = 0; layer < 3; ++layer) {
       ZK_UNROLL
       for (int it = 0; it < ITERS; ++it) {
         const int v = it * 32 + zk_lane;
-        const int idx = (o0 + i) * NV + v;
-        if (o0 + i >= nout || v >= NV) {
-          u[i][it] = zk_zero_u4();
-        } else if (layer == 0) {
-          u[i][it] = ZK_LOAD_U4(w1, idx);
-        } else if (layer == 1) {
-          u[i][it] = ZK_LOAD_U4(w2, idx);
-        } else {
-          u[i][it] = ZK_LOAD_U4(wo, idx);
-        }
+        const bool live = (o0 + i < nout) && (v < NV);
+        const int idx = live ? (o0 + i) * NV + v : 0;
+        const uint4 w = (layer == 0) ? ZK_LOAD_U4(w1, idx) : ((layer == 1) ? ZK_LOAD_U4(w2, idx) : ZK_LOAD_U4(wo, idx));
+        u[i][it] = live ? w : zk_zero_u4();
       }
     }
     ZK_UNROLL
