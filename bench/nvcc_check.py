@@ -73,13 +73,13 @@ for wq, wt in [(0, "bf16"), (1, "f32")]:
                        ("w2", wt), ("b2", "bf16"), ("wo", wt), ("bal", "f32"), ("fparams", "f32")],
                       [("rnext", "bf16"), ("choice", "i32"), ("prob", "bf16")],
                       [("T", "bf16"), ("R", 256), ("NE1", 17), ("HAS_PREV", prev), ("WQ", wq), ("NT", router._threads(256))]))
-for router in (True, False):
-    CASES.append((f"resnorm_{router}", "residual_norm.h",
-                  [("o", "bf16"), ("h", "f32"), ("hs", "bf16"), ("hb", "bf16"), ("rs", "bf16"), ("rb", "bf16"),
-                   ("nw", "bf16"), ("wd", "bf16"), ("bd", "bf16"), ("fparams", "f32")],
-                  [("h_out", "f32"), ("x_out", "bf16"), ("r_out", "bf16")],
-                  [("T", "bf16"), ("RT", "bf16"), ("H", 2048), ("HAS_ROUTER", router), ("R", 256), ("RPB", norms._RPB),
-                   ("WQ", 0), ("NT", norms._NT)]))
+for router, t in ((True, "bf16"), (False, "bf16"), (True, "f32")):
+    CASES.append((f"resnorm_{router}_{t}", "residual_norm.h",
+                  [("o", t), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t),
+                   ("nw", t), ("wd", t), ("bd", t), ("fparams", "f32")],
+                  [("h_out", "f32"), ("x_out", t), ("r_out", t)],
+                  [("T", t), ("RT", t), ("H", 2048), ("HAS_ROUTER", router), ("R", 256), ("RPB", norms._RPB),
+                   ("WQ", 0 if t == "bf16" else 1), ("NT", norms._NT)]))
 for split in (False, True):
     CASES.append((f"attention_{'split' if split else 'single'}", "decode_attention.h",
                   [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("lpad", "i32"), ("meta", "i32"),

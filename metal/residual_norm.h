@@ -28,6 +28,18 @@ ZK_SHARED float zk_red[NWARP];
 // Every input this thread needs is loaded before any is used, with no branch between the loads: a load
 // behind a branch (or after a store that could alias it) waits for what came before, so each element's seven
 // loads would cost a trip to memory of their own. A thread past the row's end reads element 0 and drops it.
+// The router rows come first (one a SIMD group), so their latency passes while the norm is computed.
+static_assert(!HAS_ROUTER || RPB <= NWARP, "one router row a SIMD group");
+const int o2 = blk * RPB + zk_warp;
+const bool rlive = HAS_ROUTER && zk_warp < RPB && o2 < R;
+uint4 wr[ITERS];
+ZK_UNROLL
+for (int it = 0; it < ITERS; ++it) {
+  const int v = it * 32 + zk_lane;
+  const uint4 w = ZK_LOAD_U4(wd, (rlive && v < NV) ? o2 * NV + v : 0);
+  wr[it] = rlive ? w : zk_zero_u4();
+}
+const float bdv = static_cast<float>(bd[rlive ? o2 : 0]);
 float ov[EPT];
 float hv[EPT];
 float nv[EPT];
@@ -90,18 +102,16 @@ for (int i = 0; i < EPT; ++i) {
 }
 if (HAS_ROUTER) {
   ZK_BARRIER();
-  for (int o2 = blk * RPB + zk_warp; o2 < (blk + 1) * RPB && o2 < R; o2 += NWARP) {
-    float a = 0.0f;
-    ZK_UNROLL
-    for (int it = 0; it < ITERS; ++it) {
-      const int v = it * 32 + zk_lane;
-      if (v < NV) {
-        a += zk_dot_u4<QMW, 16>(ZK_LOAD_U4(wd, o2 * NV + v), zk_x, v * 4 * VPW).d;
-      }
+  float a = 0.0f;
+  ZK_UNROLL
+  for (int it = 0; it < ITERS; ++it) {
+    const int v = it * 32 + zk_lane;
+    if (v < NV) {
+      a += zk_dot_u4<QMW, 16>(wr[it], zk_x, v * 4 * VPW).d;
     }
-    a = zk_simd_sum(a);
-    if (zk_lane == 0) {
-      r_out[n * R + o2] = static_cast<T>(a + static_cast<float>(bd[o2]));
-    }
+  }
+  a = zk_simd_sum(a);
+  if (zk_lane == 0 && rlive) {
+    r_out[n * R + o2] = static_cast<T>(a + bdv);
   }
 }

@@ -35,6 +35,7 @@ def kernel_supported(o, h, router_w=None) -> bool:
     ok = h.dtype == mx.float32 and H % 8 == 0 and H <= 7168  # the padded row in 32 KB of threadgroup memory
     if router_w is not None:
         ok = ok and isinstance(router_w, mx.array) and router_w.dtype in (mx.bfloat16, mx.float32)
+        ok = ok and H * router_w.dtype.size <= 8192  # a SIMD group holds its router row in registers
     return ok
 
 
