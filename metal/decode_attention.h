@@ -21,7 +21,7 @@ constexpr int NWARP = NT / 32;
 constexpr int REP = NH / NKV;
 constexpr int NHB = NH / HB;  // head blocks a batch row
 constexpr int DPL = D / 32;
-constexpr int U = 4;
+constexpr int U = 8;  // keys a SIMD group loads at once: each batch is a trip to memory
 
 const int c = zk_bx;
 const int b = zk_by / NHB;
