@@ -26,6 +26,7 @@ import tempfile
 import mlx.core as mx
 import numpy as np
 
+from zaya_mlx import kernels
 from zaya_mlx.kernels import _build, attention, cca, experts, norms, router
 
 COMPILER = shutil.which("g++")
@@ -191,13 +192,18 @@ class EmulatedKernel:
 
 @contextlib.contextmanager
 def emulated():
-    """Inside: the kernels' launchers get emulated kernels (pass back='cuda': the CUDA prelude's path of a body)."""
-    modules = [m for m in (_build, attention, cca, experts, norms, router)]
-    saved = [m.get_kernel for m in modules]
+    """Inside, the kernels' launchers get emulated kernels and the back end reads 'cuda' (the CUDA side of a
+    body's #ifdefs), so the model's fused decode runs its kernels' bodies here. Not under mx.compile: an
+    emulated kernel reads its inputs' values."""
+    modules = (_build, attention, cca, experts, norms, router)
+    saved = [(m.get_kernel, m.backend) for m in modules] + [kernels.backend]
     for m in modules:
         m.get_kernel = lambda body, back, inputs, outputs: EmulatedKernel(body, inputs, outputs)
+        m.backend = lambda: "cuda"
+    kernels.backend = lambda: "cuda"
     try:
         yield
     finally:
-        for m, g in zip(modules, saved):
-            m.get_kernel = g
+        for m, (g, b) in zip(modules, saved):
+            m.get_kernel, m.backend = g, b
+        kernels.backend = saved[-1]

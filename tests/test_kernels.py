@@ -6,6 +6,7 @@ runs this file on an NVIDIA GPU), each kernel is checked against its reference f
 and quantized weights, odd shapes and batches > 1; those tests skip elsewhere.
 """
 
+import contextlib
 import math
 import os
 
@@ -478,22 +479,34 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
     tol = max(1e-4, F32) if dtype == mx.float32 else 3e-2
     for batch, pads in ((1, None), (3, [0, 2, 5])):
-        prompt = mx.random.randint(0, 512, (batch, 9)).astype(mx.int32)
-        logits, caches = {}, {}
-        for mode in ("0", "1"):
-            monkeypatch.setenv("ZAYA_FUSED", mode)
-            caches[mode] = model.make_cache(pads)
-            model(prompt, caches[mode])
-        tok = mx.array([[7]] * batch, dtype=mx.int32)
-        for _ in range(3):
-            for mode in ("0", "1"):
-                monkeypatch.setenv("ZAYA_FUSED", mode)
-                logits[mode] = model(tok, caches[mode])
-            err = float(mx.abs(logits["1"] - logits["0"]).max() / mx.abs(logits["0"]).max())
-            assert err < tol, (batch, err)
-            tok = mx.argmax(logits["0"][:, -1:], axis=-1).astype(mx.int32)
+        errors, cache = fused_vs_plain_decode(model, monkeypatch, batch, pads, prompt_len=9, steps=3)
+        assert max(errors) < tol, (batch, errors)
         if pads is not None:
-            assert isinstance(caches["1"][0][0], BatchKVCache)
+            assert isinstance(cache[0][0], BatchKVCache)
+
+
+def fused_vs_plain_decode(model, monkeypatch, batch, pads, prompt_len, steps, fused_context=contextlib.nullcontext):
+    """Prefill a random prompt into two caches, then decode greedily (the plain path's choice) through the plain
+    ops and through the fused step (run inside fused_context()). Returns (each step's max |logit difference| /
+    max |logit|, the fused path's cache)."""
+    prompt = mx.random.randint(0, 512, (batch, prompt_len)).astype(mx.int32)
+    caches = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("ZAYA_FUSED", mode)
+        caches[mode] = model.make_cache(pads)
+        model(prompt, caches[mode])
+    tok = mx.array([[7]] * batch, dtype=mx.int32)
+    errors = []
+    for _ in range(steps):
+        monkeypatch.setenv("ZAYA_FUSED", "0")
+        plain = model(tok, caches["0"])
+        monkeypatch.setenv("ZAYA_FUSED", "1")
+        with fused_context():
+            fused = model(tok, caches["1"])
+            mx.eval(fused)
+        errors.append(float(mx.abs(fused - plain).max() / mx.abs(plain).max()))
+        tok = mx.argmax(plain[:, -1:], axis=-1).astype(mx.int32)
+    return errors, caches["1"]
 
 
 ATTENTION_CASES = [  # B, NH, NKV, D, length, capacity, left padding, window

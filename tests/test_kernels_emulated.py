@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kernel_emulator import emulated
+from test_kernels import fused_vs_plain_decode
 from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, norms, router
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
@@ -130,3 +131,17 @@ def test_attention_body(pads, window, single_pass, monkeypatch):
         out = attention.decode_attention_kernel(q, keys, values, length, scale=D**-0.5, left_padding=lp, window=window,
                                                 back="cuda")
     assert out.shape == ref.shape and rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("quant", [None, "mxfp4"])
+def test_fused_decode_runs_the_bodies_like_the_plain_ops(quant, monkeypatch):
+    """The model's fused decode step with every kernel body emulated (the launchers, shapes and dtypes as on a
+    GPU) gives the plain ops' logits, for a lone sequence and a left-padded batch."""
+    from zaya_mlx.benchmark import build_zaya, small_config
+
+    monkeypatch.setenv("ZAYA_COMPILE", "0")
+    dtype = mx.bfloat16 if quant else mx.float32
+    model = build_zaya(small_config(), quant, seed=2, dtype=dtype)
+    for batch, pads in ((1, None), (2, [0, 3])):
+        errors, _ = fused_vs_plain_decode(model, monkeypatch, batch, pads, prompt_len=6, steps=2, fused_context=emulated)
+        assert max(errors) < (1e-4 if dtype == mx.float32 else 3e-2), (batch, errors)
