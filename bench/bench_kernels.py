@@ -5,13 +5,18 @@ Each case builds random inputs, then evaluates CALLS independent calls in one gr
 wall-clock figure includes MLX's per-op host work (several us on MLX-CUDA), so for a kernel's own GPU time run
 it under Nsight Compute:
 
-    ncu --metrics gpu__time_duration.sum --csv python3 bench/bench_kernels.py --calls 20 > kernels.csv
+    ncu --metrics gpu__time_duration.sum --csv -k regex:zaya python3 bench/bench_kernels.py --calls 5 > kernels.csv
+    python3 bench/bench_kernels.py --summarize kernels.csv    # median us per kernel variant
 
 Usage: python bench/bench_kernels.py [--batch 1,8] [--calls 100] [--only expert,router,...]
 """
 
 import argparse
+import collections
+import csv
 import os
+import re
+import statistics
 import sys
 import time
 
@@ -87,6 +92,20 @@ def time_calls(fn, calls: int, reps: int) -> float:
     return best
 
 
+def summarize(path: str) -> None:
+    """Median GPU microseconds per kernel variant in an ncu --csv file of gpu__time_duration.sum."""
+    with open(path) as f:
+        rows = list(csv.reader(line for line in f if line.startswith('"')))
+    head = rows[0]
+    name, value = head.index("Kernel Name"), head.index("Metric Value")
+    times = collections.defaultdict(list)
+    for row in rows[1:]:
+        kernel = re.sub(r"^custom_kernel_", "", row[name].split("(")[0])
+        times[kernel].append(float(row[value].replace(",", "")) / 1000)
+    for kernel, us in times.items():
+        print(f"{statistics.median(us):8.1f} us  (n={len(us)})  {kernel}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
@@ -94,7 +113,11 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated words a case name must contain one of")
+    ap.add_argument("--summarize", metavar="CSV", help="print an ncu CSV's median time per kernel, then exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize)
+        return 0
     back = kernels.backend()
     print(f"device {mx.default_device()}, kernels on: {back}")
     cfg = ZayaConfig()

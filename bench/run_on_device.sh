@@ -9,9 +9,11 @@
 #   later calls on the same (warm) machine: . .device/env.sh && bash bench/run_on_device.sh ...
 #   (call 2 must follow call 1 within the 30 s a machine stays warm; and stage.sh as mlx-cuda.sh 0.32.4 writes it
 #   names the joined wheel without a version, which pip refuses: make it mlx_cuda_13-0.32.4-py3-none-...whl)
-# Parts: nvcc (compile the CUDA twins offline), tests (tests/test_kernels.py, by group), bench (bf16 + MXFP4,
-# batch 1 and 8, the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only),
-# profile (bench/profile_decode.py: one step's cost op by op).
+# Parts: nvcc (compile the CUDA twins offline), tests (tests/test_kernels.py, by group; on a fresh machine NVRTC
+# compiles every variant first, so the expert group alone takes 3-4 minutes), bench (bf16 + MXFP4, batch 1 and 8,
+# the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only), floor (MXFP4 batch 1,
+# with the same graph's kernel bodies emptied: the host's floor), kernels (each kernel's GPU time under ncu,
+# bench/bench_kernels.py), profile (bench/profile_decode.py: one step's cost op by op).
 # Logs go to $OUT (the device tool's folder) or ./device-out.
 set -u
 OUT=${OUT:-device-out}
@@ -41,6 +43,14 @@ for part in "$@"; do
       timeout 560 python3 bench/bench_decode.py --quant bf16,mxfp4 --batch 1,8 --plain $VMLX \
         --json "$OUT/bench.json" --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    floor)
+      timeout 400 python3 bench/bench_decode.py --quant mxfp4 --batch 1 --host-floor $VMLX \
+        --json "$OUT/floor.json" --markdown "$OUT/floor.md" 2>&1 | tee "$OUT/floor.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    kernels)
+      timeout 300 ncu --metrics gpu__time_duration.sum --csv -k regex:zaya \
+        python3 bench/bench_kernels.py --batch 1,8 --calls 5 --reps 1 > "$OUT/kernels.csv" 2>&1 || rc=1
+      python3 bench/bench_kernels.py --summarize "$OUT/kernels.csv" | tee "$OUT/kernels.txt" ;;
     quick)
       timeout 200 python3 bench/bench_decode.py --quant mxfp4 --batch 1 --steps 32 \
         --json "$OUT/quick.json" --markdown "$OUT/quick.md" 2>&1 | tee "$OUT/quick.log"
