@@ -478,9 +478,10 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
     tol = max(1e-4, F32) if dtype == mx.float32 else 3e-2
-    for batch, pads in ((1, None), (3, [0, 2, 5])):
-        errors, cache = fused_vs_plain_decode(model, monkeypatch, batch, pads, prompt_len=9, steps=3)
-        assert max(errors) < tol, (batch, errors)
+    for batch, pads, prompt_len in ((1, None, 9), (1, None, 254), (3, [0, 2, 5], 9)):  # 254 + 3 outgrows 256 keys
+        errors, cache = fused_vs_plain_decode(model, monkeypatch, batch, pads, prompt_len=prompt_len, steps=3)
+        assert max(errors) < tol, (batch, prompt_len, errors)
+        assert cache[0][0].keys.shape[2] >= prompt_len + 3
         if pads is not None:
             assert isinstance(cache[0][0], BatchKVCache)
 

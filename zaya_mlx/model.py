@@ -418,7 +418,7 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
     last = len(layers) - 1
     for i, layer in enumerate(layers):
         kv = cache[i][0]
-        kv.update_and_fetch(k, v)  # the views it returns go unused: attention reads the buffers in place
+        _append_kv(kv, k, v)
         out = kernels.decode_attention(q, kv.keys, kv.values, offset + 1, scale=layer.self_attn.scale,
                                        left_padding=left_padding, window=windows[layer.layer_type], back=back)
         if i < last:
@@ -426,6 +426,20 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
             h, r, q, k, v, conv[0], conv[1] = steps[i + 1](out, h, r, conv[0], conv[1], positions)
         else:
             return steps[i + 1](out, h, r)
+
+
+def _append_kv(kv, k, v):
+    """One token's keys and values [B, NKV, 1, D] into a layer's cache. Attention reads the cache's buffers in
+    place, so for mlx-lm's KVCache with room left this is its update_and_fetch without the two views it returns:
+    half that call's host time (5 against 10 us a layer and step, measured on a CPU). Anything else (growing the
+    buffers, a BatchKVCache) goes through update_and_fetch."""
+    prev = kv.offset
+    if type(kv) is not KVCache or kv.keys is None or prev + 1 > kv.keys.shape[2]:
+        kv.update_and_fetch(k, v)
+        return
+    kv.offset = prev + 1
+    kv.keys[..., prev : prev + 1, :] = k
+    kv.values[..., prev : prev + 1, :] = v
 
 
 _ZEROS = {}
