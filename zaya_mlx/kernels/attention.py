@@ -10,6 +10,8 @@ host setup, which on MLX-CUDA costs more than the attention itself for one token
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 from ._build import backend, constant, get_kernel, use_kernel
@@ -66,26 +68,34 @@ def kernel_supported(q, keys) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _launch(B: int, NH: int, NKV: int, D: int, dtype, split: bool) -> tuple:
+    """(threads, grid rows, template) for these shapes, worked out once: the launcher runs every layer and step
+    outside mx.compile, so its Python is host time a token."""
+    hb = _heads_per_threadgroup(NH, NKV)
+    nt = _threads(hb, D)
+    template = [("T", dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split)]
+    return nt, B * NH // hb, template
+
+
 def decode_attention_kernel(q, keys, values, length: int, *, scale: float, left_padding=None, window=None,
                             back=None):
     back = back or backend()
     B, NH, _, D = q.shape
     NKV, cap = keys.shape[1], keys.shape[2]
-    hb = _heads_per_threadgroup(NH, NKV)
-    nt = _threads(hb, D)
     split = length > SINGLE_PASS_MAX
+    nt, rows, template = _launch(B, NH, NKV, D, q.dtype, split)
     chunk = CHUNK if split else max(length, 1)
     nc = (length + chunk - 1) // chunk if split else 1
     meta = constant((length, window or 0, chunk, cap, nc), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
     kern = get_kernel("decode_attention.h", back, ("q", "keys", "values", "lpad", "meta", "fparams"), ("out", "ml"))
-    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split)]
     out_shape = (B, 1, NH * D)  # o_proj's input: the same memory as [B, NH, 1, D], no reshape node
     inputs = [q, keys, values, lpad, meta, constant((scale,), mx.float32)]
     if not split:
-        return kern(inputs=inputs, template=template, grid=(nt, B * NH // hb, 1), threadgroup=(nt, 1, 1),
+        return kern(inputs=inputs, template=template, grid=(nt, rows, 1), threadgroup=(nt, 1, 1),
                     output_shapes=[out_shape, (1,)], output_dtypes=[q.dtype, mx.float32])[0]
-    part, ml = kern(inputs=inputs, template=template, grid=(nc * nt, B * NH // hb, 1), threadgroup=(nt, 1, 1),
+    part, ml = kern(inputs=inputs, template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1),
                     output_shapes=[(B, NH, nc, D), (B, NH, nc, 2)], output_dtypes=[mx.float32, mx.float32])
     combine = get_kernel("attention_combine.h", back, ("part", "ml", "meta"), ("out",))
     nt2 = max(32, D)
