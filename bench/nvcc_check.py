@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -92,37 +93,40 @@ CASES.append(("attention_combine", "attention_combine.h", [("part", "f32"), ("ml
               [("out", "bf16")], [("T", "bf16"), ("D", 128), ("NT", 128)]))
 
 
+def check(nvcc: str, folder: str, case) -> tuple[bool, str]:
+    """Compile one case; (ok, its report line, with nvcc's errors when it failed)."""
+    name, body, ins, outs, tmpl = case
+    path = os.path.join(folder, name + ".cu")
+    with open(path, "w") as f:
+        f.write(build(name, body, ins, outs, tmpl))
+    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", os.devnull, "-Xptxas", "-v", path],
+                       capture_output=True, text=True)
+    spill = [ln for ln in r.stderr.splitlines() if "spill" in ln and " 0 bytes spill" not in ln]
+    regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
+    nregs = int(re.search(r"Used (\d+) registers", regs[-1]).group(1)) if regs else 0
+    threads = dict(tmpl)["NT"]
+    ok = r.returncode == 0
+    if nregs * threads > 65536:  # a launch of NT threads would fail: "too many resources requested"
+        ok = False
+        spill.append(f"{nregs} registers x {threads} threads > 65536")
+    smem = re.search(r"(\d+) bytes smem", regs[-1]) if regs else None
+    if smem and int(smem.group(1)) > 32768:  # the same body on Metal gets 32 KB of threadgroup memory
+        ok = False
+        spill.append(f"{smem.group(1)} bytes of threadgroup memory > Metal's 32768")
+    line = f"{'ok' if ok else 'FAILED':6s} {name:28s} {regs[-1] if regs else ''} {' '.join(spill)}"
+    return ok, line if ok else line + "\n" + r.stderr[-3000:]
+
+
 def main():
     nvcc = shutil.which("nvcc")
     if not nvcc:
         print("nvcc not found: skipped")
         return 0
-    bad = 0
-    with tempfile.TemporaryDirectory() as d:
-        for name, body, ins, outs, tmpl in CASES:
-            path = os.path.join(d, name + ".cu")
-            with open(path, "w") as f:
-                f.write(build(name, body, ins, outs, tmpl))
-            r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", os.devnull, "-Xptxas", "-v", path],
-                               capture_output=True, text=True)
-            spill = [ln for ln in r.stderr.splitlines() if "spill" in ln and " 0 bytes spill" not in ln]
-            regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
-            nregs = int(re.search(r"Used (\d+) registers", regs[-1]).group(1)) if regs else 0
-            threads = dict(tmpl)["NT"]
-            status = "ok" if r.returncode == 0 else "FAILED"
-            if nregs * threads > 65536:  # a launch of NT threads would fail: "too many resources requested"
-                status = "FAILED"
-                spill.append(f"{nregs} registers x {threads} threads > 65536")
-            smem = re.search(r"(\d+) bytes smem", regs[-1]) if regs else None
-            if smem and int(smem.group(1)) > 32768:  # the same body on Metal gets 32 KB of threadgroup memory
-                status = "FAILED"
-                spill.append(f"{smem.group(1)} bytes of threadgroup memory > Metal's 32768")
-            print(f"{status:6s} {name:28s} {regs[-1] if regs else ''} {' '.join(spill)}")
-            if status != "ok":
-                bad += 1
-                print(r.stderr[-3000:])
-    return 1 if bad else 0
-
+    with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        results = list(pool.map(lambda case: check(nvcc, d, case), CASES))
+    for _, line in results:
+        print(line)
+    return 0 if all(ok for ok, _ in results) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

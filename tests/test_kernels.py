@@ -9,6 +9,9 @@ and quantized weights, odd shapes and batches > 1; those tests skip elsewhere.
 import contextlib
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -63,6 +66,17 @@ def test_kernel_sources_assemble(back, body):
         assert "thread_position_in_threadgroup" in source and "simdgroup_index_in_threadgroup" in source
     else:
         assert "threadIdx.x" in source
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc to compile the CUDA twins")
+def test_cuda_twins_compile_and_fit_an_sm():
+    """bench/nvcc_check.py: every CUDA twin compiles as MLX assembles it, its registers times its threads fit an
+    SM (else the launch fails on the GPU), and its threadgroup memory fits Metal's 32 KB."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "nvcc_check.py")], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") >= 20
 
 
 def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies():
