@@ -69,18 +69,23 @@ ZK_DEV int zk_pad(int k) {
   return k + (k >> 5);
 }
 
-// The dot product of one 16-byte chunk (four words, 4 * 32 / BITS values from k) with a padded
-// vector xs (see zk_pad; a chunk never straddles a 32-value boundary, so it stays contiguous there).
+// The dot product of one 16-byte chunk (four words, 4 * 32 / BITS values) with xs[p ...], contiguous.
 template <int QM, int BITS, typename PX>
-ZK_DEV zk_pair zk_dot_u4(uint4 u, PX xs, int k) {
+ZK_DEV zk_pair zk_dot_chunk(uint4 u, PX xs, int p) {
   constexpr int VPW = (QM == 0) ? 2 : ((QM == 1) ? 1 : (32 / BITS));
-  const int p = zk_pad(k);
   const zk_pair a = zk_dot_word<QM, BITS>(u.x, xs, p);
   const zk_pair b = zk_dot_word<QM, BITS>(u.y, xs, p + VPW);
   const zk_pair c = zk_dot_word<QM, BITS>(u.z, xs, p + 2 * VPW);
   const zk_pair d = zk_dot_word<QM, BITS>(u.w, xs, p + 3 * VPW);
   zk_pair r = {(a.d + b.d) + (c.d + d.d), (a.s + b.s) + (c.s + d.s)};
   return r;
+}
+
+// The dot product of one 16-byte chunk with a padded vector xs from value k (see zk_pad; a chunk never
+// straddles a 32-value boundary, so it stays contiguous there).
+template <int QM, int BITS, typename PX>
+ZK_DEV zk_pair zk_dot_u4(uint4 u, PX xs, int k) {
+  return zk_dot_chunk<QM, BITS>(u, xs, zk_pad(k));
 }
 
 // Where x[k] lives in a threadgroup vector padded by four values after every 32: a chunk of 4, 8, 16 or
@@ -104,10 +109,5 @@ ZK_DEV zk_pair zk_dot_u4_aligned(uint4 u, PX xs, int p) {
     xv[4 * i + 2] = f.z;
     xv[4 * i + 3] = f.w;
   }
-  const zk_pair a = zk_dot_word<QM, BITS>(u.x, xv, 0);
-  const zk_pair b = zk_dot_word<QM, BITS>(u.y, xv, VPW);
-  const zk_pair c = zk_dot_word<QM, BITS>(u.z, xv, 2 * VPW);
-  const zk_pair d = zk_dot_word<QM, BITS>(u.w, xv, 3 * VPW);
-  zk_pair r = {(a.d + b.d) + (c.d + d.d), (a.s + b.s) + (c.s + d.s)};
-  return r;
+  return zk_dot_chunk<QM, BITS>(u, xv, 0);
 }
