@@ -135,8 +135,7 @@ extern "C" void zk_launch(void** args, int gx, int gy, int nt) {
 }
 """
 
-_C_TYPES = {mx.bfloat16: "bf16", mx.float32: "float", mx.uint32: "uint32_t", mx.int32: "int32_t", mx.uint8: "uint8_t",
-            mx.float16: None}
+_C_TYPES = {mx.bfloat16: "bf16", mx.float32: "float", mx.uint32: "uint32_t", mx.int32: "int32_t", mx.uint8: "uint8_t"}
 _NP_TYPES = {mx.bfloat16: np.uint16, mx.float32: np.float32, mx.uint32: np.uint32, mx.int32: np.int32,
              mx.uint8: np.uint8}
 

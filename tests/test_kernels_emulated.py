@@ -12,17 +12,14 @@ import numpy as np
 import pytest
 
 from kernel_emulator import emulated
-from test_kernels import fused_vs_plain_decode
+from test_kernels import fused_vs_plain_decode, rnd
 from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, norms, router
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
 
 
-def rnd(*shape, scale=1.0, dtype=mx.float32):
-    return (mx.random.normal(shape) * scale).astype(dtype)
-
-
-def rel(a, b) -> float:
+def max_rel(a, b) -> float:
+    """max |a - b| / max |b| (test_kernels.rel is the L2 ratio)."""
     a, b = a.astype(mx.float32), b.astype(mx.float32)
     return (mx.abs(a - b).max() / (mx.abs(b).max() + 1e-30)).item()
 
@@ -40,7 +37,7 @@ def test_router_body(N, prev, dtype):
     r_ref, c_ref, w_ref = router.router_mlp_reference(*args)
     with emulated():
         r, c, w = router.router_mlp_kernel(*args, back="cuda")
-    assert rel(r, r_ref) < (1e-2 if dtype == mx.bfloat16 else 1e-6)
+    assert max_rel(r, r_ref) < (1e-2 if dtype == mx.bfloat16 else 1e-6)
     same = np.array(c) == np.array(c_ref)
     assert same.all() or dtype == mx.bfloat16  # bf16 logits may round a near-tie differently
     w, w_ref = np.array(w)[same], np.array(w_ref)[same]
@@ -59,8 +56,8 @@ def test_residual_norm_body(R, dtype):
     with emulated():
         out = norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, wd, bd, back="cuda")
     tol = 1e-2 if dtype == mx.bfloat16 else 1e-5
-    assert rel(out[0], ref[0]) < 1e-6 and rel(out[1], ref[1]) < tol
-    assert (rel(out[2], ref[2]) < tol) if R else out[2] is None
+    assert max_rel(out[0], ref[0]) < 1e-6 and max_rel(out[1], ref[1]) < tol
+    assert (max_rel(out[2], ref[2]) < tol) if R else out[2] is None
 
 
 FORMATS = [
@@ -114,7 +111,7 @@ def test_cca_body(shape, dtype):
         out = cca._cca_kernel(**a, offset=offset, norm_eps=None, back="cuda", **kw)
     for name, o, r in zip(("q", "k", "v", "conv_state", "v_prev"), out, ref):
         assert o.shape == r.shape and o.dtype == r.dtype, name
-        assert rel(o, r) < (1e-2 if dtype == mx.bfloat16 else 1e-5), (name, rel(o, r))
+        assert max_rel(o, r) < (1e-2 if dtype == mx.bfloat16 else 1e-5), (name, max_rel(o, r))
 
 
 @pytest.mark.parametrize("pads,window,single_pass", [(None, None, 64), ([0, 3], 6, 64), ([0, 9], None, 4)])
@@ -130,7 +127,7 @@ def test_attention_body(pads, window, single_pass, monkeypatch):
     with emulated():
         out = attention.decode_attention_kernel(q, keys, values, length, scale=D**-0.5, left_padding=lp, window=window,
                                                 back="cuda")
-    assert out.shape == ref.shape and rel(out, ref) < 1e-5
+    assert out.shape == ref.shape and max_rel(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("quant", [None, "mxfp4"])
