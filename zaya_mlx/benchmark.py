@@ -254,7 +254,7 @@ def _fused(mode: str):
 
 def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: int = 512, context: int = 256,
                steps: int = 64, fused: bool = True, check: bool = True, log=print, compiled: bool = True,
-               model: Model | None = None, label: str | None = None) -> Result:
+               model: Model | None = None, label: str | None = None, prefill: bool = True) -> Result:
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     own = model is None
@@ -282,7 +282,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
             res.primitives_per_step[b] = n
             if b == batches[0]:
                 res.primitive_kinds = kinds
-            if fused and compiled and not label:  # prefill runs the same ops either way
+            if prefill and fused and compiled:  # prefill runs the same ops either way
                 res.prefill_tps[b] = time_prefill(hidden, head, model.make_cache, b, prompt, config.vocab_size)
             res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
             res.build_ms[b] = BUILD_MS[b]
@@ -407,7 +407,8 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
             log(f"zaya-mlx {q or 'bf16'} (fused, kernel bodies empty):")
             with empty_kernels(model):
                 results.append(bench_zaya(config, q, batches, prompt, context, steps, check=False, log=log,
-                                          model=model, label="zaya-mlx (fused, kernel bodies empty)"))
+                                          model=model, label="zaya-mlx (fused, kernel bodies empty)",
+                                          prefill=False))
         del model
         gc.collect()
         mx.clear_cache()

@@ -133,6 +133,8 @@ _INPUTS = (
     "fparams",
 )
 _OUTPUTS = ("q_out", "k_out", "v_out", "conv_out", "vprev_out")
+
+
 def _threads(dtype) -> int:
     """Threads of a threadgroup. Each lane holds its SIMD group's grouped-conv rows in registers (16 bytes a
     lane and channel); 1024 threads leave 64 registers a thread, enough for bfloat16 rows, so float32 takes 512
@@ -149,7 +151,7 @@ def kernel_supported(conv_state, gw_w, *, n_heads, n_kv_heads, head_dim, rope_di
         and 0 <= rope_dims <= head_dim
         and rope_dims % 2 == 0
         and head_dim <= 256
-        and gw_w.shape[1] <= 4  # grouped-conv taps: the kernel unrolls T1 * D / 32 loads a lane
+        and gw_w.shape[1] <= 4  # grouped-conv taps: a lane holds T1 * D / 32 weights a channel in registers
         and gw_w.dtype in (mx.bfloat16, mx.float32)
         and (gw_w.shape[1] * head_dim * gw_w.dtype.size) % 16 == 0  # a channel's weights in 16-byte chunks
         and max(conv_state.shape[1], gw_w.shape[1]) * head_dim <= _threads(gw_w.dtype)  # one item a thread
