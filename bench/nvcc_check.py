@@ -81,14 +81,13 @@ for router, t in ((True, "bf16"), (False, "bf16"), (True, "f32")):
                   [("h_out", "f32"), ("x_out", t), ("r_out", t)],
                   [("T", t), ("RT", t), ("H", 2048), ("HAS_ROUTER", router), ("R", 256), ("RPB", norms._RPB),
                    ("WQ", 0 if t == "bf16" else 1), ("NT", norms._NT)]))
-for split in (False, True):
-    CASES.append((f"attention_{'split' if split else 'single'}", "decode_attention.h",
-                  [("q", "bf16"), ("keys", "bf16"), ("values", "bf16"), ("lpad", "i32"), ("meta", "i32"),
-                   ("fparams", "f32")],
-                  [("out", "f32" if split else "bf16"), ("ml", "f32")],
-                  [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("HB", attention._heads_per_threadgroup(8, 2)),
-                   ("NT", attention._threads(attention._heads_per_threadgroup(8, 2), 128)),
-                   ("SPLIT", split)]))
+for split, D, t in ((False, 128, "bf16"), (True, 128, "bf16"), (False, 256, "bf16"), (False, 256, "f32")):
+    hb = attention._heads_per_threadgroup(8, 1 if D == 256 else 2)
+    CASES.append((f"attention_{'split' if split else 'single'}_d{D}_{t}", "decode_attention.h",
+                  [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("meta", "i32"), ("fparams", "f32")],
+                  [("out", "f32" if split else t), ("ml", "f32")],
+                  [("T", t), ("D", D), ("NH", 8), ("NKV", 1 if D == 256 else 2), ("HB", hb),
+                   ("NT", attention._threads(hb, D)), ("SPLIT", split)]))
 CASES.append(("attention_combine", "attention_combine.h", [("part", "f32"), ("ml", "f32"), ("meta", "i32")],
               [("out", "bf16")], [("T", "bf16"), ("D", 128), ("NT", 128)]))
 

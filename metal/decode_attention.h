@@ -21,7 +21,9 @@ constexpr int NWARP = NT / 32;
 constexpr int REP = NH / NKV;
 constexpr int NHB = NH / HB;  // head blocks a batch row
 constexpr int DPL = D / 32;
-constexpr int U = 8;  // keys a SIMD group loads at once: each batch is a trip to memory
+// keys a SIMD group loads at once (each batch is a trip to memory): 8, as long as their 2 * U * DPL values
+// fit in 64 registers a thread (a head dim of 256 takes 4: at 8, 512 threads no longer fit an SM)
+constexpr int U = (DPL <= 4) ? 8 : 32 / DPL;  // D <= 256: U >= 4
 
 const int c = zk_bx;
 const int b = zk_by / NHB;
