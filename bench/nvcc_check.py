@@ -41,53 +41,66 @@ def build(name, body, inputs, outputs, template):
     return s
 
 
-CASES = [
-    ("cca_bf16", "cca_decode.h",
-     [("qkv", "bf16"), ("conv_state", "bf16"), ("v_prev", "bf16"), ("dw_w", "bf16"), ("dw_b", "bf16"),
-      ("gw_w", "bf16"), ("gw_b", "bf16"), ("temp", "bf16"), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")],
-     [("q_out", "bf16"), ("k_out", "bf16"), ("v_out", "bf16"), ("conv_out", "bf16"), ("vprev_out", "bf16")],
-     [("T", "bf16"), ("D", 128), ("NH", 8), ("NKV", 2), ("T0", 2), ("T1", 2), ("RD", 64), ("NT", cca._threads(cca.mx.bfloat16))]),
-    ("cca_f32", "cca_decode.h",
-     [("qkv", "f32"), ("conv_state", "f32"), ("v_prev", "f32"), ("dw_w", "f32"), ("dw_b", "f32"),
-      ("gw_w", "f32"), ("gw_b", "f32"), ("temp", "f32"), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")],
-     [("q_out", "f32"), ("k_out", "f32"), ("v_out", "f32"), ("conv_out", "f32"), ("vprev_out", "f32")],
-     [("T", "f32"), ("D", 64), ("NH", 4), ("NKV", 1), ("T0", 3), ("T1", 2), ("RD", 32), ("NT", cca._threads(cca.mx.float32))]),
-    ("cca_f32_d128", "cca_decode.h",
-     [("qkv", "f32"), ("conv_state", "f32"), ("v_prev", "f32"), ("dw_w", "f32"), ("dw_b", "f32"),
-      ("gw_w", "f32"), ("gw_b", "f32"), ("temp", "f32"), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")],
-     [("q_out", "f32"), ("k_out", "f32"), ("v_out", "f32"), ("conv_out", "f32"), ("vprev_out", "f32")],
-     [("T", "f32"), ("D", 128), ("NH", 8), ("NKV", 2), ("T0", 2), ("T1", 2), ("RD", 64), ("NT", cca._threads(cca.mx.float32))]),
-]
-for qm, wt, st, bt, bits, gs in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f32", "f32", 16, 1),
-                                 (2, "u32", "bf16", "bf16", 4, 64), (2, "u32", "bf16", "bf16", 8, 32),
-                                 (3, "u32", "u8", "f32", 4, 32)]:
-    for glu in (True, False):
-        CASES.append((f"expert_q{qm}_b{bits}_{'glu' if glu else 'down'}", "expert_matvec.h",
-                      [("x", "bf16"), ("expert", "i32"), ("rweight", "bf16"), ("w", wt), ("scales", st), ("biases", bt)],
-                      [("y", "bf16")],
-                      [("T", "bf16"), ("K", 2048), ("NOUT", 2048), ("GLU", glu), ("QM", qm), ("BITS", bits), ("GS", gs),
-                       ("NE", 16), ("RPW", experts._RPW), ("NT", experts._NT)]))
-for wq, wt in [(0, "bf16"), (1, "f32")]:
-    for prev in (True, False):
-        CASES.append((f"router_w{wq}_{prev}", "router_mlp.h",
-                      [("rdown", "bf16"), ("rprev", "bf16"), ("rscale", "bf16"), ("nw", "bf16"), ("w1", wt), ("b1", "bf16"),
-                       ("w2", wt), ("b2", "bf16"), ("wo", wt), ("bal", "f32"), ("fparams", "f32")],
-                      [("rnext", "bf16"), ("choice", "i32"), ("prob", "bf16")],
-                      [("T", "bf16"), ("R", 256), ("NE1", 17), ("HAS_PREV", prev), ("WQ", wq), ("NT", router._threads(256))]))
-for router, t in ((True, "bf16"), (False, "bf16"), (True, "f32")):
-    CASES.append((f"resnorm_{router}_{t}", "residual_norm.h",
-                  [("o", t), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t),
-                   ("nw", t), ("wd", t), ("bd", t), ("fparams", "f32")],
-                  [("h_out", "f32"), ("x_out", t), ("r_out", t)],
-                  [("T", t), ("RT", t), ("H", 2048), ("HAS_ROUTER", router), ("R", 256), ("RPB", norms._RPB),
-                   ("WQ", 0 if t == "bf16" else 1), ("NT", norms._NT)]))
-for split, D, t in ((False, 128, "bf16"), (True, 128, "bf16"), (False, 256, "bf16"), (False, 256, "f32")):
-    hb = attention._heads_per_threadgroup(8, 1 if D == 256 else 2)
-    CASES.append((f"attention_{'split' if split else 'single'}_d{D}_{t}", "decode_attention.h",
-                  [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("meta", "i32"), ("fparams", "f32")],
-                  [("out", "f32" if split else t), ("ml", "f32")],
-                  [("T", t), ("D", D), ("NH", 8), ("NKV", 1 if D == 256 else 2), ("HB", hb),
-                   ("NT", attention._threads(hb, D)), ("SPLIT", split)]))
+# Each kernel at ZAYA1-8B's shapes and at the shapes tests/test_kernels.py launches on a GPU: a launch that asks
+# for more registers than an SM has fails without an error on MLX-CUDA (the output is whatever memory held), so
+# every shape the GPU tests or the model use is compiled here.
+
+
+def cca_case(nh, nkv, d, t0, t1, rd, t):
+    io = [("qkv", t), ("conv_state", t), ("v_prev", t), ("dw_w", t), ("dw_b", t), ("gw_w", t), ("gw_b", t),
+          ("temp", t), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")]
+    return (f"cca_{nh}_{nkv}_{d}_{t0}{t1}_{t}", "cca_decode.h", io,
+            [("q_out", t), ("k_out", t), ("v_out", t), ("conv_out", t), ("vprev_out", t)],
+            [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("T0", t0), ("T1", t1), ("RD", rd),
+             ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32))])
+
+
+def expert_case(qm, wt, st, bt, bits, gs, glu):
+    return (f"expert_q{qm}_b{bits}_{'glu' if glu else 'down'}", "expert_matvec.h",
+            [("x", "bf16"), ("expert", "i32"), ("rweight", "bf16"), ("w", wt), ("scales", st), ("biases", bt)],
+            [("y", "bf16")],
+            [("T", "bf16"), ("K", 2048), ("NOUT", 2048), ("GLU", glu), ("QM", qm), ("BITS", bits), ("GS", gs),
+             ("NE", 16), ("RPW", experts._RPW), ("NT", experts._NT)])
+
+
+def router_case(r, ne1, prev, t):
+    return (f"router_{r}_{t}_{prev}", "router_mlp.h",
+            [("rdown", "bf16"), ("rprev", "bf16"), ("rscale", "bf16"), ("nw", "bf16"), ("w1", t), ("b1", "bf16"),
+             ("w2", t), ("b2", "bf16"), ("wo", t), ("bal", "f32"), ("fparams", "f32")],
+            [("rnext", "bf16"), ("choice", "i32"), ("prob", "bf16")],
+            [("T", "bf16"), ("R", r), ("NE1", ne1), ("HAS_PREV", prev), ("WQ", 0 if t == "bf16" else 1),
+             ("NT", router._threads(r))])
+
+
+def resnorm_case(h, r, t):
+    return (f"resnorm_{h}_{r}_{t}", "residual_norm.h",
+            [("o", t), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t), ("wd", t), ("bd", t),
+             ("fparams", "f32")],
+            [("h_out", "f32"), ("x_out", t), ("r_out", t)],
+            [("T", t), ("RT", t), ("H", h), ("HAS_ROUTER", r > 0), ("R", max(r, 1)), ("RPB", norms._RPB),
+             ("WQ", 0 if t == "bf16" else 1), ("NT", norms._NT)])
+
+
+def attention_case(nh, nkv, d, t, split):
+    hb = attention._heads_per_threadgroup(nh, nkv)
+    return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}", "decode_attention.h",
+            [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("meta", "i32"), ("fparams", "f32")],
+            [("out", "f32" if split else t), ("ml", "f32")],
+            [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)),
+             ("SPLIT", split)])
+
+
+DTYPES = ("bf16", "f32")
+CASES = [cca_case(*shape[:6], t) for shape in [(8, 2, 128, 2, 2, 64), (6, 3, 48, 3, 2, 16), (4, 4, 64, 2, 3, 64),
+                                                (5, 1, 32, 2, 2, 0), (4, 1, 64, 3, 2, 32)] for t in DTYPES]
+CASES += [expert_case(*fmt, glu) for fmt in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f32", "f32", 16, 1),
+                                             (2, "u32", "bf16", "bf16", 4, 64), (2, "u32", "bf16", "bf16", 8, 32),
+                                             (3, "u32", "u8", "f32", 4, 32)] for glu in (True, False)]
+CASES += [router_case(r, ne1, prev, t) for r, ne1 in ((256, 17), (96, 7)) for prev in (True, False) for t in DTYPES]
+CASES += [resnorm_case(h, r, t) for h, r in ((2048, 256), (200, 40), (2048, 0)) for t in DTYPES]
+CASES += [attention_case(nh, nkv, d, t, False) for nh, nkv, d in ((8, 2, 128), (4, 4, 64), (8, 1, 256), (16, 2, 32))
+          for t in DTYPES]
+CASES += [attention_case(8, 2, 128, "bf16", True), attention_case(8, 1, 256, "f32", True)]
 CASES.append(("attention_combine", "attention_combine.h", [("part", "f32"), ("ml", "f32"), ("meta", "i32")],
               [("out", "bf16")], [("T", "bf16"), ("D", 128), ("NT", 128)]))
 
