@@ -55,6 +55,27 @@ def rnd(*shape, scale=1.0, dtype=mx.float32):
 # --- sources ----------------------------------------------------------------------------------------
 
 
+def test_kernel_variants_are_keyed_by_every_dtype():
+    """MLX-CUDA keeps one compiled variant per name + template arguments, while the buffers' types follow the
+    arrays: every call must pass a key that changes with any input or output dtype, and only then."""
+    keys = []
+
+    def fake_kernel(*, inputs, template, output_dtypes, grid):
+        assert template[:1] == [("T", mx.bfloat16)] and grid == (32, 1, 1)
+        keys.append(dict(template)["ZK_DTYPES"])
+
+    def call(in_dtypes, out_dtypes):
+        _build._call_keyed_by_dtypes(fake_kernel, inputs=[mx.zeros((2,), d) for d in in_dtypes],
+                                     template=[("T", mx.bfloat16)], output_dtypes=list(out_dtypes), grid=(32, 1, 1))
+
+    f32, bf16 = mx.float32, mx.bfloat16
+    for ins, outs in [((bf16, f32), (f32,)), ((bf16, bf16), (f32,)), ((f32, bf16), (f32,)), ((bf16, f32), (bf16,)),
+                      ((bf16, f32), (f32,))]:
+        call(ins, outs)
+    assert len(set(keys[:4])) == 4 and keys[4] == keys[0]
+    assert all(0 <= k < 2**31 for k in keys)  # a template int argument
+
+
 @pytest.mark.parametrize("back", ["metal", "cuda"])
 @pytest.mark.parametrize("body", ["cca_decode.h", "expert_matvec.h", "router_mlp.h", "residual_norm.h",
                                   "decode_attention.h", "attention_combine.h"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -64,18 +65,40 @@ def kernel_source(body: str, back: str) -> tuple[str, str]:
 
 @functools.cache
 def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
-    """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda')."""
+    """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda'), keyed by dtypes."""
     header, source = kernel_source(body, back)
     name = "zaya_" + body.split(".")[0]
     if back == "metal":
-        return mx.fast.metal_kernel(
+        kernel = mx.fast.metal_kernel(
             name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header
         )
-    if back == "cuda":
-        return mx.fast.cuda_kernel(
+    elif back == "cuda":
+        kernel = mx.fast.cuda_kernel(
             name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header
         )
-    raise ValueError(f"no GPU kernels for back end {back!r}")
+    else:
+        raise ValueError(f"no GPU kernels for back end {back!r}")
+    return functools.partial(_call_keyed_by_dtypes, kernel)
+
+
+def _call_keyed_by_dtypes(kernel, *, inputs, template, output_dtypes, **kwargs):
+    """Call an MLX custom kernel with one more template argument, ZK_DTYPES, naming its arguments' dtypes.
+
+    MLX-CUDA names a compiled variant by the kernel's name and template arguments alone, and reuses the first
+    variant compiled under a name (kept for the process, and in its on-disk cache), while the generated
+    source types each buffer by its array's dtype. A call whose inputs differ in dtype but not in template
+    arguments (float32 residual scales with bfloat16 activations, say) would run code that reads its buffers
+    as the wrong types, and return wrong numbers without an error. Metal names variants by dtype already."""
+    key = dtype_key(tuple(a.dtype for a in inputs), tuple(output_dtypes))
+    return kernel(inputs=inputs, template=[*template, ("ZK_DTYPES", key)], output_dtypes=output_dtypes, **kwargs)
+
+
+@functools.lru_cache(maxsize=256)
+def dtype_key(input_dtypes: tuple, output_dtypes: tuple) -> int:
+    """A stable, non-negative 31-bit number for a kernel call's input and output dtypes (the same in every
+    process, unlike hash())."""
+    text = ",".join(str(d) for d in input_dtypes) + "->" + ",".join(str(d) for d in output_dtypes)
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 def use_kernel(impl: str, back: str, supported, what: str) -> bool:
