@@ -13,7 +13,8 @@
 # compiles every variant first, so the expert group alone takes 3-4 minutes), bench (bf16 + MXFP4, batch 1 and 8,
 # the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only), floor (MXFP4 batch 1,
 # with the same graph's kernel bodies emptied: the host's floor), kernels (each kernel's GPU time under ncu,
-# bench/bench_kernels.py), profile (bench/profile_decode.py: one step's cost op by op).
+# bench/bench_kernels.py), profile (bench/profile_decode.py: one step's cost op by op), ab (this checkout's decode
+# against $AB_OTHER's, interleaved).
 # Logs go to $OUT (the device tool's folder) or ./device-out.
 set -u
 OUT=${OUT:-device-out}
@@ -54,6 +55,19 @@ for part in "$@"; do
       timeout 300 ncu --metrics gpu__time_duration.sum --csv -k regex:zaya \
         python3 bench/bench_kernels.py --batch 1,8 --calls 5 --reps 1 > "$OUT/kernels.csv" 2>&1 || rc=1
       python3 bench/bench_kernels.py --summarize "$OUT/kernels.csv" | tee "$OUT/kernels.txt" ;;
+    ab)
+      # decode speed of this checkout against the one in $AB_OTHER (a `git archive` of another commit, say),
+      # interleaved, on a 2-expert model (the same step; builds in seconds). Each side gets its own kernel
+      # cache: MLX-CUDA finds a compiled kernel by its name and template arguments, not by its source. Both sides
+      # need `zaya bench --experts` (fifth session on).
+      if [ ! -d "${AB_OTHER:-}" ]; then echo "ab: AB_OTHER must name the other checkout"; rc=2; continue; fi
+      for rep in 1 2; do
+        for side in "$(cd "$AB_OTHER" && pwd)" "$PWD"; do
+          tag=$( [ "$side" = "$PWD" ] && echo this || echo other )
+          MLX_PTX_CACHE_DIR=/tmp/zaya-ab-ptx-$tag timeout 250 python3 "$side/bench/bench_decode.py" --quant mxfp4 \
+            --batch 1,8 --experts 2 --json "$OUT/ab_${tag}_$rep.json" 2>&1 | grep -E "batch|rror" | sed "s/^/[$tag $rep] /"
+        done
+      done ;;
     quick)
       timeout 200 python3 bench/bench_decode.py --quant mxfp4 --batch 1 --steps 32 \
         --json "$OUT/quick.json" --markdown "$OUT/quick.md" 2>&1 | tee "$OUT/quick.log"

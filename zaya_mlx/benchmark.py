@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -387,9 +387,14 @@ def empty_kernels(model: Model):
 
 
 def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps=64, small=False, plain=False,
-        vmlx: str | bool | None = None, host_floor=False, log=print) -> list[Result]:
-    """The whole benchmark; returns one Result per (model, weights) measured."""
+        vmlx: str | bool | None = None, host_floor=False, experts: int | None = None, log=print) -> list[Result]:
+    """The whole benchmark; returns one Result per (model, weights) measured. experts: fewer experts than the
+    config's, for quick A/B runs: with top-1 routing a token reads one expert either way, so a step's graph and
+    the bytes it reads stay the same (but for the router's output rows, one an expert) while the model builds in
+    seconds."""
     config = small_config() if small else full_config()
+    if experts is not None:
+        config = replace(config, num_experts=experts)
     results = []
     for q in quants:
         q = None if q in ("bf16", "none") else q

@@ -221,6 +221,7 @@ def bench_command(
     host_floor: bool = typer.Option(False, "--host-floor", help="Also time the fused path with every kernel body empty (GPU only): the host's floor for the same graph."),
     vmlx: Optional[str] = typer.Option(None, "--vmlx", help="Compare with vMLX's ZAYA port: 'pip' (installed vmlx) or a path to its models/zaya.py."),
     small: bool = typer.Option(False, "--small", help="A tiny model of the same structure (a smoke run)."),
+    experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Fewer experts (a token still reads one): the same step, a model that builds in seconds, for A/B runs."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here."),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="Write the results table (Markdown) here."),
 ) -> None:
@@ -232,7 +233,7 @@ def bench_command(
     results = run(
         quants=tuple(q.strip() for q in quant.split(",") if q.strip()),
         batches=tuple(int(b) for b in batch.split(",") if b.strip()),
-        prompt=prompt, context=context, steps=steps, small=small, plain=plain, host_floor=host_floor,
+        prompt=prompt, context=context, steps=steps, small=small, plain=plain, host_floor=host_floor, experts=experts,
         vmlx=(True if vmlx == "pip" else vmlx), log=typer.echo,
     )
     table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))

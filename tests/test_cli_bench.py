@@ -1,0 +1,32 @@
+"""`zaya bench` on a tiny model: the measurements are written, and --experts changes the model as it says."""
+
+import json
+
+import pytest
+
+from zaya_mlx.cli import main
+
+
+def bench(monkeypatch, capsys, tmp_path, *args):
+    """Run a small `zaya bench`; its JSON results (one per model measured)."""
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr("sys.argv", ["zaya", "bench", "--small", "--quant", "bf16", "--batch", "1", "--steps", "2",
+                                     "--prompt", "8", "--context", "8", "--json", str(out), *args])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code in (0, None), capsys.readouterr().err
+    capsys.readouterr()
+    return json.loads(out.read_text())
+
+
+def test_fewer_experts_keep_a_tokens_work(monkeypatch, capsys, tmp_path):
+    """Top-1 routing reads one expert a token however many there are: with --experts 2 the step's graph is the
+    4-expert model's, the bytes a token reads differ only by the router's output rows (one an expert), and the
+    total weight shrinks by about two experts' share."""
+    (four,) = bench(monkeypatch, capsys, tmp_path)
+    (two,) = bench(monkeypatch, capsys, tmp_path, "--experts", "2")
+    assert four["decode_tps"]["1"] > 0 and two["decode_tps"]["1"] > 0
+    assert two["primitives_per_step"] == four["primitives_per_step"]
+    assert abs(two["weight_gb_per_token"] / four["weight_gb_per_token"] - 1) < 1e-3
+    unread = four["weight_gb"] - four["weight_gb_per_token"]  # the 3 experts a token does not read
+    assert abs((four["weight_gb"] - two["weight_gb"]) / (2 * unread / 3) - 1) < 1e-2
