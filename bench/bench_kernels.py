@@ -93,17 +93,18 @@ def time_calls(fn, calls: int, reps: int) -> float:
 
 
 def summarize(path: str) -> None:
-    """Median GPU microseconds per kernel variant in an ncu --csv file of gpu__time_duration.sum."""
+    """Median GPU microseconds per kernel variant and grid in an ncu --csv file of gpu__time_duration.sum. The
+    grid tells batch sizes apart (a kernel's template does not name the batch)."""
     with open(path) as f:
         rows = list(csv.reader(line for line in f if line.startswith('"')))
     head = rows[0]
-    name, value = head.index("Kernel Name"), head.index("Metric Value")
+    name, grid, value = head.index("Kernel Name"), head.index("Grid Size"), head.index("Metric Value")
     times = collections.defaultdict(list)
     for row in rows[1:]:
         kernel = re.sub(r"^custom_kernel_", "", row[name].split("(")[0])
-        times[kernel].append(float(row[value].replace(",", "")) / 1000)
-    for kernel, us in times.items():
-        print(f"{statistics.median(us):8.1f} us  (n={len(us)})  {kernel}")
+        times[(kernel, row[grid])].append(float(row[value].replace(",", "")) / 1000)
+    for (kernel, g), us in times.items():
+        print(f"{statistics.median(us):8.1f} us  (n={len(us)})  grid {g:14s} {kernel}")
 
 
 def main(argv=None):

@@ -1,0 +1,25 @@
+"""The offline parts of the bench scripts: what they compute from a profiler's output."""
+
+import os
+import subprocess
+import sys
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+
+
+def test_kernel_times_are_summarized_per_batch(tmp_path):
+    """ncu's CSV names a kernel variant by its template, which does not say the batch: the summary must keep
+    each grid's launches apart and take the median of each (here 10 and 30 us at one grid, 100 at another)."""
+    head = '"ID","Kernel Name","Grid Size","Metric Name","Metric Unit","Metric Value"'
+    rows = [(0, "(32, 1, 1)", "10,000"), (1, "(32, 1, 1)", "30,000"), (2, "(32, 1, 1)", "20,000"),
+            (3, "(32, 8, 1)", "100,000")]
+    lines = ["==PROF== Connected to process 1", head]
+    lines += [f'"{i}","custom_kernel_zaya_residual_norm_bf16(const float *)","{g}","gpu__time_duration.sum","ns","{v}"'
+              for i, g, v in rows]
+    path = tmp_path / "ncu.csv"
+    path.write_text("\n".join(lines) + "\n")
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_kernels.py"), "--summarize", str(path)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 2
+    assert out[0].split()[0] == "20.0" and "(n=3)" in out[0] and "(32, 1, 1)" in out[0]
+    assert out[1].split()[0] == "100.0" and "(n=1)" in out[1] and "zaya_residual_norm_bf16" in out[1]
