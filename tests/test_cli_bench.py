@@ -30,3 +30,13 @@ def test_fewer_experts_keep_a_tokens_work(monkeypatch, capsys, tmp_path):
     assert abs(two["weight_gb_per_token"] / four["weight_gb_per_token"] - 1) < 1e-3
     unread = four["weight_gb"] - four["weight_gb_per_token"]  # the 3 experts a token does not read
     assert abs((four["weight_gb"] - two["weight_gb"]) / (2 * unread / 3) - 1) < 1e-2
+
+
+@pytest.mark.parametrize("args", [["--batch", "x"], ["--batch", "1,0"], ["--quant", "int3"], ["--quant", ","]])
+def test_bad_input_is_one_line(monkeypatch, capsys, args):
+    monkeypatch.setattr("sys.argv", ["zaya", "bench", "--small", *args])
+    with pytest.raises(SystemExit) as done:
+        main()
+    out, err = capsys.readouterr()
+    assert done.value.code == 1
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in out + err

@@ -214,9 +214,9 @@ def quantize_command(
 def bench_command(
     quant: str = typer.Option("bf16,mxfp4", "--quant", "-q", help="Comma-separated weights: bf16, mxfp4, affine4, affine8, mxfp8."),
     batch: str = typer.Option("1,8", "--batch", "-b", help="Comma-separated batch sizes."),
-    prompt: int = typer.Option(512, "--prompt", help="Prompt tokens for the prefill measurement."),
-    context: int = typer.Option(256, "--context", help="Tokens in the cache before decoding is timed."),
-    steps: int = typer.Option(64, "--steps", help="Decode steps timed."),
+    prompt: int = typer.Option(512, "--prompt", min=1, help="Prompt tokens for the prefill measurement."),
+    context: int = typer.Option(256, "--context", min=1, help="Tokens in the cache before decoding is timed."),
+    steps: int = typer.Option(64, "--steps", min=1, help="Decode steps timed."),
     plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
     host_floor: bool = typer.Option(False, "--host-floor", help="Also time the fused path with every kernel body empty (GPU only): the host's floor for the same graph."),
     vmlx: Optional[str] = typer.Option(None, "--vmlx", help="Compare with vMLX's ZAYA port: 'pip' (installed vmlx) or a path to its models/zaya.py."),
@@ -228,11 +228,21 @@ def bench_command(
     """Full-size ZAYA1-8B shapes, random weights: tokens/s, weight and KV bytes, graph primitives per token."""
     import json
 
-    from .benchmark import markdown, run, to_dict
+    from .benchmark import FORMATS, markdown, run, to_dict
 
+    quants = tuple(q.strip() for q in quant.split(",") if q.strip())
+    unknown = [q for q in quants if q not in ("bf16", "none", *FORMATS)]
+    if not quants or unknown:
+        raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
+    try:
+        batches = tuple(int(b) for b in batch.split(",") if b.strip())
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise ZayaError(f"--batch {batch!r}: expected batch sizes >= 1, comma-separated")
     results = run(
-        quants=tuple(q.strip() for q in quant.split(",") if q.strip()),
-        batches=tuple(int(b) for b in batch.split(",") if b.strip()),
+        quants=quants,
+        batches=batches,
         prompt=prompt, context=context, steps=steps, small=small, plain=plain, host_floor=host_floor, experts=experts,
         vmlx=(True if vmlx == "pip" else vmlx), log=typer.echo,
     )
