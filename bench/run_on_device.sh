@@ -9,8 +9,8 @@
 #   later calls on the same (warm) machine: . .device/env.sh && bash bench/run_on_device.sh ...
 #   (call 2 must follow call 1 within the 30 s a machine stays warm; and stage.sh as mlx-cuda.sh 0.32.4 writes it
 #   names the joined wheel without a version, which pip refuses: make it mlx_cuda_13-0.32.4-py3-none-...whl)
-# Parts: nvcc (compile the CUDA twins offline), tests (tests/test_kernels.py, by group; on a fresh machine NVRTC
-# compiles every variant first, so the expert group alone takes 3-4 minutes), bench (bf16 + MXFP4, batch 1 and 8,
+# Parts: nvcc (compile the CUDA twins offline), tests (tests/test_kernels.py, its groups in parallel; on a fresh
+# machine NVRTC compiles every variant first, so the expert group alone takes 2-4 minutes), bench (bf16 + MXFP4, batch 1 and 8,
 # the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only), floor (MXFP4 batch 1,
 # with the same graph's kernel bodies emptied: the host's floor), kernels (each kernel's GPU time under ncu,
 # bench/bench_kernels.py), profile (bench/profile_decode.py: one step's cost op by op), ab (this checkout's decode
@@ -30,15 +30,19 @@ for part in "$@"; do
     nvcc)
       python3 bench/nvcc_check.py 2>&1 | tee "$OUT/nvcc.log" || rc=1 ;;
     tests)
-      # by group, each with its own limit: on a fresh machine every kernel variant is compiled by NVRTC first
-      # (several seconds each), so a group that runs out of time still leaves the others' results. All groups
-      # took over 560 s on a fresh H100 machine (the experts alone ~250 s): a device call allows 600, so split
-      # them over two calls with TEST_GROUPS, e.g. TEST_GROUPS="expert_kernel;fused_decode".
+      # by group, all groups at once: on a fresh machine every kernel variant is compiled by NVRTC first (several
+      # seconds each, one CPU core a process), which run one after another took over 560 s of a 600 s call.
+      # Each group has its own time limit, log and MLX kernel cache (two processes writing one cache file race).
       IFS=';' read -r -a groups <<< "${TEST_GROUPS:-attention_kernel;cca_kernel;router_kernel or residual_norm_kernel;expert_kernel;fused_decode}"
-      for k in "${groups[@]}"; do
-        timeout 400 python3 -m pytest tests/test_kernels.py -q -rs --noconftest -p no:cacheprovider -k "$k" 2>&1 \
-          | sed "s/^/[$k] /" | tee -a "$OUT/tests.log"
-        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      pids=()
+      for i in "${!groups[@]}"; do
+        MLX_PTX_CACHE_DIR=/tmp/zaya-tests-ptx-$i timeout "${TEST_LIMIT:-500}" python3 -m pytest tests/test_kernels.py -q \
+          -rs --noconftest -p no:cacheprovider -k "${groups[$i]}" > "$OUT/tests-$i.log" 2>&1 &
+        pids+=($!)
+      done
+      for i in "${!groups[@]}"; do
+        wait "${pids[$i]}" || rc=1
+        sed "s/^/[${groups[$i]}] /" "$OUT/tests-$i.log" | tee -a "$OUT/tests.log"
       done ;;
     profile)
       timeout 300 python3 bench/profile_decode.py --quant mxfp4 --batch 1 --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
