@@ -10,6 +10,21 @@ sys.path.insert(0, str(Path(__file__).parent))  # so test files can `import fixt
 from fixtures import load_reference, write_fixture_model, write_tokenizer  # noqa: E402
 
 
+@pytest.fixture
+def run_zaya(monkeypatch, capsys):
+    """Run `zaya ARGS` in process: (exit code, stdout, stderr). The CLI always ends in SystemExit."""
+    from zaya_mlx.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["zaya", *map(str, args)])
+        with pytest.raises(SystemExit) as done:
+            main()
+        out = capsys.readouterr()
+        return done.value.code, out.out, out.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory (variant, layout, dtype, seed, shards) -> folder of a tiny checkpoint with a tokenizer.

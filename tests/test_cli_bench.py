@@ -4,27 +4,23 @@ import json
 
 import pytest
 
-from zaya_mlx.cli import main
 
 
-def bench(monkeypatch, capsys, tmp_path, *args):
+def bench(run_zaya, tmp_path, *args):
     """Run a small `zaya bench`; its JSON results (one per model measured)."""
     out = tmp_path / "bench.json"
-    monkeypatch.setattr("sys.argv", ["zaya", "bench", "--small", "--quant", "bf16", "--batch", "1", "--steps", "2",
-                                     "--prompt", "8", "--context", "8", "--json", str(out), *args])
-    with pytest.raises(SystemExit) as done:
-        main()
-    assert done.value.code in (0, None), capsys.readouterr().err
-    capsys.readouterr()
+    code, _, err = run_zaya("bench", "--small", "--quant", "bf16", "--batch", "1", "--steps", "2", "--prompt", "8",
+                            "--context", "8", "--json", out, *args)
+    assert code in (0, None), err
     return json.loads(out.read_text())
 
 
-def test_fewer_experts_keep_a_tokens_work(monkeypatch, capsys, tmp_path):
+def test_fewer_experts_keep_a_tokens_work(run_zaya, tmp_path):
     """Top-1 routing reads one expert a token however many there are: with --experts 2 the step's graph is the
     4-expert model's, the bytes a token reads differ only by the router's output rows (one an expert), and the
     total weight shrinks by about two experts' share."""
-    (four,) = bench(monkeypatch, capsys, tmp_path)
-    (two,) = bench(monkeypatch, capsys, tmp_path, "--experts", "2")
+    (four,) = bench(run_zaya, tmp_path)
+    (two,) = bench(run_zaya, tmp_path, "--experts", "2")
     assert four["decode_tps"]["1"] > 0 and two["decode_tps"]["1"] > 0
     assert two["primitives_per_step"] == four["primitives_per_step"]
     assert abs(two["weight_gb_per_token"] / four["weight_gb_per_token"] - 1) < 1e-3
@@ -33,10 +29,7 @@ def test_fewer_experts_keep_a_tokens_work(monkeypatch, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--batch", "x"], ["--batch", "1,0"], ["--quant", "int3"], ["--quant", ","]])
-def test_bad_input_is_one_line(monkeypatch, capsys, args):
-    monkeypatch.setattr("sys.argv", ["zaya", "bench", "--small", *args])
-    with pytest.raises(SystemExit) as done:
-        main()
-    out, err = capsys.readouterr()
-    assert done.value.code == 1
+def test_bad_input_is_one_line(run_zaya, args):
+    code, out, err = run_zaya("bench", "--small", *args)
+    assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in out + err

@@ -10,7 +10,6 @@ import pytest
 
 from fixtures import write_fixture_model
 from generation_fixtures import loaded
-from zaya_mlx.cli import main
 from zaya_mlx.generation import generate
 from zaya_mlx.tokenizer import apply_chat_template
 
@@ -21,14 +20,6 @@ def zaya(*args, env=None):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     return subprocess.run([sys.executable, "-m", "zaya_mlx.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=ROOT, timeout=120)
-
-
-def run_main(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["zaya", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +50,18 @@ def test_default_max_tokens_fits_the_context(gen):
     assert f"generation: {512 - n_prompt} tokens" in summary and summary.endswith("| length"), summary
 
 
-def test_reasoning_is_dimmed(gen, monkeypatch, capsys):
+def test_reasoning_is_dimmed(gen, monkeypatch, run_zaya):
     _, _, folder = gen
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.delenv("NO_COLOR", raising=False)
     # A raw prompt that ends in <think>: all of the generation is reasoning.
-    code, out, err = run_main(monkeypatch, capsys, "generate", "-m", str(folder), "-p", "hello <think>", "--raw",
+    code, out, err = run_zaya("generate", "-m", str(folder), "-p", "hello <think>", "--raw",
                               "-n", "4", "--temp", "0", "--dtype", "float32")
     assert code in (0, None)
     assert "\x1b[2m" in out  # dim
 
 
-def test_user_errors_are_one_line(gen, tmp_path, monkeypatch, capsys):
+def test_user_errors_are_one_line(gen, tmp_path, run_zaya):
     _, _, folder = gen
     write_fixture_model(tmp_path / "no-tokenizer", with_tokenizer=False)
     cases = [
@@ -82,7 +73,7 @@ def test_user_errors_are_one_line(gen, tmp_path, monkeypatch, capsys):
         (["-m", str(folder), "-p", "  "], "empty"),
     ]
     for args, message in cases:
-        code, out, err = run_main(monkeypatch, capsys, "generate", *args)
+        code, out, err = run_zaya("generate", *args)
         assert code == 1, (args, err)
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
         assert "Traceback" not in err and out == ""

@@ -5,7 +5,6 @@ import json
 import pytest
 
 import fixtures
-from zaya_mlx.cli import main
 
 fixtures.TINY.setdefault("quant", dict(fixtures.TINY["base"], moe_intermediate_size=128))
 
@@ -15,21 +14,9 @@ def src(tiny_checkpoint):
     return tiny_checkpoint("quant")
 
 
-def zaya(monkeypatch, capsys, *args):
-    """Run `zaya ARGS` in process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr("sys.argv", ["zaya", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_quantize_writes_folder_and_table(src, tmp_path, monkeypatch, capsys):
+def test_quantize_writes_folder_and_table(src, tmp_path, run_zaya):
     out = tmp_path / "q"
-    code, stdout, _ = zaya(monkeypatch, capsys, "quantize", src, out, "--recipe", "mixed", "--shard-size", "0.0001")
+    code, stdout, _ = run_zaya("quantize", src, out, "--recipe", "mixed", "--shard-size", "0.0001")
     assert code == 0
     assert "mlp.experts.gate_up_proj" in stdout and "affine4 g64" in stdout and "total" in stdout
     config = json.loads((out / "config.json").read_text())
@@ -39,14 +26,14 @@ def test_quantize_writes_folder_and_table(src, tmp_path, monkeypatch, capsys):
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
 
 
-def test_recipe_file_and_force(src, tmp_path, monkeypatch, capsys):
+def test_recipe_file_and_force(src, tmp_path, run_zaya):
     recipe = tmp_path / "embed8.json"
     recipe.write_text(json.dumps({"rules": [{"match": "model.embed_tokens", "format": "affine8"}]}))
     out = tmp_path / "q"
     out.mkdir()
-    code, _, err = zaya(monkeypatch, capsys, "quantize", src, out, "--recipe", recipe)
+    code, _, err = run_zaya("quantize", src, out, "--recipe", recipe)
     assert code == 1 and err.count("\n") == 1 and err.startswith("error:") and "--force" in err
-    code, stdout, _ = zaya(monkeypatch, capsys, "quantize", src, out, "--recipe", recipe, "--force")
+    code, stdout, _ = run_zaya("quantize", src, out, "--recipe", recipe, "--force")
     assert code == 0 and "embed_tokens" in stdout
     block = json.loads((out / "config.json").read_text())["quantization"]
     assert block["mode"] == "affine" and block["bits"] == 8
@@ -54,7 +41,7 @@ def test_recipe_file_and_force(src, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("case", ["unknown recipe", "bad recipe file", "missing src", "not a model", "bad shard size"])
-def test_errors_are_one_line(src, tmp_path, monkeypatch, capsys, case):
+def test_errors_are_one_line(src, tmp_path, run_zaya, case):
     bad = tmp_path / "bad.json"
     bad.write_text('{"rules": [{"match": "*", "format": "int2"}]}')
     args = {
@@ -64,7 +51,7 @@ def test_errors_are_one_line(src, tmp_path, monkeypatch, capsys, case):
         "not a model": [tmp_path, tmp_path / "o"],
         "bad shard size": [src, tmp_path / "o", "--shard-size", "0"],
     }[case]
-    code, _, err = zaya(monkeypatch, capsys, "quantize", *args)
+    code, _, err = run_zaya("quantize", *args)
     assert code == 1, err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
