@@ -30,6 +30,7 @@ from .config import ZayaConfig
 from .model import Model
 
 # quantization formats of the recipes (group size, bits, mode)
+UNQUANTIZED = ("bf16", "bfloat16", "none")  # --quant names for the bf16 model
 FORMATS = {
     "mxfp4": (32, 4, "mxfp4"),
     "affine4": (64, 4, "affine"),
@@ -52,7 +53,7 @@ def small_config() -> ZayaConfig:
 
 
 def _quantize(model: nn.Module, quant: str | None, paths: re.Pattern) -> None:
-    if not quant or quant in ("none", "bf16", "bfloat16"):
+    if not quant or quant in UNQUANTIZED:
         return
     group_size, bits, mode = FORMATS[quant]
 
@@ -397,7 +398,7 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
         config = replace(config, num_experts=experts)
     results = []
     for q in quants:
-        q = None if q in ("bf16", "none") else q
+        q = None if q in UNQUANTIZED else q
         log(f"zaya-mlx {q or 'bf16'}:")
         model = build_zaya(config, q)
         results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, log=log, model=model))
@@ -425,7 +426,7 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
             mod = None
         if mod is not None:
             for q in quants:
-                q = None if q in ("bf16", "none") else q
+                q = None if q in UNQUANTIZED else q
                 log(f"vMLX {q or 'bf16'}:")
                 try:
                     results.append(bench_vmlx(config, q, mod, (1,), context, 16, log=log))

@@ -228,10 +228,10 @@ def bench_command(
     """Full-size ZAYA1-8B shapes, random weights: tokens/s, weight and KV bytes, graph primitives per token."""
     import json
 
-    from .benchmark import FORMATS, markdown, run, to_dict
+    from .benchmark import FORMATS, UNQUANTIZED, markdown, run, to_dict
 
     quants = tuple(q.strip() for q in quant.split(",") if q.strip())
-    unknown = [q for q in quants if q not in ("bf16", "none", *FORMATS)]
+    unknown = [q for q in quants if q not in (*UNQUANTIZED, *FORMATS)]
     if not quants or unknown:
         raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
     try:
