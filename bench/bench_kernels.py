@@ -26,6 +26,7 @@ import mlx.core as mx  # noqa: E402
 
 from zaya_mlx import kernels  # noqa: E402
 from zaya_mlx.config import ZayaConfig  # noqa: E402
+from zaya_mlx.model import kv_capacity  # noqa: E402
 
 
 def _rnd(*shape, scale=1.0, dtype=mx.bfloat16):
@@ -51,7 +52,7 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     nparams = [_rnd(H) + 1 for _ in range(5)]
     wd, bd = _rnd(R, H, scale=H**-0.5), _rnd(R, scale=0.1)
 
-    cap = max(1024, context + 1)
+    cap = kv_capacity(context + 1)  # as the fused step sizes its buffers
     q, keys, values = _rnd(B, NH, 1, D), _rnd(B, NKV, cap, D), _rnd(B, NKV, cap, D)
 
     S = cfg.conv_state_size
@@ -60,8 +61,9 @@ def cases(cfg: ZayaConfig, B: int, context: int):
                gw_w=_rnd(C, cfg.cca_time1, D, scale=0.1), gw_b=_rnd(C, scale=0.1), temp=_rnd(NKV) + 1)
     layer = cfg.layer_types[0]
     positions = kernels.offset_array(context, B)
+    filled = mx.array([context], mx.int32)
     mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, rargs[:-1], o, h, nparams, wd, bd, q, keys,
-            values, cca, positions)
+            values, cca, positions, filled)
 
     return [
         ("expert gate/up + down", lambda impl: kernels.expert_gather(x, choice, weight, gu, dn, impl=impl)),
@@ -69,11 +71,12 @@ def cases(cfg: ZayaConfig, B: int, context: int):
         ("residual + norm + router down", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, wd, bd,
                                                                            impl=impl)[2]),
         ("residual + norm", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, impl=impl)[1]),
-        ("CCA step", lambda impl: kernels.cca_decode_step(**cca, offset=positions, n_heads=NH, n_kv_heads=NKV,
+        ("CCA step", lambda impl: kernels.cca_decode_step(**cca, offset=positions, keys=keys, values=values,
+                                                           filled=filled, n_heads=NH, n_kv_heads=NKV,
                                                            head_dim=D, rope_dims=cfg.rope_dims(layer),
                                                            rope_base=cfg.rope_theta(layer),
                                                            impl=impl)[0]),
-        (f"attention, {context} keys", lambda impl: kernels.decode_attention(q, keys, values, context, scale=D**-0.5,
+        (f"attention, {context} keys", lambda impl: kernels.decode_attention(q, keys, values, filled, scale=D**-0.5,
                                                                              impl=impl)),
     ]
 

@@ -48,11 +48,12 @@ def build(name, body, inputs, outputs, template):
 
 def cca_case(nh, nkv, d, t0, t1, rd, t):
     io = [("qkv", t), ("conv_state", t), ("v_prev", t), ("dw_w", t), ("dw_b", t), ("gw_w", t), ("gw_b", t),
-          ("temp", t), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32")]
+          ("temp", t), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32"), ("kcache", t), ("vcache", t),
+          ("filled", "i32")]
     return (f"cca_{nh}_{nkv}_{d}_{t0}{t1}_{t}", "cca_decode.h", io,
-            [("q_out", t), ("k_out", t), ("v_out", t), ("conv_out", t), ("vprev_out", t)],
+            [("q_out", t), ("conv_out", t), ("vprev_out", t)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("T0", t0), ("T1", t1), ("RD", rd),
-             ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32))])
+             ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32)), ("CAP", 256)])
 
 
 def expert_case(qm, wt, st, bt, bits, gs, glu):
@@ -84,7 +85,8 @@ def resnorm_case(h, r, t):
 def attention_case(nh, nkv, d, t, split):
     hb = attention._heads_per_threadgroup(nh, nkv)
     return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}", "decode_attention.h",
-            [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("meta", "i32"), ("fparams", "f32")],
+            [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"), ("meta", "i32"),
+             ("fparams", "f32")],
             [("out", "f32" if split else t), ("ml", "f32")],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)),
              ("SPLIT", split)])

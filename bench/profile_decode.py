@@ -22,7 +22,7 @@ import mlx.core as mx  # noqa: E402
 
 from zaya_mlx import kernels  # noqa: E402
 from zaya_mlx.benchmark import build_zaya, full_config, small_config  # noqa: E402
-from zaya_mlx.model import _attention_inputs, _mlp_block  # noqa: E402
+from zaya_mlx.model import _attention, _mlp_block, kv_capacity  # noqa: E402
 
 
 def timed(make, copies: int) -> dict:
@@ -58,13 +58,13 @@ def profile(quant: str, batch: int, copies: int, context: int, small: bool = Fal
     qkv = many((B, 1, proj.q_dim + proj.k_dim + 2 * proj.v_half))
     state = many((B, proj.state_size, proj.q_dim + proj.k_dim))
     vprev = many((B, proj.v_half))
-    out = many((B, attn.n_heads, 1, attn.head_dim))
+    out = many((B, 1, attn.n_heads * attn.head_dim))  # attention's output, o_proj's input
     q = many((B, attn.n_heads, 1, attn.head_dim))
-    capacity = (context // 256 + 1) * 256  # as mlx-lm's KVCache grows its buffers
+    capacity = kv_capacity(context + 1)  # as the fused step sizes its buffers
     kv = [mx.random.normal((B, attn.n_kv_heads, capacity, attn.head_dim)).astype(dtype) for _ in range(2)]
-    starts = [mx.array([0, 0, i % context, 0]) for i in range(copies)]
-    mx.eval(kv, starts)
+    mx.eval(kv)
     positions = kernels.offset_array(context, B)
+    filled, lpad = mx.array([context], mx.int32), kernels.constant((0,) * B, mx.int32)
     gate, experts = layer.mlp.gate, layer.mlp.experts
     r_prev = many((B, 1, config.router_hidden_size))
     r_down = many((B, 1, config.router_hidden_size))
@@ -82,15 +82,15 @@ def profile(quant: str, batch: int, copies: int, context: int, small: bool = Fal
         "in_proj": lambda i: proj.in_proj(x[i]),
         "cca_kernel": lambda i: kernels.cca_decode_step(
             qkv[i], state[i], vprev[i], proj.conv_qk_depthwise.weight, proj.conv_qk_depthwise.bias,
-            proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp, positions,
-            n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, rope_dims=attn.rope.dims,
+            proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp, positions, kv[0], kv[1],
+            filled, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, rope_dims=attn.rope.dims,
             rope_base=attn.rope.base),
-        "in_proj+cca": lambda i: _attention_inputs(nxt, x[i], state[i], vprev[i], positions),
-        f"attention ctx{context}": lambda i: kernels.decode_attention(q[i], kv[0], kv[1], context, scale=attn.scale),
+        "in_proj+cca+attention": lambda i: _attention(nxt, x[i], state[i], vprev[i], positions, kv[0], kv[1], filled,
+                                                      lpad, None)[0],
+        f"attention ctx{context}": lambda i: kernels.decode_attention(q[i], kv[0], kv[1], filled, scale=attn.scale),
         f"sdpa ctx{context} (mx.fast)": lambda i: mx.fast.scaled_dot_product_attention(
             q[i], kv[0][..., :context, :], kv[1][..., :context, :], scale=attn.scale),
-        "kv slice_update": lambda i: mx.slice_update(kv[0], out[i][:, : attn.n_kv_heads], starts[i], (0, 1, 2, 3)),
-        "o_proj": lambda i: attn.o_proj(out[i].reshape(B, 1, -1)),
+        "o_proj": lambda i: attn.o_proj(out[i]),
         "residual_norm+router_down": lambda i: kernels.residual_norm(
             x[i], h[i], res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
             norm.weight, norm.eps, down.weight if dense_down else None, down["bias"] if dense_down else None),

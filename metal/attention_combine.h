@@ -4,10 +4,10 @@
 //
 // Grid: x = b * NH + h (one threadgroup of NT threads, thread d < D writes output value d).
 // Template: T (output dtype), D, NT (>= D).
-// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [5] int32 (NC at 4).
+// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [4] int32 (NC at 3).
 // Output: out [B, 1, NH * D] (T).
 const int bh = zk_bx;
-const int NC = meta[4];
+const int NC = meta[3];
 const int d = zk_tid;
 if (d < D) {
   float mmax = -3.0e38f;

@@ -3,20 +3,27 @@
 // the causal depthwise conv (kernel T0, bias), the causal grouped conv (kernel T1, one group per head,
 // bias), the residual means q_res = (q + repeat_kv(k)) / 2 and k_res = mean of q_res over each KV group,
 // L2 normalisation to norm sqrt(D) with an eps clamp, the key temperature, NeoX RoPE on the first RD
-// channels of each head, and assembling the value from the current half and the previous token's
-// delayed half. Plain-MLX reference: zaya_mlx/kernels/cca.py, cca_decode_step_reference.
+// channels of each head, assembling the value from the current half and the previous token's delayed
+// half, and writing the key and value into the KV cache (two slice updates). Plain-MLX reference:
+// zaya_mlx/kernels/cca.py, cca_decode_step_reference and write_kv_reference.
+//
+// The key and value go into the cache's buffers in place, at position filled[0] - 1 of every row: MLX's
+// custom kernels only make new outputs, and a new [B, NKV, CAP, D] buffer a step would copy the cache.
+// The caller owns the buffers (zaya_mlx/kernels/cca.py says how); attention reads them after this
+// launch because it also reads q_out.
 //
 // Grid: one threadgroup of NT threads per (head group g, batch row b): x = g (NH query heads, then NKV
 // key heads), y = b. Each group's D channels depend only on that group's inputs, so no threadgroup
 // waits for another.
 // Template: T (activation dtype: bfloat16 or float32), D, NH, NKV, T0, T1, RD (rope dims, even, <= D), NT
 // (threads, >= D, T1 * D and S * D; each SIMD group holds its grouped-conv rows in registers, 16 bytes a
-// lane and channel, so NT sets the registers a thread may use).
+// lane and channel, so NT sets the registers a thread may use), CAP (the cache buffers' positions).
 // Inputs: qkv [B, P] (P = C + NKV*D, C = (NH+NKV)*D: q, k, v_current, v_delayed), conv_state [B, S, C]
 // (S = T0-1 + T1-1 >= 1), v_prev [B, NKV*D/2], dw_w [C, T0], dw_b [C], gw_w [C, T1, D], gw_b [C],
-// temp [NKV], offset [B] int32, inv_freq [RD/2] float32, fparams [1] float32 (the norm's eps clamp).
-// Outputs: q_out [B, NH, 1, D], k_out [B, NKV, 1, D], v_out [B, NKV, 1, D], conv_out [B, S, C],
-// vprev_out [B, NKV*D/2]. Arithmetic is float32, rounded to T where the reference rounds.
+// temp [NKV], offset [B] int32, inv_freq [RD/2] float32, fparams [1] float32 (the norm's eps clamp),
+// kcache, vcache [B, NKV, CAP, D] (T; written in place), filled [1] int32 (positions held after the write).
+// Outputs: q_out [B, NH, 1, D], conv_out [B, S, C], vprev_out [B, NKV*D/2]. Arithmetic is float32,
+// rounded to T where the reference rounds.
 constexpr int G = NH + NKV;
 constexpr int C = G * D;
 constexpr int S = (T0 - 1) + (T1 - 1);
@@ -33,6 +40,7 @@ constexpr int KI = (NCH + 31) / 32;             // chunks a lane, per channel
 
 const int g = zk_bx;
 const int b = zk_by;
+const int slot = filled[0] - 1;
 const int cbase = g * D;
 const int xrow = b * P;
 
@@ -187,14 +195,14 @@ if (c0 < D) {
   if (g < NH) {
     q_out[(b * NH + g) * D + c0] = static_cast<T>(o);
   } else {
-    k_out[(b * NKV + (g - NH)) * D + c0] = static_cast<T>(o);
+    ZK_WRITABLE(T, kcache)[((b * NKV + (g - NH)) * CAP + slot) * D + c0] = static_cast<T>(o);
   }
 }
 
 // 6. Values: [v_current, previous v_delayed] viewed as NKV heads of D; the new delayed state.
 if (g >= NH && c0 < D) {
   const int h = g - NH;
-  v_out[(b * NKV + h) * D + c0] = static_cast<T>(vv);
+  ZK_WRITABLE(T, vcache)[((b * NKV + h) * CAP + slot) * D + c0] = static_cast<T>(vv);
   if (c0 < D / 2) {
     vprev_out[b * VH + h * (D / 2) + c0] = static_cast<T>(vd);
   }

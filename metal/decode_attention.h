@@ -13,8 +13,9 @@
 // [start_b + c * CH, start_b + (c + 1) * CH).
 // Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, SPLIT (false: one chunk, write
 // the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h).
-// Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D] (CAP >= L), lpad [B] int32, meta [5] int32 (L, W,
-// CH, CAP, NC: the chunks in the grid), fparams [1] float32 (the softmax scale).
+// Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D], lpad [B] int32, filled [1] int32 (L <= CAP),
+// meta [4] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys),
+// fparams [1] float32 (the softmax scale). L is read on the GPU, so one launch serves every step.
 // Outputs: SPLIT false: out [B, 1, NH * D] (T), ml [1] (unused). SPLIT true: out [B, NH, NC, D] float32,
 // ml [B, NH, NC, 2] float32.
 constexpr int NWARP = NT / 32;
@@ -29,11 +30,11 @@ const int c = zk_bx;
 const int b = zk_by / NHB;
 const int h0 = (zk_by - b * NHB) * HB;  // the threadgroup's first query head
 const int kvh = h0 / REP;
-const int L = meta[0];
-const int W = meta[1];
-const int CH = meta[2];
-const int CAP = meta[3];
-const int NC = meta[4];
+const int L = filled[0];
+const int W = meta[0];
+const int CH = meta[1];
+const int CAP = meta[2];
+const int NC = meta[3];
 
 int start = lpad[b];
 if (W > 0 && L - W > start) {

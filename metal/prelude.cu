@@ -9,6 +9,7 @@
 #define ZK_U2F(u) __uint_as_float(static_cast<uint32_t>(u))
 #define ZK_LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
+#define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 
 ZK_DEV float zk_simd_sum(float x) {
 #pragma unroll

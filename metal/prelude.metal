@@ -5,6 +5,7 @@
 // (mx.fast.metal_kernel), prelude.cu for CUDA (mx.fast.cuda_kernel). A prelude maps a handful of names:
 //   ZK_DEV          an inline device function          ZK_SHARED    threadgroup / __shared__ storage
 //   ZK_SHARED16     the same, 16-byte aligned (CUDA)   ZK_LDS4      float4 number i of such an array
+//   ZK_WRITABLE(T, p)  input p as a writable T pointer (a kernel that updates a buffer in place)
 //   ZK_BARRIER()    a threadgroup barrier              ZK_UNROLL    unroll the next loop
 //   ZK_U2F(u)       reinterpret 32 bits as a float     ZK_LOAD_U4   one 16-byte load (uint4) at index i
 //   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp)
@@ -25,6 +26,7 @@ using namespace metal;
 #define ZK_U2F(u) as_type<float>(static_cast<uint32_t>(u))
 #define ZK_LOAD_U4(ptr, i) (((const device uint4*)(ptr))[(i)])
 #define ZK_LDS4(arr, i) float4((arr)[4 * (i)], (arr)[4 * (i) + 1], (arr)[4 * (i) + 2], (arr)[4 * (i) + 3])
+#define ZK_WRITABLE(T, ptr) const_cast<device T*>(ptr)
 
 ZK_DEV float zk_simd_sum(float x) {
   return simd_sum(x);

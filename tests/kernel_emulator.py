@@ -84,6 +84,7 @@ thread_local zk_context zk_ctx;
 #define ZK_U2F(u) zk_bits_to_float(static_cast<uint32_t>(u))
 #define ZK_LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
+#define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 
 inline float zk_simd_exchange(float x, bool is_max) {
   const int lane = zk_ctx.tid & 31;
@@ -171,7 +172,9 @@ class EmulatedKernel:
         self.body, self.input_names, self.output_names = body, tuple(input_names), tuple(output_names)
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **_):
-        ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
+        # the inputs' own memory where it is contiguous (as MLX passes it), so a body that writes an input in place
+        # (ZK_WRITABLE) changes the array
+        ins = [np.ascontiguousarray(np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
         outs = [np.full(tuple(s), init_value if init_value is not None else 0, dtype=_NP_TYPES[d])
                 for s, d in zip(output_shapes, output_dtypes)]
         params = [f"const {_C_TYPES[a.dtype]}* {n}" for n, a in zip(self.input_names, inputs)]

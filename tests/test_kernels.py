@@ -32,6 +32,7 @@ from zaya_mlx.kernels import (
     router_mlp_reference,
 )
 from zaya_mlx.kernels import _build
+from zaya_mlx.kernels.cca import write_kv_reference
 
 GPU = backend() in ("metal", "cuda")
 # float32 checks: MLX-CUDA runs float32 matmuls and convolutions in TF32 (~1e-4 relative) where the kernels and
@@ -374,35 +375,53 @@ CCA_SHAPES = [  # nh, nkv, d, t0, t1, rope dims, batch
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("shape", CCA_SHAPES)
 def test_cca_kernel_matches_reference(shape, dtype):
+    """q and the states as the reference; the key and value written in place into the cache at position
+    filled - 1 (a GPU-side array), every other position untouched."""
     nh, nkv, d, t0, t1, rd, B = shape
     a = _cca_inputs(B, nh, nkv, d, t0, t1, dtype, seed=sum(shape))
     kw = dict(n_heads=nh, n_kv_heads=nkv, head_dim=d, rope_dims=rd, rope_base=5e6 if rd == 64 else 1e4)
     offset = mx.array([7 + 1000 * b for b in range(B)], dtype=mx.int32) if B > 1 else 123
-    ref = cca_decode_step_reference(**a, offset=offset, **kw)
-    out = cca_decode_step(**a, offset=offset, impl="kernel", **kw)
+    cap, filled = 40, 33
+    keys, values = rnd(B, nkv, cap, d, dtype=dtype), rnd(B, nkv, cap, d, dtype=dtype)
+    q, k, v, state, vprev = cca_decode_step_reference(**a, offset=offset, **kw)
+    ref_keys, ref_values = write_kv_reference(keys, values, k, v, filled)
+    mx.eval(q, state, vprev, ref_keys, ref_values)  # before the kernel writes into keys and values
+    out = cca_decode_step(**a, offset=offset, keys=keys, values=values, filled=mx.array([filled], mx.int32),
+                          impl="kernel", **kw)
+    mx.eval(out)
     tol = 1e-2 if dtype == mx.bfloat16 else F32
-    for name, o, r in zip(("q", "k", "v", "conv_state", "v_prev"), out, ref):
+    for name, o, r in zip(("q", "keys", "values", "conv_state", "v_prev"), out, (q, ref_keys, ref_values, state, vprev)):
         assert o.shape == r.shape and o.dtype == r.dtype, name
-        if name in ("v", "conv_state", "v_prev"):
-            assert mx.array_equal(o, r), name
-        else:
+        if name == "q":
             assert rel(o, r) < tol, (name, rel(o, r))
+        elif name == "keys":
+            assert rel(o[:, :, filled - 1], r[:, :, filled - 1]) < tol, name
+        else:
+            assert mx.array_equal(o, r), name
+    assert mx.array_equal(keys[:, :, : filled - 1], ref_keys[:, :, : filled - 1])
+    assert mx.array_equal(keys[:, :, filled:], ref_keys[:, :, filled:])
 
 
 @gpu_only
 def test_cca_kernel_decodes_a_sequence():
-    """Chained steps: the kernel's states feed the next step as the reference's do."""
+    """Chained steps: the kernel's states and cache feed the next step as the reference's do."""
     nh, nkv, d = 8, 2, 128
     a = _cca_inputs(2, nh, nkv, d, 2, 2, mx.float32, seed=11)
     kw = dict(n_heads=nh, n_kv_heads=nkv, head_dim=d, rope_dims=64, rope_base=5e6)
     s_ref = s_k = mx.zeros_like(a["conv_state"])
     v_ref = v_k = mx.zeros_like(a["v_prev"])
+    k_ref, val_ref = mx.zeros((2, nkv, 8, d)), mx.zeros((2, nkv, 8, d))
+    k_k, val_k = mx.zeros((2, nkv, 8, d)), mx.zeros((2, nkv, 8, d))
     w = {k: a[k] for k in ("dw_w", "dw_b", "gw_w", "gw_b", "temp")}
     for t in range(4):
         qkv = rnd(2, a["qkv"].shape[1])
-        qr, kr, vr, s_ref, v_ref = cca_decode_step_reference(qkv, s_ref, v_ref, **w, offset=t, **kw)
-        qk, kk, vk, s_k, v_k = cca_decode_step(qkv, s_k, v_k, **w, offset=t, impl="kernel", **kw)
-        assert rel(qk, qr) < F32 and rel(kk, kr) < F32 and mx.array_equal(vk, vr) and mx.array_equal(s_k, s_ref)
+        qr, k_ref, val_ref, s_ref, v_ref = cca_decode_step(qkv, s_ref, v_ref, **w, offset=t, keys=k_ref,
+                                                           values=val_ref, filled=t + 1, impl="reference", **kw)
+        qk, k_k, val_k, s_k, v_k = cca_decode_step(qkv, s_k, v_k, **w, offset=t, keys=k_k, values=val_k,
+                                                   filled=mx.array([t + 1], mx.int32), impl="kernel", **kw)
+        mx.eval(qr, k_ref, val_ref, s_ref, v_ref, qk, k_k, val_k, s_k, v_k)
+        assert rel(qk, qr) < F32 and rel(k_k, k_ref) < F32
+        assert mx.array_equal(val_k, val_ref) and mx.array_equal(s_k, s_ref)
 
 
 EXPERT_CASES = [  # N, H, I, E, expert choices (None: a mix with skips)
@@ -567,9 +586,17 @@ def test_decode_attention_kernel_matches_reference(case, dtype):
     lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
     kw = dict(scale=D**-0.5, left_padding=lp, window=window)
     ref = decode_attention_reference(q, keys, values, length, **kw)
-    out = decode_attention(q, keys, values, length, impl="kernel", **kw)
+    out = decode_attention(q, keys, values, mx.array([length], mx.int32), impl="kernel", **kw)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel(out, ref) < (1e-2 if dtype == mx.bfloat16 else F32)
+
+
+def test_kv_capacity_doubles_then_grows_by_kv_growth():
+    """Few buffer sizes (each retraces the compiled step): powers of two from 256 up to 4096, then steps of 4096."""
+    from zaya_mlx.model import kv_capacity
+
+    needed = (1, 256, 257, 1000, 4096, 4097, 8193)
+    assert [kv_capacity(n) for n in needed] == [256, 256, 512, 1024, 4096, 8192, 12288]
 
 
 def test_fused_decode_follows_replaced_weights(monkeypatch):

@@ -97,21 +97,33 @@ def test_expert_body(fmt, opts):
 @pytest.mark.parametrize("shape,dtype", [((8, 2, 64, 2, 2, 32, 2), mx.float32), ((6, 3, 32, 3, 2, 16, 1), mx.float32),
                                          ((4, 2, 32, 2, 3, 0, 2), mx.bfloat16)])
 def test_cca_body(shape, dtype):
+    """q and the states against the reference; the key and value written into the cache buffers in place at
+    position filled - 1, every other position as it was."""
     nh, nkv, d, t0, t1, rd, B = shape
     mx.random.seed(sum(shape))
     C = (nh + nkv) * d
+    cap, filled = 12, 10
     a = dict(qkv=rnd(B, C + nkv * d), conv_state=rnd(B, t0 - 1 + t1 - 1, C), v_prev=rnd(B, nkv * d // 2),
              dw_w=rnd(C, t0, 1, scale=0.5), dw_b=rnd(C, scale=0.1), gw_w=rnd(C, t1, d, scale=0.1),
              gw_b=rnd(C, scale=0.1), temp=mx.random.uniform(shape=(nkv,)) + 0.5)
     a = {k: v.astype(dtype) for k, v in a.items()}
+    keys, values = rnd(B, nkv, cap, d).astype(dtype), rnd(B, nkv, cap, d).astype(dtype)
     kw = dict(n_heads=nh, n_kv_heads=nkv, head_dim=d, rope_dims=rd, rope_base=1e4)
     offset = mx.array([5 + 100 * b for b in range(B)], dtype=mx.int32)
-    ref = cca.cca_decode_step_reference(**a, offset=offset, **kw)
+    q, k, v, state, vprev = cca.cca_decode_step_reference(**a, offset=offset, **kw)
+    ref_keys, ref_values = cca.write_kv_reference(keys, values, k, v, filled)
+    mx.eval(q, state, vprev, ref_keys, ref_values)  # before the kernel writes into keys and values
     with emulated():
-        out = cca._cca_kernel(**a, offset=offset, norm_eps=None, back="cuda", **kw)
-    for name, o, r in zip(("q", "k", "v", "conv_state", "v_prev"), out, ref):
+        out = cca._cca_kernel(**a, offset=offset, keys=keys, values=values, filled=mx.array([filled], mx.int32),
+                              norm_eps=None, back="cuda", **kw)
+    assert out[1] is keys and out[2] is values
+    tol = 1e-2 if dtype == mx.bfloat16 else 1e-5
+    for name, o, r in zip(("q", "keys", "values", "conv_state", "v_prev"), out, (q, ref_keys, ref_values, state, vprev)):
         assert o.shape == r.shape and o.dtype == r.dtype, name
-        assert max_rel(o, r) < (1e-2 if dtype == mx.bfloat16 else 1e-5), (name, max_rel(o, r))
+        assert max_rel(o, r) < tol, (name, max_rel(o, r))
+    assert mx.array_equal(keys[:, :, : filled - 1], ref_keys[:, :, : filled - 1])
+    assert mx.array_equal(keys[:, :, filled:], ref_keys[:, :, filled:])
+    assert mx.array_equal(values, ref_values)
 
 
 @pytest.mark.parametrize("pads,window,single_pass", [(None, None, 64), ([0, 3], 6, 64), ([0, 9], None, 4)])
@@ -124,9 +136,9 @@ def test_attention_body(pads, window, single_pass, monkeypatch):
     q, keys, values = rnd(B, NH, 1, D), rnd(B, NKV, cap, D), rnd(B, NKV, cap, D)
     lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
     ref = attention.decode_attention_reference(q, keys, values, length, scale=D**-0.5, left_padding=lp, window=window)
-    with emulated():
-        out = attention.decode_attention_kernel(q, keys, values, length, scale=D**-0.5, left_padding=lp, window=window,
-                                                back="cuda")
+    with emulated():  # the length as the fused step passes it: an array the kernel reads
+        out = attention.decode_attention_kernel(q, keys, values, mx.array([length], mx.int32), scale=D**-0.5,
+                                                left_padding=lp, window=window, back="cuda")
     assert out.shape == ref.shape and max_rel(out, ref) < 1e-5
 
 
@@ -142,3 +154,26 @@ def test_fused_decode_runs_the_bodies_like_the_plain_ops(quant, monkeypatch):
     for batch, pads in ((1, None), (2, [0, 3])):
         errors, _ = fused_vs_plain_decode(model, monkeypatch, batch, pads, prompt_len=6, steps=2, fused_context=emulated)
         assert max(errors) < (1e-4 if dtype == mx.float32 else 3e-2), (batch, errors)
+
+
+def test_fused_decode_writes_only_buffers_it_owns(monkeypatch):
+    """The CCA body writes the new key and value into the cache in place. An array that shared the prefill's
+    buffer (a snapshot taken then) keeps its values; the step's own buffers are reused from step to step."""
+    from zaya_mlx.benchmark import build_zaya, small_config
+
+    monkeypatch.setenv("ZAYA_COMPILE", "0")
+    monkeypatch.setenv("ZAYA_FUSED", "1")
+    model = build_zaya(small_config(), None, seed=3, dtype=mx.float32)
+    cache = model.make_cache()
+    model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache)
+    kv = cache[0][0]
+    snapshot = kv.keys
+    before = np.array(snapshot)
+    tok = mx.array([[9]], dtype=mx.int32)
+    with emulated():
+        mx.eval(model(tok, cache))
+        first = kv.keys
+        mx.eval(model(tok, cache))
+    assert np.array_equal(np.array(snapshot), before)
+    assert kv.keys is first and kv.offset == 7
+    assert not np.array_equal(np.array(first[:, :, 5:7]), np.zeros_like(np.array(first[:, :, 5:7])))

@@ -7,6 +7,7 @@ This file is also mlx-lm's model module for `model_type` "zaya" (`ModelArgs`, `M
 
 import math
 import os
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -357,12 +358,18 @@ class Model(nn.Module):
 
 # --- the fused decode step (one token per sequence) ----------------------------------------------------------
 #
-# The same function as ZayaModel.__call__ for L == 1, with each layer in about 11 graph primitives instead of
-# ~100: the CCA decode step, the router MLP, both expert matvecs and each residual scaling + RMSNorm (+ the
-# router's down-projection) are one launch each (zaya_mlx/kernels, sources in metal/). On the CPU the kernels'
-# plain-MLX references run in their place.
+# The same function as ZayaModel.__call__ for L == 1, with each layer in about 9 graph primitives instead of
+# ~100: the CCA decode step (which also writes the key and value into the cache), attention, the router MLP,
+# both expert matvecs and each residual scaling + RMSNorm (+ the router's down-projection) are one launch each
+# (zaya_mlx/kernels, sources in metal/). On the CPU the kernels' plain-MLX references run in their place.
 
 FUSED_DECODE = "auto"  # "auto": on a Metal or CUDA GPU; "on": everywhere (the CPU runs the references); "off"
+
+# The fused step's KV buffers grow to powers of two from KV_MIN_POSITIONS to KV_GROWTH, then by KV_GROWTH: a new
+# buffer size retraces the compiled step functions (one per layer), so sizes should be few; doubling wastes at
+# most half the buffer, and past KV_GROWTH positions at most KV_GROWTH.
+KV_MIN_POSITIONS = 256
+KV_GROWTH = 4096
 
 
 def use_fused_decode() -> bool:
@@ -379,67 +386,89 @@ def use_compiled_decode() -> bool:
     return os.environ.get("ZAYA_COMPILE", "1").lower() not in ("0", "off", "false")
 
 
+def kv_capacity(needed: int) -> int:
+    """The positions of KV buffers that must hold ``needed`` (see KV_GROWTH)."""
+    cap = KV_MIN_POSITIONS
+    while cap < needed and cap < KV_GROWTH:
+        cap *= 2
+    return cap if cap >= needed else -(-needed // KV_GROWTH) * KV_GROWTH
+
+
 def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
     """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated.
 
-    Between two attentions everything has fixed shapes, so the step is one function per layer boundary (the
-    previous layer's o_proj, residual + norm + router down-projection, router, experts, residual + next norm,
-    then the next layer's in_proj and CCA step), compiled once per batch size; only the KV cache update and
-    attention (whose length grows) run op by op.
+    The step is one function per layer boundary (the previous layer's o_proj, residual + norm + router
+    down-projection, router, experts, residual + next norm, then the next layer's in_proj, CCA step with the
+    cache write, and attention), compiled once per batch size and KV buffer size: the write position and the
+    attention length are an array the kernels read on the GPU, so nothing in a function depends on the step.
     """
     args = model.args
     B = tokens.shape[0]
     kv0 = cache[0][0]
     if isinstance(kv0, BatchKVCache):
-        offset, left_padding = kv0.size(), kv0.left_padding
-        positions = kv0.offset  # per row: steps taken less the row's left padding
+        held, lpad, positions = kv0._idx, kv0.left_padding.astype(mx.int32), kv0.offset
     else:
-        offset, left_padding = kv0.offset, None
-        positions = offset
+        held, lpad, positions = kv0.offset, kernels.constant((0,) * B, mx.int32), kv0.offset
     positions = kernels.offset_array(positions, B)
-    windows = {t: args.sliding_window if t == "hybrid_sliding" else None for t in set(args.layer_types)}
+    filled = mx.array([held + 1], dtype=mx.int32)
 
     layers = model.layers
-    for i, layer in enumerate(layers):  # the conv state of a cache that has seen no token yet
-        conv = cache[i][1]
-        if conv[0] is not None and conv[1] is not None:
-            break  # all layers' states are set together
+    dtype = layers[0].input_layernorm.weight.dtype
+    attn = layers[0].self_attn
+    for layer, (kv, conv) in zip(layers, cache):
+        _own_kv_buffers(kv, held, held + 1, (B, attn.n_kv_heads, attn.head_dim), dtype)
         proj = layer.self_attn.qkv_proj
-        if conv[0] is None:
-            conv[0] = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), layer.input_layernorm.weight.dtype)
+        if conv[0] is None:  # a cache that has seen no token yet
+            conv[0] = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), dtype)
         if conv[1] is None:
-            conv[1] = proj._delayed_of_zero(B, layer.input_layernorm.weight.dtype)
+            conv[1] = proj._delayed_of_zero(B, dtype)
 
-    back = kernels.backend()
-    steps = _step_functions(model, back)
-    conv = cache[0][1]
-    h, q, k, v, conv[0], conv[1] = steps[0](tokens, conv[0], conv[1], positions)
-    r = _zeros_like_router_state(B, args.router_hidden_size, layers[0].input_layernorm.weight.dtype)
-    last = len(layers) - 1
-    for i, layer in enumerate(layers):
-        kv = cache[i][0]
-        _append_kv(kv, k, v)
-        out = kernels.decode_attention(q, kv.keys, kv.values, offset + 1, scale=layer.self_attn.scale,
-                                       left_padding=left_padding, window=windows[layer.layer_type], back=back)
-        if i < last:
-            conv = cache[i + 1][1]
-            h, r, q, k, v, conv[0], conv[1] = steps[i + 1](out, h, r, conv[0], conv[1], positions)
+    steps = _step_functions(model, kernels.backend())
+    kv, conv = cache[0][0], cache[0][1]
+    h, out, kv.keys, kv.values, conv[0], conv[1] = steps[0](tokens, conv[0], conv[1], positions, kv.keys, kv.values,
+                                                            filled, lpad)
+    r = _zeros_like_router_state(B, args.router_hidden_size, dtype)
+    for i in range(1, len(layers)):
+        kv, conv = cache[i][0], cache[i][1]
+        h, r, out, kv.keys, kv.values, conv[0], conv[1] = steps[i](out, h, r, conv[0], conv[1], positions, kv.keys,
+                                                                   kv.values, filled, lpad)
+    x = steps[-1](out, h, r)
+
+    offset = kv0.offset + 1  # a BatchKVCache's per-row offsets: one array for every layer
+    for kv, _ in cache:
+        _OWNED_KV[kv] = (kv.keys, kv.values)
+        if isinstance(kv, BatchKVCache):
+            kv._idx, kv.offset = held + 1, offset
         else:
-            return steps[i + 1](out, h, r)
+            kv.offset = held + 1
+    return x
 
 
-def _append_kv(kv, k, v):
-    """One token's keys and values [B, NKV, 1, D] into a layer's cache. Attention reads the cache's buffers in
-    place, so for mlx-lm's KVCache with room left this is its update_and_fetch without the two views it returns:
-    half that call's host time (5 against 10 us a layer and step, measured on a CPU). Anything else (growing the
-    buffers, a BatchKVCache) goes through update_and_fetch."""
-    prev = kv.offset
-    if type(kv) is not KVCache or kv.keys is None or prev + 1 > kv.keys.shape[2]:
-        kv.update_and_fetch(k, v)
+_OWNED_KV = weakref.WeakKeyDictionary()  # a KV cache -> the buffers the fused step made for it and alone holds
+
+
+def _own_kv_buffers(kv, held: int, needed: int, shape: tuple, dtype) -> None:
+    """Give a KVCache or BatchKVCache buffers that no other array shares, with room for ``needed`` positions.
+
+    The CCA kernel writes each new key and value into the buffers in place. Buffers the fused step did not make
+    (from a prefill that grew them, a deepcopy, a loaded prompt cache, a view) may share memory with arrays
+    elsewhere, which that write would change; so they are copied once, with the first ``held`` positions, into
+    new ones (``kv_capacity`` positions). Prefill through mlx-lm's ``update_and_fetch`` without growing keeps
+    the same array objects, whose slice updates never write into memory another array holds.
+    """
+    owned = _OWNED_KV.get(kv)
+    if owned is not None and owned[0] is kv.keys and owned[1] is kv.values and kv.keys.shape[2] >= needed:
         return
-    kv.offset = prev + 1
-    kv.keys[..., prev : prev + 1, :] = k
-    kv.values[..., prev : prev + 1, :] = v
+    B, nkv, d = shape
+    pad = (B, nkv, kv_capacity(needed) - held, d)
+
+    def fresh(a):
+        if held == 0:
+            return mx.zeros(pad, dtype)
+        return mx.concatenate([a[..., :held, :], mx.zeros(pad, a.dtype)], axis=2)
+
+    kv.keys, kv.values = fresh(kv.keys), fresh(kv.values)
+    _OWNED_KV[kv] = (kv.keys, kv.values)
 
 
 _ZEROS = {}
@@ -470,38 +499,44 @@ def _step_functions(model: "ZayaModel", back: str) -> list:
 
 
 def _step_function(model: "ZayaModel", i: int, compiled: bool):
-    """The function from layer i's attention output to layer i+1's q, k, v (i = -1: from the token ids; the last
-    layer: to the final norm)."""
+    """The function from layer i's attention output to layer i+1's (i = -1: from the token ids; the last layer:
+    to the final norm)."""
     layers = model.layers
     nxt = layers[i + 1] if i + 1 < len(layers) else None
     cur = layers[i] if i >= 0 else None
+    window = None
+    if nxt is not None and nxt.layer_type == "hybrid_sliding":
+        window = model.args.sliding_window
     if i < 0:
-        def fn(tokens, state, v_prev, positions):
+        def fn(tokens, state, v_prev, positions, keys, values, filled, lpad):
             h = model.embed_tokens(tokens)
             h = ((h + model.input_hidden_states_bias) * model.input_hidden_states_scale).astype(mx.float32)
             x = nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype))
-            return (h, *_attention_inputs(nxt, x, state, v_prev, positions))
+            return (h, *_attention(nxt, x, state, v_prev, positions, keys, values, filled, lpad, window))
     elif nxt is None:
         def fn(out, h, r):
             h, x, r = _mlp_block(cur, out, h, r, model.norm)
             return x
     else:
-        def fn(out, h, r, state, v_prev, positions):
+        def fn(out, h, r, state, v_prev, positions, keys, values, filled, lpad):
             h, x, r = _mlp_block(cur, out, h, r, nxt.input_layernorm)
-            return (h, r, *_attention_inputs(nxt, x, state, v_prev, positions))
+            return (h, r, *_attention(nxt, x, state, v_prev, positions, keys, values, filled, lpad, window))
     return mx.compile(fn) if compiled else fn
 
 
-def _attention_inputs(layer: DecoderLayer, x, state, v_prev, positions):
-    """in_proj and the fused CCA step: q, k, v for attention and the layer's new conv state and delayed value."""
+def _attention(layer: DecoderLayer, x, state, v_prev, positions, keys, values, filled, lpad, window):
+    """in_proj, the fused CCA step (which writes the new key and value into the cache) and attention: returns
+    (attention's output, the keys and values buffers, the new conv state, the new delayed value)."""
     attn = layer.self_attn
     proj = attn.qkv_proj
     dw, gw = proj.conv_qk_depthwise, proj.conv_qk_grouped
-    return kernels.cca_decode_step(
+    q, keys, values, state, v_prev = kernels.cca_decode_step(
         proj.in_proj(x), state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions,
-        n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, rope_dims=attn.rope.dims,
-        rope_base=attn.rope.base,
+        keys, values, filled, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
+        rope_dims=attn.rope.dims, rope_base=attn.rope.base,
     )
+    out = kernels.decode_attention(q, keys, values, filled, scale=attn.scale, left_padding=lpad, window=window)
+    return out, keys, values, state, v_prev
 
 
 def _mlp_block(layer: DecoderLayer, out, h, router_state, next_norm):

@@ -6,7 +6,7 @@ in metal/ (installed as ``zaya_mlx.metal``): one portable body a kernel plus a M
 ``ZAYA_KERNELS=0`` forces the references everywhere.
 """
 
-from ._build import backend
+from ._build import backend, constant
 from .attention import decode_attention, decode_attention_reference
 from .cca import cca_decode_step, cca_decode_step_reference, offset_array
 from .experts import QuantizedStack, as_stack, expert_gather, expert_gather_reference
@@ -15,6 +15,7 @@ from .router import router_mlp, router_mlp_reference
 
 __all__ = [
     "backend",
+    "constant",
     "decode_attention",
     "decode_attention_reference",
     "cca_decode_step",

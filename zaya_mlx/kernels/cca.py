@@ -6,8 +6,13 @@ and causal grouped conv (kernel t1, one group per head, bias), the residual mean
 ``q_res = (q + repeat_kv(k)) / 2`` and ``k_res`` (the mean of ``q_res`` over each KV group), L2
 normalisation of query and key to norm ``sqrt(d)`` with an eps clamp, the key temperature, NeoX RoPE on
 the first ``rope_dims`` channels of each head, and the value made of the current half and the previous
-token's delayed half. The kernel (metal/cca_decode.h) does all of it in one launch; the reference is
-about 30 MLX primitives.
+token's delayed half; then the new key and value into the layer's KV cache. The kernel
+(metal/cca_decode.h) does all of it in one launch; the reference is about 30 MLX primitives and two slice
+updates.
+
+The kernel writes the key and value into the cache's buffers in place (MLX's custom kernels only make
+new outputs, and a new buffer a step would copy the whole cache). That is safe only for buffers no other
+array shares: the fused decode step makes and keeps them so (zaya_mlx/model.py, ``_own_kv_buffers``).
 
 Semantics follow transformers' ``ZayaCCAProjection`` + ``ZayaQKNorm`` + ``apply_rotary_pos_emb``.
 """
@@ -131,8 +136,11 @@ _INPUTS = (
     "offset",
     "inv_freq",
     "fparams",
+    "kcache",
+    "vcache",
+    "filled",
 )
-_OUTPUTS = ("q_out", "k_out", "v_out", "conv_out", "vprev_out")
+_OUTPUTS = ("q_out", "conv_out", "vprev_out")
 
 
 def _threads(dtype) -> int:
@@ -142,10 +150,14 @@ def _threads(dtype) -> int:
     return 1024 if dtype.size == 2 else 512
 
 
-def kernel_supported(conv_state, gw_w, *, n_heads, n_kv_heads, head_dim, rope_dims, **_) -> bool:
+def kernel_supported(qkv, conv_state, gw_w, keys, *, n_heads, n_kv_heads, head_dim, rope_dims, **_) -> bool:
     """Whether the fused kernel covers these shapes (else the reference runs)."""
     return (
         conv_state.shape[1] >= 1
+        and keys.dtype == qkv.dtype
+        and keys.shape[1] == n_kv_heads
+        and keys.shape[3] == head_dim
+        and keys.size < 2**31  # int32 indexing
         and n_heads % n_kv_heads == 0
         and head_dim % 2 == 0
         and 0 <= rope_dims <= head_dim
@@ -158,9 +170,23 @@ def kernel_supported(conv_state, gw_w, *, n_heads, n_kv_heads, head_dim, rope_di
     )
 
 
+def filled_array(filled) -> mx.array:
+    """The cache positions held after a step's write, as the kernels read it: int32 [1]. An int becomes a
+    constant; an array (one a step, shared by every layer) is used as it is."""
+    if isinstance(filled, mx.array):
+        return filled if filled.dtype == mx.int32 else filled.astype(mx.int32)
+    return constant((int(filled),), mx.int32)
+
+
+def write_kv_reference(keys, values, k, v, filled):
+    """Plain MLX: keys/values [B, NKV, CAP, D] with position filled - 1 set to k/v [B, NKV, 1, D] (new arrays)."""
+    start = filled_array(filled) - 1
+    return mx.slice_update(keys, k, start, axes=(2,)), mx.slice_update(values, v, start, axes=(2,))
+
+
 def _cca_kernel(
-    qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, *, n_heads, n_kv_heads, head_dim, rope_dims,
-    rope_base, norm_eps, back
+    qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, keys, values, filled, *, n_heads, n_kv_heads,
+    head_dim, rope_dims, rope_base, norm_eps, back
 ):
     B = qkv.shape[0]
     dtype = qkv.dtype
@@ -174,7 +200,7 @@ def _cca_kernel(
     kern = get_kernel("cca_decode.h", back, _INPUTS, _OUTPUTS)
     nt = _threads(dtype)
     inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else mx.zeros((1,), mx.float32)
-    outs = kern(
+    q, state, vprev = kern(
         inputs=[
             qkv,
             conv_state.astype(dtype),
@@ -187,6 +213,9 @@ def _cca_kernel(
             off,
             inv,
             constant((float(eps),)),
+            keys,
+            values,
+            filled_array(filled),
         ],
         template=[
             ("T", dtype),
@@ -197,13 +226,14 @@ def _cca_kernel(
             ("T1", t1),
             ("RD", rope_dims),
             ("NT", nt),
+            ("CAP", keys.shape[2]),
         ],
         grid=((nh + nkv) * nt, B, 1),
         threadgroup=(nt, 1, 1),
-        output_shapes=[(B, nh, 1, d), (B, nkv, 1, d), (B, nkv, 1, d), (B, S, C), (B, nkv * d // 2)],
-        output_dtypes=[dtype] * 5,
+        output_shapes=[(B, nh, 1, d), (B, S, C), (B, nkv * d // 2)],
+        output_dtypes=[dtype] * 3,
     )
-    return tuple(outs)
+    return q, keys, values, state, vprev
 
 
 def cca_decode_step(
@@ -216,6 +246,9 @@ def cca_decode_step(
     gw_b,
     temp,
     offset,
+    keys,
+    values,
+    filled,
     *,
     n_heads: int,
     n_kv_heads: int,
@@ -225,7 +258,10 @@ def cca_decode_step(
     norm_eps: float | None = None,
     impl: str = "auto",
 ):
-    """One CCA decode step (see ``cca_decode_step_reference`` for the arguments and results).
+    """One CCA decode step and the cache write: ``cca_decode_step_reference``, then the key and value into
+    keys/values [B, NKV, CAP, D] at position filled - 1 (filled: an int or int32 [1], the positions held after
+    the write). Returns q [B, nh, 1, d], the keys and values buffers holding the new token (on the kernel path
+    the same arrays, written in place; on the reference path new ones), new_conv_state, new_v_prev.
 
     impl: 'auto' (the fused kernel on a Metal or CUDA GPU, the reference on the CPU), 'kernel' or
     'reference'.
@@ -235,6 +271,10 @@ def cca_decode_step(
         norm_eps=norm_eps,
     )
     back = backend()
-    if use_kernel(impl, back, lambda: kernel_supported(conv_state, gw_w, **kw), "the fused CCA kernel"):
-        return _cca_kernel(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, back=back, **kw)
-    return cca_decode_step_reference(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, **kw)
+    if use_kernel(impl, back, lambda: kernel_supported(qkv, conv_state, gw_w, keys, **kw), "the fused CCA kernel"):
+        return _cca_kernel(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, keys, values, filled,
+                           back=back, **kw)
+    q, k, v, state, vprev = cca_decode_step_reference(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset,
+                                                      **kw)
+    keys, values = write_kv_reference(keys, values, k, v, filled)
+    return q, keys, values, state, vprev
