@@ -150,10 +150,11 @@ def _cache_arrays(cache) -> list:
 
 
 def count_primitives(forward, make_cache, batch: int, prompt: int = 8) -> tuple[int, dict]:
-    """Graph primitives of one decode step (logits and updated caches), as mx.export_to_dot writes them."""
+    """Graph primitives of a decode step (logits and updated caches), as mx.export_to_dot writes them: the second
+    step after the prompt, as every later one (the first may also set up the cache, as the fused step does)."""
     cache = make_cache()
     mx.eval(forward(mx.zeros((batch, prompt), mx.int32), cache))
-    mx.eval(_cache_arrays(cache))
+    mx.eval(forward(mx.zeros((batch, 1), mx.int32), cache), _cache_arrays(cache))
     logits = forward(mx.zeros((batch, 1), mx.int32), cache)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "step.dot")
