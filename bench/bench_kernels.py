@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlx.core as mx  # noqa: E402
 
 from zaya_mlx import kernels  # noqa: E402
+from zaya_mlx.kernels import experts  # noqa: E402
 from zaya_mlx.config import ZayaConfig  # noqa: E402
 from zaya_mlx.model import kv_capacity  # noqa: E402
 
@@ -65,7 +66,25 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, rargs[:-1], o, h, nparams, wd, bd, q, keys,
             values, cca, positions, filled)
 
+    head = {}
+
+    def lm_head(impl, cache=head):
+        """The tied MXFP4 LM head at batch B: MLX's quantized matmul, or the expert matvec body with one "expert"
+        (an experiment: is it faster at this size?). Built on first use (a vocab x hidden random matrix)."""
+        if not cache:
+            V = cfg.vocab_size
+            cache["w"] = kernels.QuantizedStack.quantize(_rnd(1, V, H, scale=H**-0.5), group_size=32, bits=4,
+                                                         mode="mxfp4")
+            cache["one"] = (mx.zeros((B,), mx.int32), mx.ones((B,), mx.bfloat16))
+            mx.eval(cache)
+        w = cache["w"]
+        if impl == "reference":
+            return mx.quantized_matmul(x, w.weight[0], w.scales[0], None, transpose=True, group_size=32, bits=4,
+                                       mode="mxfp4")
+        return experts._matvec(x, *cache["one"], w, glu=False, nout=cfg.vocab_size, back=kernels.backend())
+
     return [
+        ("LM head (expert matvec body)", lm_head),
         ("expert gate/up + down", lambda impl: kernels.expert_gather(x, choice, weight, gu, dn, impl=impl)),
         ("router MLP", lambda impl: kernels.router_mlp(*rargs, impl=impl)[0]),
         ("residual + norm + router down", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, wd, bd,
