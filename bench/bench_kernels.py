@@ -23,9 +23,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 
 from zaya_mlx import kernels  # noqa: E402
-from zaya_mlx.kernels import experts  # noqa: E402
 from zaya_mlx.config import ZayaConfig  # noqa: E402
 from zaya_mlx.model import kv_capacity  # noqa: E402
 
@@ -69,22 +69,17 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     head = {}
 
     def lm_head(impl, cache=head):
-        """The tied MXFP4 LM head at batch B: MLX's quantized matmul, or the expert matvec body with one "expert"
-        (an experiment: is it faster at this size?). Built on first use (a vocab x hidden random matrix)."""
+        """The tied MXFP4 LM head at batch B (built on first use: a vocab x hidden random matrix). 'auto' takes
+        the kernel up to kernels.head.MAX_ROWS rows and MLX's quantized matmul above."""
         if not cache:
-            V = cfg.vocab_size
-            cache["w"] = kernels.QuantizedStack.quantize(_rnd(1, V, H, scale=H**-0.5), group_size=32, bits=4,
-                                                         mode="mxfp4")
-            cache["one"] = (mx.zeros((B,), mx.int32), mx.ones((B,), mx.bfloat16))
-            mx.eval(cache)
-        w = cache["w"]
-        if impl == "reference":
-            return mx.quantized_matmul(x, w.weight[0], w.scales[0], None, transpose=True, group_size=32, bits=4,
-                                       mode="mxfp4")
-        return experts._matvec(x, *cache["one"], w, glu=False, nout=cfg.vocab_size, back=kernels.backend())
+            emb = nn.Embedding(cfg.vocab_size, H)
+            emb.weight = _rnd(cfg.vocab_size, H, scale=H**-0.5)
+            cache["layer"] = emb.to_quantized(group_size=32, bits=4, mode="mxfp4")
+            mx.eval(cache["layer"].parameters())
+        return kernels.lm_head(x[:, None], cache["layer"], impl=impl)
 
     return [
-        ("LM head (expert matvec body)", lm_head),
+        ("LM head", lm_head),
         ("expert gate/up + down", lambda impl: kernels.expert_gather(x, choice, weight, gu, dn, impl=impl)),
         ("router MLP", lambda impl: kernels.router_mlp(*rargs, impl=impl)[0]),
         ("residual + norm + router down", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, wd, bd,

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from zaya_mlx import kernels
-from zaya_mlx.kernels import _build, attention, cca, experts, norms, router
+from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, router
 
 COMPILER = shutil.which("g++")
 
@@ -197,15 +197,17 @@ def emulated():
     """Inside, the kernels' launchers get emulated kernels and the back end reads 'cuda' (the CUDA side of a
     body's #ifdefs), so the model's fused decode runs its kernels' bodies here. Not under mx.compile: an
     emulated kernel reads its inputs' values."""
-    modules = (_build, attention, cca, experts, norms, router)
-    saved = [(m.get_kernel, m.backend) for m in modules] + [kernels.backend]
-    for m in modules:
+    launchers = (_build, attention, cca, experts, norms, router)  # the modules that call get_kernel
+    modules = launchers + (head, kernels)  # and those that ask the back end
+    saved = [m.get_kernel for m in launchers] + [m.backend for m in modules]
+    for m in launchers:
         m.get_kernel = lambda body, back, inputs, outputs: EmulatedKernel(body, inputs, outputs)
+    for m in modules:
         m.backend = lambda: "cuda"
-    kernels.backend = lambda: "cuda"
     try:
         yield
     finally:
-        for m, (g, b) in zip(modules, saved):
-            m.get_kernel, m.backend = g, b
-        kernels.backend = saved[-1]
+        for m, g in zip(launchers, saved):
+            m.get_kernel = g
+        for m, b in zip(modules, saved[len(launchers):]):
+            m.backend = b

@@ -26,6 +26,8 @@ from zaya_mlx.kernels import (
     decode_attention_reference,
     expert_gather,
     expert_gather_reference,
+    lm_head,
+    lm_head_reference,
     residual_norm,
     residual_norm_reference,
     router_mlp,
@@ -448,6 +450,28 @@ def test_expert_kernel_matches_reference(case, fmt, opts):
         assert rel(out, ref) < tol, (dtype, rel(out, ref))
         skip = np.array(expert) >= E
         assert (np.array(out.astype(mx.float32))[skip] == 0).all()
+
+
+@gpu_only
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("fmt,opts", FORMATS)
+def test_lm_head_kernel_matches_reference(fmt, opts, tied):
+    """The head through the expert matvec body at 1 and 4 rows (an odd vocab), tied embedding or untied
+    head with a bias, against MLX's matmul on the same weights."""
+    import mlx.nn as nn
+
+    mx.random.seed(8)
+    V, H = 1001, 2048
+    layer = nn.Embedding(V, H) if tied else nn.Linear(H, V, bias=True)
+    layer.set_dtype(mx.bfloat16)
+    if fmt != "dense":
+        layer = layer.to_quantized(**opts)
+    for n in (1, 4):
+        h = rnd(n, 1, H, dtype=mx.bfloat16)
+        out = lm_head(h, layer, impl="kernel")
+        ref = lm_head_reference(h, layer)
+        assert out.shape == ref.shape == (n, 1, V) and out.dtype == ref.dtype
+        assert rel(out, ref) < 1e-2
 
 
 @gpu_only

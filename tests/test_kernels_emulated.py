@@ -13,7 +13,7 @@ import pytest
 
 from kernel_emulator import emulated
 from test_kernels import fused_vs_plain_decode, rnd
-from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, norms, router
+from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, head, norms, router
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
 
@@ -92,6 +92,37 @@ def test_expert_body(fmt, opts):
     y = dense(dn) @ (gate / (1 + np.exp(-gate)) * up) * 0.7
     assert np.abs(out[0] - y).max() / np.abs(y).max() < 2e-2
     assert (out[1] == 0).all()
+
+
+def _head_layer(fmt, opts, V, H, tied):
+    """A tied embedding or an untied head with a bias, as the model holds them, dense or quantized."""
+    import mlx.nn as nn
+
+    layer = nn.Embedding(V, H) if tied else nn.Linear(H, V, bias=True)
+    layer.set_dtype(mx.bfloat16)
+    return layer.to_quantized(**opts) if fmt != "dense" else layer
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("fmt,opts", FORMATS)
+def test_lm_head_body(fmt, opts, tied):
+    """The head through the expert matvec body, 1 and 3 rows, against float64 numpy on the dequantized matrix;
+    more than MAX_ROWS rows go to MLX's matmul."""
+    mx.random.seed(4)
+    V, H = 200, 320
+    layer = _head_layer(fmt, opts, V, H, tied)
+    w = layer.weight if fmt == "dense" else experts.as_stack(layer).dequantize()
+    dense_w = np.array(w.astype(mx.float32), np.float64)
+    bias = np.array(layer.bias.astype(mx.float32), np.float64) if not tied else 0.0
+    for n in (1, 3):
+        h = rnd(n, 1, H, dtype=mx.bfloat16)
+        assert head.kernel_supported(h, layer)
+        with emulated():
+            out = np.array(head.lm_head(h, layer, impl="kernel").astype(mx.float32), np.float64)
+        want = np.array(h.astype(mx.float32), np.float64) @ dense_w.T + bias
+        assert out.shape == (n, 1, V)
+        assert np.abs(out - want).max() / np.abs(want).max() < 2e-2
+    assert not head.kernel_supported(rnd(head.MAX_ROWS + 1, 1, H, dtype=mx.bfloat16), layer)
 
 
 @pytest.mark.parametrize("shape,dtype", [((8, 2, 64, 2, 2, 32, 2), mx.float32), ((6, 3, 32, 3, 2, 16, 1), mx.float32),

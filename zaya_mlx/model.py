@@ -329,7 +329,8 @@ class Model(nn.Module):
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
         h = self.model(tokens, cache)
-        logits = self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
+        head = self.lm_head if "lm_head" in self else self.model.embed_tokens
+        logits = kernels.lm_head(h, head) if use_fused_decode() else kernels.lm_head_reference(h, head)
         return logits.astype(mx.float32)
 
     @property

@@ -155,7 +155,8 @@ def kernel_supported(x, gate_up, down) -> bool:
     return fits and Hg == H and dn.shape[1:] == (H, I) and H % _vpv(a[0], a[1]) == 0 and I % _vpv(b[0], b[1]) == 0
 
 
-def _matvec(x, expert, rweight, w, *, glu, nout, back):
+def _matvec(x, expert, rweight, w, *, glu, nout, back, ne=None):
+    """One launch of metal/expert_matvec.h; ne: the matrices in w (default: its first dimension)."""
     qm, bits, gs = _qm(w)
     K = x.shape[-1]
     N = x.size // K
@@ -163,10 +164,9 @@ def _matvec(x, expert, rweight, w, *, glu, nout, back):
     blocks = (nout + per_block - 1) // per_block
     if isinstance(w, QuantizedStack):
         wt, sc, bi = w.weight, w.scales, (w.biases if w.biases is not None else dummy())
-        ne = w.weight.shape[0]
     else:
         wt, sc, bi = w, dummy(), dummy()
-        ne = w.shape[0]
+    ne = ne or wt.shape[0]
     kern = get_kernel("expert_matvec.h", back, _INPUTS, _OUTPUTS)
     return kern(
         inputs=[x, expert, rweight, wt, sc, bi],
