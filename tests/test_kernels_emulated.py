@@ -189,7 +189,8 @@ def test_fused_decode_runs_the_bodies_like_the_plain_ops(quant, monkeypatch):
 
 def test_fused_decode_writes_only_buffers_it_owns(monkeypatch):
     """The CCA body writes the new key and value into the cache in place. An array that shared the prefill's
-    buffer (a snapshot taken then) keeps its values; the step's own buffers are reused from step to step."""
+    buffer (a snapshot taken then) keeps its values; the step's own buffers are reused from step to step; a view
+    of the held positions keeps its values across a trim and the next step."""
     from zaya_mlx.benchmark import build_zaya, small_config
 
     monkeypatch.setenv("ZAYA_COMPILE", "0")
@@ -208,3 +209,11 @@ def test_fused_decode_writes_only_buffers_it_owns(monkeypatch):
     assert np.array_equal(np.array(snapshot), before)
     assert kv.keys is first and kv.offset == 7
     assert not np.array_equal(np.array(first[:, :, 5:7]), np.zeros_like(np.array(first[:, :, 5:7])))
+
+    # a view of the held positions, then a trim below them: the next step writes elsewhere
+    view = kv.state[0]
+    held = np.array(view)
+    kv.trim(2)
+    with emulated():
+        mx.eval(model(tok, cache))
+    assert np.array_equal(np.array(view), held) and kv.offset == 6

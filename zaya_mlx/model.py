@@ -437,7 +437,7 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
 
     offset = kv0.offset + 1  # a BatchKVCache's per-row offsets: one array for every layer
     for kv, _ in cache:
-        _OWNED_KV[kv] = (kv.keys, kv.values)
+        _OWNED_KV[kv] = (kv.keys, kv.values, held + 1)
         if isinstance(kv, BatchKVCache):
             kv._idx, kv.offset = held + 1, offset
         else:
@@ -445,20 +445,24 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
     return x
 
 
-_OWNED_KV = weakref.WeakKeyDictionary()  # a KV cache -> the buffers the fused step made for it and alone holds
+# a KV cache -> (keys, values, positions held) as the fused step left them: buffers it made and alone holds
+_OWNED_KV = weakref.WeakKeyDictionary()
 
 
 def _own_kv_buffers(kv, held: int, needed: int, shape: tuple, dtype) -> None:
     """Give a KVCache or BatchKVCache buffers that no other array shares, with room for ``needed`` positions.
 
-    The CCA kernel writes each new key and value into the buffers in place. Buffers the fused step did not make
-    (from a prefill that grew them, a deepcopy, a loaded prompt cache, a view) may share memory with arrays
-    elsewhere, which that write would change; so they are copied once, with the first ``held`` positions, into
-    new ones (``kv_capacity`` positions). Prefill through mlx-lm's ``update_and_fetch`` without growing keeps
-    the same array objects, whose slice updates never write into memory another array holds.
+    The CCA kernel writes each new key and value into the buffers in place, at position ``held``. Buffers the
+    fused step did not make (from a prefill that grew them, a deepcopy, a loaded prompt cache, a view) may share
+    memory with arrays elsewhere, which that write would change; so they are copied once, with the first
+    ``held`` positions, into new ones (``kv_capacity`` positions). So are the step's own buffers after a trim
+    below where it left them, since a view taken before the trim (``KVCache.state``) shows those positions.
+    Prefill through mlx-lm's ``update_and_fetch`` without growing keeps the same array objects, whose slice
+    updates never write into memory another array holds.
     """
     owned = _OWNED_KV.get(kv)
-    if owned is not None and owned[0] is kv.keys and owned[1] is kv.values and kv.keys.shape[2] >= needed:
+    if (owned is not None and owned[0] is kv.keys and owned[1] is kv.values and held >= owned[2]
+            and kv.keys.shape[2] >= needed):
         return
     B, nkv, d = shape
     pad = (B, nkv, kv_capacity(needed) - held, d)
