@@ -473,7 +473,7 @@ def _own_kv_buffers(kv, held: int, needed: int, shape: tuple, dtype) -> None:
         return mx.concatenate([a[..., :held, :], mx.zeros(pad, a.dtype)], axis=2)
 
     kv.keys, kv.values = fresh(kv.keys), fresh(kv.values)
-    _OWNED_KV[kv] = (kv.keys, kv.values)
+    _OWNED_KV[kv] = (kv.keys, kv.values, held)
 
 
 _ZEROS = {}
