@@ -14,7 +14,7 @@
 # the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only), floor (MXFP4 batch 1,
 # with the same graph's kernel bodies emptied: the host's floor), kernels (each kernel's GPU time under ncu,
 # bench/bench_kernels.py), profile (bench/profile_decode.py: one step's cost op by op), ab (this checkout's decode
-# against $AB_OTHER's, interleaved).
+# against $AB_OTHER's, interleaved; several folders may be given).
 # Logs go to $OUT (the device tool's folder) or ./device-out.
 set -u
 OUT=${OUT:-device-out}
@@ -60,14 +60,27 @@ for part in "$@"; do
         python3 bench/bench_kernels.py --batch 1,8 --calls 5 --reps 1 > "$OUT/kernels.csv" 2>&1 || rc=1
       python3 bench/bench_kernels.py --summarize "$OUT/kernels.csv" | tee "$OUT/kernels.txt" ;;
     ab)
-      # decode speed of this checkout against the one in $AB_OTHER (a `git archive` of another commit, say),
-      # interleaved, on a 2-expert model (the same step; builds in seconds). Each side gets its own kernel
-      # cache: MLX-CUDA finds a compiled kernel by its name and template arguments, not by its source. Both sides
-      # need `zaya bench --experts` (fifth session on).
-      if [ ! -d "${AB_OTHER:-}" ]; then echo "ab: AB_OTHER must name the other checkout"; rc=2; continue; fi
-      for rep in 1 2; do
-        for side in "$(cd "$AB_OTHER" && pwd)" "$PWD"; do
-          tag=$( [ "$side" = "$PWD" ] && echo this || echo other )
+      # decode speed of this checkout against other checkouts (`git archive` of other commits, say): AB_OTHER
+      # is one folder, or several separated by spaces. On a 2-expert model (the same step; builds in seconds),
+      # interleaved, AB_REPS times (default 3: one machine's host varies by tens of percent from run to run).
+      # Each side first warms its own kernel cache, all sides at once (NVRTC compiles every variant on a fresh
+      # machine): MLX-CUDA finds a compiled kernel by its name and template arguments, not by its source. Every
+      # side needs `zaya bench --experts` (fifth session on).
+      sides=("$PWD")
+      for other in ${AB_OTHER:-}; do
+        if [ ! -d "$other" ]; then echo "ab: $other is not a folder"; rc=2; continue 2; fi
+        sides+=("$(cd "$other" && pwd)")
+      done
+      if [ "${#sides[@]}" -lt 2 ]; then echo "ab: AB_OTHER must name the other checkout(s)"; rc=2; continue; fi
+      tag_of() { [ "$1" = "$PWD" ] && echo this || basename "$1"; }
+      for side in "${sides[@]}"; do
+        MLX_PTX_CACHE_DIR=/tmp/zaya-ab-ptx-$(tag_of "$side") timeout 400 python3 "$side/bench/bench_decode.py" \
+          --quant mxfp4 --batch 1,8 --experts 2 --steps 4 > "$OUT/ab_warm_$(tag_of "$side").log" 2>&1 &
+      done
+      wait
+      for rep in $(seq "${AB_REPS:-3}"); do
+        for side in "${sides[@]}"; do
+          tag=$(tag_of "$side")
           MLX_PTX_CACHE_DIR=/tmp/zaya-ab-ptx-$tag timeout 250 python3 "$side/bench/bench_decode.py" --quant mxfp4 \
             --batch 1,8 --experts 2 --json "$OUT/ab_${tag}_$rep.json" 2>&1 | grep -E "batch|rror" | sed "s/^/[$tag $rep] /"
         done
