@@ -6,7 +6,6 @@ runs this file on an NVIDIA GPU), each kernel is checked against its reference f
 and quantized weights, odd shapes and batches > 1; those tests skip elsewhere.
 """
 
-import contextlib
 import math
 import os
 import shutil
@@ -41,6 +40,10 @@ GPU = backend() in ("metal", "cuda")
 # the CPU compute in float32, so on a GPU the float32 bound is the TF32 one.
 F32 = 1e-5 if mx.default_device() == mx.cpu else 2e-3
 gpu_only = pytest.mark.skipif(not GPU, reason="no Metal or CUDA back end here: kernels not run")
+# bfloat16 fused decode vs plain ops, max |logit difference| / max |logit|: the kernels round in another order.
+# Over seeds of the emulated MXFP4 model it is 1-2e-2 a step, with single steps up to 5e-2; a wrong state or
+# index gives O(1).
+BF16_LOGITS = 6e-2
 
 
 def rel(a, b) -> float:
@@ -548,44 +551,21 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
     import mlx.nn as nn
     from mlx_lm.models.cache import BatchKVCache
 
-    from zaya_mlx.benchmark import build_zaya, small_config
+    from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
 
     dtype = mx.bfloat16 if quant == "mxfp4" else mx.float32
     model = build_zaya(small_config(), quant and quant.split("+")[0], seed=2, dtype=dtype)
     if quant == "mxfp4+router":
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
-    tol = max(1e-4, F32) if dtype == mx.float32 else 3e-2
+    tol = max(1e-4, F32) if dtype == mx.float32 else BF16_LOGITS
+    monkeypatch.setenv("ZAYA_FUSED", "1")  # restored after the test; fused_vs_plain switches it
     for batch, pads, prompt_len in ((1, None, 9), (1, None, 254), (3, [0, 2, 5], 9)):  # 254 + 3 outgrows 256 keys
-        errors, cache = fused_vs_plain_decode(model, monkeypatch, batch, pads, prompt_len=prompt_len, steps=3)
+        errors, cache = fused_vs_plain(model, model.args.vocab_size, batch, context=prompt_len, steps=3, left_padding=pads)
         assert max(errors) < tol, (batch, prompt_len, errors)
         assert cache[0][0].keys.shape[2] >= prompt_len + 3
         if pads is not None:
             assert isinstance(cache[0][0], BatchKVCache)
-
-
-def fused_vs_plain_decode(model, monkeypatch, batch, pads, prompt_len, steps, fused_context=contextlib.nullcontext):
-    """Prefill a random prompt into two caches, then decode greedily (the plain path's choice) through the plain
-    ops and through the fused step (run inside fused_context()). Returns (each step's max |logit difference| /
-    max |logit|, the fused path's cache)."""
-    prompt = mx.random.randint(0, 512, (batch, prompt_len)).astype(mx.int32)
-    caches = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("ZAYA_FUSED", mode)
-        caches[mode] = model.make_cache(pads)
-        model(prompt, caches[mode])
-    tok = mx.array([[7]] * batch, dtype=mx.int32)
-    errors = []
-    for _ in range(steps):
-        monkeypatch.setenv("ZAYA_FUSED", "0")
-        plain = model(tok, caches["0"])
-        monkeypatch.setenv("ZAYA_FUSED", "1")
-        with fused_context():
-            fused = model(tok, caches["1"])
-            mx.eval(fused)
-        errors.append(float(mx.abs(fused - plain).max() / mx.abs(plain).max()))
-        tok = mx.argmax(plain[:, -1:], axis=-1).astype(mx.int32)
-    return errors, caches["1"]
 
 
 ATTENTION_CASES = [  # B, NH, NKV, D, length, capacity, left padding, window

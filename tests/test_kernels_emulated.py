@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernel_emulator import emulated
-from test_kernels import fused_vs_plain_decode, rnd
+from test_kernels import BF16_LOGITS, rnd
 from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, head, norms, router
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
@@ -177,14 +177,15 @@ def test_attention_body(pads, window, single_pass, monkeypatch):
 def test_fused_decode_runs_the_bodies_like_the_plain_ops(quant, monkeypatch):
     """The model's fused decode step with every kernel body emulated (the launchers, shapes and dtypes as on a
     GPU) gives the plain ops' logits, for a lone sequence and a left-padded batch."""
-    from zaya_mlx.benchmark import build_zaya, small_config
+    from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
 
     monkeypatch.setenv("ZAYA_COMPILE", "0")
+    monkeypatch.setenv("ZAYA_FUSED", "1")  # restored after the test; fused_vs_plain switches it
     dtype = mx.bfloat16 if quant else mx.float32
     model = build_zaya(small_config(), quant, seed=2, dtype=dtype)
     for batch, pads in ((1, None), (2, [0, 3])):
-        errors, _ = fused_vs_plain_decode(model, monkeypatch, batch, pads, prompt_len=6, steps=2, fused_context=emulated)
-        assert max(errors) < (1e-4 if dtype == mx.float32 else 3e-2), (batch, errors)
+        errors, _ = fused_vs_plain(model, model.args.vocab_size, batch, context=6, steps=2, left_padding=pads, fused_context=emulated)
+        assert max(errors) < (1e-4 if dtype == mx.float32 else BF16_LOGITS), (batch, errors)
 
 
 def test_fused_decode_writes_only_buffers_it_owns(monkeypatch):

@@ -293,7 +293,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
                 f"decode {res.decode_tps[b]:.1f} tok/s (graph building {BUILD_MS[b]:.2f} ms/step, "
                 f"one step's eval {res.eval_ms[b]:.2f} ms)")
         if check and fused:
-            res.max_rel_logit_diff = fused_vs_plain(model, config, batch=max(batches))
+            res.max_rel_logit_diff = max(fused_vs_plain(model, config.vocab_size, batch=max(batches))[0])
             log(f"  fused vs plain decode logits: max |diff| / max |logit| = {res.max_rel_logit_diff:.2e}")
     finally:
         os.environ.pop("ZAYA_FUSED", None)
@@ -306,28 +306,31 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
     return res
 
 
-def fused_vs_plain(model: Model, config: ZayaConfig, batch: int = 2, context: int = 24, steps: int = 4) -> float:
-    """Worst relative logit difference over a few decode steps: fused path vs the model's plain ops."""
-    tokens = mx.random.randint(0, config.vocab_size, (batch, context)).astype(mx.int32)
-    worst = 0.0
-    caches = {m: model.make_cache() for m in ("0", "1")}
-    toks = {}
-    for m, c in caches.items():
+def fused_vs_plain(model: Model, vocab: int, batch: int = 2, context: int = 24, steps: int = 4,
+                   left_padding: list | None = None, fused_context=contextlib.nullcontext) -> tuple[list, list]:
+    """Fused path against the model's plain ops: a random prompt prefilled into two caches, then `steps` decode
+    steps of the plain path's greedy choice through both (the fused ones inside fused_context()). Returns (each
+    step's max |logit difference| / max |logit|, the fused path's cache)."""
+    tokens = mx.random.randint(0, vocab, (batch, context)).astype(mx.int32)
+    caches, last = {}, {}
+    for m in ("0", "1"):
         _fused(m)
-        toks[m] = _argmax_last(model(tokens, c))
-        mx.eval(toks[m])
-    tok = toks["0"]
+        caches[m] = model.make_cache(left_padding)
+        last[m] = _argmax_last(model(tokens, caches[m]))
+        mx.eval(last[m], _cache_arrays(caches[m]))
+    tok = last["0"]
+    errors = []
     for _ in range(steps):
-        out = {}
-        for m, c in caches.items():
-            _fused(m)
-            out[m] = model(tok, c)
-            mx.eval(out[m])
-        ref = out["0"]
-        worst = max(worst, (mx.abs(out["1"] - ref).max() / mx.abs(ref).max()).item())
-        tok = _argmax_last(ref)
-    _fused("1")
-    return worst
+        _fused("0")
+        plain = model(tok, caches["0"])
+        mx.eval(plain)
+        _fused("1")
+        with fused_context():
+            fused = model(tok, caches["1"])
+            mx.eval(fused)
+        errors.append((mx.abs(fused - plain).max() / mx.abs(plain).max()).item())
+        tok = _argmax_last(plain)
+    return errors, caches["1"]
 
 
 def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context: int = 256, steps: int = 16,
