@@ -417,7 +417,7 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
     dtype = layers[0].input_layernorm.weight.dtype
     attn = layers[0].self_attn
     for layer, (kv, conv) in zip(layers, cache):
-        _own_kv_buffers(kv, held, held + 1, (B, attn.n_kv_heads, attn.head_dim), dtype)
+        _own_kv_buffers(kv, held, (B, attn.n_kv_heads, attn.head_dim), dtype)
         proj = layer.self_attn.qkv_proj
         if conv[0] is None:  # a cache that has seen no token yet
             conv[0] = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), dtype)
@@ -449,8 +449,8 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
 _OWNED_KV = weakref.WeakKeyDictionary()
 
 
-def _own_kv_buffers(kv, held: int, needed: int, shape: tuple, dtype) -> None:
-    """Give a KVCache or BatchKVCache buffers that no other array shares, with room for ``needed`` positions.
+def _own_kv_buffers(kv, held: int, shape: tuple, dtype) -> None:
+    """Give a KVCache or BatchKVCache buffers that no other array shares, with room for the step's write.
 
     The CCA kernel writes each new key and value into the buffers in place, at position ``held``. Buffers the
     fused step did not make (from a prefill that grew them, a deepcopy, a loaded prompt cache, a view) may share
@@ -462,18 +462,17 @@ def _own_kv_buffers(kv, held: int, needed: int, shape: tuple, dtype) -> None:
     """
     owned = _OWNED_KV.get(kv)
     if (owned is not None and owned[0] is kv.keys and owned[1] is kv.values and held >= owned[2]
-            and kv.keys.shape[2] >= needed):
+            and kv.keys.shape[2] > held):
         return
     B, nkv, d = shape
-    pad = (B, nkv, kv_capacity(needed) - held, d)
+    pad = (B, nkv, kv_capacity(held + 1) - held, d)
 
     def fresh(a):
         if held == 0:
             return mx.zeros(pad, dtype)
         return mx.concatenate([a[..., :held, :], mx.zeros(pad, a.dtype)], axis=2)
 
-    kv.keys, kv.values = fresh(kv.keys), fresh(kv.values)
-    _OWNED_KV[kv] = (kv.keys, kv.values, held)
+    kv.keys, kv.values = fresh(kv.keys), fresh(kv.values)  # recorded in _OWNED_KV after the step
 
 
 _ZEROS = {}
