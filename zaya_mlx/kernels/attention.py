@@ -12,8 +12,6 @@ on shapes and one compiled decode step serves every position until the buffers g
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
 
 from ._build import backend, constant, get_kernel, use_kernel
@@ -70,22 +68,14 @@ def kernel_supported(q, keys) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _launch(B: int, NH: int, NKV: int, D: int, dtype, split: bool) -> tuple:
-    """(threads, grid rows, template) for these shapes, worked out once: the launcher runs every layer and step
-    outside mx.compile, so its Python is host time a token."""
-    hb = _heads_per_threadgroup(NH, NKV)
-    nt = _threads(hb, D)
-    template = [("T", dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split)]
-    return nt, B * NH // hb, template
-
-
 def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_padding=None, window=None, back=None):
     back = back or backend()
     B, NH, _, D = q.shape
     NKV, cap = keys.shape[1], keys.shape[2]
     split = cap > SINGLE_PASS_MAX
-    nt, rows, template = _launch(B, NH, NKV, D, q.dtype, split)
+    hb = _heads_per_threadgroup(NH, NKV)
+    nt, rows = _threads(hb, D), B * NH // hb
+    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split)]
     chunk = CHUNK if split else cap
     nc = (cap + chunk - 1) // chunk
     meta = constant((window or 0, chunk, cap, nc), mx.int32)
@@ -106,12 +96,10 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
                    output_dtypes=[q.dtype])[0]
 
 
-def decode_attention(q, keys, values, filled, *, scale: float, left_padding=None, window=None, impl="auto",
-                     back=None):
+def decode_attention(q, keys, values, filled, *, scale: float, left_padding=None, window=None, impl="auto"):
     """Attention of one new token per row (see ``decode_attention_reference``): [B, 1, NH * D]. impl: 'auto',
-    'kernel' or 'reference'; back: the back end if the caller knows it (``backend()``: once a step, not once a
-    layer)."""
-    back = back or backend()
+    'kernel' or 'reference'."""
+    back = backend()
     if use_kernel(impl, back, lambda: kernel_supported(q, keys), "the decode attention kernel"):
         return decode_attention_kernel(q, keys, values, filled, scale=scale, left_padding=left_padding,
                                        window=window, back=back)
