@@ -117,6 +117,7 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
 _INPUTS = ("x", "expert", "rweight", "w", "scales", "biases")
 _OUTPUTS = ("y",)
 _NT = 256
+MAX_K = 6144  # input width: the padded input row in 32 KB of threadgroup memory
 _RPW = 1  # weight rows a SIMD group: one keeps the most SIMD groups in flight at batch 1
 
 
@@ -151,7 +152,7 @@ def kernel_supported(x, gate_up, down) -> bool:
     H = x.shape[-1]
     E, two_i, Hg = gu.shape
     I = two_i // 2
-    fits = max(H, I) <= 6144  # the padded input row in 32 KB of threadgroup memory
+    fits = max(H, I) <= MAX_K
     return fits and Hg == H and dn.shape[1:] == (H, I) and H % _vpv(a[0], a[1]) == 0 and I % _vpv(b[0], b[1]) == 0
 
 

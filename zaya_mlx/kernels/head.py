@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ._build import backend, constant, use_kernel
-from .experts import _matvec, _qm, _vpv, as_stack
+from .experts import MAX_K, _matvec, _qm, _vpv, as_stack
 
 MAX_ROWS = 4
 
@@ -27,7 +27,7 @@ def kernel_supported(h, layer) -> bool:
     w = as_stack(layer)
     qm = _qm(w)
     H = h.shape[-1]
-    return qm is not None and h.size // H <= MAX_ROWS and H <= 6144 and H % _vpv(qm[0], qm[1]) == 0
+    return qm is not None and h.size // H <= MAX_ROWS and H <= MAX_K and H % _vpv(qm[0], qm[1]) == 0
 
 
 def lm_head(h, layer, *, impl: str = "auto"):
@@ -36,8 +36,7 @@ def lm_head(h, layer, *, impl: str = "auto"):
     if use_kernel(impl, back, lambda: kernel_supported(h, layer), "the LM head kernel"):
         n = h.size // h.shape[-1]
         w = as_stack(layer)
-        vocab = (w.weight if hasattr(w, "weight") else w).shape[0]
-        out = _matvec(h, constant((0,) * n, mx.int32), constant((1.0,) * n), w, glu=False, nout=vocab, back=back,
-                      ne=1)
+        out = _matvec(h, constant((0,) * n, mx.int32), constant((1.0,) * n), w, glu=False, nout=w.shape[0],
+                      back=back, ne=1)
         return out + layer["bias"] if "bias" in layer else out
     return lm_head_reference(h, layer)
