@@ -18,6 +18,9 @@ ZK_DEV float zk_simd_sum(float x) {
   }
   return x;
 }
+ZK_DEV float zk_simd_xor(float x, int mask) {
+  return __shfl_xor_sync(0xffffffffu, x, mask);
+}
 ZK_DEV float zk_simd_max(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {

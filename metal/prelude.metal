@@ -8,7 +8,7 @@
 //   ZK_WRITABLE(T, p)  input p as a writable T pointer (a kernel that updates a buffer in place)
 //   ZK_BARRIER()    a threadgroup barrier              ZK_UNROLL    unroll the next loop
 //   ZK_U2F(u)       reinterpret 32 bits as a float     ZK_LOAD_U4   one 16-byte load (uint4) at index i
-//   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp)
+//   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp); zk_simd_xor(x, m): lane ^ m's x
 //   zk_exp, zk_sqrt, zk_rsqrt, zk_cos, zk_sin, zk_erf  float32 math
 //   zk_round<T>(x)  round a float to dtype T and back, to follow a reference that rounds there
 // and, after the marker line below, the body prologue: the thread indices every body starts from
@@ -30,6 +30,9 @@ using namespace metal;
 
 ZK_DEV float zk_simd_sum(float x) {
   return simd_sum(x);
+}
+ZK_DEV float zk_simd_xor(float x, int mask) {
+  return simd_shuffle_xor(x, ushort(mask));
 }
 ZK_DEV float zk_simd_max(float x) {
   return simd_max(x);

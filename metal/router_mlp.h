@@ -5,7 +5,9 @@
 // primitives. Plain-MLX reference: zaya_mlx/kernels/router.py, router_mlp_reference.
 //
 // Grid: one threadgroup of NT threads per token (x = n). Matvecs: a SIMD group takes RB output rows at
-// a time, its lanes along each row in 16-byte loads; the R-wide vectors live in threadgroup memory.
+// a time, its lanes along each row in 16-byte loads; the R-wide vectors live in threadgroup memory. The one
+// threadgroup is bound by instruction latency (ncu: 10 cycles an issued instruction, 39% of cycles issuing),
+// so the RB row sums are reduced together and finished one row a lane (see the layer loop).
 // Template: T (activation dtype), R (router width, a multiple of 8), NE1, HAS_PREV, WQ (weights:
 // 0 bf16, 1 f32), NT.
 // Inputs: rdown [N, R], rprev [N, R], rscale [R], nw [R], w1 [R, R], b1 [R], w2 [R, R], b2 [R],
@@ -16,7 +18,9 @@ constexpr int VPW = (WQ == 0) ? 2 : 1;
 constexpr int NV = R / (4 * VPW);
 constexpr int ITERS = (NV + 31) / 32;
 constexpr int QMW = (WQ == 0) ? 0 : 1;
-constexpr int RB = (ITERS <= 4) ? 16 / ITERS : 1;  // rows a SIMD group loads at once: at most 16 chunks a lane
+// rows a SIMD group loads at once: at most 16 chunks a lane, a power of two (R <= 1024, so ITERS <= 4)
+constexpr int RB = (ITERS == 1) ? 16 : ((ITERS == 2) ? 8 : 4);
+constexpr int LRB = (RB == 16) ? 4 : ((RB == 8) ? 3 : 2);  // log2(RB)
 
 const int n = zk_bx;
 
@@ -54,49 +58,73 @@ ZK_BARRIER();
 // fc1 + GELU: zk_h -> zk_a; fc2 + GELU: zk_a -> zk_h; logits: zk_h -> zk_l. RB rows of a SIMD group at
 // a time, all their loads in flight before the sums: with the layers unrolled, no branch separates them (a
 // load behind a branch waits for what came before it).
+// The RB partial sums of a lane are then reduced over the SIMD group together: at step k a lane keeps half
+// of its rows and trades the other half with lane ^ 2^k, so RB rows take RB - 1 exchanges where one sum per
+// row takes 5 RB, and lane l < RB ends with row bitreverse(l) (its bit k is lane bit k, from the top). That
+// lane alone adds the bias and applies GELU, in parallel with the other rows' lanes.
+int rrow = 0;  // the row (of the RB) this lane finishes
+ZK_UNROLL
+for (int k = 0; k < LRB; ++k) {
+  rrow |= ((zk_lane >> k) & 1) << (LRB - 1 - k);
+}
 ZK_UNROLL
 for (int layer = 0; layer < 3; ++layer) {
   const int nout = (layer == 2) ? NE1 : R;
   for (int o0 = zk_warp * RB; o0 < nout; o0 += NWARP * RB) {
+    // a row past nout loads row 0: its sum ends on a lane that writes nothing
     uint4 u[RB][ITERS];
-    float bias[RB];
     ZK_UNROLL
     for (int i = 0; i < RB; ++i) {
-      const int ob = (o0 + i < nout) ? o0 + i : 0;
-      bias[i] = (layer == 2) ? 0.0f : static_cast<float>(layer == 0 ? b1[ob] : b2[ob]);
       ZK_UNROLL
       for (int it = 0; it < ITERS; ++it) {
         const int v = it * 32 + zk_lane;
-        const bool live = (o0 + i < nout) && (v < NV);
-        const int idx = live ? (o0 + i) * NV + v : 0;
-        const uint4 w = (layer == 0) ? ZK_LOAD_U4(w1, idx) : ((layer == 1) ? ZK_LOAD_U4(w2, idx) : ZK_LOAD_U4(wo, idx));
-        u[i][it] = live ? w : zk_zero_u4();
+        const int idx = ((o0 + i < nout) ? o0 + i : 0) * NV + ((v < NV) ? v : 0);
+        u[i][it] = (layer == 0) ? ZK_LOAD_U4(w1, idx) : ((layer == 1) ? ZK_LOAD_U4(w2, idx) : ZK_LOAD_U4(wo, idx));
       }
     }
+    const int o = o0 + rrow;
+    const int ob = (o < nout) ? o : 0;
+    const float bias = (layer == 2) ? 0.0f : static_cast<float>(layer == 0 ? b1[ob] : b2[ob]);
+    float a[RB];
     ZK_UNROLL
     for (int i = 0; i < RB; ++i) {
-      const int o = o0 + i;
-      float a = 0.0f;
+      a[i] = 0.0f;
       ZK_UNROLL
       for (int it = 0; it < ITERS; ++it) {
         const int v = it * 32 + zk_lane;
         if (v < NV) {
-          a += (layer == 1) ? zk_dot_u4<QMW, 16>(u[i][it], zk_a, v * 4 * VPW).d
-                            : zk_dot_u4<QMW, 16>(u[i][it], zk_h, v * 4 * VPW).d;
+          a[i] += (layer == 1) ? zk_dot_u4<QMW, 16>(u[i][it], zk_a, v * 4 * VPW).d
+                               : zk_dot_u4<QMW, 16>(u[i][it], zk_h, v * 4 * VPW).d;
         }
       }
-      a = zk_simd_sum(a);
-      if (zk_lane == 0 && o < nout) {
-        if (layer == 2) {
-          zk_l[o] = zk_round<T>(a);
-        } else {
-          const float z = zk_round<T>(a + bias[i]);
-          const float gl = zk_round<T>(0.5f * z * (1.0f + zk_erf(z * 0.7071067811865476f)));
-          if (layer == 0) {
-            zk_a[zk_pad(o)] = gl;
-          } else {
-            zk_h[zk_pad(o)] = gl;
+    }
+    ZK_UNROLL
+    for (int k = 0; k < 5; ++k) {
+      if (k < LRB) {
+        const int half = RB >> (k + 1);  // rows left after this step
+        const bool upper = ((zk_lane >> k) & 1) != 0;
+        ZK_UNROLL
+        for (int i = 0; i < RB / 2; ++i) {
+          if (i < half) {
+            const float keep = upper ? a[i + half] : a[i];
+            const float send = upper ? a[i] : a[i + half];
+            a[i] = keep + zk_simd_xor(send, 1 << k);
           }
+        }
+      } else {
+        a[0] += zk_simd_xor(a[0], 1 << k);
+      }
+    }
+    if (zk_lane < RB && o < nout) {
+      if (layer == 2) {
+        zk_l[o] = zk_round<T>(a[0]);
+      } else {
+        const float z = zk_round<T>(a[0] + bias);
+        const float gl = zk_round<T>(0.5f * z * (1.0f + zk_erf(z * 0.7071067811865476f)));
+        if (layer == 0) {
+          zk_a[zk_pad(o)] = gl;
+        } else {
+          zk_h[zk_pad(o)] = gl;
         }
       }
     }

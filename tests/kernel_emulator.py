@@ -95,6 +95,14 @@ inline float zk_simd_exchange(float x, bool is_max) {
   zk_ctx.warp->arrive_and_wait();
   return r;
 }
+inline float zk_simd_xor(float x, int mask) {
+  const int lane = zk_ctx.tid & 31;
+  zk_ctx.scratch[lane] = x;
+  zk_ctx.warp->arrive_and_wait();
+  const float r = zk_ctx.scratch[lane ^ mask];
+  zk_ctx.warp->arrive_and_wait();
+  return r;
+}
 inline float zk_simd_sum(float x) { return zk_simd_exchange(x, false); }
 inline float zk_simd_max(float x) { return zk_simd_exchange(x, true); }
 inline float zk_exp(float x) { return std::exp(x); }

@@ -44,6 +44,22 @@ def test_router_body(N, prev, dtype):
     assert np.abs(w - w_ref).max() / np.abs(w_ref).max() < (3e-2 if dtype == mx.bfloat16 else 1e-6)
 
 
+@pytest.mark.parametrize("R", [256, 320])
+def test_router_body_wide(R):
+    """Widths whose rows take 2 or 3 chunks a lane (float32), so a SIMD group reduces 8 or 4 rows at once."""
+    mx.random.seed(R)
+    E1 = 17
+    args = (rnd(1, R), rnd(1, R), mx.random.uniform(shape=(R,)) + 0.5, mx.random.uniform(shape=(R,)) + 0.5,
+            rnd(R, R, scale=R**-0.5 * 2), rnd(R, scale=0.1), rnd(R, R, scale=R**-0.5 * 2), rnd(R, scale=0.1),
+            rnd(E1, R, scale=R**-0.5 * 3), rnd(E1, scale=0.05), 1e-5)
+    r_ref, c_ref, w_ref = router.router_mlp_reference(*args)
+    with emulated():
+        r, c, w = router.router_mlp_kernel(*args, back="cuda")
+    assert max_rel(r, r_ref) < 1e-6
+    assert np.array_equal(np.array(c), np.array(c_ref))
+    assert np.abs(np.array(w) - np.array(w_ref)).max() / np.abs(np.array(w_ref)).max() < 1e-5  # sums in another order
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("R", [0, 40])
 def test_residual_norm_body(R, dtype):
