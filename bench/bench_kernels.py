@@ -80,7 +80,7 @@ def cases(cfg: ZayaConfig, B: int, context: int):
 
     return [
         ("LM head", lm_head),
-        ("expert gate/up + down", lambda impl: kernels.expert_gather(x, choice, weight, gu, dn, impl=impl)),
+        ("expert MLP (gate/up + down)", lambda impl: kernels.expert_gather(x, choice, weight, gu, dn, impl=impl)),
         ("router MLP", lambda impl: kernels.router_mlp(*rargs, impl=impl)[0]),
         ("residual + norm + router down", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, wd, bd,
                                                                            impl=impl)[2]),

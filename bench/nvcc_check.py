@@ -56,12 +56,13 @@ def cca_case(nh, nkv, d, t0, t1, rd, t):
              ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32)), ("CAP", 256)])
 
 
-def expert_case(qm, wt, st, bt, bits, gs, glu):
-    return (f"expert_q{qm}_b{bits}_{'glu' if glu else 'down'}", "expert_matvec.h",
-            [("x", "bf16"), ("expert", "i32"), ("rweight", "bf16"), ("w", wt), ("scales", st), ("biases", bt)],
-            [("y", "bf16")],
-            [("T", "bf16"), ("K", 2048), ("NOUT", 2048), ("GLU", glu), ("QM", qm), ("BITS", bits), ("GS", gs),
-             ("NE", 16), ("RPW", experts._RPW), ("NT", experts._NT)])
+def expert_case(qm, wt, st, bt, bits, gs):
+    return (f"expert_q{qm}_b{bits}", "expert_mlp.h",
+            [("x", "bf16"), ("expert", "i32"), ("rweight", "f32"), ("wgu", wt), ("sgu", st), ("bgu", bt),
+             ("wd", wt), ("sd", st), ("bd", bt)],
+            [("y", "f32")],
+            [("T", "bf16"), ("H", 2048), ("I", 2048), ("CW", experts._CW), ("QA", qm), ("BA", bits), ("GA", gs),
+             ("QB", qm), ("BB", bits), ("GB", gs), ("NE", 16), ("NT", experts._NT)])
 
 
 def router_case(r, ne1, prev, t):
@@ -95,9 +96,9 @@ def attention_case(nh, nkv, d, t, split):
 DTYPES = ("bf16", "f32")
 CASES = [cca_case(*shape[:6], t) for shape in [(8, 2, 128, 2, 2, 64), (6, 3, 48, 3, 2, 16), (4, 4, 64, 2, 3, 64),
                                                 (5, 1, 32, 2, 2, 0), (4, 1, 64, 3, 2, 32)] for t in DTYPES]
-CASES += [expert_case(*fmt, glu) for fmt in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f32", "f32", 16, 1),
+CASES += [expert_case(*fmt) for fmt in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f32", "f32", 16, 1),
                                              (2, "u32", "bf16", "bf16", 4, 64), (2, "u32", "bf16", "bf16", 8, 32),
-                                             (3, "u32", "u8", "f32", 4, 32)] for glu in (True, False)]
+                                             (3, "u32", "u8", "f32", 4, 32)]]
 CASES += [router_case(r, ne1, prev, t) for r, ne1 in ((256, 17), (96, 7)) for prev in (True, False) for t in DTYPES]
 CASES += [resnorm_case(h, r, t) for h, r in ((2048, 256), (200, 40), (2048, 0)) for t in DTYPES]
 CASES += [attention_case(nh, nkv, d, t, False) for nh, nkv, d in ((8, 2, 128), (4, 4, 64), (8, 1, 256), (16, 2, 32))

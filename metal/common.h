@@ -62,6 +62,34 @@ ZK_DEV uint4 zk_zero_u4() {
   return z;
 }
 
+// One 16-byte chunk of a weight row, with its quantization group's scale (1 for dense rows) and bias (affine
+// rows; else 0): the chunk contributes s * dot + b * sum(x).
+struct zk_chunk {
+  uint4 u;
+  float s;
+  float b;
+};
+
+// Chunk v of weight row `row` (nv chunks a row, VPV values a chunk, GS values a quantization group; QM as in
+// zk_dot_word). A chunk that is not live reads row 0's first chunk instead and comes back zero: the load is
+// issued either way, with no branch in front of it, and adds nothing (zero codes, zero bias).
+template <int QM, int GS, int VPV, typename PW, typename PS, typename PB>
+ZK_DEV zk_chunk zk_load_chunk(PW w, PS scales, PB biases, int row, int nv, int v, bool live) {
+  const int rr = live ? row : 0;
+  const int vv = live ? v : 0;
+  const int gi = rr * ((nv * VPV) / GS) + (vv * VPV) / GS;
+  zk_chunk ch;
+  ch.u = ZK_LOAD_U4(w, rr * nv + vv);
+  ch.s = (QM == 2) ? static_cast<float>(scales[gi])
+       : ((QM == 3) ? ZK_U2F(static_cast<uint32_t>(scales[gi]) << 23) : 1.0f);
+  ch.b = (QM == 2) ? static_cast<float>(biases[gi]) : 0.0f;
+  if (!live) {
+    ch.u = zk_zero_u4();
+    ch.b = 0.0f;  // the bias term multiplies the inputs' sum, which a dropped chunk still sees
+  }
+  return ch;
+}
+
 // Where x[k] lives in a padded threadgroup vector: one spare word after every 32. A SIMD group whose
 // lanes read runs of 4, 8, 16 or 32 consecutive values (one 16-byte weight chunk each) then touches 32
 // different banks per read instead of a few banks many times over.

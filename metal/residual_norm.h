@@ -9,7 +9,8 @@
 // threadgroup 0 alone writes h_out and x_out.
 // Template: T (activation dtype), RT (dtype of o + hb: T, or float32 when the scales are float32), H,
 // HAS_ROUTER, R (router rows), RPB (router rows per threadgroup), WQ (router weights: 0 bf16, 1 f32), NT.
-// Inputs: o [N, H] (T), h [N, H] float32, hs, hb, rs, rb, nw [H], wd [R, H], bd [R], fparams [1]
+// Inputs: o [N, H] (T, or float32 rounded to T first: the expert kernel's sum), h [N, H] float32, hs, hb, rs,
+// rb, nw [H], wd [R, H], bd [R], fparams [1]
 // float32 (the RMSNorm eps).
 // Outputs: h_out [N, H] float32, x_out [N, H] (T), r_out [N, R] (T) (a dummy without HAS_ROUTER).
 constexpr int NWARP = NT / 32;
@@ -51,7 +52,7 @@ float nv[EPT];
   ZK_UNROLL
   for (int i = 0; i < EPT; ++i) {
     const int k = (zk_tid + i * NT < H) ? zk_tid + i * NT : 0;
-    ov[i] = static_cast<float>(o[n * H + k]);
+    ov[i] = static_cast<float>(o[n * H + k]);  // T, or float32 holding a sum to round to T (below)
     hv[i] = h[n * H + k];
     nv[i] = static_cast<float>(nw[k]);
     hbv[i] = static_cast<float>(hb[k]);
@@ -61,7 +62,7 @@ float nv[EPT];
   }
   ZK_UNROLL
   for (int i = 0; i < EPT; ++i) {
-    ov[i] = zk_round<RT>(zk_round<RT>(ov[i] + hbv[i]) * hsv[i]);
+    ov[i] = zk_round<RT>(zk_round<RT>(zk_round<T>(ov[i]) + hbv[i]) * hsv[i]);
     hv[i] = (hv[i] + rbv[i]) * rsv[i];
   }
 }

@@ -32,6 +32,7 @@ from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, route
 COMPILER = shutil.which("g++")
 
 PRELUDE = r"""
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -85,6 +86,7 @@ thread_local zk_context zk_ctx;
 #define ZK_LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
+#define ZK_ATOMIC_ADD(ptr, i, v) std::atomic_ref<float>((ptr)[(i)]).fetch_add((v))
 
 inline float zk_simd_exchange(float x, bool is_max) {
   const int lane = zk_ctx.tid & 31;
@@ -209,7 +211,7 @@ def emulated():
     modules = launchers + (head, kernels)  # and those that ask the back end
     saved = [m.get_kernel for m in launchers] + [m.backend for m in modules]
     for m in launchers:
-        m.get_kernel = lambda body, back, inputs, outputs: EmulatedKernel(body, inputs, outputs)
+        m.get_kernel = lambda body, back, inputs, outputs, **_: EmulatedKernel(body, inputs, outputs)
     for m in modules:
         m.backend = lambda: "cuda"
     try:

@@ -573,6 +573,6 @@ def _mlp_block(layer: DecoderLayer, out, h, router_state, next_norm):
     res = layer.post_mlp_residual_scale
     h, x, _ = kernels.residual_norm(
         y, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
-        next_norm.weight, next_norm.eps,
+        next_norm.weight, next_norm.eps, dtype=x.dtype,  # y: the expert kernel's float32 sum
     )
     return h, x, r

@@ -64,13 +64,16 @@ def kernel_source(body: str, back: str) -> tuple[str, str]:
 
 
 @functools.cache
-def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
-    """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda'), keyed by dtypes."""
+def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...], atomic_outputs: bool = False):
+    """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda'), keyed by dtypes.
+    atomic_outputs: the body adds to its outputs with ZK_ATOMIC_ADD (Metal declares them atomic; CUDA's
+    atomicAdd takes plain pointers)."""
     header, source = kernel_source(body, back)
     name = "zaya_" + body.split(".")[0]
     if back == "metal":
         kernel = mx.fast.metal_kernel(
-            name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header
+            name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header,
+            atomic_outputs=atomic_outputs,
         )
     elif back == "cuda":
         kernel = mx.fast.cuda_kernel(

@@ -1,11 +1,10 @@
 """Top-1 expert gather for decode: the fused ops and their plain-MLX reference.
 
 For each token, its one selected expert's SwiGLU: ``gate, up = split(W_gu[e] x)`` (gate rows first),
-``y = W_down[e](silu(gate) * up) * weight``; the skip choice (index E) gives zero. The kernels
-(metal/expert_matvec.h: one launch for gate/up + SwiGLU, one for down + router weight) read only the
-selected expert's rows, from bfloat16/float32 stacks or MLX's quantized layouts (affine 4/8-bit,
-MXFP4). They replace mlx-lm's SwitchGLU path (expand, gather_mm or gather_qmm twice, split, silu,
-multiply, scale, mask).
+``y = W_down[e](silu(gate) * up) * weight``; the skip choice (index E) gives zero. The kernel
+(metal/expert_mlp.h) does both projections in one launch, reading only the selected expert's rows, from
+bfloat16/float32 stacks or MLX's quantized layouts (affine 4/8-bit, MXFP4). It replaces mlx-lm's SwitchGLU
+path (expand, gather_mm or gather_qmm twice, split, silu, multiply, scale, mask).
 
 Weights are given as a stacked array ``[E, 2I, H]`` / ``[E, H, I]``, or as anything with mlx-lm's
 ``QuantizedSwitchLinear`` fields (``weight`` packed uint32, ``scales``, ``biases`` or None,
@@ -97,7 +96,8 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
 
     x [N, H] (or [B, 1, H]); expert [N] int32 (E = skip: zero output); weight [N] (the router's
     probability of the choice); gate_up [E, 2I, H] and down [E, H, I], dense or quantized. Returns an
-    array of x's shape and dtype.
+    array of x's shape in float32, its values rounded to x's dtype (the kernel sums its blocks' shares in
+    float32; the consumer, residual_norm, rounds to the activation dtype).
     """
     gu, dn = as_stack(gate_up), as_stack(down)
     E = gu.shape[0]
@@ -109,14 +109,17 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
     gate, up = mx.split(h, 2, axis=-1)
     y = _gather(nn.silu(gate) * up, dn, idx).reshape(N, H)
     y = y * weight.reshape(N, 1).astype(y.dtype)
-    return mx.where((expert < E).reshape(N, 1), y, mx.zeros((), y.dtype)).reshape(x.shape)
+    y = mx.where((expert < E).reshape(N, 1), y, mx.zeros((), y.dtype)).reshape(x.shape)
+    return y.astype(mx.float32)
 
 
-# --- kernels -------------------------------------------------------------------------------------
+# --- kernel --------------------------------------------------------------------------------------
 
-_INPUTS = ("x", "expert", "rweight", "w", "scales", "biases")
+_INPUTS = ("x", "expert", "rweight", "wgu", "sgu", "bgu", "wd", "sd", "bd")
 _OUTPUTS = ("y",)
-_NT = 256
+_NT = 512
+_CW = 32  # intermediate channels a threadgroup: 64 threadgroups for ZAYA's 2048, one 4-bit chunk of a down row
+_MATVEC_NT = 256  # the LM head's matvec (metal/expert_matvec.h)
 MAX_K = 6144  # input width: the padded input row in 32 KB of threadgroup memory
 _RPW = 1  # weight rows a SIMD group: one keeps the most SIMD groups in flight at batch 1
 
@@ -141,6 +144,7 @@ def _qm(w) -> tuple[int, int, int] | None:
 
 
 def _vpv(qm: int, bits: int) -> int:
+    """Values in a 16-byte chunk of a weight row."""
     return 4 * (2 if qm == 0 else 1 if qm == 1 else 32 // bits)
 
 
@@ -152,8 +156,16 @@ def kernel_supported(x, gate_up, down) -> bool:
     H = x.shape[-1]
     E, two_i, Hg = gu.shape
     I = two_i // 2
-    fits = max(H, I) <= MAX_K
-    return fits and Hg == H and dn.shape[1:] == (H, I) and H % _vpv(a[0], a[1]) == 0 and I % _vpv(b[0], b[1]) == 0
+    fits = H <= MAX_K
+    return (fits and Hg == H and dn.shape[1:] == (H, I) and H % _vpv(*a[:2]) == 0 and I % _CW == 0
+            and _CW % _vpv(*b[:2]) == 0)
+
+
+def _parts(w):
+    """(weight, scales, biases, (QM, BITS, GS)) as the kernel reads them; dummies where a form has none."""
+    if isinstance(w, QuantizedStack):
+        return w.weight, w.scales, (w.biases if w.biases is not None else dummy()), _qm(w)
+    return w, dummy(), dummy(), _qm(w)
 
 
 def _matvec(x, expert, rweight, w, *, glu, nout, back, ne=None):
@@ -161,14 +173,14 @@ def _matvec(x, expert, rweight, w, *, glu, nout, back, ne=None):
     qm, bits, gs = _qm(w)
     K = x.shape[-1]
     N = x.size // K
-    per_block = (_NT // 32) * _RPW // (2 if glu else 1)  # outputs a threadgroup
+    per_block = (_MATVEC_NT // 32) * _RPW // (2 if glu else 1)  # outputs a threadgroup
     blocks = (nout + per_block - 1) // per_block
     if isinstance(w, QuantizedStack):
         wt, sc, bi = w.weight, w.scales, (w.biases if w.biases is not None else dummy())
     else:
         wt, sc, bi = w, dummy(), dummy()
     ne = ne or wt.shape[0]
-    kern = get_kernel("expert_matvec.h", back, _INPUTS, _OUTPUTS)
+    kern = get_kernel("expert_matvec.h", back, ("x", "expert", "rweight", "w", "scales", "biases"), _OUTPUTS)
     return kern(
         inputs=[x, expert, rweight, wt, sc, bi],
         template=[
@@ -181,31 +193,43 @@ def _matvec(x, expert, rweight, w, *, glu, nout, back, ne=None):
             ("GS", gs),
             ("NE", ne),
             ("RPW", _RPW),
-            ("NT", _NT),
+            ("NT", _MATVEC_NT),
         ],
-        grid=(blocks * _NT, N, 1),
-        threadgroup=(_NT, 1, 1),
+        grid=(blocks * _MATVEC_NT, N, 1),
+        threadgroup=(_MATVEC_NT, 1, 1),
         output_shapes=[tuple(x.shape[:-1]) + (nout,)],
         output_dtypes=[x.dtype],
     )[0]
 
 
 def expert_gather_kernel(x, expert, weight, gate_up, down, *, back=None):
-    """The two fused launches; the result has x's shape ([N, H], or [B, 1, H] for a decode step)."""
-    # expert and weight may be [N] or [B, 1]: the kernels read them flat (no reshape in the graph)
+    """The fused launch; the result has x's shape ([N, H], or [B, 1, H] for a decode step), float32."""
+    # expert and weight may be [N] or [B, 1]: the kernel reads them flat (no reshape in the graph)
     back = back or backend()
     gu, dn = as_stack(gate_up), as_stack(down)
     H = x.shape[-1]
+    N = x.size // H
     I = gu.shape[1] // 2
     if expert.dtype != mx.int32:
         expert = expert.astype(mx.int32)
-    h = _matvec(x, expert, weight, gu, glu=True, nout=I, back=back)
-    return _matvec(h, expert, weight, dn, glu=False, nout=H, back=back)
+    wgu, sgu, bgu, (qa, ba, ga) = _parts(gu)
+    wd, sd, bd, (qb, bb, gb) = _parts(dn)
+    kern = get_kernel("expert_mlp.h", back, _INPUTS, _OUTPUTS, atomic_outputs=True)
+    return kern(
+        inputs=[x, expert, weight, wgu, sgu, bgu, wd, sd, bd],
+        template=[("T", x.dtype), ("H", H), ("I", I), ("CW", _CW), ("QA", qa), ("BA", ba), ("GA", ga),
+                  ("QB", qb), ("BB", bb), ("GB", gb), ("NE", gu.shape[0]), ("NT", _NT)],
+        grid=((I // _CW) * _NT, N, 1),
+        threadgroup=(_NT, 1, 1),
+        output_shapes=[tuple(x.shape)],
+        output_dtypes=[mx.float32],
+        init_value=0.0,
+    )[0]
 
 
 def expert_gather(x, expert, weight, gate_up, down, *, impl: str = "auto"):
     """Top-1 expert SwiGLU (see ``expert_gather_reference``); impl: 'auto', 'kernel' or 'reference'."""
     back = backend()
-    if use_kernel(impl, back, lambda: kernel_supported(x, gate_up, down), "the expert kernels"):
+    if use_kernel(impl, back, lambda: kernel_supported(x, gate_up, down), "the expert kernel"):
         return expert_gather_kernel(x, expert, weight, gate_up, down, back=back)
     return expert_gather_reference(x, expert, weight, gate_up, down)

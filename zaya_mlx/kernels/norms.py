@@ -14,10 +14,13 @@ import mlx.core as mx
 from ._build import backend, constant, dummy, get_kernel, use_kernel
 
 
-def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None):
+def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None, dtype=None):
     """Plain MLX ops. o [..., H] (attention or MoE output), h [..., H] float32 (the residual stream),
-    hs/hb/rs/rb [H] (hidden_states_scale/bias, residual_scale/bias), norm_w [H], eps.
+    hs/hb/rs/rb [H] (hidden_states_scale/bias, residual_scale/bias), norm_w [H], eps; dtype: the activation
+    dtype when o comes in float32 (the expert kernel's sum), which o is rounded to first (default: o's).
     Returns (h_new float32, x = rmsnorm(h_new), r_down = router_w x + router_b or None)."""
+    if dtype is not None:
+        o = o.astype(dtype)
     h_new = (o + hb) * hs + (h + rb) * rs
     x = mx.fast.rms_norm(h_new.astype(o.dtype), norm_w, eps)
     r = None if router_w is None else mx.addmm(router_b, x, router_w.T)
@@ -39,11 +42,11 @@ def kernel_supported(o, h, router_w=None) -> bool:
     return ok
 
 
-def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None, *, back=None):
+def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None, dtype=None, *, back=None):
     back = back or backend()
     H = o.shape[-1]
     N = o.size // H
-    dtype = o.dtype
+    dtype = dtype or o.dtype
     has_router = router_w is not None
     R = router_w.shape[0] if has_router else 1
     nblk = (R + _RPB - 1) // _RPB if has_router else 1
@@ -81,9 +84,9 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, route
     return outs[0], outs[1], (outs[2] if has_router else None)
 
 
-def residual_norm(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None, *, impl="auto"):
+def residual_norm(o, h, hs, hb, rs, rb, norm_w, eps, router_w=None, router_b=None, dtype=None, *, impl="auto"):
     """Residual scaling + RMSNorm (+ router down-projection); impl: 'auto', 'kernel' or 'reference'."""
     back = backend()
     if use_kernel(impl, back, lambda: kernel_supported(o, h, router_w), "the residual-norm kernel"):
-        return residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w, router_b, back=back)
-    return residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w, router_b)
+        return residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, router_w, router_b, dtype, back=back)
+    return residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, router_w, router_b, dtype)

@@ -1,0 +1,162 @@
+// Top-1 expert MLP for decode, in one launch: the selected expert's gate/up projection with SwiGLU, then its
+// down projection scaled by the router weight, reading only that expert's rows, for bfloat16 / float32
+// weights and MLX's quantized layouts (affine 4/8-bit, MXFP4). It replaces mlx-lm's SwitchGLU path for one
+// expert a token (gather_mm / gather_qmm, silu, multiply, gather_mm, scale, and masking the skip choice).
+// Plain-MLX reference: zaya_mlx/kernels/experts.py, expert_gather_reference.
+//
+// Grid: x = block c of CW intermediate channels, y = token n. A threadgroup computes its CW channels of
+// h = silu(gate) * up (2 * CW weight rows, RPW a SIMD group, its lanes reading 16 bytes each along a row),
+// then those channels' share of the down projection, W_down[:, c*CW : (c+1)*CW] h_c, for all H outputs, and
+// adds it times the router weight to y with atomics. y starts at zero (the launch's init value), so the
+// I / CW shares sum to (W_down h) * weight. Splitting the down projection's sum over I is what lets one
+// launch do both projections: no threadgroup has all of h, but each block's share needs only its own.
+// The skip choice (expert[n] outside [0, NE)) adds nothing. Every weight load of a round is issued before
+// any is used, and the first round's before x is stored to threadgroup memory, so a single-round format
+// (4-bit at ZAYA's widths) makes one trip to memory.
+// Template: T (activation dtype), H, I, CW (a multiple of the 16-byte chunk of both weight formats), QA, BA,
+// GA (gate/up weights: QM 0 bf16, 1 f32, 2 affine, 3 mxfp4; bits; group size), QB, BB, GB (the same for
+// down), NE (experts), NT (threads; 2 * CW a multiple of its SIMD groups).
+// Inputs: x [N, H], expert [N] int32, rweight [N], wgu [NE, 2I, H] (gate rows first, then up; dense, or packed
+// uint32), sgu, bgu (scales, biases: [NE, 2I, H / GA]), wd [NE, H, I], sd, bd ([NE, H, I / GB]).
+// Output: y [N, H] float32 (atomic on Metal): (W_down h) * weight, with h rounded to T where the reference
+// rounds.
+constexpr int NWARP = NT / 32;
+constexpr int VPVA = 4 * ((QA == 0) ? 2 : ((QA == 1) ? 1 : (32 / BA)));  // values a 16-byte chunk
+constexpr int VPVB = 4 * ((QB == 0) ? 2 : ((QB == 1) ? 1 : (32 / BB)));
+constexpr int NVA = H / VPVA;                        // chunks a gate/up row
+constexpr int ITA = (NVA + 31) / 32;                 // ... a lane
+constexpr int RPW = (2 * CW) / NWARP;                // gate/up rows a SIMD group
+constexpr int IB0 = 4 / RPW;                         // chunks a row a round: at most 4 chunks in flight a lane
+constexpr int IB = (IB0 < 1) ? 1 : ((IB0 < ITA) ? IB0 : ITA);
+constexpr int NVB = I / VPVB;                        // chunks a down row
+constexpr int NCB = CW / VPVB;                       // ... in this block's columns
+constexpr int DR = (H + NT - 1) / NT;                // down rows a thread
+constexpr int RB0 = (NCB >= 4) ? 1 : 4 / NCB;        // down rows a round: at most 4 chunks in flight
+constexpr int RB = (RB0 < DR) ? RB0 : DR;
+constexpr int EPT = (H + NT - 1) / NT;               // elements of x a thread stores
+static_assert(RPW * NWARP == 2 * CW, "the block's gate/up rows split evenly over the SIMD groups");
+static_assert(NCB * VPVB == CW, "a block's down columns are whole 16-byte chunks");
+
+const int n = zk_by;
+const int c = zk_bx;
+const int e = expert[n];
+if (e < 0 || e >= NE) {
+  return;  // the skip choice: y stays zero (uniform over the threadgroup: no barrier is left waiting)
+}
+const float rw = zk_round<T>(static_cast<float>(rweight[n]));
+
+ZK_SHARED16 float zk_x[H + H / 8];  // padded: see zk_pad4
+ZK_SHARED float zk_s[2 * CW];
+ZK_SHARED float zk_h[CW];
+
+// Gate/up row j of the block (j = zk_warp * RPW + i): gate row c*CW + j/2 when j is even, up row when odd,
+// so a channel's gate and up sums land side by side in zk_s.
+zk_chunk ga[RPW][IB];
+ZK_UNROLL
+for (int i = 0; i < RPW; ++i) {
+  const int j = zk_warp * RPW + i;
+  const int row = e * 2 * I + (j & 1) * I + c * CW + (j >> 1);
+  ZK_UNROLL
+  for (int k = 0; k < IB; ++k) {
+    ga[i][k] = zk_load_chunk<QA, GA, VPVA>(wgu, sgu, bgu, row, NVA, k * 32 + zk_lane, k * 32 + zk_lane < NVA);
+  }
+}
+zk_chunk dn[RB][NCB];
+ZK_UNROLL
+for (int i = 0; i < RB; ++i) {
+  const int r = zk_tid + i * NT;
+  ZK_UNROLL
+  for (int k = 0; k < NCB; ++k) {
+    dn[i][k] = zk_load_chunk<QB, GB, VPVB>(wd, sd, bd, e * H + r, NVB, c * NCB + k, r < H);
+  }
+}
+{
+  float xv[EPT];
+  ZK_UNROLL
+  for (int i = 0; i < EPT; ++i) {
+    const int k = zk_tid + i * NT;
+    xv[i] = static_cast<float>(x[n * H + ((k < H) ? k : 0)]);
+  }
+  ZK_UNROLL
+  for (int i = 0; i < EPT; ++i) {
+    const int k = zk_tid + i * NT;
+    if (k < H) {
+      zk_x[zk_pad4(k)] = xv[i];
+    }
+  }
+}
+ZK_BARRIER();
+
+// The block's gate and up sums.
+float acc[RPW];
+ZK_UNROLL
+for (int i = 0; i < RPW; ++i) {
+  acc[i] = 0.0f;
+}
+ZK_UNROLL
+for (int it0 = 0; it0 < ITA; it0 += IB) {
+  if (it0 > 0) {
+    ZK_UNROLL
+    for (int i = 0; i < RPW; ++i) {
+      const int j = zk_warp * RPW + i;
+      const int row = e * 2 * I + (j & 1) * I + c * CW + (j >> 1);
+      ZK_UNROLL
+      for (int k = 0; k < IB; ++k) {
+        const int v = (it0 + k) * 32 + zk_lane;
+        ga[i][k] = zk_load_chunk<QA, GA, VPVA>(wgu, sgu, bgu, row, NVA, v, it0 + k < ITA && v < NVA);
+      }
+    }
+  }
+  ZK_UNROLL
+  for (int i = 0; i < RPW; ++i) {
+    ZK_UNROLL
+    for (int k = 0; k < IB; ++k) {
+      const int v = (it0 + k) * 32 + zk_lane;
+      const zk_pair p = zk_dot_u4_aligned<QA, BA>(ga[i][k].u, zk_x, zk_pad4(((v < NVA) ? v : 0) * VPVA));
+      acc[i] += ga[i][k].s * p.d + ga[i][k].b * p.s;
+    }
+  }
+}
+ZK_UNROLL
+for (int i = 0; i < RPW; ++i) {
+  const float a = zk_simd_sum(acc[i]);
+  if (zk_lane == 0) {
+    zk_s[zk_warp * RPW + i] = a;
+  }
+}
+ZK_BARRIER();
+if (zk_tid < CW) {
+  const float gate = zk_round<T>(zk_s[2 * zk_tid]);
+  const float up = zk_round<T>(zk_s[2 * zk_tid + 1]);
+  const float act = zk_round<T>(gate / (1.0f + zk_exp(-gate)));
+  zk_h[zk_tid] = zk_round<T>(act * up);
+}
+ZK_BARRIER();
+
+// The block's share of every down row, added to y.
+ZK_UNROLL
+for (int r0 = 0; r0 < DR; r0 += RB) {
+  if (r0 > 0) {
+    ZK_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      const int r = zk_tid + (r0 + i) * NT;
+      ZK_UNROLL
+      for (int k = 0; k < NCB; ++k) {
+        dn[i][k] = zk_load_chunk<QB, GB, VPVB>(wd, sd, bd, e * H + r, NVB, c * NCB + k, r0 + i < DR && r < H);
+      }
+    }
+  }
+  ZK_UNROLL
+  for (int i = 0; i < RB; ++i) {
+    const int r = zk_tid + (r0 + i) * NT;
+    float a = 0.0f;
+    ZK_UNROLL
+    for (int k = 0; k < NCB; ++k) {
+      const zk_pair p = zk_dot_chunk<QB, BB>(dn[i][k].u, zk_h, k * VPVB);
+      a += dn[i][k].s * p.d + dn[i][k].b * p.s;
+    }
+    if (r0 + i < DR && r < H) {
+      ZK_ATOMIC_ADD(y, n * H + r, a * rw);
+    }
+  }
+}
