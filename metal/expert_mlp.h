@@ -50,44 +50,10 @@ ZK_SHARED float zk_s[2 * CW];
 ZK_SHARED float zk_h[CW];
 
 // Gate/up row j of the block (j = zk_warp * RPW + i): gate row c*CW + j/2 when j is even, up row when odd,
-// so a channel's gate and up sums land side by side in zk_s.
+// so a channel's gate and up sums land side by side in zk_s. Each round loads IB chunks of each row; the first
+// also loads the first round of down rows and stages x, after its weight loads are issued.
 zk_chunk ga[RPW][IB];
-ZK_UNROLL
-for (int i = 0; i < RPW; ++i) {
-  const int j = zk_warp * RPW + i;
-  const int row = e * 2 * I + (j & 1) * I + c * CW + (j >> 1);
-  ZK_UNROLL
-  for (int k = 0; k < IB; ++k) {
-    ga[i][k] = zk_load_chunk<QA, GA, VPVA>(wgu, sgu, bgu, row, NVA, k * 32 + zk_lane, k * 32 + zk_lane < NVA);
-  }
-}
 zk_chunk dn[RB][NCB];
-ZK_UNROLL
-for (int i = 0; i < RB; ++i) {
-  const int r = zk_tid + i * NT;
-  ZK_UNROLL
-  for (int k = 0; k < NCB; ++k) {
-    dn[i][k] = zk_load_chunk<QB, GB, VPVB>(wd, sd, bd, e * H + r, NVB, c * NCB + k, r < H);
-  }
-}
-{
-  float xv[EPT];
-  ZK_UNROLL
-  for (int i = 0; i < EPT; ++i) {
-    const int k = zk_tid + i * NT;
-    xv[i] = static_cast<float>(x[n * H + ((k < H) ? k : 0)]);
-  }
-  ZK_UNROLL
-  for (int i = 0; i < EPT; ++i) {
-    const int k = zk_tid + i * NT;
-    if (k < H) {
-      zk_x[zk_pad4(k)] = xv[i];
-    }
-  }
-}
-ZK_BARRIER();
-
-// The block's gate and up sums.
 float acc[RPW];
 ZK_UNROLL
 for (int i = 0; i < RPW; ++i) {
@@ -95,17 +61,39 @@ for (int i = 0; i < RPW; ++i) {
 }
 ZK_UNROLL
 for (int it0 = 0; it0 < ITA; it0 += IB) {
-  if (it0 > 0) {
+  ZK_UNROLL
+  for (int i = 0; i < RPW; ++i) {
+    const int j = zk_warp * RPW + i;
+    const int row = e * 2 * I + (j & 1) * I + c * CW + (j >> 1);
     ZK_UNROLL
-    for (int i = 0; i < RPW; ++i) {
-      const int j = zk_warp * RPW + i;
-      const int row = e * 2 * I + (j & 1) * I + c * CW + (j >> 1);
+    for (int k = 0; k < IB; ++k) {
+      const int v = (it0 + k) * 32 + zk_lane;
+      ga[i][k] = zk_load_chunk<QA, GA, VPVA>(wgu, sgu, bgu, row, NVA, v, it0 + k < ITA && v < NVA);
+    }
+  }
+  if (it0 == 0) {  // the same for every thread: the barrier below is reached by all or none
+    ZK_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      const int r = zk_tid + i * NT;
       ZK_UNROLL
-      for (int k = 0; k < IB; ++k) {
-        const int v = (it0 + k) * 32 + zk_lane;
-        ga[i][k] = zk_load_chunk<QA, GA, VPVA>(wgu, sgu, bgu, row, NVA, v, it0 + k < ITA && v < NVA);
+      for (int k = 0; k < NCB; ++k) {
+        dn[i][k] = zk_load_chunk<QB, GB, VPVB>(wd, sd, bd, e * H + r, NVB, c * NCB + k, r < H);
       }
     }
+    float xv[EPT];
+    ZK_UNROLL
+    for (int i = 0; i < EPT; ++i) {
+      const int k = zk_tid + i * NT;
+      xv[i] = static_cast<float>(x[n * H + ((k < H) ? k : 0)]);
+    }
+    ZK_UNROLL
+    for (int i = 0; i < EPT; ++i) {
+      const int k = zk_tid + i * NT;
+      if (k < H) {
+        zk_x[zk_pad4(k)] = xv[i];
+      }
+    }
+    ZK_BARRIER();
   }
   ZK_UNROLL
   for (int i = 0; i < RPW; ++i) {
