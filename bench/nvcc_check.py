@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from zaya_mlx.kernels import _build, attention, cca, experts, norms, router  # noqa: E402
+from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, router  # noqa: E402
 
 MOCK_MLX_HEADER = """
 #include <cuda_bf16.h>
@@ -65,6 +65,13 @@ def expert_case(qm, wt, st, bt, bits, gs):
              ("QB", qm), ("BB", bits), ("GB", gs), ("NE", 16), ("NT", experts._NT)])
 
 
+def head_case(qm, wt, st, bt, bits, gs, vocab):
+    return (f"head_q{qm}_b{bits}_{vocab}", "matvec.h", [("x", "bf16"), ("w", wt), ("scales", st), ("biases", bt)],
+            [("y", "bf16")],
+            [("T", "bf16"), ("K", 2048), ("NOUT", vocab), ("QM", qm), ("BITS", bits), ("GS", gs), ("RPW", head._RPW),
+             ("NT", head._NT)])
+
+
 def router_case(r, ne1, prev, t):
     return (f"router_{r}_{t}_{prev}", "router_mlp.h",
             [("rdown", "bf16"), ("rprev", "bf16"), ("rscale", "bf16"), ("nw", "bf16"), ("w1", t), ("b1", "bf16"),
@@ -99,6 +106,9 @@ CASES = [cca_case(*shape[:6], t) for shape in [(8, 2, 128, 2, 2, 64), (6, 3, 48,
 CASES += [expert_case(*fmt) for fmt in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f32", "f32", 16, 1),
                                              (2, "u32", "bf16", "bf16", 4, 64), (2, "u32", "bf16", "bf16", 8, 32),
                                              (3, "u32", "u8", "f32", 4, 32)]]
+CASES += [head_case(*fmt, vocab) for fmt in [(0, "bf16", "f32", "f32", 16, 1), (2, "u32", "bf16", "bf16", 4, 64),
+                                              (2, "u32", "bf16", "bf16", 8, 32), (3, "u32", "u8", "f32", 4, 32)]
+          for vocab in (262272, 300)]
 CASES += [router_case(r, ne1, prev, t) for r, ne1 in ((256, 17), (96, 7)) for prev in (True, False) for t in DTYPES]
 CASES += [resnorm_case(h, r, t) for h, r in ((2048, 256), (200, 40), (2048, 0)) for t in DTYPES]
 CASES += [attention_case(nh, nkv, d, t, False) for nh, nkv, d in ((8, 2, 128), (4, 4, 64), (8, 1, 256), (16, 2, 32))

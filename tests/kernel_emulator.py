@@ -207,8 +207,8 @@ def emulated():
     """Inside, the kernels' launchers get emulated kernels and the back end reads 'cuda' (the CUDA side of a
     body's #ifdefs), so the model's fused decode runs its kernels' bodies here. Not under mx.compile: an
     emulated kernel reads its inputs' values."""
-    launchers = (_build, attention, cca, experts, norms, router)  # the modules that call get_kernel
-    modules = launchers + (head, kernels)  # and those that ask the back end
+    launchers = (_build, attention, cca, experts, head, norms, router)  # the modules that call get_kernel
+    modules = launchers + (kernels,)  # and those that ask the back end
     saved = [m.get_kernel for m in launchers] + [m.backend for m in modules]
     for m in launchers:
         m.get_kernel = lambda body, back, inputs, outputs, **_: EmulatedKernel(body, inputs, outputs)

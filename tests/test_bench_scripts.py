@@ -29,7 +29,7 @@ def test_gpu_step_sums_each_kind_of_kernel_per_step(tmp_path):
     """Two profiled steps: each launched the router once (20 and 22 us), the expert kernel twice (10 us each) and
     one MLX fill (2 us). Per step that is 21 + 20 + 2 = 43 us over 4 launches, the router first."""
     head = '"ID","Kernel Name","Grid Size","Metric Name","Metric Unit","Metric Value"'
-    router, expert = "custom_kernel_zaya_router_mlp_12345678901", "custom_kernel_zaya_expert_matvec_99abcdef"
+    router, expert = "custom_kernel_zaya_router_mlp_12345678901", "custom_kernel_zaya_expert_mlp_99abcdef"
     kernels = [(router, "20,000"), (expert, "10,000"), (expert, "10,000"), ("fill_kernel", "2,000"),
                (router, "22,000"), (expert, "10,000"), (expert, "10,000"), ("fill_kernel", "2,000")]
     lines = ["==PROF== Connected to process 1", head]
@@ -39,6 +39,6 @@ def test_gpu_step_sums_each_kind_of_kernel_per_step(tmp_path):
     cmd = [sys.executable, os.path.join(BENCH, "gpu_step.py"), "--summarize", str(path), "--steps", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].split()[0] == "43.0" and "4 launches a step" in out[0]
-    assert [line.split()[-1] for line in out[1:]] == ["zaya_router_mlp", "zaya_expert_matvec", "fill_kernel"]
+    assert [line.split()[-1] for line in out[1:]] == ["zaya_router_mlp", "zaya_expert_mlp", "fill_kernel"]
     assert [float(line.split()[0]) for line in out[1:]] == [21.0, 20.0, 2.0]
     assert [float(line.split()[2]) for line in out[1:]] == [1.0, 2.0, 1.0]

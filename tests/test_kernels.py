@@ -83,7 +83,7 @@ def test_kernel_variants_are_keyed_by_every_dtype():
 
 
 @pytest.mark.parametrize("back", ["metal", "cuda"])
-@pytest.mark.parametrize("body", ["cca_decode.h", "expert_mlp.h", "router_mlp.h", "residual_norm.h",
+@pytest.mark.parametrize("body", ["cca_decode.h", "expert_mlp.h", "matvec.h", "router_mlp.h", "residual_norm.h",
                                   "decode_attention.h", "attention_combine.h"])
 def test_kernel_sources_assemble(back, body):
     header, source = _build.kernel_source(body, back)

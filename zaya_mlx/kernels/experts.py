@@ -119,9 +119,7 @@ _INPUTS = ("x", "expert", "rweight", "wgu", "sgu", "bgu", "wd", "sd", "bd")
 _OUTPUTS = ("y",)
 _NT = 512
 _CW = 32  # intermediate channels a threadgroup: 64 threadgroups for ZAYA's 2048, one 4-bit chunk of a down row
-_MATVEC_NT = 256  # the LM head's matvec (metal/expert_matvec.h)
-MAX_K = 6144  # input width: the padded input row in 32 KB of threadgroup memory
-_RPW = 1  # weight rows a SIMD group: one keeps the most SIMD groups in flight at batch 1
+MAX_K = 6144  # input width: the padded input row in 32 KB of threadgroup memory (here and in metal/matvec.h)
 
 
 def _qm(w) -> tuple[int, int, int] | None:
@@ -166,40 +164,6 @@ def _parts(w):
     if isinstance(w, QuantizedStack):
         return w.weight, w.scales, (w.biases if w.biases is not None else dummy()), _qm(w)
     return w, dummy(), dummy(), _qm(w)
-
-
-def _matvec(x, expert, rweight, w, *, glu, nout, back, ne=None):
-    """One launch of metal/expert_matvec.h; ne: the matrices in w (default: its first dimension)."""
-    qm, bits, gs = _qm(w)
-    K = x.shape[-1]
-    N = x.size // K
-    per_block = (_MATVEC_NT // 32) * _RPW // (2 if glu else 1)  # outputs a threadgroup
-    blocks = (nout + per_block - 1) // per_block
-    if isinstance(w, QuantizedStack):
-        wt, sc, bi = w.weight, w.scales, (w.biases if w.biases is not None else dummy())
-    else:
-        wt, sc, bi = w, dummy(), dummy()
-    ne = ne or wt.shape[0]
-    kern = get_kernel("expert_matvec.h", back, ("x", "expert", "rweight", "w", "scales", "biases"), _OUTPUTS)
-    return kern(
-        inputs=[x, expert, rweight, wt, sc, bi],
-        template=[
-            ("T", x.dtype),
-            ("K", K),
-            ("NOUT", nout),
-            ("GLU", glu),
-            ("QM", qm),
-            ("BITS", bits),
-            ("GS", gs),
-            ("NE", ne),
-            ("RPW", _RPW),
-            ("NT", _MATVEC_NT),
-        ],
-        grid=(blocks * _MATVEC_NT, N, 1),
-        threadgroup=(_MATVEC_NT, 1, 1),
-        output_shapes=[tuple(x.shape[:-1]) + (nout,)],
-        output_dtypes=[x.dtype],
-    )[0]
 
 
 def expert_gather_kernel(x, expert, weight, gate_up, down, *, back=None):

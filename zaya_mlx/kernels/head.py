@@ -1,7 +1,7 @@
 """The LM head for a few rows (a decode step): the fused op and its plain-MLX reference.
 
 ``logits = W h (+ b)`` with W the tied embedding's matrix or an untied head's, dense or in MLX's quantized
-layouts. The kernel is the expert matvec body (metal/expert_matvec.h) with a single "expert". On an H100 with
+layouts. The kernel (metal/matvec.h) reads the weights in the expert kernel's formats. On an H100 with
 ZAYA1-8B's MXFP4 head (262,144 x 2,048), MLX's quantized matmul took 863 us a call at batch 1 and this 183 us;
 at batch 8, 1,161 us against 894, since the body reads the matrix once a row (``bench/bench_kernels.py --only
 "LM head"``). So it serves up to MAX_ROWS rows, and MLX's matmul the rest.
@@ -9,12 +9,13 @@ at batch 8, 1,161 us against 894, since the body reads the matrix once a row (``
 
 from __future__ import annotations
 
-import mlx.core as mx
 
-from ._build import backend, constant, use_kernel
-from .experts import MAX_K, _matvec, _qm, _vpv, as_stack
+from ._build import backend, get_kernel, use_kernel
+from .experts import MAX_K, _parts, _qm, _vpv, as_stack
 
 MAX_ROWS = 4
+_NT = 256
+_RPW = 1  # weight rows a SIMD group: one keeps the most SIMD groups in flight
 
 
 def lm_head_reference(h, layer):
@@ -34,9 +35,24 @@ def lm_head(h, layer, *, impl: str = "auto"):
     """The LM head (see ``lm_head_reference``); impl: 'auto', 'kernel' or 'reference'."""
     back = backend()
     if use_kernel(impl, back, lambda: kernel_supported(h, layer), "the LM head kernel"):
-        n = h.size // h.shape[-1]
-        w = as_stack(layer)
-        out = _matvec(h, constant((0,) * n, mx.int32), constant((1.0,) * n), w, glu=False, nout=w.shape[0],
-                      back=back, ne=1)
+        out = _matvec(h, as_stack(layer), back)
         return out + layer["bias"] if "bias" in layer else out
     return lm_head_reference(h, layer)
+
+
+def _matvec(x, w, back):
+    """One launch of metal/matvec.h: W x for each row of x [..., K], W [NOUT, K] dense or quantized."""
+    wt, sc, bi, (qm, bits, gs) = _parts(w)
+    K = x.shape[-1]
+    nout = wt.shape[0]
+    per_block = (_NT // 32) * _RPW
+    kern = get_kernel("matvec.h", back, ("x", "w", "scales", "biases"), ("y",))
+    return kern(
+        inputs=[x, wt, sc, bi],
+        template=[("T", x.dtype), ("K", K), ("NOUT", nout), ("QM", qm), ("BITS", bits), ("GS", gs), ("RPW", _RPW),
+                  ("NT", _NT)],
+        grid=(-(-nout // per_block) * _NT, x.size // K, 1),
+        threadgroup=(_NT, 1, 1),
+        output_shapes=[tuple(x.shape[:-1]) + (nout,)],
+        output_dtypes=[x.dtype],
+    )[0]
