@@ -51,7 +51,11 @@ def cases(cfg: ZayaConfig, B: int, context: int):
              mx.random.normal((E + 1,)) * 0.02, 1e-5)
     o, h = _rnd(B, H), mx.random.normal((B, H))
     nparams = [_rnd(H) + 1 for _ in range(5)]
-    wd, bd = _rnd(R, H, scale=H**-0.5), _rnd(R, scale=0.1)
+    down = nn.Linear(H, R)  # the router's down-projection (bf16, with a bias)
+    down.weight, down.bias = _rnd(R, H, scale=H**-0.5), _rnd(R, scale=0.1)
+    in_proj = nn.Linear(H, C + NKV * D, bias=False)  # the next layer's, MXFP4 as `zaya quantize` writes it
+    in_proj.weight = _rnd(C + NKV * D, H, scale=H**-0.5)
+    in_proj = in_proj.to_quantized(group_size=32, bits=4, mode="mxfp4")
 
     cap = kv_capacity(context + 1)  # as the fused step sizes its buffers
     q, keys, values = _rnd(B, NH, 1, D), _rnd(B, NKV, cap, D), _rnd(B, NKV, cap, D)
@@ -63,7 +67,8 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     layer = cfg.layer_types[0]
     positions = kernels.offset_array(context, B)
     filled = mx.array([context], mx.int32)
-    mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, rargs[:-1], o, h, nparams, wd, bd, q, keys,
+    mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, rargs[:-1], o, h, nparams, down.parameters(),
+            in_proj.parameters(), q, keys,
             values, cca, positions, filled)
 
     head = {}
@@ -82,8 +87,10 @@ def cases(cfg: ZayaConfig, B: int, context: int):
         ("LM head", lm_head),
         ("expert MLP (gate/up + down)", lambda impl: kernels.expert_gather(x, choice, weight, gu, dn, impl=impl)),
         ("router MLP", lambda impl: kernels.router_mlp(*rargs, impl=impl)[0]),
-        ("residual + norm + router down", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, wd, bd,
+        ("residual + norm + router down", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, down,
                                                                            impl=impl)[2]),
+        ("residual + norm + in_proj", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, in_proj,
+                                                                       impl=impl)[2]),
         ("residual + norm", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, impl=impl)[1]),
         ("CCA step", lambda impl: kernels.cca_decode_step(**cca, offset=positions, keys=keys, values=values,
                                                            filled=filled, n_heads=NH, n_kv_heads=NKV,

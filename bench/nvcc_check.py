@@ -81,13 +81,17 @@ def router_case(r, ne1, prev, t):
              ("NT", router._threads(r))])
 
 
-def resnorm_case(h, r, t):
-    return (f"resnorm_{h}_{r}_{t}", "residual_norm.h",
-            [("o", t), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t), ("wd", t), ("bd", t),
-             ("fparams", "f32")],
-            [("h_out", "f32"), ("x_out", t), ("r_out", t)],
-            [("T", t), ("RT", t), ("H", h), ("HAS_ROUTER", r > 0), ("R", max(r, 1)), ("RPB", norms._RPB),
-             ("WQ", 0 if t == "bf16" else 1), ("NT", norms._NT)])
+def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True):
+    """p projection rows (0: none), dense in t unless qm names a quantized format (4: mxfp4, else affine)."""
+    qm = (0 if t == "bf16" else 1) if qm is None else qm
+    wt, st, bt = (t, "f32", "f32") if qm < 2 else ("u32", "u8" if qm == 3 else t, "f32" if qm == 3 else t)
+    rpw = norms._rows_per_simd_group(h, qm, bits)
+    return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}", "residual_norm.h",
+            [("o", t), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t), ("w", wt), ("ws", st),
+             ("wb", bt), ("bp", t), ("fparams", "f32")],
+            [("h_out", "f32"), ("x_out", t), ("p_out", t)],
+            [("T", t), ("RT", t), ("H", h), ("HAS_PROJ", p > 0), ("P", max(p, 1)), ("RPW", rpw), ("QM", qm),
+             ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("NT", norms._NT)])
 
 
 def attention_case(nh, nkv, d, t, split):
@@ -111,6 +115,8 @@ CASES += [head_case(*fmt, vocab) for fmt in [(0, "bf16", "f32", "f32", 16, 1), (
           for vocab in (262272, 300)]
 CASES += [router_case(r, ne1, prev, t) for r, ne1 in ((256, 17), (96, 7)) for prev in (True, False) for t in DTYPES]
 CASES += [resnorm_case(h, r, t) for h, r in ((2048, 256), (200, 40), (2048, 0)) for t in DTYPES]
+CASES += [resnorm_case(h, p, t, qm, bits, gs, p != 1536) for h, p in ((2048, 1536), (256, 72)) for t in DTYPES
+          for qm, bits, gs in ((3, 4, 32), (2, 4, 64), (2, 8, 32))]
 CASES += [attention_case(nh, nkv, d, t, False) for nh, nkv, d in ((8, 2, 128), (4, 4, 64), (8, 1, 256), (16, 2, 32))
           for t in DTYPES]
 CASES += [attention_case(8, 2, 128, "bf16", True), attention_case(8, 1, 256, "f32", True)]

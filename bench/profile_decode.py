@@ -72,7 +72,6 @@ def profile(quant: str, batch: int, copies: int, context: int, small: bool = Fal
     weight = [mx.full((B, 1), 0.5, mx.float32) for _ in range(copies)]
     mx.eval(choice, weight)
     res, norm, down = layer.post_attention_residual_scale, layer.post_attention_layernorm, gate.down_proj
-    dense_down = "scales" not in down
     mlp = gate.router_mlp
     embed = model.model.embed_tokens
     tokens = [mx.array([[i * 97 % config.vocab_size]] * B, mx.int32) for i in range(copies)]
@@ -85,15 +84,18 @@ def profile(quant: str, batch: int, copies: int, context: int, small: bool = Fal
             proj.conv_qk_grouped.weight, proj.conv_qk_grouped.bias, attn.qk_norm.temp, positions, kv[0], kv[1],
             filled, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, rope_dims=attn.rope.dims,
             rope_base=attn.rope.base),
-        "in_proj+cca+attention": lambda i: _attention(nxt, x[i], state[i], vprev[i], positions, kv[0], kv[1], filled,
-                                                      lpad, None)[0],
+        "cca+attention": lambda i: _attention(nxt, qkv[i], state[i], vprev[i], positions, kv[0], kv[1], filled,
+                                              lpad, None)[0],
         f"attention ctx{context}": lambda i: kernels.decode_attention(q[i], kv[0], kv[1], filled, scale=attn.scale),
         f"sdpa ctx{context} (mx.fast)": lambda i: mx.fast.scaled_dot_product_attention(
             q[i], kv[0][..., :context, :], kv[1][..., :context, :], scale=attn.scale),
         "o_proj": lambda i: attn.o_proj(out[i]),
         "residual_norm+router_down": lambda i: kernels.residual_norm(
             x[i], h[i], res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
-            norm.weight, norm.eps, down.weight if dense_down else None, down["bias"] if dense_down else None),
+            norm.weight, norm.eps, down),
+        "residual_norm+in_proj": lambda i: kernels.residual_norm(
+            x[i], h[i], res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
+            norm.weight, norm.eps, proj.in_proj),
         "residual_norm": lambda i: kernels.residual_norm(
             x[i], h[i], res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
             norm.weight, norm.eps),

@@ -1,24 +1,27 @@
-// Residual scaling + RMSNorm for decode, optionally with the router's down-projection: one launch
-// where the plain path takes the residual scaling's elementwise ops, a cast, RMSNorm and (with
-// HAS_ROUTER) a matmul with bias. h_out = (o + hb) * hs + (h + rb) * rs (the fp32 residual stream),
-// x_out = RMSNorm(h_out in T) * nw, and r_out = Wd x_out + bd. Plain-MLX reference:
+// Residual scaling + RMSNorm for decode, optionally with a projection of the normed row: one launch where
+// the plain path takes the residual scaling's elementwise ops, a cast, RMSNorm and (with HAS_PROJ) a matmul
+// (+ bias). h_out = (o + hb) * hs + (h + rb) * rs (the fp32 residual stream), x_out = RMSNorm(h_out in T) * nw,
+// and p_out = W x_out (+ b). After attention, W is the router's down-projection; after the MoE, the next
+// layer's in_proj, whose q, k and values go straight to the CCA step. Plain-MLX reference:
 // zaya_mlx/kernels/norms.py, residual_norm_reference.
 //
-// Grid: x = NBLK threadgroups per row, y = row n. Every threadgroup recomputes the row's norm (a few KB
-// from cache) so that the router rows can be split over NBLK threadgroups without waiting on another;
-// threadgroup 0 alone writes h_out and x_out.
+// Grid: x = NBLK threadgroups per row, y = row n. Every threadgroup recomputes the row's norm (a few KB from
+// cache) so that the projection's rows can be split over NBLK threadgroups without waiting on another;
+// threadgroup 0 alone writes h_out and x_out. A SIMD group sums RPW projection rows, its lanes holding the
+// rows' 16-byte chunks in registers.
 // Template: T (activation dtype), RT (dtype of o + hb: T, or float32 when the scales are float32), H,
-// HAS_ROUTER, R (router rows), RPB (router rows per threadgroup), WQ (router weights: 0 bf16, 1 f32), NT.
+// HAS_PROJ, P (projection rows), RPW (rows a SIMD group), QM, BITS, GS (the projection's weights: QM 0 bf16,
+// 1 f32, 2 affine, 3 mxfp4; bits; group size), HAS_BIAS, NT.
 // Inputs: o [N, H] (T, or float32 rounded to T first: the expert kernel's sum), h [N, H] float32, hs, hb, rs,
-// rb, nw [H], wd [R, H], bd [R], fparams [1]
-// float32 (the RMSNorm eps).
-// Outputs: h_out [N, H] float32, x_out [N, H] (T), r_out [N, R] (T) (a dummy without HAS_ROUTER).
+// rb, nw [H], w ([P, H] dense or [P, H * BITS / 32] uint32), ws, wb (scales, biases: [P, H / GS]), bp [P]
+// (the projection's bias), fparams [1] float32 (the RMSNorm eps).
+// Outputs: h_out [N, H] float32, x_out [N, H] (T), p_out [N, P] (T) (a dummy without HAS_PROJ).
 constexpr int NWARP = NT / 32;
-constexpr int VPW = (WQ == 0) ? 2 : 1;
-constexpr int NV = H / (4 * VPW);
-constexpr int ITERS = (NV + 31) / 32;
-constexpr int QMW = (WQ == 0) ? 0 : 1;
-constexpr int EPT = (H + NT - 1) / NT;  // elements of the row a thread takes
+constexpr int VPV = 4 * ((QM == 0) ? 2 : ((QM == 1) ? 1 : (32 / BITS)));  // values a 16-byte chunk
+constexpr int NV = H / VPV;              // chunks a projection row
+constexpr int ITERS = (NV + 31) / 32;    // ... a lane
+constexpr int RPB = NWARP * RPW;         // projection rows a threadgroup
+constexpr int EPT = (H + NT - 1) / NT;   // elements of the row a thread takes
 
 const int blk = zk_bx;
 const int n = zk_by;
@@ -29,18 +32,19 @@ ZK_SHARED float zk_red[NWARP];
 // Every input this thread needs is loaded before any is used, with no branch between the loads: a load
 // behind a branch (or after a store that could alias it) waits for what came before, so each element's seven
 // loads would cost a trip to memory of their own. A thread past the row's end reads element 0 and drops it.
-// The router rows come first (one a SIMD group), so their latency passes while the norm is computed.
-static_assert(!HAS_ROUTER || RPB <= NWARP, "one router row a SIMD group");
-const int o2 = blk * RPB + zk_warp;
-const bool rlive = HAS_ROUTER && zk_warp < RPB && o2 < R;
-uint4 wr[ITERS];
+// The projection's rows come first, so their latency passes while the norm is computed.
+zk_chunk wr[RPW][ITERS];
+float bpv[RPW];
 ZK_UNROLL
-for (int it = 0; it < ITERS; ++it) {
-  const int v = it * 32 + zk_lane;
-  const uint4 w = ZK_LOAD_U4(wd, (rlive && v < NV) ? o2 * NV + v : 0);
-  wr[it] = rlive ? w : zk_zero_u4();
+for (int i = 0; i < RPW; ++i) {
+  const int row = blk * RPB + zk_warp * RPW + i;
+  ZK_UNROLL
+  for (int it = 0; it < ITERS; ++it) {
+    const int v = it * 32 + zk_lane;
+    wr[i][it] = zk_load_chunk<QM, GS, VPV>(w, ws, wb, row, NV, v, HAS_PROJ && row < P && v < NV);
+  }
+  bpv[i] = HAS_BIAS ? static_cast<float>(bp[(row < P) ? row : 0]) : 0.0f;
 }
-const float bdv = static_cast<float>(bd[rlive ? o2 : 0]);
 float ov[EPT];
 float hv[EPT];
 float nv[EPT];
@@ -101,18 +105,21 @@ for (int i = 0; i < EPT; ++i) {
     }
   }
 }
-if (HAS_ROUTER) {
+if (HAS_PROJ) {
   ZK_BARRIER();
-  float a = 0.0f;
   ZK_UNROLL
-  for (int it = 0; it < ITERS; ++it) {
-    const int v = it * 32 + zk_lane;
-    if (v < NV) {
-      a += zk_dot_u4<QMW, 16>(wr[it], zk_x, v * 4 * VPW).d;
+  for (int i = 0; i < RPW; ++i) {
+    float a = 0.0f;
+    ZK_UNROLL
+    for (int it = 0; it < ITERS; ++it) {
+      const int v = it * 32 + zk_lane;
+      const zk_pair p = zk_dot_u4<QM, BITS>(wr[i][it].u, zk_x, ((v < NV) ? v : 0) * VPV);
+      a += wr[i][it].s * p.d + wr[i][it].b * p.s;
     }
-  }
-  a = zk_simd_sum(a);
-  if (zk_lane == 0 && rlive) {
-    r_out[n * R + o2] = static_cast<T>(a + bdv);
+    a = zk_simd_sum(a);
+    const int row = blk * RPB + zk_warp * RPW + i;
+    if (zk_lane == 0 && row < P) {
+      p_out[n * P + row] = static_cast<T>(a + bpv[i]);
+    }
   }
 }

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -56,6 +57,15 @@ def rel(a, b) -> float:
 
 def rnd(*shape, scale=1.0, dtype=mx.float32):
     return (mx.random.normal(shape) * scale).astype(dtype)
+
+
+def linear(rows, H, dtype, opts=None, bias=True):
+    """A random nn.Linear(H, rows) in dtype (with a bias), quantized with opts (mx.quantize's) when given."""
+    lin = nn.Linear(H, rows, bias=bias)
+    lin.weight = rnd(rows, H, scale=H**-0.5, dtype=dtype)
+    if bias:
+        lin.bias = rnd(rows, scale=0.1, dtype=dtype)
+    return lin.to_quantized(**opts) if opts else lin
 
 
 # --- sources ----------------------------------------------------------------------------------------
@@ -326,6 +336,8 @@ def test_residual_norm_reference_matches_transformers():
         torch.nn.init.normal_(p, mean=1.0, std=0.3)
     o, h = torch.randn(3, H), torch.randn(3, H) * 4
     wd, bd = torch.randn(24, H) * 0.1, torch.randn(24) * 0.1
+    down = nn.Linear(H, 24)
+    down.weight, down.bias = mx.array(wd.numpy()), mx.array(bd.numpy())
     with torch.no_grad():
         hn = res(o, h)
         x = norm(hn)
@@ -333,7 +345,7 @@ def test_residual_norm_reference_matches_transformers():
     m = lambda t: mx.array(t.detach().numpy())  # noqa: E731
     h2, x2, r2 = residual_norm_reference(
         m(o), m(h), m(res.hidden_states_scale), m(res.hidden_states_bias), m(res.residual_scale), m(res.residual_bias),
-        m(norm.weight), 1e-5, m(wd), m(bd),
+        m(norm.weight), 1e-5, down,
     )
     assert rel(h2, hn.numpy()) < 1e-6 and rel(x2, x.numpy()) < F32 and rel(r2, r.numpy()) < F32
 
@@ -525,12 +537,13 @@ def test_router_kernel_matches_reference(N, R, E1, prev, dtype):
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("N,H,R", [(1, 2048, 256), (8, 2048, 256), (3, 200, 40), (2, 2048, 0)])
 def test_residual_norm_kernel_matches_reference(N, H, R, dtype):
+    """With the router's down-projection (dense, with a bias) or no projection."""
     mx.random.seed(N + H + R)
     o, h = rnd(N, H, dtype=dtype), rnd(N, H, scale=4.0)
     p = [(mx.random.uniform(shape=(H,)) + 0.5).astype(dtype) for _ in range(5)]
-    wd, bd = (rnd(R, H, scale=H**-0.5, dtype=dtype), rnd(R, scale=0.1, dtype=dtype)) if R else (None, None)
-    ref = residual_norm_reference(o, h, *p[:4], p[4], 1e-5, wd, bd)
-    out = residual_norm(o, h, *p[:4], p[4], 1e-5, wd, bd, impl="kernel")
+    proj = linear(R, H, dtype) if R else None
+    ref = residual_norm_reference(o, h, *p[:4], p[4], 1e-5, proj)
+    out = residual_norm(o, h, *p[:4], p[4], 1e-5, proj, impl="kernel")
     assert rel(out[0], ref[0]) < 1e-6
     tol = 1e-2 if dtype == mx.bfloat16 else F32
     assert rel(out[1], ref[1]) < tol
@@ -538,6 +551,22 @@ def test_residual_norm_kernel_matches_reference(N, H, R, dtype):
         assert rel(out[2], ref[2]) < tol
     else:
         assert out[2] is None
+
+
+@gpu_only
+@pytest.mark.parametrize("opts", [dict(group_size=32, bits=4, mode="mxfp4"), dict(group_size=64, bits=4),
+                                  dict(group_size=32, bits=8)])
+@pytest.mark.parametrize("N,H,P,bias", [(1, 2048, 1536, False), (8, 2048, 1536, False), (3, 256, 72, True)])
+def test_residual_norm_kernel_with_a_quantized_projection(N, H, P, bias, opts):
+    """The next layer's in_proj (ZAYA: 1,536 rows, no bias) in each quantized format, and odd rows with a bias.
+    float32 activations: MLX's quantized matmul in bfloat16 rounds too coarsely to be the reference."""
+    mx.random.seed(N + P)
+    o, h = rnd(N, H), rnd(N, H, scale=4.0)
+    p = [mx.random.uniform(shape=(H,)) + 0.5 for _ in range(5)]
+    proj = linear(P, H, mx.float32, opts, bias)
+    ref = residual_norm_reference(o, h, *p[:4], p[4], 1e-5, proj)
+    out = residual_norm(o, h, *p[:4], p[4], 1e-5, proj, impl="kernel")
+    assert rel(out[0], ref[0]) < 1e-6 and rel(out[1], ref[1]) < F32 and rel(out[2], ref[2]) < F32
 
 
 # --- the model's fused decode path against its plain ops ------------------------------------------------------

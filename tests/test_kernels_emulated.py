@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernel_emulator import emulated
-from test_kernels import BF16_LOGITS, rnd
+from test_kernels import BF16_LOGITS, linear, rnd
 from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, head, norms, router
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
@@ -67,13 +67,31 @@ def test_residual_norm_body(R, dtype):
     N, H = 2, 200
     o, h = rnd(N, H, dtype=dtype), rnd(N, H, scale=4.0)
     p = [(mx.random.uniform(shape=(H,)) + 0.5).astype(dtype) for _ in range(5)]
-    wd, bd = (rnd(R, H, scale=H**-0.5, dtype=dtype), rnd(R, scale=0.1, dtype=dtype)) if R else (None, None)
-    ref = norms.residual_norm_reference(o, h, *p[:4], p[4], 1e-5, wd, bd)
+    proj = linear(R, H, dtype) if R else None
+    ref = norms.residual_norm_reference(o, h, *p[:4], p[4], 1e-5, proj)
     with emulated():
-        out = norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, wd, bd, back="cuda")
+        out = norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, proj, back="cuda")
     tol = 1e-2 if dtype == mx.bfloat16 else 1e-5
     assert max_rel(out[0], ref[0]) < 1e-6 and max_rel(out[1], ref[1]) < tol
     assert (max_rel(out[2], ref[2]) < tol) if R else out[2] is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("opts", [dict(group_size=32, bits=4, mode="mxfp4"), dict(group_size=64, bits=4),
+                                  dict(group_size=32, bits=8)])
+def test_residual_norm_body_with_a_quantized_projection(opts, bias):
+    """72 rows at 4 a SIMD group: two threadgroups of 32 rows and a part-filled third.
+    float32 activations: MLX's quantized matmul in bfloat16 rounds too coarsely to be the reference."""
+    mx.random.seed(7)
+    N, H, P = 2, 256, 72
+    o, h = rnd(N, H), rnd(N, H, scale=4.0)
+    p = [mx.random.uniform(shape=(H,)) + 0.5 for _ in range(5)]
+    proj = linear(P, H, mx.float32, opts, bias)
+    assert norms.kernel_supported(o, h, proj)
+    ref = norms.residual_norm_reference(o, h, *p[:4], p[4], 1e-5, proj)
+    with emulated():
+        out = norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, proj, back="cuda")
+    assert max_rel(out[0], ref[0]) < 1e-6 and max_rel(out[1], ref[1]) < 1e-5 and max_rel(out[2], ref[2]) < 1e-5
 
 
 FORMATS = [

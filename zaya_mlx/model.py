@@ -399,7 +399,7 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
     """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated.
 
     The step is one function per layer boundary (the previous layer's o_proj, residual + norm + router
-    down-projection, router, experts, residual + next norm, then the next layer's in_proj, CCA step with the
+    down-projection, router, experts, residual + next norm + the next layer's in_proj, then its CCA step with the
     cache write, and attention), compiled once per batch size and KV buffer size: the write position and the
     attention length are an array the kernels read on the GPU, so nothing in a function depends on the step.
     """
@@ -515,27 +515,28 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool):
         def fn(tokens, state, v_prev, positions, keys, values, filled, lpad):
             h = model.embed_tokens(tokens)
             h = ((h + model.input_hidden_states_bias) * model.input_hidden_states_scale).astype(mx.float32)
-            x = nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype))
-            return (h, *_attention(nxt, x, state, v_prev, positions, keys, values, filled, lpad, window))
+            qkv = nxt.self_attn.qkv_proj.in_proj(nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype)))
+            return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
     elif nxt is None:
         def fn(out, h, r):
             h, x, r = _mlp_block(cur, out, h, r, model.norm)
             return x
     else:
         def fn(out, h, r, state, v_prev, positions, keys, values, filled, lpad):
-            h, x, r = _mlp_block(cur, out, h, r, nxt.input_layernorm)
-            return (h, r, *_attention(nxt, x, state, v_prev, positions, keys, values, filled, lpad, window))
+            h, qkv, r = _mlp_block(cur, out, h, r, nxt.input_layernorm, nxt.self_attn.qkv_proj.in_proj)
+            return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
     return mx.compile(fn) if compiled else fn
 
 
-def _attention(layer: DecoderLayer, x, state, v_prev, positions, keys, values, filled, lpad, window):
-    """in_proj, the fused CCA step (which writes the new key and value into the cache) and attention: returns
-    (attention's output, the keys and values buffers, the new conv state, the new delayed value)."""
+def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values, filled, lpad, window):
+    """From in_proj's output: the fused CCA step (which writes the new key and value into the cache) and
+    attention. Returns (attention's output, the keys and values buffers, the new conv state, the new delayed
+    value)."""
     attn = layer.self_attn
     proj = attn.qkv_proj
     dw, gw = proj.conv_qk_depthwise, proj.conv_qk_grouped
     q, keys, values, state, v_prev = kernels.cca_decode_step(
-        proj.in_proj(x), state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions,
+        qkv, state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions,
         keys, values, filled, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
         rope_dims=attn.rope.dims, rope_base=attn.rope.base,
     )
@@ -543,20 +544,18 @@ def _attention(layer: DecoderLayer, x, state, v_prev, positions, keys, values, f
     return out, keys, values, state, v_prev
 
 
-def _mlp_block(layer: DecoderLayer, out, h, router_state, next_norm):
+def _mlp_block(layer: DecoderLayer, out, h, router_state, next_norm, next_proj=None):
     """From attention's output [B, 1, nh * d]: o_proj, residual, MoE, residual, then next_norm (the next layer's
-    input norm or the final norm). Returns (h, next_norm(h), router state)."""
+    input norm or the final norm) and next_proj (the next layer's in_proj, or None), all but o_proj in kernels.
+    Returns (h, next_proj(next_norm(h)) or next_norm(h), router state)."""
     o = layer.self_attn.o_proj(out)
 
     gate, experts = layer.mlp.gate, layer.mlp.experts
-    res, norm, down = layer.post_attention_residual_scale, layer.post_attention_layernorm, gate.down_proj
-    dense_down = "scales" not in down
+    res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
     h, x, r_down = kernels.residual_norm(
         o, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias, norm.weight,
-        norm.eps, down.weight if dense_down else None, down["bias"] if dense_down else None,
+        norm.eps, gate.down_proj,
     )
-    if r_down is None:
-        r_down = down(x)
 
     mlp = gate.router_mlp
     has_prev = "router_states_scale" in gate
@@ -571,8 +570,8 @@ def _mlp_block(layer: DecoderLayer, out, h, router_state, next_norm):
     y = kernels.expert_gather(x, choice, weight, experts.gate_up_proj, experts.down_proj)
 
     res = layer.post_mlp_residual_scale
-    h, x, _ = kernels.residual_norm(
+    h, x, qkv = kernels.residual_norm(
         y, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
-        next_norm.weight, next_norm.eps, dtype=x.dtype,  # y: the expert kernel's float32 sum
+        next_norm.weight, next_norm.eps, next_proj, dtype=x.dtype,  # y: the expert kernel's float32 sum
     )
-    return h, x, r
+    return h, (x if qkv is None else qkv), r
