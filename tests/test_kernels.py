@@ -33,7 +33,7 @@ from zaya_mlx.kernels import (
     router_mlp,
     router_mlp_reference,
 )
-from zaya_mlx.kernels import _build
+from zaya_mlx.kernels import _build, norms
 from zaya_mlx.kernels.cca import write_kv_reference
 
 GPU = backend() in ("metal", "cuda")
@@ -551,6 +551,22 @@ def test_residual_norm_kernel_matches_reference(N, H, R, dtype):
         assert rel(out[2], ref[2]) < tol
     else:
         assert out[2] is None
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_residual_norm_kernel_covers_zaya_projections(dtype):
+    """The fused step hands the kernel the router's down-projection (a float32 row of 2,048 is 16 chunks a lane,
+    the most a SIMD group holds) and the next layer's in_proj in every format `zaya quantize` writes."""
+    H = 2048
+    o, h = rnd(1, H, dtype=dtype), rnd(1, H)
+    assert norms.kernel_supported(o, h, linear(256, H, dtype))
+    for opts in (None, dict(group_size=32, bits=4, mode="mxfp4"), dict(group_size=64, bits=4),
+                 dict(group_size=64, bits=8)):
+        assert norms.kernel_supported(o, h, linear(1536, H, dtype, opts, bias=False))
+    assert not norms.kernel_supported(o, h, linear(256, 1024, dtype))  # not x's width
+    wide = rnd(1, 4096, dtype=dtype)
+    fits = dtype == mx.bfloat16  # a row of 4,096: 16 chunks a lane in bfloat16, 32 in float32
+    assert norms.kernel_supported(wide, rnd(1, 4096), linear(256, 4096, dtype)) == fits
 
 
 @gpu_only

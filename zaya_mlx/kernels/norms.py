@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ._build import backend, constant, dummy, get_kernel, use_kernel
-from .experts import _parts, _qm, _vpv, as_stack
+from .experts import QuantizedStack, _parts, _qm, _vpv, as_stack
 
 
 def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None):
@@ -32,24 +32,29 @@ def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=
 _INPUTS = ("o", "h", "hs", "hb", "rs", "rb", "nw", "w", "ws", "wb", "bp", "fparams")
 _OUTPUTS = ("h_out", "x_out", "p_out")
 _NT = 256
-_CHUNKS = 8  # 16-byte weight chunks a lane holds in registers: RPW rows of ceil(chunks a row / 32) each
+_MAX_CHUNKS = 16  # 16-byte weight chunks a lane holds in registers (one float32 row of 2,048)
+
+
+def _chunks_a_lane(H: int, qm: int, bits: int) -> int:
+    return -(-(H // _vpv(qm, bits)) // 32)
 
 
 def _rows_per_simd_group(H: int, qm: int, bits: int) -> int:
-    """Projection rows a SIMD group: as many as fit _CHUNKS a lane, at most 4 (ZAYA's MXFP4 in_proj: 4; the
-    bf16 router down-projection: 1, i.e. 32 threadgroups for its 256 rows)."""
-    per_row = -(-(H // _vpv(qm, bits)) // 32)
-    return max(1, min(4, _CHUNKS // per_row))
+    """Projection rows a SIMD group: up to 4 while they take at most 8 chunks a lane (ZAYA's MXFP4 in_proj: 4;
+    the bf16 router down-projection: 1, i.e. 32 threadgroups for its 256 rows)."""
+    return max(1, min(4, 8 // _chunks_a_lane(H, qm, bits)))
 
 
 def kernel_supported(o, h, proj=None) -> bool:
     H = o.shape[-1]
     ok = h.dtype == mx.float32 and H % 8 == 0 and H <= 7168  # the padded row in 32 KB of threadgroup memory
     if proj is not None:
-        qm = _qm(as_stack(proj))
-        if qm is None or H % _vpv(qm[0], qm[1]):
+        w = as_stack(proj)
+        qm = _qm(w)
+        width = w.scales.shape[-1] * w.group_size if isinstance(w, QuantizedStack) else w.shape[-1]
+        if qm is None or width != H or H % _vpv(qm[0], qm[1]):
             return False
-        ok = ok and -(-(H // _vpv(qm[0], qm[1])) // 32) <= _CHUNKS  # a row in a SIMD group's registers
+        ok = ok and _chunks_a_lane(H, qm[0], qm[1]) <= _MAX_CHUNKS  # a row in a SIMD group's registers
     return ok
 
 
