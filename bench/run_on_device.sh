@@ -13,8 +13,9 @@
 # machine NVRTC compiles every variant first, so the expert group alone takes 2-4 minutes), bench (bf16 + MXFP4, batch 1 and 8,
 # the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only), floor (MXFP4 batch 1,
 # with the same graph's kernel bodies emptied: the host's floor), kernels (each kernel's GPU time under ncu,
-# bench/bench_kernels.py), profile (bench/profile_decode.py: one step's cost op by op), ab (this checkout's decode
-# against $AB_OTHER's, interleaved; several folders may be given).
+# bench/bench_kernels.py), gpustep (bench/gpu_step.py under ncu: the GPU's own time for a decode step, kernel by
+# kernel, at batch 1 and 8; steadier than tokens/s on a lent host), profile (bench/profile_decode.py: one step's cost
+# op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given).
 # Logs go to $OUT (the device tool's folder) or ./device-out.
 set -u
 OUT=${OUT:-device-out}
@@ -43,6 +44,13 @@ for part in "$@"; do
       for i in "${!groups[@]}"; do
         wait "${pids[$i]}" || rc=1
         sed "s/^/[${groups[$i]}] /" "$OUT/tests-$i.log" | tee -a "$OUT/tests.log"
+      done ;;
+    gpustep)
+      for b in 1 8; do
+        timeout 300 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --print-kernel-base function \
+          --cache-control none --clock-control none python3 bench/gpu_step.py --experts 2 --batch "$b" \
+          > "$OUT/gpustep-b$b.csv" 2>&1 || rc=1
+        python3 bench/gpu_step.py --summarize "$OUT/gpustep-b$b.csv" | tee "$OUT/gpustep-b$b.txt"
       done ;;
     profile)
       timeout 300 python3 bench/profile_decode.py --quant mxfp4 --batch 1 --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
