@@ -18,8 +18,9 @@ import mlx.core as mx
 
 _MARKER = "// ---- body prologue ----"
 
-# MLX-CUDA records 20 ops a CUDA graph unless MLX_MAX_OPS_PER_BUFFER says otherwise. A fused decode step is
-# ~450 ops, and 200 a graph decoded ~30% faster at batch 1 on an H100 (bench/RESULTS.md). Set only where CUDA
+# MLX-CUDA records 20 ops a CUDA graph unless MLX_MAX_OPS_PER_BUFFER says otherwise. When a fused decode step
+# was ~450 ops, 200 a graph decoded ~30% faster at batch 1 on an H100 (bench/RESULTS.md); at today's ~290 a step
+# is two graphs, and one graph a step has not been timed. Set only where CUDA
 # is the back end and the user has not chosen; MLX reads it at its first GPU evaluation.
 CUDA_OPS_PER_GRAPH = "200"
 if mx.cuda.is_available():
