@@ -139,3 +139,30 @@ ZK_DEV zk_pair zk_dot_u4_aligned(uint4 u, PX xs, int p) {
   }
   return zk_dot_chunk<QM, BITS>(u, xv, 0);
 }
+
+// Adds one round of loaded chunks to their rows' sums: RPW rows of IB chunks (chunk v = (it0 + c) * 32 + lane;
+// those past NV were loaded as zeros), against x in a zk_pad4 vector. ch: zk_chunk[RPW][IB]; acc: float[RPW].
+template <int QM, int BITS, int VPV, int NV, int RPW, int IB, typename PC, typename PA, typename PX>
+ZK_DEV void zk_add_round(PC ch, PA acc, PX xs, int it0, int lane) {
+  ZK_UNROLL
+  for (int i = 0; i < RPW; ++i) {
+    ZK_UNROLL
+    for (int c = 0; c < IB; ++c) {
+      const int v = (it0 + c) * 32 + lane;
+      const zk_pair p = zk_dot_u4_aligned<QM, BITS>(ch[i][c].u, xs, zk_pad4(((v < NV) ? v : 0) * VPV));
+      acc[i] += ch[i][c].s * p.d + ch[i][c].b * p.s;
+    }
+  }
+}
+
+// Each of a SIMD group's RPW row sums, reduced over its lanes, into sums[warp * RPW + i] (lane 0 writes).
+template <int RPW, typename PA, typename PS>
+ZK_DEV void zk_store_row_sums(PA acc, PS sums, int warp, int lane) {
+  ZK_UNROLL
+  for (int i = 0; i < RPW; ++i) {
+    const float a = zk_simd_sum(acc[i]);
+    if (lane == 0) {
+      sums[warp * RPW + i] = a;
+    }
+  }
+}

@@ -95,23 +95,9 @@ for (int it0 = 0; it0 < ITA; it0 += IB) {
     }
     ZK_BARRIER();
   }
-  ZK_UNROLL
-  for (int i = 0; i < RPW; ++i) {
-    ZK_UNROLL
-    for (int k = 0; k < IB; ++k) {
-      const int v = (it0 + k) * 32 + zk_lane;
-      const zk_pair p = zk_dot_u4_aligned<QA, BA>(ga[i][k].u, zk_x, zk_pad4(((v < NVA) ? v : 0) * VPVA));
-      acc[i] += ga[i][k].s * p.d + ga[i][k].b * p.s;
-    }
-  }
+  zk_add_round<QA, BA, VPVA, NVA, RPW, IB>(ga, acc, zk_x, it0, zk_lane);
 }
-ZK_UNROLL
-for (int i = 0; i < RPW; ++i) {
-  const float a = zk_simd_sum(acc[i]);
-  if (zk_lane == 0) {
-    zk_s[zk_warp * RPW + i] = a;
-  }
-}
+zk_store_row_sums<RPW>(acc, zk_s, zk_warp, zk_lane);
 ZK_BARRIER();
 if (zk_tid < CW) {
   const float gate = zk_round<T>(zk_s[2 * zk_tid]);

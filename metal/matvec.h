@@ -63,23 +63,9 @@ for (int it0 = 0; it0 < ITERS; it0 += IB) {
       ch[i][c] = zk_load_chunk<QM, GS, VPV>(w, scales, biases, row, NV, v, row < NOUT && v < NV);
     }
   }
-  ZK_UNROLL
-  for (int i = 0; i < RPW; ++i) {
-    ZK_UNROLL
-    for (int c = 0; c < IB; ++c) {
-      const int v = (it0 + c) * 32 + zk_lane;
-      const zk_pair p = zk_dot_u4_aligned<QM, BITS>(ch[i][c].u, zk_x, zk_pad4(((v < NV) ? v : 0) * VPV));
-      acc[i] += ch[i][c].s * p.d + ch[i][c].b * p.s;
-    }
-  }
+  zk_add_round<QM, BITS, VPV, NV, RPW, IB>(ch, acc, zk_x, it0, zk_lane);
 }
-ZK_UNROLL
-for (int i = 0; i < RPW; ++i) {
-  const float a = zk_simd_sum(acc[i]);
-  if (zk_lane == 0) {
-    zk_s[zk_warp * RPW + i] = a;
-  }
-}
+zk_store_row_sums<RPW>(acc, zk_s, zk_warp, zk_lane);
 ZK_BARRIER();
 
 if (zk_tid < RPB) {
