@@ -564,6 +564,7 @@ def test_residual_norm_kernel_covers_zaya_projections(dtype):
                  dict(group_size=64, bits=8)):
         assert norms.kernel_supported(o, h, linear(1536, H, dtype, opts, bias=False))
     assert not norms.kernel_supported(o, h, linear(256, 1024, dtype))  # not x's width
+    assert not norms.kernel_supported(o, h, linear(256, 1024, dtype, dict(group_size=32, bits=4, mode="mxfp4")))
     wide = rnd(1, 4096, dtype=dtype)
     fits = dtype == mx.bfloat16  # a row of 4,096: 16 chunks a lane in bfloat16, 32 in float32
     assert norms.kernel_supported(wide, rnd(1, 4096), linear(256, 4096, dtype)) == fits

@@ -23,7 +23,8 @@ from ._build import backend, dummy, get_kernel, use_kernel
 
 @dataclass(frozen=True)
 class QuantizedStack:
-    """A stack of E quantized matrices [E, rows, cols] in MLX's layout (as ``mx.quantize`` writes)."""
+    """Quantized weights in MLX's layout (as ``mx.quantize`` writes): a stack of E matrices [E, rows, cols], or one
+    matrix [rows, cols] (a linear layer's, for the LM head and the residual norm's projection)."""
 
     weight: mx.array
     scales: mx.array
@@ -38,8 +39,8 @@ class QuantizedStack:
         return self.weight.shape[0]
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.weight.shape[0], self.weight.shape[1], self.scales.shape[-1] * self.group_size)
+    def shape(self) -> tuple[int, ...]:
+        return (*self.weight.shape[:-1], self.scales.shape[-1] * self.group_size)
 
     @classmethod
     def quantize(cls, w: mx.array, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedStack":

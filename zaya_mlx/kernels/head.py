@@ -9,7 +9,6 @@ at batch 8, 1,161 us against 894, since the body reads the matrix once a row (``
 
 from __future__ import annotations
 
-
 from ._build import backend, get_kernel, use_kernel
 from .experts import MAX_K, _parts, _qm, _vpv, as_stack
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ._build import backend, constant, dummy, get_kernel, use_kernel
-from .experts import QuantizedStack, _parts, _qm, _vpv, as_stack
+from .experts import _parts, _qm, _vpv, as_stack
 
 
 def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None):
@@ -51,8 +51,7 @@ def kernel_supported(o, h, proj=None) -> bool:
     if proj is not None:
         w = as_stack(proj)
         qm = _qm(w)
-        width = w.scales.shape[-1] * w.group_size if isinstance(w, QuantizedStack) else w.shape[-1]
-        if qm is None or width != H or H % _vpv(qm[0], qm[1]):
+        if qm is None or w.shape[-1] != H or H % _vpv(qm[0], qm[1]):
             return False
         ok = ok and _chunks_a_lane(H, qm[0], qm[1]) <= _MAX_CHUNKS  # a row in a SIMD group's registers
     return ok
