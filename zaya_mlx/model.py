@@ -359,10 +359,11 @@ class Model(nn.Module):
 
 # --- the fused decode step (one token per sequence) ----------------------------------------------------------
 #
-# The same function as ZayaModel.__call__ for L == 1, with each layer in about 9 graph primitives instead of
-# ~100: the CCA decode step (which also writes the key and value into the cache), attention, the router MLP,
-# both expert matvecs and each residual scaling + RMSNorm (+ the router's down-projection) are one launch each
-# (zaya_mlx/kernels, sources in metal/). On the CPU the kernels' plain-MLX references run in their place.
+# The same function as ZayaModel.__call__ for L == 1, with each layer in 7 graph primitives instead of ~100:
+# o_proj (MLX's matmul), then one launch each for residual scaling + RMSNorm + the router's down-projection, the
+# router MLP, the expert MLP, residual scaling + RMSNorm + the next layer's in_proj, the CCA decode step (which
+# also writes the key and value into the cache) and attention (zaya_mlx/kernels, sources in metal/). On the CPU
+# the kernels' plain-MLX references run in their place.
 
 FUSED_DECODE = "auto"  # "auto": on a Metal or CUDA GPU; "on": everywhere (the CPU runs the references); "off"
 
