@@ -81,27 +81,47 @@ def router_case(r, ne1, prev, t):
              ("NT", router._threads(r))])
 
 
-def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True):
+def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1):
     """p projection rows (0: none), dense in t unless qm names a quantized format (4: mxfp4, else affine)."""
     qm = (0 if t == "bf16" else 1) if qm is None else qm
     wt, st, bt = (t, "f32", "f32") if qm < 2 else ("u32", "u8" if qm == 3 else t, "f32" if qm == 3 else t)
     rpw = norms._rows_per_simd_group(h, qm, bits)
-    return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}", "residual_norm.h",
-            [("o", t), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t), ("w", wt), ("ws", st),
+    return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}_{parts}", "residual_norm.h",
+            [("o", t if parts == 1 else "f32"), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t), ("w", wt), ("ws", st),
              ("wb", bt), ("bp", t), ("fparams", "f32")],
             [("h_out", "f32"), ("x_out", t), ("p_out", t)],
             [("T", t), ("RT", t), ("H", h), ("HAS_PROJ", p > 0), ("P", max(p, 1)), ("RPW", rpw), ("QM", qm),
-             ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("NT", norms._NT)])
+             ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("NP", parts), ("NT", norms._NT)])
 
 
-def attention_case(nh, nkv, d, t, split):
+O_FORMATS = {None: (1, "f32", "f32", "f32", 32, 1), "bf16": (0, "bf16", "f32", "f32", 16, 1),
+             "mxfp4": (3, "u32", "u8", "f32", 4, 32), "affine4": (2, "u32", "bf16", "bf16", 4, 64),
+             "affine8": (2, "u32", "bf16", "bf16", 8, 32)}
+
+
+def o_proj_args(o, t, ho=2048):
+    """(inputs, template) of o_proj inside attention, in format o (None: without o_proj)."""
+    qm, wt, st, bt, bits, gs = O_FORMATS[o]
+    return ([("wo", wt), ("wos", st), ("wob", bt), ("bo", t if o else "f32")],
+            [("HAS_O", o is not None), ("HO", ho if o else 1), ("QM", qm), ("BITS", bits), ("GS", gs),
+             ("HAS_OB", o == "affine8")])
+
+
+def attention_case(nh, nkv, d, t, split, o=None):
     hb = attention._heads_per_threadgroup(nh, nkv)
-    return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}", "decode_attention.h",
+    o_in, o_tmpl = o_proj_args(o, t)
+    return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}", "decode_attention.h",
             [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"), ("meta", "i32"),
-             ("fparams", "f32")],
-            [("out", "f32" if split else t), ("ml", "f32")],
+             ("fparams", "f32"), *o_in],
+            [("out", "f32" if split or o else t), ("ml", "f32")],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)),
-             ("SPLIT", split)])
+             ("SPLIT", split), *o_tmpl])
+
+
+def combine_case(o, t="bf16", d=128):
+    o_in, o_tmpl = o_proj_args(o, t)
+    return (f"attention_combine_{o}", "attention_combine.h", [("part", "f32"), ("ml", "f32"), ("meta", "i32"), *o_in],
+            [("out", "f32" if o else t)], [("T", t), ("D", d), ("NH", 8), ("NT", max(256, d) if o else d), *o_tmpl])
 
 
 DTYPES = ("bf16", "f32")
@@ -115,13 +135,15 @@ CASES += [head_case(*fmt, vocab) for fmt in [(0, "bf16", "f32", "f32", 16, 1), (
           for vocab in (262272, 300)]
 CASES += [router_case(r, ne1, prev, t) for r, ne1 in ((256, 17), (96, 7)) for prev in (True, False) for t in DTYPES]
 CASES += [resnorm_case(h, r, t) for h, r in ((2048, 256), (200, 40), (2048, 0)) for t in DTYPES]
+CASES += [resnorm_case(2048, 256, t, parts=8) for t in DTYPES]  # after attention with o_proj: 8 heads' shares
 CASES += [resnorm_case(h, p, t, qm, bits, gs, p != 1536) for h, p in ((2048, 1536), (256, 72)) for t in DTYPES
           for qm, bits, gs in ((3, 4, 32), (2, 4, 64), (2, 8, 32))]
 CASES += [attention_case(nh, nkv, d, t, False) for nh, nkv, d in ((8, 2, 128), (4, 4, 64), (8, 1, 256), (16, 2, 32))
           for t in DTYPES]
 CASES += [attention_case(8, 2, 128, "bf16", True), attention_case(8, 1, 256, "f32", True)]
-CASES.append(("attention_combine", "attention_combine.h", [("part", "f32"), ("ml", "f32"), ("meta", "i32")],
-              [("out", "bf16")], [("T", "bf16"), ("D", 128), ("NT", 128)]))
+CASES += [attention_case(8, 2, 128, t, False, o) for t in DTYPES for o in ("bf16", "mxfp4", "affine4", "affine8")]
+CASES += [attention_case(8, 2, 128, "f32", False, None)]
+CASES += [combine_case(o) for o in (None, "bf16", "mxfp4", "affine4", "affine8")]
 
 
 def check(nvcc: str, folder: str, case) -> tuple[bool, str]:

@@ -1,14 +1,17 @@
 // Decode attention, second pass for long caches: merges the chunks that decode_attention.h (SPLIT)
 // wrote for each query head, weighting chunk c's normalised output by its softmax sum l_c * exp(m_c - M).
+// With HAS_O it then adds the head's share of o_proj, as decode_attention.h does in one pass.
 // Plain-MLX reference: zaya_mlx/kernels/attention.py, decode_attention_reference.
 //
-// Grid: x = b * NH + h (one threadgroup of NT threads, thread d < D writes output value d).
-// Template: T (output dtype), D, NT (>= D).
-// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [4] int32 (NC at 3).
-// Output: out [B, 1, NH * D] (T).
+// Grid: x = b * NH + h (one threadgroup of NT threads, thread d < D merges output value d).
+// Template: T (output dtype), D, NH, NT (>= D), HAS_O, HO, QM, BITS, GS, HAS_OB (as in decode_attention.h).
+// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [4] int32 (NC at 3), wo, wos,
+// wob, bo (o_proj, as in decode_attention.h).
+// Output: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH, HO] float32.
 const int bh = zk_bx;
 const int NC = meta[3];
 const int d = zk_tid;
+ZK_SHARED float zk_o[HAS_O ? D : 1];
 if (d < D) {
   float mmax = -3.0e38f;
   for (int c = 0; c < NC; ++c) {
@@ -23,5 +26,15 @@ if (d < D) {
     sum += f;
     o += part[(bh * NC + c) * D + d] * f;
   }
-  out[bh * D + d] = static_cast<T>((sum > 0.0f) ? o / sum : 0.0f);
+  if (HAS_O) {
+    zk_o[d] = zk_round<T>((sum > 0.0f) ? o / sum : 0.0f);
+  } else {
+    out[bh * D + d] = static_cast<T>((sum > 0.0f) ? o / sum : 0.0f);
+  }
+}
+if (HAS_O) {
+  ZK_BARRIER();
+  const int h = bh % NH;
+  zk_slice_matvec<QM, BITS, GS, NH * D, D, HO, NT>(wo, wos, wob, bo, HAS_OB && h == 0, zk_o, h * D, out + bh * HO,
+                                                   zk_tid);
 }

@@ -52,6 +52,9 @@ ZK_DEV zk_pair zk_dot_word(uint32_t w, PX xs, int k) {
   return p;
 }
 
+// 16-byte chunks a lane of zk_slice_matvec loads at once (a round)
+#define ZK_SLICE_CHUNKS 8
+
 // A 16-byte chunk of zeros (for loads that a guard skips).
 ZK_DEV uint4 zk_zero_u4() {
   uint4 z;
@@ -163,6 +166,65 @@ ZK_DEV void zk_store_row_sums(PA acc, PS sums, int warp, int lane) {
     const float a = zk_simd_sum(acc[i]);
     if (lane == 0) {
       sums[warp * RPW + i] = a;
+    }
+  }
+}
+
+// y[r] = sum_k W[r, c0 + k] xs[k] (+ bias[r] with add_bias) for every row r < NOUT: a matrix's KD columns from
+// c0 against a vector in threadgroup memory. So a threadgroup that holds one attention head's output adds that
+// head's share of o_proj, W_o[:, head] o_head, with no other threadgroup's result. LPR lanes share a row, each
+// taking CPL of the slice's 16-byte chunks, whose inputs it keeps in registers for every row; a lane loads RB
+// rows' chunks at once, then the LPR lanes' sums meet by shuffles. W as in zk_load_chunk: K columns in all (NV =
+// K / VPV chunks a row), QM/BITS/GS its format; c0 and KD are whole chunks, KD / VPV a power of two (at most 32
+// lanes a row) or a multiple of 32; NT a multiple of 32.
+template <int QM, int BITS, int GS, int K, int KD, int NOUT, int NT, typename PW, typename PS, typename PB,
+          typename PBO, typename PX, typename PY>
+ZK_DEV void zk_slice_matvec(PW w, PS ws, PB wb, PBO bias, bool add_bias, PX xs, int c0, PY y, int tid) {
+  constexpr int VPV = 4 * ((QM == 0) ? 2 : ((QM == 1) ? 1 : (32 / BITS)));
+  constexpr int NV = K / VPV;
+  constexpr int CPR = KD / VPV;                         // chunks of a row's slice
+  constexpr int LPR = (CPR < 32) ? CPR : 32;            // lanes a row
+  constexpr int CPL = CPR / LPR;                        // chunks a lane
+  constexpr int RPR = NT / LPR;                         // rows a round of the threadgroup, one a lane group
+  constexpr int RB = (CPL >= ZK_SLICE_CHUNKS) ? 1 : ZK_SLICE_CHUNKS / CPL;  // rows a lane loads at once
+  constexpr int ROUNDS = (NOUT + RPR * RB - 1) / (RPR * RB);
+  const int j = tid % LPR;  // this lane's chunks: j, j + LPR, ...
+  const int rl = tid / LPR;
+  float xv[CPL][VPV];
+  ZK_UNROLL
+  for (int c = 0; c < CPL; ++c) {
+    ZK_UNROLL
+    for (int v = 0; v < VPV; ++v) {
+      xv[c][v] = xs[(j + c * LPR) * VPV + v];
+    }
+  }
+  ZK_NO_UNROLL  // unrolled, the compiler would load every round's chunks at once: too many registers
+  for (int g = 0; g < ROUNDS; ++g) {
+    zk_chunk ch[RB][CPL];
+    ZK_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      const int r = (g * RB + i) * RPR + rl;
+      ZK_UNROLL
+      for (int c = 0; c < CPL; ++c) {
+        ch[i][c] = zk_load_chunk<QM, GS, VPV>(w, ws, wb, r, NV, c0 / VPV + j + c * LPR, r < NOUT);
+      }
+    }
+    ZK_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      float a = 0.0f;
+      ZK_UNROLL
+      for (int c = 0; c < CPL; ++c) {
+        const zk_pair p = zk_dot_chunk<QM, BITS>(ch[i][c].u, xv[c], 0);
+        a += ch[i][c].s * p.d + ch[i][c].b * p.s;
+      }
+      ZK_UNROLL
+      for (int m = LPR / 2; m > 0; m >>= 1) {
+        a += zk_simd_xor(a, m);
+      }
+      const int r = (g * RB + i) * RPR + rl;
+      if (j == 0 && r < NOUT) {
+        y[r] = a + (add_bias ? static_cast<float>(bias[r]) : 0.0f);
+      }
     }
   }
 }

@@ -11,13 +11,18 @@
 // online softmax per query head; the SIMD groups are merged through threadgroup memory. Row b attends to
 // keys [start_b, L) with start_b = max(left_padding[b], L - W if W > 0 else 0); chunk c covers
 // [start_b + c * CH, start_b + (c + 1) * CH).
+// With HAS_O (one pass), the threadgroup then adds its heads' share of o_proj: W_o[:, heads] times their output
+// (rounded to T, as the plain path feeds o_proj), for all HO rows (zk_slice_matvec), so o_proj needs no launch of
+// its own; the NH / HB shares sum to o_proj's output in the residual norm that reads it.
 // Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, SPLIT (false: one chunk, write
-// the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h).
+// the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h), HAS_O, HO,
+// QM, BITS, GS, HAS_OB (o_proj: output rows; weight format as in zk_load_chunk; a bias, added by head block 0).
 // Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D], lpad [B] int32, filled [1] int32 (L <= CAP),
 // meta [4] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys),
-// fparams [1] float32 (the softmax scale). L is read on the GPU, so one launch serves every step.
-// Outputs: SPLIT false: out [B, 1, NH * D] (T), ml [1] (unused). SPLIT true: out [B, NH, NC, D] float32,
-// ml [B, NH, NC, 2] float32.
+// fparams [1] float32 (the softmax scale), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or packed,
+// scales, biases, bias; dummies without HAS_O). L is read on the GPU, so one launch serves every step.
+// Outputs: SPLIT false: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH / HB, HO] float32;
+// ml [1] (unused). SPLIT true: out [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32.
 constexpr int NWARP = NT / 32;
 constexpr int REP = NH / NKV;
 constexpr int NHB = NH / HB;  // head blocks a batch row
@@ -109,6 +114,7 @@ for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
 ZK_SHARED float zk_m[NWARP * HB];
 ZK_SHARED float zk_l[NWARP * HB];
 ZK_SHARED float zk_acc[NWARP * HB * D];
+ZK_SHARED float zk_o[HAS_O ? HB * D : 1];  // the heads' output, o_proj's input
 ZK_UNROLL
 for (int r = 0; r < HB; ++r) {
   if (zk_lane == 0) {
@@ -143,7 +149,14 @@ for (int i = zk_tid; i < HB * D; i += NT) {
       ml[pi * 2] = mmax;
       ml[pi * 2 + 1] = sum;
     }
+  } else if (HAS_O) {
+    zk_o[r * D + d] = zk_round<T>((sum > 0.0f) ? o / sum : 0.0f);
   } else {
     out[(b * NH + h) * D + d] = static_cast<T>((sum > 0.0f) ? o / sum : 0.0f);
   }
+}
+if (HAS_O && !SPLIT) {
+  ZK_BARRIER();
+  zk_slice_matvec<QM, BITS, GS, NH * D, HB * D, HO, NT>(wo, wos, wob, bo, HAS_OB && h0 == 0, zk_o, h0 * D,
+                                                        out + (b * NHB + h0 / HB) * HO, zk_tid);
 }

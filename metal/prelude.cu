@@ -6,6 +6,7 @@
 #define ZK_SHARED16 __shared__ __align__(16)
 #define ZK_BARRIER() __syncthreads()
 #define ZK_UNROLL _Pragma("unroll")
+#define ZK_NO_UNROLL _Pragma("unroll 1")
 #define ZK_U2F(u) __uint_as_float(static_cast<uint32_t>(u))
 #define ZK_LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])

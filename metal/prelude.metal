@@ -7,6 +7,7 @@
 //   ZK_SHARED16     the same, 16-byte aligned (CUDA)   ZK_LDS4      float4 number i of such an array
 //   ZK_WRITABLE(T, p)  input p as a writable T pointer (a kernel that updates a buffer in place)
 //   ZK_BARRIER()    a threadgroup barrier              ZK_UNROLL    unroll the next loop
+//   ZK_NO_UNROLL    keep the next loop a loop (its rounds' loads are not all hoisted into registers at once)
 //   ZK_U2F(u)       reinterpret 32 bits as a float     ZK_LOAD_U4   one 16-byte load (uint4) at index i
 //   ZK_ATOMIC_ADD(p, i, v)  p[i] += v, atomically (p: a float output declared atomic)
 //   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp); zk_simd_xor(x, m): lane ^ m's x
@@ -24,6 +25,7 @@ using namespace metal;
 #define ZK_SHARED16 threadgroup  // four scalar reads in ZK_LDS4 need no alignment
 #define ZK_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define ZK_UNROLL _Pragma("clang loop unroll(full)")
+#define ZK_NO_UNROLL _Pragma("clang loop unroll(disable)")
 #define ZK_U2F(u) as_type<float>(static_cast<uint32_t>(u))
 #define ZK_LOAD_U4(ptr, i) (((const device uint4*)(ptr))[(i)])
 #define ZK_ATOMIC_ADD(ptr, i, v) atomic_fetch_add_explicit(&(ptr)[(i)], (v), memory_order_relaxed)

@@ -11,8 +11,9 @@
 // rows' 16-byte chunks in registers.
 // Template: T (activation dtype), RT (dtype of o + hb: T, or float32 when the scales are float32), H,
 // HAS_PROJ, P (projection rows), RPW (rows a SIMD group), QM, BITS, GS (the projection's weights: QM 0 bf16,
-// 1 f32, 2 affine, 3 mxfp4; bits; group size), HAS_BIAS, NT.
-// Inputs: o [N, H] (T, or float32 rounded to T first: the expert kernel's sum), h [N, H] float32, hs, hb, rs,
+// 1 f32, 2 affine, 3 mxfp4; bits; group size), HAS_BIAS, NP (o's partial sums a row), NT.
+// Inputs: o [N, NP, H] (T, or float32 rounded to T first: the expert kernel's sum, or the NP shares of o_proj
+// that the attention kernel's head blocks wrote, summed here), h [N, H] float32, hs, hb, rs,
 // rb, nw [H], w ([P, H] dense or [P, H * BITS / 32] uint32), ws, wb (scales, biases: [P, H / GS]), bp [P]
 // (the projection's bias), fparams [1] float32 (the RMSNorm eps).
 // Outputs: h_out [N, H] float32, x_out [N, H] (T), p_out [N, P] (T) (a dummy without HAS_PROJ).
@@ -56,7 +57,11 @@ float nv[EPT];
   ZK_UNROLL
   for (int i = 0; i < EPT; ++i) {
     const int k = (zk_tid + i * NT < H) ? zk_tid + i * NT : 0;
-    ov[i] = static_cast<float>(o[n * H + k]);  // T, or float32 holding a sum to round to T (below)
+    ov[i] = static_cast<float>(o[n * NP * H + k]);  // T, or float32 holding a sum to round to T (below)
+    ZK_UNROLL
+    for (int p = 1; p < NP; ++p) {
+      ov[i] += static_cast<float>(o[(n * NP + p) * H + k]);
+    }
     hv[i] = h[n * H + k];
     nv[i] = static_cast<float>(nw[k]);
     hbv[i] = static_cast<float>(hb[k]);

@@ -82,6 +82,7 @@ thread_local zk_context zk_ctx;
 #define ZK_SHARED16 alignas(16) static
 #define ZK_BARRIER() zk_ctx.block->arrive_and_wait()
 #define ZK_UNROLL
+#define ZK_NO_UNROLL
 #define ZK_U2F(u) zk_bits_to_float(static_cast<uint32_t>(u))
 #define ZK_LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])

@@ -33,7 +33,7 @@ from zaya_mlx.kernels import (
     router_mlp,
     router_mlp_reference,
 )
-from zaya_mlx.kernels import _build, norms
+from zaya_mlx.kernels import _build, attention, norms
 from zaya_mlx.kernels.cca import write_kv_reference
 
 GPU = backend() in ("metal", "cuda")
@@ -639,6 +639,62 @@ def test_decode_attention_kernel_matches_reference(case, dtype):
     out = decode_attention(q, keys, values, mx.array([length], mx.int32), impl="kernel", **kw)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel(out, ref) < (1e-2 if dtype == mx.bfloat16 else F32)
+
+
+O_PROJ_FORMATS = [  # activation dtype, o_proj's format (mx.quantize options), bias
+    (mx.bfloat16, None, True),
+    (mx.float32, dict(group_size=32, bits=4, mode="mxfp4"), False),
+    (mx.float32, dict(group_size=64, bits=4), False),
+    (mx.float32, dict(group_size=32, bits=8), True),
+]
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype,opts,bias", O_PROJ_FORMATS)
+@pytest.mark.parametrize("case", [ATTENTION_CASES[i] for i in (0, 2, 3, 6)])
+def test_decode_attention_kernel_with_o_proj(case, dtype, opts, bias):
+    """o_proj inside attention: its shares (a head block's in one pass; a head's after the combine pass) sum to
+    o_proj of the reference attention. float32 activations with quantized weights: MLX's quantized matmul in
+    bfloat16 rounds too coarsely to be the reference."""
+    B, NH, NKV, D, length, cap, pads, window = case
+    mx.random.seed(length + B + 1)
+    q, keys, values = rnd(B, NH, 1, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype)
+    o_proj = linear(2048, NH * D, dtype, opts, bias)
+    lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
+    kw = dict(scale=D**-0.5, left_padding=lp, window=window, o_proj=o_proj)
+    ref = decode_attention_reference(q, keys, values, length, **kw)
+    parts = decode_attention(q, keys, values, mx.array([length], mx.int32), impl="kernel", **kw)
+    assert parts.dtype == mx.float32 and parts.shape[0] == B and parts.shape[2] == 2048
+    assert rel(parts.sum(axis=1, keepdims=True), ref) < (1e-2 if dtype == mx.bfloat16 else F32)
+
+
+def test_decode_attention_kernel_takes_zaya_o_proj():
+    """The fused step hands attention ZAYA's o_proj in every format `zaya quantize` writes; a head whose chunks
+    do not split evenly over a row's lanes, or a projection of another width, goes to the plain path."""
+    q, keys = rnd(1, 8, 1, 128, dtype=mx.bfloat16), rnd(1, 2, 256, 128, dtype=mx.bfloat16)
+    for opts in (None, dict(group_size=32, bits=4, mode="mxfp4"), dict(group_size=64, bits=4),
+                 dict(group_size=64, bits=8)):
+        assert attention.kernel_supported(q, keys, linear(2048, 1024, mx.bfloat16, opts, bias=False))
+    assert not attention.kernel_supported(q, keys, linear(2048, 512, mx.bfloat16))
+    q96, keys96 = rnd(1, 8, 1, 96, dtype=mx.bfloat16), rnd(1, 2, 256, 96, dtype=mx.bfloat16)
+    assert attention.kernel_supported(q96, keys96)
+    assert not attention.kernel_supported(q96, keys96, linear(2048, 768, mx.bfloat16))  # 12 chunks a head
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("N", [1, 8])
+def test_residual_norm_kernel_sums_partial_outputs(N, dtype):
+    """o as the attention kernel leaves it: 8 heads' shares of o_proj, float32, summed then rounded to dtype."""
+    mx.random.seed(N + 3)
+    H = 2048
+    o, h = rnd(N, 8, H), rnd(N, 1, H, scale=4.0)
+    p = [(mx.random.uniform(shape=(H,)) + 0.5).astype(dtype) for _ in range(5)]
+    proj = linear(256, H, dtype)
+    ref = residual_norm_reference(o, h, *p[:4], p[4], 1e-5, proj, dtype=dtype)
+    out = residual_norm(o, h, *p[:4], p[4], 1e-5, proj, dtype=dtype, impl="kernel")
+    tol = 1e-2 if dtype == mx.bfloat16 else F32
+    assert rel(out[0], ref[0]) < 1e-5 and rel(out[1], ref[1]) < tol and rel(out[2], ref[2]) < tol
 
 
 def test_kv_capacity_doubles_then_grows_by_kv_growth():

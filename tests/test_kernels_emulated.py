@@ -207,6 +207,50 @@ def test_attention_body(pads, window, single_pass, monkeypatch):
     assert out.shape == ref.shape and max_rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("single_pass", [64, 4])
+@pytest.mark.parametrize("fmt,opts,bias", [("dense", None, True), ("affine", dict(group_size=64, bits=4), False),
+                                           ("affine", dict(group_size=32, bits=8), True),
+                                           ("mxfp4", dict(group_size=32, bits=4, mode="mxfp4"), False)])
+def test_attention_body_with_o_proj(fmt, opts, bias, single_pass, monkeypatch):
+    """o_proj inside attention: the head blocks' shares (or, split into chunks, the combine's per-head shares) sum
+    to o_proj of the plain attention, bias once; 72 output rows leave the last rows of a thread's round empty.
+    float32 activations: MLX's quantized matmul in bfloat16 rounds too coarsely to be the reference."""
+    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
+    monkeypatch.setattr(attention, "CHUNK", 4)
+    mx.random.seed(11)
+    B, NH, NKV, D, cap, length, HO = 2, 4, 2, 64, 20, 13, 72
+    q, keys, values = rnd(B, NH, 1, D), rnd(B, NKV, cap, D), rnd(B, NKV, cap, D)
+    o_proj = linear(HO, NH * D, mx.float32, opts, bias)
+    lp = mx.array([0, 3], dtype=mx.int32)
+    assert attention.kernel_supported(q, keys, o_proj)
+    ref = attention.decode_attention_reference(q, keys, values, length, scale=D**-0.5, left_padding=lp, window=6,
+                                               o_proj=o_proj)
+    with emulated():
+        parts = attention.decode_attention_kernel(q, keys, values, mx.array([length], mx.int32), scale=D**-0.5,
+                                                  left_padding=lp, window=6, o_proj=o_proj, back="cuda")
+    assert parts.dtype == mx.float32 and parts.shape == (B, NH, HO)  # one share a head (one head a threadgroup)
+    assert ref.shape == (B, 1, HO) and max_rel(parts.sum(axis=1, keepdims=True), ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_residual_norm_body_sums_partial_outputs(dtype):
+    """o as 4 partial sums a row (o_proj's shares from the attention kernel), float32, rounded to dtype once summed."""
+    mx.random.seed(5)
+    N, H, P = 2, 256, 4
+    o, h = rnd(N, P, H), rnd(N, 1, H, scale=4.0)
+    p = [(mx.random.uniform(shape=(H,)) + 0.5).astype(dtype) for _ in range(5)]
+    proj = linear(40, H, dtype)
+    ref = norms.residual_norm_reference(o, h, *p[:4], p[4], 1e-5, proj, dtype=dtype)
+    whole = norms.residual_norm_reference(o.sum(axis=1, keepdims=True), h, *p[:4], p[4], 1e-5, proj, dtype=dtype)
+    assert all(mx.array_equal(a, b) for a, b in zip(ref, whole))  # the reference adds the parts first
+    assert norms.kernel_supported(o, h, proj)
+    with emulated():
+        out = norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, proj, dtype=dtype, back="cuda")
+    tol = 1e-2 if dtype == mx.bfloat16 else 1e-5
+    assert [a.shape for a in out] == [(N, 1, H), (N, 1, H), (N, 1, 40)]
+    assert max_rel(out[0], ref[0]) < 1e-5 and max_rel(out[1], ref[1]) < tol and max_rel(out[2], ref[2]) < tol
+
+
 @pytest.mark.parametrize("quant", [None, "mxfp4"])
 def test_fused_decode_runs_the_bodies_like_the_plain_ops(quant, monkeypatch):
     """The model's fused decode step with every kernel body emulated (the launchers, shapes and dtypes as on a

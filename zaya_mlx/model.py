@@ -359,11 +359,11 @@ class Model(nn.Module):
 
 # --- the fused decode step (one token per sequence) ----------------------------------------------------------
 #
-# The same function as ZayaModel.__call__ for L == 1, with each layer in 7 graph primitives instead of ~100:
-# o_proj (MLX's matmul), then one launch each for residual scaling + RMSNorm + the router's down-projection, the
-# router MLP, the expert MLP, residual scaling + RMSNorm + the next layer's in_proj, the CCA decode step (which
-# also writes the key and value into the cache) and attention (zaya_mlx/kernels, sources in metal/). On the CPU
-# the kernels' plain-MLX references run in their place.
+# The same function as ZayaModel.__call__ for L == 1, with each layer in 6 graph primitives instead of ~100,
+# one launch each: residual scaling + RMSNorm + the router's down-projection, the router MLP, the expert MLP,
+# residual scaling + RMSNorm + the next layer's in_proj, the CCA decode step (which also writes the key and value
+# into the cache) and attention with o_proj (zaya_mlx/kernels, sources in metal/). On the CPU the kernels'
+# plain-MLX references run in their place.
 
 FUSED_DECODE = "auto"  # "auto": on a Metal or CUDA GPU; "on": everywhere (the CPU runs the references); "off"
 
@@ -399,9 +399,9 @@ def kv_capacity(needed: int) -> int:
 def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
     """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated.
 
-    The step is one function per layer boundary (the previous layer's o_proj, residual + norm + router
-    down-projection, router, experts, residual + next norm + the next layer's in_proj, then its CCA step with the
-    cache write, and attention), compiled once per batch size and KV buffer size: the write position and the
+    The step is one function per layer boundary (the previous layer's residual + norm + router down-projection,
+    router, experts, residual + next norm + the next layer's in_proj, then its CCA step with the cache write,
+    and attention with o_proj), compiled once per batch size and KV buffer size: the write position and the
     attention length are an array the kernels read on the GPU, so nothing in a function depends on the step.
     """
     args = model.args
@@ -530,9 +530,9 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool):
 
 
 def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values, filled, lpad, window):
-    """From in_proj's output: the fused CCA step (which writes the new key and value into the cache) and
-    attention. Returns (attention's output, the keys and values buffers, the new conv state, the new delayed
-    value)."""
+    """From in_proj's output: the fused CCA step (which writes the new key and value into the cache), attention
+    and o_proj. Returns (o_proj's output as partial sums [B, P, H] float32 (see kernels.decode_attention), the
+    keys and values buffers, the new conv state, the new delayed value)."""
     attn = layer.self_attn
     proj = attn.qkv_proj
     dw, gw = proj.conv_qk_depthwise, proj.conv_qk_grouped
@@ -541,21 +541,20 @@ def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values,
         keys, values, filled, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
         rope_dims=attn.rope.dims, rope_base=attn.rope.base,
     )
-    out = kernels.decode_attention(q, keys, values, filled, scale=attn.scale, left_padding=lpad, window=window)
-    return out, keys, values, state, v_prev
+    o = kernels.decode_attention(q, keys, values, filled, scale=attn.scale, left_padding=lpad, window=window,
+                                 o_proj=attn.o_proj)
+    return o, keys, values, state, v_prev
 
 
-def _mlp_block(layer: DecoderLayer, out, h, router_state, next_norm, next_proj=None):
-    """From attention's output [B, 1, nh * d]: o_proj, residual, MoE, residual, then next_norm (the next layer's
-    input norm or the final norm) and next_proj (the next layer's in_proj, or None), all but o_proj in kernels.
+def _mlp_block(layer: DecoderLayer, o, h, router_state, next_norm, next_proj=None):
+    """From o_proj's output (partial sums, see _attention): residual, MoE, residual, then next_norm (the next
+    layer's input norm or the final norm) and next_proj (the next layer's in_proj, or None), in kernels.
     Returns (h, next_proj(next_norm(h)) or next_norm(h), router state)."""
-    o = layer.self_attn.o_proj(out)
-
     gate, experts = layer.mlp.gate, layer.mlp.experts
     res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
     h, x, r_down = kernels.residual_norm(
         o, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias, norm.weight,
-        norm.eps, gate.down_proj,
+        norm.eps, gate.down_proj, dtype=norm.weight.dtype,  # the activation dtype (the step casts to it)
     )
 
     mlp = gate.router_mlp

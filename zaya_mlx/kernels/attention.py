@@ -8,24 +8,31 @@ positions) reads the buffers in place: no slices, no mask array, and none of
 mx.fast.scaled_dot_product_attention's per-call host setup, which on MLX-CUDA costs more than the attention
 itself for one token. ``filled`` may be an array: the kernel reads it on the GPU, so its launch depends only
 on shapes and one compiled decode step serves every position until the buffers grow.
+
+Given o_proj, the kernel also applies it: each threadgroup adds its heads' share, ``W_o[:, heads] o_heads``, and
+the shares come back as partial sums for the residual norm to add up (no launch, and no graph node, for o_proj).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from ._build import backend, constant, get_kernel, use_kernel
+from ._build import backend, constant, dummy, get_kernel, use_kernel
 from .cca import filled_array
+from .experts import _parts, _qm, _vpv, as_stack
 
 SINGLE_PASS_MAX = 1024  # buffer positions a threadgroup takes in one pass; larger buffers split into CHUNK-key chunks
 CHUNK = 512
 HEADS_PER_THREADGROUP = 1  # query heads a threadgroup: 1 spreads a batch row over NH threadgroups (see the body)
 
 
-def decode_attention_reference(q, keys, values, filled, *, scale: float, left_padding=None, window=None):
+def decode_attention_reference(q, keys, values, filled, *, scale: float, left_padding=None, window=None,
+                               o_proj=None):
     """q [B, NH, 1, D]; keys, values [B, NKV, CAP, D] with positions [0, filled) filled (filled: an int or an
     int32 array [1]); left_padding [B] (int array) or None; window: a sliding window's size or None. Returns
-    [B, 1, NH * D] (o_proj's input) in q's dtype. Masks the whole buffer, so its shapes do not follow filled."""
+    [B, 1, NH * D] (o_proj's input) in q's dtype; given o_proj (a linear layer), o_proj's output [B, 1, HO] in
+    float32 (the kernel's form: P partial sums [B, P, HO], here P = 1). Masks the whole buffer, so its shapes
+    do not follow filled."""
     B, NH, _, D = q.shape
     length = filled_array(filled)
     k = mx.arange(keys.shape[2])
@@ -35,8 +42,8 @@ def decode_attention_reference(q, keys, values, filled, *, scale: float, left_pa
     mask = mask[None, None, None, :]
     if left_padding is not None:
         mask = mask & (k[None] >= left_padding[:, None])[:, None, None, :]
-    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
-    return out.reshape(B, 1, NH * D)
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask).reshape(B, 1, NH * D)
+    return out if o_proj is None else o_proj(out).astype(mx.float32)
 
 
 def _heads_per_threadgroup(n_heads: int, n_kv_heads: int) -> int:
@@ -54,9 +61,18 @@ def _threads(heads: int, head_dim: int) -> int:
     return 32 * max(1, min(16, 28672 // per_group))
 
 
-def kernel_supported(q, keys) -> bool:
+def kernel_supported(q, keys, o_proj=None) -> bool:
     B, NH, L, D = q.shape
     NKV = keys.shape[1]
+    if o_proj is not None:
+        w = as_stack(o_proj)
+        qm = _qm(w)
+        if qm is None or w.shape[-1] != NH * D or D % _vpv(qm[0], qm[1]):
+            return False
+        # zk_slice_matvec's lanes a row: a head's (one pass: a head block's) chunks, a power of two or 32s
+        chunks = [D // _vpv(qm[0], qm[1]) * hb for hb in (1, _heads_per_threadgroup(NH, NKV))]
+        if any(c % 32 and c & (c - 1) for c in chunks):
+            return False
     return (
         L == 1
         and D % 32 == 0
@@ -68,40 +84,58 @@ def kernel_supported(q, keys) -> bool:
     )
 
 
-def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_padding=None, window=None, back=None):
+def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
+                            back=None):
     back = back or backend()
     B, NH, _, D = q.shape
     NKV, cap = keys.shape[1], keys.shape[2]
     split = cap > SINGLE_PASS_MAX
     hb = _heads_per_threadgroup(NH, NKV)
     nt, rows = _threads(hb, D), B * NH // hb
-    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split)]
+    if o_proj is not None:
+        wo, wos, wob, (qm, bits, gs) = _parts(as_stack(o_proj))
+        ho = wo.shape[0]
+        bo = o_proj["bias"] if "bias" in o_proj else None
+    else:
+        wo, wos, wob, (qm, bits, gs), ho, bo = dummy(), dummy(), dummy(), (1, 32, 1), 1, None
+    o_template = [("HAS_O", o_proj is not None), ("HO", ho), ("QM", qm), ("BITS", bits), ("GS", gs),
+                  ("HAS_OB", bo is not None)]
+    o_inputs = [wo, wos, wob, dummy() if bo is None else bo]
+    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
+                *o_template]
     chunk = CHUNK if split else cap
     nc = (cap + chunk - 1) // chunk
     meta = constant((window or 0, chunk, cap, nc), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
-    kern = get_kernel("decode_attention.h", back, ("q", "keys", "values", "lpad", "filled", "meta", "fparams"),
+    kern = get_kernel("decode_attention.h", back,
+                      ("q", "keys", "values", "lpad", "filled", "meta", "fparams", "wo", "wos", "wob", "bo"),
                       ("out", "ml"))
-    out_shape = (B, 1, NH * D)  # o_proj's input: the same memory as [B, NH, 1, D], no reshape node
-    inputs = [q, keys, values, lpad, filled_array(filled), meta, constant((scale,), mx.float32)]
+    # o_proj's input: [B, 1, NH * D], the same memory as [B, NH, 1, D] (no reshape node); or o_proj's partial sums
+    out_shape, out_dtype = ((B, 1, NH * D), q.dtype) if o_proj is None else ((B, rows // B, ho), mx.float32)
+    inputs = [q, keys, values, lpad, filled_array(filled), meta, constant((scale,), mx.float32), *o_inputs]
     if not split:
         return kern(inputs=inputs, template=template, grid=(nt, rows, 1), threadgroup=(nt, 1, 1),
-                    output_shapes=[out_shape, (1,)], output_dtypes=[q.dtype, mx.float32])[0]
+                    output_shapes=[out_shape, (1,)], output_dtypes=[out_dtype, mx.float32])[0]
     part, ml = kern(inputs=inputs, template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1),
                     output_shapes=[(B, NH, nc, D), (B, NH, nc, 2)], output_dtypes=[mx.float32, mx.float32])
-    combine = get_kernel("attention_combine.h", back, ("part", "ml", "meta"), ("out",))
-    nt2 = max(32, D)
-    return combine(inputs=[part, ml, meta], template=[("T", q.dtype), ("D", D), ("NT", nt2)],
+    combine = get_kernel("attention_combine.h", back, ("part", "ml", "meta", "wo", "wos", "wob", "bo"), ("out",))
+    nt2 = max(32, D) if o_proj is None else max(256, D)  # with o_proj, 256 threads share its rows
+    if o_proj is not None:
+        out_shape = (B, NH, ho)
+    return combine(inputs=[part, ml, meta, *o_inputs],
+                   template=[("T", q.dtype), ("D", D), ("NH", NH), ("NT", nt2), *o_template],
                    grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1), output_shapes=[out_shape],
-                   output_dtypes=[q.dtype])[0]
+                   output_dtypes=[out_dtype])[0]
 
 
-def decode_attention(q, keys, values, filled, *, scale: float, left_padding=None, window=None, impl="auto"):
-    """Attention of one new token per row (see ``decode_attention_reference``): [B, 1, NH * D]. impl: 'auto',
-    'kernel' or 'reference'."""
+def decode_attention(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
+                     impl="auto"):
+    """Attention of one new token per row (see ``decode_attention_reference``): [B, 1, NH * D], or given o_proj,
+    its output as P partial sums [B, P, HO] float32 (P: 1 on the reference path). impl: 'auto', 'kernel' or
+    'reference'."""
     back = backend()
-    if use_kernel(impl, back, lambda: kernel_supported(q, keys), "the decode attention kernel"):
+    if use_kernel(impl, back, lambda: kernel_supported(q, keys, o_proj), "the decode attention kernel"):
         return decode_attention_kernel(q, keys, values, filled, scale=scale, left_padding=left_padding,
-                                       window=window, back=back)
+                                       window=window, o_proj=o_proj, back=back)
     return decode_attention_reference(q, keys, values, filled, scale=scale, left_padding=left_padding,
-                                      window=window)
+                                      window=window, o_proj=o_proj)

@@ -17,11 +17,14 @@ from .experts import _parts, _qm, _vpv, as_stack
 
 
 def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None):
-    """Plain MLX ops. o [..., H] (attention or MoE output), h [..., H] float32 (the residual stream),
+    """Plain MLX ops. o [..., H] (attention or MoE output), or P partial sums of it [..., P, H] where h is
+    [..., 1, H] (o_proj's shares from the attention kernel), h [..., H] float32 (the residual stream),
     hs/hb/rs/rb [H] (hidden_states_scale/bias, residual_scale/bias), norm_w [H], eps; proj: a linear layer
     (nn.Linear or nn.QuantizedLinear) that reads the normed row, or None; dtype: the activation dtype when o
     comes in float32 (the expert kernel's sum), which o is rounded to first (default: o's).
     Returns (h_new float32, x = rmsnorm(h_new), proj(x) or None)."""
+    if o.size != h.size:
+        o = o.reshape(*h.shape[:-1], -1, h.shape[-1]).sum(axis=-2)
     if dtype is not None:
         o = o.astype(dtype)
     h_new = (o + hb) * hs + (h + rb) * rs
@@ -33,6 +36,7 @@ _INPUTS = ("o", "h", "hs", "hb", "rs", "rb", "nw", "w", "ws", "wb", "bp", "fpara
 _OUTPUTS = ("h_out", "x_out", "p_out")
 _NT = 256
 _MAX_CHUNKS = 16  # 16-byte weight chunks a lane holds in registers (one float32 row of 2,048)
+_MAX_PARTS = 16  # partial sums of o a thread adds (the attention kernel's head blocks)
 
 
 def _chunks_a_lane(H: int, qm: int, bits: int) -> int:
@@ -46,8 +50,10 @@ def _rows_per_simd_group(H: int, qm: int, bits: int) -> int:
 
 
 def kernel_supported(o, h, proj=None) -> bool:
-    H = o.shape[-1]
-    ok = h.dtype == mx.float32 and H % 8 == 0 and H <= 7168  # the padded row in 32 KB of threadgroup memory
+    H = h.shape[-1]
+    parts = o.size // h.size
+    ok = (h.dtype == mx.float32 and H % 8 == 0 and H <= 7168  # the padded row in 32 KB of threadgroup memory
+          and o.shape[-1] == H and o.size == parts * h.size and parts <= _MAX_PARTS)
     if proj is not None:
         w = as_stack(proj)
         qm = _qm(w)
@@ -59,8 +65,9 @@ def kernel_supported(o, h, proj=None) -> bool:
 
 def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, *, back=None):
     back = back or backend()
-    H = o.shape[-1]
-    N = o.size // H
+    H = h.shape[-1]
+    N = h.size // H
+    parts = o.size // h.size
     dtype = dtype or o.dtype
     if proj is not None:
         w, ws, wb, (qm, bits, gs) = _parts(as_stack(proj))
@@ -77,10 +84,11 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
         inputs=[o, h, hs, hb, rs, rb, norm_w, w, ws, wb, dummy(dtype) if bias is None else bias,
                 constant((float(eps),))],
         template=[("T", dtype), ("RT", rt), ("H", H), ("HAS_PROJ", proj is not None), ("P", P), ("RPW", rpw),
-                  ("QM", qm), ("BITS", bits), ("GS", gs), ("HAS_BIAS", bias is not None), ("NT", _NT)],
+                  ("QM", qm), ("BITS", bits), ("GS", gs), ("HAS_BIAS", bias is not None), ("NP", parts),
+                  ("NT", _NT)],
         grid=(nblk * _NT, N, 1),
         threadgroup=(_NT, 1, 1),
-        output_shapes=[tuple(h.shape), tuple(o.shape), tuple(o.shape[:-1]) + (P,) if proj is not None else (1,)],
+        output_shapes=[tuple(h.shape), tuple(h.shape), tuple(h.shape[:-1]) + (P,) if proj is not None else (1,)],
         output_dtypes=[mx.float32, dtype, dtype],
     )
     return outs[0], outs[1], (outs[2] if proj is not None else None)
