@@ -56,6 +56,12 @@ def cca_case(nh, nkv, d, t0, t1, rd, t):
              ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32)), ("CAP", 256)])
 
 
+# Weight formats as the kernels read them: (QM, weight, scales, biases types, bits, group size)
+FORMATS = {"bf16": (0, "bf16", "f32", "f32", 16, 1), "f32": (1, "f32", "f32", "f32", 16, 1),
+           "affine4": (2, "u32", "bf16", "bf16", 4, 64), "affine8": (2, "u32", "bf16", "bf16", 8, 32),
+           "mxfp4": (3, "u32", "u8", "f32", 4, 32)}
+
+
 def expert_case(qm, wt, st, bt, bits, gs):
     return (f"expert_q{qm}_b{bits}", "expert_mlp.h",
             [("x", "bf16"), ("expert", "i32"), ("rweight", "f32"), ("wgu", wt), ("sgu", st), ("bgu", bt),
@@ -87,21 +93,16 @@ def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1):
     wt, st, bt = (t, "f32", "f32") if qm < 2 else ("u32", "u8" if qm == 3 else t, "f32" if qm == 3 else t)
     rpw = norms._rows_per_simd_group(h, qm, bits)
     return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}_{parts}", "residual_norm.h",
-            [("o", t if parts == 1 else "f32"), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t), ("w", wt), ("ws", st),
-             ("wb", bt), ("bp", t), ("fparams", "f32")],
+            [("o", t if parts == 1 else "f32"), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t),
+             ("w", wt), ("ws", st), ("wb", bt), ("bp", t), ("fparams", "f32")],
             [("h_out", "f32"), ("x_out", t), ("p_out", t)],
             [("T", t), ("RT", t), ("H", h), ("HAS_PROJ", p > 0), ("P", max(p, 1)), ("RPW", rpw), ("QM", qm),
              ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("NP", parts), ("NT", norms._NT)])
 
 
-O_FORMATS = {None: (1, "f32", "f32", "f32", 32, 1), "bf16": (0, "bf16", "f32", "f32", 16, 1),
-             "mxfp4": (3, "u32", "u8", "f32", 4, 32), "affine4": (2, "u32", "bf16", "bf16", 4, 64),
-             "affine8": (2, "u32", "bf16", "bf16", 8, 32)}
-
-
 def o_proj_args(o, t, ho=2048):
-    """(inputs, template) of o_proj inside attention, in format o (None: without o_proj)."""
-    qm, wt, st, bt, bits, gs = O_FORMATS[o]
+    """(inputs, template) of o_proj inside attention, in format o (None: without o_proj, float32 dummies)."""
+    qm, wt, st, bt, bits, gs = FORMATS[o or "f32"]
     return ([("wo", wt), ("wos", st), ("wob", bt), ("bo", t if o else "f32")],
             [("HAS_O", o is not None), ("HO", ho if o else 1), ("QM", qm), ("BITS", bits), ("GS", gs),
              ("HAS_OB", o == "affine8")])
@@ -127,12 +128,8 @@ def combine_case(o, t="bf16", d=128):
 DTYPES = ("bf16", "f32")
 CASES = [cca_case(*shape[:6], t) for shape in [(8, 2, 128, 2, 2, 64), (6, 3, 48, 3, 2, 16), (4, 4, 64, 2, 3, 64),
                                                 (5, 1, 32, 2, 2, 0), (4, 1, 64, 3, 2, 32)] for t in DTYPES]
-CASES += [expert_case(*fmt) for fmt in [(0, "bf16", "f32", "f32", 16, 1), (1, "f32", "f32", "f32", 16, 1),
-                                             (2, "u32", "bf16", "bf16", 4, 64), (2, "u32", "bf16", "bf16", 8, 32),
-                                             (3, "u32", "u8", "f32", 4, 32)]]
-CASES += [head_case(*fmt, vocab) for fmt in [(0, "bf16", "f32", "f32", 16, 1), (2, "u32", "bf16", "bf16", 4, 64),
-                                              (2, "u32", "bf16", "bf16", 8, 32), (3, "u32", "u8", "f32", 4, 32)]
-          for vocab in (262272, 300)]
+CASES += [expert_case(*FORMATS[f]) for f in ("bf16", "f32", "affine4", "affine8", "mxfp4")]
+CASES += [head_case(*FORMATS[f], vocab) for f in ("bf16", "affine4", "affine8", "mxfp4") for vocab in (262272, 300)]
 CASES += [router_case(r, ne1, prev, t) for r, ne1 in ((256, 17), (96, 7)) for prev in (True, False) for t in DTYPES]
 CASES += [resnorm_case(h, r, t) for h, r in ((2048, 256), (200, 40), (2048, 0)) for t in DTYPES]
 CASES += [resnorm_case(2048, 256, t, parts=8) for t in DTYPES]  # after attention with o_proj: 8 heads' shares

@@ -52,9 +52,6 @@ ZK_DEV zk_pair zk_dot_word(uint32_t w, PX xs, int k) {
   return p;
 }
 
-// 16-byte chunks a lane of zk_slice_matvec loads at once (a round)
-#define ZK_SLICE_CHUNKS 8
-
 // A 16-byte chunk of zeros (for loads that a guard skips).
 ZK_DEV uint4 zk_zero_u4() {
   uint4 z;
@@ -186,7 +183,8 @@ ZK_DEV void zk_slice_matvec(PW w, PS ws, PB wb, PBO bias, bool add_bias, PX xs, 
   constexpr int LPR = (CPR < 32) ? CPR : 32;            // lanes a row
   constexpr int CPL = CPR / LPR;                        // chunks a lane
   constexpr int RPR = NT / LPR;                         // rows a round of the threadgroup, one a lane group
-  constexpr int RB = (CPL >= ZK_SLICE_CHUNKS) ? 1 : ZK_SLICE_CHUNKS / CPL;  // rows a lane loads at once
+  constexpr int CHUNKS = 8;                             // 16-byte chunks a lane loads at once (a round)
+  constexpr int RB = (CPL >= CHUNKS) ? 1 : CHUNKS / CPL;  // rows a lane loads at once
   constexpr int ROUNDS = (NOUT + RPR * RB - 1) / (RPR * RB);
   const int j = tid % LPR;  // this lane's chunks: j, j + LPR, ...
   const int rl = tid / LPR;

@@ -67,10 +67,13 @@ def kernel_supported(q, keys, o_proj=None) -> bool:
     if o_proj is not None:
         w = as_stack(o_proj)
         qm = _qm(w)
-        if qm is None or w.shape[-1] != NH * D or D % _vpv(qm[0], qm[1]):
+        if qm is None or w.shape[-1] != NH * D:
+            return False
+        vpv = _vpv(qm[0], qm[1])
+        if D % vpv:
             return False
         # zk_slice_matvec's lanes a row: a head's (one pass: a head block's) chunks, a power of two or 32s
-        chunks = [D // _vpv(qm[0], qm[1]) * hb for hb in (1, _heads_per_threadgroup(NH, NKV))]
+        chunks = [D // vpv * hb for hb in (1, _heads_per_threadgroup(NH, NKV))]
         if any(c % 32 and c & (c - 1) for c in chunks):
             return False
     return (
@@ -97,7 +100,7 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
         ho = wo.shape[0]
         bo = o_proj["bias"] if "bias" in o_proj else None
     else:
-        wo, wos, wob, (qm, bits, gs), ho, bo = dummy(), dummy(), dummy(), (1, 32, 1), 1, None
+        wo, wos, wob, (qm, bits, gs), ho, bo = dummy(), dummy(), dummy(), _qm(dummy()), 1, None
     o_template = [("HAS_O", o_proj is not None), ("HO", ho), ("QM", qm), ("BITS", bits), ("GS", gs),
                   ("HAS_OB", bo is not None)]
     o_inputs = [wo, wos, wob, dummy() if bo is None else bo]
