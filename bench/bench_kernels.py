@@ -46,9 +46,11 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     choice = mx.array([(5 + 3 * b) % E for b in range(B)], dtype=mx.int32)
     weight = mx.random.uniform(shape=(B,)).astype(mx.bfloat16)
 
-    rargs = (_rnd(B, R), _rnd(B, R), _rnd(R) + 1, _rnd(R) + 1, _rnd(R, R, scale=R**-0.5), _rnd(R, scale=0.1),
-             _rnd(R, R, scale=R**-0.5), _rnd(R, scale=0.1), _rnd(E + 1, R, scale=R**-0.5),
-             mx.random.normal((E + 1,)) * 0.02, 1e-5)
+    r, r_prev = _rnd(B, R), _rnd(B, R)
+    router = kernels.RouterWeights(_rnd(R) + 1, _rnd(R, R, scale=R**-0.5), _rnd(R, scale=0.1),
+                                   _rnd(R, R, scale=R**-0.5), _rnd(R, scale=0.1), _rnd(E + 1, R, scale=R**-0.5),
+                                   mx.random.normal((E + 1,)) * 0.02, 1e-5)
+    carried = (r_prev, _rnd(R) + 1)  # the previous layer's router state and its scale
     o, h = _rnd(B, H), mx.random.normal((B, H))
     nparams = [_rnd(H) + 1 for _ in range(5)]
     down = nn.Linear(H, R)  # the router's down-projection (bf16, with a bias)
@@ -67,7 +69,7 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     layer = cfg.layer_types[0]
     positions = kernels.offset_array(context, B)
     filled = mx.array([context], mx.int32)
-    mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, rargs[:-1], o, h, nparams, down.parameters(),
+    mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, r, r_prev, carried, router.__dict__, o, h, nparams, down.parameters(),
             in_proj.parameters(), q, keys,
             values, cca, positions, filled)
 
@@ -86,9 +88,10 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     return [
         ("LM head", lm_head),
         ("expert MLP (gate/up + down)", lambda impl: kernels.expert_gather(x, choice, weight, gu, dn, impl=impl)),
-        ("router MLP", lambda impl: kernels.router_mlp(*rargs, impl=impl)[0]),
+        ("expert MLP with its router", lambda impl: kernels.routed_expert_gather(x, r, router, gu, dn, impl=impl)),
+        ("router MLP", lambda impl: kernels.router_mlp(r, router, impl=impl)[0]),
         ("residual + norm + router down", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, down,
-                                                                           impl=impl)[2]),
+                                                                           prev_state=carried, impl=impl)[2]),
         ("residual + norm + in_proj", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, in_proj,
                                                                        impl=impl)[2]),
         ("residual + norm", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, impl=impl)[1]),

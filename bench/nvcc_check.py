@@ -62,13 +62,19 @@ FORMATS = {"bf16": (0, "bf16", "f32", "f32", 16, 1), "f32": (1, "f32", "f32", "f
            "mxfp4": (3, "u32", "u8", "f32", 4, 32)}
 
 
-def expert_case(qm, wt, st, bt, bits, gs):
-    return (f"expert_q{qm}_b{bits}", "expert_mlp.h",
+ROUTER_INPUTS = [("nw", "bf16"), ("w1", "bf16"), ("b1", "bf16"), ("w2", "bf16"), ("b2", "bf16"), ("wo", "bf16"),
+                 ("bal", "f32"), ("fparams", "f32")]
+
+
+def expert_case(qm, wt, st, bt, bits, gs, routed=False):
+    """ZAYA's experts in a format; routed: with its bf16 router MLP inside (else the router's placeholders)."""
+    return (f"expert_q{qm}_b{bits}_{'routed' if routed else 'chosen'}", "expert_mlp.h",
             [("x", "bf16"), ("expert", "i32"), ("rweight", "f32"), ("wgu", wt), ("sgu", st), ("bgu", bt),
-             ("wd", wt), ("sd", st), ("bd", bt)],
+             ("wd", wt), ("sd", st), ("bd", bt), ("r", "bf16"), *ROUTER_INPUTS],
             [("y", "f32")],
             [("T", "bf16"), ("H", 2048), ("I", 2048), ("CW", experts._CW), ("QA", qm), ("BA", bits), ("GA", gs),
-             ("QB", qm), ("BB", bits), ("GB", gs), ("NE", 16), ("NT", experts._NT)])
+             ("QB", qm), ("BB", bits), ("GB", gs), ("NE", 16), ("ROUTED", routed), ("TR", "bf16"), ("R", 256 if routed else 8),
+             ("NE1", 17 if routed else 1), ("WQ", 0 if routed else 1), ("NT", experts._NT)])
 
 
 def head_case(qm, wt, st, bt, bits, gs, vocab):
@@ -78,26 +84,26 @@ def head_case(qm, wt, st, bt, bits, gs, vocab):
              ("NT", head._NT)])
 
 
-def router_case(r, ne1, prev, t):
-    return (f"router_{r}_{t}_{prev}", "router_mlp.h",
-            [("rdown", "bf16"), ("rprev", "bf16"), ("rscale", "bf16"), ("nw", "bf16"), ("w1", t), ("b1", "bf16"),
-             ("w2", t), ("b2", "bf16"), ("wo", t), ("bal", "f32"), ("fparams", "f32")],
-            [("rnext", "bf16"), ("choice", "i32"), ("prob", "bf16")],
-            [("T", "bf16"), ("R", r), ("NE1", ne1), ("HAS_PREV", prev), ("WQ", 0 if t == "bf16" else 1),
-             ("NT", router._threads(r))])
+def router_case(r, ne1, t):
+    return (f"router_{r}_{t}", "router_mlp.h",
+            [("r", "bf16"), *[(n, t if n in ("w1", "w2", "wo") else d) for n, d in ROUTER_INPUTS]],
+            [("choice", "i32"), ("prob", "f32")],
+            [("T", "bf16"), ("R", r), ("NE1", ne1), ("WQ", 0 if t == "bf16" else 1), ("NT", router.threads(r))])
 
 
-def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1):
-    """p projection rows (0: none), dense in t unless qm names a quantized format (4: mxfp4, else affine)."""
+def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1, prev=False):
+    """p projection rows (0: none), dense in t unless qm names a quantized format (4: mxfp4, else affine); prev: a
+    state carried into the projection's output."""
     qm = (0 if t == "bf16" else 1) if qm is None else qm
     wt, st, bt = (t, "f32", "f32") if qm < 2 else ("u32", "u8" if qm == 3 else t, "f32" if qm == 3 else t)
     rpw = norms._rows_per_simd_group(h, qm, bits)
-    return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}_{parts}", "residual_norm.h",
+    return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}_{parts}_{prev}", "residual_norm.h",
             [("o", t if parts == 1 else "f32"), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t),
-             ("w", wt), ("ws", st), ("wb", bt), ("bp", t), ("fparams", "f32")],
+             ("w", wt), ("ws", st), ("wb", bt), ("bp", t), ("ps", t), ("pss", t), ("fparams", "f32")],
             [("h_out", "f32"), ("x_out", t), ("p_out", t)],
             [("T", t), ("RT", t), ("H", h), ("HAS_PROJ", p > 0), ("P", max(p, 1)), ("RPW", rpw), ("QM", qm),
-             ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("NP", parts), ("NT", norms._NT)])
+             ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("HAS_PREV", prev), ("NP", parts),
+             ("NT", norms._NT)])
 
 
 def o_proj_args(o, t, ho=2048):
@@ -128,11 +134,12 @@ def combine_case(o, t="bf16", d=128):
 DTYPES = ("bf16", "f32")
 CASES = [cca_case(*shape[:6], t) for shape in [(8, 2, 128, 2, 2, 64), (6, 3, 48, 3, 2, 16), (4, 4, 64, 2, 3, 64),
                                                 (5, 1, 32, 2, 2, 0), (4, 1, 64, 3, 2, 32)] for t in DTYPES]
-CASES += [expert_case(*FORMATS[f]) for f in ("bf16", "f32", "affine4", "affine8", "mxfp4")]
+CASES += [expert_case(*FORMATS[f], routed) for f in ("bf16", "f32", "affine4", "affine8", "mxfp4")
+          for routed in (False, True)]
 CASES += [head_case(*FORMATS[f], vocab) for f in ("bf16", "affine4", "affine8", "mxfp4") for vocab in (262272, 300)]
-CASES += [router_case(r, ne1, prev, t) for r, ne1 in ((256, 17), (96, 7)) for prev in (True, False) for t in DTYPES]
+CASES += [router_case(r, ne1, t) for r, ne1 in ((256, 17), (96, 7)) for t in DTYPES]
 CASES += [resnorm_case(h, r, t) for h, r in ((2048, 256), (200, 40), (2048, 0)) for t in DTYPES]
-CASES += [resnorm_case(2048, 256, t, parts=8) for t in DTYPES]  # after attention with o_proj: 8 heads' shares
+CASES += [resnorm_case(2048, 256, t, parts=8, prev=True) for t in DTYPES]  # after attention: 8 heads' shares
 CASES += [resnorm_case(h, p, t, qm, bits, gs, p != 1536) for h, p in ((2048, 1536), (256, 72)) for t in DTYPES
           for qm, bits, gs in ((3, 4, 32), (2, 4, 64), (2, 8, 32))]
 CASES += [attention_case(nh, nkv, d, t, False) for nh, nkv, d in ((8, 2, 128), (4, 4, 64), (8, 1, 256), (16, 2, 32))

@@ -3,7 +3,7 @@
     python bench/profile_decode.py --quant mxfp4 --batch 1 [--copies 200] [--json out.json]
 
 Each op of a decode layer (in_proj, the CCA kernel, KV-cache update, attention (and mx.fast's for
-comparison), o_proj, residual + norm, router, the two expert matvecs, the LM head) is built N times on distinct inputs and evaluated as one
+comparison), o_proj, residual + norm, router, the experts with and without their router, the LM head) is built N times on distinct inputs and evaluated as one
 graph, and three times are taken per op: building the graph in Python, encoding it (``mx.async_eval``
 returns once every node is encoded and submitted) and waiting for the GPU (``mx.synchronize``). Divided
 by N, encode + wait is what one node costs when nodes run back to back, so an op far above the others'
@@ -67,12 +67,12 @@ def profile(quant: str, batch: int, copies: int, context: int, small: bool = Fal
     filled, lpad = mx.array([context], mx.int32), kernels.constant((0,) * B, mx.int32)
     gate, experts = layer.mlp.gate, layer.mlp.experts
     r_prev = many((B, 1, config.router_hidden_size))
-    r_down = many((B, 1, config.router_hidden_size))
+    r_state = many((B, 1, config.router_hidden_size))
     choice = [mx.array([[i % config.num_experts] * 1] * B, mx.int32) for i in range(copies)]
     weight = [mx.full((B, 1), 0.5, mx.float32) for _ in range(copies)]
     mx.eval(choice, weight)
     res, norm, down = layer.post_attention_residual_scale, layer.post_attention_layernorm, gate.down_proj
-    mlp = gate.router_mlp
+    router = gate.kernel_weights()
     embed = model.model.embed_tokens
     tokens = [mx.array([[i * 97 % config.vocab_size]] * B, mx.int32) for i in range(copies)]
     mx.eval(tokens)
@@ -92,18 +92,18 @@ def profile(quant: str, batch: int, copies: int, context: int, small: bool = Fal
         "o_proj": lambda i: attn.o_proj(out[i]),
         "residual_norm+router_down": lambda i: kernels.residual_norm(
             x[i], h[i], res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
-            norm.weight, norm.eps, down),
+            norm.weight, norm.eps, down, prev_state=(r_prev[i], gate.router_states_scale)),
         "residual_norm+in_proj": lambda i: kernels.residual_norm(
             x[i], h[i], res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
             norm.weight, norm.eps, proj.in_proj),
         "residual_norm": lambda i: kernels.residual_norm(
             x[i], h[i], res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
             norm.weight, norm.eps),
-        "router_mlp": lambda i: kernels.router_mlp(
-            r_down[i], r_prev[i], gate.router_states_scale, mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias,
-            mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight, gate.balancing_biases, mlp.norm.eps),
+        "router_mlp": lambda i: kernels.router_mlp(r_state[i], router),
         "experts (kernels)": lambda i: kernels.expert_gather(x[i], choice[i], weight[i], experts.gate_up_proj,
                                                              experts.down_proj),
+        "router+experts (kernel)": lambda i: kernels.routed_expert_gather(
+            x[i], r_state[i], router, experts.gate_up_proj, experts.down_proj),
         "experts (gather_qmm)": lambda i: kernels.expert_gather(x[i], choice[i], weight[i], experts.gate_up_proj,
                                                                 experts.down_proj, impl="reference"),
         "mlp_block (compiled)": None,

@@ -226,3 +226,165 @@ ZK_DEV void zk_slice_matvec(PW w, PS ws, PB wb, PBO bias, bool add_bias, PX xs, 
     }
   }
 }
+
+// The chosen expert and its probability (zk_route).
+struct zk_routed {
+  int choice;
+  float prob;
+};
+
+// ZAYA's router MLP for one token, by a threadgroup of NT threads (tid: the thread's index): RMSNorm of the router
+// state r (R values of T; norm weight nw, eps), fc1 + GELU, fc2 + GELU, the output projection to NE1 = experts +
+// skip logits, softmax in float32, and the argmax of p + balancing biases (bal, float32). Every thread gets the
+// choice and its probability. Weights [R, R], [R, R], [NE1, R] in WQ (0 bf16, 1 float32); biases b1, b2 [R].
+// Threadgroup scratch: va, vh [R + R / 32] (padded vectors: see zk_pad), vl [NE1], red [NT / 32].
+// A SIMD group takes RB output rows at a time, its lanes along each row in 16-byte loads. One token's router is
+// bound by instruction latency (ncu, as its own kernel: 10 cycles an issued instruction, 39% of cycles issuing), so
+// the RB row sums are reduced together and finished one row a lane (see the layer loop).
+template <typename T, int R, int NE1, int WQ, int NT, typename PR, typename PN, typename PW, typename PB,
+          typename PF, typename PS>
+ZK_DEV zk_routed zk_route(PR r, PN nw, PW w1, PB b1, PW w2, PB b2, PW wo, PF bal, float eps, PS va, PS vh, PS vl,
+                          PS red, int tid) {
+  constexpr int NWARP = NT / 32;
+  constexpr int VPW = (WQ == 0) ? 2 : 1;
+  constexpr int NV = R / (4 * VPW);
+  constexpr int ITERS = (NV + 31) / 32;
+  constexpr int QMW = (WQ == 0) ? 0 : 1;
+  // rows a SIMD group loads at once: at most 16 chunks a lane, a power of two (R <= 1024, so ITERS <= 4)
+  constexpr int RB = (ITERS == 1) ? 16 : ((ITERS == 2) ? 8 : 4);
+  constexpr int LRB = (RB == 16) ? 4 : ((RB == 8) ? 3 : 2);  // log2(RB)
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+
+  // RMSNorm of the state.
+  float ss = 0.0f;
+  for (int k = tid; k < R; k += NT) {
+    const float v = static_cast<float>(r[k]);
+    va[zk_pad(k)] = v;
+    ss += v * v;
+  }
+  ss = zk_simd_sum(ss);
+  if (lane == 0) {
+    red[warp] = ss;
+  }
+  ZK_BARRIER();
+  float tot = 0.0f;
+  for (int w = 0; w < NWARP; ++w) {
+    tot += red[w];
+  }
+  const float inv = zk_rsqrt(tot / float(R) + eps);
+  for (int k = tid; k < R; k += NT) {
+    vh[zk_pad(k)] = zk_round<T>(static_cast<float>(nw[k]) * zk_round<T>(va[zk_pad(k)] * inv));
+  }
+  ZK_BARRIER();
+
+  // fc1 + GELU: vh -> va; fc2 + GELU: va -> vh; logits: vh -> vl. RB rows of a SIMD group at a time, all their
+  // loads in flight before the sums: with the layers unrolled, no branch separates them (a load behind a branch
+  // waits for what came before it).
+  // The RB partial sums of a lane are then reduced over the SIMD group together: at step k a lane keeps half of
+  // its rows and trades the other half with lane ^ 2^k, so RB rows take RB - 1 exchanges where one sum per row
+  // takes 5 RB, and lane l < RB ends with row bitreverse(l) (its bit k is lane bit k, from the top). That lane
+  // alone adds the bias and applies GELU, in parallel with the other rows' lanes.
+  int rrow = 0;  // the row (of the RB) this lane finishes
+  ZK_UNROLL
+  for (int k = 0; k < LRB; ++k) {
+    rrow |= ((lane >> k) & 1) << (LRB - 1 - k);
+  }
+  ZK_UNROLL
+  for (int layer = 0; layer < 3; ++layer) {
+    const int nout = (layer == 2) ? NE1 : R;
+    for (int o0 = warp * RB; o0 < nout; o0 += NWARP * RB) {
+      // a row past nout loads row 0: its sum ends on a lane that writes nothing
+      uint4 u[RB][ITERS];
+      ZK_UNROLL
+      for (int i = 0; i < RB; ++i) {
+        ZK_UNROLL
+        for (int it = 0; it < ITERS; ++it) {
+          const int v = it * 32 + lane;
+          const int idx = ((o0 + i < nout) ? o0 + i : 0) * NV + ((v < NV) ? v : 0);
+          u[i][it] = (layer == 0) ? ZK_LOAD_U4(w1, idx) : ((layer == 1) ? ZK_LOAD_U4(w2, idx) : ZK_LOAD_U4(wo, idx));
+        }
+      }
+      const int o = o0 + rrow;
+      const int ob = (o < nout) ? o : 0;
+      const float bias = (layer == 2) ? 0.0f : static_cast<float>(layer == 0 ? b1[ob] : b2[ob]);
+      float a[RB];
+      ZK_UNROLL
+      for (int i = 0; i < RB; ++i) {
+        a[i] = 0.0f;
+        ZK_UNROLL
+        for (int it = 0; it < ITERS; ++it) {
+          const int v = it * 32 + lane;
+          if (v < NV) {
+            a[i] += (layer == 1) ? zk_dot_u4<QMW, 16>(u[i][it], va, v * 4 * VPW).d
+                                 : zk_dot_u4<QMW, 16>(u[i][it], vh, v * 4 * VPW).d;
+          }
+        }
+      }
+      ZK_UNROLL
+      for (int k = 0; k < 5; ++k) {
+        if (k < LRB) {
+          const int half = RB >> (k + 1);  // rows left after this step
+          const bool upper = ((lane >> k) & 1) != 0;
+          ZK_UNROLL
+          for (int i = 0; i < RB / 2; ++i) {
+            if (i < half) {
+              const float keep = upper ? a[i + half] : a[i];
+              const float send = upper ? a[i] : a[i + half];
+              a[i] = keep + zk_simd_xor(send, 1 << k);
+            }
+          }
+        } else {
+          a[0] += zk_simd_xor(a[0], 1 << k);
+        }
+      }
+      if (lane < RB && o < nout) {
+        if (layer == 2) {
+          vl[o] = zk_round<T>(a[0]);
+        } else {
+          const float z = zk_round<T>(a[0] + bias);
+          const float gl = zk_round<T>(0.5f * z * (1.0f + zk_erf(z * 0.7071067811865476f)));
+          if (layer == 0) {
+            va[zk_pad(o)] = gl;
+          } else {
+            vh[zk_pad(o)] = gl;
+          }
+        }
+      }
+    }
+    ZK_BARRIER();
+  }
+
+  // Softmax over the NE1 logits (one SIMD group), then the biased argmax (every thread, from the same values).
+  if (warp == 0) {
+    float m = -3.0e38f;
+    for (int j = lane; j < NE1; j += 32) {
+      m = (vl[j] > m) ? vl[j] : m;
+    }
+    m = zk_simd_max(m);
+    float s = 0.0f;
+    for (int j = lane; j < NE1; j += 32) {
+      s += zk_exp(vl[j] - m);
+    }
+    s = zk_simd_sum(s);
+    float pj[(NE1 + 31) / 32];
+    for (int j = lane, t = 0; j < NE1; j += 32, ++t) {
+      pj[t] = zk_exp(vl[j] - m) / s;
+    }
+    for (int j = lane, t = 0; j < NE1; j += 32, ++t) {
+      vl[j] = pj[t];
+    }
+  }
+  ZK_BARRIER();
+  zk_routed best = {0, vl[0]};
+  float top = vl[0] + bal[0];
+  for (int j = 1; j < NE1; ++j) {
+    const float v = vl[j] + bal[j];
+    if (v > top) {
+      top = v;
+      best.choice = j;
+      best.prob = vl[j];
+    }
+  }
+  return best;
+}

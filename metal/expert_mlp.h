@@ -2,7 +2,10 @@
 // down projection scaled by the router weight, reading only that expert's rows, for bfloat16 / float32
 // weights and MLX's quantized layouts (affine 4/8-bit, MXFP4). It replaces mlx-lm's SwitchGLU path for one
 // expert a token (gather_mm / gather_qmm, silu, multiply, gather_mm, scale, and masking the skip choice).
-// Plain-MLX reference: zaya_mlx/kernels/experts.py, expert_gather_reference.
+// With ROUTED, every threadgroup first runs the token's router MLP itself (zk_route in common.h, from the
+// router state r) instead of reading the choice and weight: a router launch less a layer, for a few hundred
+// KB of router weights each threadgroup reads from L2.
+// Plain-MLX reference: zaya_mlx/kernels/experts.py, expert_gather_reference (routed_expert_gather_reference).
 //
 // Grid: x = block c of CW intermediate channels, y = token n. A threadgroup computes its CW channels of
 // h = silu(gate) * up (2 * CW weight rows, RPW a SIMD group, its lanes reading 16 bytes each along a row),
@@ -10,14 +13,18 @@
 // adds it times the router weight to y with atomics. y starts at zero (the launch's init value), so the
 // I / CW shares sum to (W_down h) * weight. Splitting the down projection's sum over I is what lets one
 // launch do both projections: no threadgroup has all of h, but each block's share needs only its own.
-// The skip choice (expert[n] outside [0, NE)) adds nothing. Every weight load of a round is issued before
+// The skip choice (an expert outside [0, NE)) adds nothing. Every weight load of a round is issued before
 // any is used, and the first round's before x is stored to threadgroup memory, so a single-round format
 // (4-bit at ZAYA's widths) makes one trip to memory.
 // Template: T (activation dtype), H, I, CW (a multiple of the 16-byte chunk of both weight formats), QA, BA,
 // GA (gate/up weights: QM 0 bf16, 1 f32, 2 affine, 3 mxfp4; bits; group size), QB, BB, GB (the same for
-// down), NE (experts), NT (threads; 2 * CW a multiple of its SIMD groups).
-// Inputs: x [N, H], expert [N] int32, rweight [N], wgu [NE, 2I, H] (gate rows first, then up; dense, or packed
-// uint32), sgu, bgu (scales, biases: [NE, 2I, H / GA]), wd [NE, H, I], sd, bd ([NE, H, I / GB]).
+// down), NE (experts), ROUTED, TR, R, NE1, WQ (the router: r's dtype, then as in router_mlp.h; placeholders without
+// ROUTED), NT
+// (threads; 2 * CW a multiple of its SIMD groups).
+// Inputs: x [N, H], expert [N] int32, rweight [N] (the choice and its weight; dummies with ROUTED), wgu [NE, 2I,
+// H] (gate rows first, then up; dense, or packed uint32), sgu, bgu (scales, biases: [NE, 2I, H / GA]), wd [NE,
+// H, I], sd, bd ([NE, H, I / GB]); with ROUTED, r [N, R] and the router's nw, w1, b1, w2, b2, wo, bal, fparams
+// as router_mlp.h reads them (dummies without).
 // Output: y [N, H] float32 (atomic on Metal): (W_down h) * weight, with h rounded to T where the reference
 // rounds.
 constexpr int NWARP = NT / 32;
@@ -39,15 +46,30 @@ static_assert(NCB * VPVB == CW, "a block's down columns are whole 16-byte chunks
 
 const int n = zk_by;
 const int c = zk_bx;
-const int e = expert[n];
-if (e < 0 || e >= NE) {
-  return;  // the skip choice: y stays zero (uniform over the threadgroup: no barrier is left waiting)
-}
-const float rw = zk_round<T>(static_cast<float>(rweight[n]));
 
 ZK_SHARED16 float zk_x[H + H / 8];  // padded: see zk_pad4
 ZK_SHARED float zk_s[2 * CW];
 ZK_SHARED float zk_h[CW];
+ZK_SHARED float zk_ra[R + R / 32];  // the router's (see zk_route)
+ZK_SHARED float zk_rh[R + R / 32];
+ZK_SHARED float zk_rl[NE1];
+ZK_SHARED float zk_rred[NWARP];
+
+int e;
+float prob;
+if (ROUTED) {
+  const zk_routed best = zk_route<TR, R, NE1, WQ, NT>(r + n * R, nw, w1, b1, w2, b2, wo, bal, fparams[0], zk_ra,
+                                                     zk_rh, zk_rl, zk_rred, zk_tid);
+  e = best.choice;
+  prob = best.prob;
+} else {
+  e = expert[n];
+  prob = static_cast<float>(rweight[n]);
+}
+if (e < 0 || e >= NE) {
+  return;  // the skip choice: y stays zero (uniform over the threadgroup: no barrier is left waiting)
+}
+const float rw = zk_round<T>(prob);
 
 // Gate/up row j of the block (j = zk_warp * RPW + i): gate row c*CW + j/2 when j is even, up row when odd,
 // so a channel's gate and up sums land side by side in zk_s. Each round loads IB chunks of each row; the first

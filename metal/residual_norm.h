@@ -1,8 +1,9 @@
 // Residual scaling + RMSNorm for decode, optionally with a projection of the normed row: one launch where
 // the plain path takes the residual scaling's elementwise ops, a cast, RMSNorm and (with HAS_PROJ) a matmul
 // (+ bias). h_out = (o + hb) * hs + (h + rb) * rs (the fp32 residual stream), x_out = RMSNorm(h_out in T) * nw,
-// and p_out = W x_out (+ b). After attention, W is the router's down-projection; after the MoE, the next
-// layer's in_proj, whose q, k and values go straight to the CCA step. Plain-MLX reference:
+// and p_out = W x_out (+ b) (+ ps * pss with HAS_PREV). After attention, W is the router's down-projection, and ps
+// the previous layer's router state, so p_out is this layer's; after the MoE, W is the next layer's in_proj, whose
+// q, k and values go straight to the CCA step. Plain-MLX reference:
 // zaya_mlx/kernels/norms.py, residual_norm_reference.
 //
 // Grid: x = NBLK threadgroups per row, y = row n. Every threadgroup recomputes the row's norm (a few KB from
@@ -11,11 +12,12 @@
 // rows' 16-byte chunks in registers.
 // Template: T (activation dtype), RT (dtype of o + hb: T, or float32 when the scales are float32), H,
 // HAS_PROJ, P (projection rows), RPW (rows a SIMD group), QM, BITS, GS (the projection's weights: QM 0 bf16,
-// 1 f32, 2 affine, 3 mxfp4; bits; group size), HAS_BIAS, NP (o's partial sums a row), NT.
+// 1 f32, 2 affine, 3 mxfp4; bits; group size), HAS_BIAS, HAS_PREV, NP (o's partial sums a row), NT.
 // Inputs: o [N, NP, H] (T, or float32 rounded to T first: the expert kernel's sum, or the NP shares of o_proj
 // that the attention kernel's head blocks wrote, summed here), h [N, H] float32, hs, hb, rs,
 // rb, nw [H], w ([P, H] dense or [P, H * BITS / 32] uint32), ws, wb (scales, biases: [P, H / GS]), bp [P]
-// (the projection's bias), fparams [1] float32 (the RMSNorm eps).
+// (the projection's bias), ps [N, P], pss [P] (T: a state carried into p_out, and its scale), fparams [1]
+// float32 (the RMSNorm eps).
 // Outputs: h_out [N, H] float32, x_out [N, H] (T), p_out [N, P] (T) (a dummy without HAS_PROJ).
 constexpr int NWARP = NT / 32;
 constexpr int VPV = 4 * ((QM == 0) ? 2 : ((QM == 1) ? 1 : (32 / BITS)));  // values a 16-byte chunk
@@ -36,6 +38,7 @@ ZK_SHARED float zk_red[NWARP];
 // The projection's rows come first, so their latency passes while the norm is computed.
 zk_chunk wr[RPW][ITERS];
 float bpv[RPW];
+float psv[RPW];
 ZK_UNROLL
 for (int i = 0; i < RPW; ++i) {
   const int row = blk * RPB + zk_warp * RPW + i;
@@ -45,6 +48,9 @@ for (int i = 0; i < RPW; ++i) {
     wr[i][it] = zk_load_chunk<QM, GS, VPV>(w, ws, wb, row, NV, v, HAS_PROJ && row < P && v < NV);
   }
   bpv[i] = HAS_BIAS ? static_cast<float>(bp[(row < P) ? row : 0]) : 0.0f;
+  psv[i] = HAS_PREV ? zk_round<T>(static_cast<float>(ps[n * P + ((row < P) ? row : 0)]) *
+                                  static_cast<float>(pss[(row < P) ? row : 0]))
+                    : 0.0f;
 }
 float ov[EPT];
 float hv[EPT];
@@ -124,7 +130,7 @@ if (HAS_PROJ) {
     a = zk_simd_sum(a);
     const int row = blk * RPB + zk_warp * RPW + i;
     if (zk_lane == 0 && row < P) {
-      p_out[n * P + row] = static_cast<T>(a + bpv[i]);
+      p_out[n * P + row] = static_cast<T>(HAS_PREV ? zk_round<T>(a + bpv[i]) + psv[i] : a + bpv[i]);
     }
   }
 }

@@ -175,6 +175,12 @@ class Router(nn.Module):
     def __call__(self, x, prev_state):
         return self.route(self.down_proj(x), prev_state)
 
+    def kernel_weights(self) -> kernels.RouterWeights:
+        """The router MLP as the decode kernels read it (dense weights)."""
+        mlp = self.router_mlp
+        return kernels.RouterWeights(mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                                     mlp.out_proj.weight, self.balancing_biases, mlp.norm.eps)
+
     def route(self, r, prev_state):
         """From the down-projected state `r`: (choice, weight, the state the next layer's router gets)."""
         if prev_state is not None and "router_states_scale" in self:
@@ -359,11 +365,11 @@ class Model(nn.Module):
 
 # --- the fused decode step (one token per sequence) ----------------------------------------------------------
 #
-# The same function as ZayaModel.__call__ for L == 1, with each layer in 6 graph primitives instead of ~100,
-# one launch each: residual scaling + RMSNorm + the router's down-projection, the router MLP, the expert MLP,
-# residual scaling + RMSNorm + the next layer's in_proj, the CCA decode step (which also writes the key and value
-# into the cache) and attention with o_proj (zaya_mlx/kernels, sources in metal/). On the CPU the kernels'
-# plain-MLX references run in their place.
+# The same function as ZayaModel.__call__ for L == 1, with each layer in 5 graph primitives instead of ~100,
+# one launch each: residual scaling + RMSNorm + the router's down-projection (plus the previous layer's router
+# state), the router MLP and the expert MLP, residual scaling + RMSNorm + the next layer's in_proj, the CCA decode
+# step (which also writes the key and value into the cache) and attention with o_proj (zaya_mlx/kernels, sources
+# in metal/). On the CPU the kernels' plain-MLX references run in their place.
 
 FUSED_DECODE = "auto"  # "auto": on a Metal or CUDA GPU; "on": everywhere (the CPU runs the references); "off"
 
@@ -400,7 +406,7 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
     """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated.
 
     The step is one function per layer boundary (the previous layer's residual + norm + router down-projection,
-    router, experts, residual + next norm + the next layer's in_proj, then its CCA step with the cache write,
+    router and experts, residual + next norm + the next layer's in_proj, then its CCA step with the cache write,
     and attention with o_proj), compiled once per batch size and KV buffer size: the write position and the
     attention length are an array the kernels read on the GPU, so nothing in a function depends on the step.
     """
@@ -548,26 +554,24 @@ def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values,
 
 def _mlp_block(layer: DecoderLayer, o, h, router_state, next_norm, next_proj=None):
     """From o_proj's output (partial sums, see _attention): residual, MoE, residual, then next_norm (the next
-    layer's input norm or the final norm) and next_proj (the next layer's in_proj, or None), in kernels.
+    layer's input norm or the final norm) and next_proj (the next layer's in_proj, or None), in kernels. A dense
+    router runs inside the expert kernel; a quantized one through its plain ops.
     Returns (h, next_proj(next_norm(h)) or next_norm(h), router state)."""
     gate, experts = layer.mlp.gate, layer.mlp.experts
     res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
-    h, x, r_down = kernels.residual_norm(
+    prev = (router_state, gate.router_states_scale) if "router_states_scale" in gate else None
+    # r: the router's down-projection plus the previous layer's state; dtype: the activation dtype (the step casts)
+    h, x, r = kernels.residual_norm(
         o, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias, norm.weight,
-        norm.eps, gate.down_proj, dtype=norm.weight.dtype,  # the activation dtype (the step casts to it)
+        norm.eps, gate.down_proj, dtype=norm.weight.dtype, prev_state=prev,
     )
 
     mlp = gate.router_mlp
-    has_prev = "router_states_scale" in gate
-    if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)):  # quantized router: plain ops
-        choice, weight, r = gate.route(r_down, router_state)
+    if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)):  # quantized router: its plain ops
+        choice, weight, _ = gate.route(r, None)
+        y = kernels.expert_gather(x, choice, weight, experts.gate_up_proj, experts.down_proj)
     else:
-        r, choice, weight = kernels.router_mlp(
-            r_down, router_state if has_prev else None, gate.router_states_scale if has_prev else None,
-            mlp.norm.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, mlp.out_proj.weight,
-            gate.balancing_biases, mlp.norm.eps,
-        )
-    y = kernels.expert_gather(x, choice, weight, experts.gate_up_proj, experts.down_proj)
+        y = kernels.routed_expert_gather(x, r, gate.kernel_weights(), experts.gate_up_proj, experts.down_proj)
 
     res = layer.post_mlp_residual_scale
     h, x, qkv = kernels.residual_norm(

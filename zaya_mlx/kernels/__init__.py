@@ -9,10 +9,17 @@ in metal/ (installed as ``zaya_mlx.metal``): one portable body a kernel plus a M
 from ._build import backend, constant
 from .attention import decode_attention, decode_attention_reference
 from .cca import cca_decode_step, cca_decode_step_reference, offset_array
-from .experts import QuantizedStack, as_stack, expert_gather, expert_gather_reference
+from .experts import (
+    QuantizedStack,
+    as_stack,
+    expert_gather,
+    expert_gather_reference,
+    routed_expert_gather,
+    routed_expert_gather_reference,
+)
 from .head import lm_head, lm_head_reference
 from .norms import residual_norm, residual_norm_reference
-from .router import router_mlp, router_mlp_reference
+from .router import RouterWeights, router_mlp, router_mlp_reference
 
 __all__ = [
     "backend",
@@ -26,10 +33,13 @@ __all__ = [
     "as_stack",
     "expert_gather",
     "expert_gather_reference",
+    "routed_expert_gather",
+    "routed_expert_gather_reference",
     "lm_head",
     "lm_head_reference",
     "residual_norm",
     "residual_norm_reference",
+    "RouterWeights",
     "router_mlp",
     "router_mlp_reference",
 ]

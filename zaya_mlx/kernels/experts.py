@@ -4,7 +4,8 @@ For each token, its one selected expert's SwiGLU: ``gate, up = split(W_gu[e] x)`
 ``y = W_down[e](silu(gate) * up) * weight``; the skip choice (index E) gives zero. The kernel
 (metal/expert_mlp.h) does both projections in one launch, reading only the selected expert's rows, from
 bfloat16/float32 stacks or MLX's quantized layouts (affine 4/8-bit, MXFP4). It replaces mlx-lm's SwitchGLU
-path (expand, gather_mm or gather_qmm twice, split, silu, multiply, scale, mask).
+path (expand, gather_mm or gather_qmm twice, split, silu, multiply, scale, mask). ``routed_expert_gather``
+also chooses the expert, running the router MLP inside the same launch.
 
 Weights are given as a stacked array ``[E, 2I, H]`` / ``[E, H, I]``, or as anything with mlx-lm's
 ``QuantizedSwitchLinear`` fields (``weight`` packed uint32, ``scales``, ``biases`` or None,
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import router as router_op
 from ._build import backend, dummy, get_kernel, use_kernel
 
 
@@ -116,7 +118,8 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
 
 # --- kernel --------------------------------------------------------------------------------------
 
-_INPUTS = ("x", "expert", "rweight", "wgu", "sgu", "bgu", "wd", "sd", "bd")
+_INPUTS = ("x", "expert", "rweight", "wgu", "sgu", "bgu", "wd", "sd", "bd", "r", "nw", "w1", "b1", "w2", "b2", "wo",
+           "bal", "fparams")
 _OUTPUTS = ("y",)
 _NT = 512
 _CW = 32  # intermediate channels a threadgroup: 64 threadgroups for ZAYA's 2048, one 4-bit chunk of a down row
@@ -167,23 +170,41 @@ def _parts(w):
     return w, dummy(), dummy(), _qm(w)
 
 
-def expert_gather_kernel(x, expert, weight, gate_up, down, *, back=None):
-    """The fused launch; the result has x's shape ([N, H], or [B, 1, H] for a decode step), float32."""
+def routed_kernel_supported(x, r, router: router_op.RouterWeights, gate_up, down) -> bool:
+    """Both kernels' checks, with threadgroup memory for the router's vectors next to the expert's (32 KB)."""
+    if not (kernel_supported(x, gate_up, down) and router_op.kernel_supported(r, router)):
+        return False
+    H, R, ne1 = x.shape[-1], r.shape[-1], router.out_w.shape[0]
+    floats = H + H // 8 + 3 * _CW + 2 * (R + R // 32) + ne1 + _NT // 32
+    return router_op.threads(R) == _NT and 4 * floats <= 32768 and r.size // R == x.size // H
+
+
+def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, back=None):
+    """The fused launch; the result has x's shape ([N, H], or [B, 1, H] for a decode step), float32.
+    routing: (r, router.RouterWeights) to choose each token's expert in the launch (expert and weight: None)."""
     # expert and weight may be [N] or [B, 1]: the kernel reads them flat (no reshape in the graph)
     back = back or backend()
     gu, dn = as_stack(gate_up), as_stack(down)
     H = x.shape[-1]
     N = x.size // H
     I = gu.shape[1] // 2
-    if expert.dtype != mx.int32:
-        expert = expert.astype(mx.int32)
+    if routing is None:
+        if expert.dtype != mx.int32:
+            expert = expert.astype(mx.int32)
+        chosen, routed = [expert, weight], [dummy()] * 9
+        router_template = [("TR", mx.float32), ("R", 8), ("NE1", 1), ("WQ", 1)]
+    else:
+        r, router = routing
+        chosen, routed = [dummy(mx.int32), dummy()], [r, *router.kernel_inputs()]
+        router_template = [("TR", r.dtype), *router.template()]
     wgu, sgu, bgu, (qa, ba, ga) = _parts(gu)
     wd, sd, bd, (qb, bb, gb) = _parts(dn)
     kern = get_kernel("expert_mlp.h", back, _INPUTS, _OUTPUTS, atomic_outputs=True)
     return kern(
-        inputs=[x, expert, weight, wgu, sgu, bgu, wd, sd, bd],
+        inputs=[x, *chosen, wgu, sgu, bgu, wd, sd, bd, *routed],
         template=[("T", x.dtype), ("H", H), ("I", I), ("CW", _CW), ("QA", qa), ("BA", ba), ("GA", ga),
-                  ("QB", qb), ("BB", bb), ("GB", gb), ("NE", gu.shape[0]), ("NT", _NT)],
+                  ("QB", qb), ("BB", bb), ("GB", gb), ("NE", gu.shape[0]), ("ROUTED", routing is not None),
+                  *router_template, ("NT", _NT)],
         grid=((I // _CW) * _NT, N, 1),
         threadgroup=(_NT, 1, 1),
         output_shapes=[tuple(x.shape)],
@@ -198,3 +219,17 @@ def expert_gather(x, expert, weight, gate_up, down, *, impl: str = "auto"):
     if use_kernel(impl, back, lambda: kernel_supported(x, gate_up, down), "the expert kernel"):
         return expert_gather_kernel(x, expert, weight, gate_up, down, back=back)
     return expert_gather_reference(x, expert, weight, gate_up, down)
+
+
+def routed_expert_gather_reference(x, r, router: router_op.RouterWeights, gate_up, down):
+    """The router MLP on the router state r [..., R] (see router.router_mlp_reference), then the chosen experts."""
+    return expert_gather_reference(x, *router_op.router_mlp_reference(r, router), gate_up, down)
+
+
+def routed_expert_gather(x, r, router: router_op.RouterWeights, gate_up, down, *, impl: str = "auto"):
+    """The router MLP, then top-1 expert SwiGLU (see ``routed_expert_gather_reference``): one launch where the
+    expert kernel can route, else the router's op and the experts' op. impl: 'auto', 'kernel' or 'reference'."""
+    back = backend()
+    if use_kernel(impl, back, lambda: routed_kernel_supported(x, r, router, gate_up, down), "the routed expert kernel"):
+        return expert_gather_kernel(x, None, None, gate_up, down, routing=(r, router), back=back)
+    return expert_gather(x, *router_op.router_mlp(r, router, impl=impl), gate_up, down, impl=impl)

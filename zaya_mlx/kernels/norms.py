@@ -16,23 +16,29 @@ from ._build import backend, constant, dummy, get_kernel, use_kernel
 from .experts import _parts, _qm, _vpv, as_stack
 
 
-def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None):
+def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None):
     """Plain MLX ops. o [..., H] (attention or MoE output), or P partial sums of it [..., P, H] where h is
     [..., 1, H] (o_proj's shares from the attention kernel), h [..., H] float32 (the residual stream),
     hs/hb/rs/rb [H] (hidden_states_scale/bias, residual_scale/bias), norm_w [H], eps; proj: a linear layer
     (nn.Linear or nn.QuantizedLinear) that reads the normed row, or None; dtype: the activation dtype when o
-    comes in float32 (the expert kernel's sum), which o is rounded to first (default: o's).
-    Returns (h_new float32, x = rmsnorm(h_new), proj(x) or None)."""
+    comes in float32 (the expert kernel's sum), which o is rounded to first (default: o's); prev_state: with
+    proj, (state [..., P], scale [P]) added to its output as state * scale (the previous layer's router state).
+    Returns (h_new float32, x = rmsnorm(h_new), proj(x) (+ state * scale) or None)."""
     if o.size != h.size:
         o = o.reshape(*h.shape[:-1], -1, h.shape[-1]).sum(axis=-2)
     if dtype is not None:
         o = o.astype(dtype)
     h_new = (o + hb) * hs + (h + rb) * rs
     x = mx.fast.rms_norm(h_new.astype(o.dtype), norm_w, eps)
-    return h_new, x, (None if proj is None else proj(x))
+    if proj is None:
+        return h_new, x, None
+    p = proj(x)
+    if prev_state is not None:
+        p = p + prev_state[0] * prev_state[1]
+    return h_new, x, p
 
 
-_INPUTS = ("o", "h", "hs", "hb", "rs", "rb", "nw", "w", "ws", "wb", "bp", "fparams")
+_INPUTS = ("o", "h", "hs", "hb", "rs", "rb", "nw", "w", "ws", "wb", "bp", "ps", "pss", "fparams")
 _OUTPUTS = ("h_out", "x_out", "p_out")
 _NT = 256
 _MAX_CHUNKS = 16  # 16-byte weight chunks a lane holds in registers (one float32 row of 2,048)
@@ -49,7 +55,7 @@ def _rows_per_simd_group(H: int, qm: int, bits: int) -> int:
     return max(1, min(4, 8 // _chunks_a_lane(H, qm, bits)))
 
 
-def kernel_supported(o, h, proj=None) -> bool:
+def kernel_supported(o, h, proj=None, prev_state=None) -> bool:
     H = h.shape[-1]
     parts = o.size // h.size
     ok = (h.dtype == mx.float32 and H % 8 == 0 and H <= 7168  # the padded row in 32 KB of threadgroup memory
@@ -60,10 +66,13 @@ def kernel_supported(o, h, proj=None) -> bool:
         if qm is None or w.shape[-1] != H or H % _vpv(qm[0], qm[1]):
             return False
         ok = ok and _chunks_a_lane(H, qm[0], qm[1]) <= _MAX_CHUNKS  # a row in a SIMD group's registers
-    return ok
+        if prev_state is not None:
+            P = w.shape[0]
+            ok = ok and prev_state[0].size == (h.size // H) * P and prev_state[1].shape == (P,)
+    return ok and (prev_state is None or proj is not None)
 
 
-def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, *, back=None):
+def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, *, back=None):
     back = back or backend()
     H = h.shape[-1]
     N = h.size // H
@@ -82,10 +91,10 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
     kern = get_kernel("residual_norm.h", back, _INPUTS, _OUTPUTS)
     outs = kern(
         inputs=[o, h, hs, hb, rs, rb, norm_w, w, ws, wb, dummy(dtype) if bias is None else bias,
-                constant((float(eps),))],
+                *(prev_state or (dummy(dtype), dummy(dtype))), constant((float(eps),))],
         template=[("T", dtype), ("RT", rt), ("H", H), ("HAS_PROJ", proj is not None), ("P", P), ("RPW", rpw),
-                  ("QM", qm), ("BITS", bits), ("GS", gs), ("HAS_BIAS", bias is not None), ("NP", parts),
-                  ("NT", _NT)],
+                  ("QM", qm), ("BITS", bits), ("GS", gs), ("HAS_BIAS", bias is not None),
+                  ("HAS_PREV", prev_state is not None), ("NP", parts), ("NT", _NT)],
         grid=(nblk * _NT, N, 1),
         threadgroup=(_NT, 1, 1),
         output_shapes=[tuple(h.shape), tuple(h.shape), tuple(h.shape[:-1]) + (P,) if proj is not None else (1,)],
@@ -94,9 +103,11 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
     return outs[0], outs[1], (outs[2] if proj is not None else None)
 
 
-def residual_norm(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, *, impl="auto"):
-    """Residual scaling + RMSNorm (+ a projection of the normed row); impl: 'auto', 'kernel' or 'reference'."""
+def residual_norm(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, *, impl="auto"):
+    """Residual scaling + RMSNorm (+ a projection of the normed row, + a carried state); impl: 'auto', 'kernel' or
+    'reference'."""
     back = backend()
-    if use_kernel(impl, back, lambda: kernel_supported(o, h, proj), "the residual-norm kernel"):
-        return residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj, dtype, back=back)
-    return residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj, dtype)
+    args = (o, h, hs, hb, rs, rb, norm_w, eps, proj, dtype, prev_state)
+    if use_kernel(impl, back, lambda: kernel_supported(o, h, proj, prev_state), "the residual-norm kernel"):
+        return residual_norm_kernel(*args, back=back)
+    return residual_norm_reference(*args)
