@@ -186,7 +186,10 @@ class EmulatedKernel:
         # the inputs' own memory where it is contiguous (as MLX passes it), so a body that writes an input in place
         # (ZK_WRITABLE) changes the array
         ins = [np.ascontiguousarray(np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
-        outs = [np.full(tuple(s), init_value if init_value is not None else 0, dtype=_NP_TYPES[d])
+        # without an init value, outputs start as all-ones bits (NaN in float32 and bfloat16, -1 in int32), as a GPU's
+        # fresh memory holds whatever came before: an element the body leaves unwritten shows
+        outs = [np.full(tuple(s), init_value, dtype=_NP_TYPES[d]) if init_value is not None
+                else np.full((*s, np.dtype(_NP_TYPES[d]).itemsize), 0xFF, np.uint8).view(_NP_TYPES[d]).reshape(tuple(s))
                 for s, d in zip(output_shapes, output_dtypes)]
         params = [f"const {_C_TYPES[a.dtype]}* {n}" for n, a in zip(self.input_names, inputs)]
         params += [f"{_C_TYPES[d]}* {n}" for n, d in zip(self.output_names, output_dtypes)]
