@@ -36,7 +36,7 @@ from zaya_mlx.kernels import (
     router_mlp,
     router_mlp_reference,
 )
-from zaya_mlx.kernels import RouterWeights, _build, attention, experts, norms
+from zaya_mlx.kernels import RouterWeights, _build, attention, experts, head, norms
 from zaya_mlx.kernels.cca import write_kv_reference
 
 GPU = backend() in ("metal", "cuda")
@@ -469,6 +469,16 @@ def test_expert_kernel_matches_reference(case, fmt, opts):
         assert rel(out, ref) < tol, (dtype, rel(out, ref))
         skip = np.array(expert) >= E
         assert (np.array(out.astype(mx.float32))[skip] == 0).all()
+
+
+def test_lm_head_kernel_takes_only_rows_of_its_width():
+    """A head whose rows are not h's width goes to MLX's matmul (which raises its own error), never to the kernel,
+    which would read past each row."""
+    h = rnd(1, 1, 256, dtype=mx.bfloat16)
+    for opts in (None, dict(group_size=32, bits=4, mode="mxfp4")):
+        assert head.kernel_supported(h, linear(1001, 256, mx.bfloat16, opts))
+        assert not head.kernel_supported(h, linear(1001, 512, mx.bfloat16, opts))
+        assert not head.kernel_supported(rnd(5, 1, 256, dtype=mx.bfloat16), linear(1001, 256, mx.bfloat16, opts))
 
 
 @gpu_only

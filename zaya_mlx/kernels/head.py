@@ -27,7 +27,8 @@ def kernel_supported(h, layer) -> bool:
     w = as_stack(layer)
     qm = _qm(w)
     H = h.shape[-1]
-    return qm is not None and h.size // H <= MAX_ROWS and H <= MAX_K and H % _vpv(qm[0], qm[1]) == 0
+    return (qm is not None and w.shape[-1] == H and h.size // H <= MAX_ROWS and H <= MAX_K
+            and H % _vpv(qm[0], qm[1]) == 0)
 
 
 def lm_head(h, layer, *, impl: str = "auto"):
