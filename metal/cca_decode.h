@@ -165,16 +165,7 @@ ZK_BARRIER();
 
 // 4. Conv output plus the residual path, then the squared norm of the head.
 const float val = (c0 < D) ? zk_round<T>(zk_y[c0] + res) : 0.0f;
-const float sq = zk_simd_sum(val * val);
-if (zk_lane == 0) {
-  zk_red[zk_warp] = sq;
-}
-ZK_BARRIER();
-float tot = 0.0f;
-for (int w = 0; w < NWARP; ++w) {
-  tot += zk_red[w];
-}
-float nrm = zk_sqrt(tot);
+float nrm = zk_sqrt(zk_threadgroup_sum<NWARP>(val * val, zk_red, zk_lane, zk_warp));
 nrm = (nrm < eps) ? eps : nrm;
 const float fac = zk_sqrt(float(D)) / nrm;
 

@@ -227,6 +227,23 @@ ZK_DEV void zk_slice_matvec(PW w, PS ws, PB wb, PBO bias, bool add_bias, PX xs, 
   }
 }
 
+// The sum of x over a threadgroup of NWARP SIMD groups, returned to every thread. red: NWARP floats of
+// threadgroup scratch, which must not be used again before another barrier (a fast SIMD group's next store
+// could land before a slow one has read).
+template <int NWARP, typename PS>
+ZK_DEV float zk_threadgroup_sum(float x, PS red, int lane, int warp) {
+  x = zk_simd_sum(x);
+  if (lane == 0) {
+    red[warp] = x;
+  }
+  ZK_BARRIER();
+  float tot = 0.0f;
+  for (int w = 0; w < NWARP; ++w) {
+    tot += red[w];
+  }
+  return tot;
+}
+
 // The chosen expert and its probability (zk_route).
 struct zk_routed {
   int choice;
@@ -263,16 +280,7 @@ ZK_DEV zk_routed zk_route(PR r, PN nw, PW w1, PB b1, PW w2, PB b2, PW wo, PF bal
     va[zk_pad(k)] = v;
     ss += v * v;
   }
-  ss = zk_simd_sum(ss);
-  if (lane == 0) {
-    red[warp] = ss;
-  }
-  ZK_BARRIER();
-  float tot = 0.0f;
-  for (int w = 0; w < NWARP; ++w) {
-    tot += red[w];
-  }
-  const float inv = zk_rsqrt(tot / float(R) + eps);
+  const float inv = zk_rsqrt(zk_threadgroup_sum<NWARP>(ss, red, lane, warp) / float(R) + eps);
   for (int k = tid; k < R; k += NT) {
     vh[zk_pad(k)] = zk_round<T>(static_cast<float>(nw[k]) * zk_round<T>(va[zk_pad(k)] * inv));
   }

@@ -19,8 +19,7 @@
 // Template: T (activation dtype), H, I, CW (a multiple of the 16-byte chunk of both weight formats), QA, BA,
 // GA (gate/up weights: QM 0 bf16, 1 f32, 2 affine, 3 mxfp4; bits; group size), QB, BB, GB (the same for
 // down), NE (experts), ROUTED, TR, R, NE1, WQ (the router: r's dtype, then as in router_mlp.h; placeholders without
-// ROUTED), NT
-// (threads; 2 * CW a multiple of its SIMD groups).
+// ROUTED), NT (threads; 2 * CW a multiple of its SIMD groups).
 // Inputs: x [N, H], expert [N] int32, rweight [N] (the choice and its weight; dummies with ROUTED), wgu [NE, 2I,
 // H] (gate rows first, then up; dense, or packed uint32), sgu, bgu (scales, biases: [NE, 2I, H / GA]), wd [NE,
 // H, I], sd, bd ([NE, H, I / GB]); with ROUTED, r [N, R] and the router's nw, w1, b1, w2, b2, wo, bal, fparams

@@ -95,16 +95,7 @@ for (int i = 0; i < EPT; ++i) {
     ss += ov[i] * ov[i];
   }
 }
-ss = zk_simd_sum(ss);
-if (zk_lane == 0) {
-  zk_red[zk_warp] = ss;
-}
-ZK_BARRIER();
-float tot = 0.0f;
-for (int w = 0; w < NWARP; ++w) {
-  tot += zk_red[w];
-}
-const float inv = zk_rsqrt(tot / float(H) + eps);
+const float inv = zk_rsqrt(zk_threadgroup_sum<NWARP>(ss, zk_red, zk_lane, zk_warp) / float(H) + eps);
 ZK_UNROLL
 for (int i = 0; i < EPT; ++i) {
   const int k = zk_tid + i * NT;
