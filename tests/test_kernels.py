@@ -119,17 +119,32 @@ def test_cuda_twins_compile_and_fit_an_sm():
     assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") >= 20
 
 
-def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies():
-    """zaya bench --host-floor: the same kernels with nothing in their bodies, then the real ones again."""
+def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies(monkeypatch):
+    """zaya bench --host-floor: the same kernels with nothing in their bodies, under other names, then the real
+    ones again. MLX caches a compiled kernel by its name and template arguments (MLX-CUDA on disk too), so a body
+    under a name the real one had would run the real code."""
     from zaya_mlx.benchmark import build_zaya, empty_kernels, small_config
+
+    names = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: names.append(kw["name"]) or kw)
+
+    def name_of_router_kernel():
+        _build.get_kernel.cache_clear()
+        _build.get_kernel("router_mlp.h", "cuda", ("r",), ("choice",))
+        return names[-1]
 
     model = build_zaya(small_config())
     body = open(os.path.join(os.path.dirname(__file__), "..", "metal", "router_mlp.h")).read()
+    real = name_of_router_kernel()
     with empty_kernels(model):
         header, source = _build.kernel_source("router_mlp.h", "cuda")
         assert "zk_simd_sum" in header and "zk_dot_u4" in header
         assert source.lstrip().startswith("const int zk_tid") and "rnext" not in source
+        empty = name_of_router_kernel()
     assert _build.kernel_source("router_mlp.h", "cuda")[1].endswith(body)
+    assert name_of_router_kernel() == real
+    assert real.startswith("zaya_router_mlp_") and empty.startswith("zaya_router_mlp_") and empty != real
+    _build.get_kernel.cache_clear()  # the fake kernels must not outlive the test
 
 
 # --- CCA: reference against transformers ----------------------------------------------------------

@@ -70,7 +70,7 @@ def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str
     atomic_outputs: the body adds to its outputs with ZK_ATOMIC_ADD (Metal declares them atomic; CUDA's
     atomicAdd takes plain pointers)."""
     header, source = kernel_source(body, back)
-    name = "zaya_" + body.split(".")[0]
+    name = kernel_name(body, header, source)
     if back == "metal":
         kernel = mx.fast.metal_kernel(
             name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header,
@@ -83,6 +83,15 @@ def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str
     else:
         raise ValueError(f"no GPU kernels for back end {back!r}")
     return functools.partial(_call_keyed_by_dtypes, kernel)
+
+
+def kernel_name(body: str, header: str, source: str) -> str:
+    """The name MLX gets for a body: its file's stem and a checksum of the source it compiles.
+
+    MLX caches a compiled variant by the kernel's name and template arguments alone, in the process and (CUDA) in
+    its on-disk cache across processes. Without the checksum, a kernel edited since (or a new zaya-mlx version)
+    would run the old compiled code, and so would the host floor's emptied bodies (benchmark.empty_kernels)."""
+    return f"zaya_{body.split('.')[0]}_{zlib.crc32((header + source).encode()):08x}"
 
 
 def _call_keyed_by_dtypes(kernel, *, inputs, template, output_dtypes, **kwargs):
