@@ -591,14 +591,18 @@ def test_routed_expert_kernel_matches_reference(N, fmt, opts):
     assert same.mean() >= 0.5
     assert rel(np.array(out)[same], np.array(ref)[same]) < 2e-2
     # adding into a given row in place (as the fused step does, into the residual norm's zeros), then a reader
-    # ordered after it in one compiled graph
+    # that takes `after`, in one compiled graph: the residual norm, here with h_new = the row itself. MLX-CUDA
+    # orders a graph's launches by the arrays each takes, so a write into an input is ordered by nothing else
+    # (mx.depends adds no launch: a reader behind it raced the adds on the H100).
     into = rnd(N, 1, H)
     before = np.array(into)
+    ones, zeros, h = mx.ones((H,)), mx.zeros((H,)), mx.zeros((N, 1, H))
 
     @mx.compile
     def added_then_read(x, r, into):
         summed, after = routed_expert_gather(x, r, weights, gu, dn, into=into, impl="kernel")
-        return mx.depends(summed, after) + 0.0  # the addition reads the row only after the kernel
+        return residual_norm(summed, h, ones, zeros, zeros, zeros, ones, 1e-5,
+                             dtype=mx.float32, after=after, impl="kernel")[0]
 
     got = np.array(added_then_read(x, r, into)) - before
     assert rel(got[same], np.array(ref)[same]) < 2e-2
