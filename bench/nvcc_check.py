@@ -67,14 +67,16 @@ ROUTER_INPUTS = [("nw", "bf16"), ("w1", "bf16"), ("b1", "bf16"), ("w2", "bf16"),
 
 
 def expert_case(qm, wt, st, bt, bits, gs, routed=False):
-    """ZAYA's experts in a format; routed: with its bf16 router MLP inside (else the router's placeholders)."""
+    """ZAYA's experts in a format; routed: with its bf16 router MLP inside (else the router's placeholders), adding
+    into its input in place (else into its output)."""
     return (f"expert_q{qm}_b{bits}_{'routed' if routed else 'chosen'}", "expert_mlp.h",
             [("x", "bf16"), ("expert", "i32"), ("rweight", "f32"), ("wgu", wt), ("sgu", st), ("bgu", bt),
-             ("wd", wt), ("sd", st), ("bd", bt), ("r", "bf16"), *ROUTER_INPUTS],
+             ("wd", wt), ("sd", st), ("bd", bt), ("r", "bf16"), *ROUTER_INPUTS, ("yin", "f32")],
             [("y", "f32")],
             [("T", "bf16"), ("H", 2048), ("I", 2048), ("CW", experts._CW), ("QA", qm), ("BA", bits), ("GA", gs),
-             ("QB", qm), ("BB", bits), ("GB", gs), ("NE", 16), ("ROUTED", routed), ("TR", "bf16"), ("R", 256 if routed else 8),
-             ("NE1", 17 if routed else 1), ("WQ", 0 if routed else 1), ("NT", experts._NT)])
+             ("QB", qm), ("BB", bits), ("GB", gs), ("NE", 16), ("ROUTED", routed), ("TR", "bf16"),
+             ("R", 256 if routed else 8), ("NE1", 17 if routed else 1), ("WQ", 0 if routed else 1),
+             ("IN_PLACE", routed), ("NT", experts._NT)])
 
 
 def head_case(qm, wt, st, bt, bits, gs, vocab):
@@ -93,17 +95,17 @@ def router_case(r, ne1, t):
 
 def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1, prev=False):
     """p projection rows (0: none), dense in t unless qm names a quantized format (4: mxfp4, else affine); prev: a
-    state carried into the projection's output."""
+    state carried into the projection's output, and the zero row for the expert kernel (as after attention)."""
     qm = (0 if t == "bf16" else 1) if qm is None else qm
     wt, st, bt = (t, "f32", "f32") if qm < 2 else ("u32", "u8" if qm == 3 else t, "f32" if qm == 3 else t)
     rpw = norms._rows_per_simd_group(h, qm, bits)
     return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}_{parts}_{prev}", "residual_norm.h",
             [("o", t if parts == 1 else "f32"), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t),
-             ("w", wt), ("ws", st), ("wb", bt), ("bp", t), ("ps", t), ("pss", t), ("fparams", "f32")],
-            [("h_out", "f32"), ("x_out", t), ("p_out", t)],
+             ("w", wt), ("ws", st), ("wb", bt), ("bp", t), ("ps", t), ("pss", t), ("fparams", "f32"), ("after", "f32")],
+            [("h_out", "f32"), ("x_out", t), ("p_out", t), ("z_out", "f32")],
             [("T", t), ("RT", t), ("H", h), ("HAS_PROJ", p > 0), ("P", max(p, 1)), ("RPW", rpw), ("QM", qm),
              ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("HAS_PREV", prev), ("NP", parts),
-             ("NT", norms._NT)])
+             ("ZEROS", prev), ("NT", norms._NT)])
 
 
 def o_proj_args(o, t, ho=2048):

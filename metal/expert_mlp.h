@@ -10,8 +10,11 @@
 // Grid: x = block c of CW intermediate channels, y = token n. A threadgroup computes its CW channels of
 // h = silu(gate) * up (2 * CW weight rows, RPW a SIMD group, its lanes reading 16 bytes each along a row),
 // then those channels' share of the down projection, W_down[:, c*CW : (c+1)*CW] h_c, for all H outputs, and
-// adds it times the router weight to y with atomics. y starts at zero (the launch's init value), so the
-// I / CW shares sum to (W_down h) * weight. Splitting the down projection's sum over I is what lets one
+// adds it times the router weight to y with atomics. y starts at zero, so the I / CW shares sum to
+// (W_down h) * weight: y is the output, zeroed by the launch's init value (MLX fills it before the launch), or,
+// with IN_PLACE, the input yin, a zeroed row the post-attention residual norm made for this launch alone, which
+// the kernel adds into in place (as the CCA kernel writes the KV cache). Then the output y only orders the
+// reader of yin after this launch: its one element is never written. Splitting the down projection's sum over I is what lets one
 // launch do both projections: no threadgroup has all of h, but each block's share needs only its own.
 // The skip choice (an expert outside [0, NE)) adds nothing. Every weight load of a round is issued before
 // any is used, and the first round's before x is stored to threadgroup memory, so a single-round format
@@ -19,13 +22,13 @@
 // Template: T (activation dtype), H, I, CW (a multiple of the 16-byte chunk of both weight formats), QA, BA,
 // GA (gate/up weights: QM 0 bf16, 1 f32, 2 affine, 3 mxfp4; bits; group size), QB, BB, GB (the same for
 // down), NE (experts), ROUTED, TR, R, NE1, WQ (the router: r's dtype, then as in router_mlp.h; placeholders without
-// ROUTED), NT (threads; 2 * CW a multiple of its SIMD groups).
+// ROUTED), IN_PLACE, NT (threads; 2 * CW a multiple of its SIMD groups).
 // Inputs: x [N, H], expert [N] int32, rweight [N] (the choice and its weight; dummies with ROUTED), wgu [NE, 2I,
 // H] (gate rows first, then up; dense, or packed uint32), sgu, bgu (scales, biases: [NE, 2I, H / GA]), wd [NE,
 // H, I], sd, bd ([NE, H, I / GB]); with ROUTED, r [N, R] and the router's nw, w1, b1, w2, b2, wo, bal, fparams
-// as router_mlp.h reads them (dummies without).
-// Output: y [N, H] float32 (atomic on Metal): (W_down h) * weight, with h rounded to T where the reference
-// rounds.
+// as router_mlp.h reads them (dummies without); yin [N, H] float32 (zeros, added into with IN_PLACE; else a dummy).
+// Output: y [N, H] float32: (W_down h) * weight, with h rounded to T where the reference rounds; with IN_PLACE,
+// that goes to yin and y is [1], unwritten.
 constexpr int NWARP = NT / 32;
 constexpr int VPVA = 4 * ((QA == 0) ? 2 : ((QA == 1) ? 1 : (32 / BA)));  // values a 16-byte chunk
 constexpr int VPVB = 4 * ((QB == 0) ? 2 : ((QB == 1) ? 1 : (32 / BB)));
@@ -151,7 +154,11 @@ for (int r0 = 0; r0 < DR; r0 += RB) {
       a += dn[i][k].s * p.d + dn[i][k].b * p.s;
     }
     if (r0 + i < DR && r < H) {
-      ZK_ATOMIC_ADD(y, n * H + r, a * rw);
+      if (IN_PLACE) {
+        ZK_ATOMIC_ADD(ZK_WRITABLE(float, yin), n * H + r, a * rw);
+      } else {
+        ZK_ATOMIC_ADD(y, n * H + r, a * rw);
+      }
     }
   }
 }

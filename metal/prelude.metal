@@ -9,7 +9,7 @@
 //   ZK_BARRIER()    a threadgroup barrier              ZK_UNROLL    unroll the next loop
 //   ZK_NO_UNROLL    keep the next loop a loop (its rounds' loads are not all hoisted into registers at once)
 //   ZK_U2F(u)       reinterpret 32 bits as a float     ZK_LOAD_U4   one 16-byte load (uint4) at index i
-//   ZK_ATOMIC_ADD(p, i, v)  p[i] += v, atomically (p: a float output declared atomic)
+//   ZK_ATOMIC_ADD(p, i, v)  p[i] += v, atomically (p: a writable float buffer: an output, or ZK_WRITABLE's)
 //   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp); zk_simd_xor(x, m): lane ^ m's x
 //   zk_exp, zk_sqrt, zk_rsqrt, zk_cos, zk_sin, zk_erf  float32 math
 //   zk_round<T>(x)  round a float to dtype T and back, to follow a reference that rounds there
@@ -28,7 +28,8 @@ using namespace metal;
 #define ZK_NO_UNROLL _Pragma("clang loop unroll(disable)")
 #define ZK_U2F(u) as_type<float>(static_cast<uint32_t>(u))
 #define ZK_LOAD_U4(ptr, i) (((const device uint4*)(ptr))[(i)])
-#define ZK_ATOMIC_ADD(ptr, i, v) atomic_fetch_add_explicit(&(ptr)[(i)], (v), memory_order_relaxed)
+#define ZK_ATOMIC_ADD(ptr, i, v) \
+  atomic_fetch_add_explicit((device atomic_float*)&(ptr)[(i)], (v), memory_order_relaxed)
 #define ZK_LDS4(arr, i) float4((arr)[4 * (i)], (arr)[4 * (i) + 1], (arr)[4 * (i) + 2], (arr)[4 * (i) + 3])
 #define ZK_WRITABLE(T, ptr) const_cast<device T*>(ptr)
 

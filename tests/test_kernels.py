@@ -292,6 +292,15 @@ def test_expert_reference_matches_numpy(fmt, opts):
     assert skip.any() and (np.array(y)[skip] == 0).all()
 
 
+def test_expert_op_adds_into_a_given_row_without_a_kernel():
+    """Where the references run, ``into`` comes back with the experts' sum added and no launch to wait for."""
+    x, expert, weight, gu, dn, dense = _expert_inputs(3, 64, 32, 2, "dense", None, mx.float32, mx.float32, seed=5)
+    into = rnd(3, 64)
+    summed, after = expert_gather(x, expert, weight, gu, dn, into=into, impl="reference")
+    assert after is None
+    assert rel(summed, np.array(into) + _expert_numpy(x, expert, weight, dense)) < 1e-5
+
+
 def test_expert_reference_accepts_mlx_lm_modules():
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
@@ -581,6 +590,22 @@ def test_routed_expert_kernel_matches_reference(N, fmt, opts):
     same = np.array(c_ref).reshape(N) == np.array(router_mlp(r, weights, impl="kernel")[0]).reshape(N)
     assert same.mean() >= 0.5
     assert rel(np.array(out)[same], np.array(ref)[same]) < 2e-2
+    # adding into a given row in place (as the fused step does, into the residual norm's zeros), then a reader
+    # that takes `after`, in one compiled graph: the residual norm, here with h_new = the row itself. MLX-CUDA
+    # orders a graph's launches by the arrays each takes, so a write into an input is ordered by nothing else
+    # (mx.depends adds no launch: a reader behind it raced the adds on the H100).
+    into = rnd(N, 1, H)
+    before = np.array(into)
+    ones, zeros, h = mx.ones((H,)), mx.zeros((H,)), mx.zeros((N, 1, H))
+
+    @mx.compile
+    def added_then_read(x, r, into):
+        summed, after = routed_expert_gather(x, r, weights, gu, dn, into=into, impl="kernel")
+        return residual_norm(summed, h, ones, zeros, zeros, zeros, ones, 1e-5,
+                             dtype=mx.float32, after=after, impl="kernel")[0]
+
+    got = np.array(added_then_read(x, r, into)) - before
+    assert rel(got[same], np.array(ref)[same]) < 2e-2
 
 
 def test_routed_expert_kernel_covers_zaya():

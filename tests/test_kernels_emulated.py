@@ -61,12 +61,15 @@ def test_residual_norm_body(R, prev, dtype):
     p = [(mx.random.uniform(shape=(H,)) + 0.5).astype(dtype) for _ in range(5)]
     proj = linear(R, H, dtype) if R else None
     state = (rnd(N, R, dtype=dtype), (mx.random.uniform(shape=(R,)) + 0.5).astype(dtype)) if prev else None
-    ref = norms.residual_norm_reference(o, h, *p[:4], p[4], 1e-5, proj, prev_state=state)
+    ref = norms.residual_norm_reference(o, h, *p[:4], p[4], 1e-5, proj, prev_state=state, zeros=prev)
     with emulated():
-        out = norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, proj, prev_state=state, back="cuda")
+        out = norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, proj, prev_state=state, zeros=prev, back="cuda")
     tol = 1e-2 if dtype == mx.bfloat16 else 1e-5
     assert max_rel(out[0], ref[0]) < 1e-6 and max_rel(out[1], ref[1]) < tol
     assert (max_rel(out[2], ref[2]) < tol) if R else out[2] is None
+    assert len(out) == len(ref) == (4 if prev else 3)
+    if prev:  # the zero row the expert kernel adds into: every element written (outputs start as NaN here)
+        assert out[3].shape == h.shape and out[3].dtype == mx.float32 and (np.array(out[3]) == 0).all()
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -112,16 +115,22 @@ def test_expert_body(fmt, opts):
 
 @pytest.mark.parametrize("fmt,opts", [FORMATS[0], FORMATS[3]])
 def test_routed_expert_body(fmt, opts):
-    """The router inside the expert kernel: each token's expert as the reference router chooses it (float32 router
-    weights: no near-ties), some on the skip choice. A threadgroup that routes wrongly adds the wrong expert's rows."""
+    """The router inside the expert kernel, adding into a given row in place: each token's expert as the reference
+    router chooses it (float32 router weights: no near-ties), some on the skip choice. A threadgroup that routes
+    wrongly adds the wrong expert's rows."""
     N, H, I, E, R = 5, 256, 64, 3, 256
     x, _, _, gu, dn, dense = _expert_inputs(N, H, I, E, fmt, opts, mx.bfloat16, mx.bfloat16, seed=3)
     r, weights = rnd(N, R), _router_weights(R, E + 1, mx.float32)
     choice, weight = router.router_mlp_reference(r, weights)
     assert E in np.array(choice).tolist() and len(set(np.array(choice).tolist())) > 2  # skips and two experts
     assert experts.routed_kernel_supported(x, r, weights, gu, dn)
+    into = rnd(N, H)  # the kernel adds into it in place: a row it overwrote, or left alone, would differ
+    before = np.array(into)
     with emulated():
-        out = np.array(experts.expert_gather_kernel(x, None, None, gu, dn, routing=(r, weights), back="cuda"))
+        summed, after = experts.expert_gather_kernel(x, None, None, gu, dn, routing=(r, weights), into=into,
+                                                     back="cuda")
+    assert summed is into and after.shape == (1,)
+    out = np.array(summed) - before
     y = _expert_numpy(x, choice, weight.astype(mx.bfloat16), dense)
     for n, e in enumerate(np.array(choice).tolist()):
         if e == E:

@@ -561,21 +561,23 @@ def _mlp_block(layer: DecoderLayer, o, h, router_state, next_norm, next_proj=Non
     res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
     prev = (router_state, gate.router_states_scale) if "router_states_scale" in gate else None
     # r: the router's down-projection plus the previous layer's state; dtype: the activation dtype (the step casts)
-    h, x, r = kernels.residual_norm(
+    # zeros: the row the expert kernel adds its sum into, in place (no fill of a new output)
+    h, x, r, zeros = kernels.residual_norm(
         o, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias, norm.weight,
-        norm.eps, gate.down_proj, dtype=norm.weight.dtype, prev_state=prev,
+        norm.eps, gate.down_proj, dtype=norm.weight.dtype, prev_state=prev, zeros=True,
     )
 
     mlp = gate.router_mlp
     if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)):  # quantized router: its plain ops
         choice, weight, _ = gate.route(r, None)
-        y = kernels.expert_gather(x, choice, weight, experts.gate_up_proj, experts.down_proj)
+        y, after = kernels.expert_gather(x, choice, weight, experts.gate_up_proj, experts.down_proj, into=zeros)
     else:
-        y = kernels.routed_expert_gather(x, r, gate.kernel_weights(), experts.gate_up_proj, experts.down_proj)
+        y, after = kernels.routed_expert_gather(x, r, gate.kernel_weights(), experts.gate_up_proj, experts.down_proj,
+                                                into=zeros)
 
     res = layer.post_mlp_residual_scale
-    h, x, qkv = kernels.residual_norm(
+    h, x, qkv = kernels.residual_norm(  # y: the expert kernel's float32 sum; after: runs this after its adds
         y, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
-        next_norm.weight, next_norm.eps, next_proj, dtype=x.dtype,  # y: the expert kernel's float32 sum
+        next_norm.weight, next_norm.eps, next_proj, dtype=x.dtype, after=after,
     )
     return h, (x if qkv is None else qkv), r

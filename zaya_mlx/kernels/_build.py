@@ -65,16 +65,13 @@ def kernel_source(body: str, back: str) -> tuple[str, str]:
 
 
 @functools.cache
-def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...], atomic_outputs: bool = False):
-    """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda'), keyed by dtypes.
-    atomic_outputs: the body adds to its outputs with ZK_ATOMIC_ADD (Metal declares them atomic; CUDA's
-    atomicAdd takes plain pointers)."""
+def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
+    """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda'), keyed by dtypes."""
     header, source = kernel_source(body, back)
     name = kernel_name(body, header, source)
     if back == "metal":
         kernel = mx.fast.metal_kernel(
-            name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header,
-            atomic_outputs=atomic_outputs,
+            name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=header
         )
     elif back == "cuda":
         kernel = mx.fast.cuda_kernel(

@@ -119,7 +119,7 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
 # --- kernel --------------------------------------------------------------------------------------
 
 _INPUTS = ("x", "expert", "rweight", "wgu", "sgu", "bgu", "wd", "sd", "bd", "r", "nw", "w1", "b1", "w2", "b2", "wo",
-           "bal", "fparams")
+           "bal", "fparams", "yin")
 _OUTPUTS = ("y",)
 _NT = 512
 _CW = 32  # intermediate channels a threadgroup: 64 threadgroups for ZAYA's 2048, one 4-bit chunk of a down row
@@ -179,9 +179,13 @@ def routed_kernel_supported(x, r, router: router_op.RouterWeights, gate_up, down
     return router_op.threads(R) == _NT and 4 * floats <= 32768 and r.size // R == x.size // H
 
 
-def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, back=None):
+def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, into=None, back=None):
     """The fused launch; the result has x's shape ([N, H], or [B, 1, H] for a decode step), float32.
-    routing: (r, router.RouterWeights) to choose each token's expert in the launch (expert and weight: None)."""
+    routing: (r, router.RouterWeights) to choose each token's expert in the launch (expert and weight: None).
+    into: a float32 zero row of x's shape, made for this launch alone (residual_norm's zeros=True), which the kernel
+    adds into in place instead of a new output that MLX fills with zeros first (a launch less). Then the result
+    is (into, after): a reader of into must also take ``after`` (residual_norm's after=), so that it runs after the
+    adds."""
     # expert and weight may be [N] or [B, 1]: the kernel reads them flat (no reshape in the graph)
     back = back or backend()
     gu, dn = as_stack(gate_up), as_stack(down)
@@ -199,26 +203,34 @@ def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, back
         router_template = [("TR", r.dtype), *router.template()]
     wgu, sgu, bgu, (qa, ba, ga) = _parts(gu)
     wd, sd, bd, (qb, bb, gb) = _parts(dn)
-    kern = get_kernel("expert_mlp.h", back, _INPUTS, _OUTPUTS, atomic_outputs=True)
-    return kern(
-        inputs=[x, *chosen, wgu, sgu, bgu, wd, sd, bd, *routed],
+    kern = get_kernel("expert_mlp.h", back, _INPUTS, _OUTPUTS)
+    out = kern(
+        inputs=[x, *chosen, wgu, sgu, bgu, wd, sd, bd, *routed, dummy() if into is None else into],
         template=[("T", x.dtype), ("H", H), ("I", I), ("CW", _CW), ("QA", qa), ("BA", ba), ("GA", ga),
                   ("QB", qb), ("BB", bb), ("GB", gb), ("NE", gu.shape[0]), ("ROUTED", routing is not None),
-                  *router_template, ("NT", _NT)],
+                  *router_template, ("IN_PLACE", into is not None), ("NT", _NT)],
         grid=((I // _CW) * _NT, N, 1),
         threadgroup=(_NT, 1, 1),
-        output_shapes=[tuple(x.shape)],
+        output_shapes=[tuple(x.shape) if into is None else (1,)],
         output_dtypes=[mx.float32],
-        init_value=0.0,
+        init_value=0.0 if into is None else None,
     )[0]
+    return out if into is None else (into, out)
 
 
-def expert_gather(x, expert, weight, gate_up, down, *, impl: str = "auto"):
-    """Top-1 expert SwiGLU (see ``expert_gather_reference``); impl: 'auto', 'kernel' or 'reference'."""
+def _in_place_supported(x, into) -> bool:
+    return into is None or (into.dtype == mx.float32 and into.shape == x.shape)
+
+
+def expert_gather(x, expert, weight, gate_up, down, *, into=None, impl: str = "auto"):
+    """Top-1 expert SwiGLU (see ``expert_gather_reference``); impl: 'auto', 'kernel' or 'reference'. With into (see
+    expert_gather_kernel), returns (into + the result, after), after None where no kernel wrote into in place."""
     back = backend()
-    if use_kernel(impl, back, lambda: kernel_supported(x, gate_up, down), "the expert kernel"):
-        return expert_gather_kernel(x, expert, weight, gate_up, down, back=back)
-    return expert_gather_reference(x, expert, weight, gate_up, down)
+    if use_kernel(impl, back, lambda: kernel_supported(x, gate_up, down) and _in_place_supported(x, into),
+                  "the expert kernel"):
+        return expert_gather_kernel(x, expert, weight, gate_up, down, into=into, back=back)
+    y = expert_gather_reference(x, expert, weight, gate_up, down)
+    return y if into is None else (into + y, None)
 
 
 def routed_expert_gather_reference(x, r, router: router_op.RouterWeights, gate_up, down):
@@ -226,10 +238,12 @@ def routed_expert_gather_reference(x, r, router: router_op.RouterWeights, gate_u
     return expert_gather_reference(x, *router_op.router_mlp_reference(r, router), gate_up, down)
 
 
-def routed_expert_gather(x, r, router: router_op.RouterWeights, gate_up, down, *, impl: str = "auto"):
+def routed_expert_gather(x, r, router: router_op.RouterWeights, gate_up, down, *, into=None, impl: str = "auto"):
     """The router MLP, then top-1 expert SwiGLU (see ``routed_expert_gather_reference``): one launch where the
-    expert kernel can route, else the router's op and the experts' op. impl: 'auto', 'kernel' or 'reference'."""
+    expert kernel can route, else the router's op and the experts' op. into: as for ``expert_gather``.
+    impl: 'auto', 'kernel' or 'reference'."""
     back = backend()
-    if use_kernel(impl, back, lambda: routed_kernel_supported(x, r, router, gate_up, down), "the routed expert kernel"):
-        return expert_gather_kernel(x, None, None, gate_up, down, routing=(r, router), back=back)
-    return expert_gather(x, *router_op.router_mlp(r, router, impl=impl), gate_up, down, impl=impl)
+    if use_kernel(impl, back, lambda: routed_kernel_supported(x, r, router, gate_up, down)
+                  and _in_place_supported(x, into), "the routed expert kernel"):
+        return expert_gather_kernel(x, None, None, gate_up, down, routing=(r, router), into=into, back=back)
+    return expert_gather(x, *router_op.router_mlp(r, router, impl=impl), gate_up, down, into=into, impl=impl)
