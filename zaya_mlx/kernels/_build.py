@@ -19,9 +19,10 @@ import mlx.core as mx
 _MARKER = "// ---- body prologue ----"
 
 # MLX-CUDA records 20 ops a CUDA graph unless MLX_MAX_OPS_PER_BUFFER says otherwise. When a fused decode step
-# was ~450 ops, 200 a graph decoded ~30% faster at batch 1 on an H100 (bench/RESULTS.md); at today's ~290 a step
-# is two graphs, and one graph a step has not been timed. Set only where CUDA
-# is the back end and the user has not chosen; MLX reads it at its first GPU evaluation.
+# was ~450 ops, 200 a graph decoded ~30% faster at batch 1 on an H100 (bench/RESULTS.md); at today's 212 a step
+# is two graphs (a lone step's GPU work starts at the first commit, 200 nodes in), and one graph a step has not
+# been timed. Set only where CUDA is the back end and the user has not chosen; MLX reads it at its first GPU
+# evaluation.
 CUDA_OPS_PER_GRAPH = "200"
 if mx.cuda.is_available():
     os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", CUDA_OPS_PER_GRAPH)
