@@ -69,9 +69,8 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     layer = cfg.layer_types[0]
     positions = kernels.offset_array(context, B)
     filled = mx.array([context], mx.int32)
-    mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, r, r_prev, carried, router.__dict__, o, h, nparams, down.parameters(),
-            in_proj.parameters(), q, keys,
-            values, cca, positions, filled)
+    mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, r, carried, vars(router), o, h, nparams,
+            down.parameters(), in_proj.parameters(), q, keys, values, cca, positions, filled)
 
     head = {}
 

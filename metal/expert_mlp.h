@@ -14,8 +14,9 @@
 // (W_down h) * weight: y is the output, zeroed by the launch's init value (MLX fills it before the launch), or,
 // with IN_PLACE, the input yin, a zeroed row the post-attention residual norm made for this launch alone, which
 // the kernel adds into in place (as the CCA kernel writes the KV cache). Then the output y only orders the
-// reader of yin after this launch: its one element is never written. Splitting the down projection's sum over I is what lets one
-// launch do both projections: no threadgroup has all of h, but each block's share needs only its own.
+// reader of yin after this launch: its one element is never written. Splitting the down projection's sum over I
+// is what lets one launch do both projections: no threadgroup has all of h, but each block's share needs only
+// its own.
 // The skip choice (an expert outside [0, NE)) adds nothing. Every weight load of a round is issued before
 // any is used, and the first round's before x is stored to threadgroup memory, so a single-round format
 // (4-bit at ZAYA's widths) makes one trip to memory.
