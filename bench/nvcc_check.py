@@ -30,7 +30,10 @@ CT = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "u32": "uint32_t
 
 
 def build(name, body, inputs, outputs, template):
-    header, source = _build.kernel_source(body, "cuda")
+    """inputs, outputs: (name, type) pairs, type None for an argument the variant leaves out (ZK_ABSENT)."""
+    absent = tuple(n for n, t in inputs + outputs if t is None)
+    inputs, outputs = [(n, t) for n, t in inputs if t], [(n, t) for n, t in outputs if t]
+    header, source = _build.kernel_source(body, "cuda", absent)
     s = MOCK_MLX_HEADER + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
     s += f"__global__ void {name}(\n"
     args = [f"    const {CT[t]}* {n}" for n, t in inputs] + [f"    {CT[t]}* {n}" for n, t in outputs]
@@ -56,10 +59,10 @@ def cca_case(nh, nkv, d, t0, t1, rd, t):
              ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32)), ("CAP", 256)])
 
 
-# Weight formats as the kernels read them: (QM, weight, scales, biases types, bits, group size)
-FORMATS = {"bf16": (0, "bf16", "f32", "f32", 16, 1), "f32": (1, "f32", "f32", "f32", 16, 1),
+# Weight formats as the kernels read them: (QM, weight, scales, biases types (None: absent), bits, group size)
+FORMATS = {"bf16": (0, "bf16", None, None, 16, 1), "f32": (1, "f32", None, None, 16, 1),
            "affine4": (2, "u32", "bf16", "bf16", 4, 64), "affine8": (2, "u32", "bf16", "bf16", 8, 32),
-           "mxfp4": (3, "u32", "u8", "f32", 4, 32)}
+           "mxfp4": (3, "u32", "u8", None, 4, 32)}
 
 
 ROUTER_INPUTS = [("nw", "bf16"), ("w1", "bf16"), ("b1", "bf16"), ("w2", "bf16"), ("b2", "bf16"), ("wo", "bf16"),
@@ -67,11 +70,13 @@ ROUTER_INPUTS = [("nw", "bf16"), ("w1", "bf16"), ("b1", "bf16"), ("w2", "bf16"),
 
 
 def expert_case(qm, wt, st, bt, bits, gs, routed=False):
-    """ZAYA's experts in a format; routed: with its bf16 router MLP inside (else the router's placeholders), adding
-    into its input in place (else into its output)."""
+    """ZAYA's experts in a format; routed: with its bf16 router MLP inside (else given the choice), adding into its
+    input in place (else into its output)."""
+    router_inputs = ROUTER_INPUTS if routed else [(n, None) for n, _ in ROUTER_INPUTS]
     return (f"expert_q{qm}_b{bits}_{'routed' if routed else 'chosen'}", "expert_mlp.h",
-            [("x", "bf16"), ("expert", "i32"), ("rweight", "f32"), ("wgu", wt), ("sgu", st), ("bgu", bt),
-             ("wd", wt), ("sd", st), ("bd", bt), ("r", "bf16"), *ROUTER_INPUTS, ("yin", "f32")],
+            [("x", "bf16"), ("expert", None if routed else "i32"), ("rweight", None if routed else "f32"),
+             ("wgu", wt), ("sgu", st), ("bgu", bt), ("wd", wt), ("sd", st), ("bd", bt), ("r", "bf16" if routed else None),
+             *router_inputs, ("yin", "f32" if routed else None)],
             [("y", "f32")],
             [("T", "bf16"), ("H", 2048), ("I", 2048), ("CW", experts._CW), ("QA", qm), ("BA", bits), ("GA", gs),
              ("QB", qm), ("BB", bits), ("GB", gs), ("NE", 16), ("ROUTED", routed), ("TR", "bf16"),
@@ -95,23 +100,27 @@ def router_case(r, ne1, t):
 
 def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1, prev=False):
     """p projection rows (0: none), dense in t unless qm names a quantized format (4: mxfp4, else affine); prev: a
-    state carried into the projection's output, and the zero row for the expert kernel (as after attention)."""
+    state carried into the projection's output, and the zero row for the expert kernel (as after attention); else
+    a projection's variant writes no normed row and runs after an in-place writer (as after the MoE)."""
     qm = (0 if t == "bf16" else 1) if qm is None else qm
-    wt, st, bt = (t, "f32", "f32") if qm < 2 else ("u32", "u8" if qm == 3 else t, "f32" if qm == 3 else t)
+    wt, st, bt = (t, None, None) if qm < 2 else ("u32", "u8" if qm == 3 else t, None if qm == 3 else t)
     rpw = norms._rows_per_simd_group(h, qm, bits)
+    write_x = prev or p == 0
     return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}_{parts}_{prev}", "residual_norm.h",
             [("o", t if parts == 1 else "f32"), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t),
-             ("w", wt), ("ws", st), ("wb", bt), ("bp", t), ("ps", t), ("pss", t), ("fparams", "f32"), ("after", "f32")],
-            [("h_out", "f32"), ("x_out", t), ("p_out", t), ("z_out", "f32")],
+             ("w", wt), ("ws", st), ("wb", bt), ("bp", t if p > 0 and bias else None), ("ps", t if prev else None),
+             ("pss", t if prev else None), ("fparams", "f32"), ("after", None if write_x else "f32")],
+            [("h_out", "f32"), ("x_out", t if write_x else None), ("p_out", t if p > 0 else None),
+             ("z_out", "f32" if prev else None)],
             [("T", t), ("RT", t), ("H", h), ("HAS_PROJ", p > 0), ("P", max(p, 1)), ("RPW", rpw), ("QM", qm),
              ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("HAS_PREV", prev), ("NP", parts),
-             ("ZEROS", prev), ("NT", norms._NT)])
+             ("ZEROS", prev), ("WRITE_X", write_x), ("NT", norms._NT)])
 
 
 def o_proj_args(o, t, ho=2048):
-    """(inputs, template) of o_proj inside attention, in format o (None: without o_proj, float32 dummies)."""
+    """(inputs, template) of o_proj inside attention, in format o (None: without o_proj, its inputs absent)."""
     qm, wt, st, bt, bits, gs = FORMATS[o or "f32"]
-    return ([("wo", wt), ("wos", st), ("wob", bt), ("bo", t if o else "f32")],
+    return ([("wo", wt if o else None), ("wos", st), ("wob", bt), ("bo", t if o == "affine8" else None)],
             [("HAS_O", o is not None), ("HO", ho if o else 1), ("QM", qm), ("BITS", bits), ("GS", gs),
              ("HAS_OB", o == "affine8")])
 
@@ -122,7 +131,7 @@ def attention_case(nh, nkv, d, t, split, o=None):
     return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}", "decode_attention.h",
             [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"), ("meta", "i32"),
              ("fparams", "f32"), *o_in],
-            [("out", "f32" if split or o else t), ("ml", "f32")],
+            [("out", "f32" if split or o else t), ("ml", "f32" if split else None)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)),
              ("SPLIT", split), *o_tmpl])
 

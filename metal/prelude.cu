@@ -12,6 +12,7 @@
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 #define ZK_ATOMIC_ADD(ptr, i, v) atomicAdd(&(ptr)[(i)], (v))
+#define ZK_ABSENT(name) float* const name = nullptr;
 
 ZK_DEV float zk_simd_sum(float x) {
 #pragma unroll

@@ -10,6 +10,7 @@
 //   ZK_NO_UNROLL    keep the next loop a loop (its rounds' loads are not all hoisted into registers at once)
 //   ZK_U2F(u)       reinterpret 32 bits as a float     ZK_LOAD_U4   one 16-byte load (uint4) at index i
 //   ZK_ATOMIC_ADD(p, i, v)  p[i] += v, atomically (p: a writable float buffer: an output, or ZK_WRITABLE's)
+//   ZK_ABSENT(name) an argument this variant does not take: a null pointer the body must not touch
 //   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp); zk_simd_xor(x, m): lane ^ m's x
 //   zk_exp, zk_sqrt, zk_rsqrt, zk_cos, zk_sin, zk_erf  float32 math
 //   zk_round<T>(x)  round a float to dtype T and back, to follow a reference that rounds there
@@ -32,6 +33,7 @@ using namespace metal;
   atomic_fetch_add_explicit((device atomic_float*)&(ptr)[(i)], (v), memory_order_relaxed)
 #define ZK_LDS4(arr, i) float4((arr)[4 * (i)], (arr)[4 * (i) + 1], (arr)[4 * (i) + 2], (arr)[4 * (i) + 3])
 #define ZK_WRITABLE(T, ptr) const_cast<device T*>(ptr)
+#define ZK_ABSENT(name) device float* const name = nullptr;
 
 ZK_DEV float zk_simd_sum(float x) {
   return simd_sum(x);

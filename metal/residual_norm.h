@@ -12,15 +12,16 @@
 // rows' 16-byte chunks in registers.
 // Template: T (activation dtype), RT (dtype of o + hb: T, or float32 when the scales are float32), H,
 // HAS_PROJ, P (projection rows), RPW (rows a SIMD group), QM, BITS, GS (the projection's weights: QM 0 bf16,
-// 1 f32, 2 affine, 3 mxfp4; bits; group size), HAS_BIAS, HAS_PREV, NP (o's partial sums a row), ZEROS, NT.
+// 1 f32, 2 affine, 3 mxfp4; bits; group size), HAS_BIAS, HAS_PREV, NP (o's partial sums a row), ZEROS, WRITE_X
+// (false: no x_out, where only p_out is read), NT. An argument a variant does not read may be absent (ZK_ABSENT).
 // Inputs: o [N, NP, H] (T, or float32 rounded to T first: the expert kernel's sum, or the NP shares of o_proj
 // that the attention kernel's head blocks wrote, summed here), h [N, H] float32, hs, hb, rs,
 // rb, nw [H], w ([P, H] dense or [P, H * BITS / 32] uint32), ws, wb (scales, biases: [P, H / GS]), bp [P]
 // (the projection's bias), ps [N, P], pss [P] (T: a state carried into p_out, and its scale), fparams [1]
 // float32 (the RMSNorm eps), after (not read: an array that orders this launch after the one that wrote o in
 // place).
-// Outputs: h_out [N, H] float32, x_out [N, H] (T), p_out [N, P] (T) (a dummy without HAS_PROJ), z_out [N, H]
-// float32 zeros with ZEROS (the row the expert kernel adds its sum into; a dummy without).
+// Outputs: h_out [N, H] float32, x_out [N, H] (T) with WRITE_X, p_out [N, P] (T) with HAS_PROJ, z_out [N, H]
+// float32 zeros with ZEROS (the row the expert kernel adds its sum into).
 constexpr int NWARP = NT / 32;
 constexpr int VPV = 4 * ((QM == 0) ? 2 : ((QM == 1) ? 1 : (32 / BITS)));  // values a 16-byte chunk
 constexpr int NV = H / VPV;              // chunks a projection row
@@ -107,7 +108,7 @@ for (int i = 0; i < EPT; ++i) {
   if (k < H) {
     const float xv = zk_round<T>(nv[i] * zk_round<T>(ov[i] * inv));
     zk_x[zk_pad(k)] = xv;
-    if (blk == 0) {
+    if (WRITE_X && blk == 0) {
       x_out[n * H + k] = static_cast<T>(xv);
     }
   }

@@ -88,6 +88,7 @@ thread_local zk_context zk_ctx;
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 #define ZK_ATOMIC_ADD(ptr, i, v) std::atomic_ref<float>((ptr)[(i)]).fetch_add((v))
+#define ZK_ABSENT(name) float* const name = nullptr;
 
 inline float zk_simd_exchange(float x, bool is_max) {
   const int lane = zk_ctx.tid & 31;
@@ -179,8 +180,9 @@ def _library(source: str) -> ctypes.CDLL:
 class EmulatedKernel:
     """Called like mx.fast.cuda_kernel's result; runs the body on the CPU and returns mx arrays."""
 
-    def __init__(self, body: str, input_names, output_names):
+    def __init__(self, body: str, input_names, output_names, absent=()):
         self.body, self.input_names, self.output_names = body, tuple(input_names), tuple(output_names)
+        self.absent = tuple(absent)
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **_):
         # the inputs' own memory where it is contiguous (as MLX passes it), so a body that writes an input in place
@@ -196,7 +198,8 @@ class EmulatedKernel:
         unpack = "\n".join(f"{p} = reinterpret_cast<{p.rsplit(' ', 1)[0]}>(args[{i}]);" for i, p in enumerate(params))
         header = _build._source("common.h")
         src = (PRELUDE + header + "\nstatic void zk_body(void** args) {\n" + unpack + "\n"
-               + "\n".join(_template_line(k, v) for k, v in template) + PROLOGUE + _build._source(self.body) + "\n}\n"
+               + "\n".join(_template_line(k, v) for k, v in template) + PROLOGUE + _build.absent_declarations(self.absent)
+               + _build._source(self.body) + "\n}\n"
                + LAUNCHER)
         lib = _library(src)
         nt = int(threadgroup[0])
@@ -211,17 +214,14 @@ def emulated():
     """Inside, the kernels' launchers get emulated kernels and the back end reads 'cuda' (the CUDA side of a
     body's #ifdefs), so the model's fused decode runs its kernels' bodies here. Not under mx.compile: an
     emulated kernel reads its inputs' values."""
-    launchers = (_build, attention, cca, experts, head, norms, router)  # the modules that call get_kernel
-    modules = launchers + (kernels,)  # and those that ask the back end
-    saved = [m.get_kernel for m in launchers] + [m.backend for m in modules]
-    for m in launchers:
-        m.get_kernel = lambda body, back, inputs, outputs, **_: EmulatedKernel(body, inputs, outputs)
+    modules = (_build, attention, cca, experts, head, norms, router, kernels)  # those that ask the back end
+    saved = [_build.get_kernel] + [m.backend for m in modules]
+    _build.get_kernel = lambda body, back, inputs, outputs, absent=(): EmulatedKernel(body, inputs, outputs, absent)
     for m in modules:
         m.backend = lambda: "cuda"
     try:
         yield
     finally:
-        for m, g in zip(launchers, saved):
-            m.get_kernel = g
-        for m, b in zip(modules, saved[len(launchers):]):
+        _build.get_kernel = saved[0]
+        for m, b in zip(modules, saved[1:]):
             m.backend = b

@@ -2,8 +2,10 @@
 
 import json
 
+import mlx.core as mx
 import pytest
 
+from zaya_mlx.benchmark import count_primitives
 
 
 def bench(run_zaya, tmp_path, *args):
@@ -23,6 +25,7 @@ def test_fewer_experts_keep_a_tokens_work(run_zaya, tmp_path):
     (two,) = bench(run_zaya, tmp_path, "--experts", "2")
     assert four["decode_tps"]["1"] > 0 and two["decode_tps"]["1"] > 0
     assert two["primitives_per_step"] == four["primitives_per_step"]
+    assert two["arguments_per_step"] == four["arguments_per_step"]
     assert abs(two["weight_gb_per_token"] / four["weight_gb_per_token"] - 1) < 1e-3
     unread = four["weight_gb"] - four["weight_gb_per_token"]  # the 3 experts a token does not read
     assert abs((four["weight_gb"] - two["weight_gb"]) / (2 * unread / 3) - 1) < 1e-2
@@ -33,3 +36,16 @@ def test_bad_input_is_one_line(run_zaya, args):
     code, out, err = run_zaya("bench", "--small", *args)
     assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in out + err
+
+
+def test_a_steps_primitives_and_their_arguments_are_counted():
+    """A hand-counted graph: zeros (Broadcast, Full), a cast, a scalar (Broadcast) times it, a split in two, an add:
+    7 primitives taking 1+1+1+1+2+1+2 arrays and making 1+1+1+1+1+2+1."""
+
+    def forward(tokens, cache):
+        a, b = mx.split(tokens.astype(mx.float32) * 2, 2, axis=0)
+        return a + b
+
+    n, kinds, arguments = count_primitives(forward, lambda: [], batch=2)
+    assert n == 7 and kinds["Broadcast"] == 2 and kinds["Split"] == 1
+    assert arguments == (9, 8)

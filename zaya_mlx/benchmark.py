@@ -149,9 +149,11 @@ def _cache_arrays(cache) -> list:
     return out
 
 
-def count_primitives(forward, make_cache, batch: int, prompt: int = 8) -> tuple[int, dict]:
+def count_primitives(forward, make_cache, batch: int, prompt: int = 8) -> tuple[int, dict, tuple[int, int]]:
     """Graph primitives of a decode step (logits and updated caches), as mx.export_to_dot writes them: the second
-    step after the prompt, as every later one (the first may also set up the cache, as the fused step does)."""
+    step after the prompt, as every later one (the first may also set up the cache, as the fused step does).
+    Returns (primitives, their kinds, (inputs, outputs)): the arrays the primitives take and make, each of which
+    costs host time to build and encode every step (bench/RESULTS.md), as the primitives themselves do."""
     cache = make_cache()
     mx.eval(forward(mx.zeros((batch, prompt), mx.int32), cache))
     mx.eval(forward(mx.zeros((batch, 1), mx.int32), cache), _cache_arrays(cache))
@@ -161,8 +163,15 @@ def count_primitives(forward, make_cache, batch: int, prompt: int = 8) -> tuple[
         mx.export_to_dot(path, logits, *_cache_arrays(cache))
         text = open(path).read()
     labels = re.findall(r'label ="([^"]+)", shape=rectangle', text)
+    inputs = len(re.findall(r'^"[^"\n]*" -> \d+$', text, re.M))  # array -> primitive
+    outputs = len(re.findall(r'^\d+ -> "', text, re.M))  # primitive -> array
     mx.eval(logits)
-    return len(labels), dict(collections.Counter(labels).most_common())
+    return len(labels), dict(collections.Counter(labels).most_common()), (inputs, outputs)
+
+
+def _arguments(res: Result, batch: int) -> str:
+    inputs, outputs = res.arguments_per_step[batch]
+    return f"{inputs} inputs, {outputs} outputs"
 
 
 def _argmax_last(logits):
@@ -242,6 +251,7 @@ class Result:
     kv_bytes_per_token: int = 0
     primitives_per_step: dict = field(default_factory=dict)  # batch -> count
     primitive_kinds: dict = field(default_factory=dict)
+    arguments_per_step: dict = field(default_factory=dict)  # batch -> [inputs, outputs] of those primitives
     prefill_tps: dict = field(default_factory=dict)  # batch -> tokens/s
     decode_tps: dict = field(default_factory=dict)
     peak_gb: float = 0.0
@@ -280,7 +290,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
     _fused("1" if fused else "0")
     try:
         for b in batches:
-            n, kinds = count_primitives(model, model.make_cache, b)
+            n, kinds, res.arguments_per_step[b] = count_primitives(model, model.make_cache, b)
             res.primitives_per_step[b] = n
             if b == batches[0]:
                 res.primitive_kinds = kinds
@@ -289,7 +299,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
             res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
             res.build_ms[b] = BUILD_MS[b]
             res.eval_ms[b] = time_step_eval(model, model.make_cache, b, context, config.vocab_size)
-            log(f"  batch {b}: {n} primitives/step, prefill {res.prefill_tps.get(b, 0):.0f} tok/s, "
+            log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), prefill {res.prefill_tps.get(b, 0):.0f} tok/s, "
                 f"decode {res.decode_tps[b]:.1f} tok/s (graph building {BUILD_MS[b]:.2f} ms/step, "
                 f"one step's eval {res.eval_ms[b]:.2f} ms)")
         if check and fused:
@@ -341,13 +351,13 @@ def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context
     res = Result("vMLX ZAYA port", quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
     res.kv_bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * mx.bfloat16.size * config.num_hidden_layers
     for b in batches:
-        n, kinds = count_primitives(model, model.make_cache, b)
+        n, kinds, res.arguments_per_step[b] = count_primitives(model, model.make_cache, b)
         res.primitives_per_step[b] = n
         if b == batches[0]:
             res.primitive_kinds = kinds
         res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
         res.build_ms[b] = BUILD_MS[b]
-        log(f"  batch {b}: {n} primitives/step, decode {res.decode_tps[b]:.1f} tok/s "
+        log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), decode {res.decode_tps[b]:.1f} tok/s "
             f"(graph building {BUILD_MS[b]:.2f} ms/step)")
     res.peak_gb = mx.get_peak_memory() / 1e9
     del model

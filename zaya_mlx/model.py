@@ -578,6 +578,6 @@ def _mlp_block(layer: DecoderLayer, o, h, router_state, next_norm, next_proj=Non
     res = layer.post_mlp_residual_scale
     h, x, qkv = kernels.residual_norm(  # y: the expert kernel's float32 sum; after: runs this after its adds
         y, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
-        next_norm.weight, next_norm.eps, next_proj, dtype=x.dtype, after=after,
+        next_norm.weight, next_norm.eps, next_proj, dtype=x.dtype, after=after, normed=next_proj is None,
     )
     return h, (x if qkv is None else qkv), r

@@ -59,16 +59,21 @@ def _prelude(back: str) -> tuple[str, str]:
     return header, prologue
 
 
-def kernel_source(body: str, back: str) -> tuple[str, str]:
-    """(header, source) for a body file on a back end: what mx.fast.*_kernel receives."""
+def absent_declarations(absent: tuple[str, ...]) -> str:
+    """Null pointers for the body's arguments a variant does not take (the preludes' ZK_ABSENT)."""
+    return "".join(f"ZK_ABSENT({name})\n" for name in absent)
+
+
+def kernel_source(body: str, back: str, absent: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(header, source) for a body file on a back end: what mx.fast.*_kernel receives. absent: see launch."""
     header, prologue = _prelude(back)
-    return header + "\n" + _source("common.h"), prologue + "\n" + _source(body)
+    return header + "\n" + _source("common.h"), prologue + "\n" + absent_declarations(absent) + _source(body)
 
 
 @functools.cache
-def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
+def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...], absent: tuple[str, ...] = ()):
     """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda'), keyed by dtypes."""
-    header, source = kernel_source(body, back)
+    header, source = kernel_source(body, back, absent)
     name = kernel_name(body, header, source)
     if back == "metal":
         kernel = mx.fast.metal_kernel(
@@ -81,6 +86,24 @@ def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str
     else:
         raise ValueError(f"no GPU kernels for back end {back!r}")
     return functools.partial(_call_keyed_by_dtypes, kernel)
+
+
+def launch(body: str, back: str, inputs: list, outputs: list, **kwargs) -> list:
+    """Run a kernel body with only the arguments this call uses.
+
+    inputs: (name, array or None) pairs; outputs: (name, shape or None, dtype) triples, in the body's order. A None
+    leaves that argument out: the body sees a null pointer (ZK_ABSENT), which its template arguments must keep it
+    from touching. Every argument costs host time each step (on MLX-CUDA ~0.6 us an input and ~4 us an output to
+    build and encode a node; bench/RESULTS.md), so a placeholder array where a variant reads nothing is not free.
+    kwargs: the rest of the MLX kernel call (template, grid, threadgroup, init_value). Returns the outputs in
+    order, None where left out."""
+    absent = tuple(n for n, a in inputs if a is None) + tuple(n for n, s, _ in outputs if s is None)
+    kern = get_kernel(body, back, tuple(n for n, a in inputs if a is not None),
+                      tuple(n for n, s, _ in outputs if s is not None), absent)
+    made = iter(kern(inputs=[a for _, a in inputs if a is not None],
+                     output_shapes=[s for _, s, _ in outputs if s is not None],
+                     output_dtypes=[d for _, s, d in outputs if s is not None], **kwargs))
+    return [None if s is None else next(made) for _, s, _ in outputs]
 
 
 def kernel_name(body: str, header: str, source: str) -> str:

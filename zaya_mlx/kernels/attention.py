@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ._build import backend, constant, dummy, get_kernel, use_kernel
+from ._build import backend, constant, launch, use_kernel
 from .cca import filled_array
 from .experts import _parts, _qm, _vpv, as_stack
 
@@ -100,35 +100,33 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
         ho = wo.shape[0]
         bo = o_proj["bias"] if "bias" in o_proj else None
     else:
-        wo, wos, wob, (qm, bits, gs), ho, bo = dummy(), dummy(), dummy(), _qm(dummy()), 1, None
+        wo, wos, wob, (qm, bits, gs), ho, bo = None, None, None, (1, 16, 1), 1, None
     o_template = [("HAS_O", o_proj is not None), ("HO", ho), ("QM", qm), ("BITS", bits), ("GS", gs),
                   ("HAS_OB", bo is not None)]
-    o_inputs = [wo, wos, wob, dummy() if bo is None else bo]
+    o_inputs = [("wo", wo), ("wos", wos), ("wob", wob), ("bo", bo)]
     template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
                 *o_template]
     chunk = CHUNK if split else cap
     nc = (cap + chunk - 1) // chunk
     meta = constant((window or 0, chunk, cap, nc), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
-    kern = get_kernel("decode_attention.h", back,
-                      ("q", "keys", "values", "lpad", "filled", "meta", "fparams", "wo", "wos", "wob", "bo"),
-                      ("out", "ml"))
+    inputs = [("q", q), ("keys", keys), ("values", values), ("lpad", lpad), ("filled", filled_array(filled)),
+              ("meta", meta), ("fparams", constant((scale,), mx.float32)), *o_inputs]
     # o_proj's input: [B, 1, NH * D], the same memory as [B, NH, 1, D] (no reshape node); or o_proj's partial sums
     out_shape, out_dtype = ((B, 1, NH * D), q.dtype) if o_proj is None else ((B, rows // B, ho), mx.float32)
-    inputs = [q, keys, values, lpad, filled_array(filled), meta, constant((scale,), mx.float32), *o_inputs]
     if not split:
-        return kern(inputs=inputs, template=template, grid=(nt, rows, 1), threadgroup=(nt, 1, 1),
-                    output_shapes=[out_shape, (1,)], output_dtypes=[out_dtype, mx.float32])[0]
-    part, ml = kern(inputs=inputs, template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1),
-                    output_shapes=[(B, NH, nc, D), (B, NH, nc, 2)], output_dtypes=[mx.float32, mx.float32])
-    combine = get_kernel("attention_combine.h", back, ("part", "ml", "meta", "wo", "wos", "wob", "bo"), ("out",))
+        return launch("decode_attention.h", back, inputs, [("out", out_shape, out_dtype), ("ml", None, mx.float32)],
+                      template=template, grid=(nt, rows, 1), threadgroup=(nt, 1, 1))[0]
+    part, ml = launch("decode_attention.h", back, inputs,
+                      [("out", (B, NH, nc, D), mx.float32), ("ml", (B, NH, nc, 2), mx.float32)],
+                      template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1))
     nt2 = max(32, D) if o_proj is None else max(256, D)  # with o_proj, 256 threads share its rows
     if o_proj is not None:
         out_shape = (B, NH, ho)
-    return combine(inputs=[part, ml, meta, *o_inputs],
-                   template=[("T", q.dtype), ("D", D), ("NH", NH), ("NT", nt2), *o_template],
-                   grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1), output_shapes=[out_shape],
-                   output_dtypes=[out_dtype])[0]
+    return launch("attention_combine.h", back, [("part", part), ("ml", ml), ("meta", meta), *o_inputs],
+                  [("out", out_shape, out_dtype)],
+                  template=[("T", q.dtype), ("D", D), ("NH", NH), ("NT", nt2), *o_template],
+                  grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1))[0]
 
 
 def decode_attention(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,

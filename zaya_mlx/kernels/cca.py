@@ -24,7 +24,7 @@ import math
 
 import mlx.core as mx
 
-from ._build import backend, constant, get_kernel, use_kernel
+from ._build import backend, constant, launch, use_kernel
 
 
 def _eps(dtype) -> float:
@@ -124,23 +124,6 @@ def offset_array(offset, batch: int) -> mx.array:
     return mx.array([int(offset)] * batch, dtype=mx.int32)
 
 
-_INPUTS = (
-    "qkv",
-    "conv_state",
-    "v_prev",
-    "dw_w",
-    "dw_b",
-    "gw_w",
-    "gw_b",
-    "temp",
-    "offset",
-    "inv_freq",
-    "fparams",
-    "kcache",
-    "vcache",
-    "filled",
-)
-_OUTPUTS = ("q_out", "conv_out", "vprev_out")
 
 
 def _threads(dtype) -> int:
@@ -197,26 +180,14 @@ def _cca_kernel(
     t1 = gw_w.shape[1]
     off = offset_array(offset, B)
     eps = _eps(dtype) if norm_eps is None else norm_eps
-    kern = get_kernel("cca_decode.h", back, _INPUTS, _OUTPUTS)
     nt = _threads(dtype)
-    inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else mx.zeros((1,), mx.float32)
-    q, state, vprev = kern(
-        inputs=[
-            qkv,
-            conv_state.astype(dtype),
-            v_prev.astype(dtype),
-            dw_w,
-            dw_b,
-            gw_w,
-            gw_b,
-            temp,
-            off,
-            inv,
-            constant((float(eps),)),
-            keys,
-            values,
-            filled_array(filled),
-        ],
+    inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else constant((0.0,))
+    q, state, vprev = launch(
+        "cca_decode.h", back,
+        [("qkv", qkv), ("conv_state", conv_state.astype(dtype)), ("v_prev", v_prev.astype(dtype)), ("dw_w", dw_w),
+         ("dw_b", dw_b), ("gw_w", gw_w), ("gw_b", gw_b), ("temp", temp), ("offset", off), ("inv_freq", inv),
+         ("fparams", constant((float(eps),))), ("kcache", keys), ("vcache", values), ("filled", filled_array(filled))],
+        [("q_out", (B, nh, 1, d), dtype), ("conv_out", (B, S, C), dtype), ("vprev_out", (B, nkv * d // 2), dtype)],
         template=[
             ("T", dtype),
             ("D", d),
@@ -230,8 +201,6 @@ def _cca_kernel(
         ],
         grid=((nh + nkv) * nt, B, 1),
         threadgroup=(nt, 1, 1),
-        output_shapes=[(B, nh, 1, d), (B, S, C), (B, nkv * d // 2)],
-        output_dtypes=[dtype] * 3,
     )
     return q, keys, values, state, vprev
 

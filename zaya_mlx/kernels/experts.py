@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import router as router_op
-from ._build import backend, dummy, get_kernel, use_kernel
+from ._build import backend, launch, use_kernel
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,6 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
 
 # --- kernel --------------------------------------------------------------------------------------
 
-_INPUTS = ("x", "expert", "rweight", "wgu", "sgu", "bgu", "wd", "sd", "bd", "r", "nw", "w1", "b1", "w2", "b2", "wo",
-           "bal", "fparams", "yin")
-_OUTPUTS = ("y",)
 _NT = 512
 _CW = 32  # intermediate channels a threadgroup: 64 threadgroups for ZAYA's 2048, one 4-bit chunk of a down row
 MAX_K = 6144  # input width: the padded input row in 32 KB of threadgroup memory (here and in metal/matvec.h)
@@ -164,10 +161,10 @@ def kernel_supported(x, gate_up, down) -> bool:
 
 
 def _parts(w):
-    """(weight, scales, biases, (QM, BITS, GS)) as the kernel reads them; dummies where a form has none."""
+    """(weight, scales, biases, (QM, BITS, GS)) as the kernel reads them; None where a form has none."""
     if isinstance(w, QuantizedStack):
-        return w.weight, w.scales, (w.biases if w.biases is not None else dummy()), _qm(w)
-    return w, dummy(), dummy(), _qm(w)
+        return w.weight, w.scales, w.biases, _qm(w)
+    return w, None, None, _qm(w)
 
 
 def routed_kernel_supported(x, r, router: router_op.RouterWeights, gate_up, down) -> bool:
@@ -195,24 +192,24 @@ def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, into
     if routing is None:
         if expert.dtype != mx.int32:
             expert = expert.astype(mx.int32)
-        chosen, routed = [expert, weight], [dummy()] * 9
+        r, router_inputs = None, [None] * 8
         router_template = [("TR", mx.float32), ("R", 8), ("NE1", 1), ("WQ", 1)]
     else:
         r, router = routing
-        chosen, routed = [dummy(mx.int32), dummy()], [r, *router.kernel_inputs()]
+        expert, weight, router_inputs = None, None, router.kernel_inputs()
         router_template = [("TR", r.dtype), *router.template()]
     wgu, sgu, bgu, (qa, ba, ga) = _parts(gu)
     wd, sd, bd, (qb, bb, gb) = _parts(dn)
-    kern = get_kernel("expert_mlp.h", back, _INPUTS, _OUTPUTS)
-    out = kern(
-        inputs=[x, *chosen, wgu, sgu, bgu, wd, sd, bd, *routed, dummy() if into is None else into],
+    out = launch(
+        "expert_mlp.h", back,
+        [("x", x), ("expert", expert), ("rweight", weight), ("wgu", wgu), ("sgu", sgu), ("bgu", bgu), ("wd", wd),
+         ("sd", sd), ("bd", bd), ("r", r), *zip(router_op.INPUT_NAMES, router_inputs), ("yin", into)],
+        [("y", tuple(x.shape) if into is None else (1,), mx.float32)],
         template=[("T", x.dtype), ("H", H), ("I", I), ("CW", _CW), ("QA", qa), ("BA", ba), ("GA", ga),
                   ("QB", qb), ("BB", bb), ("GB", gb), ("NE", gu.shape[0]), ("ROUTED", routing is not None),
                   *router_template, ("IN_PLACE", into is not None), ("NT", _NT)],
         grid=((I // _CW) * _NT, N, 1),
         threadgroup=(_NT, 1, 1),
-        output_shapes=[tuple(x.shape) if into is None else (1,)],
-        output_dtypes=[mx.float32],
         init_value=0.0 if into is None else None,
     )[0]
     return out if into is None else (into, out)

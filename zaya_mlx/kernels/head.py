@@ -9,7 +9,7 @@ at batch 8, 1,161 us against 894, since the body reads the matrix once a row (``
 
 from __future__ import annotations
 
-from ._build import backend, get_kernel, use_kernel
+from ._build import backend, launch, use_kernel
 from .experts import MAX_K, _parts, _qm, _vpv, as_stack
 
 MAX_ROWS = 4
@@ -46,13 +46,11 @@ def _matvec(x, w, back):
     K = x.shape[-1]
     nout = wt.shape[0]
     per_block = (_NT // 32) * _RPW
-    kern = get_kernel("matvec.h", back, ("x", "w", "scales", "biases"), ("y",))
-    return kern(
-        inputs=[x, wt, sc, bi],
+    return launch(
+        "matvec.h", back, [("x", x), ("w", wt), ("scales", sc), ("biases", bi)],
+        [("y", tuple(x.shape[:-1]) + (nout,), x.dtype)],
         template=[("T", x.dtype), ("K", K), ("NOUT", nout), ("QM", qm), ("BITS", bits), ("GS", gs), ("RPW", _RPW),
                   ("NT", _NT)],
         grid=(-(-nout // per_block) * _NT, x.size // K, 1),
         threadgroup=(_NT, 1, 1),
-        output_shapes=[tuple(x.shape[:-1]) + (nout,)],
-        output_dtypes=[x.dtype],
     )[0]

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ._build import backend, constant, dummy, get_kernel, use_kernel
+from ._build import backend, constant, dummy, launch, use_kernel
 from .experts import _parts, _qm, _vpv, as_stack
 
 
 def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, zeros=False,
-                            after=None):
+                            after=None, normed=True):
     """Plain MLX ops. o [..., H] (attention or MoE output), or P partial sums of it [..., P, H] where h is
     [..., 1, H] (o_proj's shares from the attention kernel), h [..., H] float32 (the residual stream),
     hs/hb/rs/rb [H] (hidden_states_scale/bias, residual_scale/bias), norm_w [H], eps; proj: a linear layer
@@ -25,7 +25,8 @@ def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=
     comes in float32 (the expert kernel's sum), which o is rounded to first (default: o's); prev_state: with
     proj, (state [..., P], scale [P]) added to its output as state * scale (the previous layer's router state);
     zeros: also return a float32 zero row of h's shape (for the expert kernel to add into, see
-    experts.expert_gather_kernel); after: an array the kernel must run after (ignored here).
+    experts.expert_gather_kernel); after: an array the kernel must run after (ignored here); normed: with proj,
+    False when the caller reads only proj(x) (x comes back None: the kernel then writes no x).
     Returns (h_new float32, x = rmsnorm(h_new), proj(x) (+ state * scale) or None), then the zeros with zeros."""
     if o.size != h.size:
         o = o.reshape(*h.shape[:-1], -1, h.shape[-1]).sum(axis=-2)
@@ -36,11 +37,11 @@ def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=
     p = None if proj is None else proj(x)
     if prev_state is not None:
         p = p + prev_state[0] * prev_state[1]
+    if not normed and proj is not None:
+        x = None
     return (h_new, x, p, mx.zeros(h.shape, mx.float32)) if zeros else (h_new, x, p)
 
 
-_INPUTS = ("o", "h", "hs", "hb", "rs", "rb", "nw", "w", "ws", "wb", "bp", "ps", "pss", "fparams", "after")
-_OUTPUTS = ("h_out", "x_out", "p_out", "z_out")
 _NT = 256
 _MAX_CHUNKS = 16  # 16-byte weight chunks a lane holds in registers (one float32 row of 2,048)
 _MAX_PARTS = 16  # partial sums of o a thread adds (the attention kernel's head blocks)
@@ -74,7 +75,7 @@ def kernel_supported(o, h, proj=None, prev_state=None) -> bool:
 
 
 def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, zeros=False,
-                         after=None, *, back=None):
+                         after=None, normed=True, *, back=None):
     back = back or backend()
     H = h.shape[-1]
     N = h.size // H
@@ -87,33 +88,35 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
         rpw = _rows_per_simd_group(H, qm, bits)
         nblk = -(-P // ((_NT // 32) * rpw))
     else:
-        w, ws, wb, (qm, bits, gs), P, bias, rpw, nblk = dummy(dtype), dummy(), dummy(), (0, 16, 1), 1, None, 1, 1
+        # w: read, and dropped, by the loads that are issued with no branch in front (zk_load_chunk)
+        w, ws, wb, (qm, bits, gs), P, bias, rpw, nblk = dummy(dtype), None, None, (0, 16, 1), 1, None, 1, 1
+    write_x = normed or proj is None
+    ps, pss = prev_state or (None, None)
     # the dtype of (o + hb): the activation dtype, unless the residual parameters are float32
     rt = mx.float32 if (hs.dtype == mx.float32 or hb.dtype == mx.float32 or dtype == mx.float32) else dtype
-    kern = get_kernel("residual_norm.h", back, _INPUTS, _OUTPUTS)
-    outs = kern(
-        inputs=[o, h, hs, hb, rs, rb, norm_w, w, ws, wb, dummy(dtype) if bias is None else bias,
-                *(prev_state or (dummy(dtype), dummy(dtype))), constant((float(eps),)),
-                dummy() if after is None else after],
+    h_new, x, p, z = launch(
+        "residual_norm.h", back,
+        [("o", o), ("h", h), ("hs", hs), ("hb", hb), ("rs", rs), ("rb", rb), ("nw", norm_w), ("w", w), ("ws", ws),
+         ("wb", wb), ("bp", bias), ("ps", ps), ("pss", pss), ("fparams", constant((float(eps),))), ("after", after)],
+        [("h_out", tuple(h.shape), mx.float32), ("x_out", tuple(h.shape) if write_x else None, dtype),
+         ("p_out", tuple(h.shape[:-1]) + (P,) if proj is not None else None, dtype),
+         ("z_out", tuple(h.shape) if zeros else None, mx.float32)],
         template=[("T", dtype), ("RT", rt), ("H", H), ("HAS_PROJ", proj is not None), ("P", P), ("RPW", rpw),
                   ("QM", qm), ("BITS", bits), ("GS", gs), ("HAS_BIAS", bias is not None),
-                  ("HAS_PREV", prev_state is not None), ("NP", parts), ("ZEROS", zeros), ("NT", _NT)],
+                  ("HAS_PREV", prev_state is not None), ("NP", parts), ("ZEROS", zeros), ("WRITE_X", write_x),
+                  ("NT", _NT)],
         grid=(nblk * _NT, N, 1),
         threadgroup=(_NT, 1, 1),
-        output_shapes=[tuple(h.shape), tuple(h.shape), tuple(h.shape[:-1]) + (P,) if proj is not None else (1,),
-                       tuple(h.shape) if zeros else (1,)],
-        output_dtypes=[mx.float32, dtype, dtype, mx.float32],
     )
-    h_new, x, p = outs[0], outs[1], (outs[2] if proj is not None else None)
-    return (h_new, x, p, outs[3]) if zeros else (h_new, x, p)
+    return (h_new, x, p, z) if zeros else (h_new, x, p)
 
 
 def residual_norm(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, zeros=False,
-                  after=None, *, impl="auto"):
+                  after=None, normed=True, *, impl="auto"):
     """Residual scaling + RMSNorm (+ a projection of the normed row, + a carried state, + a zero row); impl:
     'auto', 'kernel' or 'reference'."""
     back = backend()
-    args = (o, h, hs, hb, rs, rb, norm_w, eps, proj, dtype, prev_state, zeros, after)
+    args = (o, h, hs, hb, rs, rb, norm_w, eps, proj, dtype, prev_state, zeros, after, normed)
     if use_kernel(impl, back, lambda: kernel_supported(o, h, proj, prev_state), "the residual-norm kernel"):
         return residual_norm_kernel(*args, back=back)
     return residual_norm_reference(*args)

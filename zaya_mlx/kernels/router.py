@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._build import backend, constant, get_kernel, use_kernel
+from ._build import backend, constant, launch, use_kernel
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class RouterWeights:
     eps: float
 
     def kernel_inputs(self) -> list:
-        """The kernels' inputs nw, w1, b1, w2, b2, wo, bal, fparams, in the dtypes they read."""
+        """The kernels' inputs (INPUT_NAMES) in the dtypes they read."""
         return [self.norm_w, self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b.astype(self.fc1_b.dtype), self.out_w,
                 self.bal.astype(mx.float32), constant((float(self.eps),))]
 
@@ -55,8 +55,7 @@ def router_mlp_reference(r, router: RouterWeights):
     return choice, weight
 
 
-_INPUTS = ("r", "nw", "w1", "b1", "w2", "b2", "wo", "bal", "fparams")
-_OUTPUTS = ("choice", "prob")
+INPUT_NAMES = ("nw", "w1", "b1", "w2", "b2", "wo", "bal", "fparams")  # RouterWeights.kernel_inputs, in order
 
 
 def threads(R: int) -> int:
@@ -83,14 +82,12 @@ def router_mlp_kernel(r, router: RouterWeights, *, back=None):
     R = r.shape[-1]
     N = r.size // R
     nt = threads(R)
-    kern = get_kernel("router_mlp.h", back, _INPUTS, _OUTPUTS)
-    return tuple(kern(
-        inputs=[r, *router.kernel_inputs()],
+    return tuple(launch(
+        "router_mlp.h", back, [("r", r), *zip(INPUT_NAMES, router.kernel_inputs())],
+        [("choice", tuple(r.shape[:-1]), mx.int32), ("prob", tuple(r.shape[:-1]), mx.float32)],
         template=[("T", r.dtype), *router.template(), ("NT", nt)],
         grid=(N * nt, 1, 1),
         threadgroup=(nt, 1, 1),
-        output_shapes=[tuple(r.shape[:-1]), tuple(r.shape[:-1])],
-        output_dtypes=[mx.int32, mx.float32],
     ))
 
 
