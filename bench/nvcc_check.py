@@ -26,14 +26,18 @@ MOCK_MLX_HEADER = """
 #include <cooperative_groups.h>
 """
 
+EPS = _build.float_bits(1e-5)  # a float template argument: its bits
 CT = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "u32": "uint32_t", "i32": "int32_t", "u8": "uint8_t"}
 
 
 def build(name, body, inputs, outputs, template):
-    """inputs, outputs: (name, type) pairs, type None for an argument the variant leaves out (ZK_ABSENT)."""
+    """inputs, outputs: (name, type) pairs, type None for an argument the variant leaves out (ZK_ABSENT), "pack" for
+    one that travels in the packed float32 input (ZK_VIEW; the offsets do not matter to the compiler)."""
     absent = tuple(n for n, t in inputs + outputs if t is None)
-    inputs, outputs = [(n, t) for n, t in inputs if t], [(n, t) for n, t in outputs if t]
-    header, source = _build.kernel_source(body, "cuda", absent)
+    views = tuple((n, 0) for n, t in inputs if t == "pack")
+    inputs = [(n, t) for n, t in inputs if t and t != "pack"] + ([("zk_pack", "f32")] if views else [])
+    outputs = [(n, t) for n, t in outputs if t]
+    header, source = _build.kernel_source(body, "cuda", absent, views)
     s = MOCK_MLX_HEADER + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
     s += f"__global__ void {name}(\n"
     args = [f"    const {CT[t]}* {n}" for n, t in inputs] + [f"    {CT[t]}* {n}" for n, t in outputs]
@@ -50,13 +54,13 @@ def build(name, body, inputs, outputs, template):
 
 
 def cca_case(nh, nkv, d, t0, t1, rd, t):
-    io = [("qkv", t), ("conv_state", t), ("v_prev", t), ("dw_w", t), ("dw_b", t), ("gw_w", t), ("gw_b", t),
-          ("temp", t), ("offset", "i32"), ("inv_freq", "f32"), ("fparams", "f32"), ("kcache", t), ("vcache", t),
+    io = [("qkv", t), ("conv_state", t), ("v_prev", t), ("dw_w", "pack"), ("dw_b", "pack"), ("gw_w", t),
+          ("gw_b", "pack"), ("temp", "pack"), ("offset", "i32"), ("inv_freq", "pack"), ("kcache", t), ("vcache", t),
           ("filled", "i32")]
     return (f"cca_{nh}_{nkv}_{d}_{t0}{t1}_{t}", "cca_decode.h", io,
             [("q_out", t), ("conv_out", t), ("vprev_out", t)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("T0", t0), ("T1", t1), ("RD", rd),
-             ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32)), ("CAP", 256)])
+             ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32)), ("CAP", 256), ("EPS", EPS)])
 
 
 # Weight formats as the kernels read them: (QM, weight, scales, biases types (None: absent), bits, group size)
@@ -65,8 +69,8 @@ FORMATS = {"bf16": (0, "bf16", None, None, 16, 1), "f32": (1, "f32", None, None,
            "mxfp4": (3, "u32", "u8", None, 4, 32)}
 
 
-ROUTER_INPUTS = [("nw", "bf16"), ("w1", "bf16"), ("b1", "bf16"), ("w2", "bf16"), ("b2", "bf16"), ("wo", "bf16"),
-                 ("bal", "f32"), ("fparams", "f32")]
+ROUTER_INPUTS = [("nw", "pack"), ("w1", "bf16"), ("b1", "pack"), ("w2", "bf16"), ("b2", "pack"), ("wo", "bf16"),
+                 ("bal", "pack")]
 
 
 def expert_case(qm, wt, st, bt, bits, gs, routed=False):
@@ -80,7 +84,7 @@ def expert_case(qm, wt, st, bt, bits, gs, routed=False):
             [("y", "f32")],
             [("T", "bf16"), ("H", 2048), ("I", 2048), ("CW", experts._CW), ("QA", qm), ("BA", bits), ("GA", gs),
              ("QB", qm), ("BB", bits), ("GB", gs), ("NE", 16), ("ROUTED", routed), ("TR", "bf16"),
-             ("R", 256 if routed else 8), ("NE1", 17 if routed else 1), ("WQ", 0 if routed else 1),
+             ("R", 256 if routed else 8), ("NE1", 17 if routed else 1), ("WQ", 0 if routed else 1), ("REPS", EPS),
              ("IN_PLACE", routed), ("NT", experts._NT)])
 
 
@@ -95,7 +99,8 @@ def router_case(r, ne1, t):
     return (f"router_{r}_{t}", "router_mlp.h",
             [("r", "bf16"), *[(n, t if n in ("w1", "w2", "wo") else d) for n, d in ROUTER_INPUTS]],
             [("choice", "i32"), ("prob", "f32")],
-            [("T", "bf16"), ("R", r), ("NE1", ne1), ("WQ", 0 if t == "bf16" else 1), ("NT", router.threads(r))])
+            [("T", "bf16"), ("R", r), ("NE1", ne1), ("WQ", 0 if t == "bf16" else 1), ("REPS", EPS),
+             ("NT", router.threads(r))])
 
 
 def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1, prev=False):
@@ -107,14 +112,14 @@ def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1, prev=False
     rpw = norms._rows_per_simd_group(h, qm, bits)
     write_x = prev or p == 0
     return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}_{parts}_{prev}", "residual_norm.h",
-            [("o", t if parts == 1 else "f32"), ("h", "f32"), ("hs", t), ("hb", t), ("rs", t), ("rb", t), ("nw", t),
-             ("w", wt), ("ws", st), ("wb", bt), ("bp", t if p > 0 and bias else None), ("ps", t if prev else None),
-             ("pss", t if prev else None), ("fparams", "f32"), ("after", None if write_x else "f32")],
+            [("o", t if parts == 1 else "f32"), ("h", "f32"), ("hs", "pack"), ("hb", "pack"), ("rs", "pack"),
+             ("rb", "pack"), ("nw", "pack"), ("w", wt), ("ws", st), ("wb", bt), ("bp", "pack" if p > 0 and bias else None),
+             ("ps", t if prev else None), ("pss", "pack" if prev else None), ("after", None if write_x else "f32")],
             [("h_out", "f32"), ("x_out", t if write_x else None), ("p_out", t if p > 0 else None),
              ("z_out", "f32" if prev else None)],
             [("T", t), ("RT", t), ("H", h), ("HAS_PROJ", p > 0), ("P", max(p, 1)), ("RPW", rpw), ("QM", qm),
              ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("HAS_PREV", prev), ("NP", parts),
-             ("ZEROS", prev), ("WRITE_X", write_x), ("NT", norms._NT)])
+             ("ZEROS", prev), ("WRITE_X", write_x), ("EPS", EPS), ("NT", norms._NT)])
 
 
 def o_proj_args(o, t, ho=2048):
@@ -129,17 +134,18 @@ def attention_case(nh, nkv, d, t, split, o=None):
     hb = attention._heads_per_threadgroup(nh, nkv)
     o_in, o_tmpl = o_proj_args(o, t)
     return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}", "decode_attention.h",
-            [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"), ("meta", "i32"),
-             ("fparams", "f32"), *o_in],
+            [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"), *o_in],
             [("out", "f32" if split or o else t), ("ml", "f32" if split else None)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)),
-             ("SPLIT", split), *o_tmpl])
+             ("SPLIT", split), *o_tmpl, ("W", 0), ("CH", 512 if split else 256), ("CAP", 2048 if split else 256),
+             ("NC", 4 if split else 1), ("SCALE", _build.float_bits(d ** -0.5))])
 
 
 def combine_case(o, t="bf16", d=128):
     o_in, o_tmpl = o_proj_args(o, t)
-    return (f"attention_combine_{o}", "attention_combine.h", [("part", "f32"), ("ml", "f32"), ("meta", "i32"), *o_in],
-            [("out", "f32" if o else t)], [("T", t), ("D", d), ("NH", 8), ("NT", max(256, d) if o else d), *o_tmpl])
+    return (f"attention_combine_{o}", "attention_combine.h", [("part", "f32"), ("ml", "f32"), *o_in],
+            [("out", "f32" if o else t)], [("T", t), ("D", d), ("NH", 8), ("NT", max(256, d) if o else d), ("NC", 4),
+                                     *o_tmpl])
 
 
 DTYPES = ("bf16", "f32")

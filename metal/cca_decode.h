@@ -17,10 +17,11 @@
 // waits for another.
 // Template: T (activation dtype: bfloat16 or float32), D, NH, NKV, T0, T1, RD (rope dims, even, <= D), NT
 // (threads, >= D, T1 * D and S * D; each SIMD group holds its grouped-conv rows in registers, 16 bytes a
-// lane and channel, so NT sets the registers a thread may use), CAP (the cache buffers' positions).
+// lane and channel, so NT sets the registers a thread may use), CAP (the cache buffers' positions), EPS (the
+// norm's eps clamp, its float32 bits).
 // Inputs: qkv [B, P] (P = C + NKV*D, C = (NH+NKV)*D: q, k, v_current, v_delayed), conv_state [B, S, C]
 // (S = T0-1 + T1-1 >= 1), v_prev [B, NKV*D/2], dw_w [C, T0], dw_b [C], gw_w [C, T1, D], gw_b [C],
-// temp [NKV], offset [B] int32, inv_freq [RD/2] float32, fparams [1] float32 (the norm's eps clamp),
+// temp [NKV], offset [B] int32, inv_freq [RD/2] float32,
 // kcache, vcache [B, NKV, CAP, D] (T; written in place), filled [1] int32 (positions held after the write).
 // Outputs: q_out [B, NH, 1, D], conv_out [B, S, C], vprev_out [B, NKV*D/2]. Arithmetic is float32,
 // rounded to T where the reference rounds.
@@ -89,7 +90,7 @@ const float vd = static_cast<float>(qkv[xrow + C + VH + kh * (D / 2) + ((cc < D 
 const int ri = (cc < HALF) ? cc : ((cc < RD) ? cc - HALF : 0);
 const float pos = static_cast<float>(offset[b]);
 const float freq = inv_freq[ri];
-const float eps = fparams[0];
+const float eps = ZK_U2F(EPS);
 // step 3: this SIMD group's grouped-conv rows, 16 bytes a lane, and their biases
 uint4 gwv[CPW][KI];
 float gb[CPW];

@@ -22,12 +22,12 @@
 // (4-bit at ZAYA's widths) makes one trip to memory.
 // Template: T (activation dtype), H, I, CW (a multiple of the 16-byte chunk of both weight formats), QA, BA,
 // GA (gate/up weights: QM 0 bf16, 1 f32, 2 affine, 3 mxfp4; bits; group size), QB, BB, GB (the same for
-// down), NE (experts), ROUTED, TR, R, NE1, WQ (the router: r's dtype, then as in router_mlp.h; placeholders without
-// ROUTED), IN_PLACE, NT (threads; 2 * CW a multiple of its SIMD groups).
+// down), NE (experts), ROUTED, TR, R, NE1, WQ, REPS (the router: r's dtype, then as in router_mlp.h; placeholders
+// without ROUTED), IN_PLACE, NT (threads; 2 * CW a multiple of its SIMD groups).
 // Inputs: x [N, H], expert [N] int32, rweight [N] (the choice and its weight; absent with ROUTED), wgu [NE, 2I,
 // H] (gate rows first, then up; dense, or packed uint32), sgu, bgu (scales, biases: [NE, 2I, H / GA]), wd [NE,
-// H, I], sd, bd ([NE, H, I / GB]); with ROUTED, r [N, R] and the router's nw, w1, b1, w2, b2, wo, bal, fparams
-// as router_mlp.h reads them (absent without); yin [N, H] float32 (zeros, added into with IN_PLACE; else absent).
+// H, I], sd, bd ([NE, H, I / GB]); with ROUTED, r [N, R] and the router's nw, w1, b1, w2, b2, wo, bal as
+// router_mlp.h reads them (absent without); yin [N, H] float32 (zeros, added into with IN_PLACE; else absent).
 // An argument a variant does not read is absent (ZK_ABSENT: scales or biases a weight format has none of, too).
 // Output: y [N, H] float32: (W_down h) * weight, with h rounded to T where the reference rounds; with IN_PLACE,
 // that goes to yin and y is [1], unwritten.
@@ -62,7 +62,7 @@ ZK_SHARED float zk_rred[NWARP];
 int e;
 float prob;
 if (ROUTED) {
-  const zk_routed best = zk_route<TR, R, NE1, WQ, NT>(r + n * R, nw, w1, b1, w2, b2, wo, bal, fparams[0], zk_ra,
+  const zk_routed best = zk_route<TR, R, NE1, WQ, NT>(r + n * R, nw, w1, b1, w2, b2, wo, bal, ZK_U2F(REPS), zk_ra,
                                                      zk_rh, zk_rl, zk_rred, zk_tid);
   e = best.choice;
   prob = best.prob;

@@ -13,6 +13,7 @@
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 #define ZK_ATOMIC_ADD(ptr, i, v) atomicAdd(&(ptr)[(i)], (v))
 #define ZK_ABSENT(name) float* const name = nullptr;
+#define ZK_VIEW(name, pack, offset) const float* const name = (pack) + (offset);
 
 ZK_DEV float zk_simd_sum(float x) {
 #pragma unroll

@@ -11,6 +11,7 @@
 //   ZK_U2F(u)       reinterpret 32 bits as a float     ZK_LOAD_U4   one 16-byte load (uint4) at index i
 //   ZK_ATOMIC_ADD(p, i, v)  p[i] += v, atomically (p: a writable float buffer: an output, or ZK_WRITABLE's)
 //   ZK_ABSENT(name) an argument this variant does not take: a null pointer the body must not touch
+//   ZK_VIEW(name, pack, offset)  an argument that is a float32 slice of another (weights packed into one input)
 //   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp); zk_simd_xor(x, m): lane ^ m's x
 //   zk_exp, zk_sqrt, zk_rsqrt, zk_cos, zk_sin, zk_erf  float32 math
 //   zk_round<T>(x)  round a float to dtype T and back, to follow a reference that rounds there
@@ -34,6 +35,7 @@ using namespace metal;
 #define ZK_LDS4(arr, i) float4((arr)[4 * (i)], (arr)[4 * (i) + 1], (arr)[4 * (i) + 2], (arr)[4 * (i) + 3])
 #define ZK_WRITABLE(T, ptr) const_cast<device T*>(ptr)
 #define ZK_ABSENT(name) device float* const name = nullptr;
+#define ZK_VIEW(name, pack, offset) const device float* const name = (pack) + (offset);
 
 ZK_DEV float zk_simd_sum(float x) {
   return simd_sum(x);

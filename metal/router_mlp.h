@@ -6,9 +6,8 @@
 //
 // Grid: one threadgroup of NT threads per token (x = n).
 // Template: T (activation dtype), R (router width, a multiple of 8), NE1 (experts + skip), WQ (weights: 0 bf16,
-// 1 f32), NT.
-// Inputs: r [N, R], nw [R], w1 [R, R], b1 [R], w2 [R, R], b2 [R], wo [NE1, R], bal [NE1] float32, fparams [1]
-// float32 (the RMSNorm eps).
+// 1 f32), REPS (the RMSNorm eps's float32 bits), NT.
+// Inputs: r [N, R], nw [R], w1 [R, R], b1 [R], w2 [R, R], b2 [R], wo [NE1, R], bal [NE1] float32.
 // Outputs: choice [N] int32, prob [N] float32 (softmax in float32 over T logits).
 const int n = zk_bx;
 
@@ -17,7 +16,7 @@ ZK_SHARED float zk_h[R + R / 32];
 ZK_SHARED float zk_l[NE1];
 ZK_SHARED float zk_red[NT / 32];
 
-const zk_routed best = zk_route<T, R, NE1, WQ, NT>(r + n * R, nw, w1, b1, w2, b2, wo, bal, fparams[0], zk_a, zk_h,
+const zk_routed best = zk_route<T, R, NE1, WQ, NT>(r + n * R, nw, w1, b1, w2, b2, wo, bal, ZK_U2F(REPS), zk_a, zk_h,
                                                    zk_l, zk_red, zk_tid);
 if (zk_tid == 0) {
   choice[n] = best.choice;

@@ -89,6 +89,7 @@ thread_local zk_context zk_ctx;
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 #define ZK_ATOMIC_ADD(ptr, i, v) std::atomic_ref<float>((ptr)[(i)]).fetch_add((v))
 #define ZK_ABSENT(name) float* const name = nullptr;
+#define ZK_VIEW(name, pack, offset) const float* const name = (pack) + (offset);
 
 inline float zk_simd_exchange(float x, bool is_max) {
   const int lane = zk_ctx.tid & 31;
@@ -180,9 +181,9 @@ def _library(source: str) -> ctypes.CDLL:
 class EmulatedKernel:
     """Called like mx.fast.cuda_kernel's result; runs the body on the CPU and returns mx arrays."""
 
-    def __init__(self, body: str, input_names, output_names, absent=()):
+    def __init__(self, body: str, input_names, output_names, absent=(), views=()):
         self.body, self.input_names, self.output_names = body, tuple(input_names), tuple(output_names)
-        self.absent = tuple(absent)
+        self.absent, self.views = tuple(absent), tuple(views)
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **_):
         # the inputs' own memory where it is contiguous (as MLX passes it), so a body that writes an input in place
@@ -198,7 +199,7 @@ class EmulatedKernel:
         unpack = "\n".join(f"{p} = reinterpret_cast<{p.rsplit(' ', 1)[0]}>(args[{i}]);" for i, p in enumerate(params))
         header = _build._source("common.h")
         src = (PRELUDE + header + "\nstatic void zk_body(void** args) {\n" + unpack + "\n"
-               + "\n".join(_template_line(k, v) for k, v in template) + PROLOGUE + _build.absent_declarations(self.absent)
+               + "\n".join(_template_line(k, v) for k, v in template) + PROLOGUE + _build.declarations(self.absent, self.views)
                + _build._source(self.body) + "\n}\n"
                + LAUNCHER)
         lib = _library(src)
@@ -216,7 +217,8 @@ def emulated():
     emulated kernel reads its inputs' values."""
     modules = (_build, attention, cca, experts, head, norms, router, kernels)  # those that ask the back end
     saved = [_build.get_kernel] + [m.backend for m in modules]
-    _build.get_kernel = lambda body, back, inputs, outputs, absent=(): EmulatedKernel(body, inputs, outputs, absent)
+    _build.get_kernel = lambda body, back, inputs, outputs, absent=(), views=(): EmulatedKernel(body, inputs, outputs,
+                                                                                                absent, views)
     for m in modules:
         m.backend = lambda: "cuda"
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
+import weakref
 import zlib
 from importlib import resources
 from pathlib import Path
@@ -59,21 +61,25 @@ def _prelude(back: str) -> tuple[str, str]:
     return header, prologue
 
 
-def absent_declarations(absent: tuple[str, ...]) -> str:
-    """Null pointers for the body's arguments a variant does not take (the preludes' ZK_ABSENT)."""
-    return "".join(f"ZK_ABSENT({name})\n" for name in absent)
+def declarations(absent: tuple[str, ...] = (), views: tuple[tuple[str, int], ...] = ()) -> str:
+    """The body's arguments that are not the kernel's own: null pointers for those a variant does not take
+    (ZK_ABSENT), and float32 pointers into the packed input zk_pack (ZK_VIEW). See launch."""
+    return ("".join(f"ZK_ABSENT({name})\n" for name in absent)
+            + "".join(f"ZK_VIEW({name}, zk_pack, {offset})\n" for name, offset in views))
 
 
-def kernel_source(body: str, back: str, absent: tuple[str, ...] = ()) -> tuple[str, str]:
-    """(header, source) for a body file on a back end: what mx.fast.*_kernel receives. absent: see launch."""
+def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tuple[tuple[str, int], ...] = ()
+                  ) -> tuple[str, str]:
+    """(header, source) for a body file on a back end: what mx.fast.*_kernel receives. absent, views: see launch."""
     header, prologue = _prelude(back)
-    return header + "\n" + _source("common.h"), prologue + "\n" + absent_declarations(absent) + _source(body)
+    return header + "\n" + _source("common.h"), prologue + "\n" + declarations(absent, views) + _source(body)
 
 
 @functools.cache
-def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...], absent: tuple[str, ...] = ()):
+def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...], absent: tuple[str, ...] = (),
+               views: tuple[tuple[str, int], ...] = ()):
     """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda'), keyed by dtypes."""
-    header, source = kernel_source(body, back, absent)
+    header, source = kernel_source(body, back, absent, views)
     name = kernel_name(body, header, source)
     if back == "metal":
         kernel = mx.fast.metal_kernel(
@@ -88,22 +94,54 @@ def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str
     return functools.partial(_call_keyed_by_dtypes, kernel)
 
 
-def launch(body: str, back: str, inputs: list, outputs: list, **kwargs) -> list:
+def launch(body: str, back: str, inputs: list, outputs: list, *, pack: tuple[str, ...] = (), **kwargs) -> list:
     """Run a kernel body with only the arguments this call uses.
 
+    Every argument costs host time each step (on MLX-CUDA ~0.6 us an input and ~4 us an output to build and encode
+    a node; bench/RESULTS.md), and batch 1 is bound by the host, so a call passes as few arrays as it can.
     inputs: (name, array or None) pairs; outputs: (name, shape or None, dtype) triples, in the body's order. A None
     leaves that argument out: the body sees a null pointer (ZK_ABSENT), which its template arguments must keep it
-    from touching. Every argument costs host time each step (on MLX-CUDA ~0.6 us an input and ~4 us an output to
-    build and encode a node; bench/RESULTS.md), so a placeholder array where a variant reads nothing is not free.
+    from touching. pack: names of inputs that are weights (the same arrays every call) which the body reads one
+    scalar at a time through static_cast<float>: they travel as one float32 input, packed once (``packed``), and
+    the body sees each as a float32 pointer into it (ZK_VIEW).
     kwargs: the rest of the MLX kernel call (template, grid, threadgroup, init_value). Returns the outputs in
     order, None where left out."""
+    views = ()
+    named = dict(inputs)
+    pack = tuple(n for n in pack if named[n] is not None)
+    if pack:
+        arrays = [named[n] for n in pack]
+        offsets = [0]
+        for a in arrays[:-1]:
+            offsets.append(offsets[-1] + a.size)
+        views = tuple(zip(pack, offsets))
+        inputs = [(n, a) for n, a in inputs if n not in pack] + [("zk_pack", packed(tuple(arrays)))]
     absent = tuple(n for n, a in inputs if a is None) + tuple(n for n, s, _ in outputs if s is None)
     kern = get_kernel(body, back, tuple(n for n, a in inputs if a is not None),
-                      tuple(n for n, s, _ in outputs if s is not None), absent)
+                      tuple(n for n, s, _ in outputs if s is not None), absent, views)
     made = iter(kern(inputs=[a for _, a in inputs if a is not None],
                      output_shapes=[s for _, s, _ in outputs if s is not None],
                      output_dtypes=[d for _, s, d in outputs if s is not None], **kwargs))
     return [None if s is None else next(made) for _, s, _ in outputs]
+
+
+_PACKS: dict = {}  # ids of the arrays -> (weak references to them, their pack)
+
+
+def packed(arrays: tuple) -> mx.array:
+    """The arrays flattened into one evaluated float32 array, end to end: built once for the same arrays (the
+    weights a compiled step closes over), so a step has one input where it had many, and no op to pack them."""
+    key = tuple(id(a) for a in arrays)
+    hit = _PACKS.get(key)
+    if hit is not None and all(ref() is a for ref, a in zip(hit[0], arrays)):
+        return hit[1]
+    if len(_PACKS) >= 1024:  # drop the packs of arrays that are gone (a model replaced, a test's weights)
+        for k in [k for k, (refs, _) in _PACKS.items() if any(ref() is None for ref in refs)]:
+            del _PACKS[k]
+    pack = mx.concatenate([a.reshape(-1).astype(mx.float32) for a in arrays])
+    mx.eval(pack)
+    _PACKS[key] = (tuple(weakref.ref(a) for a in arrays), pack)
+    return pack
 
 
 def kernel_name(body: str, header: str, source: str) -> str:
@@ -154,6 +192,15 @@ def constant(values: tuple, dtype=mx.float32) -> mx.array:
     a = mx.array(values, dtype=dtype)
     mx.eval(a)
     return a
+
+
+def float_bits(x: float) -> int:
+    """A positive float32 as a template argument: its bits, which a body reads back with ZK_U2F. A scalar that
+    never changes between calls (an eps, a softmax scale) costs no input array this way."""
+    bits = struct.unpack("<i", struct.pack("<f", x))[0]
+    if not (x > 0 and 0 < bits < 0x7F800000):
+        raise ValueError(f"a template float must be positive and finite, got {x}")
+    return bits
 
 
 def dummy(dtype=mx.float32) -> mx.array:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ._build import backend, constant, launch, use_kernel
+from ._build import backend, constant, float_bits, launch, use_kernel
 from .cca import filled_array
 from .experts import _parts, _qm, _vpv, as_stack
 
@@ -104,14 +104,13 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     o_template = [("HAS_O", o_proj is not None), ("HO", ho), ("QM", qm), ("BITS", bits), ("GS", gs),
                   ("HAS_OB", bo is not None)]
     o_inputs = [("wo", wo), ("wos", wos), ("wob", wob), ("bo", bo)]
-    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
-                *o_template]
     chunk = CHUNK if split else cap
     nc = (cap + chunk - 1) // chunk
-    meta = constant((window or 0, chunk, cap, nc), mx.int32)
+    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
+                *o_template, ("W", window or 0), ("CH", chunk), ("CAP", cap), ("NC", nc), ("SCALE", float_bits(scale))]
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
     inputs = [("q", q), ("keys", keys), ("values", values), ("lpad", lpad), ("filled", filled_array(filled)),
-              ("meta", meta), ("fparams", constant((scale,), mx.float32)), *o_inputs]
+              *o_inputs]
     # o_proj's input: [B, 1, NH * D], the same memory as [B, NH, 1, D] (no reshape node); or o_proj's partial sums
     out_shape, out_dtype = ((B, 1, NH * D), q.dtype) if o_proj is None else ((B, rows // B, ho), mx.float32)
     if not split:
@@ -123,9 +122,9 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     nt2 = max(32, D) if o_proj is None else max(256, D)  # with o_proj, 256 threads share its rows
     if o_proj is not None:
         out_shape = (B, NH, ho)
-    return launch("attention_combine.h", back, [("part", part), ("ml", ml), ("meta", meta), *o_inputs],
+    return launch("attention_combine.h", back, [("part", part), ("ml", ml), *o_inputs],
                   [("out", out_shape, out_dtype)],
-                  template=[("T", q.dtype), ("D", D), ("NH", NH), ("NT", nt2), *o_template],
+                  template=[("T", q.dtype), ("D", D), ("NH", NH), ("NT", nt2), ("NC", nc), *o_template],
                   grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1))[0]
 
 

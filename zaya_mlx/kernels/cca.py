@@ -24,7 +24,7 @@ import math
 
 import mlx.core as mx
 
-from ._build import backend, constant, launch, use_kernel
+from ._build import backend, constant, float_bits, launch, use_kernel
 
 
 def _eps(dtype) -> float:
@@ -186,7 +186,7 @@ def _cca_kernel(
         "cca_decode.h", back,
         [("qkv", qkv), ("conv_state", conv_state.astype(dtype)), ("v_prev", v_prev.astype(dtype)), ("dw_w", dw_w),
          ("dw_b", dw_b), ("gw_w", gw_w), ("gw_b", gw_b), ("temp", temp), ("offset", off), ("inv_freq", inv),
-         ("fparams", constant((float(eps),))), ("kcache", keys), ("vcache", values), ("filled", filled_array(filled))],
+         ("kcache", keys), ("vcache", values), ("filled", filled_array(filled))],
         [("q_out", (B, nh, 1, d), dtype), ("conv_out", (B, S, C), dtype), ("vprev_out", (B, nkv * d // 2), dtype)],
         template=[
             ("T", dtype),
@@ -198,9 +198,11 @@ def _cca_kernel(
             ("RD", rope_dims),
             ("NT", nt),
             ("CAP", keys.shape[2]),
+            ("EPS", float_bits(eps)),
         ],
         grid=((nh + nkv) * nt, B, 1),
         threadgroup=(nt, 1, 1),
+        pack=("dw_w", "dw_b", "gw_b", "temp", "inv_freq"),
     )
     return q, keys, values, state, vprev
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import router as router_op
-from ._build import backend, launch, use_kernel
+from ._build import backend, float_bits, launch, use_kernel
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,8 @@ def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, into
     if routing is None:
         if expert.dtype != mx.int32:
             expert = expert.astype(mx.int32)
-        r, router_inputs = None, [None] * 8
-        router_template = [("TR", mx.float32), ("R", 8), ("NE1", 1), ("WQ", 1)]
+        r, router_inputs = None, [None] * len(router_op.INPUT_NAMES)
+        router_template = [("TR", mx.float32), ("R", 8), ("NE1", 1), ("WQ", 1), ("REPS", float_bits(1.0))]
     else:
         r, router = routing
         expert, weight, router_inputs = None, None, router.kernel_inputs()
@@ -211,6 +211,7 @@ def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, into
         grid=((I // _CW) * _NT, N, 1),
         threadgroup=(_NT, 1, 1),
         init_value=0.0 if into is None else None,
+        pack=router_op.PACKED,
     )[0]
     return out if into is None else (into, out)
 

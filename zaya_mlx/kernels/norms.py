@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ._build import backend, constant, dummy, launch, use_kernel
+from ._build import backend, dummy, float_bits, launch, use_kernel
 from .experts import _parts, _qm, _vpv, as_stack
 
 
@@ -97,16 +97,17 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
     h_new, x, p, z = launch(
         "residual_norm.h", back,
         [("o", o), ("h", h), ("hs", hs), ("hb", hb), ("rs", rs), ("rb", rb), ("nw", norm_w), ("w", w), ("ws", ws),
-         ("wb", wb), ("bp", bias), ("ps", ps), ("pss", pss), ("fparams", constant((float(eps),))), ("after", after)],
+         ("wb", wb), ("bp", bias), ("ps", ps), ("pss", pss), ("after", after)],
         [("h_out", tuple(h.shape), mx.float32), ("x_out", tuple(h.shape) if write_x else None, dtype),
          ("p_out", tuple(h.shape[:-1]) + (P,) if proj is not None else None, dtype),
          ("z_out", tuple(h.shape) if zeros else None, mx.float32)],
         template=[("T", dtype), ("RT", rt), ("H", H), ("HAS_PROJ", proj is not None), ("P", P), ("RPW", rpw),
                   ("QM", qm), ("BITS", bits), ("GS", gs), ("HAS_BIAS", bias is not None),
                   ("HAS_PREV", prev_state is not None), ("NP", parts), ("ZEROS", zeros), ("WRITE_X", write_x),
-                  ("NT", _NT)],
+                  ("EPS", float_bits(eps)), ("NT", _NT)],
         grid=(nblk * _NT, N, 1),
         threadgroup=(_NT, 1, 1),
+        pack=("hs", "hb", "rs", "rb", "nw", "bp", "pss"),
     )
     return (h_new, x, p, z) if zeros else (h_new, x, p)
 

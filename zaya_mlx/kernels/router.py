@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._build import backend, constant, launch, use_kernel
+from ._build import backend, float_bits, launch, use_kernel
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,13 @@ class RouterWeights:
     eps: float
 
     def kernel_inputs(self) -> list:
-        """The kernels' inputs (INPUT_NAMES) in the dtypes they read."""
-        return [self.norm_w, self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b.astype(self.fc1_b.dtype), self.out_w,
-                self.bal.astype(mx.float32), constant((float(self.eps),))]
+        """The kernels' inputs (INPUT_NAMES); the vectors among them travel packed in float32 (PACKED)."""
+        return [self.norm_w, self.fc1_w, self.fc1_b, self.fc2_w, self.fc2_b, self.out_w, self.bal]
 
     def template(self) -> list:
-        """The kernels' template arguments for the router's shape and weights: R, NE1, WQ."""
+        """The kernels' template arguments for the router's shape, weights and eps: R, NE1, WQ, REPS."""
         return [("R", self.fc1_w.shape[0]), ("NE1", self.out_w.shape[0]),
-                ("WQ", 0 if self.fc1_w.dtype == mx.bfloat16 else 1)]
+                ("WQ", 0 if self.fc1_w.dtype == mx.bfloat16 else 1), ("REPS", float_bits(self.eps))]
 
 
 def router_mlp_reference(r, router: RouterWeights):
@@ -55,7 +54,8 @@ def router_mlp_reference(r, router: RouterWeights):
     return choice, weight
 
 
-INPUT_NAMES = ("nw", "w1", "b1", "w2", "b2", "wo", "bal", "fparams")  # RouterWeights.kernel_inputs, in order
+INPUT_NAMES = ("nw", "w1", "b1", "w2", "b2", "wo", "bal")  # RouterWeights.kernel_inputs, in order
+PACKED = ("nw", "b1", "b2", "bal")  # the vectors, which the kernels read as float32 (_build.launch's pack)
 
 
 def threads(R: int) -> int:
@@ -88,6 +88,7 @@ def router_mlp_kernel(r, router: RouterWeights, *, back=None):
         template=[("T", r.dtype), *router.template(), ("NT", nt)],
         grid=(N * nt, 1, 1),
         threadgroup=(nt, 1, 1),
+        pack=PACKED,
     ))
 
 
