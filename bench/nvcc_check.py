@@ -134,18 +134,16 @@ def attention_case(nh, nkv, d, t, split, o=None):
     hb = attention._heads_per_threadgroup(nh, nkv)
     o_in, o_tmpl = o_proj_args(o, t)
     return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}", "decode_attention.h",
-            [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"), *o_in],
+            [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"), ("meta", "i32"), *o_in],
             [("out", "f32" if split or o else t), ("ml", "f32" if split else None)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)),
-             ("SPLIT", split), *o_tmpl, ("W", 0), ("CH", 512 if split else 256), ("CAP", 2048 if split else 256),
-             ("NC", 4 if split else 1), ("SCALE", _build.float_bits(d ** -0.5))])
+             ("SPLIT", split), *o_tmpl, ("SCALE", _build.float_bits(d ** -0.5))])
 
 
 def combine_case(o, t="bf16", d=128):
     o_in, o_tmpl = o_proj_args(o, t)
-    return (f"attention_combine_{o}", "attention_combine.h", [("part", "f32"), ("ml", "f32"), *o_in],
-            [("out", "f32" if o else t)], [("T", t), ("D", d), ("NH", 8), ("NT", max(256, d) if o else d), ("NC", 4),
-                                     *o_tmpl])
+    return (f"attention_combine_{o}", "attention_combine.h", [("part", "f32"), ("ml", "f32"), ("meta", "i32"), *o_in],
+            [("out", "f32" if o else t)], [("T", t), ("D", d), ("NH", 8), ("NT", max(256, d) if o else d), *o_tmpl])
 
 
 DTYPES = ("bf16", "f32")

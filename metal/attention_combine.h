@@ -4,11 +4,11 @@
 // Plain-MLX reference: zaya_mlx/kernels/attention.py, decode_attention_reference.
 //
 // Grid: x = b * NH + h (one threadgroup of NT threads, thread d < D merges output value d).
-// Template: T (output dtype), D, NH, NT (>= D), NC (chunks), HAS_O, HO, QM, BITS, GS, HAS_OB (as in
-// decode_attention.h).
-// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), wo, wos, wob, bo (o_proj, as in
-// decode_attention.h).
+// Template: T (output dtype), D, NH, NT (>= D), HAS_O, HO, QM, BITS, GS, HAS_OB (as in decode_attention.h).
+// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [4] int32 (NC at 3), wo, wos,
+// wob, bo (o_proj, as in decode_attention.h).
 // Output: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH, HO] float32.
+const int NC = meta[3];
 const int bh = zk_bx;
 const int d = zk_tid;
 ZK_SHARED float zk_o[HAS_O ? D : 1];

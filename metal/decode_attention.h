@@ -17,11 +17,12 @@
 // Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, SPLIT (false: one chunk, write
 // the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h), HAS_O, HO,
 // QM, BITS, GS, HAS_OB (o_proj: output rows; weight format as in zk_load_chunk; a bias, added by head block 0),
-// W (the sliding window, 0: none), CH (keys a chunk), CAP (positions of the buffers), NC (the chunks in the grid,
-// enough for CAP keys; a chunk past L has no keys), SCALE (the softmax scale's float32 bits).
-// Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D], lpad [B] int32, filled [1] int32 (L <= CAP), wo, wos,
-// wob, bo (o_proj's weight [HO, NH * D] dense or packed, scales, biases, bias; each absent (ZK_ABSENT) where the
-// variant reads none). L is read on the GPU, so one launch serves every step.
+// SCALE (the softmax scale's float32 bits).
+// Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D], lpad [B] int32, filled [1] int32 (L <= CAP),
+// meta [4] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; read at
+// run time, so that a grown buffer compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or
+// packed, scales, biases, bias; each absent (ZK_ABSENT) where the variant reads none). L is read on the GPU, so
+// one launch serves every step.
 // Outputs: SPLIT false: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH / HB, HO] float32;
 // no ml. SPLIT true: out [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32.
 constexpr int NWARP = NT / 32;
@@ -37,6 +38,10 @@ const int b = zk_by / NHB;
 const int h0 = (zk_by - b * NHB) * HB;  // the threadgroup's first query head
 const int kvh = h0 / REP;
 const int L = filled[0];
+const int W = meta[0];
+const int CH = meta[1];
+const int CAP = meta[2];
+const int NC = meta[3];
 
 int start = lpad[b];
 if (W > 0 && L - W > start) {

@@ -107,10 +107,12 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     chunk = CHUNK if split else cap
     nc = (cap + chunk - 1) // chunk
     template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
-                *o_template, ("W", window or 0), ("CH", chunk), ("CAP", cap), ("NC", nc), ("SCALE", float_bits(scale))]
+                *o_template, ("SCALE", float_bits(scale))]
+    # read at run time: a grown buffer (a new capacity) then compiles no new variant
+    meta = constant((window or 0, chunk, cap, nc), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
     inputs = [("q", q), ("keys", keys), ("values", values), ("lpad", lpad), ("filled", filled_array(filled)),
-              *o_inputs]
+              ("meta", meta), *o_inputs]
     # o_proj's input: [B, 1, NH * D], the same memory as [B, NH, 1, D] (no reshape node); or o_proj's partial sums
     out_shape, out_dtype = ((B, 1, NH * D), q.dtype) if o_proj is None else ((B, rows // B, ho), mx.float32)
     if not split:
@@ -122,9 +124,9 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     nt2 = max(32, D) if o_proj is None else max(256, D)  # with o_proj, 256 threads share its rows
     if o_proj is not None:
         out_shape = (B, NH, ho)
-    return launch("attention_combine.h", back, [("part", part), ("ml", ml), *o_inputs],
+    return launch("attention_combine.h", back, [("part", part), ("ml", ml), ("meta", meta), *o_inputs],
                   [("out", out_shape, out_dtype)],
-                  template=[("T", q.dtype), ("D", D), ("NH", NH), ("NT", nt2), ("NC", nc), *o_template],
+                  template=[("T", q.dtype), ("D", D), ("NH", NH), ("NT", nt2), *o_template],
                   grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1))[0]
 
 
