@@ -79,7 +79,8 @@ def expert_case(qm, wt, st, bt, bits, gs, routed=False):
     router_inputs = ROUTER_INPUTS if routed else [(n, None) for n, _ in ROUTER_INPUTS]
     return (f"expert_q{qm}_b{bits}_{'routed' if routed else 'chosen'}", "expert_mlp.h",
             [("x", "bf16"), ("expert", None if routed else "i32"), ("rweight", None if routed else "f32"),
-             ("wgu", wt), ("sgu", st), ("bgu", bt), ("wd", wt), ("sd", st), ("bd", bt), ("r", "bf16" if routed else None),
+             ("wgu", wt), ("sgu", st), ("bgu", bt), ("wd", wt), ("sd", st), ("bd", bt),
+             ("r", "bf16" if routed else None),
              *router_inputs, ("yin", "f32" if routed else None)],
             [("y", "f32")],
             [("T", "bf16"), ("H", 2048), ("I", 2048), ("CW", experts._CW), ("QA", qm), ("BA", bits), ("GA", gs),
@@ -113,7 +114,8 @@ def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1, prev=False
     write_x = prev or p == 0
     return (f"resnorm_{h}_{p}_{t}_q{qm}_b{bits}_{parts}_{prev}", "residual_norm.h",
             [("o", t if parts == 1 else "f32"), ("h", "f32"), ("hs", "pack"), ("hb", "pack"), ("rs", "pack"),
-             ("rb", "pack"), ("nw", "pack"), ("w", wt), ("ws", st), ("wb", bt), ("bp", "pack" if p > 0 and bias else None),
+             ("rb", "pack"), ("nw", "pack"), ("w", wt), ("ws", st), ("wb", bt),
+             ("bp", "pack" if p > 0 and bias else None),
              ("ps", t if prev else None), ("pss", "pack" if prev else None), ("after", None if write_x else "f32")],
             [("h_out", "f32"), ("x_out", t if write_x else None), ("p_out", t if p > 0 else None),
              ("z_out", "f32" if prev else None)],

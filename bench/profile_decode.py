@@ -4,10 +4,11 @@
 
 Each op of a decode layer (in_proj, the CCA kernel, KV-cache update, attention (and mx.fast's for
 comparison), o_proj, residual + norm, router, the experts with and without their router, the LM head) is built
-N times on distinct inputs and evaluated as one graph, and three times are taken per op: building the graph in Python, encoding it (``mx.async_eval``
-returns once every node is encoded and submitted) and waiting for the GPU (``mx.synchronize``). Divided
-by N, encode + wait is what one node costs when nodes run back to back, so an op far above the others'
-few microseconds is bound by its GPU work, not by the host. The whole step is split the same way.
+N times on distinct inputs and evaluated as one graph, and three times are taken per op: building the graph in
+Python, encoding it (``mx.async_eval`` returns once every node is encoded and submitted) and waiting for the
+GPU (``mx.synchronize``). Divided by N, encode + wait is what one node costs when nodes run back to back, so an
+op far above the others' few microseconds is bound by its GPU work, not by the host. The whole step is split the
+same way.
 """
 
 import argparse

@@ -13,7 +13,8 @@
 // Template: T (activation dtype), RT (dtype of o + hb: T, or float32 when the scales are float32), H,
 // HAS_PROJ, P (projection rows), RPW (rows a SIMD group), QM, BITS, GS (the projection's weights: QM 0 bf16,
 // 1 f32, 2 affine, 3 mxfp4; bits; group size), HAS_BIAS, HAS_PREV, NP (o's partial sums a row), ZEROS, WRITE_X
-// (false: no x_out, where only p_out is read), EPS (the RMSNorm eps's float32 bits), NT. An argument a variant does not read may be absent (ZK_ABSENT).
+// (false: no x_out, where only p_out is read), EPS (the RMSNorm eps's float32 bits), NT. An argument a variant
+// does not read may be absent (ZK_ABSENT).
 // Inputs: o [N, NP, H] (T, or float32 rounded to T first: the expert kernel's sum, or the NP shares of o_proj
 // that the attention kernel's head blocks wrote, summed here), h [N, H] float32, hs, hb, rs,
 // rb, nw [H], w ([P, H] dense or [P, H * BITS / 32] uint32), ws, wb (scales, biases: [P, H / GS]), bp [P]

@@ -199,8 +199,8 @@ class EmulatedKernel:
         unpack = "\n".join(f"{p} = reinterpret_cast<{p.rsplit(' ', 1)[0]}>(args[{i}]);" for i, p in enumerate(params))
         header = _build._source("common.h")
         src = (PRELUDE + header + "\nstatic void zk_body(void** args) {\n" + unpack + "\n"
-               + "\n".join(_template_line(k, v) for k, v in template) + PROLOGUE + _build.declarations(self.absent, self.views)
-               + _build._source(self.body) + "\n}\n"
+               + "\n".join(_template_line(k, v) for k, v in template) + PROLOGUE
+               + _build.declarations(self.absent, self.views) + _build._source(self.body) + "\n}\n"
                + LAUNCHER)
         lib = _library(src)
         nt = int(threadgroup[0])

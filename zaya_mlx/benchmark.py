@@ -299,9 +299,9 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
             res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
             res.build_ms[b] = BUILD_MS[b]
             res.eval_ms[b] = time_step_eval(model, model.make_cache, b, context, config.vocab_size)
-            log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), prefill {res.prefill_tps.get(b, 0):.0f} tok/s, "
-                f"decode {res.decode_tps[b]:.1f} tok/s (graph building {BUILD_MS[b]:.2f} ms/step, "
-                f"one step's eval {res.eval_ms[b]:.2f} ms)")
+            log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), "
+                f"prefill {res.prefill_tps.get(b, 0):.0f} tok/s, decode {res.decode_tps[b]:.1f} tok/s "
+                f"(graph building {BUILD_MS[b]:.2f} ms/step, one step's eval {res.eval_ms[b]:.2f} ms)")
         if check and fused:
             res.max_rel_logit_diff = max(fused_vs_plain(model, config.vocab_size, batch=max(batches))[0])
             log(f"  fused vs plain decode logits: max |diff| / max |logit| = {res.max_rel_logit_diff:.2e}")

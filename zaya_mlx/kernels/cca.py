@@ -124,8 +124,6 @@ def offset_array(offset, batch: int) -> mx.array:
     return mx.array([int(offset)] * batch, dtype=mx.int32)
 
 
-
-
 def _threads(dtype) -> int:
     """Threads of a threadgroup. Each lane holds its SIMD group's grouped-conv rows in registers (16 bytes a
     lane and channel); 1024 threads leave 64 registers a thread, enough for bfloat16 rows, so float32 takes 512
