@@ -32,12 +32,15 @@ CT = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "u32": "uint32_t
 
 def build(name, body, inputs, outputs, template):
     """inputs, outputs: (name, type) pairs, type None for an argument the variant leaves out (ZK_ABSENT), "pack" for
-    one that travels in the packed float32 input (ZK_VIEW; the offsets do not matter to the compiler)."""
+    one that travels in the packed float32 input (ZK_VIEW; the offsets do not matter to the compiler), "into:<type>"
+    for an output written into an input's buffer (ZK_INPLACE)."""
     absent = tuple(n for n, t in inputs + outputs if t is None)
     views = tuple((n, 0) for n, t in inputs if t == "pack")
-    inputs = [(n, t) for n, t in inputs if t and t != "pack"] + ([("zk_pack", "f32")] if views else [])
-    outputs = [(n, t) for n, t in outputs if t]
-    header, source = _build.kernel_source(body, "cuda", absent, views)
+    into = [(n, t.split(":")[1]) for n, t in outputs if t and t.startswith("into:")]
+    inputs = ([(n, t) for n, t in inputs if t and t != "pack"] + ([("zk_pack", "f32")] if views else [])
+              + [(_build.INPLACE_PREFIX + n, t) for n, t in into])
+    outputs = [(n, t) for n, t in outputs if t and not t.startswith("into:")]
+    header, source = _build.kernel_source(body, "cuda", absent, views, tuple(n for n, _ in into))
     s = MOCK_MLX_HEADER + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
     s += f"__global__ void {name}(\n"
     args = [f"    const {CT[t]}* {n}" for n, t in inputs] + [f"    {CT[t]}* {n}" for n, t in outputs]
@@ -107,7 +110,8 @@ def router_case(r, ne1, t):
 def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1, prev=False):
     """p projection rows (0: none), dense in t unless qm names a quantized format (4: mxfp4, else affine); prev: a
     state carried into the projection's output, and the zero row for the expert kernel (as after attention); else
-    a projection's variant writes no normed row and runs after an in-place writer (as after the MoE)."""
+    a projection's variant writes no normed row and runs after an in-place writer (as after the MoE). With a
+    projection, the fused step's arrays take the stream (and after attention the state and zero row) in place."""
     qm = (0 if t == "bf16" else 1) if qm is None else qm
     wt, st, bt = (t, None, None) if qm < 2 else ("u32", "u8" if qm == 3 else t, None if qm == 3 else t)
     rpw = norms._rows_per_simd_group(h, qm, bits)
@@ -117,8 +121,8 @@ def resnorm_case(h, p, t, qm=None, bits=16, gs=1, bias=True, parts=1, prev=False
              ("rb", "pack"), ("nw", "pack"), ("w", wt), ("ws", st), ("wb", bt),
              ("bp", "pack" if p > 0 and bias else None),
              ("ps", t if prev else None), ("pss", "pack" if prev else None), ("after", None if write_x else "f32")],
-            [("h_out", "f32"), ("x_out", t if write_x else None), ("p_out", t if p > 0 else None),
-             ("z_out", "f32" if prev else None)],
+            [("h_out", "into:f32" if p > 0 else "f32"), ("x_out", t if write_x else None),
+             ("p_out", ("into:" + t if prev else t) if p > 0 else None), ("z_out", "into:f32" if prev else None)],
             [("T", t), ("RT", t), ("H", h), ("HAS_PROJ", p > 0), ("P", max(p, 1)), ("RPW", rpw), ("QM", qm),
              ("BITS", bits), ("GS", gs), ("HAS_BIAS", p > 0 and bias), ("HAS_PREV", prev), ("NP", parts),
              ("ZEROS", prev), ("WRITE_X", write_x), ("EPS", EPS), ("NT", norms._NT)])

@@ -112,7 +112,8 @@ def profile(quant: str, batch: int, copies: int, context: int, small: bool = Fal
         "lm_head": lambda i: embed.as_linear(x[i]),
         "lm_head+argmax": lambda i: mx.argmax(embed.as_linear(x[i]), axis=-1),
     }
-    block = mx.compile(lambda o, hh, r: _mlp_block(layer, o, hh, r, nxt.input_layernorm))
+    # into: nothing; each call makes new outputs
+    block = mx.compile(lambda o, hh, r: _mlp_block(layer, o, hh, r, (None,) * 4, nxt.input_layernorm))
     ops["mlp_block (compiled)"] = lambda i: block(out[i], h[i], r_prev[i])
     results = {}
     for name, make in ops.items():

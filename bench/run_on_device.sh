@@ -73,7 +73,7 @@ for part in "$@"; do
       # interleaved, AB_REPS times (default 3: one machine's host varies by tens of percent from run to run).
       # Each side first warms its own kernel cache, all sides at once (NVRTC compiles every variant on a fresh
       # machine): MLX-CUDA finds a compiled kernel by its name and template arguments, not by its source. Every
-      # side needs `zaya bench --experts` (fifth session on).
+      # side needs `zaya bench --experts` (fifth session on). AB_BATCH: the batch sizes (default 1,8).
       sides=("$PWD")
       for other in ${AB_OTHER:-}; do
         if [ ! -d "$other" ]; then echo "ab: $other is not a folder"; rc=2; continue 2; fi
@@ -90,7 +90,7 @@ for part in "$@"; do
         for side in "${sides[@]}"; do
           tag=$(tag_of "$side")
           MLX_PTX_CACHE_DIR=/tmp/zaya-ab-ptx-$tag timeout 250 python3 "$side/bench/bench_decode.py" --quant mxfp4 \
-            --batch 1,8 --experts 2 --json "$OUT/ab_${tag}_$rep.json" 2>&1 | grep -E "batch|rror" | sed "s/^/[$tag $rep] /"
+            --batch "${AB_BATCH:-1,8}" --experts 2 --json "$OUT/ab_${tag}_$rep.json" 2>&1 | grep -E "batch|rror" | sed "s/^/[$tag $rep] /"
         done
       done ;;
     quick)

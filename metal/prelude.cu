@@ -14,6 +14,12 @@
 #define ZK_ATOMIC_ADD(ptr, i, v) atomicAdd(&(ptr)[(i)], (v))
 #define ZK_ABSENT(name) float* const name = nullptr;
 #define ZK_VIEW(name, pack, offset) const float* const name = (pack) + (offset);
+#define ZK_INPLACE(name, src) const auto name = zk_writable(src);
+
+template <typename T>
+ZK_DEV T* zk_writable(const T* p) {
+  return const_cast<T*>(p);
+}
 
 ZK_DEV float zk_simd_sum(float x) {
 #pragma unroll

@@ -12,6 +12,7 @@
 //   ZK_ATOMIC_ADD(p, i, v)  p[i] += v, atomically (p: a writable float buffer: an output, or ZK_WRITABLE's)
 //   ZK_ABSENT(name) an argument this variant does not take: a null pointer the body must not touch
 //   ZK_VIEW(name, pack, offset)  an argument that is a float32 slice of another (weights packed into one input)
+//   ZK_INPLACE(name, src)  an output the kernel writes into input src's buffer (zk_writable: src made writable)
 //   zk_simd_sum/max reductions over a 32-wide SIMD group (a CUDA warp); zk_simd_xor(x, m): lane ^ m's x
 //   zk_exp, zk_sqrt, zk_rsqrt, zk_cos, zk_sin, zk_erf  float32 math
 //   zk_round<T>(x)  round a float to dtype T and back, to follow a reference that rounds there
@@ -36,6 +37,12 @@ using namespace metal;
 #define ZK_WRITABLE(T, ptr) const_cast<device T*>(ptr)
 #define ZK_ABSENT(name) device float* const name = nullptr;
 #define ZK_VIEW(name, pack, offset) const device float* const name = (pack) + (offset);
+#define ZK_INPLACE(name, src) const auto name = zk_writable(src);
+
+template <typename T>
+ZK_DEV device T* zk_writable(const device T* p) {
+  return const_cast<device T*>(p);
+}
 
 ZK_DEV float zk_simd_sum(float x) {
   return simd_sum(x);

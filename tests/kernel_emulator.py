@@ -90,6 +90,8 @@ thread_local zk_context zk_ctx;
 #define ZK_ATOMIC_ADD(ptr, i, v) std::atomic_ref<float>((ptr)[(i)]).fetch_add((v))
 #define ZK_ABSENT(name) float* const name = nullptr;
 #define ZK_VIEW(name, pack, offset) const float* const name = (pack) + (offset);
+#define ZK_INPLACE(name, src) const auto name = zk_writable(src);
+template <typename T> T* zk_writable(const T* p) { return const_cast<T*>(p); }
 
 inline float zk_simd_exchange(float x, bool is_max) {
   const int lane = zk_ctx.tid & 31;
@@ -181,9 +183,9 @@ def _library(source: str) -> ctypes.CDLL:
 class EmulatedKernel:
     """Called like mx.fast.cuda_kernel's result; runs the body on the CPU and returns mx arrays."""
 
-    def __init__(self, body: str, input_names, output_names, absent=(), views=()):
+    def __init__(self, body: str, input_names, output_names, absent=(), views=(), inplace=()):
         self.body, self.input_names, self.output_names = body, tuple(input_names), tuple(output_names)
-        self.absent, self.views = tuple(absent), tuple(views)
+        self.absent, self.views, self.inplace = tuple(absent), tuple(views), tuple(inplace)
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **_):
         # the inputs' own memory where it is contiguous (as MLX passes it), so a body that writes an input in place
@@ -200,7 +202,7 @@ class EmulatedKernel:
         header = _build._source("common.h")
         src = (PRELUDE + header + "\nstatic void zk_body(void** args) {\n" + unpack + "\n"
                + "\n".join(_template_line(k, v) for k, v in template) + PROLOGUE
-               + _build.declarations(self.absent, self.views) + _build._source(self.body) + "\n}\n"
+               + _build.declarations(self.absent, self.views, self.inplace) + _build._source(self.body) + "\n}\n"
                + LAUNCHER)
         lib = _library(src)
         nt = int(threadgroup[0])
@@ -217,8 +219,8 @@ def emulated():
     emulated kernel reads its inputs' values."""
     modules = (_build, attention, cca, experts, head, norms, router, kernels)  # those that ask the back end
     saved = [_build.get_kernel] + [m.backend for m in modules]
-    _build.get_kernel = lambda body, back, inputs, outputs, absent=(), views=(): EmulatedKernel(body, inputs, outputs,
-                                                                                                absent, views)
+    _build.get_kernel = lambda body, back, inputs, outputs, absent=(), views=(), inplace=(): EmulatedKernel(
+        body, inputs, outputs, absent, views, inplace)
     for m in modules:
         m.backend = lambda: "cuda"
     try:

@@ -677,6 +677,34 @@ def test_residual_norm_kernel_with_a_quantized_projection(N, H, P, bias, opts):
     assert rel(out[0], ref[0]) < 1e-6 and rel(out[1], ref[1]) < F32 and rel(out[2], ref[2]) < F32
 
 
+
+@gpu_only
+@pytest.mark.parametrize("N", [1, 8])
+def test_residual_norm_kernel_writes_into_given_arrays(N):
+    """As the fused step calls it after attention: the residual stream, the router state (the bf16 router
+    down-projection, 32 threadgroups, with the previous state) and the zero row written into arrays filled with NaN
+    first; then after the MoE with the MXFP4 in_proj, the stream only. The arrays come back as the outputs."""
+    mx.random.seed(N)
+    H, R, P = 2048, 256, 1536
+    o, h = rnd(N, 1, H, dtype=mx.bfloat16), rnd(N, 1, H, scale=4.0)
+    p = [(mx.random.uniform(shape=(H,)) + 0.5).astype(mx.bfloat16) for _ in range(5)]
+    down, state = linear(R, H, mx.bfloat16), (rnd(N, 1, R, dtype=mx.bfloat16), rnd(R, dtype=mx.bfloat16))
+    into = (mx.full((N, 1, H), np.nan), mx.full((N, 1, R), np.nan, mx.bfloat16), mx.full((N, 1, H), np.nan))
+    mx.eval(into)
+    ref = residual_norm_reference(o, h, *p[:4], p[4], 1e-5, down, prev_state=state, zeros=True)
+    out = residual_norm(o, h, *p[:4], p[4], 1e-5, down, prev_state=state, zeros=True, into=into, impl="kernel")
+    assert out[0] is into[0] and out[2] is into[1] and out[3] is into[2]
+    assert rel(into[0], ref[0]) < 1e-6 and rel(out[1], ref[1]) < 1e-2 and rel(into[1], ref[2]) < 1e-2
+    assert (np.array(into[2]) == 0).all()
+
+    in_proj = linear(P, H, mx.bfloat16, dict(group_size=32, bits=4, mode="mxfp4"), bias=False)
+    stream = mx.full((N, 1, H), np.nan)
+    ref = residual_norm_reference(o, h, *p[:4], p[4], 1e-5, in_proj)
+    out = residual_norm(o, h, *p[:4], p[4], 1e-5, in_proj, normed=False, into=(stream, None, None), impl="kernel")
+    assert out[0] is stream and out[1] is None
+    assert rel(stream, ref[0]) < 1e-6 and rel(out[2], ref[2]) < 1e-2
+
+
 # --- the model's fused decode path against its plain ops ------------------------------------------------------
 
 

@@ -90,6 +90,29 @@ def test_residual_norm_body_with_a_quantized_projection(opts, bias):
     assert max_rel(out[0], ref[0]) < 1e-6 and max_rel(out[1], ref[1]) < 1e-5 and max_rel(out[2], ref[2]) < 1e-5
 
 
+def test_residual_norm_body_writes_into_given_arrays():
+    """The fused step's residual norms write the residual stream, the router state and the zero row into arrays it
+    keeps (fewer outputs to encode a step): three threadgroups of projection rows, each array filled with NaN first
+    so that an element left unwritten shows; the arrays come back as the outputs, x as a new one."""
+    mx.random.seed(11)
+    N, H, P = 2, 256, 72
+    o, h = rnd(N, H), rnd(N, H, scale=4.0)
+    p = [mx.random.uniform(shape=(H,)) + 0.5 for _ in range(5)]
+    proj = linear(P, H, mx.float32, dict(group_size=32, bits=4, mode="mxfp4"), True)
+    state = (rnd(N, P), mx.random.uniform(shape=(P,)) + 0.5)
+    into = (mx.full((N, H), np.nan), mx.full((N, P), np.nan), mx.full((N, H), np.nan))
+    mx.eval(into)
+    ref = norms.residual_norm_reference(o, h, *p[:4], p[4], 1e-5, proj, prev_state=state, zeros=True)
+    with emulated():
+        out = norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, proj, prev_state=state, zeros=True, into=into,
+                                         back="cuda")
+        assert out[0] is into[0] and out[2] is into[1] and out[3] is into[2]
+        assert max_rel(into[0], ref[0]) < 1e-6 and max_rel(out[1], ref[1]) < 1e-5 and max_rel(into[1], ref[2]) < 1e-5
+        assert (np.array(into[2]) == 0).all()
+        with pytest.raises(ValueError, match="own inputs"):
+            norms.residual_norm_kernel(o, h, *p[:4], p[4], 1e-5, proj, into=(h, None, None), back="cuda")
+
+
 FORMATS = [
     ("dense", None),
     ("affine", dict(group_size=64, bits=4)),

@@ -432,15 +432,17 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
             conv[1] = proj._delayed_of_zero(B, dtype)
 
     steps = _step_functions(model, kernels.backend())
+    h_after_attn, h_after_mlp, states, zeros = _step_buffers(kv0, B, args, dtype)
     kv, conv = cache[0][0], cache[0][1]
     h, out, kv.keys, kv.values, conv[0], conv[1] = steps[0](tokens, conv[0], conv[1], positions, kv.keys, kv.values,
                                                             filled, lpad)
     r = _zeros_like_router_state(B, args.router_hidden_size, dtype)
     for i in range(1, len(layers)):
         kv, conv = cache[i][0], cache[i][1]
-        h, r, out, kv.keys, kv.values, conv[0], conv[1] = steps[i](out, h, r, conv[0], conv[1], positions, kv.keys,
-                                                                   kv.values, filled, lpad)
-    x = steps[-1](out, h, r)
+        into = (h_after_attn, h_after_mlp, states[(i - 1) % 2], zeros)
+        h, r, out, kv.keys, kv.values, conv[0], conv[1] = steps[i](out, h, r, *into, conv[0], conv[1], positions,
+                                                                   kv.keys, kv.values, filled, lpad)
+    x = steps[-1](out, h, r, h_after_attn, h_after_mlp, states[(len(layers) - 1) % 2], zeros)
 
     offset = kv0.offset + 1  # a BatchKVCache's per-row offsets: one array for every layer
     for kv, _ in cache:
@@ -480,6 +482,27 @@ def _own_kv_buffers(kv, held: int, shape: tuple, dtype) -> None:
         return mx.concatenate([a[..., :held, :], mx.zeros(pad, a.dtype)], axis=2)
 
     kv.keys, kv.values = fresh(kv.keys), fresh(kv.values)  # recorded in _OWNED_KV after the step
+
+
+# a KV cache of a step's first layer -> the residual norms' outputs, which they write in place (see _step_buffers)
+_STEP_BUFFERS = weakref.WeakKeyDictionary()
+
+
+def _step_buffers(kv, batch: int, args: ZayaConfig, dtype) -> tuple:
+    """Arrays the residual-norm kernels write into in place rather than as new outputs, which cost the host ~4 us
+    each a step (kernels._build.launch): the residual stream after attention and after the MoE, two router states
+    (a layer's, and the previous layer's that it reads), and the row the expert kernel adds into. One set per
+    cache: steps on one cache are ordered by their arrays (each launch takes the previous one's output), and
+    within a step no launch writes an array that another launch running alongside reads; two caches' steps,
+    which nothing orders, get their own sets."""
+    H, R = args.hidden_size, args.router_hidden_size
+    bufs = _STEP_BUFFERS.get(kv)
+    if bufs is None or bufs[0].shape != (batch, 1, H) or bufs[2][0].dtype != dtype:
+        bufs = (mx.zeros((batch, 1, H), mx.float32), mx.zeros((batch, 1, H), mx.float32),
+                (mx.zeros((batch, 1, R), dtype), mx.zeros((batch, 1, R), dtype)), mx.zeros((batch, 1, H), mx.float32))
+        mx.eval(bufs)
+        _STEP_BUFFERS[kv] = bufs
+    return bufs
 
 
 _ZEROS = {}
@@ -525,12 +548,13 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool):
             qkv = nxt.self_attn.qkv_proj.in_proj(nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype)))
             return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
     elif nxt is None:
-        def fn(out, h, r):
-            h, x, r = _mlp_block(cur, out, h, r, model.norm)
+        def fn(out, h, r, *into):
+            h, x, r = _mlp_block(cur, out, h, r, into, model.norm)
             return x
     else:
-        def fn(out, h, r, state, v_prev, positions, keys, values, filled, lpad):
-            h, qkv, r = _mlp_block(cur, out, h, r, nxt.input_layernorm, nxt.self_attn.qkv_proj.in_proj)
+        def fn(out, h, r, h_attn, h_mlp, r_into, zeros, state, v_prev, positions, keys, values, filled, lpad):
+            h, qkv, r = _mlp_block(cur, out, h, r, (h_attn, h_mlp, r_into, zeros), nxt.input_layernorm,
+                                   nxt.self_attn.qkv_proj.in_proj)
             return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
     return mx.compile(fn) if compiled else fn
 
@@ -552,11 +576,14 @@ def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values,
     return o, keys, values, state, v_prev
 
 
-def _mlp_block(layer: DecoderLayer, o, h, router_state, next_norm, next_proj=None):
+def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_proj=None):
     """From o_proj's output (partial sums, see _attention): residual, MoE, residual, then next_norm (the next
     layer's input norm or the final norm) and next_proj (the next layer's in_proj, or None), in kernels. A dense
-    router runs inside the expert kernel; a quantized one through its plain ops.
+    router runs inside the expert kernel; a quantized one through its plain ops. into: the arrays the kernels write
+    in place (_step_buffers): the residual stream after attention and after the MoE, this layer's router state, and
+    the expert kernel's zero row.
     Returns (h, next_proj(next_norm(h)) or next_norm(h), router state)."""
+    h_attn, h_mlp, r_into, z_into = into
     gate, experts = layer.mlp.gate, layer.mlp.experts
     res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
     prev = (router_state, gate.router_states_scale) if "router_states_scale" in gate else None
@@ -564,7 +591,7 @@ def _mlp_block(layer: DecoderLayer, o, h, router_state, next_norm, next_proj=Non
     # zeros: the row the expert kernel adds its sum into, in place (no fill of a new output)
     h, x, r, zeros = kernels.residual_norm(
         o, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias, norm.weight,
-        norm.eps, gate.down_proj, dtype=norm.weight.dtype, prev_state=prev, zeros=True,
+        norm.eps, gate.down_proj, dtype=norm.weight.dtype, prev_state=prev, zeros=True, into=(h_attn, r_into, z_into),
     )
 
     mlp = gate.router_mlp
@@ -579,5 +606,6 @@ def _mlp_block(layer: DecoderLayer, o, h, router_state, next_norm, next_proj=Non
     h, x, qkv = kernels.residual_norm(  # y: the expert kernel's float32 sum; after: runs this after its adds
         y, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
         next_norm.weight, next_norm.eps, next_proj, dtype=x.dtype, after=after, normed=next_proj is None,
+        into=(h_mlp, None, None),
     )
     return h, (x if qkv is None else qkv), r

@@ -61,25 +61,32 @@ def _prelude(back: str) -> tuple[str, str]:
     return header, prologue
 
 
-def declarations(absent: tuple[str, ...] = (), views: tuple[tuple[str, int], ...] = ()) -> str:
+def declarations(absent: tuple[str, ...] = (), views: tuple[tuple[str, int], ...] = (),
+                 inplace: tuple[str, ...] = ()) -> str:
     """The body's arguments that are not the kernel's own: null pointers for those a variant does not take
-    (ZK_ABSENT), and float32 pointers into the packed input zk_pack (ZK_VIEW). See launch."""
+    (ZK_ABSENT), float32 pointers into the packed input zk_pack (ZK_VIEW), and outputs written into an input's
+    buffer (ZK_INPLACE: output name from the input zk_into_<name>). See launch."""
     return ("".join(f"ZK_ABSENT({name})\n" for name in absent)
-            + "".join(f"ZK_VIEW({name}, zk_pack, {offset})\n" for name, offset in views))
+            + "".join(f"ZK_VIEW({name}, zk_pack, {offset})\n" for name, offset in views)
+            + "".join(f"ZK_INPLACE({name}, {INPLACE_PREFIX}{name})\n" for name in inplace))
 
 
-def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tuple[tuple[str, int], ...] = ()
-                  ) -> tuple[str, str]:
-    """(header, source) for a body file on a back end: what mx.fast.*_kernel receives. absent, views: see launch."""
+INPLACE_PREFIX = "zk_into_"
+
+
+def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tuple[tuple[str, int], ...] = (),
+                  inplace: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(header, source) for a body file on a back end: what mx.fast.*_kernel receives. absent, views, inplace: see
+    launch."""
     header, prologue = _prelude(back)
-    return header + "\n" + _source("common.h"), prologue + "\n" + declarations(absent, views) + _source(body)
+    return header + "\n" + _source("common.h"), prologue + "\n" + declarations(absent, views, inplace) + _source(body)
 
 
 @functools.cache
 def get_kernel(body: str, back: str, inputs: tuple[str, ...], outputs: tuple[str, ...], absent: tuple[str, ...] = (),
-               views: tuple[tuple[str, int], ...] = ()):
+               views: tuple[tuple[str, int], ...] = (), inplace: tuple[str, ...] = ()):
     """The MLX custom kernel for ``body`` (a file in metal/) on ``back`` ('metal' or 'cuda'), keyed by dtypes."""
-    header, source = kernel_source(body, back, absent, views)
+    header, source = kernel_source(body, back, absent, views, inplace)
     name = kernel_name(body, header, source)
     if back == "metal":
         kernel = mx.fast.metal_kernel(
@@ -99,11 +106,14 @@ def launch(body: str, back: str, inputs: list, outputs: list, *, pack: tuple[str
 
     Every argument costs host time each step (on MLX-CUDA ~0.6 us an input and ~4 us an output to build and encode
     a node; bench/RESULTS.md), and batch 1 is bound by the host, so a call passes as few arrays as it can.
-    inputs: (name, array or None) pairs; outputs: (name, shape or None, dtype) triples, in the body's order. A None
-    leaves that argument out: the body sees a null pointer (ZK_ABSENT), which its template arguments must keep it
-    from touching. pack: names of inputs that are weights (the same arrays every call) which the body reads one
-    scalar at a time through static_cast<float>: they travel as one float32 input, packed once (``packed``), and
-    the body sees each as a float32 pointer into it (ZK_VIEW).
+    inputs: (name, array or None) pairs; outputs: (name, shape or None or array, dtype) triples, in the body's order.
+    A None leaves that argument out: the body sees a null pointer (ZK_ABSENT), which its template arguments must keep
+    it from touching. An array in place of a shape is written in place (ZK_INPLACE): it travels as one more input,
+    and comes back as that output, at ~4 us less a step than a new output; the caller must own it (no other array
+    may share its memory) and see that the launches which read and write it are ordered by the arrays they take
+    (MLX orders them by nothing else). pack: names of inputs that are weights (the same arrays every call) which the
+    body reads one scalar at a time through static_cast<float>: they travel as one float32 input, packed once
+    (``packed``), and the body sees each as a float32 pointer into it (ZK_VIEW).
     kwargs: the rest of the MLX kernel call (template, grid, threadgroup, init_value). Returns the outputs in
     order, None where left out."""
     views = ()
@@ -116,13 +126,20 @@ def launch(body: str, back: str, inputs: list, outputs: list, *, pack: tuple[str
             offsets.append(offsets[-1] + a.size)
         views = tuple(zip(pack, offsets))
         inputs = [(n, a) for n, a in inputs if n not in pack] + [("zk_pack", packed(tuple(arrays)))]
+    into = [(n, a) for n, a, _ in outputs if isinstance(a, mx.array)]
+    for n, a, d in outputs:
+        if isinstance(a, mx.array) and a.dtype != d:
+            raise ValueError(f"{body}: {n} is {d}, not the {a.dtype} of the array it would be written into")
+    new = [(n, s, d) for n, s, d in outputs if s is not None and not isinstance(s, mx.array)]
+    inputs = inputs + [(INPLACE_PREFIX + n, a) for n, a in into]
     absent = tuple(n for n, a in inputs if a is None) + tuple(n for n, s, _ in outputs if s is None)
-    kern = get_kernel(body, back, tuple(n for n, a in inputs if a is not None),
-                      tuple(n for n, s, _ in outputs if s is not None), absent, views)
-    made = iter(kern(inputs=[a for _, a in inputs if a is not None],
-                     output_shapes=[s for _, s, _ in outputs if s is not None],
-                     output_dtypes=[d for _, s, d in outputs if s is not None], **kwargs))
-    return [None if s is None else next(made) for _, s, _ in outputs]
+    kern = get_kernel(body, back, tuple(n for n, a in inputs if a is not None), tuple(n for n, _, _ in new), absent,
+                      views, tuple(n for n, _ in into))
+    made = dict(into)
+    made.update(zip([n for n, _, _ in new], kern(inputs=[a for _, a in inputs if a is not None],
+                                                  output_shapes=[s for _, s, _ in new],
+                                                  output_dtypes=[d for _, _, d in new], **kwargs)))
+    return [made.get(n) for n, _, _ in outputs]
 
 
 _PACKS: dict = {}  # ids of the arrays -> (weak references to them, their pack)

@@ -17,7 +17,7 @@ from .experts import _parts, _qm, _vpv, as_stack
 
 
 def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, zeros=False,
-                            after=None, normed=True):
+                            after=None, normed=True, into=None):
     """Plain MLX ops. o [..., H] (attention or MoE output), or P partial sums of it [..., P, H] where h is
     [..., 1, H] (o_proj's shares from the attention kernel), h [..., H] float32 (the residual stream),
     hs/hb/rs/rb [H] (hidden_states_scale/bias, residual_scale/bias), norm_w [H], eps; proj: a linear layer
@@ -26,7 +26,9 @@ def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=
     proj, (state [..., P], scale [P]) added to its output as state * scale (the previous layer's router state);
     zeros: also return a float32 zero row of h's shape (for the expert kernel to add into, see
     experts.expert_gather_kernel); after: an array the kernel must run after (ignored here); normed: with proj,
-    False when the caller reads only proj(x) (x comes back None: the kernel then writes no x).
+    False when the caller reads only proj(x) (x comes back None: the kernel then writes no x); into: (h_new,
+    proj's output, zeros) arrays the kernel writes those into in place, each or None (a new array; see
+    _build.launch for what the caller owes; ignored here).
     Returns (h_new float32, x = rmsnorm(h_new), proj(x) (+ state * scale) or None), then the zeros with zeros."""
     if o.size != h.size:
         o = o.reshape(*h.shape[:-1], -1, h.shape[-1]).sum(axis=-2)
@@ -75,7 +77,7 @@ def kernel_supported(o, h, proj=None, prev_state=None) -> bool:
 
 
 def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, zeros=False,
-                         after=None, normed=True, *, back=None):
+                         after=None, normed=True, into=None, *, back=None):
     back = back or backend()
     H = h.shape[-1]
     N = h.size // H
@@ -94,13 +96,17 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
     ps, pss = prev_state or (None, None)
     # the dtype of (o + hb): the activation dtype, unless the residual parameters are float32
     rt = mx.float32 if (hs.dtype == mx.float32 or hb.dtype == mx.float32 or dtype == mx.float32) else dtype
+    h_into, p_into, z_into = into or (None, None, None)
+    if any(a is not None and (a is h or a is o) for a in (h_into, p_into, z_into)):  # other threadgroups read them
+        raise ValueError("the residual norm cannot write into its own inputs h or o")
     h_new, x, p, z = launch(
         "residual_norm.h", back,
         [("o", o), ("h", h), ("hs", hs), ("hb", hb), ("rs", rs), ("rb", rb), ("nw", norm_w), ("w", w), ("ws", ws),
          ("wb", wb), ("bp", bias), ("ps", ps), ("pss", pss), ("after", after)],
-        [("h_out", tuple(h.shape), mx.float32), ("x_out", tuple(h.shape) if write_x else None, dtype),
-         ("p_out", tuple(h.shape[:-1]) + (P,) if proj is not None else None, dtype),
-         ("z_out", tuple(h.shape) if zeros else None, mx.float32)],
+        [("h_out", _shape_or_into(h.shape, h_into), mx.float32),
+         ("x_out", tuple(h.shape) if write_x else None, dtype),
+         ("p_out", _shape_or_into(h.shape[:-1] + (P,), p_into) if proj is not None else None, dtype),
+         ("z_out", _shape_or_into(h.shape, z_into) if zeros else None, mx.float32)],
         template=[("T", dtype), ("RT", rt), ("H", H), ("HAS_PROJ", proj is not None), ("P", P), ("RPW", rpw),
                   ("QM", qm), ("BITS", bits), ("GS", gs), ("HAS_BIAS", bias is not None),
                   ("HAS_PREV", prev_state is not None), ("NP", parts), ("ZEROS", zeros), ("WRITE_X", write_x),
@@ -112,12 +118,19 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
     return (h_new, x, p, z) if zeros else (h_new, x, p)
 
 
+def _shape_or_into(shape, into):
+    """An output's shape, or the array it is written into (which must have that shape)."""
+    if into is not None and into.shape != tuple(shape):
+        raise ValueError(f"an output of shape {tuple(shape)} cannot be written into an array of shape {into.shape}")
+    return tuple(shape) if into is None else into
+
+
 def residual_norm(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, zeros=False,
-                  after=None, normed=True, *, impl="auto"):
+                  after=None, normed=True, into=None, *, impl="auto"):
     """Residual scaling + RMSNorm (+ a projection of the normed row, + a carried state, + a zero row); impl:
     'auto', 'kernel' or 'reference'."""
     back = backend()
-    args = (o, h, hs, hb, rs, rb, norm_w, eps, proj, dtype, prev_state, zeros, after, normed)
+    args = (o, h, hs, hb, rs, rb, norm_w, eps, proj, dtype, prev_state, zeros, after, normed, into)
     if use_kernel(impl, back, lambda: kernel_supported(o, h, proj, prev_state), "the residual-norm kernel"):
         return residual_norm_kernel(*args, back=back)
     return residual_norm_reference(*args)
