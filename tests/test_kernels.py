@@ -693,6 +693,7 @@ def test_residual_norm_kernel_writes_into_given_arrays(N):
     mx.eval(into)
     ref = residual_norm_reference(o, h, *p[:4], p[4], 1e-5, down, prev_state=state, zeros=True)
     out = residual_norm(o, h, *p[:4], p[4], 1e-5, down, prev_state=state, zeros=True, into=into, impl="kernel")
+    mx.eval(out[1])  # the launch (the arrays written in place are already evaluated: reading them runs nothing)
     assert out[0] is into[0] and out[2] is into[1] and out[3] is into[2]
     assert rel(into[0], ref[0]) < 1e-6 and rel(out[1], ref[1]) < 1e-2 and rel(into[1], ref[2]) < 1e-2
     assert (np.array(into[2]) == 0).all()
@@ -700,7 +701,9 @@ def test_residual_norm_kernel_writes_into_given_arrays(N):
     in_proj = linear(P, H, mx.bfloat16, dict(group_size=32, bits=4, mode="mxfp4"), bias=False)
     stream = mx.full((N, 1, H), np.nan)
     ref = residual_norm_reference(o, h, *p[:4], p[4], 1e-5, in_proj)
+    mx.eval(stream)
     out = residual_norm(o, h, *p[:4], p[4], 1e-5, in_proj, normed=False, into=(stream, None, None), impl="kernel")
+    mx.eval(out[2])
     assert out[0] is stream and out[1] is None
     assert rel(stream, ref[0]) < 1e-6 and rel(out[2], ref[2]) < 1e-2
 
@@ -859,3 +862,77 @@ def test_packed_weights_are_built_once_and_follow_new_arrays():
     assert _build.packed((a, b)) is pack
     c = mx.array([5.0, 6.0])
     assert _build.packed((c, b)).tolist() == [5.0, 6.0, 3.0, 4.25]
+
+
+# Arguments a kernel body writes in place: outputs given an array (ZK_INPLACE), and inputs it writes (ZK_WRITABLE)
+_WRITTEN_INPUTS = ("yin", "kcache", "vcache")
+
+
+@pytest.mark.parametrize("quant,router", [(None, None), ("mxfp4", None), ("mxfp4", "mxfp4"), (None, "wide")])
+def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
+    """MLX orders a step's launches only by the arrays they take (bench/RESULTS.md, tenth session), so a launch that
+    reads an array another launch writes in place must take, through launch outputs, an output of that writer; and a
+    writer must so follow the earlier readers of what it overwrites. Checked on the launches of real fused steps with
+    the kernels replaced by fakes that only record them, for the router inside the expert kernel ("wide": ZAYA's
+    256-wide router), beside it (the small model's, in its own kernel) and quantized (its plain ops, which this
+    does not see: the step keeps the router state a new array for any router the expert kernel does not run)."""
+    import mlx.nn as nn
+
+    from zaya_mlx import kernels as kernels_pkg
+    from zaya_mlx.benchmark import build_zaya, small_config
+    from zaya_mlx.kernels import attention, cca, experts, head, norms, router as router_mod
+
+    launches = []  # (inputs by name, output arrays)
+
+    def fake(body, back, names, outputs, absent=(), views=(), inplace=()):
+        def call(*, inputs: list, output_shapes, output_dtypes, **_):
+            outs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+            launches.append((body, list(zip(names, inputs)), outs))
+            return outs
+        return call
+
+    monkeypatch.setattr(_build, "get_kernel", fake)
+    for m in (_build, attention, cca, experts, head, norms, router_mod, kernels_pkg):
+        monkeypatch.setattr(m, "backend", lambda: "cuda")
+    monkeypatch.setenv("ZAYA_COMPILE", "0")
+    monkeypatch.setenv("ZAYA_FUSED", "1")
+    cfg = small_config()
+    if router == "wide":
+        cfg = dataclasses.replace(cfg, router_hidden_size=256)
+    model = build_zaya(cfg, quant, seed=0, dtype=mx.bfloat16 if quant else mx.float32)
+    if router == "mxfp4":
+        nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
+                    class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
+    cache = model.make_cache()
+    with monkeypatch.context() as m:  # the prompt through the plain ops
+        m.setenv("ZAYA_FUSED", "0")
+        mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
+    model(mx.array([[9]], dtype=mx.int32), cache)
+    launches.clear()
+    model(mx.array([[9]], dtype=mx.int32), cache)  # a step on the buffers the first one made
+    assert any(body == "residual_norm.h" and any(n.startswith(_build.INPLACE_PREFIX) for n, _ in args)
+               for body, args, _ in launches)
+    if router == "wide":
+        assert "router_mlp.h" not in {body for body, _, _ in launches}  # routed inside the expert kernel
+
+    producer, ancestors = {}, []
+    last_write, reads_since = {}, {}
+    for k, (body, args, outs) in enumerate(launches):
+        before = set()
+        for _, a in args:
+            j = producer.get(id(a))
+            if j is not None:
+                before |= {j} | ancestors[j]
+        ancestors.append(before)
+        for name, a in args:
+            writes = name.startswith(_build.INPLACE_PREFIX) or name in _WRITTEN_INPUTS
+            w = last_write.get(id(a))
+            assert w is None or w == k or w in before, f"launch {k} ({body}) takes {name} before launch {w} wrote it"
+            if writes:
+                unordered = [r for r in reads_since.get(id(a), ()) if r != k and r not in before]
+                assert not unordered, f"launch {k} ({body}) overwrites {name} that launches {unordered} read"
+                last_write[id(a)], reads_since[id(a)] = k, []
+            else:
+                reads_since.setdefault(id(a), []).append(k)
+        for o in outs:
+            producer[id(o)] = k

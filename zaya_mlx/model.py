@@ -587,6 +587,13 @@ def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_pr
     gate, experts = layer.mlp.gate, layer.mlp.experts
     res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
     prev = (router_state, gate.router_states_scale) if "router_states_scale" in gate else None
+    mlp = gate.router_mlp
+    router = None if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)) else gate.kernel_weights()
+    # The router state is written in place only where the expert kernel routes: that kernel also takes x, which orders
+    # it after this launch. The router's own kernel or ops would take the state alone, and could run before it.
+    if r_into is not None and not (router is not None and kernels.routed_kernel_supported(
+            h, r_into, router, experts.gate_up_proj, experts.down_proj)):
+        r_into = None
     # r: the router's down-projection plus the previous layer's state; dtype: the activation dtype (the step casts)
     # zeros: the row the expert kernel adds its sum into, in place (no fill of a new output)
     h, x, r, zeros = kernels.residual_norm(
@@ -594,13 +601,11 @@ def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_pr
         norm.eps, gate.down_proj, dtype=norm.weight.dtype, prev_state=prev, zeros=True, into=(h_attn, r_into, z_into),
     )
 
-    mlp = gate.router_mlp
-    if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)):  # quantized router: its plain ops
+    if router is None:  # quantized router: its plain ops
         choice, weight, _ = gate.route(r, None)
         y, after = kernels.expert_gather(x, choice, weight, experts.gate_up_proj, experts.down_proj, into=zeros)
     else:
-        y, after = kernels.routed_expert_gather(x, r, gate.kernel_weights(), experts.gate_up_proj, experts.down_proj,
-                                                into=zeros)
+        y, after = kernels.routed_expert_gather(x, r, router, experts.gate_up_proj, experts.down_proj, into=zeros)
 
     res = layer.post_mlp_residual_scale
     h, x, qkv = kernels.residual_norm(  # y: the expert kernel's float32 sum; after: runs this after its adds

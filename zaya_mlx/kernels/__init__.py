@@ -16,6 +16,7 @@ from .experts import (
     expert_gather_reference,
     routed_expert_gather,
     routed_expert_gather_reference,
+    routed_kernel_supported,
 )
 from .head import lm_head, lm_head_reference
 from .norms import residual_norm, residual_norm_reference
@@ -35,6 +36,7 @@ __all__ = [
     "expert_gather_reference",
     "routed_expert_gather",
     "routed_expert_gather_reference",
+    "routed_kernel_supported",
     "lm_head",
     "lm_head_reference",
     "residual_norm",
