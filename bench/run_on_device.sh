@@ -15,7 +15,8 @@
 # with the same graph's kernel bodies emptied: the host's floor), kernels (each kernel's GPU time under ncu,
 # bench/bench_kernels.py), gpustep (bench/gpu_step.py under ncu: the GPU's own time for a decode step, kernel by
 # kernel, at batch 1 and 8; steadier than tokens/s on a lent host), profile (bench/profile_decode.py: one step's cost
-# op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given).
+# op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given), abinplace
+# (bench/ab_in_place.py: the in-place outputs on and off in one process).
 # Logs go to $OUT (the device tool's folder) or ./device-out.
 set -u
 OUT=${OUT:-device-out}
@@ -93,6 +94,10 @@ for part in "$@"; do
             --batch "${AB_BATCH:-1,8}" --experts 2 --json "$OUT/ab_${tag}_$rep.json" 2>&1 | grep -E "batch|rror" | sed "s/^/[$tag $rep] /"
         done
       done ;;
+    abinplace)
+      # the fused step's in-place outputs on and off, alternating in one process (no drift between processes)
+      timeout 500 python3 bench/ab_in_place.py --rounds "${AB_REPS:-6}" --steps 200 2>&1 | tee "$OUT/ab_in_place.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     quick)
       timeout 200 python3 bench/bench_decode.py --quant mxfp4 --batch 1 --steps 32 \
         --json "$OUT/quick.json" --markdown "$OUT/quick.md" 2>&1 | tee "$OUT/quick.log"

@@ -42,3 +42,13 @@ def test_gpu_step_sums_each_kind_of_kernel_per_step(tmp_path):
     assert [line.split()[-1] for line in out[1:]] == ["zaya_router_mlp", "zaya_expert_mlp", "fill_kernel"]
     assert [float(line.split()[0]) for line in out[1:]] == [21.0, 20.0, 2.0]
     assert [float(line.split()[2]) for line in out[1:]] == [1.0, 2.0, 1.0]
+
+
+def test_in_place_ab_times_both_settings():
+    """A smoke run of bench/ab_in_place.py on the CPU: each round times both settings, then the medians."""
+    cmd = [sys.executable, os.path.join(BENCH, "ab_in_place.py"), "--small", "--rounds", "2", "--steps", "2",
+           "--context", "4"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
+    assert [line.split(":")[0] for line in out[:4]] == ["round 0 in place 1", "round 0 in place 0",
+                                                         "round 1 in place 0", "round 1 in place 1"]
+    assert out[4].startswith("median tok/s: in place ") and "ratio" in out[4]

@@ -868,21 +868,17 @@ def test_packed_weights_are_built_once_and_follow_new_arrays():
 _WRITTEN_INPUTS = ("yin", "kcache", "vcache")
 
 
-@pytest.mark.parametrize("quant,router", [(None, None), ("mxfp4", None), ("mxfp4", "mxfp4"), (None, "wide")])
-def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
-    """MLX orders a step's launches only by the arrays they take (bench/RESULTS.md, tenth session), so a launch that
-    reads an array another launch writes in place must take, through launch outputs, an output of that writer; and a
-    writer must so follow the earlier readers of what it overwrites. Checked on the launches of real fused steps with
-    the kernels replaced by fakes that only record them, for the router inside the expert kernel ("wide": ZAYA's
-    256-wide router), beside it (the small model's, in its own kernel) and quantized (its plain ops, which this
-    does not see: the step keeps the router state a new array for any router the expert kernel does not run)."""
+def _recorded_step(monkeypatch, quant, router):
+    """The launches of a fused decode step (the second after a prompt) with the kernels replaced by fakes that
+    record them: [(body, [(argument name, array)], outputs)]. router: None (the small model's, beside the expert
+    kernel), "wide" (ZAYA's 256-wide one, inside it) or "mxfp4" (quantized: its plain ops)."""
     import mlx.nn as nn
 
     from zaya_mlx import kernels as kernels_pkg
     from zaya_mlx.benchmark import build_zaya, small_config
     from zaya_mlx.kernels import attention, cca, experts, head, norms, router as router_mod
 
-    launches = []  # (inputs by name, output arrays)
+    launches = []
 
     def fake(body, back, names, outputs, absent=(), views=(), inplace=()):
         def call(*, inputs: list, output_shapes, output_dtypes, **_):
@@ -910,8 +906,22 @@ def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
     model(mx.array([[9]], dtype=mx.int32), cache)
     launches.clear()
     model(mx.array([[9]], dtype=mx.int32), cache)  # a step on the buffers the first one made
-    assert any(body == "residual_norm.h" and any(n.startswith(_build.INPLACE_PREFIX) for n, _ in args)
-               for body, args, _ in launches)
+    return launches
+
+
+def _writes_in_place(args) -> bool:
+    return any(n.startswith(_build.INPLACE_PREFIX) for n, _ in args)
+
+
+@pytest.mark.parametrize("quant,router", [(None, None), ("mxfp4", None), ("mxfp4", "mxfp4"), (None, "wide")])
+def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
+    """MLX orders a step's launches only by the arrays they take (bench/RESULTS.md, tenth session), so a launch that
+    reads an array another launch writes in place must take, through launch outputs, an output of that writer; and a
+    writer must so follow the earlier readers of what it overwrites. Checked on the launches of real fused steps, for
+    the router inside the expert kernel, beside it (in its own kernel) and quantized (its plain ops, which this does
+    not see: the step keeps the router state a new array for any router the expert kernel does not run)."""
+    launches = _recorded_step(monkeypatch, quant, router)
+    assert any(body == "residual_norm.h" and _writes_in_place(args) for body, args, _ in launches)
     if router == "wide":
         assert "router_mlp.h" not in {body for body, _, _ in launches}  # routed inside the expert kernel
 
@@ -936,3 +946,15 @@ def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
                 reads_since.setdefault(id(a), []).append(k)
         for o in outs:
             producer[id(o)] = k
+
+
+def test_fused_step_makes_new_outputs_with_in_place_off(monkeypatch):
+    """ZAYA_IN_PLACE=0 (bench/ab_in_place.py's other side): the same launches, and the residual norms make new
+    outputs instead of writing into the step's arrays."""
+    on = _recorded_step(monkeypatch, None, "wide")
+    monkeypatch.setenv("ZAYA_IN_PLACE", "0")
+    off = _recorded_step(monkeypatch, None, "wide")
+    assert [b for b, _, _ in off] == [b for b, _, _ in on]
+    assert not any(_writes_in_place(args) for _, args, _ in off)
+    # after attention the stream, router state and zero row, after the MoE the stream: 4 a layer, 2 layers
+    assert sum(len(o) for _, _, o in off) == sum(len(o) for _, _, o in on) + 4 * 2

@@ -394,6 +394,13 @@ def use_compiled_decode() -> bool:
     return os.environ.get("ZAYA_COMPILE", "1").lower() not in ("0", "off", "false")
 
 
+def use_in_place_outputs() -> bool:
+    """Whether the fused step's residual norms write into arrays it keeps (_step_buffers) rather than new outputs
+    (``ZAYA_IN_PLACE=0``); the step functions are built for each setting, so one process can time both
+    (bench/ab_in_place.py)."""
+    return os.environ.get("ZAYA_IN_PLACE", "1").lower() not in ("0", "off", "false")
+
+
 def kv_capacity(needed: int) -> int:
     """The positions of KV buffers that must hold ``needed`` (see KV_GROWTH)."""
     cap = KV_MIN_POSITIONS
@@ -520,21 +527,21 @@ def _zeros_like_router_state(batch, width, dtype):
 def _step_functions(model: "ZayaModel", back: str) -> list:
     """The step's functions, one per layer boundary: [from the token ids, after layer 0, ..., after the last].
 
-    Built once per model, back end and compile mode. A compiled function holds the weights it closed over as
-    constants, so replacing weights through ``update`` or ``update_modules`` (``load_weights``, ``nn.quantize``)
-    drops them; weights assigned to a submodule's attribute directly are not seen.
+    Built once per model, back end, compile mode and in-place setting (use_in_place_outputs). A compiled function
+    holds the weights it closed over as constants, so replacing weights through ``update`` or ``update_modules``
+    (``load_weights``, ``nn.quantize``) drops them; weights assigned to a submodule's attribute directly are not
+    seen.
     """
-    key = (use_compiled_decode(), back)
-    steps = model.__dict__.get("_fused_steps")  # a plain attribute: not a parameter
-    if steps is None or steps[0] != key:
-        steps = (key, [_step_function(model, i, key[0]) for i in range(-1, len(model.layers))])
-        model.__dict__["_fused_steps"] = steps
-    return steps[1]
+    key = (use_compiled_decode(), back, use_in_place_outputs())
+    steps = model.__dict__.setdefault("_fused_steps", {})  # a plain attribute: not a parameter
+    if key not in steps:
+        steps[key] = [_step_function(model, i, key[0], key[2]) for i in range(-1, len(model.layers))]
+    return steps[key]
 
 
-def _step_function(model: "ZayaModel", i: int, compiled: bool):
+def _step_function(model: "ZayaModel", i: int, compiled: bool, in_place: bool):
     """The function from layer i's attention output to layer i+1's (i = -1: from the token ids; the last layer:
-    to the final norm)."""
+    to the final norm). in_place: whether its kernels write into the step's buffers (else they are ignored)."""
     layers = model.layers
     nxt = layers[i + 1] if i + 1 < len(layers) else None
     cur = layers[i] if i >= 0 else None
@@ -549,12 +556,12 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool):
             return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
     elif nxt is None:
         def fn(out, h, r, *into):
-            h, x, r = _mlp_block(cur, out, h, r, into, model.norm)
+            h, x, r = _mlp_block(cur, out, h, r, into if in_place else (None,) * 4, model.norm)
             return x
     else:
         def fn(out, h, r, h_attn, h_mlp, r_into, zeros, state, v_prev, positions, keys, values, filled, lpad):
-            h, qkv, r = _mlp_block(cur, out, h, r, (h_attn, h_mlp, r_into, zeros), nxt.input_layernorm,
-                                   nxt.self_attn.qkv_proj.in_proj)
+            into = (h_attn, h_mlp, r_into, zeros) if in_place else (None,) * 4
+            h, qkv, r = _mlp_block(cur, out, h, r, into, nxt.input_layernorm, nxt.self_attn.qkv_proj.in_proj)
             return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
     return mx.compile(fn) if compiled else fn
 
