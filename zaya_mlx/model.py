@@ -439,17 +439,19 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
             conv[1] = proj._delayed_of_zero(B, dtype)
 
     steps = _step_functions(model, kernels.backend())
-    h_after_attn, h_after_mlp, states, zeros = _step_buffers(kv0, B, args, dtype)
+    bufs = _step_buffers(kv0, B, args, dtype)
+    h_after_attn, h_after_mlp, states, zeros, last = bufs
     kv, conv = cache[0][0], cache[0][1]
     h, out, kv.keys, kv.values, conv[0], conv[1] = steps[0](tokens, conv[0], conv[1], positions, kv.keys, kv.values,
                                                             filled, lpad)
     r = _zeros_like_router_state(B, args.router_hidden_size, dtype)
     for i in range(1, len(layers)):
         kv, conv = cache[i][0], cache[i][1]
-        into = (h_after_attn, h_after_mlp, states[(i - 1) % 2], zeros)
+        into = (h_after_attn, h_after_mlp, states[(i - 1) % 2], zeros, last)
         h, r, out, kv.keys, kv.values, conv[0], conv[1] = steps[i](out, h, r, *into, conv[0], conv[1], positions,
                                                                    kv.keys, kv.values, filled, lpad)
-    x = steps[-1](out, h, r, h_after_attn, h_after_mlp, states[(len(layers) - 1) % 2], zeros)
+    x = steps[-1](out, h, r, h_after_attn, h_after_mlp, states[(len(layers) - 1) % 2], zeros, last)
+    bufs[4] = x  # the next step's first write into the buffers waits for this step's last reader
 
     offset = kv0.offset + 1  # a BatchKVCache's per-row offsets: one array for every layer
     for kv, _ in cache:
@@ -498,15 +500,17 @@ _STEP_BUFFERS = weakref.WeakKeyDictionary()
 def _step_buffers(kv, batch: int, args: ZayaConfig, dtype) -> tuple:
     """Arrays the residual-norm kernels write into in place rather than as new outputs, which cost the host ~4 us
     each a step (kernels._build.launch): the residual stream after attention and after the MoE, two router states
-    (a layer's, and the previous layer's that it reads), and the row the expert kernel adds into. One set per
-    cache: steps on one cache are ordered by their arrays (each launch takes the previous one's output), and
-    within a step no launch writes an array that another launch running alongside reads; two caches' steps,
-    which nothing orders, get their own sets."""
+    (a layer's, and the previous layer's that it reads), and the row the expert kernel adds into; then the last
+    step's output. MLX orders launches only by the arrays they take: within a step each launch takes an output of
+    the one before it, and the step's first writer takes the last step's output (``after``), whose launch read
+    them last, so a step whose token does not come from the last one's logits cannot overtake it. One set per
+    cache: two caches' steps, which nothing orders, get their own."""
     H, R = args.hidden_size, args.router_hidden_size
     bufs = _STEP_BUFFERS.get(kv)
     if bufs is None or bufs[0].shape != (batch, 1, H) or bufs[2][0].dtype != dtype:
-        bufs = (mx.zeros((batch, 1, H), mx.float32), mx.zeros((batch, 1, H), mx.float32),
-                (mx.zeros((batch, 1, R), dtype), mx.zeros((batch, 1, R), dtype)), mx.zeros((batch, 1, H), mx.float32))
+        bufs = [mx.zeros((batch, 1, H), mx.float32), mx.zeros((batch, 1, H), mx.float32),
+                (mx.zeros((batch, 1, R), dtype), mx.zeros((batch, 1, R), dtype)), mx.zeros((batch, 1, H), mx.float32),
+                mx.zeros((batch, 1, H), dtype)]
         mx.eval(bufs)
         _STEP_BUFFERS[kv] = bufs
     return bufs
@@ -556,12 +560,13 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool, in_place: bool):
             return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
     elif nxt is None:
         def fn(out, h, r, *into):
-            h, x, r = _mlp_block(cur, out, h, r, into if in_place else (None,) * 4, model.norm)
+            h, x, r = _mlp_block(cur, out, h, r, into if in_place else (None,) * 5, model.norm, first=i == 0)
             return x
     else:
-        def fn(out, h, r, h_attn, h_mlp, r_into, zeros, state, v_prev, positions, keys, values, filled, lpad):
-            into = (h_attn, h_mlp, r_into, zeros) if in_place else (None,) * 4
-            h, qkv, r = _mlp_block(cur, out, h, r, into, nxt.input_layernorm, nxt.self_attn.qkv_proj.in_proj)
+        def fn(out, h, r, h_attn, h_mlp, r_into, zeros, last, state, v_prev, positions, keys, values, filled, lpad):
+            into = (h_attn, h_mlp, r_into, zeros, last) if in_place else (None,) * 5
+            h, qkv, r = _mlp_block(cur, out, h, r, into, nxt.input_layernorm, nxt.self_attn.qkv_proj.in_proj,
+                                   first=i == 0)
             return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
     return mx.compile(fn) if compiled else fn
 
@@ -583,14 +588,14 @@ def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values,
     return o, keys, values, state, v_prev
 
 
-def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_proj=None):
+def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_proj=None, first=False):
     """From o_proj's output (partial sums, see _attention): residual, MoE, residual, then next_norm (the next
     layer's input norm or the final norm) and next_proj (the next layer's in_proj, or None), in kernels. A dense
     router runs inside the expert kernel; a quantized one through its plain ops. into: the arrays the kernels write
     in place (_step_buffers): the residual stream after attention and after the MoE, this layer's router state, and
-    the expert kernel's zero row.
+    the expert kernel's zero row, then the last step's output (which the step's first layer waits for), or Nones.
     Returns (h, next_proj(next_norm(h)) or next_norm(h), router state)."""
-    h_attn, h_mlp, r_into, z_into = into
+    h_attn, h_mlp, r_into, z_into, last = into
     gate, experts = layer.mlp.gate, layer.mlp.experts
     res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
     prev = (router_state, gate.router_states_scale) if "router_states_scale" in gate else None
@@ -606,6 +611,7 @@ def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_pr
     h, x, r, zeros = kernels.residual_norm(
         o, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias, norm.weight,
         norm.eps, gate.down_proj, dtype=norm.weight.dtype, prev_state=prev, zeros=True, into=(h_attn, r_into, z_into),
+        after=last if first else None,
     )
 
     if router is None:  # quantized router: its plain ops

@@ -165,6 +165,11 @@ def write_kv_reference(keys, values, k, v, filled):
     return mx.slice_update(keys, k, start, axes=(2,)), mx.slice_update(values, v, start, axes=(2,))
 
 
+def _as(a, dtype):
+    """a in dtype: the array itself where it already is (the same object, which a caller tracking arrays sees)."""
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
 def _cca_kernel(
     qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, keys, values, filled, *, n_heads, n_kv_heads,
     head_dim, rope_dims, rope_base, norm_eps, back
@@ -182,7 +187,7 @@ def _cca_kernel(
     inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else constant((0.0,))
     q, state, vprev = launch(
         "cca_decode.h", back,
-        [("qkv", qkv), ("conv_state", conv_state.astype(dtype)), ("v_prev", v_prev.astype(dtype)), ("dw_w", dw_w),
+        [("qkv", qkv), ("conv_state", _as(conv_state, dtype)), ("v_prev", _as(v_prev, dtype)), ("dw_w", dw_w),
          ("dw_b", dw_b), ("gw_w", gw_w), ("gw_b", gw_b), ("temp", temp), ("offset", off), ("inv_freq", inv),
          ("kcache", keys), ("vcache", values), ("filled", filled_array(filled))],
         [("q_out", (B, nh, 1, d), dtype), ("conv_out", (B, S, C), dtype), ("vprev_out", (B, nkv * d // 2), dtype)],
