@@ -389,16 +389,21 @@ def use_fused_decode() -> bool:
     return kernels.backend() != "cpu"
 
 
+def _switched_on(name: str) -> bool:
+    """An environment switch that is on unless set to 0, off or false."""
+    return os.environ.get(name, "1").lower() not in ("0", "off", "false")
+
+
 def use_compiled_decode() -> bool:
     """Whether the fused step's fixed-shape parts run as mx.compile'd functions (``ZAYA_COMPILE=0``: not)."""
-    return os.environ.get("ZAYA_COMPILE", "1").lower() not in ("0", "off", "false")
+    return _switched_on("ZAYA_COMPILE")
 
 
 def use_in_place_outputs() -> bool:
     """Whether the fused step's residual norms write into arrays it keeps (_step_buffers) rather than new outputs
     (``ZAYA_IN_PLACE=0``); the step functions are built for each setting, so one process can time both
     (bench/ab_in_place.py)."""
-    return os.environ.get("ZAYA_IN_PLACE", "1").lower() not in ("0", "off", "false")
+    return _switched_on("ZAYA_IN_PLACE")
 
 
 def kv_capacity(needed: int) -> int:
