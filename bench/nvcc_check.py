@@ -56,12 +56,13 @@ def build(name, body, inputs, outputs, template):
 # every shape the GPU tests or the model use is compiled here.
 
 
-def cca_case(nh, nkv, d, t0, t1, rd, t):
+def cca_case(nh, nkv, d, t0, t1, rd, t, fused_step=False):
+    """fused_step: as the fused decode step calls it, q written in place and an ``after`` input."""
     io = [("qkv", t), ("conv_state", t), ("v_prev", t), ("dw_w", "pack"), ("dw_b", "pack"), ("gw_w", t),
           ("gw_b", "pack"), ("temp", "pack"), ("offset", "i32"), ("inv_freq", "pack"), ("kcache", t), ("vcache", t),
-          ("filled", "i32")]
-    return (f"cca_{nh}_{nkv}_{d}_{t0}{t1}_{t}", "cca_decode.h", io,
-            [("q_out", t), ("conv_out", t), ("vprev_out", t)],
+          ("filled", "i32"), ("after", t if fused_step else None)]
+    return (f"cca_{nh}_{nkv}_{d}_{t0}{t1}_{t}{'_step' if fused_step else ''}", "cca_decode.h", io,
+            [("q_out", "into:" + t if fused_step else t), ("conv_out", t), ("vprev_out", t)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("T0", t0), ("T1", t1), ("RD", rd),
              ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32)), ("CAP", 256), ("EPS", EPS)])
 
@@ -155,6 +156,7 @@ def combine_case(o, t="bf16", d=128):
 DTYPES = ("bf16", "f32")
 CASES = [cca_case(*shape[:6], t) for shape in [(8, 2, 128, 2, 2, 64), (6, 3, 48, 3, 2, 16), (4, 4, 64, 2, 3, 64),
                                                 (5, 1, 32, 2, 2, 0), (4, 1, 64, 3, 2, 32)] for t in DTYPES]
+CASES += [cca_case(8, 2, 128, 2, 2, 64, t, fused_step=True) for t in DTYPES]
 CASES += [expert_case(*FORMATS[f], routed) for f in ("bf16", "f32", "affine4", "affine8", "mxfp4")
           for routed in (False, True)]
 CASES += [head_case(*FORMATS[f], vocab) for f in ("bf16", "affine4", "affine8", "mxfp4") for vocab in (262272, 300)]

@@ -9,8 +9,8 @@
 //
 // The key and value go into the cache's buffers in place, at position filled[0] - 1 of every row: MLX's
 // custom kernels only make new outputs, and a new [B, NKV, CAP, D] buffer a step would copy the cache.
-// The caller owns the buffers (zaya_mlx/kernels/cca.py says how); attention reads them after this
-// launch because it also reads q_out.
+// The caller owns the buffers (zaya_mlx/kernels/cca.py says how), and orders attention after this launch
+// (attention reads q_out, or, where q_out is written in place, takes another output as its ``after``).
 //
 // Grid: one threadgroup of NT threads per (head group g, batch row b): x = g (NH query heads, then NKV
 // key heads), y = b. Each group's D channels depend only on that group's inputs, so no threadgroup
@@ -22,9 +22,10 @@
 // Inputs: qkv [B, P] (P = C + NKV*D, C = (NH+NKV)*D: q, k, v_current, v_delayed), conv_state [B, S, C]
 // (S = T0-1 + T1-1 >= 1), v_prev [B, NKV*D/2], dw_w [C, T0], dw_b [C], gw_w [C, T1, D], gw_b [C],
 // temp [NKV], offset [B] int32, inv_freq [RD/2] float32,
-// kcache, vcache [B, NKV, CAP, D] (T; written in place), filled [1] int32 (positions held after the write).
-// Outputs: q_out [B, NH, 1, D], conv_out [B, S, C], vprev_out [B, NKV*D/2]. Arithmetic is float32,
-// rounded to T where the reference rounds.
+// kcache, vcache [B, NKV, CAP, D] (T; written in place), filled [1] int32 (positions held after the write),
+// after (not read: an array that orders this launch after the last reader of an array it writes in place).
+// Outputs: q_out [B, NH, 1, D] (may be written into a given array: ZK_INPLACE), conv_out [B, S, C], vprev_out
+// [B, NKV*D/2]. Arithmetic is float32, rounded to T where the reference rounds.
 constexpr int G = NH + NKV;
 constexpr int C = G * D;
 constexpr int S = (T0 - 1) + (T1 - 1);

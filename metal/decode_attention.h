@@ -21,8 +21,9 @@
 // Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D], lpad [B] int32, filled [1] int32 (L <= CAP),
 // meta [4] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; read at
 // run time, so that a grown buffer compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or
-// packed, scales, biases, bias; each absent (ZK_ABSENT) where the variant reads none). L is read on the GPU, so
-// one launch serves every step.
+// packed, scales, biases, bias; each absent (ZK_ABSENT) where the variant reads none), after (not read: an output of
+// the CCA step where that wrote q in place, which orders this launch after it). L is read on the GPU, so one launch
+// serves every step.
 // Outputs: SPLIT false: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH / HB, HO] float32;
 // no ml. SPLIT true: out [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32.
 constexpr int NWARP = NT / 32;

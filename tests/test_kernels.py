@@ -448,6 +448,26 @@ def test_cca_kernel_matches_reference(shape, dtype):
 
 
 @gpu_only
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_cca_kernel_writes_the_query_into_a_given_array(dtype):
+    """The fused step's form, at ZAYA's shapes: q written into an array filled with NaN first (an element left
+    unwritten shows), the states as new outputs."""
+    nh, nkv, d, B = 8, 2, 128, 2
+    a = _cca_inputs(B, nh, nkv, d, 2, 2, dtype, seed=5)
+    kw = dict(n_heads=nh, n_kv_heads=nkv, head_dim=d, rope_dims=64, rope_base=5e6)
+    keys, values = rnd(B, nkv, 16, d, dtype=dtype), rnd(B, nkv, 16, d, dtype=dtype)
+    q, _, _, state, vprev = cca_decode_step_reference(**a, offset=9, **kw)
+    mx.eval(q, state, vprev)
+    q_into = mx.full(q.shape, float("nan"), dtype)
+    mx.eval(q_into)
+    out = cca_decode_step(**a, offset=9, keys=keys, values=values, filled=10, q_into=q_into, impl="kernel", **kw)
+    mx.eval(out)
+    assert out[0] is q_into
+    assert rel(q_into, q) < (1e-2 if dtype == mx.bfloat16 else F32)
+    assert mx.array_equal(out[3], state) and mx.array_equal(out[4], vprev)
+
+
+@gpu_only
 def test_cca_kernel_decodes_a_sequence():
     """Chained steps: the kernel's states and cache feed the next step as the reference's do."""
     nh, nkv, d = 8, 2, 128
@@ -927,6 +947,7 @@ def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
     not see: the step keeps the router state a new array for any router the expert kernel does not run)."""
     launches = _recorded_step(monkeypatch, quant, router)
     assert any(body == "residual_norm.h" and _writes_in_place(args) for body, args, _ in launches)
+    assert any(body == "cca_decode.h" and _writes_in_place(args) for body, args, _ in launches)
     if router == "wide":
         assert "router_mlp.h" not in {body for body, _, _ in launches}  # routed inside the expert kernel
 
@@ -955,12 +976,13 @@ def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
 
 
 def test_fused_step_makes_new_outputs_with_in_place_off(monkeypatch):
-    """ZAYA_IN_PLACE=0 (bench/ab_in_place.py's other side): the same launches, and the residual norms make new
-    outputs instead of writing into the step's arrays."""
+    """ZAYA_IN_PLACE=0 (bench/ab_in_place.py's other side): the same launches, and the residual norms and the CCA
+    step make new outputs instead of writing into the step's arrays."""
     on = _recorded_step(monkeypatch, None, "wide")
     monkeypatch.setenv("ZAYA_IN_PLACE", "0")
     off = _recorded_step(monkeypatch, None, "wide")
     assert [b for b, _, _ in off] == [b for b, _, _ in on]
     assert not any(_writes_in_place(args) for _, args, _ in off)
-    # after attention the stream, router state and zero row, after the MoE the stream: 4 a layer, 2 layers, 2 steps
-    assert sum(len(o) for _, _, o in off) == sum(len(o) for _, _, o in on) + 4 * 2 * 2
+    # after attention the stream, router state and zero row, after the MoE the stream, and the CCA step's query: 5 a
+    # layer, 2 layers, 2 steps
+    assert sum(len(o) for _, _, o in off) == sum(len(o) for _, _, o in on) + 5 * 2 * 2

@@ -195,9 +195,11 @@ def test_lm_head_body(fmt, opts, tied):
 
 @pytest.mark.parametrize("shape,dtype", [((8, 2, 64, 2, 2, 32, 2), mx.float32), ((6, 3, 32, 3, 2, 16, 1), mx.float32),
                                          ((4, 2, 32, 2, 3, 0, 2), mx.bfloat16)])
-def test_cca_body(shape, dtype):
+@pytest.mark.parametrize("q_in_place", [False, True])
+def test_cca_body(shape, dtype, q_in_place):
     """q and the states against the reference; the key and value written into the cache buffers in place at
-    position filled - 1, every other position as it was."""
+    position filled - 1, every other position as it was; with q_in_place, q written into a given array (filled
+    with NaN first, so that an element left unwritten shows), as the fused step has it."""
     nh, nkv, d, t0, t1, rd, B = shape
     mx.random.seed(sum(shape))
     C = (nh + nkv) * d
@@ -212,10 +214,16 @@ def test_cca_body(shape, dtype):
     q, k, v, state, vprev = cca.cca_decode_step_reference(**a, offset=offset, **kw)
     ref_keys, ref_values = cca.write_kv_reference(keys, values, k, v, filled)
     mx.eval(q, state, vprev, ref_keys, ref_values)  # before the kernel writes into keys and values
+    q_into = mx.full(q.shape, np.nan, dtype) if q_in_place else None
     with emulated():
         out = cca._cca_kernel(**a, offset=offset, keys=keys, values=values, filled=mx.array([filled], mx.int32),
-                              norm_eps=None, back="cuda", **kw)
+                              norm_eps=None, back="cuda", q_into=q_into, **kw)
+        if q_in_place:
+            with pytest.raises(ValueError, match="one of its inputs"):
+                cca._cca_kernel(**a, offset=offset, keys=keys, values=values, filled=filled, norm_eps=None,
+                                back="cuda", q_into=keys, **kw)
     assert out[1] is keys and out[2] is values
+    assert (out[0] is q_into) == q_in_place
     tol = 1e-2 if dtype == mx.bfloat16 else 1e-5
     for name, o, r in zip(("q", "keys", "values", "conv_state", "v_prev"), out, (q, ref_keys, ref_values, state, vprev)):
         assert o.shape == r.shape and o.dtype == r.dtype, name

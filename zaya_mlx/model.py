@@ -445,18 +445,16 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
 
     steps = _step_functions(model, kernels.backend())
     bufs = _step_buffers(kv0, B, args, dtype)
-    h_after_attn, h_after_mlp, states, zeros, last = bufs
     kv, conv = cache[0][0], cache[0][1]
-    h, out, kv.keys, kv.values, conv[0], conv[1] = steps[0](tokens, conv[0], conv[1], positions, kv.keys, kv.values,
-                                                            filled, lpad)
+    h, out, kv.keys, kv.values, conv[0], conv[1] = steps[0](tokens, bufs.q, bufs.last, conv[0], conv[1], positions,
+                                                            kv.keys, kv.values, filled, lpad)
     r = _zeros_like_router_state(B, args.router_hidden_size, dtype)
     for i in range(1, len(layers)):
         kv, conv = cache[i][0], cache[i][1]
-        into = (h_after_attn, h_after_mlp, states[(i - 1) % 2], zeros, last)
-        h, r, out, kv.keys, kv.values, conv[0], conv[1] = steps[i](out, h, r, *into, conv[0], conv[1], positions,
-                                                                   kv.keys, kv.values, filled, lpad)
-    x = steps[-1](out, h, r, h_after_attn, h_after_mlp, states[(len(layers) - 1) % 2], zeros, last)
-    bufs[4] = x  # the next step's first write into the buffers waits for this step's last reader
+        h, r, out, kv.keys, kv.values, conv[0], conv[1] = steps[i](out, h, r, bufs.last, *bufs.mlp_into(i - 1), bufs.q,
+                                                                   conv[0], conv[1], positions, kv.keys, kv.values,
+                                                                   filled, lpad)
+    bufs.last = steps[-1](out, h, r, bufs.last, *bufs.mlp_into(len(layers) - 1))
 
     offset = kv0.offset + 1  # a BatchKVCache's per-row offsets: one array for every layer
     for kv, _ in cache:
@@ -465,7 +463,7 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
             kv._idx, kv.offset = held + 1, offset
         else:
             kv.offset = held + 1
-    return x
+    return bufs.last
 
 
 # a KV cache -> (keys, values, positions held) as the fused step left them: buffers it made and alone holds
@@ -498,26 +496,40 @@ def _own_kv_buffers(kv, held: int, shape: tuple, dtype) -> None:
     kv.keys, kv.values = fresh(kv.keys), fresh(kv.values)  # recorded in _OWNED_KV after the step
 
 
-# a KV cache of a step's first layer -> the residual norms' outputs, which they write in place (see _step_buffers)
+class _StepBuffers:
+    """Arrays the fused step's kernels write in place rather than as new outputs, which cost the host ~4 us each a
+    step (kernels._build.launch): the residual stream after attention and after the MoE, two router states (a
+    layer's, and the previous layer's that it reads), the row the expert kernel adds into, and the query; then the
+    last step's output. None is seen outside the step. MLX orders launches only by the arrays they take: within a
+    step each launch takes an output of the one before it, and the step's first writers (layer 0's CCA step, and
+    its post-attention norm, in case the CCA step runs plain ops) take the last step's output, whose launch read
+    them last, so a step whose token does not come from the last one's logits cannot overtake it."""
+
+    def __init__(self, batch: int, args: ZayaConfig, dtype):
+        H, R = args.hidden_size, args.router_hidden_size
+        row = (batch, 1, H)
+        self.h_attn, self.h_mlp, self.zeros = (mx.zeros(row, mx.float32) for _ in range(3))
+        self.states = (mx.zeros((batch, 1, R), dtype), mx.zeros((batch, 1, R), dtype))
+        self.q = mx.zeros((batch, args.num_attention_heads, 1, args.head_dim), dtype)
+        self.last = mx.zeros(row, dtype)
+        mx.eval(self.h_attn, self.h_mlp, self.zeros, self.states, self.q, self.last)
+
+    def fits(self, batch: int, dtype) -> bool:
+        return self.q.shape[0] == batch and self.q.dtype == dtype
+
+    def mlp_into(self, i: int) -> tuple:
+        """What layer i's residual norms and expert kernel write into (see _mlp_block)."""
+        return self.h_attn, self.h_mlp, self.states[i % 2], self.zeros
+
+
+# a KV cache of a step's first layer -> its _StepBuffers: two caches' steps, which nothing orders, get their own
 _STEP_BUFFERS = weakref.WeakKeyDictionary()
 
 
-def _step_buffers(kv, batch: int, args: ZayaConfig, dtype) -> tuple:
-    """Arrays the residual-norm kernels write into in place rather than as new outputs, which cost the host ~4 us
-    each a step (kernels._build.launch): the residual stream after attention and after the MoE, two router states
-    (a layer's, and the previous layer's that it reads), and the row the expert kernel adds into; then the last
-    step's output. MLX orders launches only by the arrays they take: within a step each launch takes an output of
-    the one before it, and the step's first writer takes the last step's output (``after``), whose launch read
-    them last, so a step whose token does not come from the last one's logits cannot overtake it. One set per
-    cache: two caches' steps, which nothing orders, get their own."""
-    H, R = args.hidden_size, args.router_hidden_size
+def _step_buffers(kv, batch: int, args: ZayaConfig, dtype) -> _StepBuffers:
     bufs = _STEP_BUFFERS.get(kv)
-    if bufs is None or bufs[0].shape != (batch, 1, H) or bufs[2][0].dtype != dtype:
-        bufs = [mx.zeros((batch, 1, H), mx.float32), mx.zeros((batch, 1, H), mx.float32),
-                (mx.zeros((batch, 1, R), dtype), mx.zeros((batch, 1, R), dtype)), mx.zeros((batch, 1, H), mx.float32),
-                mx.zeros((batch, 1, H), dtype)]
-        mx.eval(bufs)
-        _STEP_BUFFERS[kv] = bufs
+    if bufs is None or not bufs.fits(batch, dtype):
+        bufs = _STEP_BUFFERS[kv] = _StepBuffers(batch, args, dtype)
     return bufs
 
 
@@ -558,49 +570,58 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool, in_place: bool):
     if nxt is not None and nxt.layer_type == "hybrid_sliding":
         window = model.args.sliding_window
     if i < 0:
-        def fn(tokens, state, v_prev, positions, keys, values, filled, lpad):
+        def fn(tokens, q_into, last, state, v_prev, positions, keys, values, filled, lpad):
             h = model.embed_tokens(tokens)
             h = ((h + model.input_hidden_states_bias) * model.input_hidden_states_scale).astype(mx.float32)
             qkv = nxt.self_attn.qkv_proj.in_proj(nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype)))
-            return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
+            q_into, last = (q_into, last) if in_place else (None, None)
+            return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into, last))
     elif nxt is None:
-        def fn(out, h, r, *into):
-            h, x, r = _mlp_block(cur, out, h, r, into if in_place else (None,) * 5, model.norm, first=i == 0)
+        def fn(out, h, r, last, *into):
+            into, last = (into, last) if in_place else ((None,) * 4, None)
+            h, x, r = _mlp_block(cur, out, h, r, into, model.norm, after=last if i == 0 else None)
             return x
     else:
-        def fn(out, h, r, h_attn, h_mlp, r_into, zeros, last, state, v_prev, positions, keys, values, filled, lpad):
-            into = (h_attn, h_mlp, r_into, zeros, last) if in_place else (None,) * 5
+        def fn(out, h, r, last, h_attn, h_mlp, r_into, zeros, q_into, state, v_prev, positions, keys, values, filled,
+               lpad):
+            into, last, q_into = ((h_attn, h_mlp, r_into, zeros), last, q_into) if in_place else ((None,) * 4, None, None)
             h, qkv, r = _mlp_block(cur, out, h, r, into, nxt.input_layernorm, nxt.self_attn.qkv_proj.in_proj,
-                                   first=i == 0)
-            return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window))
+                                   after=last if i == 0 else None)
+            return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into))
     return mx.compile(fn) if compiled else fn
 
 
-def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values, filled, lpad, window):
+def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into=None,
+               after=None):
     """From in_proj's output: the fused CCA step (which writes the new key and value into the cache), attention
-    and o_proj. Returns (o_proj's output as partial sums [B, P, H] float32 (see kernels.decode_attention), the
-    keys and values buffers, the new conv state, the new delayed value)."""
+    and o_proj. q_into: an array the CCA kernel writes the query into (_StepBuffers.q), or None; after: an array
+    the CCA step must run after. Returns (o_proj's output as partial sums [B, P, H] float32 (see
+    kernels.decode_attention), the keys and values buffers, the new conv state, the new delayed value)."""
     attn = layer.self_attn
     proj = attn.qkv_proj
     dw, gw = proj.conv_qk_depthwise, proj.conv_qk_grouped
+    # The query is written in place only where attention runs its kernel, which takes the new delayed value (an
+    # output of the CCA launch) as ``after``; attention's plain ops would take the query alone, and could run first.
+    if q_into is not None and not kernels.attention_kernel_supported(q_into, keys, attn.o_proj):
+        q_into = None
     q, keys, values, state, v_prev = kernels.cca_decode_step(
         qkv, state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions,
         keys, values, filled, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
-        rope_dims=attn.rope.dims, rope_base=attn.rope.base,
+        rope_dims=attn.rope.dims, rope_base=attn.rope.base, q_into=q_into, after=after,
     )
     o = kernels.decode_attention(q, keys, values, filled, scale=attn.scale, left_padding=lpad, window=window,
-                                 o_proj=attn.o_proj)
+                                 o_proj=attn.o_proj, after=v_prev if q is q_into else None)
     return o, keys, values, state, v_prev
 
 
-def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_proj=None, first=False):
+def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_proj=None, after=None):
     """From o_proj's output (partial sums, see _attention): residual, MoE, residual, then next_norm (the next
     layer's input norm or the final norm) and next_proj (the next layer's in_proj, or None), in kernels. A dense
     router runs inside the expert kernel; a quantized one through its plain ops. into: the arrays the kernels write
-    in place (_step_buffers): the residual stream after attention and after the MoE, this layer's router state, and
-    the expert kernel's zero row, then the last step's output (which the step's first layer waits for), or Nones.
-    Returns (h, next_proj(next_norm(h)) or next_norm(h), router state)."""
-    h_attn, h_mlp, r_into, z_into, last = into
+    in place (_StepBuffers.mlp_into): the residual stream after attention and after the MoE, this layer's router
+    state, and the expert kernel's zero row, or Nones; after: an array the first of them must run after (layer 0:
+    the last step's output). Returns (h, next_proj(next_norm(h)) or next_norm(h), router state)."""
+    h_attn, h_mlp, r_into, z_into = into
     gate, experts = layer.mlp.gate, layer.mlp.experts
     res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
     prev = (router_state, gate.router_states_scale) if "router_states_scale" in gate else None
@@ -616,7 +637,7 @@ def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_pr
     h, x, r, zeros = kernels.residual_norm(
         o, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias, norm.weight,
         norm.eps, gate.down_proj, dtype=norm.weight.dtype, prev_state=prev, zeros=True, into=(h_attn, r_into, z_into),
-        after=last if first else None,
+        after=after,
     )
 
     if router is None:  # quantized router: its plain ops

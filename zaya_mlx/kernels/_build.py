@@ -220,6 +220,13 @@ def float_bits(x: float) -> int:
     return bits
 
 
+def shape_or_into(shape, into):
+    """An output's shape, or the array ``launch`` writes it into (which must have that shape)."""
+    if into is not None and into.shape != tuple(shape):
+        raise ValueError(f"an output of shape {tuple(shape)} cannot be written into an array of shape {into.shape}")
+    return tuple(shape) if into is None else into
+
+
 def dummy(dtype=mx.float32) -> mx.array:
     """A small array for a kernel input that a variant never reads."""
     return constant((0, 0, 0, 0), dtype)

@@ -88,7 +88,7 @@ def kernel_supported(q, keys, o_proj=None) -> bool:
 
 
 def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
-                            back=None):
+                            after=None, back=None):
     back = back or backend()
     B, NH, _, D = q.shape
     NKV, cap = keys.shape[1], keys.shape[2]
@@ -112,7 +112,7 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     meta = constant((window or 0, chunk, cap, nc), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
     inputs = [("q", q), ("keys", keys), ("values", values), ("lpad", lpad), ("filled", filled_array(filled)),
-              ("meta", meta), *o_inputs]
+              ("meta", meta), *o_inputs, ("after", after)]
     # o_proj's input: [B, 1, NH * D], the same memory as [B, NH, 1, D] (no reshape node); or o_proj's partial sums
     out_shape, out_dtype = ((B, 1, NH * D), q.dtype) if o_proj is None else ((B, rows // B, ho), mx.float32)
     if not split:
@@ -131,13 +131,14 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
 
 
 def decode_attention(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
-                     impl="auto"):
+                     after=None, impl="auto"):
     """Attention of one new token per row (see ``decode_attention_reference``): [B, 1, NH * D], or given o_proj,
-    its output as P partial sums [B, P, HO] float32 (P: 1 on the reference path). impl: 'auto', 'kernel' or
-    'reference'."""
+    its output as P partial sums [B, P, HO] float32 (P: 1 on the reference path). after: an array the kernel must
+    run after (not read: an output of the launch that wrote q or the cache in place); the reference ignores it.
+    impl: 'auto', 'kernel' or 'reference'."""
     back = backend()
     if use_kernel(impl, back, lambda: kernel_supported(q, keys, o_proj), "the decode attention kernel"):
         return decode_attention_kernel(q, keys, values, filled, scale=scale, left_padding=left_padding,
-                                       window=window, o_proj=o_proj, back=back)
+                                       window=window, o_proj=o_proj, after=after, back=back)
     return decode_attention_reference(q, keys, values, filled, scale=scale, left_padding=left_padding,
                                       window=window, o_proj=o_proj)

@@ -24,7 +24,7 @@ import math
 
 import mlx.core as mx
 
-from ._build import backend, constant, float_bits, launch, use_kernel
+from ._build import backend, constant, float_bits, launch, shape_or_into, use_kernel
 
 
 def _eps(dtype) -> float:
@@ -172,7 +172,7 @@ def _as(a, dtype):
 
 def _cca_kernel(
     qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, keys, values, filled, *, n_heads, n_kv_heads,
-    head_dim, rope_dims, rope_base, norm_eps, back
+    head_dim, rope_dims, rope_base, norm_eps, back, q_into=None, after=None
 ):
     B = qkv.shape[0]
     dtype = qkv.dtype
@@ -185,12 +185,15 @@ def _cca_kernel(
     eps = _eps(dtype) if norm_eps is None else norm_eps
     nt = _threads(dtype)
     inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else constant((0.0,))
+    if q_into is not None and any(q_into is a for a in (qkv, conv_state, v_prev, keys, values)):
+        raise ValueError("the CCA step cannot write its query into one of its inputs")
     q, state, vprev = launch(
         "cca_decode.h", back,
         [("qkv", qkv), ("conv_state", _as(conv_state, dtype)), ("v_prev", _as(v_prev, dtype)), ("dw_w", dw_w),
          ("dw_b", dw_b), ("gw_w", gw_w), ("gw_b", gw_b), ("temp", temp), ("offset", off), ("inv_freq", inv),
-         ("kcache", keys), ("vcache", values), ("filled", filled_array(filled))],
-        [("q_out", (B, nh, 1, d), dtype), ("conv_out", (B, S, C), dtype), ("vprev_out", (B, nkv * d // 2), dtype)],
+         ("kcache", keys), ("vcache", values), ("filled", filled_array(filled)), ("after", after)],
+        [("q_out", shape_or_into((B, nh, 1, d), q_into), dtype), ("conv_out", (B, S, C), dtype),
+         ("vprev_out", (B, nkv * d // 2), dtype)],
         template=[
             ("T", dtype),
             ("D", d),
@@ -230,6 +233,8 @@ def cca_decode_step(
     rope_dims: int,
     rope_base: float,
     norm_eps: float | None = None,
+    q_into=None,
+    after=None,
     impl: str = "auto",
 ):
     """One CCA decode step and the cache write: ``cca_decode_step_reference``, then the key and value into
@@ -237,6 +242,8 @@ def cca_decode_step(
     the write). Returns q [B, nh, 1, d], the keys and values buffers holding the new token (on the kernel path
     the same arrays, written in place; on the reference path new ones), new_conv_state, new_v_prev.
 
+    q_into: an array the kernel writes the query into, in place (see _build.launch for what the caller owes), or
+    None; after: an array the kernel must run after (not read). The reference ignores both.
     impl: 'auto' (the fused kernel on a Metal or CUDA GPU, the reference on the CPU), 'kernel' or
     'reference'.
     """
@@ -247,7 +254,7 @@ def cca_decode_step(
     back = backend()
     if use_kernel(impl, back, lambda: kernel_supported(qkv, conv_state, gw_w, keys, **kw), "the fused CCA kernel"):
         return _cca_kernel(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, keys, values, filled,
-                           back=back, **kw)
+                           back=back, q_into=q_into, after=after, **kw)
     q, k, v, state, vprev = cca_decode_step_reference(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset,
                                                       **kw)
     keys, values = write_kv_reference(keys, values, k, v, filled)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ._build import backend, dummy, float_bits, launch, use_kernel
+from ._build import backend, dummy, float_bits, launch, shape_or_into, use_kernel
 from .experts import _parts, _qm, _vpv, as_stack
 
 
@@ -103,10 +103,10 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
         "residual_norm.h", back,
         [("o", o), ("h", h), ("hs", hs), ("hb", hb), ("rs", rs), ("rb", rb), ("nw", norm_w), ("w", w), ("ws", ws),
          ("wb", wb), ("bp", bias), ("ps", ps), ("pss", pss), ("after", after)],
-        [("h_out", _shape_or_into(h.shape, h_into), mx.float32),
+        [("h_out", shape_or_into(h.shape, h_into), mx.float32),
          ("x_out", tuple(h.shape) if write_x else None, dtype),
-         ("p_out", _shape_or_into(h.shape[:-1] + (P,), p_into) if proj is not None else None, dtype),
-         ("z_out", _shape_or_into(h.shape, z_into) if zeros else None, mx.float32)],
+         ("p_out", shape_or_into(h.shape[:-1] + (P,), p_into) if proj is not None else None, dtype),
+         ("z_out", shape_or_into(h.shape, z_into) if zeros else None, mx.float32)],
         template=[("T", dtype), ("RT", rt), ("H", H), ("HAS_PROJ", proj is not None), ("P", P), ("RPW", rpw),
                   ("QM", qm), ("BITS", bits), ("GS", gs), ("HAS_BIAS", bias is not None),
                   ("HAS_PREV", prev_state is not None), ("NP", parts), ("ZEROS", zeros), ("WRITE_X", write_x),
@@ -116,13 +116,6 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
         pack=("hs", "hb", "rs", "rb", "nw", "bp", "pss"),
     )
     return (h_new, x, p, z) if zeros else (h_new, x, p)
-
-
-def _shape_or_into(shape, into):
-    """An output's shape, or the array it is written into (which must have that shape)."""
-    if into is not None and into.shape != tuple(shape):
-        raise ValueError(f"an output of shape {tuple(shape)} cannot be written into an array of shape {into.shape}")
-    return tuple(shape) if into is None else into
 
 
 def residual_norm(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, zeros=False,
