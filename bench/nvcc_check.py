@@ -60,11 +60,11 @@ def cca_case(nh, nkv, d, t0, t1, rd, t, fused_step=False):
     """fused_step: as the fused decode step calls it, q written in place and an ``after`` input."""
     io = [("qkv", t), ("conv_state", t), ("v_prev", t), ("dw_w", "pack"), ("dw_b", "pack"), ("gw_w", t),
           ("gw_b", "pack"), ("temp", "pack"), ("offset", "i32"), ("inv_freq", "pack"), ("kcache", t), ("vcache", t),
-          ("filled", "i32"), ("after", t if fused_step else None)]
+          ("filled", "i32"), ("capacity", "i32"), ("after", t if fused_step else None)]
     return (f"cca_{nh}_{nkv}_{d}_{t0}{t1}_{t}{'_step' if fused_step else ''}", "cca_decode.h", io,
             [("q_out", "into:" + t if fused_step else t), ("conv_out", t), ("vprev_out", t)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("T0", t0), ("T1", t1), ("RD", rd),
-             ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32)), ("CAP", 256), ("EPS", EPS)])
+             ("NT", cca._threads(cca.mx.bfloat16 if t == "bf16" else cca.mx.float32)), ("EPS", EPS)])
 
 
 # Weight formats as the kernels read them: (QM, weight, scales, biases types (None: absent), bits, group size)

@@ -17,12 +17,12 @@
 // waits for another.
 // Template: T (activation dtype: bfloat16 or float32), D, NH, NKV, T0, T1, RD (rope dims, even, <= D), NT
 // (threads, >= D, T1 * D and S * D; each SIMD group holds its grouped-conv rows in registers, 16 bytes a
-// lane and channel, so NT sets the registers a thread may use), CAP (the cache buffers' positions), EPS (the
-// norm's eps clamp, its float32 bits).
+// lane and channel, so NT sets the registers a thread may use), EPS (the norm's eps clamp, its float32 bits).
 // Inputs: qkv [B, P] (P = C + NKV*D, C = (NH+NKV)*D: q, k, v_current, v_delayed), conv_state [B, S, C]
 // (S = T0-1 + T1-1 >= 1), v_prev [B, NKV*D/2], dw_w [C, T0], dw_b [C], gw_w [C, T1, D], gw_b [C],
 // temp [NKV], offset [B] int32, inv_freq [RD/2] float32,
 // kcache, vcache [B, NKV, CAP, D] (T; written in place), filled [1] int32 (positions held after the write),
+// capacity [1] int32 (CAP, read at run time: a grown buffer then compiles no new variant),
 // after (not read: an array that orders this launch after the last reader of an array it writes in place).
 // Outputs: q_out [B, NH, 1, D] (may be written into a given array: ZK_INPLACE), conv_out [B, S, C], vprev_out
 // [B, NKV*D/2]. Arithmetic is float32, rounded to T where the reference rounds.
@@ -43,6 +43,7 @@ constexpr int KI = (NCH + 31) / 32;             // chunks a lane, per channel
 const int g = zk_bx;
 const int b = zk_by;
 const int slot = filled[0] - 1;
+const int cap = capacity[0];
 const int cbase = g * D;
 const int xrow = b * P;
 
@@ -188,14 +189,14 @@ if (c0 < D) {
   if (g < NH) {
     q_out[(b * NH + g) * D + c0] = static_cast<T>(o);
   } else {
-    ZK_WRITABLE(T, kcache)[((b * NKV + (g - NH)) * CAP + slot) * D + c0] = static_cast<T>(o);
+    ZK_WRITABLE(T, kcache)[((b * NKV + (g - NH)) * cap + slot) * D + c0] = static_cast<T>(o);
   }
 }
 
 // 6. Values: [v_current, previous v_delayed] viewed as NKV heads of D; the new delayed state.
 if (g >= NH && c0 < D) {
   const int h = g - NH;
-  ZK_WRITABLE(T, vcache)[((b * NKV + h) * CAP + slot) * D + c0] = static_cast<T>(vv);
+  ZK_WRITABLE(T, vcache)[((b * NKV + h) * cap + slot) * D + c0] = static_cast<T>(vv);
   if (c0 < D / 2) {
     vprev_out[b * VH + h * (D / 2) + c0] = static_cast<T>(vd);
   }

@@ -36,7 +36,7 @@ from zaya_mlx.kernels import (
     router_mlp,
     router_mlp_reference,
 )
-from zaya_mlx.kernels import RouterWeights, _build, attention, experts, head, norms
+from zaya_mlx.kernels import RouterWeights, _build, attention, cca, experts, head, norms
 from zaya_mlx.kernels.cca import write_kv_reference
 
 GPU = backend() in ("metal", "cuda")
@@ -465,6 +465,33 @@ def test_cca_kernel_writes_the_query_into_a_given_array(dtype):
     assert out[0] is q_into
     assert rel(q_into, q) < (1e-2 if dtype == mx.bfloat16 else F32)
     assert mx.array_equal(out[3], state) and mx.array_equal(out[4], vprev)
+
+
+def test_a_grown_kv_buffer_compiles_no_new_variant(monkeypatch):
+    """MLX compiles a kernel variant per name and template arguments; a KV buffer's capacity reaches the CCA step
+    and attention at run time, so a decode that grows its buffers (256 -> 512 positions) compiles nothing mid-way
+    (NVRTC takes seconds a variant; bench/RESULTS.md, thirteenth session)."""
+    calls = []
+
+    def fake(body, back, names, outputs, absent=(), views=(), inplace=()):
+        def call(*, inputs, output_shapes, output_dtypes, template, **_):
+            calls.append((body, tuple(template)))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return call
+
+    monkeypatch.setattr(_build, "get_kernel", fake)
+    nh, nkv, d = 8, 2, 128
+    a = _cca_inputs(1, nh, nkv, d, 2, 2, mx.bfloat16, seed=3)
+    kw = dict(n_heads=nh, n_kv_heads=nkv, head_dim=d, rope_dims=64, rope_base=5e6)
+    variants = []
+    for cap in (256, 512):
+        calls.clear()
+        keys, values = mx.zeros((1, nkv, cap, d), mx.bfloat16), mx.zeros((1, nkv, cap, d), mx.bfloat16)
+        q = cca._cca_kernel(**a, offset=9, keys=keys, values=values, filled=10, norm_eps=None, back="cuda", **kw)[0]
+        attention.decode_attention_kernel(q, keys, values, 10, scale=d ** -0.5, back="cuda")
+        variants.append(list(calls))
+    assert [body for body, _ in variants[0]] == ["cca_decode.h", "decode_attention.h"]
+    assert variants[0] == variants[1]
 
 
 @gpu_only

@@ -191,7 +191,8 @@ def _cca_kernel(
         "cca_decode.h", back,
         [("qkv", qkv), ("conv_state", _as(conv_state, dtype)), ("v_prev", _as(v_prev, dtype)), ("dw_w", dw_w),
          ("dw_b", dw_b), ("gw_w", gw_w), ("gw_b", gw_b), ("temp", temp), ("offset", off), ("inv_freq", inv),
-         ("kcache", keys), ("vcache", values), ("filled", filled_array(filled)), ("after", after)],
+         ("kcache", keys), ("vcache", values), ("filled", filled_array(filled)),
+         ("capacity", constant((keys.shape[2],), mx.int32)), ("after", after)],
         [("q_out", shape_or_into((B, nh, 1, d), q_into), dtype), ("conv_out", (B, S, C), dtype),
          ("vprev_out", (B, nkv * d // 2), dtype)],
         template=[
@@ -203,7 +204,6 @@ def _cca_kernel(
             ("T1", t1),
             ("RD", rope_dims),
             ("NT", nt),
-            ("CAP", keys.shape[2]),
             ("EPS", float_bits(eps)),
         ],
         grid=((nh + nkv) * nt, B, 1),
