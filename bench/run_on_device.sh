@@ -16,7 +16,9 @@
 # bench/bench_kernels.py), gpustep (bench/gpu_step.py under ncu: the GPU's own time for a decode step, kernel by
 # kernel, at batch 1 and 8; steadier than tokens/s on a lent host), profile (bench/profile_decode.py: one step's cost
 # op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given), abinplace
-# (bench/ab_in_place.py: the in-place outputs on and off in one process).
+# (bench/ab_in_place.py: the in-place outputs on and off in one process), native (bench/profile_native.py: the
+# decode loop's native stacks under py-spy, summarised on the machine; the machine is offline, so carry a wheel:
+# `pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 py-spy -d .device/py-spy`).
 # Logs go to $OUT (the device tool's folder) or ./device-out.
 set -u
 OUT=${OUT:-device-out}
@@ -97,6 +99,11 @@ for part in "$@"; do
     abinplace)
       # the fused step's in-place outputs on and off, alternating in one process (no drift between processes)
       timeout 500 python3 bench/ab_in_place.py --rounds "${AB_REPS:-6}" --steps 200 2>&1 | tee "$OUT/ab_in_place.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    native)
+      command -v py-spy > /dev/null || python3 -m pip install -q --no-index .device/py-spy/py_spy-*.whl
+      timeout 300 python3 bench/profile_native.py --rate "${NATIVE_RATE:-20}" --seconds 6 --out "$OUT" 2>&1 \
+        | tee "$OUT/native.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     quick)
       timeout 200 python3 bench/bench_decode.py --quant mxfp4 --batch 1 --steps 32 \

@@ -52,3 +52,30 @@ def test_in_place_ab_times_both_settings():
     assert [line.split(":")[0] for line in out[:4]] == ["round 0 in place 1", "round 0 in place 0",
                                                          "round 1 in place 0", "round 1 in place 1"]
     assert out[4].startswith("median tok/s: in place ") and "ratio" in out[4]
+
+
+def test_native_stacks_are_summarized_by_function_and_caller(tmp_path):
+    """py-spy's raw stacks (outermost first, a count a line): 10 samples, 8 of them in the string hash under two
+    callers (6 and 2), 2 in malloc. Lines of one function count as one; a caller is the frame right above."""
+    raw = tmp_path / "stacks.txt"
+    raw.write_text(
+        "<module> (bench/x.py:10);loop (bench/x.py:20);mlx::core::eval_impl (/lib/libmlx.so);"
+        "std::_Hash_bytes (/lib/libstdc++.so.6) 6\n"
+        "<module> (bench/x.py:10);loop (bench/x.py:21);mlx::core::gpu::eval (/lib/libmlx.so);"
+        "std::_Hash_bytes (/lib/libstdc++.so.6) 2\n"
+        "<module> (bench/x.py:10);loop (bench/x.py:22);malloc (libc.so.6) 2\n")
+    cmd = [sys.executable, os.path.join(BENCH, "profile_native.py"), "--summarize", str(raw)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split("\n\n")
+    assert out[0] == "samples: 10"
+    assert out[1].splitlines()[1:] == [" 80.00% std::_Hash_bytes [libstdc++.so.6]", " 20.00% malloc [libc.so.6]"]
+    callers = out[2].splitlines()[1:]
+    assert callers[:3] == [" 80.00% std::_Hash_bytes [libstdc++.so.6]", "     60.00% <- mlx::core::eval_impl [libmlx.so]",
+                           "     20.00% <- mlx::core::gpu::eval [libmlx.so]"]
+    inclusive = dict(reversed(line.strip().split(" ", 1)) for line in out[3].splitlines()[1:] if line.strip())
+    assert inclusive["loop [x.py]"] == "100.00%" and inclusive["mlx::core::eval_impl [libmlx.so]"] == "60.00%"
+
+
+def test_native_summary_of_a_missing_file_is_one_line():
+    cmd = [sys.executable, os.path.join(BENCH, "profile_native.py"), "--summarize", "/nonexistent/stacks.txt"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "cannot read" in res.stderr
