@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import kernel_emulator
 from kernel_emulator import emulated
 from test_kernels import BF16_LOGITS, _expert_inputs, _expert_numpy, _router_weights, linear, rnd
 from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, head, norms, router
@@ -338,3 +339,66 @@ def test_fused_decode_writes_only_buffers_it_owns(monkeypatch):
     with emulated():
         mx.eval(model(tok, cache))
     assert np.array_equal(np.array(view), held) and kv.offset == 6
+
+
+def _first_decode(model, monkeypatch, plain=False):
+    """Logits of a prompt's first decode step (ZAYA_FUSED auto, the kernels emulated; plain: ZAYA_FUSED=0)."""
+    cache = model.make_cache()
+    mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
+    with monkeypatch.context() as m:
+        if plain:
+            m.setenv("ZAYA_FUSED", "0")
+        with emulated():
+            return np.array(model(mx.array([[9]], dtype=mx.int32), cache))
+
+
+def test_fused_decode_is_checked_before_it_serves(monkeypatch):
+    """On a GPU (ZAYA_FUSED auto) the first decode step checks the fused step and LM head kernel against the plain
+    ops once a model; here they pass (the bodies emulated), so the step runs them, with no warning."""
+    import warnings
+
+    from zaya_mlx.benchmark import build_zaya, small_config
+
+    monkeypatch.setenv("ZAYA_COMPILE", "0")
+    monkeypatch.delenv("ZAYA_FUSED", raising=False)
+    model = build_zaya(small_config(), "mxfp4", seed=4, dtype=mx.bfloat16)
+    launches = []
+    real = kernel_emulator.EmulatedKernel.__call__
+    monkeypatch.setattr(kernel_emulator.EmulatedKernel, "__call__",
+                        lambda self, **k: launches.append(self.body) or real(self, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _first_decode(model, monkeypatch)
+    assert model.model._fused_checked == {"cuda": True}
+    assert "cca_decode.h" in launches
+    checked = len(launches)
+    _first_decode(model, monkeypatch)  # checked once: this step alone launches kernels
+    assert 0 < len(launches) - checked < checked
+
+
+@pytest.mark.parametrize("failure", ["raises", "nan"])
+def test_a_failing_fused_kernel_falls_back_to_the_plain_ops(failure, monkeypatch):
+    """A kernel that does not build (MLX raises RuntimeError, as Metal's compiler would) or computes garbage: the
+    check warns once, and decoding gives the plain ops' logits."""
+    from zaya_mlx import kernels
+    from zaya_mlx.benchmark import build_zaya, small_config
+
+    monkeypatch.setenv("ZAYA_COMPILE", "0")
+    monkeypatch.delenv("ZAYA_FUSED", raising=False)
+    model = build_zaya(small_config(), None, seed=4, dtype=mx.float32)
+    want = _first_decode(model, monkeypatch, plain=True)
+    real = kernels.decode_attention
+
+    def broken(*args, **kwargs):
+        if failure == "raises":
+            raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: ...")
+        return real(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(kernels, "decode_attention", broken)
+    with pytest.warns(RuntimeWarning, match="failed their check on this cuda GPU .*plain MLX ops") as record:
+        got = _first_decode(model, monkeypatch)
+        _first_decode(model, monkeypatch)
+    assert len(record) == 1
+    assert ("Unable to build" if failure == "raises" else "differ") in str(record[0].message)
+    assert model.model._fused_checked == {"cuda": False}
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

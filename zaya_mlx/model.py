@@ -7,6 +7,7 @@ This file is also mlx-lm's model module for `model_type` "zaya" (`ModelArgs`, `M
 
 import math
 import os
+import warnings
 import weakref
 from typing import Optional
 
@@ -291,16 +292,17 @@ class ZayaModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def update(self, parameters: dict, strict: bool = True):
-        self.__dict__.pop("_fused_steps", None)  # compiled decode steps hold the old weights
+        _drop_fused_state(self)
         return super().update(parameters, strict)
 
     def update_modules(self, modules: dict, strict: bool = True):
-        self.__dict__.pop("_fused_steps", None)
+        _drop_fused_state(self)
         return super().update_modules(modules, strict)
 
-    def __call__(self, tokens: mx.array, cache=None):
+    def __call__(self, tokens: mx.array, cache=None, fused: Optional[bool] = None):
+        """fused: whether a one-token step with a cache runs the fused decode step (default: use_fused_decode())."""
         B, L = tokens.shape
-        if L == 1 and cache is not None and use_fused_decode():
+        if L == 1 and cache is not None and (use_fused_decode() if fused is None else fused):
             return fused_decode(self, tokens, cache)
         h = self.embed_tokens(tokens)
         h = ((h + self.input_hidden_states_bias) * self.input_hidden_states_scale).astype(mx.float32)
@@ -334,21 +336,26 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        h = self.model(tokens, cache)
-        head = self.lm_head if "lm_head" in self else self.model.embed_tokens
-        logits = kernels.lm_head(h, head) if use_fused_decode() else kernels.lm_head_reference(h, head)
+        fused = use_fused_decode() and (_fused_mode() == "on" or fused_decode_works(self))
+        h = self.model(tokens, cache, fused=fused)
+        logits = kernels.lm_head(h, self.head) if fused else kernels.lm_head_reference(h, self.head)
         return logits.astype(mx.float32)
+
+    @property
+    def head(self) -> nn.Module:
+        """The LM head: its own linear layer, or the tied embedding."""
+        return self.lm_head if "lm_head" in self else self.model.embed_tokens
 
     @property
     def layers(self):
         return self.model.layers
 
     def update(self, parameters: dict, strict: bool = True):
-        self.model.__dict__.pop("_fused_steps", None)  # compiled decode steps hold the old weights
+        _drop_fused_state(self.model)
         return super().update(parameters, strict)
 
     def update_modules(self, modules: dict, strict: bool = True):
-        self.model.__dict__.pop("_fused_steps", None)
+        _drop_fused_state(self.model)
         return super().update_modules(modules, strict)
 
     def make_cache(self, batch_left_padding: Optional[list] = None) -> list:
@@ -380,13 +387,70 @@ KV_MIN_POSITIONS = 256
 KV_GROWTH = 4096
 
 
-def use_fused_decode() -> bool:
+def _fused_mode() -> str:
     mode = os.environ.get("ZAYA_FUSED", FUSED_DECODE).lower()
     if mode in ("1", "on", "true"):
-        return True
+        return "on"
     if mode in ("0", "off", "false"):
-        return False
-    return kernels.backend() != "cpu"
+        return "off"
+    return "auto"
+
+
+def use_fused_decode() -> bool:
+    mode = _fused_mode()
+    return mode == "on" or (mode == "auto" and kernels.backend() != "cpu")
+
+
+# The fused step rounds differently from the plain ops: ~1e-2 of the largest logit (bench/RESULTS.md, full size).
+FUSED_CHECK_TOLERANCE = 0.1
+
+
+def fused_decode_works(model: "Model") -> bool:
+    """Whether the fused decode step and the LM head kernel pass their check on this back end, run once a model
+    (weights replaced: again) on the first call that would use them, with ``ZAYA_FUSED`` auto: two tokens through
+    them on a throwaway cache against the plain ops. Their CUDA twins are tested on NVIDIA GPUs, but no Mac has
+    compiled the Metal ones; a kernel that fails to build, or computes garbage, would end or corrupt a generation.
+    Where the check fails, this warns once and the model decodes through the plain ops."""
+    back = kernels.backend()
+    checked = model.model.__dict__.setdefault("_fused_checked", {})  # a plain attribute: not a parameter
+    if back not in checked:
+        why = _check_fused_decode(model)
+        if why is not None:
+            warnings.warn(f"zaya-mlx: the fused decode kernels failed their check on this {back} GPU ({why}); "
+                          "decoding through plain MLX ops instead, which is slower (ZAYA_FUSED=1 forces them)",
+                          RuntimeWarning, stacklevel=3)
+        checked[back] = why is None
+    return checked[back]
+
+
+def _check_fused_decode(model: "Model") -> Optional[str]:
+    """None if two decode steps through the fused step and the LM head kernel give the plain ops' logits (after a
+    short prompt through the plain ops), else why not."""
+    vocab = model.args.vocab_size
+    prompt = mx.array([[1, 2, 3, 4, 5]], dtype=mx.int32) % vocab
+    tok = mx.array([[6]], dtype=mx.int32) % vocab
+    try:
+        fused_cache, plain_cache = model.make_cache(), model.make_cache()
+        for cache in (fused_cache, plain_cache):
+            mx.eval(model.model(prompt, cache, fused=False))
+        for _ in range(2):
+            fused = kernels.lm_head(model.model(tok, fused_cache, fused=True), model.head).astype(mx.float32)
+            plain = kernels.lm_head_reference(model.model(tok, plain_cache, fused=False), model.head)
+            plain = plain.astype(mx.float32)
+            err = (mx.abs(fused - plain).max() / mx.maximum(mx.abs(plain).max(), 1e-30)).item()
+            if not err <= FUSED_CHECK_TOLERANCE:  # NaN too
+                return f"its logits differ from the plain ops' by {err:.3g} of the largest"
+            tok = mx.argmax(plain[:, -1, :], axis=-1, keepdims=True).astype(mx.int32)
+    except RuntimeError as e:  # how MLX reports a kernel that does not build or launch
+        return f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'RuntimeError'}"
+    return None
+
+
+def _drop_fused_state(model: "ZayaModel") -> None:
+    """Forget what was built or checked for the old weights: the compiled steps (which hold them as constants) and
+    the check (another weight format runs other kernel variants)."""
+    model.__dict__.pop("_fused_steps", None)
+    model.__dict__.pop("_fused_checked", None)
 
 
 def _switched_on(name: str) -> bool:
