@@ -69,7 +69,8 @@ def test_native_stacks_are_summarized_by_function_and_caller(tmp_path):
     assert out[0] == "samples: 10"
     assert out[1].splitlines()[1:] == [" 80.00% std::_Hash_bytes [libstdc++.so.6]", " 20.00% malloc [libc.so.6]"]
     callers = out[2].splitlines()[1:]
-    assert callers[:3] == [" 80.00% std::_Hash_bytes [libstdc++.so.6]", "     60.00% <- mlx::core::eval_impl [libmlx.so]",
+    assert callers[:3] == [" 80.00% std::_Hash_bytes [libstdc++.so.6]",
+                           "     60.00% <- mlx::core::eval_impl [libmlx.so]",
                            "     20.00% <- mlx::core::gpu::eval [libmlx.so]"]
     inclusive = dict(reversed(line.strip().split(" ", 1)) for line in out[3].splitlines()[1:] if line.strip())
     assert inclusive["loop [x.py]"] == "100.00%" and inclusive["mlx::core::eval_impl [libmlx.so]"] == "60.00%"

@@ -639,7 +639,8 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool, in_place: bool):
             h = ((h + model.input_hidden_states_bias) * model.input_hidden_states_scale).astype(mx.float32)
             qkv = nxt.self_attn.qkv_proj.in_proj(nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype)))
             q_into, last = (q_into, last) if in_place else (None, None)
-            return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into, last))
+            return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into,
+                                   last))
     elif nxt is None:
         def fn(out, h, r, last, *into):
             into, last = (into, last) if in_place else ((None,) * 4, None)
@@ -648,7 +649,9 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool, in_place: bool):
     else:
         def fn(out, h, r, last, h_attn, h_mlp, r_into, zeros, q_into, state, v_prev, positions, keys, values, filled,
                lpad):
-            into, last, q_into = ((h_attn, h_mlp, r_into, zeros), last, q_into) if in_place else ((None,) * 4, None, None)
+            if not in_place:
+                h_attn = h_mlp = r_into = zeros = last = q_into = None
+            into = (h_attn, h_mlp, r_into, zeros)
             h, qkv, r = _mlp_block(cur, out, h, r, into, nxt.input_layernorm, nxt.self_attn.qkv_proj.in_proj,
                                    after=last if i == 0 else None)
             return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into))
