@@ -783,6 +783,26 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
             assert isinstance(cache[0][0], BatchKVCache)
 
 
+@gpu_only
+@pytest.mark.parametrize("quant", [None, "mxfp4"])
+def test_fused_decode_check_passes_with_the_real_kernels(quant, monkeypatch):
+    """ZAYA_FUSED auto: the first call checks the fused step and LM head kernel against the plain ops (see
+    model.fused_decode_works); with this GPU's real kernels it must pass, with no warning, or every user here would
+    decode through the slow path."""
+    import warnings
+
+    from zaya_mlx.benchmark import build_zaya, small_config
+
+    monkeypatch.delenv("ZAYA_FUSED", raising=False)
+    model = build_zaya(small_config(), quant, seed=2, dtype=mx.bfloat16 if quant else mx.float32)
+    cache = model.make_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
+        mx.eval(model(mx.array([[9]], dtype=mx.int32), cache))
+    assert model.model._fused_checked == {backend(): True}
+
+
 ATTENTION_CASES = [  # B, NH, NKV, D, length, capacity, left padding, window
     (1, 8, 2, 128, 300, 512, None, None),
     (1, 8, 2, 128, 1, 256, None, None),
