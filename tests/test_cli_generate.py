@@ -88,3 +88,11 @@ def test_real_entry_point_errors_and_offline_default(tmp_path):
     result = zaya("generate", "-p", "hi", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "Zyphra/ZAYA1-8B" in result.stderr and "download" in result.stderr
+
+
+def test_a_library_warning_is_one_line_on_the_command_line():
+    """The fused-decode check warns (RuntimeWarning) when it falls back; `zaya` shows that as one line."""
+    code = ("import warnings\nfrom zaya_mlx import cli\ncli._one_line_warnings()\n"
+            "warnings.warn('zaya-mlx: the fused decode kernels failed their check', RuntimeWarning)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stderr == "warning: zaya-mlx: the fused decode kernels failed their check\n"

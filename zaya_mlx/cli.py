@@ -3,6 +3,7 @@
 import contextlib
 import shlex
 import sys
+import warnings
 from typing import Optional
 
 import typer
@@ -254,7 +255,17 @@ def bench_command(
         write_text_atomic(markdown_out, table)
 
 
+def _one_line_warnings() -> None:
+    """Show a library warning (the fused-decode check's fallback, say) as one line on stderr, not Python's
+    file:line form with a source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        typer.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = show
+
+
 def main() -> None:
+    _one_line_warnings()
     try:
         app()
     except ZayaError as e:
