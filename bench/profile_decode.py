@@ -113,7 +113,7 @@ def profile(quant: str, batch: int, copies: int, context: int, small: bool = Fal
         "lm_head+argmax": lambda i: mx.argmax(embed.as_linear(x[i]), axis=-1),
     }
     # into: nothing; each call makes new outputs
-    block = mx.compile(lambda o, hh, r: _mlp_block(layer, o, hh, r, (None,) * 5, nxt.input_layernorm))
+    block = mx.compile(lambda o, hh, r: _mlp_block(layer, o, hh, r, (None,) * 4, nxt.input_layernorm))
     ops["mlp_block (compiled)"] = lambda i: block(out[i], h[i], r_prev[i])
     results = {}
     for name, make in ops.items():

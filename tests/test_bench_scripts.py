@@ -80,3 +80,11 @@ def test_native_summary_of_a_missing_file_is_one_line():
     cmd = [sys.executable, os.path.join(BENCH, "profile_native.py"), "--summarize", "/nonexistent/stacks.txt"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "cannot read" in res.stderr
+
+
+def test_profile_decode_runs_every_op_on_the_small_model():
+    """A smoke run of bench/profile_decode.py on the CPU: it calls the fused step's private pieces (_attention,
+    _mlp_block) directly, so a change to their signatures must not break it unnoticed (it once did)."""
+    cmd = [sys.executable, os.path.join(BENCH, "profile_decode.py"), "--small", "--copies", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "mlp_block (compiled)" in out and "cca+attention" in out and "whole step" in out
