@@ -442,7 +442,8 @@ def _check_fused_decode(model: "Model") -> Optional[str]:
                 return f"its logits differ from the plain ops' by {err:.3g} of the largest"
             tok = mx.argmax(plain[:, -1, :], axis=-1, keepdims=True).astype(mx.int32)
     except RuntimeError as e:  # how MLX reports a kernel that does not build or launch
-        return f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'RuntimeError'}"
+        message = str(e).strip()
+        return message.splitlines()[0][:200] if message else "RuntimeError"
     return None
 
 
@@ -638,12 +639,14 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool, in_place: bool):
             h = model.embed_tokens(tokens)
             h = ((h + model.input_hidden_states_bias) * model.input_hidden_states_scale).astype(mx.float32)
             qkv = nxt.self_attn.qkv_proj.in_proj(nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype)))
-            q_into, last = (q_into, last) if in_place else (None, None)
+            if not in_place:
+                q_into = last = None
             return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into,
                                    last))
     elif nxt is None:
         def fn(out, h, r, last, *into):
-            into, last = (into, last) if in_place else ((None,) * 4, None)
+            if not in_place:
+                into, last = (None,) * 4, None
             h, x, r = _mlp_block(cur, out, h, r, into, model.norm, after=last if i == 0 else None)
             return x
     else:
