@@ -946,7 +946,7 @@ def _recorded_step(monkeypatch, quant, router):
 
     from zaya_mlx import kernels as kernels_pkg
     from zaya_mlx.benchmark import build_zaya, small_config
-    from zaya_mlx.kernels import attention, cca, experts, head, norms, router as router_mod
+    from zaya_mlx.kernels import router as router_mod
 
     launches = []
 
