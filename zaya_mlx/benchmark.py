@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from . import kernels
 from .config import ZayaConfig
+from .kernels import _build
 from .model import Model
 
 # quantization formats of the recipes (group size, bits, mode)
@@ -384,21 +385,24 @@ def markdown(results: list[Result], command: str) -> str:
 def empty_kernels(model: Model):
     """Every custom kernel body emptied, for the model's fused decode: the same graph with no GPU work in our
     kernels, so a step's time is the host's floor (building and encoding the graph) plus MLX's own ops."""
-    from .kernels import _build
-
     source = _build._source
-
-    def reset():
-        _build.get_kernel.cache_clear()
-        model.model.__dict__.pop("_fused_steps", None)  # the compiled step functions hold the kernels they traced
-
-    _build._source = lambda name: source(name) if name.startswith("prelude") or name == "common.h" else "\n"
-    reset()
+    # the body stays in the source, out of the compiler's sight: MLX-CUDA hashes a kernel's source at every launch,
+    # so the floor's kernels must be as long as the real ones, helpers included
+    _build._source = lambda name: (source(name) if name.startswith("prelude") or name == "common.h"
+                                   else "#if 0\n" + source(name) + "\n#endif\n")
+    reset_kernels(model)
     try:
         yield
     finally:
         _build._source = source
-        reset()
+        reset_kernels(model)
+
+
+def reset_kernels(model: Model):
+    """Assemble the kernels anew at the next step: drop the built ones and the compiled step functions, which hold
+    the kernels they traced."""
+    _build.get_kernel.cache_clear()
+    model.model.__dict__.pop("_fused_steps", None)
 
 
 def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps=64, small=False, plain=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import struct
 import weakref
 import zlib
@@ -76,10 +77,60 @@ INPLACE_PREFIX = "zk_into_"
 
 def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tuple[tuple[str, int], ...] = (),
                   inplace: tuple[str, ...] = ()) -> tuple[str, str]:
-    """(header, source) for a body file on a back end: what mx.fast.*_kernel receives. absent, views, inplace: see
-    launch."""
+    """(header, source) for a body file on a back end: what mx.fast.*_kernel receives, as short as it can be.
+
+    MLX-CUDA hashes a custom kernel's whole source at every launch (its compiled-module cache is keyed by name and
+    source hash): with every helper and comment in it, ~25 KB a kernel and over a quarter of a decode step's host
+    time (bench/RESULTS.md, fourteenth session). So the text goes without comments or indentation, and the header
+    holds only the helpers the body reaches. absent, views, inplace: see launch."""
     header, prologue = _prelude(back)
-    return header + "\n" + _source("common.h"), prologue + "\n" + declarations(absent, views, inplace) + _source(body)
+    source = compact(prologue + "\n" + declarations(absent, views, inplace) + _source(body))
+    return helpers(source, header), source
+
+
+_COMMENT_OR_STRING = re.compile(r'"(?:\\.|[^"\\\n])*"|/\*.*?\*/|//[^\n]*', re.S)
+_HELPER_NAME = re.compile(r"\bzk_\w+")
+
+
+def compact(text: str) -> str:
+    """C++ text without comments, indentation or blank lines (string literals and line structure kept, so
+    preprocessor lines and their continuations stay as they were)."""
+    text = _COMMENT_OR_STRING.sub(lambda m: m.group(0) if m.group(0).startswith('"') else " ", text)
+    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _definitions(text: str) -> list[tuple[str | None, str]]:
+    """Compacted C++ text cut into its top-level pieces, each with the zk_ name it defines (the last zk_ name
+    before its first parenthesis or brace) or None (a preprocessor line, a using declaration: always kept)."""
+    pieces, lines, depth = [], [], 0
+    for line in text.splitlines():
+        lines.append(line)
+        depth += line.count("{") - line.count("}")
+        if depth == 0 and not line.endswith("\\") and (line.endswith(("}", ";")) or lines[0].startswith("#")):
+            piece = "\n".join(lines)
+            names = [] if piece.startswith("#") else _HELPER_NAME.findall(re.split(r"[({]", piece, maxsplit=1)[0])
+            pieces.append((names[-1] if names else None, piece))
+            lines = []
+    if lines:
+        pieces.append((None, "\n".join(lines)))
+    return pieces
+
+
+def helpers(used: str, prelude: str = "") -> str:
+    """The prelude's header and common.h, compacted, with only the definitions that ``used`` (a kernel's source)
+    reaches, directly or through other definitions; pieces that define no zk_ name are all kept."""
+    pieces = _definitions(compact(prelude + "\n" + _source("common.h")))
+    by_name = {}
+    for name, piece in pieces:
+        by_name.setdefault(name, []).append(piece)
+    wanted = set(_HELPER_NAME.findall(used + "\n".join(by_name.get(None, []))))
+    todo = list(wanted)
+    while todo:
+        for piece in by_name.get(todo.pop(), ()):
+            new = set(_HELPER_NAME.findall(piece)) - wanted
+            wanted |= new
+            todo.extend(new)
+    return "\n".join(piece for name, piece in pieces if name is None or name in wanted)
 
 
 @functools.cache
