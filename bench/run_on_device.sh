@@ -15,8 +15,8 @@
 # with the same graph's kernel bodies emptied: the host's floor), kernels (each kernel's GPU time under ncu,
 # bench/bench_kernels.py), gpustep (bench/gpu_step.py under ncu: the GPU's own time for a decode step, kernel by
 # kernel, at batch 1 and 8; steadier than tokens/s on a lent host), profile (bench/profile_decode.py: one step's cost
-# op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given), abinplace
-# (bench/ab_in_place.py: the in-place outputs on and off in one process), native (bench/profile_native.py: the
+# op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given), ab1
+# (bench/ab_one_process.py: one change, in-place outputs or the kernel sources, on and off in one process), native (bench/profile_native.py: the
 # decode loop's native stacks under py-spy, summarised on the machine; the machine is offline, so carry a wheel:
 # `pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 py-spy -d .device/py-spy`).
 # Logs go to $OUT (the device tool's folder) or ./device-out.
@@ -96,9 +96,10 @@ for part in "$@"; do
             --batch "${AB_BATCH:-1,8}" --experts 2 --json "$OUT/ab_${tag}_$rep.json" 2>&1 | grep -E "batch|rror" | sed "s/^/[$tag $rep] /"
         done
       done ;;
-    abinplace)
-      # the fused step's in-place outputs on and off, alternating in one process (no drift between processes)
-      timeout 500 python3 bench/ab_in_place.py --rounds "${AB_REPS:-6}" --steps 200 2>&1 | tee "$OUT/ab_in_place.log"
+    ab1)
+      # one change on and off, alternating in one process (no drift between processes): AB_WHAT (default source)
+      timeout 500 python3 bench/ab_one_process.py --what "${AB_WHAT:-source}" --rounds "${AB_REPS:-6}" --steps 200 \
+        2>&1 | tee "$OUT/ab_one_process.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     native)
       command -v py-spy > /dev/null || python3 -m pip install -q --no-index .device/py-spy/py_spy-*.whl

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
 
 
@@ -44,14 +46,15 @@ def test_gpu_step_sums_each_kind_of_kernel_per_step(tmp_path):
     assert [float(line.split()[2]) for line in out[1:]] == [1.0, 2.0, 1.0]
 
 
-def test_in_place_ab_times_both_settings():
-    """A smoke run of bench/ab_in_place.py on the CPU: each round times both settings, then the medians."""
-    cmd = [sys.executable, os.path.join(BENCH, "ab_in_place.py"), "--small", "--rounds", "2", "--steps", "2",
-           "--context", "4"]
+@pytest.mark.parametrize("what", ["in-place", "source"])
+def test_one_process_ab_times_both_sides(what):
+    """A smoke run of bench/ab_one_process.py on the CPU: each round times both sides, then the medians."""
+    cmd = [sys.executable, os.path.join(BENCH, "ab_one_process.py"), "--what", what, "--small", "--rounds", "2",
+           "--steps", "2", "--context", "4"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
-    assert [line.split(":")[0] for line in out[:4]] == ["round 0 in place 1", "round 0 in place 0",
-                                                         "round 1 in place 0", "round 1 in place 1"]
-    assert out[4].startswith("median tok/s: in place ") and "ratio" in out[4]
+    assert [line.split(":")[0] for line in out[:4]] == [f"round 0 {what} on", f"round 0 {what} off",
+                                                         f"round 1 {what} off", f"round 1 {what} on"]
+    assert out[4].startswith(f"median tok/s: {what} on ") and "ratio" in out[4]
 
 
 def test_native_stacks_are_summarized_by_function_and_caller(tmp_path):

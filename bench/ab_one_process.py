@@ -1,0 +1,73 @@
+"""Decode speed with one change on and off, alternating in one process.
+
+Separate processes on one lent machine differ by tens of percent (bench/RESULTS.md), more than the changes being
+measured; in one process both sides share the host's state. Each round times both sides, in alternating order, on
+one model. The changes:
+
+- ``in-place``: the fused step's outputs written into its own arrays, or new ones (``ZAYA_IN_PLACE``, model.py);
+- ``source``: the kernel sources as assembled (compacted, only the helpers a body reaches) or whole, every helper
+  and comment in each (MLX-CUDA hashes a kernel's source at every launch).
+
+    python bench/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
+"""
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from zaya_mlx import benchmark  # noqa: E402
+from zaya_mlx.kernels import _build  # noqa: E402
+
+ASSEMBLED = _build.kernel_source
+
+
+def whole_source(body, back, absent=(), views=(), inplace=()):
+    """A kernel's source with every helper and comment, as assembled before the fourteenth session."""
+    header, prologue = _build._prelude(back)
+    return (header + "\n" + _build._source("common.h"),
+            prologue + "\n" + _build.declarations(absent, views, inplace) + _build._source(body))
+
+
+def set_in_place(model, on: bool):
+    os.environ["ZAYA_IN_PLACE"] = "1" if on else "0"
+
+
+def set_source(model, on: bool):
+    _build.kernel_source = ASSEMBLED if on else whole_source
+    benchmark.reset_kernels(model)
+
+
+CHANGES = {"in-place": set_in_place, "source": set_source}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--what", choices=sorted(CHANGES), default="in-place")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--small", action="store_true", help="the few-MB model (a smoke run on a CPU)")
+    args = ap.parse_args(argv)
+    config = benchmark.small_config() if args.small else benchmark.full_config(num_experts=2)
+    model = benchmark.build_zaya(config, "mxfp4")
+    os.environ["ZAYA_FUSED"] = "1"
+    rates = {True: [], False: []}
+    for r in range(args.rounds):
+        for on in (True, False) if r % 2 == 0 else (False, True):
+            CHANGES[args.what](model, on)
+            tps = benchmark.time_decode(model, model.make_cache, args.batch, args.context, args.steps,
+                                        config.vocab_size)
+            rates[on].append(tps)
+            print(f"round {r} {args.what} {'on' if on else 'off'}: {tps:.1f} tok/s "
+                  f"(graph building {benchmark.BUILD_MS[args.batch]:.2f} ms/step)", flush=True)
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    print(f"median tok/s: {args.what} on {on:.1f}, off {off:.1f}, ratio {on / off:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
