@@ -16,8 +16,10 @@
 # bench/bench_kernels.py), gpustep (bench/gpu_step.py under ncu: the GPU's own time for a decode step, kernel by
 # kernel, at batch 1 and 8; steadier than tokens/s on a lent host), profile (bench/profile_decode.py: one step's cost
 # op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given), ab1
-# (bench/ab_one_process.py: one change, in-place outputs or the kernel sources, on and off in one process), native (bench/profile_native.py: the
-# decode loop's native stacks under py-spy, summarised on the machine; the machine is offline, so carry a wheel:
+# (bench/ab_one_process.py: one change, in-place outputs or the kernel sources, on and off in one process), opsgraph
+# (MLX-CUDA's ops a CUDA graph: the values in OPS_SWEEP, one process each, interleaved), native
+# (bench/profile_native.py: the decode loop's native stacks under py-spy for NATIVE_SECONDS, summarised on the
+# machine; the machine is offline, so carry a wheel:
 # `pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 py-spy -d .device/py-spy`).
 # Logs go to $OUT (the device tool's folder) or ./device-out.
 set -u
@@ -96,6 +98,15 @@ for part in "$@"; do
             --batch "${AB_BATCH:-1,8}" --experts 2 --json "$OUT/ab_${tag}_$rep.json" 2>&1 | grep -E "batch|rror" | sed "s/^/[$tag $rep] /"
         done
       done ;;
+    opsgraph)
+      # MLX-CUDA's ops a CUDA graph (MLX_MAX_OPS_PER_BUFFER, read once a process; zaya-mlx sets 200 unless it is set):
+      # each value in OPS_SWEEP in its own process, interleaved AB_REPS times, 2-expert model, MXFP4, batch 1
+      for rep in $(seq "${AB_REPS:-3}"); do
+        for n in ${OPS_SWEEP:-100 200 250}; do
+          MLX_MAX_OPS_PER_BUFFER=$n timeout 200 python3 bench/bench_decode.py --quant mxfp4 --batch 1 --experts 2 \
+            --json "$OUT/ops_${n}_$rep.json" 2>&1 | grep -E "batch|rror" | sed "s/^/[ops $n, $rep] /"
+        done
+      done ;;
     ab1)
       # one change on and off, alternating in one process (no drift between processes): AB_WHAT (default source)
       timeout 500 python3 bench/ab_one_process.py --what "${AB_WHAT:-source}" --rounds "${AB_REPS:-6}" --steps 200 \
@@ -103,8 +114,8 @@ for part in "$@"; do
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     native)
       command -v py-spy > /dev/null || python3 -m pip install -q --no-index .device/py-spy/py_spy-*.whl
-      timeout 300 python3 bench/profile_native.py --rate "${NATIVE_RATE:-20}" --seconds 6 --out "$OUT" 2>&1 \
-        | tee "$OUT/native.log"
+      timeout 300 python3 bench/profile_native.py --rate "${NATIVE_RATE:-25}" --seconds "${NATIVE_SECONDS:-12}" \
+        --out "$OUT" 2>&1 | tee "$OUT/native.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     quick)
       timeout 200 python3 bench/bench_decode.py --quant mxfp4 --batch 1 --steps 32 \
