@@ -103,6 +103,9 @@ def test_kernel_sources_assemble_with_the_helpers_they_use_and_nothing_else(back
     """MLX-CUDA hashes a kernel's whole source at every launch, so the assembled source leaves out comments,
     indentation and the helpers its body does not reach; the body must still find every helper it calls."""
     header, source = _build.kernel_source(body, back)
+    if back == "cuda":  # the header is an include of a saved file
+        path = re.fullmatch(r'#include "([^"]+)"', header).group(1)
+        header = open(path).read()
 
     def defined(text):  # top-level definitions, read from the files' own layout (not the assembler's cutting)
         return set(re.findall(r"^(?:ZK_DEV\s.*?|struct\s+)(zk_\w+)\s*[({]", text, re.M))
@@ -167,6 +170,25 @@ ZK_DEV float zk_e(float p) { return p; }
         "ZK_DEV float zk_c(float p) { return p; }", "ZK_DEV float zk_c(int p) { return p; }",
         "ZK_DEV float zk_d(float p) {", "#ifdef __METAL_VERSION__", "return p;", "#else", "return -p;", "#endif", "}"])
     assert "zk_e" in _build.helpers("zk_e(2.0f)") and "zk_d" not in _build.helpers("zk_e(2.0f)")
+
+
+def test_a_cuda_header_is_an_include_of_a_file_saved_once_by_its_content(tmp_path, monkeypatch):
+    """MLX-CUDA hashes a kernel's whole source at every launch: on CUDA the helpers travel as an include of a file
+    (NVRTC reads it), named by a checksum of its text, so a changed header is a changed source to MLX's caches."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    header, source = _build.kernel_source("router_mlp.h", "cuda")
+    path = tmp_path / "zaya-mlx" / "kernels" / re.fullmatch(r'#include "[^"]+/([^/"]+)"', header).group(1)
+    assert header == f'#include "{path}"' and path.read_text() == _build.helpers(source, _build._prelude("cuda")[0])
+    assert _build.kernel_source("matvec.h", "cuda")[0] != header  # other helpers, another file
+    path.write_text("damaged")
+    assert _build.kernel_source("router_mlp.h", "cuda")[0] == header and path.read_text() != "damaged"
+    assert sorted(p.suffix for p in path.parent.iterdir()) == [".cuh", ".cuh"]  # no temporary file left
+    assert _build.kernel_source("router_mlp.h", "metal")[0].startswith("#include <metal_stdlib>")  # Metal: inline
+
+    (tmp_path / "zaya-mlx").rename(tmp_path / "moved")
+    (tmp_path / "zaya-mlx").write_text("a file where the folder would be")
+    inline, _ = _build.kernel_source("router_mlp.h", "cuda")
+    assert inline == _build.helpers(source, _build._prelude("cuda")[0])  # nowhere to save it: the text itself
 
 
 def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies(monkeypatch):

@@ -9,6 +9,7 @@ itself caches one compiled variant per template instantiation) and says which ba
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import struct
@@ -85,7 +86,34 @@ def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tup
     holds only the helpers the body reaches. absent, views, inplace: see launch."""
     header, prologue = _prelude(back)
     source = compact(prologue + "\n" + declarations(absent, views, inplace) + _source(body))
-    return helpers(source, header), source
+    header = helpers(source, header)
+    if back == "cuda":  # NVRTC reads an include from disk: the hashed source keeps one line of the header
+        path = header_file(header)
+        if path is not None:
+            header = f'#include "{path}"'
+    return header, source
+
+
+def header_file(text: str) -> str | None:
+    """A CUDA header saved once under a name made of its checksum, so a changed header is another file (and another
+    include line, so MLX-CUDA's caches, keyed by the source, see the change); None where it cannot be saved."""
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zaya-mlx", "kernels")
+    path = os.path.join(folder, hashlib.sha256(text.encode()).hexdigest()[:24] + ".cuh")
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return path
+    except OSError:
+        pass
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    return path
 
 
 _COMMENT_OR_STRING = re.compile(r'"(?:\\.|[^"\\\n])*"|/\*.*?\*/|//[^\n]*', re.S)
