@@ -4,9 +4,17 @@ No GPU needed: this catches syntax and type errors before spending device time, 
 more registers than an SM has, and threadgroup memory past Metal's 32 KB (the Metal twins share the
 bodies). It mimics MLX's generated kernel (MLX's header, then ours, then a __global__ function whose
 arguments are the inputs and outputs, with template arguments as `using`/`constexpr` lines).
-Usage: python bench/nvcc_check.py
+
+    python bench/nvcc_check.py                               # nvcc on the PATH (the device machine has it)
+    python bench/nvcc_check.py --nvrtc LIB --include DIR...  # NVRTC, as MLX-CUDA compiles: no CUDA toolkit needed
+
+The second runs anywhere: `pip download --no-deps nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
+nvidia-cuda-cccl-cu12`, unzip the wheels, and pass .../cuda_nvrtc/lib/libnvrtc.so.12 and the runtime's and CCCL's
+include folders.
 """
 
+import argparse
+import ctypes
 import os
 import re
 import shutil
@@ -22,8 +30,11 @@ from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, route
 MOCK_MLX_HEADER = """
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cstdint>
+#include <cuda/std/cstdint>
 #include <cooperative_groups.h>
+using cuda::std::int32_t;
+using cuda::std::uint8_t;
+using cuda::std::uint32_t;
 """
 
 EPS = _build.float_bits(1e-5)  # a float template argument: its bits
@@ -173,19 +184,47 @@ CASES += [attention_case(8, 2, 128, "f32", False, None)]
 CASES += [combine_case(o) for o in (None, "bf16", "mxfp4", "affine4", "affine8")]
 
 
-def check(nvcc: str, folder: str, case) -> tuple[bool, str]:
-    """Compile one case; (ok, its report line, with nvcc's errors when it failed)."""
+def with_nvcc(nvcc: str, folder: str):
+    """A compiler for check: nvcc, ptxas's report included."""
+    def compile_source(name: str, source: str) -> tuple[bool, str]:
+        path = os.path.join(folder, name + ".cu")
+        with open(path, "w") as f:
+            f.write(source)
+        r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", os.devnull, "-Xptxas", "-v", path],
+                           capture_output=True, text=True)
+        return r.returncode == 0, r.stderr
+    return compile_source
+
+
+def with_nvrtc(library: str, includes: list[str]):
+    """A compiler for check: NVRTC (what MLX-CUDA compiles with), ptxas's report included."""
+    nvrtc = ctypes.CDLL(library)
+    options = [b"--gpu-architecture=sm_90", b"-std=c++17", b"--ptxas-options=-v"]
+    options += [f"--include-path={d}".encode() for d in includes]
+
+    def compile_source(name: str, source: str) -> tuple[bool, str]:
+        program = ctypes.c_void_p()
+        nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), f"{name}.cu".encode(), 0, None, None)
+        try:
+            result = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(program, log)
+        finally:
+            nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+        return result == 0, log.value.decode(errors="replace")
+    return compile_source
+
+
+def check(compile_source, case) -> tuple[bool, str]:
+    """Compile one case; (ok, its report line, with the compiler's errors when it failed)."""
     name, body, ins, outs, tmpl = case
-    path = os.path.join(folder, name + ".cu")
-    with open(path, "w") as f:
-        f.write(build(name, body, ins, outs, tmpl))
-    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", os.devnull, "-Xptxas", "-v", path],
-                       capture_output=True, text=True)
-    spill = [ln for ln in r.stderr.splitlines() if "spill" in ln and " 0 bytes spill" not in ln]
-    regs = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln]
+    ok, log = compile_source(name, build(name, body, ins, outs, tmpl))
+    spill = [ln for ln in log.splitlines() if "spill" in ln and " 0 bytes spill" not in ln]
+    regs = [ln.strip() for ln in log.splitlines() if "registers" in ln]
     nregs = int(re.search(r"Used (\d+) registers", regs[-1]).group(1)) if regs else 0
     threads = dict(tmpl)["NT"]
-    ok = r.returncode == 0
     if nregs * threads > 65536:  # a launch of NT threads would fail: "too many resources requested"
         ok = False
         spill.append(f"{nregs} registers x {threads} threads > 65536")
@@ -194,16 +233,21 @@ def check(nvcc: str, folder: str, case) -> tuple[bool, str]:
         ok = False
         spill.append(f"{smem.group(1)} bytes of threadgroup memory > Metal's 32768")
     line = f"{'ok' if ok else 'FAILED':6s} {name:28s} {regs[-1] if regs else ''} {' '.join(spill)}"
-    return ok, line if ok else line + "\n" + r.stderr[-3000:]
+    return ok, line if ok else line + "\n" + log[-3000:]
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nvrtc", metavar="LIB", help="compile with this NVRTC library instead of nvcc")
+    ap.add_argument("--include", action="append", default=[], metavar="DIR", help="an include folder for NVRTC")
+    args = ap.parse_args(argv)
     nvcc = shutil.which("nvcc")
-    if not nvcc:
+    if not (nvcc or args.nvrtc):
         print("nvcc not found: skipped")
         return 0
     with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        results = list(pool.map(lambda case: check(nvcc, d, case), CASES))
+        compile_source = with_nvrtc(args.nvrtc, args.include) if args.nvrtc else with_nvcc(nvcc, d)
+        results = list(pool.map(lambda case: check(compile_source, case), CASES))
     for _, line in results:
         print(line)
     return 0 if all(ok for ok, _ in results) else 1
