@@ -6,7 +6,8 @@ one model. The changes:
 
 - ``in-place``: the fused step's outputs written into its own arrays, or new ones (``ZAYA_IN_PLACE``, model.py);
 - ``source``: the kernel sources as assembled (compacted, only the helpers a body reaches) or whole, every helper
-  and comment in each (MLX-CUDA hashes a kernel's source at every launch).
+  and comment in each (MLX-CUDA hashes a kernel's source at every launch);
+- ``include``: on CUDA, the helpers as an include of a saved file (as assembled) or inline.
 
     python bench/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
 """
@@ -22,6 +23,7 @@ from zaya_mlx import benchmark  # noqa: E402
 from zaya_mlx.kernels import _build  # noqa: E402
 
 ASSEMBLED = _build.kernel_source
+SAVED = _build.header_file
 
 
 def whole_source(body, back, absent=(), views=(), inplace=()):
@@ -40,7 +42,12 @@ def set_source(model, on: bool):
     benchmark.reset_kernels(model)
 
 
-CHANGES = {"in-place": set_in_place, "source": set_source}
+def set_include(model, on: bool):
+    _build.header_file = SAVED if on else (lambda text: None)
+    benchmark.reset_kernels(model)
+
+
+CHANGES = {"in-place": set_in_place, "source": set_source, "include": set_include}
 
 
 def main(argv=None) -> int:

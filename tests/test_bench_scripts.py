@@ -46,7 +46,7 @@ def test_gpu_step_sums_each_kind_of_kernel_per_step(tmp_path):
     assert [float(line.split()[2]) for line in out[1:]] == [1.0, 2.0, 1.0]
 
 
-@pytest.mark.parametrize("what", ["in-place", "source"])
+@pytest.mark.parametrize("what", ["in-place", "source", "include"])
 def test_one_process_ab_times_both_sides(what):
     """A smoke run of bench/ab_one_process.py on the CPU: each round times both sides, then the medians."""
     cmd = [sys.executable, os.path.join(BENCH, "ab_one_process.py"), "--what", what, "--small", "--rounds", "2",

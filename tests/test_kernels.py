@@ -189,6 +189,8 @@ def test_a_cuda_header_is_an_include_of_a_file_saved_once_by_its_content(tmp_pat
     (tmp_path / "zaya-mlx").write_text("a file where the folder would be")
     inline, _ = _build.kernel_source("router_mlp.h", "cuda")
     assert inline == _build.helpers(source, _build._prelude("cuda")[0])  # nowhere to save it: the text itself
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / 'a "quoted" folder'))
+    assert _build.kernel_source("router_mlp.h", "cuda")[0] == inline  # a path no include line can name
 
 
 def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies(monkeypatch):

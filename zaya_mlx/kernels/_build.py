@@ -97,8 +97,11 @@ def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tup
 def header_file(text: str) -> str | None:
     """A CUDA header saved once under a name made of its checksum, so a changed header is another file (and another
     include line, so MLX-CUDA's caches, keyed by the source, see the change); None where it cannot be saved."""
-    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zaya-mlx", "kernels")
+    cache = os.path.abspath(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"))
+    folder = os.path.join(cache, "zaya-mlx", "kernels")
     path = os.path.join(folder, hashlib.sha256(text.encode()).hexdigest()[:24] + ".cuh")
+    if '"' in path or "\n" in path:  # it could not stand in an include line
+        return None
     try:
         with open(path) as f:
             if f.read() == text:
