@@ -5,6 +5,7 @@ import json
 import mlx.core as mx
 import pytest
 
+from zaya_mlx import benchmark
 from zaya_mlx.benchmark import count_primitives
 
 
@@ -49,3 +50,25 @@ def test_a_steps_primitives_and_their_arguments_are_counted():
     n, kinds, arguments = count_primitives(forward, lambda: [], batch=2)
     assert n == 7 and kinds["Broadcast"] == 2 and kinds["Split"] == 1
     assert arguments == (9, 8)
+
+
+def test_a_decode_rate_is_the_median_of_its_runs(monkeypatch):
+    """Three runs at 5, 1 and 3 tok/s (graph building 0.5, 0.1, 0.3 ms): the rate is 3, the building time 0.3 (each
+    the median, taken apart), and the log line gives the runs' range."""
+    runs = iter([(5.0, 0.5), (1.0, 0.1), (3.0, 0.3)])
+
+    def fake_run(forward, make_cache, batch, context, steps, vocab):
+        rate, benchmark.BUILD_MS[batch] = next(runs)
+        return rate
+
+    monkeypatch.setattr(benchmark, "time_decode", fake_run)
+    assert benchmark.median_decode(None, None, 4, 8, 2, 10, runs=3) == 3.0
+    assert benchmark.BUILD_MS[4] == 0.3 and benchmark.RUN_RATES[4] == [5.0, 1.0, 3.0]
+    assert benchmark._runs(4) == ", median of 3 runs: 1.0-5.0"
+
+
+def test_runs_reach_every_model_measured(run_zaya, tmp_path):
+    code, out, err = run_zaya("bench", "--small", "--quant", "bf16", "--batch", "1", "--steps", "2", "--prompt", "8",
+                              "--context", "8", "--runs", "2", "--plain")
+    assert code in (0, None), err
+    assert out.count("median of 2 runs") == 3  # fused, fused not compiled, plain ops

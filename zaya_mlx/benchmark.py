@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import os
 import re
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -221,7 +222,25 @@ def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab
     return batch * steps / dt
 
 
+def median_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int, runs: int) -> float:
+    """Decoded tokens/s, the median of ``runs`` timed runs (and BUILD_MS the median of theirs): one run lasts well
+    under a second at batch 1, and moves with the host's moment (bench/RESULTS.md); the median moves less."""
+    rates, builds = [], []
+    for _ in range(runs):
+        rates.append(time_decode(forward, make_cache, batch, context, steps, vocab))
+        builds.append(BUILD_MS[batch])
+    BUILD_MS[batch] = statistics.median(builds)
+    RUN_RATES[batch] = rates
+    return statistics.median(rates)
+
+
+def _runs(batch: int) -> str:
+    rates = RUN_RATES[batch]
+    return "" if len(rates) == 1 else f", median of {len(rates)} runs: {min(rates):.1f}-{max(rates):.1f}"
+
+
 BUILD_MS: dict = {}  # batch -> ms of Python graph building per step in the last time_decode
+RUN_RATES: dict = {}  # batch -> tok/s of each run in the last median_decode
 EVAL_MS: dict = {}  # batch -> ms of one synchronous eval of an already-built step (encoding + GPU), no overlap
 
 
@@ -267,7 +286,7 @@ def _fused(mode: str):
 
 def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: int = 512, context: int = 256,
                steps: int = 64, fused: bool = True, check: bool = True, log=print, compiled: bool = True,
-               model: Model | None = None, label: str | None = None, prefill: bool = True) -> Result:
+               model: Model | None = None, label: str | None = None, prefill: bool = True, runs: int = 1) -> Result:
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     own = model is None
@@ -297,11 +316,11 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
                 res.primitive_kinds = kinds
             if prefill and fused and compiled:  # prefill runs the same ops either way
                 res.prefill_tps[b] = time_prefill(hidden, head, model.make_cache, b, prompt, config.vocab_size)
-            res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
+            res.decode_tps[b] = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
             res.build_ms[b] = BUILD_MS[b]
             res.eval_ms[b] = time_step_eval(model, model.make_cache, b, context, config.vocab_size)
             log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), "
-                f"prefill {res.prefill_tps.get(b, 0):.0f} tok/s, decode {res.decode_tps[b]:.1f} tok/s "
+                f"prefill {res.prefill_tps.get(b, 0):.0f} tok/s, decode {res.decode_tps[b]:.1f} tok/s{_runs(b)} "
                 f"(graph building {BUILD_MS[b]:.2f} ms/step, one step's eval {res.eval_ms[b]:.2f} ms)")
         if check and fused:
             res.max_rel_logit_diff = max(fused_vs_plain(model, config.vocab_size, batch=max(batches))[0])
@@ -345,7 +364,7 @@ def fused_vs_plain(model: Model, vocab: int, batch: int = 2, context: int = 24, 
 
 
 def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context: int = 256, steps: int = 16,
-               log=print) -> Result:
+               log=print, runs: int = 1) -> Result:
     mx.reset_peak_memory()
     model = build_vmlx(mod, config, quant)
     total, per_tok = weight_bytes(model, config.num_experts)
@@ -356,9 +375,9 @@ def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context
         res.primitives_per_step[b] = n
         if b == batches[0]:
             res.primitive_kinds = kinds
-        res.decode_tps[b] = time_decode(model, model.make_cache, b, context, steps, config.vocab_size)
+        res.decode_tps[b] = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
         res.build_ms[b] = BUILD_MS[b]
-        log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), decode {res.decode_tps[b]:.1f} tok/s "
+        log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), decode {res.decode_tps[b]:.1f} tok/s{_runs(b)} "
             f"(graph building {BUILD_MS[b]:.2f} ms/step)")
     res.peak_gb = mx.get_peak_memory() / 1e9
     del model
@@ -406,11 +425,12 @@ def reset_kernels(model: Model):
 
 
 def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps=64, small=False, plain=False,
-        vmlx: str | bool | None = None, host_floor=False, experts: int | None = None, log=print) -> list[Result]:
+        vmlx: str | bool | None = None, host_floor=False, experts: int | None = None, runs: int = 3,
+        log=print) -> list[Result]:
     """The whole benchmark; returns one Result per (model, weights) measured. experts: fewer experts than the
     config's, for quick A/B runs: with top-1 routing a token reads one expert either way, so a step's graph and
     the bytes it reads stay the same (but for the router's output rows, one an expert) while the model builds in
-    seconds."""
+    seconds. runs: each decode rate is the median of this many timed runs, for every model alike."""
     config = small_config() if small else full_config()
     if experts is not None:
         config = replace(config, num_experts=experts)
@@ -419,20 +439,21 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
         q = None if q in UNQUANTIZED else q
         log(f"zaya-mlx {q or 'bf16'}:")
         model = build_zaya(config, q)
-        results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, log=log, model=model))
+        results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, log=log, model=model,
+                                  runs=runs))
         if plain:
             log(f"zaya-mlx {q or 'bf16'} (fused, not compiled):")
             results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, check=False, log=log,
-                                      compiled=False, model=model))
+                                      compiled=False, model=model, runs=runs))
             log(f"zaya-mlx {q or 'bf16'} (plain ops):")
             results.append(bench_zaya(config, q, batches, prompt, context, max(8, steps // 4), fused=False,
-                                      check=False, log=log, model=model))
+                                      check=False, log=log, model=model, runs=runs))
         if host_floor and kernels.backend() != "cpu":
             log(f"zaya-mlx {q or 'bf16'} (fused, kernel bodies empty):")
             with empty_kernels(model):
                 results.append(bench_zaya(config, q, batches, prompt, context, steps, check=False, log=log,
                                           model=model, label="zaya-mlx (fused, kernel bodies empty)",
-                                          prefill=False))
+                                          prefill=False, runs=runs))
         del model
         gc.collect()
         mx.clear_cache()
@@ -447,7 +468,7 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
                 q = None if q in UNQUANTIZED else q
                 log(f"vMLX {q or 'bf16'}:")
                 try:
-                    results.append(bench_vmlx(config, q, mod, (1,), context, 16, log=log))
+                    results.append(bench_vmlx(config, q, mod, (1,), context, 16, log=log, runs=runs))
                 except Exception as e:  # noqa: BLE001
                     log(f"  vMLX {q or 'bf16'} failed: {type(e).__name__}: {e}")
     return results

@@ -218,6 +218,7 @@ def bench_command(
     prompt: int = typer.Option(512, "--prompt", min=1, help="Prompt tokens for the prefill measurement."),
     context: int = typer.Option(256, "--context", min=1, help="Tokens in the cache before decoding is timed."),
     steps: int = typer.Option(64, "--steps", min=1, help="Decode steps timed."),
+    runs: int = typer.Option(3, "--runs", min=1, help="Timed decode runs; each rate is their median."),
     plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
     host_floor: bool = typer.Option(False, "--host-floor", help="Also time the fused path with every kernel body empty (GPU only): the host's floor for the same graph."),
     vmlx: Optional[str] = typer.Option(None, "--vmlx", help="Compare with vMLX's ZAYA port: 'pip' (installed vmlx) or a path to its models/zaya.py."),
@@ -245,7 +246,7 @@ def bench_command(
         quants=quants,
         batches=batches,
         prompt=prompt, context=context, steps=steps, small=small, plain=plain, host_floor=host_floor, experts=experts,
-        vmlx=(True if vmlx == "pip" else vmlx), log=typer.echo,
+        vmlx=(True if vmlx == "pip" else vmlx), runs=runs, log=typer.echo,
     )
     table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     typer.echo(table)
