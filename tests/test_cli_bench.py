@@ -39,6 +39,18 @@ def test_bad_input_is_one_line(run_zaya, args):
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in out + err
 
 
+@pytest.mark.parametrize("args, says", [(["bench", "--runs", "0"], "'--runs'"), (["bench", "--nope"], "--nope"),
+                                        (["generate"], "'--prompt'"), (["bench", "extra"], "(extra)")])
+def test_usage_errors_are_one_line_too(run_zaya, args, says):
+    """What the option parser rejects (a value out of range, an unknown option, a missing one) is one line as well,
+    not click's boxed usage message; --help still shows the help."""
+    code, out, err = run_zaya(*args)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and says in err
+    code, out, _ = run_zaya("bench", "--help")
+    assert code == 0 and "--runs" in out
+
+
 def test_a_steps_primitives_and_their_arguments_are_counted():
     """A hand-counted graph: zeros (Broadcast, Full), a cast, a scalar (Broadcast) times it, a split in two, an add:
     7 primitives taking 1+1+1+1+2+1+2 arrays and making 1+1+1+1+1+2+1."""

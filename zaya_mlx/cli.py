@@ -268,12 +268,20 @@ def _one_line_warnings() -> None:
 def main() -> None:
     _one_line_warnings()
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come here, not to click's boxed message
     except ZayaError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    except Exception as e:
+        message = getattr(e, "format_message", None)  # click's usage errors (typer vendors click in some versions)
+        if message is None:
+            raise
+        if message():  # empty for `zaya` alone, which has shown the help
+            typer.echo(f"error: {message()}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
