@@ -1100,8 +1100,8 @@ def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
 
 
 def test_fused_step_makes_new_outputs_with_in_place_off(monkeypatch):
-    """ZAYA_IN_PLACE=0 (bench/ab_in_place.py's other side): the same launches, and the residual norms and the CCA
-    step make new outputs instead of writing into the step's arrays."""
+    """ZAYA_IN_PLACE=0 (`bench/ab_one_process.py --what in-place`'s other side): the same launches, and the residual
+    norms and the CCA step make new outputs instead of writing into the step's arrays."""
     on = _recorded_step(monkeypatch, None, "wide")
     monkeypatch.setenv("ZAYA_IN_PLACE", "0")
     off = _recorded_step(monkeypatch, None, "wide")

@@ -467,7 +467,7 @@ def use_compiled_decode() -> bool:
 def use_in_place_outputs() -> bool:
     """Whether the fused step's residual norms write into arrays it keeps (_step_buffers) rather than new outputs
     (``ZAYA_IN_PLACE=0``); the step functions are built for each setting, so one process can time both
-    (bench/ab_in_place.py)."""
+    (bench/ab_one_process.py --what in-place)."""
     return _switched_on("ZAYA_IN_PLACE")
 
 
