@@ -84,3 +84,12 @@ def test_runs_reach_every_model_measured(run_zaya, tmp_path):
                               "--context", "8", "--runs", "2", "--plain")
     assert code in (0, None), err
     assert out.count("median of 2 runs") == 3  # fused, fused not compiled, plain ops
+
+
+def test_an_interrupted_command_exits_130_without_a_traceback(run_zaya, monkeypatch):
+    def interrupted(**_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "run", interrupted)
+    code, out, err = run_zaya("bench", "--small")
+    assert code == 130 and "Traceback" not in out + err

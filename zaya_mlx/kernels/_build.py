@@ -82,8 +82,9 @@ def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tup
 
     MLX-CUDA hashes a custom kernel's whole source at every launch (its compiled-module cache is keyed by name and
     source hash): with every helper and comment in it, ~25 KB a kernel and over a quarter of a decode step's host
-    time (bench/RESULTS.md, fourteenth session). So the text goes without comments or indentation, and the header
-    holds only the helpers the body reaches. absent, views, inplace: see launch."""
+    time (bench/RESULTS.md, fourteenth session). So the text goes without comments or indentation, the header holds
+    only the helpers the body reaches, and on CUDA it goes as an include of a saved file (``header_file``). absent,
+    views, inplace: see launch."""
     header, prologue = _prelude(back)
     source = compact(prologue + "\n" + declarations(absent, views, inplace) + _source(body))
     header = helpers(source, header)
@@ -154,7 +155,7 @@ def helpers(used: str, prelude: str = "") -> str:
     by_name = {}
     for name, piece in pieces:
         by_name.setdefault(name, []).append(piece)
-    wanted = set(_HELPER_NAME.findall(used + "\n".join(by_name.get(None, []))))
+    wanted = set(_HELPER_NAME.findall("\n".join([used, *by_name.get(None, [])])))
     todo = list(wanted)
     while todo:
         for piece in by_name.get(todo.pop(), ()):
