@@ -7,7 +7,7 @@ one model. The changes:
 - ``in-place``: the fused step's outputs written into its own arrays, or new ones (``ZAYA_IN_PLACE``, model.py);
 - ``source``: the kernel sources as assembled (compacted, only the helpers a body reaches) or whole, every helper
   and comment in each (MLX-CUDA hashes a kernel's source at every launch);
-- ``include``: on CUDA, the helpers as an include of a saved file (as assembled) or inline.
+- ``include``: on CUDA, the helpers and the body as includes of saved files (as assembled) or inline.
 
     python bench/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
 """
@@ -23,7 +23,7 @@ from zaya_mlx import benchmark  # noqa: E402
 from zaya_mlx.kernels import _build  # noqa: E402
 
 ASSEMBLED = _build.kernel_source
-SAVED = _build.header_file
+SAVED = _build.saved_file
 
 
 def whole_source(body, back, absent=(), views=(), inplace=()):
@@ -43,7 +43,7 @@ def set_source(model, on: bool):
 
 
 def set_include(model, on: bool):
-    _build.header_file = SAVED if on else (lambda text: None)
+    _build.saved_file = SAVED if on else (lambda text: None)
     benchmark.reset_kernels(model)
 
 

@@ -103,9 +103,10 @@ def test_kernel_sources_assemble_with_the_helpers_they_use_and_nothing_else(back
     """MLX-CUDA hashes a kernel's whole source at every launch, so the assembled source leaves out comments,
     indentation and the helpers its body does not reach; the body must still find every helper it calls."""
     header, source = _build.kernel_source(body, back)
-    if back == "cuda":  # the header is an include of a saved file
-        path = re.fullmatch(r'#include "([^"]+)"', header).group(1)
-        header = open(path).read()
+    if back == "cuda":  # each an include of a saved file
+        assert header.startswith('#include "/') and source.startswith('#include "/') and "\n" not in header + source
+        header, source = _included(header), _included(source)
+    assert not re.search(r"_shape\b|_strides\b|_ndim\b", source)  # MLX-CUDA would have to see them: see kernel_source
 
     def defined(text):  # top-level definitions, read from the files' own layout (not the assembler's cutting)
         return set(re.findall(r"^(?:ZK_DEV\s.*?|struct\s+)(zk_\w+)\s*[({]", text, re.M))
@@ -122,6 +123,12 @@ def test_kernel_sources_assemble_with_the_helpers_they_use_and_nothing_else(back
         assert "thread_position_in_threadgroup" in source and "simdgroup_index_in_threadgroup" in source
     else:
         assert "threadIdx.x" in source
+
+
+def _included(text: str) -> str:
+    """The text behind an include line that kernel_source made (CUDA), or the text itself."""
+    m = re.fullmatch(r'#include "([^"]+)"', text)
+    return open(m.group(1)).read() if m else text
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc to compile the CUDA twins")
@@ -172,25 +179,32 @@ ZK_DEV float zk_e(float p) { return p; }
     assert "zk_e" in _build.helpers("zk_e(2.0f)") and "zk_d" not in _build.helpers("zk_e(2.0f)")
 
 
-def test_a_cuda_header_is_an_include_of_a_file_saved_once_by_its_content(tmp_path, monkeypatch):
-    """MLX-CUDA hashes a kernel's whole source at every launch: on CUDA the helpers travel as an include of a file
-    (NVRTC reads it), named by a checksum of its text, so a changed header is a changed source to MLX's caches."""
+def test_on_cuda_the_header_and_body_are_includes_of_files_saved_once_by_their_content(tmp_path, monkeypatch):
+    """MLX-CUDA hashes a kernel's whole source at every launch: on CUDA the helpers and the body travel as includes
+    of files (NVRTC reads them), each named by a checksum of its text, so a changed text is a changed source to MLX's
+    caches; where no file can be saved, the text itself."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "zaya-mlx" / "kernels"
     header, source = _build.kernel_source("router_mlp.h", "cuda")
-    path = tmp_path / "zaya-mlx" / "kernels" / re.fullmatch(r'#include "[^"]+/([^/"]+)"', header).group(1)
-    assert header == f'#include "{path}"' and path.read_text() == _build.helpers(source, _build._prelude("cuda")[0])
+    inline_header, inline_source = _build.kernel_source("router_mlp.h", "metal")  # Metal: inline
+    assert inline_header.startswith("#include <metal_stdlib>")
+    prologue = _build.compact(_build._prelude("cuda")[1] + "\n")
+    body = _build.compact(_build._source("router_mlp.h"))
+    paths = [re.fullmatch(r'#include "(.+)"', line).group(1) for line in (header, source)]
+    assert [os.path.dirname(p) for p in paths] == [str(folder)] * 2
+    assert open(paths[0]).read() == _build.helpers(prologue + "\n" + body, _build._prelude("cuda")[0])
+    assert open(paths[1]).read() == prologue + "\n" + body
     assert _build.kernel_source("matvec.h", "cuda")[0] != header  # other helpers, another file
-    path.write_text("damaged")
-    assert _build.kernel_source("router_mlp.h", "cuda")[0] == header and path.read_text() != "damaged"
-    assert sorted(p.suffix for p in path.parent.iterdir()) == [".cuh", ".cuh"]  # no temporary file left
-    assert _build.kernel_source("router_mlp.h", "metal")[0].startswith("#include <metal_stdlib>")  # Metal: inline
+    open(paths[1], "w").write("damaged")
+    assert _build.kernel_source("router_mlp.h", "cuda")[1] == source and open(paths[1]).read() != "damaged"
+    assert sorted(p.suffix for p in folder.iterdir()) == [".cuh"] * 4  # no temporary file left
 
     (tmp_path / "zaya-mlx").rename(tmp_path / "moved")
     (tmp_path / "zaya-mlx").write_text("a file where the folder would be")
-    inline, _ = _build.kernel_source("router_mlp.h", "cuda")
-    assert inline == _build.helpers(source, _build._prelude("cuda")[0])  # nowhere to save it: the text itself
+    text_header, text_source = _build.kernel_source("router_mlp.h", "cuda")
+    assert text_source == prologue + "\n" + body and "#define ZK_DEV __device__" in text_header
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / 'a "quoted" folder'))
-    assert _build.kernel_source("router_mlp.h", "cuda")[0] == inline  # a path no include line can name
+    assert _build.kernel_source("router_mlp.h", "cuda") == (text_header, text_source)  # no include line can name it
 
 
 def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies(monkeypatch):
@@ -214,11 +228,13 @@ def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies(monkeypatch):
     with empty_kernels(model):
         header, source = _build.kernel_source("router_mlp.h", "cuda")
         assert header == real_header  # MLX-CUDA hashes the whole source at each launch: the floor's is as long
-        assert source.startswith("const int zk_tid") and "\n#if 0\n" in source and source.endswith("\n#endif")
-        assert len(source) == len(real_source) + len("\n#if 0\n#endif")
+        assert len(source) == len(real_source) and source != real_source
+        text = _included(source)
+        assert text.startswith("const int zk_tid") and "\n#if 0\n" in text and text.endswith("\n#endif")
+        assert len(text) == len(_included(real_source)) + len("\n#if 0\n#endif")
         empty = name_of_router_kernel()
     assert _build.kernel_source("router_mlp.h", "cuda") == (real_header, real_source)
-    assert real_source.endswith(_build.compact(body))
+    assert _included(real_source).endswith(_build.compact(body))
     assert name_of_router_kernel() == real
     assert real.startswith("zaya_router_mlp_") and empty.startswith("zaya_router_mlp_") and empty != real
     _build.get_kernel.cache_clear()  # the fake kernels must not outlive the test

@@ -83,20 +83,25 @@ def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tup
     MLX-CUDA hashes a custom kernel's whole source at every launch (its compiled-module cache is keyed by name and
     source hash): with every helper and comment in it, ~25 KB a kernel and over a quarter of a decode step's host
     time (bench/RESULTS.md, fourteenth session). So the text goes without comments or indentation, the header holds
-    only the helpers the body reaches, and on CUDA it goes as an include of a saved file (``header_file``). absent,
-    views, inplace: see launch."""
+    only the helpers the body reaches, and on CUDA, where NVRTC reads includes from disk, the header and the body
+    each go as an include of a saved file (MLX-CUDA does not look into the body: no body names an input's
+    ``_shape``, ``_strides`` or ``_ndim``, which it would have to see). absent, views, inplace: see launch."""
     header, prologue = _prelude(back)
     source = compact(prologue + "\n" + declarations(absent, views, inplace) + _source(body))
     header = helpers(source, header)
-    if back == "cuda":  # NVRTC reads an include from disk: the hashed source keeps one line of the header
-        path = header_file(header)
-        if path is not None:
-            header = f'#include "{path}"'
+    if back == "cuda":
+        return included(header), included(source)
     return header, source
 
 
-def header_file(text: str) -> str | None:
-    """A CUDA header saved once under a name made of its checksum, so a changed header is another file (and another
+def included(text: str) -> str:
+    """An include line for the text saved as a file (``saved_file``), or the text itself where it cannot be saved."""
+    path = saved_file(text)
+    return text if path is None else f'#include "{path}"'
+
+
+def saved_file(text: str) -> str | None:
+    """C++ text saved once under a name made of its checksum, so a changed text is another file (and another
     include line, so MLX-CUDA's caches, keyed by the source, see the change); None where it cannot be saved."""
     cache = os.path.abspath(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"))
     folder = os.path.join(cache, "zaya-mlx", "kernels")
