@@ -246,7 +246,11 @@ def main(argv=None):
         print("nvcc not found: skipped")
         return 0
     with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        compile_source = with_nvrtc(args.nvrtc, args.include) if args.nvrtc else with_nvcc(nvcc, d)
+        try:
+            compile_source = with_nvrtc(args.nvrtc, args.include) if args.nvrtc else with_nvcc(nvcc, d)
+        except OSError as e:
+            print(f"error: cannot load NVRTC from {args.nvrtc}: {e}", file=sys.stderr)
+            return 2
         results = list(pool.map(lambda case: check(compile_source, case), CASES))
     for _, line in results:
         print(line)

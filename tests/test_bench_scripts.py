@@ -91,3 +91,10 @@ def test_profile_decode_runs_every_op_on_the_small_model():
     cmd = [sys.executable, os.path.join(BENCH, "profile_decode.py"), "--small", "--copies", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     assert "mlp_block (compiled)" in out and "cca+attention" in out and "whole step" in out
+
+
+def test_nvcc_check_says_in_one_line_when_nvrtc_does_not_load(tmp_path):
+    cmd = [sys.executable, os.path.join(BENCH, "nvcc_check.py"), "--nvrtc", str(tmp_path / "libnvrtc.so.12")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: cannot load NVRTC from ") and r.stderr.count("\n") == 1
