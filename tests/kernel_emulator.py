@@ -199,7 +199,7 @@ class EmulatedKernel:
         params = [f"const {_C_TYPES[a.dtype]}* {n}" for n, a in zip(self.input_names, inputs)]
         params += [f"{_C_TYPES[d]}* {n}" for n, d in zip(self.output_names, output_dtypes)]
         unpack = "\n".join(f"{p} = reinterpret_cast<{p.rsplit(' ', 1)[0]}>(args[{i}]);" for i, p in enumerate(params))
-        body = _build.declarations(self.absent, self.views, self.inplace) + _build._source(self.body)
+        body = _build.compact(_build.declarations(self.absent, self.views, self.inplace) + _build._source(self.body))
         src = (PRELUDE + _build.helpers(body) + "\nstatic void zk_body(void** args) {\n" + unpack + "\n"
                + "\n".join(_template_line(k, v) for k, v in template) + PROLOGUE + body + "\n}\n" + LAUNCHER)
         lib = _library(src)
