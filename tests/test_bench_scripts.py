@@ -98,3 +98,10 @@ def test_nvcc_check_says_in_one_line_when_nvrtc_does_not_load(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: cannot load NVRTC from ") and r.stderr.count("\n") == 1
+
+
+def test_python_step_times_fused_decode_with_stubbed_steps():
+    cmd = [sys.executable, os.path.join(BENCH, "python_step.py"), "--steps", "3", "--layers", "4"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    ms, rest = out.split(" ", 1)
+    assert float(ms) > 0 and rest == "ms of Python a step, 4 layers\n"
