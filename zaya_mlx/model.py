@@ -500,29 +500,30 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
     layers = model.layers
     dtype = layers[0].input_layernorm.weight.dtype
     attn = layers[0].self_attn
-    for layer, (kv, conv) in zip(layers, cache):
+    pairs = [(c[0], c[1]) for c in cache]  # (KV cache, conv cache) a layer: each c[i] is a Python call
+    for layer, (kv, conv) in zip(layers, pairs):
         _own_kv_buffers(kv, held, (B, attn.n_kv_heads, attn.head_dim), dtype)
-        proj = layer.self_attn.qkv_proj
         if conv[0] is None:  # a cache that has seen no token yet
+            proj = layer.self_attn.qkv_proj
             conv[0] = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), dtype)
         if conv[1] is None:
-            conv[1] = proj._delayed_of_zero(B, dtype)
+            conv[1] = layer.self_attn.qkv_proj._delayed_of_zero(B, dtype)
 
     steps = _step_functions(model, kernels.backend())
     bufs = _step_buffers(kv0, B, args, dtype)
-    kv, conv = cache[0][0], cache[0][1]
+    kv, conv = pairs[0]
     h, out, kv.keys, kv.values, conv[0], conv[1] = steps[0](tokens, bufs.q, bufs.last, conv[0], conv[1], positions,
                                                             kv.keys, kv.values, filled, lpad)
     r = _zeros_like_router_state(B, args.router_hidden_size, dtype)
     for i in range(1, len(layers)):
-        kv, conv = cache[i][0], cache[i][1]
+        kv, conv = pairs[i]
         h, r, out, kv.keys, kv.values, conv[0], conv[1] = steps[i](out, h, r, bufs.last, *bufs.mlp_into(i - 1), bufs.q,
                                                                    conv[0], conv[1], positions, kv.keys, kv.values,
                                                                    filled, lpad)
     bufs.last = steps[-1](out, h, r, bufs.last, *bufs.mlp_into(len(layers) - 1))
 
     offset = kv0.offset + 1  # a BatchKVCache's per-row offsets: one array for every layer
-    for kv, _ in cache:
+    for kv, _ in pairs:
         _OWNED_KV[kv] = (kv.keys, kv.values, held + 1)
         if isinstance(kv, BatchKVCache):
             kv._idx, kv.offset = held + 1, offset
