@@ -336,7 +336,7 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        fused = use_fused_decode() and (_fused_mode() == "on" or fused_decode_works(self))
+        fused = use_fused_decode(self)
         h = self.model(tokens, cache, fused=fused)
         logits = kernels.lm_head(h, self.head) if fused else kernels.lm_head_reference(h, self.head)
         return logits.astype(mx.float32)
@@ -396,9 +396,13 @@ def _fused_mode() -> str:
     return "auto"
 
 
-def use_fused_decode() -> bool:
+def use_fused_decode(model: Optional["Model"] = None) -> bool:
+    """ZAYA_FUSED on: yes; off: no; auto: on a GPU back end, and, given the model, once its check passes
+    (fused_decode_works)."""
     mode = _fused_mode()
-    return mode == "on" or (mode == "auto" and kernels.backend() != "cpu")
+    if mode != "auto":
+        return mode == "on"
+    return kernels.backend() != "cpu" and (model is None or fused_decode_works(model))
 
 
 # The fused step rounds differently from the plain ops: ~1e-2 of the largest logit (bench/RESULTS.md, full size).
@@ -503,11 +507,12 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
     pairs = [(c[0], c[1]) for c in cache]  # (KV cache, conv cache) a layer: each c[i] is a Python call
     for layer, (kv, conv) in zip(layers, pairs):
         _own_kv_buffers(kv, held, (B, attn.n_kv_heads, attn.head_dim), dtype)
-        if conv[0] is None:  # a cache that has seen no token yet
+        if conv[0] is None or conv[1] is None:  # a cache that has seen no token yet
             proj = layer.self_attn.qkv_proj
-            conv[0] = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), dtype)
-        if conv[1] is None:
-            conv[1] = layer.self_attn.qkv_proj._delayed_of_zero(B, dtype)
+            if conv[0] is None:
+                conv[0] = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), dtype)
+            if conv[1] is None:
+                conv[1] = proj._delayed_of_zero(B, dtype)
 
     steps = _step_functions(model, kernels.backend())
     bufs = _step_buffers(kv0, B, args, dtype)
