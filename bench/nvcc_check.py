@@ -2,8 +2,8 @@
 
 No GPU needed: this catches syntax and type errors before spending device time, launches that would need
 more registers than an SM has, and threadgroup memory past Metal's 32 KB (the Metal twins share the
-bodies). It mimics MLX's generated kernel (MLX's header, then ours, then a __global__ function whose
-arguments are the inputs and outputs, with template arguments as `using`/`constexpr` lines).
+bodies). It mimics MLX's generated kernel (MLX's header, then ours, then, with no line break between them as MLX
+writes it, a namespace with a __global__ function whose arguments are the inputs and outputs, with template arguments as `using`/`constexpr` lines).
 
     python bench/nvcc_check.py                               # nvcc on the PATH (the device machine has it)
     python bench/nvcc_check.py --nvrtc LIB --include DIR...  # NVRTC, as MLX-CUDA compiles: no CUDA toolkit needed
@@ -52,13 +52,13 @@ def build(name, body, inputs, outputs, template):
               + [(_build.INPLACE_PREFIX + n, t) for n, t in into])
     outputs = [(n, t) for n, t in outputs if t and not t.startswith("into:")]
     header, source = _build.kernel_source(body, "cuda", absent, views, tuple(n for n, _ in into))
-    s = MOCK_MLX_HEADER + header + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+    s = MOCK_MLX_HEADER + header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
     s += f"__global__ void {name}(\n"
     args = [f"    const {CT[t]}* {n}" for n, t in inputs] + [f"    {CT[t]}* {n}" for n, t in outputs]
     s += ",\n".join(args) + ") {\n"
     for k, v in template:
         s += f"  using {k} = {CT[v]};\n" if isinstance(v, str) else f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = {str(v).lower()};\n"
-    s += source + "\n}\n}\n"
+    s += "\n" + source + "\n}\n\n} // namespace mlx::core::cu\n"
     return s
 
 

@@ -103,8 +103,11 @@ def test_kernel_sources_assemble_with_the_helpers_they_use_and_nothing_else(back
     """MLX-CUDA hashes a kernel's whole source at every launch, so the assembled source leaves out comments,
     indentation and the helpers its body does not reach; the body must still find every helper it calls."""
     header, source = _build.kernel_source(body, back)
-    if back == "cuda":  # each an include of a saved file
-        assert header.startswith('#include "/') and source.startswith('#include "/') and "\n" not in header + source
+    if back == "cuda":  # each an include line of a saved file, ending in a line break: MLX-CUDA writes its code
+        # right after the header, on the same line (its build_kernel), where the preprocessor would take it as text
+        # after the directive
+        for text in (header, source):
+            assert re.fullmatch(r'#include "/[^"\n]+"\n', text)
         header, source = _included(header), _included(source)
     assert not re.search(r"_shape\b|_strides\b|_ndim\b", source)  # MLX-CUDA would have to see them: see kernel_source
 
@@ -127,7 +130,7 @@ def test_kernel_sources_assemble_with_the_helpers_they_use_and_nothing_else(back
 
 def _included(text: str) -> str:
     """The text behind an include line that kernel_source made (CUDA), or the text itself."""
-    m = re.fullmatch(r'#include "([^"]+)"', text)
+    m = re.fullmatch(r'#include "([^"]+)"\n', text)
     return open(m.group(1)).read() if m else text
 
 
@@ -190,7 +193,7 @@ def test_on_cuda_the_header_and_body_are_includes_of_files_saved_once_by_their_c
     assert inline_header.startswith("#include <metal_stdlib>")
     prologue = _build.compact(_build._prelude("cuda")[1] + "\n")
     body = _build.compact(_build._source("router_mlp.h"))
-    paths = [re.fullmatch(r'#include "(.+)"', line).group(1) for line in (header, source)]
+    paths = [re.fullmatch(r'#include "(.+)"\n', line).group(1) for line in (header, source)]
     assert [os.path.dirname(p) for p in paths] == [str(folder)] * 2
     assert open(paths[0]).read() == _build.helpers(prologue + "\n" + body, _build._prelude("cuda")[0])
     assert open(paths[1]).read() == prologue + "\n" + body
@@ -202,7 +205,8 @@ def test_on_cuda_the_header_and_body_are_includes_of_files_saved_once_by_their_c
     (tmp_path / "zaya-mlx").rename(tmp_path / "moved")
     (tmp_path / "zaya-mlx").write_text("a file where the folder would be")
     text_header, text_source = _build.kernel_source("router_mlp.h", "cuda")
-    assert text_source == prologue + "\n" + body and "#define ZK_DEV __device__" in text_header
+    assert text_source == prologue + "\n" + body + "\n" and "#define ZK_DEV __device__" in text_header
+    assert text_header.endswith("}\n")  # MLX-CUDA's code follows on the next line
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / 'a "quoted" folder'))
     assert _build.kernel_source("router_mlp.h", "cuda") == (text_header, text_source)  # no include line can name it
 

@@ -95,9 +95,10 @@ def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tup
 
 
 def included(text: str) -> str:
-    """An include line for the text saved as a file (``saved_file``), or the text itself where it cannot be saved."""
+    """An include line for the text saved as a file (``saved_file``), or the text itself where it cannot be saved;
+    either ends in a line break: MLX-CUDA writes its own code right after the header, on the same line."""
     path = saved_file(text)
-    return text if path is None else f'#include "{path}"'
+    return (text if path is None else f'#include "{path}"') + "\n"
 
 
 def saved_file(text: str) -> str | None:
