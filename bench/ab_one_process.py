@@ -10,6 +10,7 @@ one model. The changes:
 - ``include``: on CUDA, the helpers and the body as includes of saved files (as assembled) or inline.
 
     python bench/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
+    python bench/ab_one_process.py --what include --experts 16            # ZAYA1-8B's full size
 """
 
 import argparse
@@ -57,9 +58,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--experts", type=int, default=2, help="experts a layer (16: ZAYA1-8B's; a step reads one)")
     ap.add_argument("--small", action="store_true", help="the few-MB model (a smoke run on a CPU)")
     args = ap.parse_args(argv)
-    config = benchmark.small_config() if args.small else benchmark.full_config(num_experts=2)
+    config = benchmark.small_config() if args.small else benchmark.full_config(num_experts=args.experts)
     model = benchmark.build_zaya(config, "mxfp4")
     os.environ["ZAYA_FUSED"] = "1"
     rates = {True: [], False: []}
