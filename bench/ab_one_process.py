@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for on in (True, False) if r % 2 == 0 else (False, True):
             CHANGES[args.what](model, on)
-            tps = benchmark.time_decode(model, model.make_cache, args.batch, args.context, args.steps,
-                                        config.vocab_size)
-            rates[on].append(tps)
-            print(f"round {r} {args.what} {'on' if on else 'off'}: {tps:.1f} tok/s "
-                  f"(graph building {benchmark.BUILD_MS[args.batch]:.2f} ms/step)", flush=True)
+            timing = benchmark.time_decode(model, model.make_cache, args.batch, args.context, args.steps,
+                                           config.vocab_size)
+            rates[on].append(timing.tps)
+            print(f"round {r} {args.what} {'on' if on else 'off'}: {timing.tps:.1f} tok/s "
+                  f"(graph building {timing.build_ms:.2f} ms/step)", flush=True)
     on, off = statistics.median(rates[True]), statistics.median(rates[False])
     print(f"median tok/s: {args.what} on {on:.1f}, off {off:.1f}, ratio {on / off:.3f}")
     return 0

@@ -70,13 +70,14 @@ def test_a_decode_rate_is_the_median_of_its_runs(monkeypatch):
     runs = iter([(5.0, 0.5), (1.0, 0.1), (3.0, 0.3)])
 
     def fake_run(forward, make_cache, batch, context, steps, vocab):
-        rate, benchmark.BUILD_MS[batch] = next(runs)
-        return rate
+        rate, build_ms = next(runs)
+        return benchmark.DecodeTiming(rate, build_ms, [rate])
 
     monkeypatch.setattr(benchmark, "time_decode", fake_run)
-    assert benchmark.median_decode(None, None, 4, 8, 2, 10, runs=3) == 3.0
-    assert benchmark.BUILD_MS[4] == 0.3 and benchmark.RUN_RATES[4] == [5.0, 1.0, 3.0]
-    assert benchmark._runs(4) == ", median of 3 runs: 1.0-5.0"
+    timing = benchmark.median_decode(None, None, 4, 8, 2, 10, runs=3)
+    assert (timing.tps, timing.build_ms, timing.rates) == (3.0, 0.3, [5.0, 1.0, 3.0])
+    assert timing.runs() == ", median of 3 runs: 1.0-5.0"
+    assert benchmark.DecodeTiming(2.0, 0.1, [2.0]).runs() == ""  # one run: no range
 
 
 def test_runs_reach_every_model_measured(run_zaya, tmp_path):

@@ -198,8 +198,22 @@ def time_prefill(hidden, head, make_cache, batch: int, length: int, vocab: int, 
     return batch * length / best
 
 
-def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int) -> float:
-    """Decoded tokens/s (all sequences together), greedy, each step's graph built while the last one runs."""
+@dataclass
+class DecodeTiming:
+    """Timed decode runs: tokens/s (all sequences together), ms of Python graph building a step, and each run's
+    tokens/s (the first two are the runs' medians where there were several)."""
+    tps: float
+    build_ms: float
+    rates: list[float]
+
+    def runs(self) -> str:
+        """The runs' range, for a log line."""
+        n = len(self.rates)
+        return "" if n == 1 else f", median of {n} runs: {min(self.rates):.1f}-{max(self.rates):.1f}"
+
+
+def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int) -> DecodeTiming:
+    """One timed run, greedy, each step's graph built while the last one runs."""
     cache = make_cache()
     tokens = mx.random.randint(0, vocab, (batch, context)).astype(mx.int32)
     tok = _argmax_last(forward(tokens, cache))
@@ -217,34 +231,20 @@ def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab
         mx.async_eval(tok)
     mx.eval(tok)
     mx.synchronize()
-    dt = time.perf_counter() - t0
-    BUILD_MS[batch] = 1e3 * build / steps
-    return batch * steps / dt
+    tps = batch * steps / (time.perf_counter() - t0)
+    return DecodeTiming(tps, 1e3 * build / steps, [tps])
 
 
-def median_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int, runs: int) -> float:
-    """Decoded tokens/s, the median of ``runs`` timed runs (and BUILD_MS the median of theirs): one run lasts well
-    under a second at batch 1, and moves with the host's moment (bench/RESULTS.md); the median moves less."""
-    rates, builds = [], []
-    for _ in range(runs):
-        rates.append(time_decode(forward, make_cache, batch, context, steps, vocab))
-        builds.append(BUILD_MS[batch])
-    BUILD_MS[batch] = statistics.median(builds)
-    RUN_RATES[batch] = rates
-    return statistics.median(rates)
-
-
-def _runs(batch: int) -> str:
-    rates = RUN_RATES[batch]
-    return "" if len(rates) == 1 else f", median of {len(rates)} runs: {min(rates):.1f}-{max(rates):.1f}"
-
-
-BUILD_MS: dict = {}  # batch -> ms of Python graph building per step in the last time_decode
-RUN_RATES: dict = {}  # batch -> tok/s of each run in the last median_decode
-EVAL_MS: dict = {}  # batch -> ms of one synchronous eval of an already-built step (encoding + GPU), no overlap
+def median_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int, runs: int) -> DecodeTiming:
+    """The median of ``runs`` timed runs (rate and building time each): one run lasts well under a second at batch
+    1, and moves with the host's moment (bench/RESULTS.md); the median moves less."""
+    timed = [time_decode(forward, make_cache, batch, context, steps, vocab) for _ in range(runs)]
+    return DecodeTiming(statistics.median(t.tps for t in timed), statistics.median(t.build_ms for t in timed),
+                        [t.tps for t in timed])
 
 
 def time_step_eval(forward, make_cache, batch: int, context: int, vocab: int, reps: int = 5) -> float:
+    """ms of one synchronous eval of an already-built step (encoding + GPU), no overlap: the best of ``reps``."""
     cache = make_cache()
     tok = _argmax_last(forward(mx.random.randint(0, vocab, (batch, context)).astype(mx.int32), cache))
     mx.eval(tok)
@@ -257,8 +257,7 @@ def time_step_eval(forward, make_cache, batch: int, context: int, vocab: int, re
         mx.synchronize()
         dt = time.perf_counter() - t0
         best = dt if best is None else min(best, dt)
-    EVAL_MS[batch] = 1e3 * best
-    return EVAL_MS[batch]
+    return 1e3 * best
 
 
 @dataclass
@@ -316,12 +315,12 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
                 res.primitive_kinds = kinds
             if prefill and fused and compiled:  # prefill runs the same ops either way
                 res.prefill_tps[b] = time_prefill(hidden, head, model.make_cache, b, prompt, config.vocab_size)
-            res.decode_tps[b] = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
-            res.build_ms[b] = BUILD_MS[b]
+            timing = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
+            res.decode_tps[b], res.build_ms[b] = timing.tps, timing.build_ms
             res.eval_ms[b] = time_step_eval(model, model.make_cache, b, context, config.vocab_size)
             log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), "
-                f"prefill {res.prefill_tps.get(b, 0):.0f} tok/s, decode {res.decode_tps[b]:.1f} tok/s{_runs(b)} "
-                f"(graph building {BUILD_MS[b]:.2f} ms/step, one step's eval {res.eval_ms[b]:.2f} ms)")
+                f"prefill {res.prefill_tps.get(b, 0):.0f} tok/s, decode {timing.tps:.1f} tok/s{timing.runs()} "
+                f"(graph building {timing.build_ms:.2f} ms/step, one step's eval {res.eval_ms[b]:.2f} ms)")
         if check and fused:
             res.max_rel_logit_diff = max(fused_vs_plain(model, config.vocab_size, batch=max(batches))[0])
             log(f"  fused vs plain decode logits: max |diff| / max |logit| = {res.max_rel_logit_diff:.2e}")
@@ -375,10 +374,10 @@ def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context
         res.primitives_per_step[b] = n
         if b == batches[0]:
             res.primitive_kinds = kinds
-        res.decode_tps[b] = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
-        res.build_ms[b] = BUILD_MS[b]
-        log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), decode {res.decode_tps[b]:.1f} tok/s{_runs(b)} "
-            f"(graph building {BUILD_MS[b]:.2f} ms/step)")
+        timing = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
+        res.decode_tps[b], res.build_ms[b] = timing.tps, timing.build_ms
+        log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), decode {timing.tps:.1f} tok/s{timing.runs()} "
+            f"(graph building {timing.build_ms:.2f} ms/step)")
     res.peak_gb = mx.get_peak_memory() / 1e9
     del model
     gc.collect()  # the compiled step functions hold the model in a reference cycle
