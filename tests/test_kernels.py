@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import typing
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -564,29 +565,44 @@ def test_cca_kernel_writes_the_query_into_a_given_array(dtype):
     assert mx.array_equal(out[3], state) and mx.array_equal(out[4], vprev)
 
 
+class _Launch(typing.NamedTuple):
+    body: str
+    args: list  # (argument name, array) pairs, the inputs in the body's order
+    outs: list
+    template: tuple  # (name, value) pairs
+
+
+def _record_launches(monkeypatch) -> list[_Launch]:
+    """_build.get_kernel replaced by kernels that record each launch and return zeros of their output shapes: what
+    the host would send a GPU, without one."""
+    launches = []
+
+    def fake(body, back, names, outputs, absent=(), views=(), inplace=()):
+        def call(*, inputs: list, output_shapes, output_dtypes, template=(), **_):
+            outs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+            launches.append(_Launch(body, list(zip(names, inputs)), outs, tuple(template)))
+            return outs
+        return call
+
+    monkeypatch.setattr(_build, "get_kernel", fake)
+    return launches
+
+
 def test_a_grown_kv_buffer_compiles_no_new_variant(monkeypatch):
     """MLX compiles a kernel variant per name and template arguments; a KV buffer's capacity reaches the CCA step
     and attention at run time, so a decode that grows its buffers (256 -> 512 positions) compiles nothing mid-way
     (NVRTC takes seconds a variant; bench/RESULTS.md, thirteenth session)."""
-    calls = []
-
-    def fake(body, back, names, outputs, absent=(), views=(), inplace=()):
-        def call(*, inputs, output_shapes, output_dtypes, template, **_):
-            calls.append((body, tuple(template)))
-            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
-        return call
-
-    monkeypatch.setattr(_build, "get_kernel", fake)
+    launches = _record_launches(monkeypatch)
     nh, nkv, d = 8, 2, 128
     a = _cca_inputs(1, nh, nkv, d, 2, 2, mx.bfloat16, seed=3)
     kw = dict(n_heads=nh, n_kv_heads=nkv, head_dim=d, rope_dims=64, rope_base=5e6)
     variants = []
     for cap in (256, 512):
-        calls.clear()
+        launches.clear()
         keys, values = mx.zeros((1, nkv, cap, d), mx.bfloat16), mx.zeros((1, nkv, cap, d), mx.bfloat16)
         q = cca._cca_kernel(**a, offset=9, keys=keys, values=values, filled=10, norm_eps=None, back="cuda", **kw)[0]
         attention.decode_attention_kernel(q, keys, values, 10, scale=d ** -0.5, back="cuda")
-        variants.append(list(calls))
+        variants.append([(launch.body, launch.template) for launch in launches])
     assert [body for body, _ in variants[0]] == ["cca_decode.h", "decode_attention.h"]
     assert variants[0] == variants[1]
 
@@ -1037,7 +1053,7 @@ _WRITTEN_AT_NEW_POSITIONS = ("kcache", "vcache")
 
 def _recorded_step(monkeypatch, quant, router):
     """The launches of two fused decode steps (the second and third after a prompt) with the kernels replaced by
-    fakes that record them: [(body, [(argument name, array)], outputs)]. router: None (the small model's, beside
+    fakes that record them (``_record_launches``). router: None (the small model's, beside
     the expert kernel), "wide" (ZAYA's 256-wide one, inside it) or "mxfp4" (quantized: its plain ops)."""
     import mlx.nn as nn
 
@@ -1045,16 +1061,7 @@ def _recorded_step(monkeypatch, quant, router):
     from zaya_mlx.benchmark import build_zaya, small_config
     from zaya_mlx.kernels import router as router_mod
 
-    launches = []
-
-    def fake(body, back, names, outputs, absent=(), views=(), inplace=()):
-        def call(*, inputs: list, output_shapes, output_dtypes, **_):
-            outs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
-            launches.append((body, list(zip(names, inputs)), outs))
-            return outs
-        return call
-
-    monkeypatch.setattr(_build, "get_kernel", fake)
+    launches = _record_launches(monkeypatch)
     for m in (_build, attention, cca, experts, head, norms, router_mod, kernels_pkg):
         monkeypatch.setattr(m, "backend", lambda: "cuda")
     monkeypatch.setenv("ZAYA_COMPILE", "0")
@@ -1090,14 +1097,14 @@ def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
     the router inside the expert kernel, beside it (in its own kernel) and quantized (its plain ops, which this does
     not see: the step keeps the router state a new array for any router the expert kernel does not run)."""
     launches = _recorded_step(monkeypatch, quant, router)
-    assert any(body == "residual_norm.h" and _writes_in_place(args) for body, args, _ in launches)
-    assert any(body == "cca_decode.h" and _writes_in_place(args) for body, args, _ in launches)
+    assert any(body == "residual_norm.h" and _writes_in_place(args) for body, args, *_ in launches)
+    assert any(body == "cca_decode.h" and _writes_in_place(args) for body, args, *_ in launches)
     if router == "wide":
-        assert "router_mlp.h" not in {body for body, _, _ in launches}  # routed inside the expert kernel
+        assert "router_mlp.h" not in {launch.body for launch in launches}  # routed inside the expert kernel
 
     producer, ancestors = {}, []
     last_write, reads_since = {}, {}
-    for k, (body, args, outs) in enumerate(launches):
+    for k, (body, args, outs, _) in enumerate(launches):
         before = set()
         for _, a in args:
             j = producer.get(id(a))
@@ -1125,8 +1132,8 @@ def test_fused_step_makes_new_outputs_with_in_place_off(monkeypatch):
     on = _recorded_step(monkeypatch, None, "wide")
     monkeypatch.setenv("ZAYA_IN_PLACE", "0")
     off = _recorded_step(monkeypatch, None, "wide")
-    assert [b for b, _, _ in off] == [b for b, _, _ in on]
-    assert not any(_writes_in_place(args) for _, args, _ in off)
+    assert [launch.body for launch in off] == [launch.body for launch in on]
+    assert not any(_writes_in_place(launch.args) for launch in off)
     # after attention the stream, router state and zero row, after the MoE the stream, and the CCA step's query: 5 a
     # layer, 2 layers, 2 steps
-    assert sum(len(o) for _, _, o in off) == sum(len(o) for _, _, o in on) + 5 * 2 * 2
+    assert sum(len(launch.outs) for launch in off) == sum(len(launch.outs) for launch in on) + 5 * 2 * 2
