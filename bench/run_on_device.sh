@@ -39,7 +39,7 @@ for part in "$@"; do
       # by group, all groups at once: on a fresh machine every kernel variant is compiled by NVRTC first (several
       # seconds each, one CPU core a process), which run one after another took over 560 s of a 600 s call.
       # Each group has its own time limit, log and MLX kernel cache (two processes writing one cache file race).
-      IFS=';' read -r -a groups <<< "${TEST_GROUPS:-attention_kernel;cca_kernel;router_kernel or residual_norm_kernel;expert_kernel;fused_decode}"
+      IFS=';' read -r -a groups <<< "${TEST_GROUPS:-attention_kernel;cca_kernel;router_kernel or residual_norm_kernel or lm_head_kernel;expert_kernel;fused_decode}"
       pids=()
       for i in "${!groups[@]}"; do
         MLX_PTX_CACHE_DIR=/tmp/zaya-tests-ptx-$i timeout "${TEST_LIMIT:-500}" python3 -m pytest tests/test_kernels.py -q \
