@@ -135,6 +135,18 @@ def _included(text: str) -> str:
     return open(m.group(1)).read() if m else text
 
 
+def test_every_gpu_test_is_in_a_group_the_device_script_runs():
+    """bench/run_on_device.sh runs this file's GPU tests in groups chosen by name (pytest -k); a test no group's
+    name matches never runs on a GPU (the LM head's did not, from the groups' start to the fifteenth session)."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    script = open(os.path.join(root, "bench", "run_on_device.sh")).read()
+    groups = re.search(r'TEST_GROUPS:-([^}"]+)', script).group(1).split(";")
+    words = [w.strip() for g in groups for w in g.split(" or ")]
+    gpu_tests = re.findall(r"^@gpu_only\n(?:@.*\n)*def (test_\w+)", open(__file__).read(), re.M)
+    assert len(gpu_tests) > 10
+    assert [t for t in gpu_tests if not any(w in t for w in words)] == []
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc to compile the CUDA twins")
 def test_cuda_twins_compile_and_fit_an_sm():
     """bench/nvcc_check.py: every CUDA twin compiles as MLX assembles it, its registers times its threads fit an
