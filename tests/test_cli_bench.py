@@ -32,6 +32,13 @@ def test_fewer_experts_keep_a_tokens_work(run_zaya, tmp_path):
     assert abs((four["weight_gb"] - two["weight_gb"]) / (2 * unread / 3) - 1) < 1e-2
 
 
+def test_the_json_keeps_each_runs_rate(run_zaya, tmp_path):
+    """--runs 3: the three timed rates are written, and the rate reported is their median."""
+    (res,) = bench(run_zaya, tmp_path, "--runs", "3")
+    runs = res["decode_runs"]["1"]
+    assert len(runs) == 3 and all(r > 0 for r in runs) and res["decode_tps"]["1"] == sorted(runs)[1]
+
+
 @pytest.mark.parametrize("args", [["--batch", "x"], ["--batch", "1,0"], ["--quant", "int3"], ["--quant", ","]])
 def test_bad_input_is_one_line(run_zaya, args):
     code, out, err = run_zaya("bench", "--small", *args)

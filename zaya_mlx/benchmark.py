@@ -272,7 +272,8 @@ class Result:
     primitive_kinds: dict = field(default_factory=dict)
     arguments_per_step: dict = field(default_factory=dict)  # batch -> [inputs, outputs] of those primitives
     prefill_tps: dict = field(default_factory=dict)  # batch -> tokens/s
-    decode_tps: dict = field(default_factory=dict)
+    decode_tps: dict = field(default_factory=dict)  # batch -> the median of decode_runs
+    decode_runs: dict = field(default_factory=dict)  # batch -> tokens/s of each timed run
     peak_gb: float = 0.0
     max_rel_logit_diff: float | None = None  # fused decode vs the plain path, same weights
     build_ms: dict = field(default_factory=dict)  # batch -> ms per step spent building the graph in Python
@@ -316,7 +317,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
             if prefill and fused and compiled:  # prefill runs the same ops either way
                 res.prefill_tps[b] = time_prefill(hidden, head, model.make_cache, b, prompt, config.vocab_size)
             timing = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
-            res.decode_tps[b], res.build_ms[b] = timing.tps, timing.build_ms
+            res.decode_tps[b], res.decode_runs[b], res.build_ms[b] = timing.tps, timing.rates, timing.build_ms
             res.eval_ms[b] = time_step_eval(model, model.make_cache, b, context, config.vocab_size)
             log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), "
                 f"prefill {res.prefill_tps.get(b, 0):.0f} tok/s, decode {timing.tps:.1f} tok/s{timing.runs()} "
@@ -375,7 +376,7 @@ def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context
         if b == batches[0]:
             res.primitive_kinds = kinds
         timing = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
-        res.decode_tps[b], res.build_ms[b] = timing.tps, timing.build_ms
+        res.decode_tps[b], res.decode_runs[b], res.build_ms[b] = timing.tps, timing.rates, timing.build_ms
         log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), decode {timing.tps:.1f} tok/s{timing.runs()} "
             f"(graph building {timing.build_ms:.2f} ms/step)")
     res.peak_gb = mx.get_peak_memory() / 1e9
