@@ -3,7 +3,8 @@
 No GPU needed: this catches syntax and type errors before spending device time, launches that would need
 more registers than an SM has, and threadgroup memory past Metal's 32 KB (the Metal twins share the
 bodies). It mimics MLX's generated kernel (MLX's header, then ours, then, with no line break between them as MLX
-writes it, a namespace with a __global__ function whose arguments are the inputs and outputs, with template arguments as `using`/`constexpr` lines).
+writes it, a namespace with a __global__ function whose arguments are the inputs and outputs, with template
+arguments as `using`/`constexpr` lines).
 
     python bench/nvcc_check.py                               # nvcc on the PATH (the device machine has it)
     python bench/nvcc_check.py --nvrtc LIB --include DIR...  # NVRTC, as MLX-CUDA compiles: no CUDA toolkit needed

@@ -279,6 +279,11 @@ class Result:
     build_ms: dict = field(default_factory=dict)  # batch -> ms per step spent building the graph in Python
     eval_ms: dict = field(default_factory=dict)  # batch -> ms of a synchronous eval of one built step
 
+    def add_decode(self, batch: int, timing: DecodeTiming):
+        """A batch size's decode timing, in the fields the JSON and the table read."""
+        self.decode_tps[batch], self.decode_runs[batch] = timing.tps, timing.rates
+        self.build_ms[batch] = timing.build_ms
+
 
 def _fused(mode: str):
     os.environ["ZAYA_FUSED"] = mode
@@ -317,7 +322,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
             if prefill and fused and compiled:  # prefill runs the same ops either way
                 res.prefill_tps[b] = time_prefill(hidden, head, model.make_cache, b, prompt, config.vocab_size)
             timing = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
-            res.decode_tps[b], res.decode_runs[b], res.build_ms[b] = timing.tps, timing.rates, timing.build_ms
+            res.add_decode(b, timing)
             res.eval_ms[b] = time_step_eval(model, model.make_cache, b, context, config.vocab_size)
             log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), "
                 f"prefill {res.prefill_tps.get(b, 0):.0f} tok/s, decode {timing.tps:.1f} tok/s{timing.runs()} "
@@ -376,7 +381,7 @@ def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context
         if b == batches[0]:
             res.primitive_kinds = kinds
         timing = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
-        res.decode_tps[b], res.decode_runs[b], res.build_ms[b] = timing.tps, timing.rates, timing.build_ms
+        res.add_decode(b, timing)
         log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), decode {timing.tps:.1f} tok/s{timing.runs()} "
             f"(graph building {timing.build_ms:.2f} ms/step)")
     res.peak_gb = mx.get_peak_memory() / 1e9
