@@ -8,6 +8,8 @@ functions with the most self samples, which functions called them.
     python bench/profile_native.py --rate 20 --seconds 6 --out DIR   # needs py-spy (pip install py-spy) and a GPU
     python bench/profile_native.py --summarize stacks.txt            # the summary of py-spy's raw output
 
+--out also gets the raw stacks, gzipped (native_stacks.txt.gz: small at these rates).
+
 The prompt leaves the KV buffers room for the whole loop: a buffer that grows mid-loop retraces the step functions
 (and, before the thirteenth session, compiled a new CCA variant), which would swamp the profile. Sampling native
 stacks slows the loop (181 to 57 tok/s at 40 Hz in the thirteenth session), so use a low rate.
@@ -15,6 +17,7 @@ stacks slows the loop (181 to 57 tok/s at 40 Hz in the thirteenth session), so u
 
 import argparse
 import collections
+import gzip
 import os
 import re
 import shutil
@@ -118,6 +121,8 @@ def profile(rate: int, seconds: float, experts: int, out_dir: str) -> int:
             return 1
         with open(raw) as fh:
             text = summarize(fh)
+        with open(raw, "rb") as fh, gzip.open(os.path.join(out_dir, "native_stacks.txt.gz"), "wb") as gz:
+            shutil.copyfileobj(fh, gz)  # the raw stacks too, for a look from another angle afterwards
     head = (f"decode tok/s: {rate_before:.1f} before, {rate_during:.1f} while sampled at {rate} Hz; "
             f"{used + more} steps, no KV growth\n")
     path = os.path.join(out_dir, "native_summary.txt")
