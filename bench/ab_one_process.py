@@ -7,7 +7,9 @@ one model. The changes:
 - ``in-place``: the fused step's outputs written into its own arrays, or new ones (``ZAYA_IN_PLACE``, model.py);
 - ``source``: the kernel sources as assembled (compacted, only the helpers a body reaches) or whole, every helper
   and comment in each (MLX-CUDA hashes a kernel's source at every launch);
-- ``include``: on CUDA, the helpers and the body as includes of saved files (as assembled) or inline.
+- ``include``: on CUDA, the helpers and the body as includes of saved files (as assembled) or inline;
+- ``bodies``: the kernels as they are, or with their bodies emptied (benchmark.empty_kernels): how much of a step
+  the GPU's work adds to the host's floor.
 
     python bench/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
     python bench/ab_one_process.py --what include --experts 16            # ZAYA1-8B's full size
@@ -48,7 +50,18 @@ def set_include(model, on: bool):
     benchmark.reset_kernels(model)
 
 
-CHANGES = {"in-place": set_in_place, "source": set_source, "include": set_include}
+_EMPTIED = []  # the entered benchmark.empty_kernels, while the bodies are off
+
+
+def set_bodies(model, on: bool):
+    while _EMPTIED:
+        _EMPTIED.pop().__exit__(None, None, None)
+    if not on:
+        _EMPTIED.append(benchmark.empty_kernels(model))
+        _EMPTIED[-1].__enter__()
+
+
+CHANGES = {"in-place": set_in_place, "source": set_source, "include": set_include, "bodies": set_bodies}
 
 
 def main(argv=None) -> int:
