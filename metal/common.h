@@ -396,3 +396,174 @@ ZK_DEV zk_routed zk_route(PR r, PN nw, PW w1, PB b1, PW w2, PB b2, PW wo, PF bal
   }
   return best;
 }
+
+// What zk_cca_step leaves a thread of its head group (see there).
+struct zk_cca_out {
+  float o;   // channel tid of the head, normalised and rotated (tid < D)
+  float v;   // a key group: channel tid of its value head (tid < D)
+  float vd;  // a key group: channel tid of the new delayed value (tid < D / 2)
+};
+
+// The CCA decode step of one head group g (query heads 0..NH-1, then the NKV key heads) of batch row b, by NTC
+// threads (tid, and their lane and SIMD group warp, counted from the first of them); metal/cca_decode.h says what
+// it computes, and its header the inputs (dw_w, dw_b, gw_b, temp, inv_freq: float32 views of the pack). A function,
+// so that a kernel can run a head group's step in part of its threads. Threadgroup scratch: sdw
+// [T1 * D + T1 * D / 32], sy and snorm [D], red [NTC / 32]; every thread of the threadgroup must call it (it holds
+// barriers). Writes the group's channels of the new conv state into conv_out where write_state.
+template <typename T, int D, int NH, int NKV, int T0, int T1, int RD, int NTC, typename PX, typename PF,
+          typename PW, typename PI, typename PL, typename PO>
+ZK_DEV zk_cca_out zk_cca_step(PX qkv, PX conv_state, PX v_prev, PF dw_w, PF dw_b, PW gw_w, PF gw_b, PF temp,
+                              PI offset, PF inv_freq, float eps, int g, int b, int tid, int lane, int warp, PL sdw,
+                              PL sy, PL snorm, PL red, PO conv_out, bool write_state) {
+  constexpr int C = (NH + NKV) * D;
+  constexpr int S = (T0 - 1) + (T1 - 1);
+  constexpr int VH = (NKV * D) / 2;
+  constexpr int P = C + 2 * VH;
+  constexpr int REP = NH / NKV;
+  constexpr int NWARP = NTC / 32;
+  constexpr int HALF = RD / 2;
+  constexpr int CPW = (D + NWARP - 1) / NWARP;  // grouped-conv channels a SIMD group
+  constexpr int QMW = (sizeof(T) == 2) ? 0 : 1;  // grouped-conv weights as zk_dot_u4 reads them: bf16 or f32
+  constexpr int VPC = 16 / sizeof(T);              // weights a 16-byte chunk
+  constexpr int NCH = (T1 * D) / VPC;                // chunks a channel's weight row
+  constexpr int KI = (NCH + 31) / 32;                // chunks a lane, per channel
+  const int cbase = g * D;
+  const int xrow = b * P;
+
+  // 0. Every load, issued before any result is used and with no branch between them: a load behind a branch
+  // waits for what came before it, so each group of loads would cost its own trip to memory. A thread with no
+  // item in a step reads a valid element and drops it.
+  const int c0 = tid;                         // this thread's channel of the head in steps 4-6 (when < D)
+  const int cc = (c0 < D) ? c0 : 0;
+  const bool has1 = tid < T1 * D;             // step 1: depthwise output item tid
+  const int m1 = has1 ? tid / D : 0;
+  const int ch1 = cbase + (has1 ? tid - m1 * D : 0);
+  float dwx[T0];
+  float dww[T0];
+  ZK_UNROLL
+  for (int i = 0; i < T0; ++i) {
+    const int j = m1 + i;
+    const float st = static_cast<float>(conv_state[(b * S + ((j < S) ? j : S - 1)) * C + ch1]);
+    dwx[i] = (j < S) ? st : static_cast<float>(qkv[xrow + ch1]);
+    dww[i] = dw_w[ch1 * T0 + i];
+  }
+  const float dwb = dw_b[ch1];
+  const bool has2 = tid < S * D;              // step 2: conv state item tid
+  const int j2 = has2 ? tid / D : 0;
+  const int ch2 = cbase + (has2 ? tid - j2 * D : 0);
+  const float st2 = static_cast<float>(conv_state[(b * S + ((j2 + 1 < S) ? j2 + 1 : S - 1)) * C + ch2]);
+  const float statev = (j2 + 1 < S) ? st2 : static_cast<float>(qkv[xrow + ch2]);
+  // step 4: the residual path. A query head: (q + its key) / 2; a key head: the mean of that over its queries.
+  const int kh = (g < NH) ? g / REP : g - NH;  // the key head of this group
+  const float kv = static_cast<float>(qkv[xrow + NH * D + kh * D + cc]);
+  float qs[REP];
+  ZK_UNROLL
+  for (int r = 0; r < REP; ++r) {
+    qs[r] = static_cast<float>(qkv[xrow + ((g < NH) ? g : kh * REP + r) * D + cc]);
+  }
+  // steps 5-6: the key temperature, RoPE's angle, the value channel and the delayed value
+  const float tempv = temp[kh];
+  const int f = kh * D + cc;
+  const float vcur = static_cast<float>(qkv[xrow + C + ((f < VH) ? f : 0)]);
+  const float vold = static_cast<float>(v_prev[b * VH + ((f < VH) ? 0 : f - VH)]);
+  const float vd = static_cast<float>(qkv[xrow + C + VH + kh * (D / 2) + ((cc < D / 2) ? cc : 0)]);
+  const int ri = (cc < HALF) ? cc : ((cc < RD) ? cc - HALF : 0);
+  const float pos = static_cast<float>(offset[b]);
+  const float freq = inv_freq[ri];
+  // step 3: this SIMD group's grouped-conv rows, 16 bytes a lane, and their biases
+  uint4 gwv[CPW][KI];
+  float gb[CPW];
+  ZK_UNROLL
+  for (int i = 0; i < CPW; ++i) {
+    const int c = warp + i * NWARP;
+    const int ch = cbase + ((c < D) ? c : 0);
+    gb[i] = gw_b[ch];
+    ZK_UNROLL
+    for (int it = 0; it < KI; ++it) {
+      const int v = it * 32 + lane;
+      gwv[i][it] = ZK_LOAD_U4(gw_w, ch * NCH + ((v < NCH) ? v : 0));
+    }
+  }
+
+  float res;
+  if (g < NH) {
+    res = zk_round<T>(zk_round<T>(qs[0] + kv) * 0.5f);
+  } else {
+    float sum = 0.0f;
+    ZK_UNROLL
+    for (int r = 0; r < REP; ++r) {
+      sum += zk_round<T>(zk_round<T>(qs[r] + kv) * 0.5f);
+    }
+    res = zk_round<T>(sum / float(REP));
+  }
+  const float theta = pos * freq;
+  const float cs = zk_cos(theta);
+  const float sn = zk_sin(theta);
+
+  // 1. Depthwise conv over the window [conv_state[b], qkv[b, :C]] (S + 1 positions): T1 outputs.
+  if (has1) {
+    float acc = 0.0f;
+    ZK_UNROLL
+    for (int i = 0; i < T0; ++i) {
+      acc += dww[i] * dwx[i];
+    }
+    sdw[zk_pad(tid)] = zk_round<T>(acc + dwb);
+  }
+  // 2. The new conv state: window positions 1..S.
+  if (has2 && write_state) {
+    conv_out[(b * S + j2) * C + ch2] = static_cast<T>(statev);
+  }
+  ZK_BARRIER();
+
+  // 3. Grouped conv: a SIMD group per output channel, CPW channels a group, the lanes along the T1 * D
+  // weights in 16-byte chunks.
+  {
+    float acc[CPW];
+    ZK_UNROLL
+    for (int i = 0; i < CPW; ++i) {
+      float a = 0.0f;
+      ZK_UNROLL
+      for (int it = 0; it < KI; ++it) {
+        const int v = it * 32 + lane;
+        if (v < NCH) {
+          a += zk_dot_u4<QMW, 16>(gwv[i][it], sdw, v * VPC).d;
+        }
+      }
+      acc[i] = a;
+    }
+    ZK_UNROLL
+    for (int i = 0; i < CPW; ++i) {
+      const int c = warp + i * NWARP;
+      const float a = zk_simd_sum(acc[i]);
+      if (lane == 0 && c < D) {
+        sy[c] = zk_round<T>(a + gb[i]);
+      }
+    }
+  }
+  ZK_BARRIER();
+
+  // 4. Conv output plus the residual path, then the squared norm of the head.
+  const float val = (c0 < D) ? zk_round<T>(sy[c0] + res) : 0.0f;
+  float nrm = zk_sqrt(zk_threadgroup_sum<NWARP>(val * val, red, lane, warp));
+  nrm = (nrm < eps) ? eps : nrm;
+  const float fac = zk_sqrt(float(D)) / nrm;
+
+  // 5. Scale to norm sqrt(D), key temperature, RoPE (NeoX halves) on the first RD channels.
+  if (c0 < D) {
+    float v = zk_round<T>(val * fac);
+    if (g >= NH) {
+      v = zk_round<T>(v * tempv);
+    }
+    snorm[c0] = v;
+  }
+  ZK_BARRIER();
+  zk_cca_out out;
+  out.o = snorm[cc];
+  if (c0 < RD) {
+    out.o = (c0 < HALF) ? (snorm[c0] * cs - snorm[c0 + HALF] * sn) : (snorm[c0] * cs + snorm[c0 - HALF] * sn);
+  }
+  // 6. The value, [v_current, previous v_delayed] viewed as NKV heads of D, and the new delayed state.
+  out.v = (f < VH) ? vcur : vold;
+  out.vd = vd;
+  return out;
+}
