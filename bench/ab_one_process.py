@@ -9,7 +9,8 @@ one model. The changes:
   and comment in each (MLX-CUDA hashes a kernel's source at every launch);
 - ``include``: on CUDA, the helpers and the body as includes of saved files (as assembled) or inline;
 - ``bodies``: the kernels as they are, or with their bodies emptied (benchmark.empty_kernels): how much of a step
-  the GPU's work adds to the host's floor.
+  the GPU's work adds to the host's floor;
+- ``cca-inside``: the CCA step inside attention's launch, or in its own (kernels.cca_decode_attention).
 
     python bench/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
     python bench/ab_one_process.py --what include --experts 16            # ZAYA1-8B's full size
@@ -23,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from zaya_mlx import benchmark  # noqa: E402
-from zaya_mlx.kernels import _build  # noqa: E402
+from zaya_mlx.kernels import _build, attention  # noqa: E402
 
 ASSEMBLED = _build.kernel_source
 SAVED = _build.saved_file
@@ -61,7 +62,16 @@ def set_bodies(model, on: bool):
         _EMPTIED[-1].__enter__()
 
 
-CHANGES = {"in-place": set_in_place, "source": set_source, "include": set_include, "bodies": set_bodies}
+CCA_INSIDE = attention.cca_kernel_supported
+
+
+def set_cca_inside(model, on: bool):
+    attention.cca_kernel_supported = CCA_INSIDE if on else (lambda *args, **kwargs: False)
+    benchmark.reset_kernels(model)
+
+
+CHANGES = {"in-place": set_in_place, "source": set_source, "include": set_include, "bodies": set_bodies,
+           "cca-inside": set_cca_inside}
 
 
 def main(argv=None) -> int:

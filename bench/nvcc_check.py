@@ -149,14 +149,22 @@ def o_proj_args(o, t, ho=2048):
              ("HAS_OB", o == "affine8")])
 
 
-def attention_case(nh, nkv, d, t, split, o=None):
-    hb = attention._heads_per_threadgroup(nh, nkv)
+def attention_case(nh, nkv, d, t, split, o=None, step=None):
+    """step: (T0, T1, RD) of a CCA step inside (HAS_CCA: no q, the step's inputs and states), or None."""
+    hb = 1 if step else attention._heads_per_threadgroup(nh, nkv)
     o_in, o_tmpl = o_proj_args(o, t)
-    return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}", "decode_attention.h",
-            [("q", t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"), ("meta", "i32"), *o_in],
-            [("out", "f32" if split or o else t), ("ml", "f32" if split else None)],
+    t0, t1, rd = step or (1, 1, 0)
+    step_in = [("qkv", t), ("conv_state", t), ("v_prev", t), ("dw_w", "pack"), ("dw_b", "pack"), ("gw_w", t),
+               ("gw_b", "pack"), ("temp", "pack"), ("offset", "i32"), ("inv_freq", "pack")]
+    return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}{'_cca' if step else ''}",
+            "decode_attention.h",
+            [("q", None if step else t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"),
+             ("meta", "i32"), *o_in, *[(n, k if step else None) for n, k in step_in]],
+            [("out", "f32" if split or o else t), ("ml", "f32" if split else None),
+             ("conv_out", t if step else None), ("vprev_out", t if step else None)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)),
-             ("SPLIT", split), *o_tmpl, ("SCALE", _build.float_bits(d ** -0.5))])
+             ("SPLIT", split), *o_tmpl, ("SCALE", _build.float_bits(d ** -0.5)), ("HAS_CCA", step is not None),
+             ("T0", t0), ("T1", t1), ("RD", rd), ("EPS", EPS if step else 0)])
 
 
 def combine_case(o, t="bf16", d=128):
@@ -182,6 +190,9 @@ CASES += [attention_case(nh, nkv, d, t, False) for nh, nkv, d in ((8, 2, 128), (
 CASES += [attention_case(8, 2, 128, "bf16", True), attention_case(8, 1, 256, "f32", True)]
 CASES += [attention_case(8, 2, 128, t, False, o) for t in DTYPES for o in ("bf16", "mxfp4", "affine4", "affine8")]
 CASES += [attention_case(8, 2, 128, "f32", False, None)]
+CASES += [attention_case(8, 2, 128, "bf16", split, o, (2, 2, 64)) for split in (False, True)
+          for o in ("mxfp4", "affine4", "bf16")]  # ZAYA1-8B's CCA step inside attention
+CASES += [attention_case(4, 2, 64, t, False, o, (2, 2, 32)) for t in DTYPES for o in (None, t)]
 CASES += [combine_case(o) for o in (None, "bf16", "mxfp4", "affine4", "affine8")]
 
 

@@ -26,7 +26,7 @@
 // after (not read: an array that orders this launch after the last reader of an array it writes in place).
 // Outputs: q_out [B, NH, 1, D] (may be written into a given array: ZK_INPLACE), conv_out [B, S, C], vprev_out
 // [B, NKV*D/2]. Arithmetic is float32, rounded to T where the reference rounds.
-// The step itself is zk_cca_step (metal/common.h), so that another kernel can run it inside.
+// The step itself is zk_cca_step (metal/common.h), which attention also runs inside (decode_attention.h, HAS_CCA).
 constexpr int VH = (NKV * D) / 2;
 constexpr int NWARP = NT / 32;
 

@@ -406,8 +406,8 @@ struct zk_cca_out {
 
 // The CCA decode step of one head group g (query heads 0..NH-1, then the NKV key heads) of batch row b, by NTC
 // threads (tid, and their lane and SIMD group warp, counted from the first of them); metal/cca_decode.h says what
-// it computes, and its header the inputs (dw_w, dw_b, gw_b, temp, inv_freq: float32 views of the pack). A function,
-// so that a kernel can run a head group's step in part of its threads. Threadgroup scratch: sdw
+// it computes, and its header the inputs (dw_w, dw_b, gw_b, temp, inv_freq: float32 views of the pack). Shared by
+// the CCA kernel and attention with the CCA step inside (decode_attention.h, HAS_CCA). Threadgroup scratch: sdw
 // [T1 * D + T1 * D / 32], sy and snorm [D], red [NTC / 32]; every thread of the threadgroup must call it (it holds
 // barriers). Writes the group's channels of the new conv state into conv_out where write_state.
 template <typename T, int D, int NH, int NKV, int T0, int T1, int RD, int NTC, typename PX, typename PF,

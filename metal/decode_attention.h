@@ -14,18 +14,27 @@
 // With HAS_O (one pass), the threadgroup then adds its heads' share of o_proj: W_o[:, heads] times their output
 // (rounded to T, as the plain path feeds o_proj), for all HO rows (zk_slice_matvec), so o_proj needs no launch of
 // its own; the NH / HB shares sum to o_proj's output in the residual norm that reads it.
+// With HAS_CCA, the layer's CCA step runs first, inside (zk_cca_step, as metal/cca_decode.h; one head a threadgroup,
+// HB = 1): the first NT / 2 threads compute the query head, the rest its key head and value, which the REP query
+// heads' threadgroups (and each chunk's) all compute; the first of them in chunk 0 writes the new key and value into
+// the cache, in place at position L - 1, and the key head's new states. The new key and value are taken from
+// threadgroup memory, not the cache. So the step and attention are one launch: the query never leaves the
+// threadgroup, and a layer has one graph node less.
 // Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, SPLIT (false: one chunk, write
 // the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h), HAS_O, HO,
 // QM, BITS, GS, HAS_OB (o_proj: output rows; weight format as in zk_load_chunk; a bias, added by head block 0),
-// SCALE (the softmax scale's float32 bits).
+// SCALE (the softmax scale's float32 bits), HAS_CCA, T0, T1, RD, EPS (the CCA step's, as cca_decode.h's; without
+// it, placeholders).
 // Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D], lpad [B] int32, filled [1] int32 (L <= CAP),
 // meta [4] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; read at
 // run time, so that a grown buffer compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or
 // packed, scales, biases, bias; each absent (ZK_ABSENT) where the variant reads none), after (not read: an output of
 // the CCA step where that wrote q in place, which orders this launch after it). L is read on the GPU, so one launch
-// serves every step.
+// serves every step. With HAS_CCA: no q; keys and values are written in place; and the CCA step's inputs as
+// cca_decode.h names them (qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, inv_freq).
 // Outputs: SPLIT false: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH / HB, HO] float32;
-// no ml. SPLIT true: out [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32.
+// no ml. SPLIT true: out [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32. With HAS_CCA, also the CCA step's
+// conv_out [B, S, C] and vprev_out [B, NKV * D / 2].
 constexpr int NWARP = NT / 32;
 constexpr int REP = NH / NKV;
 constexpr int NHB = NH / HB;  // head blocks a batch row
@@ -51,6 +60,39 @@ if (W > 0 && L - W > start) {
 const int lo = start + c * CH;
 const int hi = (lo + CH < L) ? lo + CH : L;
 const float scale = ZK_U2F(SCALE);
+const int slot = L - 1;  // the new token's position
+
+// The CCA step (HAS_CCA): the query, the new key and value into zk_new (rounded to T, as the cache holds them).
+constexpr int NTC = HAS_CCA ? NT / 2 : 64;  // threads a head group (a placeholder without the step)
+constexpr int DWN = T1 * D + (T1 * D) / 32;  // zk_cca_step's padded depthwise outputs
+ZK_SHARED float zk_new[HAS_CCA ? 3 * D : 1];
+ZK_SHARED float zk_cdw[HAS_CCA ? 2 * DWN : 1];
+ZK_SHARED float zk_cy[HAS_CCA ? 2 * D : 1];
+ZK_SHARED float zk_cn[HAS_CCA ? 2 * D : 1];
+ZK_SHARED float zk_cred[HAS_CCA ? NWARP : 1];
+if (HAS_CCA) {
+  const int half = zk_tid / NTC;  // 0: the query head h0, 1: its key head
+  const int t = zk_tid - half * NTC;
+  const bool writer = c == 0 && (half == 0 || h0 % REP == 0);
+  const zk_cca_out r = zk_cca_step<T, D, NH, NKV, T0, T1, RD, NTC>(
+      qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, inv_freq, ZK_U2F(EPS),
+      (half == 0) ? h0 : NH + kvh, b, t, zk_lane, zk_warp - half * (NTC / 32), zk_cdw + half * DWN, zk_cy + half * D,
+      zk_cn + half * D, zk_cred + half * (NTC / 32), conv_out, writer);
+  if (t < D) {
+    zk_new[half * D + t] = zk_round<T>(r.o);
+    if (half == 1) {
+      zk_new[2 * D + t] = zk_round<T>(r.v);
+      if (writer) {
+        ZK_WRITABLE(T, keys)[((b * NKV + kvh) * CAP + slot) * D + t] = static_cast<T>(r.o);
+        ZK_WRITABLE(T, values)[((b * NKV + kvh) * CAP + slot) * D + t] = static_cast<T>(r.v);
+        if (t < D / 2) {
+          vprev_out[(b * NKV + kvh) * (D / 2) + t] = static_cast<T>(r.vd);
+        }
+      }
+    }
+  }
+  ZK_BARRIER();
+}
 
 // This lane's slice of the HB queries, pre-scaled.
 float qv[HB][DPL];
@@ -58,7 +100,11 @@ ZK_UNROLL
 for (int r = 0; r < HB; ++r) {
   ZK_UNROLL
   for (int j = 0; j < DPL; ++j) {
-    qv[r][j] = static_cast<float>(q[(b * NH + h0 + r) * D + zk_lane * DPL + j]) * scale;
+    if (HAS_CCA) {
+      qv[r][j] = zk_new[zk_lane * DPL + j] * scale;
+    } else {
+      qv[r][j] = static_cast<float>(q[(b * NH + h0 + r) * D + zk_lane * DPL + j]) * scale;
+    }
   }
 }
 float m[HB];
@@ -81,11 +127,13 @@ for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
   ZK_UNROLL
   for (int u = 0; u < U; ++u) {
     const int t = t0 + u;
+    const bool fresh = HAS_CCA && t == slot;  // the new key and value: this launch's own (zk_new)
     ZK_UNROLL
     for (int j = 0; j < DPL; ++j) {
       const int idx = (base + t) * D + zk_lane * DPL + j;
-      kk[u][j] = (t < hi) ? static_cast<float>(keys[idx]) : 0.0f;
-      vv[u][j] = (t < hi) ? static_cast<float>(values[idx]) : 0.0f;
+      const int k = zk_lane * DPL + j;
+      kk[u][j] = (t < hi) ? (fresh ? zk_new[D + k] : static_cast<float>(keys[idx])) : 0.0f;
+      vv[u][j] = (t < hi) ? (fresh ? zk_new[2 * D + k] : static_cast<float>(values[idx])) : 0.0f;
     }
   }
   ZK_UNROLL

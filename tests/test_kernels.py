@@ -982,6 +982,71 @@ def test_decode_attention_kernel_with_o_proj(case, dtype, opts, bias):
     assert rel(parts.sum(axis=1, keepdims=True), ref) < (1e-2 if dtype == mx.bfloat16 else F32)
 
 
+def _cca_attention_case(B, nh, nkv, d, t0, t1, rd, dtype, cap, filled, seed, o_proj):
+    """The CCA step's and attention's arguments for cca_decode_attention (weights, states, a cache holding
+    ``filled`` - 1 positions), and o_proj (made after the seed)."""
+    mx.random.seed(seed)
+    C = (nh + nkv) * d
+    a = dict(qkv=rnd(B, C + nkv * d), conv_state=rnd(B, t0 - 1 + t1 - 1, C), v_prev=rnd(B, nkv * d // 2),
+             dw_w=rnd(C, t0, 1, scale=0.5), dw_b=rnd(C, scale=0.1), gw_w=rnd(C, t1, d, scale=0.1),
+             gw_b=rnd(C, scale=0.1), temp=mx.random.uniform(shape=(nkv,)) + 0.5)
+    a = {k: v.astype(dtype) for k, v in a.items()}
+    a["keys"], a["values"] = rnd(B, nkv, cap, d).astype(dtype), rnd(B, nkv, cap, d).astype(dtype)
+    a["offset"] = mx.array([filled - 1 + 7 * b for b in range(B)], dtype=mx.int32)
+    kw = dict(n_heads=nh, n_kv_heads=nkv, head_dim=d, rope_dims=rd, rope_base=1e4, scale=d ** -0.5)
+    return a, kw, o_proj
+
+
+def _cca_attention_reference(a, kw, filled, pads, window, o_proj):
+    cca_kw = {k: v for k, v in kw.items() if k != "scale"}
+    q, k, v, state, vprev = cca.cca_decode_step_reference(*[a[n] for n in CCA_ARGS], **cca_kw)
+    keys, values = cca.write_kv_reference(a["keys"], a["values"], k, v, filled)
+    out = attention.decode_attention_reference(q, keys, values, filled, scale=kw["scale"], left_padding=pads,
+                                               window=window, o_proj=o_proj)
+    return out, keys, values, state, vprev
+
+
+CCA_ARGS = ("qkv", "conv_state", "v_prev", "dw_w", "dw_b", "gw_w", "gw_b", "temp", "offset")
+
+
+CCA_ATTENTION_CASES = [  # B, NH, NKV, D, T0, T1, RD, length, capacity, left padding, window
+    (1, 8, 2, 128, 2, 2, 64, 300, 512, None, None),
+    (8, 8, 2, 128, 2, 2, 64, 77, 256, [0, 1, 2, 3, 10, 20, 30, 76], None),
+    (2, 8, 2, 128, 2, 2, 64, 3000, 3072, [0, 100], None),  # past SINGLE_PASS_MAX: chunks, then the combine pass
+    (3, 8, 2, 128, 2, 2, 64, 2500, 2560, [0, 4, 9], 1000),
+    (2, 4, 2, 64, 3, 2, 32, 50, 64, None, 16),
+]
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype,opts", [(mx.bfloat16, None), (mx.bfloat16, dict(group_size=32, bits=4, mode="mxfp4")),
+                                        (mx.float32, dict(group_size=64, bits=4))])
+@pytest.mark.parametrize("case", CCA_ATTENTION_CASES)
+def test_cca_attention_kernel_matches_reference(case, dtype, opts):
+    """The CCA step inside attention (one launch) against the step's reference, its cache write and attention's
+    reference with ZAYA's o_proj: the output, the new states, and the cache written at position length - 1 alone.
+    float32 goes only where half a threadgroup's registers hold its grouped-conv rows (the smaller head)."""
+    B, NH, NKV, D, t0, t1, rd, length, cap, pads, window = case
+    a, kw, o_proj = _cca_attention_case(B, NH, NKV, D, t0, t1, rd, dtype, cap, length, seed=length + B,
+                                        o_proj=linear(2048, NH * D, dtype, opts, bias=False))
+    cca_kw = {k: v for k, v in kw.items() if k != "scale"}
+    if not attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"], o_proj=o_proj, **cca_kw):
+        assert dtype == mx.float32 and D == 128
+        pytest.skip("float32 at head dim 128: the step runs in its own launch")
+    lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
+    want = _cca_attention_reference(a, kw, length, lp, window, o_proj)
+    mx.eval(want)  # before the kernel writes into the cache's buffers
+    got = attention.cca_decode_attention(**a, filled=mx.array([length], mx.int32), left_padding=lp, window=window,
+                                         o_proj=o_proj, impl="kernel", **kw)
+    tol = 2e-2 if dtype == mx.bfloat16 else F32
+    assert got[0].dtype == mx.float32 and rel(got[0].sum(axis=1, keepdims=True), want[0]) < tol
+    for name, g, w in zip(("keys", "values", "conv_state", "v_prev"), got[1:], want[1:]):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert rel(g, w) < (1e-2 if dtype == mx.bfloat16 else F32), name
+    assert mx.array_equal(got[1][:, :, : length - 1], want[1][:, :, : length - 1])
+    assert mx.array_equal(got[2], want[2])
+
+
 def test_decode_attention_kernel_takes_zaya_o_proj():
     """The fused step hands attention ZAYA's o_proj in every format `zaya quantize` writes; a head whose chunks
     do not split evenly over a row's lanes, or a projection of another width, goes to the plain path."""
@@ -1056,11 +1121,17 @@ def test_packed_weights_are_built_once_and_follow_new_arrays():
     assert _build.packed((c, b)).tolist() == [5.0, 6.0, 3.0, 4.25]
 
 
-# Arguments a kernel body writes in place: outputs given an array (ZK_INPLACE), and inputs it writes (ZK_WRITABLE).
-# The KV cache's buffers take each step's key and value at a position no earlier launch reads (attention reads the
-# positions before it), so for them only a read after a write needs ordering.
-_WRITTEN_INPUTS = ("yin", "kcache", "vcache")
-_WRITTEN_AT_NEW_POSITIONS = ("kcache", "vcache")
+# Arguments a kernel body writes in place: outputs given an array (ZK_INPLACE), and inputs it writes (ZK_WRITABLE):
+# the expert kernel's sum, and the KV cache's buffers, which the CCA step writes (in its own launch, or inside
+# attention's: one that takes qkv). The buffers take each step's key and value at a position no earlier launch reads
+# (attention reads the positions before it), so for them only a read after a write needs ordering.
+_WRITTEN_AT_NEW_POSITIONS = ("kcache", "vcache", "keys", "values")
+
+
+def _writes(name: str, args) -> bool:
+    if name.startswith(_build.INPLACE_PREFIX) or name in ("yin", "kcache", "vcache"):
+        return True
+    return name in ("keys", "values") and any(n == "qkv" for n, _ in args)
 
 
 def _recorded_step(monkeypatch, quant, router):
@@ -1100,17 +1171,25 @@ def _writes_in_place(args) -> bool:
     return any(n.startswith(_build.INPLACE_PREFIX) for n, _ in args)
 
 
+@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("quant,router", [(None, None), ("mxfp4", None), ("mxfp4", "mxfp4"), (None, "wide")])
-def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
+def test_fused_step_orders_every_in_place_write(quant, router, one_launch, monkeypatch):
     """MLX orders a step's launches only by the arrays they take (bench/RESULTS.md, tenth session), so a launch that
     reads an array another launch writes in place must take, through launch outputs, an output of that writer; and a
     writer must so follow the earlier readers of what it overwrites, within a step and from one step to the next
     (whose token need not come from the last one's logits). Checked on the launches of real fused steps, for
     the router inside the expert kernel, beside it (in its own kernel) and quantized (its plain ops, which this does
-    not see: the step keeps the router state a new array for any router the expert kernel does not run)."""
+    not see: the step keeps the router state a new array for any router the expert kernel does not run); and for
+    the CCA step inside attention, or (one_launch False, as for shapes that launch does not cover) in its own
+    launch, which writes the query in place."""
+    if not one_launch:
+        monkeypatch.setattr(attention, "cca_kernel_supported", lambda *a, **k: False)
     launches = _recorded_step(monkeypatch, quant, router)
     assert any(body == "residual_norm.h" and _writes_in_place(args) for body, args, *_ in launches)
-    assert any(body == "cca_decode.h" and _writes_in_place(args) for body, args, *_ in launches)
+    bodies = {launch.body for launch in launches}
+    assert ("cca_decode.h" in bodies) != one_launch
+    assert one_launch or any(body == "cca_decode.h" and _writes_in_place(args) for body, args, *_ in launches)
+    assert any(any(_writes(n, args) for n in ("keys", "values", "kcache", "vcache")) for _, args, *_ in launches)
     if router == "wide":
         assert "router_mlp.h" not in {launch.body for launch in launches}  # routed inside the expert kernel
 
@@ -1124,7 +1203,7 @@ def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
                 before |= {j} | ancestors[j]
         ancestors.append(before)
         for name, a in args:
-            writes = name.startswith(_build.INPLACE_PREFIX) or name in _WRITTEN_INPUTS
+            writes = _writes(name, args)
             w = last_write.get(id(a))
             assert w is None or w == k or w in before, f"launch {k} ({body}) takes {name} before launch {w} wrote it"
             if writes:
@@ -1140,12 +1219,12 @@ def test_fused_step_orders_every_in_place_write(quant, router, monkeypatch):
 
 def test_fused_step_makes_new_outputs_with_in_place_off(monkeypatch):
     """ZAYA_IN_PLACE=0 (`bench/ab_one_process.py --what in-place`'s other side): the same launches, and the residual
-    norms and the CCA step make new outputs instead of writing into the step's arrays."""
+    norms make new outputs instead of writing into the step's arrays."""
     on = _recorded_step(monkeypatch, None, "wide")
     monkeypatch.setenv("ZAYA_IN_PLACE", "0")
     off = _recorded_step(monkeypatch, None, "wide")
     assert [launch.body for launch in off] == [launch.body for launch in on]
     assert not any(_writes_in_place(launch.args) for launch in off)
-    # after attention the stream, router state and zero row, after the MoE the stream, and the CCA step's query: 5 a
-    # layer, 2 layers, 2 steps
-    assert sum(len(launch.outs) for launch in off) == sum(len(launch.outs) for launch in on) + 5 * 2 * 2
+    # after attention the stream, router state and zero row, after the MoE the stream: 4 a layer, 2 layers, 2 steps
+    # (the CCA step runs inside attention, so its query is no output either way)
+    assert sum(len(launch.outs) for launch in off) == sum(len(launch.outs) for launch in on) + 4 * 2 * 2

@@ -13,7 +13,8 @@ import pytest
 
 import kernel_emulator
 from kernel_emulator import emulated
-from test_kernels import BF16_LOGITS, _expert_inputs, _expert_numpy, _router_weights, linear, rnd
+from test_kernels import (BF16_LOGITS, _cca_attention_case, _cca_attention_reference, _expert_inputs, _expert_numpy,
+                          _router_weights, linear, rnd)
 from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, head, norms, router
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
@@ -250,6 +251,40 @@ def test_attention_body(pads, window, single_pass, monkeypatch):
     assert out.shape == ref.shape and max_rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("shape,pads,window,single_pass", [((2, 4, 2, 64, 2, 2, 32), None, None, 64),
+                                                           ((2, 4, 2, 64, 3, 2, 16), [0, 3], 6, 64),
+                                                           ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4)])
+def test_cca_step_inside_attention_body(shape, pads, window, single_pass, dtype, monkeypatch):
+    """decode_attention.h with the CCA step inside (HAS_CCA) against the step's reference, its cache write and
+    attention's reference with o_proj: the output, the new states, and the key and value written at position
+    filled - 1 alone; with left padding, a sliding window, and (single_pass 4) the split into chunks + combine."""
+    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
+    monkeypatch.setattr(attention, "CHUNK", 4)
+    cap, filled = 20, 13
+    a, kw, o_proj = _cca_attention_case(*shape, dtype, cap, filled, seed=sum(shape),
+                                        o_proj=linear(40, shape[1] * shape[3], dtype))
+    lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
+    want = _cca_attention_reference(a, kw, filled, lp, window, o_proj)
+    mx.eval(want)  # before the kernel writes into the cache's buffers
+    assert attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"], o_proj=o_proj,
+                                          **{k: v for k, v in kw.items() if k != "scale"})
+    with emulated():
+        got = attention.cca_decode_attention(**a, filled=mx.array([filled], mx.int32), left_padding=lp,
+                                             window=window, o_proj=o_proj, impl="kernel", **kw)
+    assert got[1] is a["keys"] and got[2] is a["values"]  # written in place
+    out = got[0].sum(axis=1, keepdims=True)  # the heads' (or chunks' combined) shares of o_proj
+    tol = 2e-2 if dtype == mx.bfloat16 else 1e-5
+    assert out.shape == want[0].shape and max_rel(out, want[0]) < tol
+    for name, g, w in zip(("keys", "values", "conv_state", "v_prev"), got[1:], want[1:]):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert max_rel(g, w) < (1e-2 if dtype == mx.bfloat16 else 1e-5), name
+    for g, w in zip(got[1:3], want[1:3]):  # every other position as it was
+        assert mx.array_equal(g[:, :, : filled - 1], w[:, :, : filled - 1]) and mx.array_equal(g[:, :, filled:],
+                                                                                            w[:, :, filled:])
+    assert mx.array_equal(got[2], want[2])  # the value is copied, not computed
+
+
 @pytest.mark.parametrize("single_pass", [64, 4])
 @pytest.mark.parametrize("fmt,opts,bias", [("dense", None, True), ("affine", dict(group_size=64, bits=4), False),
                                            ("affine", dict(group_size=32, bits=8), True),
@@ -370,7 +405,7 @@ def test_fused_decode_is_checked_before_it_serves(monkeypatch):
         warnings.simplefilter("error")
         _first_decode(model, monkeypatch)
     assert model.model._fused_checked == {"cuda": True}
-    assert "cca_decode.h" in launches
+    assert "decode_attention.h" in launches and "cca_decode.h" not in launches  # the CCA step inside attention
     checked = len(launches)
     _first_decode(model, monkeypatch)  # checked once: this step alone launches kernels
     assert 0 < len(launches) - checked < checked
@@ -387,14 +422,15 @@ def test_a_failing_fused_kernel_falls_back_to_the_plain_ops(failure, monkeypatch
     monkeypatch.delenv("ZAYA_FUSED", raising=False)
     model = build_zaya(small_config(), None, seed=4, dtype=mx.float32)
     want = _first_decode(model, monkeypatch, plain=True)
-    real = kernels.decode_attention
+    real = kernels.cca_decode_attention
 
     def broken(*args, **kwargs):
         if failure == "raises":
             raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: ...")
-        return real(*args, **kwargs) * float("nan")
+        out, *rest = real(*args, **kwargs)
+        return (out * float("nan"), *rest)
 
-    monkeypatch.setattr(kernels, "decode_attention", broken)
+    monkeypatch.setattr(kernels, "cca_decode_attention", broken)
     with pytest.warns(RuntimeWarning, match="failed their check on this cuda GPU .*plain MLX ops") as record:
         got = _first_decode(model, monkeypatch)
         _first_decode(model, monkeypatch)

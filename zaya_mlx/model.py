@@ -372,11 +372,12 @@ class Model(nn.Module):
 
 # --- the fused decode step (one token per sequence) ----------------------------------------------------------
 #
-# The same function as ZayaModel.__call__ for L == 1, with each layer in 5 graph primitives instead of ~100,
+# The same function as ZayaModel.__call__ for L == 1, with each layer in 4 graph primitives instead of ~100,
 # one launch each: residual scaling + RMSNorm + the router's down-projection (plus the previous layer's router
-# state), the router MLP and the expert MLP, residual scaling + RMSNorm + the next layer's in_proj, the CCA decode
-# step (which also writes the key and value into the cache) and attention with o_proj (zaya_mlx/kernels, sources
-# in metal/). On the CPU the kernels' plain-MLX references run in their place.
+# state), the router MLP and the expert MLP, residual scaling + RMSNorm + the next layer's in_proj, and the CCA
+# decode step (which also writes the key and value into the cache) with attention and o_proj (zaya_mlx/kernels,
+# sources in metal/; shapes that launch does not cover take one more, the CCA step on its own). On the CPU the
+# kernels' plain-MLX references run in their place.
 
 FUSED_DECODE = "auto"  # "auto": on a Metal or CUDA GPU; "on": everywhere (the CPU runs the references); "off"
 
@@ -488,7 +489,7 @@ def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
 
     The step is one function per layer boundary (the previous layer's residual + norm + router down-projection,
     router and experts, residual + next norm + the next layer's in_proj, then its CCA step with the cache write,
-    and attention with o_proj), compiled once per batch size and KV buffer size: the write position and the
+    attention and o_proj), compiled once per batch size and KV buffer size: the write position and the
     attention length are an array the kernels read on the GPU, so nothing in a function depends on the step.
     """
     args = model.args
@@ -544,7 +545,7 @@ _OWNED_KV = weakref.WeakKeyDictionary()
 def _own_kv_buffers(kv, held: int, shape: tuple, dtype) -> None:
     """Give a KVCache or BatchKVCache buffers that no other array shares, with room for the step's write.
 
-    The CCA kernel writes each new key and value into the buffers in place, at position ``held``. Buffers the
+    The CCA step's kernel writes each new key and value into the buffers in place, at position ``held``. Buffers the
     fused step did not make (from a prefill that grew them, a deepcopy, a loaded prompt cache, a view) may share
     memory with arrays elsewhere, which that write would change; so they are copied once, with the first
     ``held`` positions, into new ones (``kv_capacity`` positions). So are the step's own buffers after a trim
@@ -570,11 +571,12 @@ def _own_kv_buffers(kv, held: int, shape: tuple, dtype) -> None:
 class _StepBuffers:
     """Arrays the fused step's kernels write in place rather than as new outputs, which cost the host ~4 us each a
     step (kernels._build.launch): the residual stream after attention and after the MoE, two router states (a
-    layer's, and the previous layer's that it reads), the row the expert kernel adds into, and the query; then the
-    last step's output. None is seen outside the step. MLX orders launches only by the arrays they take: within a
-    step each launch takes an output of the one before it, and the step's first writers (layer 0's CCA step, and
-    its post-attention norm, in case the CCA step runs plain ops) take the last step's output, whose launch read
-    them last, so a step whose token does not come from the last one's logits cannot overtake it."""
+    layer's, and the previous layer's that it reads), the row the expert kernel adds into, and the query (where the
+    CCA step runs in its own launch); then the last step's output. None is seen outside the step. MLX orders
+    launches only by the arrays they take: within a step each launch takes an output of the one before it, and the
+    step's first writers (layer 0's CCA step, and its post-attention norm, in case the CCA step runs plain ops) take
+    the last step's output, whose launch read them last, so a step whose token does not come from the last one's
+    logits cannot overtake it."""
 
     def __init__(self, batch: int, args: ZayaConfig, dtype):
         H, R = args.hidden_size, args.router_hidden_size
@@ -669,25 +671,20 @@ def _step_function(model: "ZayaModel", i: int, compiled: bool, in_place: bool):
 
 def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into=None,
                after=None):
-    """From in_proj's output: the fused CCA step (which writes the new key and value into the cache), attention
-    and o_proj. q_into: an array the CCA kernel writes the query into (_StepBuffers.q), or None; after: an array
-    the CCA step must run after. Returns (o_proj's output as partial sums [B, P, H] float32 (see
-    kernels.decode_attention), the keys and values buffers, the new conv state, the new delayed value)."""
+    """From in_proj's output: the CCA step (which writes the new key and value into the cache), attention and
+    o_proj, in one launch where the kernel covers the shapes (kernels.cca_decode_attention). q_into: an array the
+    CCA step may write the query into (_StepBuffers.q), or None; after: an array the CCA step must run after.
+    Returns (o_proj's output as partial sums [B, P, H] float32 (see kernels.decode_attention), the keys and values
+    buffers, the new conv state, the new delayed value)."""
     attn = layer.self_attn
     proj = attn.qkv_proj
     dw, gw = proj.conv_qk_depthwise, proj.conv_qk_grouped
-    # The query is written in place only where attention runs its kernel, which takes the new delayed value (an
-    # output of the CCA launch) as ``after``; attention's plain ops would take the query alone, and could run first.
-    if q_into is not None and not kernels.attention_kernel_supported(q_into, keys, attn.o_proj):
-        q_into = None
-    q, keys, values, state, v_prev = kernels.cca_decode_step(
-        qkv, state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions,
-        keys, values, filled, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
-        rope_dims=attn.rope.dims, rope_base=attn.rope.base, q_into=q_into, after=after,
+    return kernels.cca_decode_attention(
+        qkv, state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions, keys, values, filled,
+        n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, rope_dims=attn.rope.dims,
+        rope_base=attn.rope.base, scale=attn.scale, left_padding=lpad, window=window, o_proj=attn.o_proj,
+        q_into=q_into, after=after,
     )
-    o = kernels.decode_attention(q, keys, values, filled, scale=attn.scale, left_padding=lpad, window=window,
-                                 o_proj=attn.o_proj, after=v_prev if q is q_into else None)
-    return o, keys, values, state, v_prev
 
 
 def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_proj=None, after=None):

@@ -7,8 +7,7 @@ in metal/ (installed as ``zaya_mlx.metal``): one portable body a kernel plus a M
 """
 
 from ._build import backend, constant
-from .attention import decode_attention, decode_attention_reference
-from .attention import kernel_supported as attention_kernel_supported
+from .attention import cca_decode_attention, decode_attention, decode_attention_reference
 from .cca import cca_decode_step, cca_decode_step_reference, offset_array
 from .experts import (
     QuantizedStack,
@@ -26,7 +25,7 @@ from .router import RouterWeights, router_mlp, router_mlp_reference
 __all__ = [
     "backend",
     "constant",
-    "attention_kernel_supported",
+    "cca_decode_attention",
     "decode_attention",
     "decode_attention_reference",
     "cca_decode_step",

@@ -202,12 +202,13 @@ def launch(body: str, back: str, inputs: list, outputs: list, *, pack: tuple[str
     may share its memory) and see that the launches which read and write it are ordered by the arrays they take
     (MLX orders them by nothing else). pack: names of inputs that are weights (the same arrays every call) which the
     body reads one scalar at a time through static_cast<float>: they travel as one float32 input, packed once
-    (``packed``), and the body sees each as a float32 pointer into it (ZK_VIEW).
+    (``packed``), and the body sees each as a float32 pointer into it (ZK_VIEW); a name the call does not pass is
+    skipped.
     kwargs: the rest of the MLX kernel call (template, grid, threadgroup, init_value). Returns the outputs in
     order, None where left out."""
     views = ()
     named = dict(inputs)
-    pack = tuple(n for n in pack if named[n] is not None)
+    pack = tuple(n for n in pack if named.get(n) is not None)
     if pack:
         arrays = [named[n] for n in pack]
         offsets = [0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ._build import backend, constant, float_bits, launch, use_kernel
+from . import cca
 from .cca import filled_array
 from .experts import _parts, _qm, _vpv, as_stack
 
@@ -63,6 +64,10 @@ def _threads(heads: int, head_dim: int) -> int:
 
 def kernel_supported(q, keys, o_proj=None) -> bool:
     B, NH, L, D = q.shape
+    return L == 1 and _heads_supported(NH, D, q.dtype, keys, o_proj)
+
+
+def _heads_supported(NH: int, D: int, dtype, keys, o_proj) -> bool:
     NKV = keys.shape[1]
     if o_proj is not None:
         w = as_stack(o_proj)
@@ -77,23 +82,35 @@ def kernel_supported(q, keys, o_proj=None) -> bool:
         if any(c % 32 and c & (c - 1) for c in chunks):
             return False
     return (
-        L == 1
-        and D % 32 == 0
+        D % 32 == 0
         and D <= 256
         and NH % NKV == 0
         and NH // NKV <= 8
-        and q.dtype == keys.dtype
-        and q.dtype in (mx.bfloat16, mx.float32)  # the dtypes its GPU tests cover
+        and dtype == keys.dtype
+        and dtype in (mx.bfloat16, mx.float32)  # the dtypes its GPU tests cover
+    )
+
+
+def cca_kernel_supported(qkv, conv_state, gw_w, keys, *, o_proj=None, **cca_kw) -> bool:
+    """Whether one launch covers the CCA step and attention (decode_attention.h with HAS_CCA, one head a
+    threadgroup): both kernels' shapes, and a head group's step in half the threadgroup's threads."""
+    nh, d = cca_kw["n_heads"], cca_kw["head_dim"]
+    return (
+        _heads_supported(nh, d, qkv.dtype, keys, o_proj)
+        and cca.kernel_supported(qkv, conv_state, gw_w, keys, **cca_kw)
+        and cca.threads_fit(_threads(1, d) // 2, qkv.dtype, d, gw_w.shape[1], conv_state.shape[1])
     )
 
 
 def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
-                            after=None, back=None):
+                            after=None, back=None, step: cca.StepLaunch | None = None):
+    """step: the CCA step's launch (cca.step_launch), run inside (HAS_CCA) in place of q (None): the keys and values
+    are then written in place, and the new conv state and v_prev follow the output(s)."""
     back = back or backend()
-    B, NH, _, D = q.shape
-    NKV, cap = keys.shape[1], keys.shape[2]
+    B, NKV, cap, D = keys.shape
+    NH = q.shape[1] if step is None else dict(step.template)["NH"]
     split = cap > SINGLE_PASS_MAX
-    hb = _heads_per_threadgroup(NH, NKV)
+    hb = 1 if step is not None else _heads_per_threadgroup(NH, NKV)
     nt, rows = _threads(hb, D), B * NH // hb
     if o_proj is not None:
         wo, wos, wob, (qm, bits, gs) = _parts(as_stack(o_proj))
@@ -106,28 +123,37 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     o_inputs = [("wo", wo), ("wos", wos), ("wob", wob), ("bo", bo)]
     chunk = CHUNK if split else cap
     nc = (cap + chunk - 1) // chunk
-    template = [("T", q.dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
-                *o_template, ("SCALE", float_bits(scale))]
+    dtype = keys.dtype
+    has_cca = step is not None
+    step = cca.no_step(dtype) if step is None else step
+    shared = ("T", "D", "NH", "NKV")  # attention's own too
+    step = step._replace(template=[(k, v) for k, v in step.template if k not in shared] + [("HAS_CCA", has_cca)])
+    template = [("T", dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
+                *o_template, ("SCALE", float_bits(scale)), *step.template]
     # read at run time: a grown buffer (a new capacity) then compiles no new variant
     meta = constant((window or 0, chunk, cap, nc), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
     inputs = [("q", q), ("keys", keys), ("values", values), ("lpad", lpad), ("filled", filled_array(filled)),
-              ("meta", meta), *o_inputs, ("after", after)]
+              ("meta", meta), *o_inputs, ("after", after), *step.inputs]
     # o_proj's input: [B, 1, NH * D], the same memory as [B, NH, 1, D] (no reshape node); or o_proj's partial sums
-    out_shape, out_dtype = ((B, 1, NH * D), q.dtype) if o_proj is None else ((B, rows // B, ho), mx.float32)
+    out_shape, out_dtype = ((B, 1, NH * D), dtype) if o_proj is None else ((B, rows // B, ho), mx.float32)
     if not split:
-        return launch("decode_attention.h", back, inputs, [("out", out_shape, out_dtype), ("ml", None, mx.float32)],
-                      template=template, grid=(nt, rows, 1), threadgroup=(nt, 1, 1))[0]
-    part, ml = launch("decode_attention.h", back, inputs,
-                      [("out", (B, NH, nc, D), mx.float32), ("ml", (B, NH, nc, 2), mx.float32)],
-                      template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1))
+        out, _, *states = launch("decode_attention.h", back, inputs,
+                                 [("out", out_shape, out_dtype), ("ml", None, mx.float32), *step.outputs],
+                                 template=template, grid=(nt, rows, 1), threadgroup=(nt, 1, 1), pack=cca.PACKED)
+        return (out, *states) if has_cca else out
+    part, ml, *states = launch("decode_attention.h", back, inputs,
+                               [("out", (B, NH, nc, D), mx.float32), ("ml", (B, NH, nc, 2), mx.float32),
+                                *step.outputs],
+                               template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1), pack=cca.PACKED)
     nt2 = max(32, D) if o_proj is None else max(256, D)  # with o_proj, 256 threads share its rows
     if o_proj is not None:
         out_shape = (B, NH, ho)
-    return launch("attention_combine.h", back, [("part", part), ("ml", ml), ("meta", meta), *o_inputs],
-                  [("out", out_shape, out_dtype)],
-                  template=[("T", q.dtype), ("D", D), ("NH", NH), ("NT", nt2), *o_template],
-                  grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1))[0]
+    out = launch("attention_combine.h", back, [("part", part), ("ml", ml), ("meta", meta), *o_inputs],
+                 [("out", out_shape, out_dtype)],
+                 template=[("T", dtype), ("D", D), ("NH", NH), ("NT", nt2), *o_template],
+                 grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1))[0]
+    return (out, *states) if has_cca else out
 
 
 def decode_attention(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
@@ -142,3 +168,36 @@ def decode_attention(q, keys, values, filled, *, scale: float, left_padding=None
                                        window=window, o_proj=o_proj, after=after, back=back)
     return decode_attention_reference(q, keys, values, filled, scale=scale, left_padding=left_padding,
                                       window=window, o_proj=o_proj)
+
+
+def cca_decode_attention(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, keys, values, filled, *,
+                         n_heads: int, n_kv_heads: int, head_dim: int, rope_dims: int, rope_base: float, scale: float,
+                         left_padding=None, window=None, o_proj=None, norm_eps=None, q_into=None, after=None,
+                         impl="auto"):
+    """The CCA step with its cache write (cca.cca_decode_step), then attention (decode_attention), for one new token
+    a row: one launch where the kernel covers the shapes (decode_attention.h with HAS_CCA), else the two ops.
+    Returns (attention's output, as decode_attention's; the keys and values buffers; the new conv state; the new
+    delayed value).
+
+    q_into, after: for the two ops. q_into: an array the CCA kernel writes the query into, used only where attention
+    runs its kernel, which then takes the new delayed value (an output of the CCA launch) as its ``after``:
+    attention's plain ops would take the query alone, and could run first. after: an array the CCA step must run
+    after. The one launch needs neither: its query never leaves it, and it writes the cache only at the new
+    position, which no launch before it reads. impl: 'auto', 'kernel' (the one launch, or raise) or 'reference'."""
+    kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_dims=rope_dims, rope_base=rope_base,
+              norm_eps=norm_eps)
+    back = backend()
+    if use_kernel(impl, back, lambda: cca_kernel_supported(qkv, conv_state, gw_w, keys, o_proj=o_proj, **kw),
+                  "the CCA step inside attention"):
+        step = cca.step_launch(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, **kw)
+        out, state, v_prev = decode_attention_kernel(None, keys, values, filled, scale=scale, left_padding=left_padding,
+                                                     window=window, o_proj=o_proj, back=back, step=step)
+        return out, keys, values, state, v_prev
+    if q_into is not None and not kernel_supported(q_into, keys, o_proj):
+        q_into = None
+    q, keys, values, state, v_prev = cca.cca_decode_step(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset,
+                                                         keys, values, filled, q_into=q_into, after=after, impl=impl,
+                                                         **kw)
+    out = decode_attention(q, keys, values, filled, scale=scale, left_padding=left_padding, window=window,
+                           o_proj=o_proj, after=v_prev if q is q_into else None, impl=impl)
+    return out, keys, values, state, v_prev

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -170,6 +171,53 @@ def _as(a, dtype):
     return a if a.dtype == dtype else a.astype(dtype)
 
 
+# the step's weights a body reads one scalar at a time: one float32 input (see _build.launch)
+PACKED = ("dw_w", "dw_b", "gw_b", "temp", "inv_freq")
+
+
+class StepLaunch(NamedTuple):
+    """The CCA step's part of a kernel launch, as cca_decode.h and decode_attention.h (HAS_CCA) take it."""
+
+    inputs: list  # (name, array) pairs
+    template: list  # all but NT, which the kernel sets
+    outputs: list  # the new states: (name, shape, dtype)
+
+
+STEP_INPUTS = ("qkv", "conv_state", "v_prev", "dw_w", "dw_b", "gw_w", "gw_b", "temp", "offset", "inv_freq")
+
+
+def step_launch(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, *, n_heads, n_kv_heads, head_dim,
+                rope_dims, rope_base, norm_eps) -> StepLaunch:
+    """The step's inputs, template arguments and new states for a launch (arguments as cca_decode_step's)."""
+    B = qkv.shape[0]
+    dtype = qkv.dtype
+    nh, nkv, d = n_heads, n_kv_heads, head_dim
+    eps = _eps(dtype) if norm_eps is None else norm_eps
+    inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else constant((0.0,))
+    inputs = list(zip(STEP_INPUTS, (qkv, _as(conv_state, dtype), _as(v_prev, dtype), dw_w, dw_b, gw_w, gw_b, temp,
+                                    offset_array(offset, B), inv)))
+    template = [("T", dtype), ("D", d), ("NH", nh), ("NKV", nkv), ("T0", dw_w.shape[1]), ("T1", gw_w.shape[1]),
+                ("RD", rope_dims), ("EPS", float_bits(eps))]
+    outputs = [("conv_out", (B, conv_state.shape[1], (nh + nkv) * d), dtype), ("vprev_out", (B, nkv * d // 2), dtype)]
+    return StepLaunch(inputs, template, outputs)
+
+
+def no_step(dtype) -> StepLaunch:
+    """The step's part of a launch that runs none (decode_attention.h without HAS_CCA): its inputs and outputs
+    absent, placeholder template arguments."""
+    return StepLaunch([(n, None) for n in STEP_INPUTS], [("T0", 1), ("T1", 1), ("RD", 0), ("EPS", 0)],
+                      [("conv_out", None, dtype), ("vprev_out", None, dtype)])
+
+
+def threads_fit(nt: int, dtype, head_dim: int, t1: int, state: int) -> bool:
+    """Whether nt threads can run one head group's step: an item a thread (head_dim, t1 * head_dim and state *
+    head_dim of them), and each lane's grouped-conv rows (16 bytes a lane and channel, see _threads) in at most 16
+    chunks, as many registers as _threads leaves the widest case it takes (float32, 512 threads)."""
+    warps = nt // 32
+    chunks = -(-(t1 * head_dim * dtype.size // 16) // 32)
+    return warps > 0 and max(state, t1, 1) * head_dim <= nt and -(-head_dim // warps) * chunks <= 16
+
+
 def _cca_kernel(
     qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, keys, values, filled, *, n_heads, n_kv_heads,
     head_dim, rope_dims, rope_base, norm_eps, back, q_into=None, after=None
@@ -177,38 +225,20 @@ def _cca_kernel(
     B = qkv.shape[0]
     dtype = qkv.dtype
     nh, nkv, d = n_heads, n_kv_heads, head_dim
-    C = (nh + nkv) * d
-    S = conv_state.shape[1]
-    t0 = dw_w.shape[1]
-    t1 = gw_w.shape[1]
-    off = offset_array(offset, B)
-    eps = _eps(dtype) if norm_eps is None else norm_eps
     nt = _threads(dtype)
-    inv = _inv_freq(rope_dims, float(rope_base)) if rope_dims > 0 else constant((0.0,))
     if q_into is not None and any(q_into is a for a in (qkv, conv_state, v_prev, keys, values)):
         raise ValueError("the CCA step cannot write its query into one of its inputs")
+    step = step_launch(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, n_heads=nh, n_kv_heads=nkv,
+                       head_dim=d, rope_dims=rope_dims, rope_base=rope_base, norm_eps=norm_eps)
     q, state, vprev = launch(
         "cca_decode.h", back,
-        [("qkv", qkv), ("conv_state", _as(conv_state, dtype)), ("v_prev", _as(v_prev, dtype)), ("dw_w", dw_w),
-         ("dw_b", dw_b), ("gw_w", gw_w), ("gw_b", gw_b), ("temp", temp), ("offset", off), ("inv_freq", inv),
-         ("kcache", keys), ("vcache", values), ("filled", filled_array(filled)),
+        [*step.inputs, ("kcache", keys), ("vcache", values), ("filled", filled_array(filled)),
          ("capacity", constant((keys.shape[2],), mx.int32)), ("after", after)],
-        [("q_out", shape_or_into((B, nh, 1, d), q_into), dtype), ("conv_out", (B, S, C), dtype),
-         ("vprev_out", (B, nkv * d // 2), dtype)],
-        template=[
-            ("T", dtype),
-            ("D", d),
-            ("NH", nh),
-            ("NKV", nkv),
-            ("T0", t0),
-            ("T1", t1),
-            ("RD", rope_dims),
-            ("NT", nt),
-            ("EPS", float_bits(eps)),
-        ],
+        [("q_out", shape_or_into((B, nh, 1, d), q_into), dtype), *step.outputs],
+        template=[*step.template, ("NT", nt)],
         grid=((nh + nkv) * nt, B, 1),
         threadgroup=(nt, 1, 1),
-        pack=("dw_w", "dw_b", "gw_b", "temp", "inv_freq"),
+        pack=PACKED,
     )
     return q, keys, values, state, vprev
 
