@@ -16,7 +16,8 @@
 # bench/bench_kernels.py), gpustep (bench/gpu_step.py under ncu: the GPU's own time for a decode step, kernel by
 # kernel, at batch 1 and 8; steadier than tokens/s on a lent host), profile (bench/profile_decode.py: one step's cost
 # op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given), ab1
-# (bench/ab_one_process.py: one change on and off in one process: AB_WHAT in-place, source or include), opsgraph
+# (bench/ab_one_process.py: one change on and off in one process: AB_WHAT in-place, source, include, bodies or
+# cca-inside), opsgraph
 # (MLX-CUDA's ops a CUDA graph: the values in OPS_SWEEP, one process each, interleaved), native
 # (bench/profile_native.py: the decode loop's native stacks under py-spy for NATIVE_SECONDS, summarised on the
 # machine; the machine is offline, so carry a wheel:
