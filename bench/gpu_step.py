@@ -4,6 +4,9 @@
         --cache-control none --clock-control none python3 bench/gpu_step.py --quant mxfp4 --batch 1 > step.csv
     python3 bench/gpu_step.py --summarize step.csv [--steps 2]
 
+With --cca-apart the CCA step runs in its own launch (the path for shapes attention's launch does not cover), so
+one call can time both.
+
 Decode tokens/s on a lent machine moves by tens of percent from run to run with its host. The GPU's own time
 for a step does not: this sums what every kernel of a few decode steps took (Nsight Compute times each launch
 alone, so there are no gaps between them), after a prompt and warm-up steps, and splits it by kernel. Only the
@@ -24,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mlx.core as mx  # noqa: E402
 
 from zaya_mlx.benchmark import build_zaya, full_config  # noqa: E402
+from zaya_mlx.kernels import attention  # noqa: E402
 
 
 def _profiler(start: bool) -> None:
@@ -37,7 +41,9 @@ def _profiler(start: bool) -> None:
             raise RuntimeError(f"CUDA driver call failed with error {rc}")
 
 
-def profile_steps(quant: str, batch: int, context: int, steps: int, experts: int | None) -> None:
+def profile_steps(quant: str, batch: int, context: int, steps: int, experts: int | None, cca_apart: bool) -> None:
+    if cca_apart:  # the CCA step in a launch of its own, as for shapes attention's launch does not cover
+        attention.cca_kernel_supported = lambda *args, **kwargs: False
     config = full_config()
     if experts:
         config = replace(config, num_experts=experts)
@@ -85,12 +91,14 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=256, help="prompt tokens before the profiled steps")
     ap.add_argument("--steps", type=int, default=2, help="decode steps profiled")
     ap.add_argument("--experts", type=int, help="fewer experts, to build faster (a step reads one either way)")
+    ap.add_argument("--cca-apart", action="store_true",
+                    help="the CCA step in its own launch, not inside attention's (to time both in one call)")
     ap.add_argument("--summarize", metavar="CSV", help="print an ncu CSV's GPU time a step by kernel, then exit")
     args = ap.parse_args(argv)
     if args.summarize:
         summarize(args.summarize, args.steps)
     else:
-        profile_steps(args.quant, args.batch, args.context, args.steps, args.experts)
+        profile_steps(args.quant, args.batch, args.context, args.steps, args.experts, args.cca_apart)
     return 0
 
 
