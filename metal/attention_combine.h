@@ -5,7 +5,7 @@
 //
 // Grid: x = b * NH + h (one threadgroup of NT threads, thread d < D merges output value d).
 // Template: T (output dtype), D, NH, NT (>= D), HAS_O, HO, QM, BITS, GS, HAS_OB (as in decode_attention.h).
-// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [4] int32 (NC at 3), wo, wos,
+// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [5] int32 (NC at 3), wo, wos,
 // wob, bo (o_proj, as in decode_attention.h).
 // Output: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH, HO] float32.
 const int NC = meta[3];
@@ -35,6 +35,6 @@ if (d < D) {
 if (HAS_O) {
   ZK_BARRIER();
   const int h = bh % NH;
-  zk_slice_matvec<QM, BITS, GS, NH * D, D, HO, NT>(wo, wos, wob, bo, HAS_OB && h == 0, zk_o, h * D, out + bh * HO,
-                                                   zk_tid);
+  zk_slice_matvec<QM, BITS, GS, NH * D, D, NT>(wo, wos, wob, bo, HAS_OB && h == 0, zk_o, h * D, out + bh * HO, zk_tid,
+                                               0, HO);
 }

@@ -90,6 +90,44 @@ ZK_DEV zk_chunk zk_load_chunk(PW w, PS scales, PB biases, int row, int nv, int v
   return ch;
 }
 
+// A 32-bit word of T values (two bfloat16, low half first, or one float32) into out[k ...] as float32.
+template <typename T, typename PO>
+ZK_DEV void zk_unpack_word(uint32_t w, PO out, int k) {
+  if (sizeof(T) == 4) {
+    out[k] = ZK_U2F(w);
+  } else {
+    out[k] = ZK_U2F(w << 16);
+    out[k + 1] = ZK_U2F(w & 0xffff0000u);
+  }
+}
+
+// N consecutive values of T (bfloat16 or float32) from ptr[idx] into out as float32, in loads of up to 16 bytes
+// (idx a multiple of N, N * sizeof(T) a power of two): one trip to memory, not N.
+template <typename T, int N, typename P, typename PO>
+ZK_DEV void zk_load_vals(P ptr, int idx, PO out) {
+  constexpr int BYTES = N * int(sizeof(T));
+  constexpr int VPW = 4 / int(sizeof(T));  // values a 32-bit word
+  if (BYTES >= 16) {
+    ZK_UNROLL
+    for (int i = 0; i < BYTES / 16; ++i) {
+      const uint4 w = ZK_LOAD_U4(ptr, idx / (4 * VPW) + i);
+      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+      ZK_UNROLL
+      for (int k = 0; k < 4; ++k) {
+        zk_unpack_word<T>(ws[k], out, (4 * i + k) * VPW);
+      }
+    }
+  } else if (BYTES == 8) {
+    const uint2 w = ZK_LOAD_U2(ptr, idx / (2 * VPW));
+    zk_unpack_word<T>(w.x, out, 0);
+    zk_unpack_word<T>(w.y, out, VPW);
+  } else if (BYTES == 4) {
+    zk_unpack_word<T>(ZK_LOAD_U1(ptr, idx / VPW), out, 0);
+  } else {
+    out[0] = static_cast<float>(ptr[idx]);
+  }
+}
+
 // Where x[k] lives in a padded threadgroup vector: one spare word after every 32. A SIMD group whose
 // lanes read runs of 4, 8, 16 or 32 consecutive values (one 16-byte weight chunk each) then touches 32
 // different banks per read instead of a few banks many times over.
@@ -167,16 +205,18 @@ ZK_DEV void zk_store_row_sums(PA acc, PS sums, int warp, int lane) {
   }
 }
 
-// y[r] = sum_k W[r, c0 + k] xs[k] (+ bias[r] with add_bias) for every row r < NOUT: a matrix's KD columns from
-// c0 against a vector in threadgroup memory. So a threadgroup that holds one attention head's output adds that
-// head's share of o_proj, W_o[:, head] o_head, with no other threadgroup's result. LPR lanes share a row, each
+// y[r] = sum_k W[r, c0 + k] xs[k] (+ bias[r] with add_bias) for rows r0 <= r < r1: a matrix's KD
+// columns from c0 against a vector in threadgroup memory. So a threadgroup that holds one attention head's output
+// adds that head's share of o_proj, W_o[:, head] o_head, with no other threadgroup's result (and several
+// threadgroups can share the rows, each holding the head's output). LPR lanes share a row, each
 // taking CPL of the slice's 16-byte chunks, whose inputs it keeps in registers for every row; a lane loads RB
 // rows' chunks at once, then the LPR lanes' sums meet by shuffles. W as in zk_load_chunk: K columns in all (NV =
 // K / VPV chunks a row), QM/BITS/GS its format; c0 and KD are whole chunks, KD / VPV a power of two (at most 32
 // lanes a row) or a multiple of 32; NT a multiple of 32.
-template <int QM, int BITS, int GS, int K, int KD, int NOUT, int NT, typename PW, typename PS, typename PB,
+template <int QM, int BITS, int GS, int K, int KD, int NT, typename PW, typename PS, typename PB,
           typename PBO, typename PX, typename PY>
-ZK_DEV void zk_slice_matvec(PW w, PS ws, PB wb, PBO bias, bool add_bias, PX xs, int c0, PY y, int tid) {
+ZK_DEV void zk_slice_matvec(PW w, PS ws, PB wb, PBO bias, bool add_bias, PX xs, int c0, PY y, int tid, int r0,
+                            int r1) {
   constexpr int VPV = 4 * ((QM == 0) ? 2 : ((QM == 1) ? 1 : (32 / BITS)));
   constexpr int NV = K / VPV;
   constexpr int CPR = KD / VPV;                         // chunks of a row's slice
@@ -185,7 +225,7 @@ ZK_DEV void zk_slice_matvec(PW w, PS ws, PB wb, PBO bias, bool add_bias, PX xs, 
   constexpr int RPR = NT / LPR;                         // rows a round of the threadgroup, one a lane group
   constexpr int CHUNKS = 8;                             // 16-byte chunks a lane loads at once (a round)
   constexpr int RB = (CPL >= CHUNKS) ? 1 : CHUNKS / CPL;  // rows a lane loads at once
-  constexpr int ROUNDS = (NOUT + RPR * RB - 1) / (RPR * RB);
+  const int rounds = (r1 - r0 + RPR * RB - 1) / (RPR * RB);
   const int j = tid % LPR;  // this lane's chunks: j, j + LPR, ...
   const int rl = tid / LPR;
   float xv[CPL][VPV];
@@ -197,31 +237,35 @@ ZK_DEV void zk_slice_matvec(PW w, PS ws, PB wb, PBO bias, bool add_bias, PX xs, 
     }
   }
   ZK_NO_UNROLL  // unrolled, the compiler would load every round's chunks at once: too many registers
-  for (int g = 0; g < ROUNDS; ++g) {
+  for (int g = 0; g < rounds; ++g) {
     zk_chunk ch[RB][CPL];
     ZK_UNROLL
     for (int i = 0; i < RB; ++i) {
-      const int r = (g * RB + i) * RPR + rl;
+      const int r = r0 + (g * RB + i) * RPR + rl;
       ZK_UNROLL
       for (int c = 0; c < CPL; ++c) {
-        ch[i][c] = zk_load_chunk<QM, GS, VPV>(w, ws, wb, r, NV, c0 / VPV + j + c * LPR, r < NOUT);
+        ch[i][c] = zk_load_chunk<QM, GS, VPV>(w, ws, wb, r, NV, c0 / VPV + j + c * LPR, r < r1);
       }
     }
     ZK_UNROLL
     for (int i = 0; i < RB; ++i) {
-      float a = 0.0f;
-      ZK_UNROLL
-      for (int c = 0; c < CPL; ++c) {
-        const zk_pair p = zk_dot_chunk<QM, BITS>(ch[i][c].u, xv[c], 0);
-        a += ch[i][c].s * p.d + ch[i][c].b * p.s;
-      }
-      ZK_UNROLL
-      for (int m = LPR / 2; m > 0; m >>= 1) {
-        a += zk_simd_xor(a, m);
-      }
-      const int r = (g * RB + i) * RPR + rl;
-      if (j == 0 && r < NOUT) {
-        y[r] = a + (add_bias ? static_cast<float>(bias[r]) : 0.0f);
+      // rows past r1 (a share of the rows ends within a round) are skipped by whole SIMD groups, whose shuffles
+      // need every lane: the group's first row decides
+      if (r0 + (g * RB + i) * RPR + (tid & ~31) / LPR < r1) {
+        float a = 0.0f;
+        ZK_UNROLL
+        for (int c = 0; c < CPL; ++c) {
+          const zk_pair p = zk_dot_chunk<QM, BITS>(ch[i][c].u, xv[c], 0);
+          a += ch[i][c].s * p.d + ch[i][c].b * p.s;
+        }
+        ZK_UNROLL
+        for (int m = LPR / 2; m > 0; m >>= 1) {
+          a += zk_simd_xor(a, m);
+        }
+        const int r = r0 + (g * RB + i) * RPR + rl;
+        if (j == 0 && r < r1) {
+          y[r] = a + (add_bias ? static_cast<float>(bias[r]) : 0.0f);
+        }
       }
     }
   }

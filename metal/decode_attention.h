@@ -4,7 +4,9 @@
 // whose host-side setup costs more than its GPU time for one token. Plain-MLX reference:
 // zaya_mlx/kernels/attention.py, decode_attention_reference.
 //
-// Grid: x = chunk c of the key range, y = b * (NH / HB) + head block. A threadgroup serves HB query heads
+// Grid: x = chunk c of the key range (SPLIT), or in one pass the share rs of o_proj's rows (HAS_O: RS threadgroups
+// compute the same heads, each adds o_proj's rows [rs * HO / RS, (rs + 1) * HO / RS), so o_proj, the longest part
+// at batch 1, spreads over RS times the SMs); y = b * (NH / HB) + head block. A threadgroup serves HB query heads
 // that share a KV head (HB divides NH / NKV): HB = NH / NKV reads each key and value once, a smaller HB
 // spreads a batch row over more threadgroups and shortens each one's work. Each SIMD group walks its keys U at a
 // time (all U loaded before use), lanes along the head dimension (DPL = D / 32 values each), and keeps an
@@ -18,7 +20,8 @@
 // HB = 1): the first NT / 2 threads compute the query head, the rest its key head and value, which the REP query
 // heads' threadgroups (and each chunk's) all compute; the first of them in chunk 0 writes the new key and value into
 // the cache, in place at position L - 1, and the key head's new states. The new key and value are taken from
-// threadgroup memory, not the cache. So the step and attention are one launch: the query never leaves the
+// threadgroup memory, not the cache (chunk 0's and row share 0's threadgroups write the cache and states). So the
+// step and attention are one launch: the query never leaves the
 // threadgroup, and a layer has one graph node less.
 // Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, SPLIT (false: one chunk, write
 // the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h), HAS_O, HO,
@@ -26,8 +29,9 @@
 // SCALE (the softmax scale's float32 bits), HAS_CCA, T0, T1, RD, EPS (the CCA step's, as cca_decode.h's; without
 // it, placeholders).
 // Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D], lpad [B] int32, filled [1] int32 (L <= CAP),
-// meta [4] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; read at
-// run time, so that a grown buffer compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or
+// meta [5] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; RS: the
+// row shares in the grid, 1 but in one pass with HAS_O; read at run time, so that a grown buffer or another RS
+// compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or
 // packed, scales, biases, bias; each absent (ZK_ABSENT) where the variant reads none), after (not read: an output of
 // the CCA step where that wrote q in place, which orders this launch after it). L is read on the GPU, so one launch
 // serves every step. With HAS_CCA: no q; keys and values are written in place; and the CCA step's inputs as
@@ -43,7 +47,8 @@ constexpr int DPL = D / 32;
 // fit in 64 registers a thread (a head dim of 256 takes 4: at 8, 512 threads no longer fit an SM)
 constexpr int U = (DPL <= 4) ? 8 : 32 / DPL;  // D <= 256: U >= 4
 
-const int c = zk_bx;
+const int c = SPLIT ? zk_bx : 0;
+const int rs = SPLIT ? 0 : zk_bx;
 const int b = zk_by / NHB;
 const int h0 = (zk_by - b * NHB) * HB;  // the threadgroup's first query head
 const int kvh = h0 / REP;
@@ -52,6 +57,7 @@ const int W = meta[0];
 const int CH = meta[1];
 const int CAP = meta[2];
 const int NC = meta[3];
+const int RS = meta[4];
 
 int start = lpad[b];
 if (W > 0 && L - W > start) {
@@ -73,7 +79,7 @@ ZK_SHARED float zk_cred[HAS_CCA ? NWARP : 1];
 if (HAS_CCA) {
   const int half = zk_tid / NTC;  // 0: the query head h0, 1: its key head
   const int t = zk_tid - half * NTC;
-  const bool writer = c == 0 && (half == 0 || h0 % REP == 0);
+  const bool writer = c == 0 && rs == 0 && (half == 0 || h0 % REP == 0);
   const zk_cca_out r = zk_cca_step<T, D, NH, NKV, T0, T1, RD, NTC>(
       qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, inv_freq, ZK_U2F(EPS),
       (half == 0) ? h0 : NH + kvh, b, t, zk_lane, zk_warp - half * (NTC / 32), zk_cdw + half * DWN, zk_cy + half * D,
@@ -122,42 +128,65 @@ for (int r = 0; r < HB; ++r) {
 
 const int base = (b * NKV + kvh) * CAP;
 for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
+  // All U keys and values are loaded before any is used, with no branch between the loads (a load behind a
+  // branch waits for the loads before it): a key past hi reads key lo and is dropped.
   float kk[U][DPL];
   float vv[U][DPL];
   ZK_UNROLL
   for (int u = 0; u < U; ++u) {
-    const int t = t0 + u;
-    const bool fresh = HAS_CCA && t == slot;  // the new key and value: this launch's own (zk_new)
-    ZK_UNROLL
-    for (int j = 0; j < DPL; ++j) {
-      const int idx = (base + t) * D + zk_lane * DPL + j;
-      const int k = zk_lane * DPL + j;
-      kk[u][j] = (t < hi) ? (fresh ? zk_new[D + k] : static_cast<float>(keys[idx])) : 0.0f;
-      vv[u][j] = (t < hi) ? (fresh ? zk_new[2 * D + k] : static_cast<float>(values[idx])) : 0.0f;
-    }
+    const int idx = (base + ((t0 + u < hi) ? t0 + u : lo)) * D + zk_lane * DPL;
+    zk_load_vals<T, DPL>(keys, idx, kk[u]);
+    zk_load_vals<T, DPL>(values, idx, vv[u]);
   }
-  ZK_UNROLL
-  for (int u = 0; u < U; ++u) {
-    if (t0 + u < hi) {
+  if (HAS_CCA) {  // the new key and value: this launch's own (zk_new), as the cache may not hold them yet
+    ZK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const bool fresh = t0 + u == slot;
       ZK_UNROLL
-      for (int r = 0; r < HB; ++r) {
-        float s = 0.0f;
-        ZK_UNROLL
-        for (int j = 0; j < DPL; ++j) {
-          s += qv[r][j] * kk[u][j];
-        }
-        s = zk_simd_sum(s);
-        const float mn = (s > m[r]) ? s : m[r];
-        const float corr = zk_exp(m[r] - mn);
-        const float p = zk_exp(s - mn);
-        l[r] = l[r] * corr + p;
-        ZK_UNROLL
-        for (int j = 0; j < DPL; ++j) {
-          acc[r][j] = acc[r][j] * corr + p * vv[u][j];
-        }
-        m[r] = mn;
+      for (int j = 0; j < DPL; ++j) {
+        kk[u][j] = fresh ? zk_new[D + zk_lane * DPL + j] : kk[u][j];
+        vv[u][j] = fresh ? zk_new[2 * D + zk_lane * DPL + j] : vv[u][j];
       }
     }
+  }
+  // The U scores (their SIMD sums independent of each other), then one online-softmax update for all of them.
+  ZK_UNROLL
+  for (int r = 0; r < HB; ++r) {
+    float s[U];
+    ZK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      float a = 0.0f;
+      ZK_UNROLL
+      for (int j = 0; j < DPL; ++j) {
+        a += qv[r][j] * kk[u][j];
+      }
+      s[u] = a;
+    }
+    ZK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      s[u] = zk_simd_sum(s[u]);
+    }
+    float mn = m[r];
+    ZK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      mn = (t0 + u < hi && s[u] > mn) ? s[u] : mn;
+    }
+    const float corr = zk_exp(m[r] - mn);
+    l[r] *= corr;
+    ZK_UNROLL
+    for (int j = 0; j < DPL; ++j) {
+      acc[r][j] *= corr;
+    }
+    ZK_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const float p = (t0 + u < hi) ? zk_exp(s[u] - mn) : 0.0f;
+      l[r] += p;
+      ZK_UNROLL
+      for (int j = 0; j < DPL; ++j) {
+        acc[r][j] += p * vv[u][j];
+      }
+    }
+    m[r] = mn;
   }
 }
 
@@ -208,6 +237,7 @@ for (int i = zk_tid; i < HB * D; i += NT) {
 }
 if (HAS_O && !SPLIT) {
   ZK_BARRIER();
-  zk_slice_matvec<QM, BITS, GS, NH * D, HB * D, HO, NT>(wo, wos, wob, bo, HAS_OB && h0 == 0, zk_o, h0 * D,
-                                                        out + (b * NHB + h0 / HB) * HO, zk_tid);
+  zk_slice_matvec<QM, BITS, GS, NH * D, HB * D, NT>(wo, wos, wob, bo, HAS_OB && h0 == 0, zk_o, h0 * D,
+                                                    out + (b * NHB + h0 / HB) * HO, zk_tid, rs * HO / RS,
+                                                    (rs + 1) * HO / RS);
 }

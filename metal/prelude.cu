@@ -9,6 +9,8 @@
 #define ZK_NO_UNROLL _Pragma("unroll 1")
 #define ZK_U2F(u) __uint_as_float(static_cast<uint32_t>(u))
 #define ZK_LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
+#define ZK_LOAD_U2(ptr, i) (reinterpret_cast<const uint2*>(ptr)[(i)])
+#define ZK_LOAD_U1(ptr, i) (reinterpret_cast<const uint32_t*>(ptr)[(i)])
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 #define ZK_ATOMIC_ADD(ptr, i, v) atomicAdd(&(ptr)[(i)], (v))

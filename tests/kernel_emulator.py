@@ -42,6 +42,7 @@ PRELUDE = r"""
 #include <vector>
 
 struct uint4 { uint32_t x, y, z, w; };
+struct uint2 { uint32_t x, y; };
 struct float4 { float x, y, z, w; };
 struct float2 { float x, y; };
 
@@ -85,6 +86,8 @@ thread_local zk_context zk_ctx;
 #define ZK_NO_UNROLL
 #define ZK_U2F(u) zk_bits_to_float(static_cast<uint32_t>(u))
 #define ZK_LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
+#define ZK_LOAD_U2(ptr, i) (reinterpret_cast<const uint2*>(ptr)[(i)])
+#define ZK_LOAD_U1(ptr, i) (reinterpret_cast<const uint32_t*>(ptr)[(i)])
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 #define ZK_ATOMIC_ADD(ptr, i, v) std::atomic_ref<float>((ptr)[(i)]).fetch_add((v))

@@ -20,6 +20,13 @@ from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, head, norm
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
 
 
+@pytest.fixture(autouse=True)
+def _one_threadgroup_a_head_block(monkeypatch):
+    """o_proj's rows in one threadgroup a head block, unless a test sets the shares: an emulated threadgroup is
+    hundreds of OS threads, and test_attention_body_with_o_proj covers the shares."""
+    monkeypatch.setattr(attention, "O_PROJ_THREADGROUPS", 1)
+
+
 def max_rel(a, b) -> float:
     """max |a - b| / max |b| (test_kernels.rel is the L2 ratio)."""
     a, b = a.astype(mx.float32), b.astype(mx.float32)
@@ -285,15 +292,22 @@ def test_cca_step_inside_attention_body(shape, pads, window, single_pass, dtype,
     assert mx.array_equal(got[2], want[2])  # the value is copied, not computed
 
 
-@pytest.mark.parametrize("single_pass", [64, 4])
-@pytest.mark.parametrize("fmt,opts,bias", [("dense", None, True), ("affine", dict(group_size=64, bits=4), False),
-                                           ("affine", dict(group_size=32, bits=8), True),
-                                           ("mxfp4", dict(group_size=32, bits=4, mode="mxfp4"), False)])
-def test_attention_body_with_o_proj(fmt, opts, bias, single_pass, monkeypatch):
+O_PROJ_FORMATS = [("dense", None, True), ("affine", dict(group_size=64, bits=4), False),
+                  ("affine", dict(group_size=32, bits=8), True),
+                  ("mxfp4", dict(group_size=32, bits=4, mode="mxfp4"), False)]
+
+
+@pytest.mark.parametrize("fmt,opts,bias,single_pass,threadgroups",
+                         [(*f, sp, tg) for f in O_PROJ_FORMATS for sp, tg in ((64, 8), (64, 32), (4, 32))]
+                         + [(*O_PROJ_FORMATS[-1], 64, 1024)])  # a row a share: one format is enough
+def test_attention_body_with_o_proj(fmt, opts, bias, single_pass, threadgroups, monkeypatch):
     """o_proj inside attention: the head blocks' shares (or, split into chunks, the combine's per-head shares) sum
-    to o_proj of the plain attention, bias once; 72 output rows leave the last rows of a thread's round empty.
+    to o_proj of the plain attention, bias once; 72 output rows leave the last rows of a thread's round empty. In one
+    pass, o_proj's rows are spread over 1 (8 threadgroups for the 8 heads), 4 (18 rows each, so a round ends inside a
+    SIMD group's rows) or 72 threadgroups a head (a row each).
     float32 activations: MLX's quantized matmul in bfloat16 rounds too coarsely to be the reference."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
+    monkeypatch.setattr(attention, "O_PROJ_THREADGROUPS", threadgroups)
     monkeypatch.setattr(attention, "CHUNK", 4)
     mx.random.seed(11)
     B, NH, NKV, D, cap, length, HO = 2, 4, 2, 64, 20, 13, 72

@@ -25,6 +25,8 @@ from .experts import _parts, _qm, _vpv, as_stack
 SINGLE_PASS_MAX = 1024  # buffer positions a threadgroup takes in one pass; larger buffers split into CHUNK-key chunks
 CHUNK = 512
 HEADS_PER_THREADGROUP = 1  # query heads a threadgroup: 1 spreads a batch row over NH threadgroups (see the body)
+# one pass with o_proj: threadgroups to spread o_proj's rows over, each computing its heads' attention (see the body)
+O_PROJ_THREADGROUPS = 32
 
 
 def decode_attention_reference(q, keys, values, filled, *, scale: float, left_padding=None, window=None,
@@ -123,6 +125,8 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     o_inputs = [("wo", wo), ("wos", wos), ("wob", wob), ("bo", bo)]
     chunk = CHUNK if split else cap
     nc = (cap + chunk - 1) // chunk
+    # one pass with o_proj: RS threadgroups a head block, each adding o_proj's rows of its share (at least one)
+    row_shares = min(ho, max(1, O_PROJ_THREADGROUPS // rows)) if o_proj is not None and not split else 1
     dtype = keys.dtype
     has_cca = step is not None
     step = cca.no_step(dtype) if step is None else step
@@ -131,7 +135,7 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     template = [("T", dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
                 *o_template, ("SCALE", float_bits(scale)), *step.template]
     # read at run time: a grown buffer (a new capacity) then compiles no new variant
-    meta = constant((window or 0, chunk, cap, nc), mx.int32)
+    meta = constant((window or 0, chunk, cap, nc, row_shares), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
     inputs = [("q", q), ("keys", keys), ("values", values), ("lpad", lpad), ("filled", filled_array(filled)),
               ("meta", meta), *o_inputs, ("after", after), *step.inputs]
@@ -140,7 +144,8 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     if not split:
         out, _, *states = launch("decode_attention.h", back, inputs,
                                  [("out", out_shape, out_dtype), ("ml", None, mx.float32), *step.outputs],
-                                 template=template, grid=(nt, rows, 1), threadgroup=(nt, 1, 1), pack=cca.PACKED)
+                                 template=template, grid=(nt * row_shares, rows, 1), threadgroup=(nt, 1, 1),
+                                 pack=cca.PACKED)
         return (out, *states) if has_cca else out
     part, ml, *states = launch("decode_attention.h", back, inputs,
                                [("out", (B, NH, nc, D), mx.float32), ("ml", (B, NH, nc, 2), mx.float32),
