@@ -27,6 +27,7 @@ import mlx.nn as nn  # noqa: E402
 
 from zaya_mlx import kernels  # noqa: E402
 from zaya_mlx.config import ZayaConfig  # noqa: E402
+from zaya_mlx.kernels import attention  # noqa: E402
 from zaya_mlx.model import kv_capacity  # noqa: E402
 
 
@@ -69,8 +70,18 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     layer = cfg.layer_types[0]
     positions = kernels.offset_array(context, B)
     filled = mx.array([context], mx.int32)
+    o_proj = nn.Linear(NH * D, H, bias=False)  # MXFP4 as `zaya quantize` writes it
+    o_proj.weight = _rnd(H, NH * D, scale=(NH * D) ** -0.5)
+    o_proj = o_proj.to_quantized(group_size=32, bits=4, mode="mxfp4")
     mx.eval(gu.weight, gu.scales, dn.weight, dn.scales, x, choice, weight, r, carried, vars(router), o, h, nparams,
-            down.parameters(), in_proj.parameters(), q, keys, values, cca, positions, filled)
+            down.parameters(), in_proj.parameters(), o_proj.parameters(), q, keys, values, cca, positions, filled)
+    step_kw = dict(n_heads=NH, n_kv_heads=NKV, head_dim=D, rope_dims=cfg.rope_dims(layer),
+                   rope_base=cfg.rope_theta(layer))
+
+    def cca_attention(impl, o_proj=None):
+        """The CCA step, attention and o_proj: on 'auto', one launch (decode_attention.h with HAS_CCA)."""
+        return kernels.cca_decode_attention(**cca, offset=positions, keys=keys, values=values, filled=filled,
+                                            scale=D**-0.5, o_proj=o_proj, impl=impl, **step_kw)[0]
 
     head = {}
 
@@ -95,12 +106,13 @@ def cases(cfg: ZayaConfig, B: int, context: int):
                                                                        impl=impl)[2]),
         ("residual + norm", lambda impl: kernels.residual_norm(o, h, *nparams[:4], nparams[4], 1e-5, impl=impl)[1]),
         ("CCA step", lambda impl: kernels.cca_decode_step(**cca, offset=positions, keys=keys, values=values,
-                                                           filled=filled, n_heads=NH, n_kv_heads=NKV,
-                                                           head_dim=D, rope_dims=cfg.rope_dims(layer),
-                                                           rope_base=cfg.rope_theta(layer),
-                                                           impl=impl)[0]),
+                                                           filled=filled, impl=impl, **step_kw)[0]),
         (f"attention, {context} keys", lambda impl: kernels.decode_attention(q, keys, values, filled, scale=D**-0.5,
                                                                              impl=impl)),
+        (f"attention + o_proj, {context} keys", lambda impl: kernels.decode_attention(
+            q, keys, values, filled, scale=D**-0.5, o_proj=o_proj, impl=impl)),
+        (f"CCA step + attention, {context} keys", cca_attention),
+        (f"CCA step + attention + o_proj, {context} keys", lambda impl: cca_attention(impl, o_proj)),
     ]
 
 
@@ -141,10 +153,14 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated words a case name must contain one of")
     ap.add_argument("--summarize", metavar="CSV", help="print an ncu CSV's median time per kernel, then exit")
+    ap.add_argument("--o-proj-threadgroups", type=int, metavar="N",
+                    help="attention with o_proj: spread o_proj's rows over N threadgroups (default: the library's)")
     args = ap.parse_args(argv)
     if args.summarize:
         summarize(args.summarize)
         return 0
+    if args.o_proj_threadgroups:
+        attention.O_PROJ_THREADGROUPS = args.o_proj_threadgroups
     back = kernels.backend()
     print(f"device {mx.default_device()}, kernels on: {back}")
     cfg = ZayaConfig()
@@ -155,7 +171,7 @@ def main(argv=None):
                 continue
             ker = time_calls(lambda: fn("auto"), args.calls, args.reps)
             ref = time_calls(lambda: fn("reference"), args.calls, args.reps)
-            print(f"B={B:<2d} {name:32s} fused {ker:8.1f} us/call   reference {ref:8.1f} us/call")
+            print(f"B={B:<2d} {name:44s} fused {ker:8.1f} us/call   reference {ref:8.1f} us/call")
     return 0
 
 

@@ -14,7 +14,8 @@
 # the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only), floor (MXFP4 batch 1,
 # with the same graph's kernel bodies emptied: the host's floor), kernels (each kernel's GPU time under ncu,
 # bench/bench_kernels.py), gpustep (bench/gpu_step.py under ncu: the GPU's own time for a decode step, kernel by
-# kernel, at batch 1 and 8; steadier than tokens/s on a lent host), profile (bench/profile_decode.py: one step's cost
+# kernel, at batch 1 and 8; steadier than tokens/s on a lent host), kdetail (one kernel launch under ncu's full set:
+# stall reasons and its SASS line by line), profile (bench/profile_decode.py: one step's cost
 # op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given), ab1
 # (bench/ab_one_process.py: one change on and off in one process: AB_WHAT in-place, source, include, bodies or
 # cca-inside), opsgraph
@@ -73,6 +74,16 @@ for part in "$@"; do
       timeout 300 ncu --metrics gpu__time_duration.sum --csv -k regex:zaya \
         python3 bench/bench_kernels.py --batch 1,8 --calls 5 --reps 1 > "$OUT/kernels.csv" 2>&1 || rc=1
       python3 bench/bench_kernels.py --summarize "$OUT/kernels.csv" | tee "$OUT/kernels.txt" ;;
+    kdetail)
+      # one launch of a kernel under Nsight Compute's full set (stall reasons, memory, occupancy), and its SASS with
+      # the samples a line: KDETAIL_KERNEL (a regex, default decode_attention) in the cases of bench_kernels.py
+      # that KDETAIL_ONLY names (default: the CCA step inside attention with o_proj), batch 1, the third launch
+      timeout 300 ncu --set full --import-source no -k "regex:${KDETAIL_KERNEL:-decode_attention}" -s 2 -c 1 \
+        -f -o "$OUT/kdetail" python3 bench/bench_kernels.py --batch 1 --calls 2 --reps 1 \
+        --only "${KDETAIL_ONLY:-CCA step + attention + o_proj}" > "$OUT/kdetail.log" 2>&1 || rc=1
+      ncu -i "$OUT/kdetail.ncu-rep" --page details > "$OUT/kdetail.txt" 2>&1 || rc=1
+      ncu -i "$OUT/kdetail.ncu-rep" --page source --csv --print-source sass > "$OUT/kdetail-sass.csv" 2>&1 || rc=1
+      grep -E "Duration|Registers|Warp Cycles|Stall|Achieved|Block Size|Grid Size" "$OUT/kdetail.txt" | head -40 ;;
     ab)
       # decode speed of this checkout against other checkouts (`git archive` of other commits, say): AB_OTHER
       # is one folder, or several separated by spaces. On a 2-expert model (the same step; builds in seconds),
