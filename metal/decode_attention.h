@@ -21,8 +21,7 @@
 // heads' threadgroups (and each chunk's) all compute; the first of them in chunk 0 writes the new key and value into
 // the cache, in place at position L - 1, and the key head's new states. The new key and value are taken from
 // threadgroup memory, not the cache (chunk 0's and row share 0's threadgroups write the cache and states). So the
-// step and attention are one launch: the query never leaves the
-// threadgroup, and a layer has one graph node less.
+// step and attention are one launch: the query never leaves the threadgroup, and a layer has one graph node less.
 // Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, SPLIT (false: one chunk, write
 // the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h), HAS_O, HO,
 // QM, BITS, GS, HAS_OB (o_proj: output rows; weight format as in zk_load_chunk; a bias, added by head block 0),
@@ -31,11 +30,11 @@
 // Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D], lpad [B] int32, filled [1] int32 (L <= CAP),
 // meta [5] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; RS: the
 // row shares in the grid, 1 but in one pass with HAS_O; read at run time, so that a grown buffer or another RS
-// compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or
-// packed, scales, biases, bias; each absent (ZK_ABSENT) where the variant reads none), after (not read: an output of
-// the CCA step where that wrote q in place, which orders this launch after it). L is read on the GPU, so one launch
-// serves every step. With HAS_CCA: no q; keys and values are written in place; and the CCA step's inputs as
-// cca_decode.h names them (qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, inv_freq).
+// compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or packed, scales, biases, bias;
+// each absent (ZK_ABSENT) where the variant reads none), after (not read: an output of the CCA step where that
+// wrote q in place, which orders this launch after it). L is read on the GPU, so one launch serves every step.
+// With HAS_CCA: no q; keys and values are written in place; and the CCA step's inputs as cca_decode.h names them
+// (qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, inv_freq).
 // Outputs: SPLIT false: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH / HB, HO] float32;
 // no ml. SPLIT true: out [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32. With HAS_CCA, also the CCA step's
 // conv_out [B, S, C] and vprev_out [B, NKV * D / 2].
