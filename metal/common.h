@@ -128,6 +128,67 @@ ZK_DEV void zk_load_vals(P ptr, int idx, PO out) {
   }
 }
 
+// A quantized KV cache row (MLX's affine format, as mx.quantize writes it): BITS-bit integers packed into 32-bit
+// words from the lowest bits up, and a scale and a bias of type T for each G values; a value is scale * q + bias.
+// N consecutive values from value idx into out as float32 (idx a multiple of N, and the N values in one group).
+template <typename T, int N, int BITS, int G, typename P, typename PS, typename PO>
+ZK_DEV void zk_load_qvals(P words, PS scales, PS biases, int idx, PO out) {
+  constexpr int PER = 32 / (BITS > 0 ? BITS : 32);  // values a word (BITS 0: a placeholder, never called)
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  const float s = static_cast<float>(scales[idx / G]);
+  const float b = static_cast<float>(biases[idx / G]);
+  if (N >= PER) {
+    ZK_UNROLL
+    for (int w = 0; w < N / PER; ++w) {
+      const uint32_t word = words[idx / PER + w];
+      ZK_UNROLL
+      for (int k = 0; k < PER; ++k) {
+        out[w * PER + k] = s * static_cast<float>((word >> (k * BITS)) & MASK) + b;
+      }
+    }
+  } else {
+    const uint32_t word = words[idx / PER];
+    const int shift = (idx % PER) * BITS;
+    ZK_UNROLL
+    for (int k = 0; k < N; ++k) {
+      out[k] = s * static_cast<float>((word >> (shift + k * BITS)) & MASK) + b;
+    }
+  }
+}
+
+// x rounded to the nearest integer, halves away from zero (as round() in Metal and CUDA), for |x| < 2^31.
+ZK_DEV float zk_round_away(float x) {
+  const float r = static_cast<float>(static_cast<int>((x < 0.0f ? -x : x) + 0.5f));
+  return x < 0.0f ? -r : r;
+}
+
+// A group's scale and bias (MLX's affine quantization of values whose min is lo and max hi, hi taken from 0 up):
+// the edge of larger magnitude is exactly representable.
+struct zk_qparams {
+  float scale;
+  float bias;
+};
+template <int BITS>
+ZK_DEV zk_qparams zk_affine_params(float lo, float hi) {
+  const float n_bins = static_cast<float>((1 << BITS) - 1);
+  float scale = (hi - lo) / n_bins;
+  scale = scale > 1e-7f ? scale : 1e-7f;
+  const bool side = (lo < 0.0f ? -lo : lo) > (hi < 0.0f ? -hi : hi);
+  scale = side ? scale : -scale;
+  const float edge = side ? lo : hi;
+  const float q0 = zk_round_away(edge / scale);
+  const bool at_zero = q0 == 0.0f;
+  return {at_zero ? scale : edge / q0, at_zero ? 0.0f : edge};
+}
+
+// The integer of x in a group of those parameters, in [0, 2^BITS - 1].
+template <int BITS>
+ZK_DEV uint32_t zk_affine_q(float x, zk_qparams p) {
+  const float q = zk_round_away((x - p.bias) / p.scale);
+  const float top = static_cast<float>((1 << BITS) - 1);
+  return static_cast<uint32_t>(q < 0.0f ? 0.0f : (q > top ? top : q));
+}
+
 // Where x[k] lives in a padded threadgroup vector: one spare word after every 32. A SIMD group whose
 // lanes read runs of 4, 8, 16 or 32 consecutive values (one 16-byte weight chunk each) then touches 32
 // different banks per read instead of a few banks many times over.

@@ -26,8 +26,11 @@
 // the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h), HAS_O, HO,
 // QM, BITS, GS, HAS_OB (o_proj: output rows; weight format as in zk_load_chunk; a bias, added by head block 0),
 // SCALE (the softmax scale's float32 bits), HAS_CCA, T0, T1, RD, EPS (the CCA step's, as cca_decode.h's; without
-// it, placeholders).
-// Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D], lpad [B] int32, filled [1] int32 (L <= CAP),
+// it, placeholders), KVB, KVG (a quantized cache: its bits, 8 or 4, and the values a scale and bias serve; KVB 0:
+// keys and values of type T).
+// Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D] (quantized: [B, NKV, CAP, D * KVB / 32] uint32, with
+// kscales, kbiases, vscales, vbiases [B, NKV, CAP, D / KVG] of type T; else those four absent), lpad [B] int32,
+// filled [1] int32 (L <= CAP),
 // meta [5] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; RS: the
 // row shares in the grid, 1 but in one pass with HAS_O; read at run time, so that a grown buffer or another RS
 // compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or packed, scales, biases, bias;
@@ -75,6 +78,8 @@ ZK_SHARED float zk_cdw[HAS_CCA ? 2 * DWN : 1];
 ZK_SHARED float zk_cy[HAS_CCA ? 2 * D : 1];
 ZK_SHARED float zk_cn[HAS_CCA ? 2 * D : 1];
 ZK_SHARED float zk_cred[HAS_CCA ? NWARP : 1];
+constexpr int NG = (KVB > 0) ? 2 * D / KVG : 1;  // quantization groups of the new key and value
+ZK_SHARED float zk_qp[HAS_CCA ? 2 * NG : 1];  // their scales and biases
 if (HAS_CCA) {
   const int half = zk_tid / NTC;  // 0: the query head h0, 1: its key head
   const int t = zk_tid - half * NTC;
@@ -88,8 +93,10 @@ if (HAS_CCA) {
     if (half == 1) {
       zk_new[2 * D + t] = zk_round<T>(r.v);
       if (writer) {
-        ZK_WRITABLE(T, keys)[((b * NKV + kvh) * CAP + slot) * D + t] = static_cast<T>(r.o);
-        ZK_WRITABLE(T, values)[((b * NKV + kvh) * CAP + slot) * D + t] = static_cast<T>(r.v);
+        if (KVB == 0) {  // (zk_writable: keys and values are uint32 words where KVB > 0)
+          zk_writable(keys)[((b * NKV + kvh) * CAP + slot) * D + t] = static_cast<T>(r.o);
+          zk_writable(values)[((b * NKV + kvh) * CAP + slot) * D + t] = static_cast<T>(r.v);
+        }
         if (t < D / 2) {
           vprev_out[(b * NKV + kvh) * (D / 2) + t] = static_cast<T>(r.vd);
         }
@@ -97,6 +104,50 @@ if (HAS_CCA) {
     }
   }
   ZK_BARRIER();
+  if (KVB > 0) {
+    // A quantized cache: the new key and value quantized as mx.quantize does (a group's scale and bias from its min
+    // and max), and zk_new replaced by the values the cache then holds, so that this step attends to what the next
+    // ones will read. Every threadgroup does it alike; the writer also writes the words, scales and biases.
+    constexpr int PER = 32 / (KVB > 0 ? KVB : 32);  // values a word
+    if (zk_tid < NG) {
+      float lo = 3.0e38f;
+      float hi = 0.0f;
+      for (int i = 0; i < KVG; ++i) {
+        const float x = zk_new[D + zk_tid * KVG + i];
+        lo = x < lo ? x : lo;
+        hi = x > hi ? x : hi;
+      }
+      const zk_qparams p = zk_affine_params<KVB>(lo, hi);
+      zk_qp[2 * zk_tid] = p.scale;
+      zk_qp[2 * zk_tid + 1] = p.bias;
+    }
+    ZK_BARRIER();
+    const bool kv_writer = c == 0 && rs == 0 && h0 % REP == 0;
+    for (int w = zk_tid; w < 2 * D / PER; w += NT) {  // word w of the key (w < D / PER), then of the value
+      const int g = w * PER / KVG;
+      const zk_qparams p = {zk_qp[2 * g], zk_qp[2 * g + 1]};
+      const float s = zk_round<T>(p.scale);
+      const float bias = zk_round<T>(p.bias);
+      uint32_t word = 0;
+      for (int k = 0; k < PER; ++k) {
+        const uint32_t q = zk_affine_q<KVB>(zk_new[D + w * PER + k], p);
+        word |= q << (k * KVB);
+        zk_new[D + w * PER + k] = s * static_cast<float>(q) + bias;
+      }
+      if (kv_writer) {
+        const int half = w < D / PER ? 0 : 1;
+        const int wi = w - half * (D / PER);
+        const int row = (b * NKV + kvh) * CAP + slot;
+        ZK_STORE_U1(half == 0 ? keys : values, row * (D / PER) + wi, word);
+        if (wi * PER % KVG == 0) {
+          const int gi = row * (D / KVG) + wi * PER / KVG;
+          zk_writable(half == 0 ? kscales : vscales)[gi] = static_cast<T>(p.scale);
+          zk_writable(half == 0 ? kbiases : vbiases)[gi] = static_cast<T>(p.bias);
+        }
+      }
+    }
+    ZK_BARRIER();
+  }
 }
 
 // This lane's slice of the HB queries, pre-scaled.
@@ -134,8 +185,13 @@ for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
   ZK_UNROLL
   for (int u = 0; u < U; ++u) {
     const int idx = (base + ((t0 + u < hi) ? t0 + u : lo)) * D + zk_lane * DPL;
-    zk_load_vals<T, DPL>(keys, idx, kk[u]);
-    zk_load_vals<T, DPL>(values, idx, vv[u]);
+    if (KVB > 0) {
+      zk_load_qvals<T, DPL, KVB, KVG>(keys, kscales, kbiases, idx, kk[u]);
+      zk_load_qvals<T, DPL, KVB, KVG>(values, vscales, vbiases, idx, vv[u]);
+    } else {
+      zk_load_vals<T, DPL>(keys, idx, kk[u]);
+      zk_load_vals<T, DPL>(values, idx, vv[u]);
+    }
   }
   if (HAS_CCA) {  // the new key and value: this launch's own (zk_new), as the cache may not hold them yet
     ZK_UNROLL

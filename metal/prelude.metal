@@ -10,6 +10,7 @@
 //   ZK_NO_UNROLL    keep the next loop a loop (its rounds' loads are not all hoisted into registers at once)
 //   ZK_U2F(u)       reinterpret 32 bits as a float     ZK_LOAD_U4   one 16-byte load (uint4) at index i
 //   ZK_LOAD_U2, ZK_LOAD_U1  one 8-byte (uint2) or 4-byte (uint32_t) load at index i
+//   ZK_STORE_U1(p, i, v)  a 4-byte (uint32_t) store into input p, in place, at index i (p of any element type)
 //   ZK_ATOMIC_ADD(p, i, v)  p[i] += v, atomically (p: a writable float buffer: an output, or ZK_WRITABLE's)
 //   ZK_ABSENT(name) an argument this variant does not take: a null pointer the body must not touch
 //   ZK_VIEW(name, pack, offset)  an argument that is a float32 slice of another (weights packed into one input)
@@ -34,6 +35,7 @@ using namespace metal;
 #define ZK_LOAD_U4(ptr, i) (((const device uint4*)(ptr))[(i)])
 #define ZK_LOAD_U2(ptr, i) (((const device uint2*)(ptr))[(i)])
 #define ZK_LOAD_U1(ptr, i) (((const device uint32_t*)(ptr))[(i)])
+#define ZK_STORE_U1(ptr, i, v) (((device uint32_t*)(ptr))[(i)] = (v))
 #define ZK_ATOMIC_ADD(ptr, i, v) \
   atomic_fetch_add_explicit((device atomic_float*)&(ptr)[(i)], (v), memory_order_relaxed)
 #define ZK_LDS4(arr, i) float4((arr)[4 * (i)], (arr)[4 * (i) + 1], (arr)[4 * (i) + 2], (arr)[4 * (i) + 3])

@@ -88,6 +88,7 @@ thread_local zk_context zk_ctx;
 #define ZK_LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
 #define ZK_LOAD_U2(ptr, i) (reinterpret_cast<const uint2*>(ptr)[(i)])
 #define ZK_LOAD_U1(ptr, i) (reinterpret_cast<const uint32_t*>(ptr)[(i)])
+#define ZK_STORE_U1(ptr, i, v) (((uint32_t*)(ptr))[(i)] = (v))
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 #define ZK_ATOMIC_ADD(ptr, i, v) std::atomic_ref<float>((ptr)[(i)]).fetch_add((v))

@@ -1,4 +1,5 @@
-"""`zaya bench` on a tiny model: the measurements are written, and --experts changes the model as it says."""
+"""`zaya bench` on a tiny model: the measurements are written, --experts changes the model as it says, the bytes a
+step moves follow from the shapes, and a run that does not fit is refused before anything is built."""
 
 import json
 
@@ -6,14 +7,16 @@ import mlx.core as mx
 import pytest
 
 from zaya_mlx import benchmark
-from zaya_mlx.benchmark import count_primitives
+from zaya_mlx.benchmark import count_primitives, fill_context, small_config, weights_read
+from mlx.utils import tree_flatten
+from zaya_mlx.model import Model
 
 
 def bench(run_zaya, tmp_path, *args):
     """Run a small `zaya bench`; its JSON results (one per model measured)."""
     out = tmp_path / "bench.json"
-    code, _, err = run_zaya("bench", "--small", "--quant", "bf16", "--batch", "1", "--steps", "2", "--prompt", "8",
-                            "--context", "8", "--json", out, *args)
+    code, _, err = run_zaya("bench", "--small", "--quant", "bf16", "--batch", "1", "--steps", "2", "--context", "8",
+                            "--runs", "1", "--json", out, *args)
     assert code in (0, None), err
     return json.loads(out.read_text())
 
@@ -24,9 +27,9 @@ def test_fewer_experts_keep_a_tokens_work(run_zaya, tmp_path):
     total weight shrinks by about two experts' share."""
     (four,) = bench(run_zaya, tmp_path)
     (two,) = bench(run_zaya, tmp_path, "--experts", "2")
-    assert four["decode_tps"]["1"] > 0 and two["decode_tps"]["1"] > 0
-    assert two["primitives_per_step"] == four["primitives_per_step"]
-    assert two["arguments_per_step"] == four["arguments_per_step"]
+    (r4,), (r2,) = four["rows"], two["rows"]
+    assert r4["decode_tps"] > 0 and r2["decode_tps"] > 0
+    assert r2["primitives"] == r4["primitives"] and r2["arguments"] == r4["arguments"]
     assert abs(two["weight_gb_per_token"] / four["weight_gb_per_token"] - 1) < 1e-3
     unread = four["weight_gb"] - four["weight_gb_per_token"]  # the 3 experts a token does not read
     assert abs((four["weight_gb"] - two["weight_gb"]) / (2 * unread / 3) - 1) < 1e-2
@@ -35,11 +38,110 @@ def test_fewer_experts_keep_a_tokens_work(run_zaya, tmp_path):
 def test_the_json_keeps_each_runs_rate(run_zaya, tmp_path):
     """--runs 3: the three timed rates are written, and the rate reported is their median."""
     (res,) = bench(run_zaya, tmp_path, "--runs", "3")
-    runs = res["decode_runs"]["1"]
-    assert len(runs) == 3 and all(r > 0 for r in runs) and res["decode_tps"]["1"] == sorted(runs)[1]
+    (row,) = res["rows"]
+    assert len(row["decode_runs"]) == 3 and all(r > 0 for r in row["decode_runs"])
+    assert row["decode_tps"] == sorted(row["decode_runs"])[1]
 
 
-@pytest.mark.parametrize("args", [["--batch", "x"], ["--batch", "1,0"], ["--quant", "int3"], ["--quant", ","]])
+def test_rows_and_kv_formats_and_the_bytes_a_step_moves(run_zaya, tmp_path):
+    """Each batch x context with each KV format is a row. The small model's KV a token, by hand: 2 layers x (keys,
+    values) x 2 KV heads x 64 values at 2 bytes = 1,024 bytes; at 8 bits 64 bytes + a bf16 scale and bias for the
+    one group of 64 = 68 bytes a row, 544 a token. A step moves the weights it reads and the batch's KV; the bound
+    is the bandwidth over those bytes."""
+    (res,) = bench(run_zaya, tmp_path, "--rows", "1x8,2x20", "--kv", "bf16,8", "--bandwidth", "0.5", "--steps", "1")
+    assert res["kv_bytes_per_token"] == {"bf16": 1024, "8-bit": 544}
+    rows = {(r["kv"], r["batch"], r["context"]): r for r in res["rows"]}
+    assert set(rows) == {(kv, b, c) for kv in ("bf16", "8-bit") for b, c in ((1, 8), (2, 20))}
+    for (kv, b, c), r in rows.items():
+        weights = r["bytes_per_step"] - b * c * res["kv_bytes_per_token"][kv]
+        assert weights == rows["bf16", b, c]["bytes_per_step"] - b * c * 1024  # the same weights either way
+        assert r["bound_tps"] == pytest.approx(0.5e12 * b / r["bytes_per_step"])
+        assert r["share"] == pytest.approx(r["decode_tps"] / r["bound_tps"]) and r["prefill_tps"] > 0
+    assert rows["bf16", 2, 20]["bytes_per_step"] - rows["8-bit", 2, 20]["bytes_per_step"] == 40 * (1024 - 544)
+    # two tokens choose 4 (1 - (3/4)^2) = 1.75 of the 4 experts on average: more weights read than one token's
+    assert rows["bf16", 2, 20]["bytes_per_step"] - 40 * 1024 > rows["bf16", 1, 8]["bytes_per_step"] - 8 * 1024
+
+
+def test_weights_read_counts_the_experts_a_batch_chooses():
+    """All but the experts, and E (1 - (1 - 1/E)^B) experts' share: one expert at batch 1, 10.30 of 16 at 16."""
+    assert weights_read(1000 + 1600, 1600, 16, 1) == 1000 + 100
+    assert weights_read(1000 + 1600, 1600, 16, 16) == int(1000 + 100 * 16 * (1 - (15 / 16) ** 16))
+    assert abs(16 * (1 - (15 / 16) ** 16) - 10.30) < 0.01
+
+
+def test_a_long_context_is_filled_in_chunks_with_one_positions_logits():
+    """fill_context runs the prompt in chunks and the last token alone, and leaves the cache as one pass over the
+    whole prompt would: the next token and the following step's logits agree."""
+    mx.random.seed(3)
+    model = Model(small_config())
+    lengths = []
+
+    def forward(tokens, cache):
+        lengths.append(tokens.shape[1])
+        return model(tokens, cache)
+
+    cache = model.make_cache()
+    mx.random.seed(5)
+    tok = fill_context(forward, cache, 2, 40, 512, chunk=16)
+    assert lengths == [16, 16, 7, 1]
+    mx.random.seed(5)
+    tokens = mx.random.randint(0, 512, (2, 40)).astype(mx.int32)
+    whole = model.make_cache()
+    logits = model(tokens, whole)
+    assert (tok == mx.argmax(logits[:, -1:], axis=-1)).all()
+    step, ref = model(tok, cache), model(tok, whole)
+    assert mx.abs(step - ref).max().item() < 1e-3 * mx.abs(ref).max().item()
+
+
+def test_the_models_forward_gives_the_last_positions_logits_when_asked():
+    mx.random.seed(4)
+    model = Model(small_config())
+    tokens = mx.random.randint(0, 512, (2, 9)).astype(mx.int32)
+    last = model(tokens, last_only=True)
+    assert last.shape == (2, 1, 512) and mx.allclose(last, model(tokens)[:, -1:], atol=1e-5).item()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--quant", "bf16"], "the model needs ~"),
+    (["--quant", "mxfp4", "--rows", "32x32768"], "no row fits: the smallest, 32 x 32768 (bf16 KV), needs"),
+])
+def test_a_run_that_does_not_fit_is_refused_before_building(run_zaya, args, says, monkeypatch):
+    """Full size in a 12 GB budget: the bf16 weights alone (16.8 GB) do not fit; MXFP4 weights do, but not 32
+    sequences of 32,768 tokens of bf16 KV (43 GB). Nothing is built: one line, exit 1."""
+    monkeypatch.setattr(benchmark, "build_zaya", lambda *a, **k: pytest.fail("built"))
+    code, out, err = run_zaya("bench", "--memory", "12", *args)
+    assert code == 1 and out == "" and err.startswith(f"error: {says}") and err.count("\n") == 1
+    assert "--memory" in err and ("--quant mxfp4" in err or "--kv 8" in err)
+
+
+def test_rows_that_do_not_fit_are_skipped_and_said_so():
+    """The plan of the issue's rows on an 80 GB GPU: MXFP4 weights (4.5-5 GB); 32 x 32,768 fits with 8-bit KV
+    (32 x 36,864 allocated x 21,760 bytes, twice: 51 GB) but not in bf16 (97 GB); every other row fits."""
+    config = benchmark.full_config()
+    rows = ((1, 256), (1, 16384), (16, 256), (16, 16384), (32, 32768))
+    plan = benchmark.plan_bench(config, benchmark.lazy_model(config, "mxfp4"), rows, (None, 8), steps=32, runs=3,
+                                chunk=2048, budget=(int(68e9), "85% of 80 GB"), cpu=False)
+    assert set(plan.skipped) == {(None, 32, 32768)} and plan.row == "32 x 32768 (8-bit KV)"
+    assert 4.4e9 < plan.weights < 5.0e9 and plan.kv == 2 * 32 * 36864 * 21760
+
+
+def test_a_checkpoint_is_measured(run_zaya, tiny_model_dir, tmp_path):
+    """--model: the checkpoint's own weights as the loader gives them (bf16), not random ones of the config."""
+    from zaya_mlx.loading import load_model
+    from mlx.utils import tree_flatten
+
+    out = tmp_path / "b.json"
+    code, _, err = run_zaya("bench", "--model", tiny_model_dir, "--rows", "1x6", "--steps", "1", "--runs", "1",
+                            "--json", out)
+    assert code in (0, None), err
+    (res,) = json.loads(out.read_text())
+    params = tree_flatten(load_model(tiny_model_dir).parameters())
+    assert res["weight_gb"] * 1e9 == pytest.approx(sum(v.nbytes for _, v in params))
+    assert res["rows"][0]["decode_tps"] > 0
+
+
+@pytest.mark.parametrize("args", [["--batch", "x"], ["--batch", "1,0"], ["--quant", "int3"], ["--quant", ","],
+                                  ["--rows", "16"], ["--rows", "2x0"], ["--kv", "3"], ["--model", "x", "--small"]])
 def test_bad_input_is_one_line(run_zaya, args):
     code, out, err = run_zaya("bench", "--small", *args)
     assert code == 1
@@ -71,25 +173,20 @@ def test_a_steps_primitives_and_their_arguments_are_counted():
     assert arguments == (9, 8)
 
 
-def test_a_decode_rate_is_the_median_of_its_runs(monkeypatch):
+def test_a_decode_rate_is_the_median_of_its_runs():
     """Three runs at 5, 1 and 3 tok/s (graph building 0.5, 0.1, 0.3 ms): the rate is 3, the building time 0.3 (each
     the median, taken apart), and the log line gives the runs' range."""
     runs = iter([(5.0, 0.5), (1.0, 0.1), (3.0, 0.3)])
 
-    def fake_run(forward, make_cache, batch, context, steps, vocab):
-        rate, build_ms = next(runs)
-        return benchmark.DecodeTiming(rate, build_ms, [rate])
-
-    monkeypatch.setattr(benchmark, "time_decode", fake_run)
-    timing = benchmark.median_decode(None, None, 4, 8, 2, 10, runs=3)
+    timing = benchmark.median_timing([benchmark.DecodeTiming(rate, ms, [rate]) for rate, ms in runs])
     assert (timing.tps, timing.build_ms, timing.rates) == (3.0, 0.3, [5.0, 1.0, 3.0])
     assert timing.runs() == ", median of 3 runs: 1.0-5.0"
     assert benchmark.DecodeTiming(2.0, 0.1, [2.0]).runs() == ""  # one run: no range
 
 
 def test_runs_reach_every_model_measured(run_zaya, tmp_path):
-    code, out, err = run_zaya("bench", "--small", "--quant", "bf16", "--batch", "1", "--steps", "2", "--prompt", "8",
-                              "--context", "8", "--runs", "2", "--plain")
+    code, out, err = run_zaya("bench", "--small", "--quant", "bf16", "--batch", "1", "--steps", "2", "--context", "8",
+                              "--runs", "2", "--plain")
     assert code in (0, None), err
     assert out.count("median of 2 runs") == 3  # fused, fused not compiled, plain ops
 
@@ -101,3 +198,14 @@ def test_an_interrupted_command_exits_130_without_a_traceback(run_zaya, monkeypa
     monkeypatch.setattr(benchmark, "run", interrupted)
     code, out, err = run_zaya("bench", "--small")
     assert code == 130 and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("quant", ["mxfp4", "affine4"])
+def test_weights_quantized_in_blocks_of_rows_are_those_quantized_whole(quant, monkeypatch):
+    """The random model's large weights are quantized a block of rows at a time (bounded memory on the CPU): the same
+    packed weights, scales and biases as quantizing each whole."""
+    whole = dict(tree_flatten(benchmark.build_zaya(small_config(), quant).parameters()))
+    monkeypatch.setattr(benchmark, "QUANTIZE_ROWS_BYTES", 4096)
+    blocks = dict(tree_flatten(benchmark.build_zaya(small_config(), quant).parameters()))
+    assert whole.keys() == blocks.keys() and any(k.endswith("embed_tokens.scales") for k in whole)
+    assert all(mx.array_equal(whole[k], blocks[k]).item() for k in whole)

@@ -292,6 +292,63 @@ def test_cca_step_inside_attention_body(shape, pads, window, single_pass, dtype,
     assert mx.array_equal(got[2], want[2])  # the value is copied, not computed
 
 
+@pytest.mark.parametrize("bits,group,single_pass", [(8, 32, 64), (4, 32, 64), (8, 64, 4)])
+def test_attention_body_reads_a_quantized_cache(bits, group, single_pass, monkeypatch):
+    """Keys and values as mx.quantize packs them (two groups a row at group 32; 4 bits: a lane's two values in half a
+    word), read in place: attention over the dequantized cache, in one pass and split into chunks."""
+    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
+    monkeypatch.setattr(attention, "CHUNK", 4)
+    mx.random.seed(bits + group)
+    B, NH, NKV, D, cap, length = 2, 4, 2, 64, 20, 13
+    q = rnd(B, NH, 1, D)
+    keys, values = (mx.quantize(rnd(B, NKV, cap, D), group_size=group, bits=bits) for _ in range(2))
+    lp = mx.array([0, 3], dtype=mx.int32)
+    assert attention.kernel_supported(q, keys)
+    ref = attention.decode_attention_reference(q, keys, values, length, scale=D**-0.5, left_padding=lp, window=9)
+    with emulated():
+        out = attention.decode_attention_kernel(q, keys, values, mx.array([length], mx.int32), scale=D**-0.5,
+                                                left_padding=lp, window=9, back="cuda")
+    assert out.shape == ref.shape and max_rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("bits,single_pass,dtype", [(8, 64, mx.bfloat16), (4, 4, mx.float32)])
+def test_cca_step_inside_attention_writes_a_quantized_cache(bits, single_pass, dtype, monkeypatch):
+    """With a quantized cache the step quantizes the new key and value as mx.quantize does, at position filled - 1
+    alone, and attends to them as the cache then holds them; in one pass and split into chunks."""
+    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
+    monkeypatch.setattr(attention, "CHUNK", 4)
+    cap, filled, group = 20, 13, 32
+    a, kw, o_proj = _cca_attention_case(2, 4, 2, 64, 2, 2, 32, dtype, cap, filled, seed=bits,
+                                        o_proj=linear(40, 4 * 64, dtype))
+    a["keys"], a["values"] = (mx.quantize(a[n], group_size=group, bits=bits) for n in ("keys", "values"))
+    lp = mx.array([0, 3], dtype=mx.int32)
+    want = _cca_attention_reference(a, kw, filled, lp, 6, o_proj)
+    mx.eval(want)  # before the kernel writes into the cache's buffers
+    assert attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"], o_proj=o_proj,
+                                          **{k: v for k, v in kw.items() if k != "scale"})
+    with emulated():
+        got = attention.cca_decode_attention(**a, filled=mx.array([filled], mx.int32), left_padding=lp, window=6,
+                                             o_proj=o_proj, impl="kernel", **kw)
+    assert got[1] is a["keys"] and got[2] is a["values"]  # written in place
+    out = got[0].sum(axis=1, keepdims=True)
+    assert out.shape == want[0].shape and max_rel(out, want[0]) < (2e-2 if dtype == mx.bfloat16 else 1e-5)
+    for g, w in zip(got[1:3], want[1:3]):  # every other position as it was
+        for gp, wp in zip(g, w):
+            assert gp.dtype == wp.dtype and gp.shape == wp.shape
+            assert mx.array_equal(gp[:, :, : filled - 1], wp[:, :, : filled - 1]).item()
+            assert mx.array_equal(gp[:, :, filled:], wp[:, :, filled:]).item()
+    # the new value (the step's input, copied) quantized as mx.quantize does it: the same integers; the scales and
+    # biases to float32's last bit
+    (gw, gs, gb), (ww, ws, wb) = got[2], want[2]
+    assert mx.array_equal(gw, ww).item() and max_rel(gs, ws) < 1e-6 and max_rel(gb, wb) < 1e-6
+    # the new key, computed in float32 where the reference rounds to dtype: as close as in the plain cache's test,
+    # give or take one step of the integers (a bfloat16 difference may cross a rounding boundary)
+    new, ref = (attention.dequantized(k, 64)[:, :, filled - 1].astype(mx.float32) for k in (got[1], want[1]))
+    step = mx.abs(want[1][1][:, :, filled - 1]).max().item()
+    tol = 2e-2 * mx.abs(ref).max().item() + step if dtype == mx.bfloat16 else 1e-5 * mx.abs(ref).max().item()
+    assert mx.abs(new - ref).max().item() <= tol
+
+
 O_PROJ_FORMATS = [("dense", None, True), ("affine", dict(group_size=64, bits=4), False),
                   ("affine", dict(group_size=32, bits=8), True),
                   ("mxfp4", dict(group_size=32, bits=4, mode="mxfp4"), False)]

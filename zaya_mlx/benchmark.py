@@ -1,13 +1,14 @@
-"""Decode/prefill benchmark on full-size random weights (`zaya bench`, bench/bench_decode.py).
+"""Decode/prefill benchmark (`zaya bench`, bench/bench_decode.py): full-size random weights, or a checkpoint.
 
 Builds the model from a ZayaConfig in memory (no checkpoint needed), random weights, optionally quantized as a
-recipe in quantize/ does (experts, attention projections, tied embedding; router kept), and measures:
-weight bytes (all, and read per decoded token at batch 1), KV bytes per token, graph primitives per decoded
-token (the nodes `mx.export_to_dot` writes for one decode step), prefill and decode tokens/s, peak memory.
-Optionally the same decode figures for vMLX's ZAYA port (pip package `vmlx`, or its `models/zaya.py` given as a
-file) in the same run, for a ratio. Speeds are measured, never asserted: no timed tests.
+recipe in quantize/ does (experts, attention projections, tied embedding; router kept), or loads a checkpoint
+(--model), after a memory plan says it fits (plan_bench). At each batch x context and KV format it fills the
+context in chunks (prefill tokens/s), then times greedy decode steps on that cache: tokens/s, ms a step, the bytes
+a step moves (weights read + KV read) and the share of the memory bandwidth's bound that the rate reaches; also
+weight and KV bytes per token, graph primitives per decoded token (the nodes `mx.export_to_dot` writes for one
+decode step), peak memory. Optionally the same decode figures for vMLX's ZAYA port (pip package `vmlx`, or its
+`models/zaya.py` given as a file) in the same run, for a ratio. Speeds are measured, never asserted: no timed tests.
 """
-
 from __future__ import annotations
 
 import collections
@@ -28,7 +29,9 @@ from mlx.utils import tree_flatten
 
 from . import kernels
 from .config import ZayaConfig
+from .errors import ZayaError
 from .kernels import _build
+from .kv_cache import kv_bytes_per_token
 from .model import Model
 
 # quantization formats of the recipes (group size, bits, mode)
@@ -54,46 +57,76 @@ def small_config() -> ZayaConfig:
                       head_dim=64, moe_intermediate_size=256, num_experts=4, router_hidden_size=64)
 
 
-def _quantize(model: nn.Module, quant: str | None, paths: re.Pattern) -> None:
+QUANTIZE_ROWS_BYTES = 32 << 20  # a weight quantized a block of rows this large at a time (see _quantize)
+
+
+def _quantize(model: nn.Module, quant: str | None, paths: re.Pattern, within: str = "") -> None:
+    """The recipe's modules (those at or under the path ``within``) quantized. A large weight is quantized a block
+    of rows at a time, each evaluated before the next: MLX's CPU MXFP4 quantization holds ~20x the block's bytes
+    while it runs (a whole bf16 embedding: over 20 GB). Else lazily: nothing is computed until evaluated."""
     if not quant or quant in UNQUANTIZED:
         return
     group_size, bits, mode = FORMATS[quant]
 
     def pred(path, module):
-        return hasattr(module, "to_quantized") and bool(paths.search(path)) and ".gate." not in path and "router" not in path
+        inside = f"{path}.".startswith(f"{within}.") or within.startswith(f"{path}.") or not within
+        return (inside and hasattr(module, "to_quantized") and bool(paths.search(path)) and ".gate." not in path
+                and "router" not in path)
 
+    sources = {path: m.weight for path, m in model.named_modules() if pred(path, m)}
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=pred)
+    modules = dict(model.named_modules())
+    for path, w in sources.items():
+        if w.nbytes <= QUANTIZE_ROWS_BYTES or mx.default_device() != mx.cpu:
+            continue
+        rows = max(1, QUANTIZE_ROWS_BYTES // (w.nbytes // w.shape[-2]))
+        parts = []
+        for i in range(0, w.shape[-2], rows):
+            parts.append(mx.quantize(w[..., i : i + rows, :], group_size, bits, mode=mode))
+            mx.eval(parts[-1])
+        q = modules[path]
+        q.weight, q.scales = (mx.concatenate([p[k] for p in parts], axis=-2) for k in (0, 1))
+        if mode == "affine":
+            q.biases = mx.concatenate([p[2] for p in parts], axis=-2)
 
 
-def _materialize(model: nn.Module, dtype=mx.bfloat16) -> None:
-    """Random init -> dtype, one layer at a time (bounded peak memory); router balancing biases stay fp32."""
+def _materialize(model: nn.Module, dtype=mx.bfloat16, quantize=lambda within: None, log=None) -> None:
+    """Random init -> dtype, one layer at a time, each quantized (``quantize(its path)``) before the next is made: the
+    peak is the quantized model and one layer in dtype. Router balancing biases stay fp32. log: where progress goes
+    (every 10 s, with an estimate), or None."""
     from mlx.utils import tree_unflatten
 
     groups = collections.OrderedDict()
     for k, v in tree_flatten(model.parameters()):
         m = re.match(r"(.*?layers\.\d+)\.", k)
         groups.setdefault(m.group(1) if m else k, []).append((k, v))
-    for items in groups.values():
+    total = sum(v.size for items in groups.values() for _, v in items)
+    done, t0, shown = 0, time.perf_counter(), time.perf_counter()
+    for within, items in groups.items():
         new = [(k, v.astype(mx.float32 if "balancing_biases" in k else dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
                for k, v in items]
         model.update(tree_unflatten(new), strict=False)
         mx.eval([v for _, v in new])
+        quantize(within)
+        mx.eval([v for k, v in tree_flatten(model.parameters()) if k == within or k.startswith(f"{within}.")])
+        done += sum(v.size for _, v in items)
+        now = time.perf_counter()
+        if log is not None and now - shown > 10 and done < total:
+            shown = now
+            log(f"  building: {done / total:.0%} of the weights, ~{(now - t0) * (total - done) / done:.0f} s left")
 
 
-def build_zaya(config: ZayaConfig, quant: str | None = None, seed: int = 0, dtype=mx.bfloat16) -> Model:
-    """The port with random weights: bf16 (router biases fp32), temperatures at 1, optionally quantized."""
+def build_zaya(config: ZayaConfig, quant: str | None = None, seed: int = 0, dtype=mx.bfloat16, log=None) -> Model:
+    """The port with random weights: bf16 (router biases fp32), temperatures at 1, optionally quantized. log: where
+    the build's progress goes, or None."""
     mx.random.seed(seed)
     model = Model(config)
     for layer in model.layers:
         layer.self_attn.qk_norm.temp = mx.ones_like(layer.self_attn.qk_norm.temp)
         gate = layer.mlp.gate  # spread the routing: random balancing biases, a live skip choice
         gate.balancing_biases = mx.random.normal(gate.balancing_biases.shape) * 0.02
-    _materialize(model, dtype)
-    _quantize(model, quant, QUANTIZED_PATHS)
-    mx.eval(model.parameters())
+    _materialize(model, dtype, lambda within: _quantize(model, quant, QUANTIZED_PATHS, within), log)
     return model
-
-
 def load_vmlx_module(path: str | None = None):
     """vMLX's ZAYA model module: from the installed package, or from a copy of its models/zaya.py."""
     path = path or os.environ.get("ZAYA_VMLX_FILE")
@@ -122,9 +155,7 @@ def build_vmlx(mod, config: ZayaConfig, quant: str | None = None, seed: int = 0)
     for layer in model.layers:
         if getattr(layer, "self_attn", None) is not None:
             layer.self_attn.qkv.temp = mx.ones_like(layer.self_attn.qkv.temp)
-    _materialize(model)
-    _quantize(model, quant, VMLX_QUANTIZED_PATHS)
-    mx.eval(model.parameters())
+    _materialize(model, quantize=lambda within: _quantize(model, quant, VMLX_QUANTIZED_PATHS, within))
     return model
 
 
@@ -132,13 +163,31 @@ def build_vmlx(mod, config: ZayaConfig, quant: str | None = None, seed: int = 0)
 
 
 def weight_bytes(model: nn.Module, num_experts: int) -> tuple[int, int]:
-    """(all weight bytes, bytes read per decoded token at batch 1: every weight except the unchosen experts)."""
+    """(all weight bytes, the experts' bytes: a decode step reads those of the experts its tokens choose)."""
     total = expert = 0
     for k, v in tree_flatten(model.parameters()):
         total += v.nbytes
         if "experts" in k or "switch_mlp" in k:
             expert += v.nbytes
-    return total, total - expert + expert // num_experts
+    return total, expert
+
+
+def weights_read(total: int, experts: int, num_experts: int, batch: int) -> int:
+    """Weight bytes a decode step of ``batch`` tokens reads: all but the experts, and the experts chosen. With top-1
+    routing spread evenly (as the random weights route), E (1 - (1 - 1/E)^B) distinct experts a layer on average."""
+    chosen = num_experts * (1 - (1 - 1 / num_experts) ** batch)
+    return int(total - experts + experts / num_experts * chosen)
+
+
+# Memory bandwidth (TB/s, the vendors' figures) of GPUs by a part of the name the device reports; the first match
+# wins. Elsewhere give --bandwidth.
+BANDWIDTH_TBS = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("GH200", 4.0), ("H200", 4.8))
+
+
+def device_bandwidth() -> float | None:
+    """Bytes/s of this device's memory where BANDWIDTH_TBS knows its name, else None."""
+    name = str(mx.device_info().get("device_name", ""))
+    return next((tbs * 1e12 for key, tbs in BANDWIDTH_TBS if key in name), None)
 
 
 def _cache_arrays(cache) -> list:
@@ -171,31 +220,21 @@ def count_primitives(forward, make_cache, batch: int, prompt: int = 8) -> tuple[
     return len(labels), dict(collections.Counter(labels).most_common()), (inputs, outputs)
 
 
-def _arguments(res: Result, batch: int) -> str:
-    inputs, outputs = res.arguments_per_step[batch]
-    return f"{inputs} inputs, {outputs} outputs"
-
-
 def _argmax_last(logits):
     return mx.argmax(logits[:, -1, :], axis=-1, keepdims=True).astype(mx.int32)
 
 
-def time_prefill(hidden, head, make_cache, batch: int, length: int, vocab: int, reps: int = 2) -> float:
-    """Prompt tokens/s: hidden states for the whole prompt + logits of the last position, into a fresh cache."""
-    best = None
-    for r in range(reps + 1):  # the first run compiles kernels and shapes
-        cache = make_cache()
-        tokens = mx.random.randint(0, vocab, (batch, length)).astype(mx.int32)
-        mx.eval(tokens)
-        mx.synchronize()
-        t0 = time.perf_counter()
-        out = head(hidden(tokens, cache)[:, -1:, :])
-        mx.eval(out, _cache_arrays(cache))
-        mx.synchronize()
-        dt = time.perf_counter() - t0
-        if r:
-            best = dt if best is None else min(best, dt)
-    return batch * length / best
+def fill_context(forward, cache, batch: int, context: int, vocab: int, chunk: int = 2048) -> mx.array:
+    """``context`` random tokens a row into the cache, all but the last in chunks of ``chunk`` whose logits are never
+    evaluated (so never computed), the last alone; returns the greedy next token [B, 1]. Memory stays that of one
+    chunk: the logits of a whole long prompt (B x L x 262,272 floats) would not fit."""
+    tokens = mx.random.randint(0, vocab, (batch, context)).astype(mx.int32)
+    for i in range(0, context - 1, chunk):
+        forward(tokens[:, i : min(i + chunk, context - 1)], cache)
+        mx.eval(_cache_arrays(cache))
+    tok = _argmax_last(forward(tokens[:, -1:], cache))
+    mx.eval(tok, _cache_arrays(cache))
+    return tok
 
 
 @dataclass
@@ -212,13 +251,10 @@ class DecodeTiming:
         return "" if n == 1 else f", median of {n} runs: {min(self.rates):.1f}-{max(self.rates):.1f}"
 
 
-def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int) -> DecodeTiming:
-    """One timed run, greedy, each step's graph built while the last one runs."""
-    cache = make_cache()
-    tokens = mx.random.randint(0, vocab, (batch, context)).astype(mx.int32)
-    tok = _argmax_last(forward(tokens, cache))
-    mx.eval(tok, _cache_arrays(cache))
-    for _ in range(3):  # warm-up: kernel compilation
+def decode_run(forward, cache, tok: mx.array, steps: int, warmup: int = 0) -> tuple[DecodeTiming, mx.array]:
+    """One timed run of ``steps`` greedy steps from ``tok`` on ``cache`` (after ``warmup`` untimed ones, which compile
+    kernels), each step's graph built while the last one runs. Returns (the timing, the last token)."""
+    for _ in range(warmup):
         tok = _argmax_last(forward(tok, cache))
         mx.eval(tok)
     mx.synchronize()
@@ -231,23 +267,26 @@ def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab
         mx.async_eval(tok)
     mx.eval(tok)
     mx.synchronize()
-    tps = batch * steps / (time.perf_counter() - t0)
-    return DecodeTiming(tps, 1e3 * build / steps, [tps])
+    tps = tok.shape[0] * steps / (time.perf_counter() - t0)
+    return DecodeTiming(tps, 1e3 * build / steps, [tps]), tok
 
 
-def median_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int, runs: int) -> DecodeTiming:
-    """The median of ``runs`` timed runs (rate and building time each): one run lasts well under a second at batch
-    1, and moves with the host's moment (bench/RESULTS.md); the median moves less."""
-    timed = [time_decode(forward, make_cache, batch, context, steps, vocab) for _ in range(runs)]
+def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int) -> DecodeTiming:
+    """One timed run in a fresh cache filled with ``context`` tokens."""
+    cache = make_cache()
+    tok = fill_context(forward, cache, batch, context, vocab)
+    return decode_run(forward, cache, tok, steps, warmup=3)[0]
+
+
+def median_timing(timed: list[DecodeTiming]) -> DecodeTiming:
+    """The median of timed runs (rate and building time each): one run lasts well under a second at batch 1, and
+    moves with the host's moment (bench/RESULTS.md); the median moves less."""
     return DecodeTiming(statistics.median(t.tps for t in timed), statistics.median(t.build_ms for t in timed),
                         [t.tps for t in timed])
 
 
-def time_step_eval(forward, make_cache, batch: int, context: int, vocab: int, reps: int = 5) -> float:
+def step_eval_ms(forward, cache, tok: mx.array, reps: int = 5) -> float:
     """ms of one synchronous eval of an already-built step (encoding + GPU), no overlap: the best of ``reps``."""
-    cache = make_cache()
-    tok = _argmax_last(forward(mx.random.randint(0, vocab, (batch, context)).astype(mx.int32), cache))
-    mx.eval(tok)
     best = None
     for _ in range(reps):
         tok = _argmax_last(forward(tok, cache))
@@ -261,83 +300,127 @@ def time_step_eval(forward, make_cache, batch: int, context: int, vocab: int, re
 
 
 @dataclass
+class Row:
+    """One batch x context measured: the context filled in chunks (prefill tokens/s), then decode runs on the same
+    cache. bytes_per_step: the weights a step reads (weights_read) and the KV it reads; bound_tps: the tokens/s at
+    which those bytes take the device's memory bandwidth (None where it is unknown)."""
+    batch: int
+    context: int
+    kv: str
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    decode_runs: list = field(default_factory=list)
+    build_ms: float = 0.0  # ms a step spent building the graph in Python
+    eval_ms: float = 0.0  # ms of a synchronous eval of one built step
+    bytes_per_step: int = 0
+    bound_tps: float | None = None
+    primitives: int = 0
+    arguments: tuple = (0, 0)  # (inputs, outputs) of those primitives
+    peak_gb: float = 0.0
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.batch / self.decode_tps if self.decode_tps else 0.0
+
+    @property
+    def share(self) -> float | None:
+        return self.decode_tps / self.bound_tps if self.bound_tps else None
+
+    def line(self) -> str:
+        bound = f", {self.share:.0%} of the bound {self.bound_tps:,.0f}" if self.bound_tps else ""
+        return (f"{self.primitives} primitives/step ({self.arguments[0]} inputs, {self.arguments[1]} outputs), "
+                f"prefill {self.prefill_tps:,.0f} tok/s, decode {self.decode_tps:,.1f} tok/s"
+                f"{DecodeTiming(self.decode_tps, self.build_ms, self.decode_runs).runs()}{bound} "
+                f"({self.ms_per_step:.2f} ms/step, {self.bytes_per_step / 1e9:.2f} GB moved; graph building "
+                f"{self.build_ms:.2f} ms/step, one step's eval {self.eval_ms:.2f} ms), peak {self.peak_gb:.1f} GB")
+
+
+def measure_row(forward, make_cache, batch: int, context: int, kv: str, *, steps: int, runs: int, vocab: int,
+                chunk: int, bytes_per_step: int, bandwidth: float | None, primitives: bool = True) -> Row:
+    """Fill a cache once (a warm-up chunk first, in a throwaway cache: kernels compile), then ``runs`` timed decode
+    runs on it, then one step's eval time and the step's graph."""
+    mx.reset_peak_memory()
+    fill_context(forward, make_cache(), batch, min(context, chunk + 1), vocab, chunk)
+    gc.collect()
+    cache = make_cache()
+    mx.synchronize()
+    t0 = time.perf_counter()
+    tok = fill_context(forward, cache, batch, context, vocab, chunk)
+    mx.synchronize()
+    row = Row(batch, context, kv, prefill_tps=batch * context / (time.perf_counter() - t0),
+              bytes_per_step=bytes_per_step, bound_tps=bandwidth * batch / bytes_per_step if bandwidth else None)
+    timed = []
+    for r in range(runs):
+        timing, tok = decode_run(forward, cache, tok, steps, warmup=3 if r == 0 else 0)
+        timed.append(timing)
+    timing = median_timing(timed)
+    row.decode_tps, row.decode_runs, row.build_ms = timing.tps, timing.rates, timing.build_ms
+    row.eval_ms = step_eval_ms(forward, cache, tok)
+    if primitives:
+        row.primitives, _, row.arguments = count_primitives(forward, lambda: cache, batch)
+    row.peak_gb = mx.get_peak_memory() / 1e9
+    del cache
+    gc.collect()
+    mx.clear_cache()
+    return row
+
+
+@dataclass
 class Result:
     name: str
     quant: str
     device: str
     weight_gb: float = 0.0
-    weight_gb_per_token: float = 0.0
-    kv_bytes_per_token: int = 0
-    primitives_per_step: dict = field(default_factory=dict)  # batch -> count
-    primitive_kinds: dict = field(default_factory=dict)
-    arguments_per_step: dict = field(default_factory=dict)  # batch -> [inputs, outputs] of those primitives
-    prefill_tps: dict = field(default_factory=dict)  # batch -> tokens/s
-    decode_tps: dict = field(default_factory=dict)  # batch -> the median of decode_runs
-    decode_runs: dict = field(default_factory=dict)  # batch -> tokens/s of each timed run
-    peak_gb: float = 0.0
+    weight_gb_per_token: float = 0.0  # read by a decode step at batch 1
+    kv_bytes_per_token: dict = field(default_factory=dict)  # KV format -> bytes
+    primitive_kinds: dict = field(default_factory=dict)  # of the first row's step
+    rows: list = field(default_factory=list)  # Row, for each KV format and batch x context
     max_rel_logit_diff: float | None = None  # fused decode vs the plain path, same weights
-    build_ms: dict = field(default_factory=dict)  # batch -> ms per step spent building the graph in Python
-    eval_ms: dict = field(default_factory=dict)  # batch -> ms of a synchronous eval of one built step
-
-    def add_decode(self, batch: int, timing: DecodeTiming):
-        """A batch size's decode timing, in the fields the JSON and the table read."""
-        self.decode_tps[batch], self.decode_runs[batch] = timing.tps, timing.rates
-        self.build_ms[batch] = timing.build_ms
 
 
 def _fused(mode: str):
     os.environ["ZAYA_FUSED"] = mode
 
 
-def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: int = 512, context: int = 256,
+def kv_name(kv_bits: int | None) -> str:
+    return "bf16" if kv_bits is None else f"{kv_bits}-bit"
+
+
+def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 256), (8, 256)), kv_formats=(None,),
                steps: int = 64, fused: bool = True, check: bool = True, log=print, compiled: bool = True,
-               model: Model | None = None, label: str | None = None, prefill: bool = True, runs: int = 1) -> Result:
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    own = model is None
-    if own:
-        model = build_zaya(config, quant)
-        log(f"  built {quant or 'bf16'} model in {time.perf_counter() - t0:.1f} s")
-    total, per_tok = weight_bytes(model, config.num_experts)
+               label: str | None = None, runs: int = 1, chunk: int = 2048, bandwidth: float | None = None,
+               skip: dict | None = None) -> Result:
+    """The model's figures at each batch x context and KV format (see Row), but those in ``skip`` (BenchPlan's)."""
+    skip = skip or {}
+    total, experts = weight_bytes(model, config.num_experts)
     name = label or (("zaya-mlx (fused decode)" if compiled else "zaya-mlx (fused, not compiled)") if fused
                      else "zaya-mlx (plain ops)")
     os.environ["ZAYA_COMPILE"] = "1" if compiled else "0"
-    res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
-    dt = mx.bfloat16.size
-    res.kv_bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * dt * config.num_hidden_layers
-
-    def hidden(tokens, cache):
-        return model.model(tokens, cache)
-
-    def head(h):
-        return (model.lm_head(h) if "lm_head" in model else model.model.embed_tokens.as_linear(h)).astype(mx.float32)
-
+    res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9,
+                 weights_read(total, experts, config.num_experts, 1) / 1e9)
     _fused("1" if fused else "0")
     try:
-        for b in batches:
-            n, kinds, res.arguments_per_step[b] = count_primitives(model, model.make_cache, b)
-            res.primitives_per_step[b] = n
-            if b == batches[0]:
-                res.primitive_kinds = kinds
-            if prefill and fused and compiled:  # prefill runs the same ops either way
-                res.prefill_tps[b] = time_prefill(hidden, head, model.make_cache, b, prompt, config.vocab_size)
-            timing = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
-            res.add_decode(b, timing)
-            res.eval_ms[b] = time_step_eval(model, model.make_cache, b, context, config.vocab_size)
-            log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), "
-                f"prefill {res.prefill_tps.get(b, 0):.0f} tok/s, decode {timing.tps:.1f} tok/s{timing.runs()} "
-                f"(graph building {timing.build_ms:.2f} ms/step, one step's eval {res.eval_ms[b]:.2f} ms)")
-        if check and fused:
-            res.max_rel_logit_diff = max(fused_vs_plain(model, config.vocab_size, batch=max(batches))[0])
+        for bits in kv_formats:
+            kv = res.kv_bytes_per_token[kv_name(bits)] = kv_bytes_per_token(config, bits)
+            for b, ctx in rows:
+                if (bits, b, ctx) in skip:
+                    log(f"  {_row_name(b, ctx, bits)}: skipped, it needs ~{skip[bits, b, ctx] / 1e9:.2f} GB")
+                    continue
+                moved = weights_read(total, experts, config.num_experts, b) + b * ctx * kv
+                row = measure_row(model, lambda: model.make_cache(kv_bits=bits), b, ctx, kv_name(bits), steps=steps,
+                                  runs=runs, vocab=config.vocab_size, chunk=chunk, bytes_per_step=moved,
+                                  bandwidth=bandwidth)
+                res.rows.append(row)
+                log(f"  {b} x {ctx}, {kv_name(bits)} KV: {row.line()}")
+        if res.rows:
+            res.primitive_kinds = count_primitives(model, model.make_cache, res.rows[0].batch)[1]
+        if check and fused and res.rows:
+            batch = max(row.batch for row in res.rows)
+            res.max_rel_logit_diff = max(fused_vs_plain(model, config.vocab_size, batch=batch)[0])
             log(f"  fused vs plain decode logits: max |diff| / max |logit| = {res.max_rel_logit_diff:.2e}")
     finally:
         os.environ.pop("ZAYA_FUSED", None)
         os.environ.pop("ZAYA_COMPILE", None)
-    res.peak_gb = mx.get_peak_memory() / 1e9
-    if own:
-        del model
-        gc.collect()  # the compiled step functions hold the model in a reference cycle
-        mx.clear_cache()
     return res
 
 
@@ -368,40 +451,40 @@ def fused_vs_plain(model: Model, vocab: int, batch: int = 2, context: int = 24, 
     return errors, caches["1"]
 
 
-def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context: int = 256, steps: int = 16,
-               log=print, runs: int = 1) -> Result:
-    mx.reset_peak_memory()
+def bench_vmlx(config: ZayaConfig, quant: str | None, mod, context: int = 256, steps: int = 16, log=print,
+               runs: int = 1, chunk: int = 2048, bandwidth: float | None = None) -> Result:
+    """vMLX's port at batch 1 (its bf16 KV cache)."""
     model = build_vmlx(mod, config, quant)
-    total, per_tok = weight_bytes(model, config.num_experts)
-    res = Result("vMLX ZAYA port", quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
-    res.kv_bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * mx.bfloat16.size * config.num_hidden_layers
-    for b in batches:
-        n, kinds, res.arguments_per_step[b] = count_primitives(model, model.make_cache, b)
-        res.primitives_per_step[b] = n
-        if b == batches[0]:
-            res.primitive_kinds = kinds
-        timing = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
-        res.add_decode(b, timing)
-        log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), decode {timing.tps:.1f} tok/s{timing.runs()} "
-            f"(graph building {timing.build_ms:.2f} ms/step)")
-    res.peak_gb = mx.get_peak_memory() / 1e9
+    total, experts = weight_bytes(model, config.num_experts)
+    res = Result("vMLX ZAYA port", quant or "bf16", str(mx.default_device()), total / 1e9,
+                 weights_read(total, experts, config.num_experts, 1) / 1e9)
+    kv = res.kv_bytes_per_token["bf16"] = kv_bytes_per_token(config)
+    row = measure_row(model, model.make_cache, 1, context, "bf16", steps=steps, runs=runs, vocab=config.vocab_size,
+                      chunk=chunk, bytes_per_step=weights_read(total, experts, config.num_experts, 1) + context * kv,
+                      bandwidth=bandwidth)
+    res.rows.append(row)
+    log(f"  1 x {context}: {row.line()}")
     del model
     gc.collect()  # the compiled step functions hold the model in a reference cycle
     mx.clear_cache()
     return res
 
 
-def markdown(results: list[Result], command: str) -> str:
-    lines = [f"Command: `{command}`", f"Device: {results[0].device if results else '?'}, kernels: {kernels.backend()}", ""]
-    lines.append("| model | weights | GB | GB read / token (B=1) | KV bytes / token | primitives / step (B=1) | "
-                 "prefill tok/s B=1 | B=8 | decode tok/s B=1 | B=8 | peak GB |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+def markdown(results: list[Result], command: str, bandwidth: float | None = None) -> str:
+    bandwidth = bandwidth or device_bandwidth()
+    bw = f"{bandwidth / 1e12:.2f} TB/s" if bandwidth else "unknown (--bandwidth)"
+    lines = [f"Command: `{command}`",
+             f"Device: {results[0].device if results else '?'} {mx.device_info().get('device_name', '')}, kernels: "
+             f"{kernels.backend()}, memory bandwidth {bw}", ""]
+    lines.append("| model | weights | GB | KV | batch x context | prefill tok/s | decode tok/s | ms / step | "
+                 "GB moved / step | bound tok/s | share of bound | primitives / step | peak GB |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        def g(d, b, fmt="{:.0f}"):
-            return fmt.format(d[b]) if b in d else "-"
-        lines.append(f"| {r.name} | {r.quant} | {r.weight_gb:.2f} | {r.weight_gb_per_token:.3f} | {r.kv_bytes_per_token} | "
-                     f"{g(r.primitives_per_step, 1, '{}')} | {g(r.prefill_tps, 1)} | {g(r.prefill_tps, 8)} | "
-                     f"{g(r.decode_tps, 1, '{:.1f}')} | {g(r.decode_tps, 8, '{:.1f}')} | {r.peak_gb:.1f} |")
+        for row in r.rows:
+            bound = f"{row.bound_tps:,.0f} | {row.share:.0%}" if row.bound_tps else "- | -"
+            lines.append(f"| {r.name} | {r.quant} | {r.weight_gb:.2f} | {row.kv} | {row.batch} x {row.context} | "
+                         f"{row.prefill_tps:,.0f} | {row.decode_tps:,.1f} | {row.ms_per_step:.2f} | "
+                         f"{row.bytes_per_step / 1e9:.2f} | {bound} | {row.primitives} | {row.peak_gb:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -429,40 +512,160 @@ def reset_kernels(model: Model):
     model.model.__dict__.pop("_fused_steps", None)
 
 
-def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps=64, small=False, plain=False,
+# --- the memory plan --------------------------------------------------------------------------------------------
+
+
+def lazy_model(config: ZayaConfig, quant: str | None = None, checkpoint=None) -> Model:
+    """The model's modules, quantized as they will be, with no weight computed (MLX is lazy): their bytes, read off
+    the shapes, for the plan before anything is built."""
+    model = Model(config)
+    if checkpoint is not None and config.quantization:
+        from .loading import apply_quantization
+
+        apply_quantization(model, config.quantization, checkpoint.tensors)
+    else:
+        _quantize(model, quant, QUANTIZED_PATHS)
+    return model
+
+
+@dataclass
+class BenchPlan:
+    """Bytes a run needs at its peak: the weights; while building, one layer made in float32 and cast; then, at the
+    largest row that fits, its KV cache twice over (a cache grows by concatenation, and the fused step copies buffers
+    it did not make once, so old and new are alive together for a moment) and the working memory (one prefill
+    chunk's activations, attention scores where the CPU's attention makes them, a step's logits). skipped: the rows
+    (KV bits, batch, context) that do not fit, each with the bytes it needs."""
+    weights: int
+    build: int
+    kv: int
+    working: int
+    row: str
+    budget: int
+    source: str
+    skipped: dict = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return self.weights + max(self.build, self.kv + self.working)
+
+    def summary(self) -> str:
+        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        return (f"needs ~{gb(self.peak)} (weights {gb(self.weights)}, then at {self.row} KV {gb(self.kv)} and working "
+                f"memory {gb(self.working)}) of a {gb(self.budget)} budget ({self.source})")
+
+
+def _row_name(b: int, ctx: int, bits: int | None) -> str:
+    return f"{b} x {ctx} ({kv_name(bits)} KV)"
+
+
+def plan_bench(config: ZayaConfig, model: Model, rows, kv_formats, *, steps: int, runs: int, chunk: int,
+               budget: tuple[int, str] | None = None, random_weights: bool = True, cpu: bool | None = None) -> BenchPlan:
+    """The plan for measuring ``model`` (a lazy_model, its weights in bf16) at ``rows``: rows that do not fit the
+    budget (default: rsa.default_memory_budget's share of the machine) are skipped; a ZayaError naming what to lower
+    where the model does not fit, or no row does. cpu: whether attention runs on the CPU (default: this device's)."""
+    if budget is None:
+        from .rsa import default_memory_budget
+
+        budget = default_memory_budget()
+    params = tree_flatten(model.parameters())
+    weights = sum(v.size * 2 if mx.issubdtype(v.dtype, mx.floating) else v.nbytes for _, v in params)
+    layer = max(sum(v.size for _, v in tree_flatten(m.parameters())) for m in model.layers)
+    build = layer * (4 + 2) if random_weights else 0
+    H, V, NH = config.hidden_size, config.vocab_size, config.num_attention_heads
+    cpu = mx.default_device() == mx.cpu if cpu is None else cpu
+
+    def needs(b, ctx, bits):
+        held = -(-(ctx + runs * steps + 32) // 4096) * 4096
+        kv = 2 * b * held * kv_bytes_per_token(config, bits)
+        n = b * min(chunk, ctx)
+        working = n * (10 * H + 3 * config.moe_intermediate_size) * 4 + 3 * b * V * 4
+        if cpu:
+            working += 2 * n * NH * ctx * 4
+        return kv, working
+
+    room = int(budget[0]) - weights
+    every = {(bits, b, ctx): needs(b, ctx, bits) for bits in kv_formats for b, ctx in rows}
+    fit = {k: v for k, v in every.items() if sum(v) <= room}
+    gb = lambda x: f"{x / 1e9:.2f} GB"  # noqa: E731
+    if weights + build > budget[0]:
+        lower = ("use a quantized checkpoint (zaya quantize)" if not random_weights
+                 else "use --quant mxfp4, fewer --experts (a token reads one either way) or --small")
+        raise ZayaError(f"the model needs ~{gb(weights + build)} ({gb(weights)} of weights) of a {gb(budget[0])} "
+                        f"budget ({budget[1]}): {lower}, or raise --memory")
+    if not fit:
+        key = min(every, key=lambda k: sum(every[k]))
+        raise ZayaError(f"no row fits: the smallest, {_row_name(key[1], key[2], key[0])}, needs "
+                        f"{gb(weights + sum(every[key]))} of a {gb(budget[0])} budget ({budget[1]}) with "
+                        f"{gb(weights)} of weights: lower its batch or context, or quantize the KV (--kv 8), or "
+                        "raise --memory")
+    key = max(fit, key=lambda k: sum(fit[k]))
+    return BenchPlan(weights, build, *fit[key], _row_name(key[1], key[2], key[0]), int(budget[0]), budget[1],
+                     {k: weights + sum(v) for k, v in every.items() if k not in fit})
+
+
+# --- the whole benchmark ----------------------------------------------------------------------------------------
+
+
+def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,), steps=64, small=False, plain=False,
         vmlx: str | bool | None = None, host_floor=False, experts: int | None = None, runs: int = 3,
-        log=print) -> list[Result]:
-    """The whole benchmark; returns one Result per (model, weights) measured. experts: fewer experts than the
-    config's, for quick A/B runs: with top-1 routing a token reads one expert either way, so a step's graph and
-    the bytes it reads stay the same (but for the router's output rows, one an expert) while the model builds in
-    seconds. runs: each decode rate is the median of this many timed runs, for every model alike."""
-    config = small_config() if small else full_config()
-    if experts is not None:
-        config = replace(config, num_experts=experts)
+        chunk: int = 2048, bandwidth: float | None = None, model_path: str | None = None,
+        memory: float | None = None, log=print) -> list[Result]:
+    """The whole benchmark; returns one Result per (model, weights) measured. Every model is planned (plan_bench)
+    before the first is built. experts: fewer experts than the config's, for quick A/B runs: with top-1 routing a
+    token reads one expert either way, so a step's graph and the bytes it reads stay the same (but for the
+    router's output rows, one an expert) while the model builds in seconds. runs: each decode rate is the median of
+    this many timed runs, for every model alike. model_path: a checkpoint measured in place of random weights.
+    memory: the budget in GB (default: a share of the machine's). bandwidth: bytes/s (default device_bandwidth())."""
+    bandwidth = bandwidth or device_bandwidth()
+    budget = (int(memory * 1e9), "--memory") if memory else None
+    checkpoint = None
+    if model_path is not None:
+        from .loading import open_checkpoint, resolve_model_path
+
+        checkpoint = open_checkpoint(resolve_model_path(model_path))
+        config = checkpoint.config
+        qc = config.quantization or {}
+        quants = (f"{qc.get('mode', 'affine')}{qc.get('bits', '')}" if qc else "bf16",)
+    else:
+        config = small_config() if small else full_config()
+        if experts is not None:
+            config = replace(config, num_experts=experts)
+    plans = {}
+    for q in quants:
+        lazy = lazy_model(config, None if q in UNQUANTIZED else q, checkpoint)
+        plans[q] = plan_bench(config, lazy, rows, kv_formats, steps=steps, runs=runs, chunk=chunk, budget=budget,
+                              random_weights=checkpoint is None)
+        del lazy
     results = []
     for q in quants:
+        plan = plans[q]
+        log(f"zaya-mlx {q}: {plan.summary()}")
+        t0 = time.perf_counter()
+        if checkpoint is not None:
+            from .loading import load_model
+
+            model = load_model(checkpoint.path)
+        else:
+            model = build_zaya(config, None if q in UNQUANTIZED else q, log=log)
+        log(f"  {'loaded' if checkpoint is not None else 'built'} in {time.perf_counter() - t0:.1f} s")
         q = None if q in UNQUANTIZED else q
-        log(f"zaya-mlx {q or 'bf16'}:")
-        model = build_zaya(config, q)
-        results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, log=log, model=model,
-                                  runs=runs))
+        kw = dict(rows=rows, kv_formats=kv_formats, log=log, runs=runs, chunk=chunk, bandwidth=bandwidth,
+                  skip=plan.skipped)
+        results.append(bench_zaya(config, q, model, steps=steps, **kw))
         if plain:
             log(f"zaya-mlx {q or 'bf16'} (fused, not compiled):")
-            results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, check=False, log=log,
-                                      compiled=False, model=model, runs=runs))
+            results.append(bench_zaya(config, q, model, steps=steps, check=False, compiled=False, **kw))
             log(f"zaya-mlx {q or 'bf16'} (plain ops):")
-            results.append(bench_zaya(config, q, batches, prompt, context, max(8, steps // 4), fused=False,
-                                      check=False, log=log, model=model, runs=runs))
+            results.append(bench_zaya(config, q, model, steps=max(8, steps // 4), fused=False, check=False, **kw))
         if host_floor and kernels.backend() != "cpu":
             log(f"zaya-mlx {q or 'bf16'} (fused, kernel bodies empty):")
             with empty_kernels(model):
-                results.append(bench_zaya(config, q, batches, prompt, context, steps, check=False, log=log,
-                                          model=model, label="zaya-mlx (fused, kernel bodies empty)",
-                                          prefill=False, runs=runs))
+                results.append(bench_zaya(config, q, model, steps=steps, check=False,
+                                          label="zaya-mlx (fused, kernel bodies empty)", **kw))
         del model
         gc.collect()
         mx.clear_cache()
-    if vmlx:
+    if vmlx and checkpoint is None:
         try:
             mod = load_vmlx_module(vmlx if isinstance(vmlx, str) else None)
         except Exception as e:  # noqa: BLE001
@@ -473,11 +676,15 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
                 q = None if q in UNQUANTIZED else q
                 log(f"vMLX {q or 'bf16'}:")
                 try:
-                    results.append(bench_vmlx(config, q, mod, (1,), context, 16, log=log, runs=runs))
+                    results.append(bench_vmlx(config, q, mod, rows[0][1], 16, log=log, runs=runs, chunk=chunk,
+                                              bandwidth=bandwidth))
                 except Exception as e:  # noqa: BLE001
                     log(f"  vMLX {q or 'bf16'} failed: {type(e).__name__}: {e}")
     return results
 
 
 def to_dict(r: Result) -> dict:
-    return asdict(r)
+    d = asdict(r)
+    for row, out in zip(r.rows, d["rows"]):
+        out.update(ms_per_step=row.ms_per_step, share=row.share)
+    return d

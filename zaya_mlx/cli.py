@@ -213,12 +213,17 @@ def quantize_command(
 
 @app.command("bench")
 def bench_command(
-    quant: str = typer.Option("bf16,mxfp4", "--quant", "-q", help="Comma-separated weights: bf16, mxfp4, affine4, affine8, mxfp8."),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="Comma-separated weights: bf16, mxfp4, affine4, affine8, mxfp8 (default bf16,mxfp4; random weights only)."),
     batch: str = typer.Option("1,8", "--batch", "-b", help="Comma-separated batch sizes."),
-    prompt: int = typer.Option(512, "--prompt", min=1, help="Prompt tokens for the prefill measurement."),
-    context: int = typer.Option(256, "--context", min=1, help="Tokens in the cache before decoding is timed."),
+    context: str = typer.Option("256", "--context", help="Comma-separated tokens in the cache before decoding is timed (filled in chunks)."),
+    rows: Optional[str] = typer.Option(None, "--rows", help="Batch x context pairs, e.g. 1x256,16x16384 (in place of every --batch with every --context)."),
+    kv: str = typer.Option("bf16", "--kv", help="Comma-separated KV cache formats: bf16, 8, 4 (bits)."),
     steps: int = typer.Option(64, "--steps", min=1, help="Decode steps timed."),
     runs: int = typer.Option(3, "--runs", min=1, help="Timed decode runs; each rate is their median."),
+    chunk: int = typer.Option(2048, "--prefill-chunk", min=1, help="Tokens a row of the batch per prefill chunk."),
+    model_path: Optional[str] = typer.Option(None, "--model", help="Measure this checkpoint (folder or hub id) instead of random weights."),
+    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", min=0.001, help="The device's memory bandwidth in TB/s, for the bound (default: known for H100 and H200)."),
+    memory: Optional[float] = typer.Option(None, "--memory", min=0.1, help="Memory budget in GB for the plan (default: a share of the machine's)."),
     plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
     host_floor: bool = typer.Option(False, "--host-floor", help="Also time the fused path with every kernel body empty (GPU only): the host's floor for the same graph."),
     vmlx: Optional[str] = typer.Option(None, "--vmlx", help="Compare with vMLX's ZAYA port: 'pip' (installed vmlx) or a path to its models/zaya.py."),
@@ -227,33 +232,50 @@ def bench_command(
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here."),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="Write the results table (Markdown) here."),
 ) -> None:
-    """Full-size ZAYA1-8B shapes, random weights: tokens/s, weight and KV bytes, graph primitives per token."""
+    """ZAYA1-8B's decode and prefill speed on this machine: full-size random weights, or a checkpoint (--model)."""
     import json
 
     from .benchmark import FORMATS, UNQUANTIZED, markdown, run, to_dict
+    from .kv_cache import parse_kv
 
-    quants = tuple(q.strip() for q in quant.split(",") if q.strip())
+    if model_path is not None and (quant or small or experts):
+        raise ZayaError("--model measures the checkpoint as it is: drop --quant, --small and --experts")
+    quants = tuple(q.strip() for q in (quant or "bf16,mxfp4").split(",") if q.strip())
     unknown = [q for q in quants if q not in (*UNQUANTIZED, *FORMATS)]
     if not quants or unknown:
         raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
-    try:
-        batches = tuple(int(b) for b in batch.split(",") if b.strip())
-    except ValueError:
-        batches = ()
-    if not batches or min(batches) < 1:
-        raise ZayaError(f"--batch {batch!r}: expected batch sizes >= 1, comma-separated")
+    if rows is not None:
+        pairs = _positive_list(rows, "--rows", "batch x context pairs such as 1x256,16x16384", pairs=True)
+    else:
+        pairs = tuple((b, c) for b in _positive_list(batch, "--batch", "batch sizes")
+                      for c in _positive_list(context, "--context", "token counts"))
+    kv_formats = tuple(dict.fromkeys(parse_kv(k) for k in kv.split(",") if k.strip())) or (None,)
     results = run(
-        quants=quants,
-        batches=batches,
-        prompt=prompt, context=context, steps=steps, small=small, plain=plain, host_floor=host_floor, experts=experts,
-        vmlx=(True if vmlx == "pip" else vmlx), runs=runs, log=typer.echo,
+        quants=quants, rows=pairs, kv_formats=kv_formats, steps=steps, small=small, plain=plain, host_floor=host_floor,
+        experts=experts, vmlx=(True if vmlx == "pip" else vmlx), runs=runs, chunk=chunk,
+        bandwidth=bandwidth * 1e12 if bandwidth else None, model_path=model_path, memory=memory, log=typer.echo,
     )
-    table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+                     bandwidth * 1e12 if bandwidth else None)
     typer.echo(table)
     if json_out:
         write_text_atomic(json_out, json.dumps([to_dict(r) for r in results], indent=1) + "\n")
     if markdown_out:
         write_text_atomic(markdown_out, table)
+
+
+def _positive_list(text: str, option: str, what: str, pairs: bool = False) -> tuple:
+    """'1,8' -> (1, 8); with pairs, '1x256,16x16384' -> ((1, 256), (16, 16384)); a ZayaError for anything else."""
+    try:
+        items = [p.strip() for p in text.split(",") if p.strip()]
+        out = tuple(tuple(int(v) for v in p.lower().split("x")) if pairs else int(p) for p in items)
+        flat = [v for p in out for v in (p if pairs else (p,))]
+        ok = out and min(flat) >= 1 and (not pairs or all(len(p) == 2 for p in out))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ZayaError(f"{option} {text!r}: expected {what} (>= 1), comma-separated")
+    return out
 
 
 def _one_line_warnings() -> None:

@@ -15,11 +15,13 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, KVCache
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, KVCache, QuantizedKVCache
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from . import kernels, layouts
 from .config import ZayaConfig
+from .kv_cache import KV_GROUP_SIZE, check_kv_bits
 
 ModelArgs = ZayaConfig
 
@@ -146,7 +148,8 @@ class Attention(nn.Module):
         queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
         if kv_cache is not None:
             keys, values = kv_cache.update_and_fetch(keys, values)
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        # mlx-lm's: a quantized cache's keys and values through mx.quantized_matmul, else the fused kernel
+        out = scaled_dot_product_attention(queries, keys, values, kv_cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -302,7 +305,8 @@ class ZayaModel(nn.Module):
     def __call__(self, tokens: mx.array, cache=None, fused: Optional[bool] = None):
         """fused: whether a one-token step with a cache runs the fused decode step (default: use_fused_decode())."""
         B, L = tokens.shape
-        if L == 1 and cache is not None and (use_fused_decode() if fused is None else fused):
+        if (L == 1 and cache is not None and (use_fused_decode() if fused is None else fused)
+                and not hasattr(cache[0][0], "bits")):  # a quantized cache: the plain ops
             return fused_decode(self, tokens, cache)
         h = self.embed_tokens(tokens)
         h = ((h + self.input_hidden_states_bias) * self.input_hidden_states_scale).astype(mx.float32)
@@ -335,9 +339,14 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
 
-    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        """Logits [B, L, V] float32; last_only: of the last position alone ([B, 1, V]), as generation needs after a
+        prompt: the logits of a long prompt (B x L x 262,272 floats) would not fit in memory, nor in one kernel's
+        index range."""
         fused = use_fused_decode(self)
         h = self.model(tokens, cache, fused=fused)
+        if last_only:
+            h = h[:, -1:]
         logits = kernels.lm_head(h, self.head) if fused else kernels.lm_head_reference(h, self.head)
         return logits.astype(mx.float32)
 
@@ -358,9 +367,15 @@ class Model(nn.Module):
         _drop_fused_state(self.model)
         return super().update_modules(modules, strict)
 
-    def make_cache(self, batch_left_padding: Optional[list] = None) -> list:
-        """One mlx-lm `CacheList(kv, conv)` per layer; a left-padded batch gets a `BatchKVCache`."""
+    def make_cache(self, batch_left_padding: Optional[list] = None, kv_bits: Optional[int] = None) -> list:
+        """One mlx-lm `CacheList(kv, conv)` per layer; a left-padded batch gets a `BatchKVCache`. kv_bits: keys and
+        values quantized to 8 or 4 bits as they are written (mlx-lm's `QuantizedKVCache`, zaya_mlx/kv_cache.py)."""
+        if check_kv_bits(kv_bits) is not None and batch_left_padding is not None:
+            raise ValueError("a quantized KV cache is for equal-length rows: no left padding")
+
         def kv():
+            if kv_bits is not None:
+                return QuantizedKVCache(KV_GROUP_SIZE, kv_bits)
             return KVCache() if batch_left_padding is None else BatchKVCache(list(batch_left_padding))
 
         return [CacheList(kv(), ArraysCache(2)) for _ in self.layers]

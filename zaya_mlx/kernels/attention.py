@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from ._build import backend, constant, float_bits, launch, use_kernel
 from . import cca
-from .cca import filled_array
+from .cca import filled_array, kv_layout
 from .experts import _parts, _qm, _vpv, as_stack
 
 SINGLE_PASS_MAX = 1024  # buffer positions a threadgroup takes in one pass; larger buffers split into CHUNK-key chunks
@@ -29,14 +29,21 @@ HEADS_PER_THREADGROUP = 1  # query heads a threadgroup: 1 spreads a batch row ov
 O_PROJ_THREADGROUPS = 32
 
 
+def dequantized(keys, head_dim: int):
+    """A KV buffer as values: the array itself, or a quantized cache's (words, scales, biases) expanded."""
+    _, _, bits, group = kv_layout(keys, head_dim)
+    return mx.dequantize(*keys, group_size=group, bits=bits) if bits else keys
+
+
 def decode_attention_reference(q, keys, values, filled, *, scale: float, left_padding=None, window=None,
                                o_proj=None):
-    """q [B, NH, 1, D]; keys, values [B, NKV, CAP, D] with positions [0, filled) filled (filled: an int or an
-    int32 array [1]); left_padding [B] (int array) or None; window: a sliding window's size or None. Returns
-    [B, 1, NH * D] (o_proj's input) in q's dtype; given o_proj (a linear layer), o_proj's output [B, 1, HO] in
-    float32 (the kernel's form: P partial sums [B, P, HO], here P = 1). Masks the whole buffer, so its shapes
-    do not follow filled."""
+    """q [B, NH, 1, D]; keys, values [B, NKV, CAP, D] (or a quantized cache's (words, scales, biases)) with positions
+    [0, filled) filled (filled: an int or an int32 array [1]); left_padding [B] (int array) or None; window: a
+    sliding window's size or None. Returns [B, 1, NH * D] (o_proj's input) in q's dtype; given o_proj (a linear
+    layer), o_proj's output [B, 1, HO] in float32 (the kernel's form: P partial sums [B, P, HO], here P = 1). Masks
+    the whole buffer, so its shapes do not follow filled."""
     B, NH, _, D = q.shape
+    keys, values = dequantized(keys, D), dequantized(values, D)
     length = filled_array(filled)
     k = mx.arange(keys.shape[2])
     mask = k < length
@@ -70,7 +77,11 @@ def kernel_supported(q, keys, o_proj=None) -> bool:
 
 
 def _heads_supported(NH: int, D: int, dtype, keys, o_proj) -> bool:
-    NKV = keys.shape[1]
+    kv_dtype, (_, NKV, _, _), bits, group = kv_layout(keys, D)
+    # a quantized cache: a lane's D / 32 values in one group, and in whole 32-bit words or within one
+    if bits and not (bits in (4, 8) and group % (D // 32) == 0 and D % group == 0
+                     and ((D // 32) * bits % 32 == 0 or 32 % ((D // 32) * bits) == 0)):
+        return False
     if o_proj is not None:
         w = as_stack(o_proj)
         qm = _qm(w)
@@ -88,7 +99,7 @@ def _heads_supported(NH: int, D: int, dtype, keys, o_proj) -> bool:
         and D <= 256
         and NH % NKV == 0
         and NH // NKV <= 8
-        and dtype == keys.dtype
+        and dtype == kv_dtype
         and dtype in (mx.bfloat16, mx.float32)  # the dtypes its GPU tests cover
     )
 
@@ -99,7 +110,7 @@ def cca_kernel_supported(qkv, conv_state, gw_w, keys, *, o_proj=None, **cca_kw) 
     nh, d = cca_kw["n_heads"], cca_kw["head_dim"]
     return (
         _heads_supported(nh, d, qkv.dtype, keys, o_proj)
-        and cca.kernel_supported(qkv, conv_state, gw_w, keys, **cca_kw)
+        and cca.kernel_supported(qkv, conv_state, gw_w, keys, quantized=True, **cca_kw)
         and cca.threads_fit(_threads(1, d) // 2, qkv.dtype, d, gw_w.shape[1], conv_state.shape[1])
     )
 
@@ -107,9 +118,11 @@ def cca_kernel_supported(qkv, conv_state, gw_w, keys, *, o_proj=None, **cca_kw) 
 def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
                             after=None, back=None, step: cca.StepLaunch | None = None):
     """step: the CCA step's launch (cca.step_launch), run inside (HAS_CCA) in place of q (None): the keys and values
-    are then written in place, and the new conv state and v_prev follow the output(s)."""
+    are then written in place, and the new conv state and v_prev follow the output(s). keys, values: arrays, or a
+    quantized cache's (words, scales, biases)."""
     back = back or backend()
-    B, NKV, cap, D = keys.shape
+    D = q.shape[-1] if step is None else dict(step.template)["D"]
+    dtype, (B, NKV, cap, _), kv_bits, kv_group = kv_layout(keys, D)
     NH = q.shape[1] if step is None else dict(step.template)["NH"]
     split = cap > SINGLE_PASS_MAX
     hb = 1 if step is not None else _heads_per_threadgroup(NH, NKV)
@@ -127,18 +140,19 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     nc = (cap + chunk - 1) // chunk
     # one pass with o_proj: RS threadgroups a head block, each adding o_proj's rows of its share (at least one)
     row_shares = min(ho, max(1, O_PROJ_THREADGROUPS // rows)) if o_proj is not None and not split else 1
-    dtype = keys.dtype
     has_cca = step is not None
     step = cca.no_step(dtype) if step is None else step
     shared = ("T", "D", "NH", "NKV")  # attention's own too
     step = step._replace(template=[(k, v) for k, v in step.template if k not in shared] + [("HAS_CCA", has_cca)])
     template = [("T", dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
-                *o_template, ("SCALE", float_bits(scale)), *step.template]
+                *o_template, ("SCALE", float_bits(scale)), *step.template, ("KVB", kv_bits), ("KVG", kv_group or 64)]
     # read at run time: a grown buffer (a new capacity) then compiles no new variant
     meta = constant((window or 0, chunk, cap, nc, row_shares), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
-    inputs = [("q", q), ("keys", keys), ("values", values), ("lpad", lpad), ("filled", filled_array(filled)),
-              ("meta", meta), *o_inputs, ("after", after), *step.inputs]
+    (kw, ks, kb), (vw, vs, vb) = (tuple(a) if kv_bits else (a, None, None) for a in (keys, values))
+    inputs = [("q", q), ("keys", kw), ("values", vw), ("kscales", ks), ("kbiases", kb), ("vscales", vs),
+              ("vbiases", vb), ("lpad", lpad), ("filled", filled_array(filled)), ("meta", meta), *o_inputs,
+              ("after", after), *step.inputs]
     # o_proj's input: [B, 1, NH * D], the same memory as [B, NH, 1, D] (no reshape node); or o_proj's partial sums
     out_shape, out_dtype = ((B, 1, NH * D), dtype) if o_proj is None else ((B, rows // B, ho), mx.float32)
     if not split:

@@ -132,14 +132,27 @@ def _threads(dtype) -> int:
     return 1024 if dtype.size == 2 else 512
 
 
-def kernel_supported(qkv, conv_state, gw_w, keys, *, n_heads, n_kv_heads, head_dim, rope_dims, **_) -> bool:
-    """Whether the fused kernel covers these shapes (else the reference runs)."""
+def kv_layout(keys, head_dim: int) -> tuple:
+    """(dtype, [B, NKV, CAP, D], bits, group size) of a KV cache's buffer: an array (bits 0), or a quantized cache's
+    (packed uint32 words, scales, biases), mlx-lm's QuantizedKVCache layout."""
+    if isinstance(keys, (tuple, list)):
+        words, scales, _ = keys
+        return scales.dtype, (*words.shape[:3], head_dim), words.shape[-1] * 32 // head_dim, head_dim // scales.shape[-1]
+    return keys.dtype, tuple(keys.shape), 0, 0
+
+
+def kernel_supported(qkv, conv_state, gw_w, keys, *, n_heads, n_kv_heads, head_dim, rope_dims, quantized=False,
+                     **_) -> bool:
+    """Whether the fused kernel covers these shapes (else the reference runs). quantized: whether the launch takes a
+    quantized cache (attention's with the step inside does; cca_decode.h does not)."""
+    dtype, shape, bits, _ = kv_layout(keys, head_dim)
     return (
         conv_state.shape[1] >= 1
-        and keys.dtype == qkv.dtype
-        and keys.shape[1] == n_kv_heads
-        and keys.shape[3] == head_dim
-        and keys.size < 2**31  # int32 indexing
+        and (bits == 0 or quantized)
+        and dtype == qkv.dtype
+        and shape[1] == n_kv_heads
+        and shape[3] == head_dim
+        and math.prod(shape) < 2**31  # int32 indexing
         and n_heads % n_kv_heads == 0
         and head_dim % 2 == 0
         and 0 <= rope_dims <= head_dim
@@ -161,9 +174,18 @@ def filled_array(filled) -> mx.array:
 
 
 def write_kv_reference(keys, values, k, v, filled):
-    """Plain MLX: keys/values [B, NKV, CAP, D] with position filled - 1 set to k/v [B, NKV, 1, D] (new arrays)."""
+    """Plain MLX: keys/values [B, NKV, CAP, D] with position filled - 1 set to k/v [B, NKV, 1, D] (new arrays); a
+    quantized cache's (words, scales, biases) with k/v quantized (mx.quantize) into each."""
     start = filled_array(filled) - 1
-    return mx.slice_update(keys, k, start, axes=(2,)), mx.slice_update(values, v, start, axes=(2,))
+    _, _, bits, group = kv_layout(keys, k.shape[-1])
+
+    def put(buf, x):
+        if not bits:
+            return mx.slice_update(buf, x, start, axes=(2,))
+        return tuple(mx.slice_update(b, p, start, axes=(2,))
+                     for b, p in zip(buf, mx.quantize(x, group_size=group, bits=bits)))
+
+    return put(keys, k), put(values, v)
 
 
 def _as(a, dtype):
