@@ -320,3 +320,11 @@ def shape_or_into(shape, into):
 def dummy(dtype=mx.float32) -> mx.array:
     """A small array for a kernel input that a variant never reads."""
     return constant((0, 0, 0, 0), dtype)
+
+
+def filled_array(filled) -> mx.array:
+    """The cache positions held after a step's write, as the kernels read it: int32 [1]. An int becomes a
+    constant; an array (one a step, shared by every layer) is used as it is."""
+    if isinstance(filled, mx.array):
+        return filled if filled.dtype == mx.int32 else filled.astype(mx.int32)
+    return constant((int(filled),), mx.int32)
