@@ -12,7 +12,7 @@ updates.
 
 The kernel writes the key and value into the cache's buffers in place (MLX's custom kernels only make
 new outputs, and a new buffer a step would copy the whole cache). That is safe only for buffers no other
-array shares: the fused decode step makes and keeps them so (zaya_mlx/model.py, ``_own_kv_buffers``).
+array shares: the fused decode step makes and keeps them so (``decode.StepCache.own_kv_buffers``).
 
 Semantics follow transformers' ``ZayaCCAProjection`` + ``ZayaQKNorm`` + ``apply_rotary_pos_emb``.
 """
