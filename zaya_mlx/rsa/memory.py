@@ -145,6 +145,11 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
     if prompt_tokens > max_pos:
         raise ZayaError(f"the prompt is {prompt_tokens:,} tokens, over the model's context of {max_pos:,} tokens; "
                         "shorten it")
+    host = p.worst_case_tokens() * HOST_BYTES_PER_TOKEN
+    if weights_bytes + host >= budget_bytes:
+        raise ZayaError(f"{p.total_rollouts():,} rollouts of up to {p.short_resp_len:,} tokens keep up to "
+                        f"{_gb(host)} of tokens and text in memory, over the {_gb(budget_bytes - weights_bytes)} left "
+                        "after the model: lower --n")
     need = [(prompt_tokens + p.max_tokens_in(0), "--max-tokens" if p.rsa_t == 0 else "--short-resp-len")]
     if p.rsa_t > 0:
         tails = "--tail-window-len or --k"
@@ -162,7 +167,6 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
     V, H = args.vocab_size, args.hidden_size
     inter = getattr(args, "moe_intermediate_size", 4 * H)
     prefill_act = prefill_step_size * (10 * H + 3 * inter + args.num_attention_heads * bound) * 4
-    host = p.worst_case_tokens() * HOST_BYTES_PER_TOKEN
 
     def act(b: int) -> int:  # + the last position's logits, and per decode step fp32 logits/log-probs x 3
         return prefill_act + V * 4 + 3 * b * V * 4 + b * 10 * H * 4
@@ -171,10 +175,6 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
     if fixed >= budget_bytes:
         raise ZayaError(f"the model ({_gb(weights_bytes)}) alone fills the RSA memory budget of {_gb(budget_bytes)}: "
                         "use a quantized model (zaya quantize) or raise --memory")
-    if fixed + host >= budget_bytes:
-        raise ZayaError(f"{p.total_rollouts():,} rollouts of up to {p.short_resp_len:,} tokens keep up to "
-                        f"{_gb(host)} of tokens and text in memory, over the {_gb(budget_bytes - fixed)} left after "
-                        "the model: lower --n")
     slots = min(p.rsa_n, max_batch) if max_batch else p.rsa_n
     while slots >= 1 and fixed + host + act(slots) + slots * seq > budget_bytes:
         slots -= 1
