@@ -505,8 +505,9 @@ def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_r
             if len(finished) == 6:  # mid round 1
                 raise KeyboardInterrupt
 
-    code, _, stderr = run_zaya("rsa", *args, "--run", tmp_path / "cut")
+    code, stdout, stderr = run_zaya("rsa", *args, "--run", tmp_path / "cut")
     assert code == 130 and "6 of 9 rollouts are saved" in stderr
+    assert "time: at most" in stdout and "(3 slots, measured" in stdout  # the first run's rate, from its folder
     assert f"zaya rsa --resume {tmp_path / 'cut'}" in stderr
     monkeypatch.setattr(rsa_view.RSAView, "__call__", original)
 
@@ -527,3 +528,38 @@ def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_r
     assert resumed["texts"] == whole["texts"]
     assert [[ro["tokens"] for ro in rd["rollouts"]] for rd in resumed["rounds"]] == \
         [[ro["tokens"] for ro in rd["rollouts"]] for rd in whole["rounds"]]
+
+
+# --- the view -----------------------------------------------------------------------------------------------------
+
+
+def test_the_view_in_a_pipe_prints_rollouts_rounds_and_progress_lines(tok):
+    import io
+
+    from rich.console import Console
+
+    from zaya_mlx.rsa_view import RSAView
+
+    buf = io.StringIO()
+    params = rsa.RSAParams(rsa_n=3, rsa_k=2, rsa_t=1, tail_window_len=10, short_resp_len=60, max_tokens=80)
+    view = RSAView(Console(file=buf, width=200), params, pipe_every=0.0)
+    with view:
+        rsa.run(PROBLEM, params, tokenizer=tok, backend=Scripted(tok), stop_ids=[IM_END], on_event=view)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("plan: 4 rollouts, ")
+    assert sum(line.startswith("round 0 rollout ") for line in lines) == 3
+    assert sum(line.startswith("round 1 rollout 1: ") for line in lines) == 1
+    assert [line.split(":")[0] for line in lines if "tokens (mean" in line] == ["round 0/1", "round 1/1"]
+    assert any(line.startswith("round 1/1 · 4/4 done, 0 running, 0 pending") for line in lines)
+
+
+def test_time_left_is_a_range_from_the_mean_length_to_full_budgets():
+    from zaya_mlx.rsa_view import RunProgress
+
+    p = rsa.RSAParams(rsa_n=4, rsa_k=2, rsa_t=2, short_resp_len=100, max_tokens=300, rsa_final_n=1)
+    s = RunProgress(p)  # 9 rollouts: 4 + 4 of 100 tokens, 1 of 300
+    s.done, s.finished_tokens = 3, 60  # three finished, 20 tokens each
+    s.running = {(0, 3): 10, (1, 0): 5}
+    # worst: the running ones to their budgets (90 + 95), 3 pending of round 1 (300) and the final (300).
+    # likely: the running ones to the mean of 20 (10 + 15), and 4 pending at 20 (80).
+    assert s.left() == (105, 785)

@@ -157,6 +157,7 @@ def rsa_command(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the draws of candidates and every rollout's sampler (default 0)."),
     run_dir: Optional[str] = typer.Option(None, "--run", help="The run folder (default: a new one under ~/.cache/zaya-mlx/rsa)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this folder where it stopped."),
+    presets: bool = typer.Option(False, "--presets", help="Show every preset's plan for this problem and model, then exit."),
     memory: Optional[float] = typer.Option(None, "--memory", help="Memory budget in GB (default: a safe share)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most rollouts decoding together (slots)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (round 0 only, as in Zyphra's proxy)."),
@@ -204,22 +205,38 @@ def rsa_command(
     else:
         params = rsa.RSAParams.preset(preset, **given)
         seed, model = seed or 0, model or DEFAULT_MODEL
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     path = resolve_model_path(model)
     identity = rsa.model_identity(path, dtype)
     if folder is not None:
         folder.check(model=identity)
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         llm, tokenizer = load(path, dtype=dtype)
+    import mlx.core as mx
+
     budget = int(memory * 1e9) if memory else None
-    rsa.plan_run(messages, params, model=llm, tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
+    device = f"{mx.default_device()} {mx.device_info().get('device_name', '')}".strip()
+    runs_root = Path(run_dir).expanduser().parent if run_dir else folder.path.parent if folder else None
+    rate = rsa.measured_rate(runs_root or rsa.default_runs_root(), identity["hash"], device)
+    if presets:
+        for name, preset_ in rsa.PRESETS.items():
+            try:
+                plan = rsa.plan_run(messages, preset_.params, model=llm, tokenizer=tokenizer, max_batch=max_batch,
+                                    memory_budget=budget)
+                console.print(f"{name}: {preset_.description}\n  {plan.summary()}\n  {rsa.estimate_line(plan, rate)}",
+                              markup=False)
+            except ZayaError as e:
+                console.print(f"{name}: {preset_.description}\n  does not fit: {e}", markup=False)
+        return
+    plan = rsa.plan_run(messages, params, model=llm, tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
     fresh = folder is None
     if fresh:
         folder = rsa.RunFolder.create(run_dir or rsa.new_run_path(messages), params=params, seed=seed,
                                       messages=messages, model=identity)
     console.print(f"run folder: {folder.path}", style="dim", markup=False)
+    view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate))
     try:
-        with RSAView(console, params) as view:
+        with view:
             result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
                              memory_budget=budget, max_batch=max_batch, journal=folder)
     except ZayaError:
@@ -227,10 +244,12 @@ def rsa_command(
             folder.discard()  # refused before any rollout: leave nothing behind
         raise
     except KeyboardInterrupt:
+        folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
         done = len(folder.finished())
         typer.echo(f"interrupted: {done} of {params.total_rollouts()} rollouts are saved in {folder.path}; resume "
                    f"with: zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
         raise typer.Exit(130)
+    folder.write_rates(tokens=view.state.tokens, seconds=result.timings["total_s"], slots=plan.slots, device=device)
     render_result(console, result, show_text=show_text)
     if json_out:
         import dataclasses

@@ -2,6 +2,7 @@
 
     run.json         the parameters, the seed, the messages, the model's identity, every round's draws
                      (written once, atomically, before the first rollout)
+    rates.json       the rates the run measured (tokens/s with its slots), for the next runs' time estimates
     rollouts.jsonl   one line per finished rollout (its tokens, text, candidate, finish reason, the prompt text
                      it was given), appended durably: write, flush, fsync; a torn last line is dropped on read
     result.json      the result, when the run has finished
@@ -26,7 +27,15 @@ from .engine import Rollout, all_draws
 from .params import RSAParams
 
 FORMAT = "zaya-rsa-run/1"
-RUN, ROLLOUTS, RESULT = "run.json", "rollouts.jsonl", "result.json"
+RUN, ROLLOUTS, RESULT, RATES = "run.json", "rollouts.jsonl", "result.json", "rates.json"
+
+
+def clock(seconds: float) -> str:
+    """h:mm:ss (m:ss under an hour)."""
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def default_runs_root() -> Path:
@@ -172,5 +181,38 @@ class RunFolder:
         if not any(self.path.iterdir()):
             self.path.rmdir()
 
+    def write_rates(self, *, tokens: int, seconds: float, slots: int, device: str) -> None:
+        """What this run measured, for estimates of later runs of the same model on this machine."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        write_text_atomic(self.path / RATES, json.dumps({
+            "model_hash": self.model["hash"], "device": device, "slots": slots, "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
     def write_result(self, result) -> None:
         write_text_atomic(self.path / RESULT, json.dumps(dataclasses.asdict(result), indent=1, default=str) + "\n")
+
+
+def measured_rate(root, model_hash: str, device: str) -> Optional[dict]:
+    """The newest rates.json under `root` (one folder a run) of this model on this device, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = []
+    for path in root.glob(f"*/{RATES}"):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if data.get("model_hash") == model_hash and data.get("device") == device and data.get("tokens_per_s", 0) > 0:
+            found.append((path.stat().st_mtime, data))
+    return max(found, key=lambda x: x[0])[1] if found else None
+
+
+def estimate_line(plan, rate: Optional[dict]) -> str:
+    """The time a run may take at a rate measured before (at most: every rollout at its full budget)."""
+    if rate is None:
+        return "time: no rate measured on this machine yet for this model; the view estimates it as the run goes"
+    tps = rate["tokens_per_s"]
+    return (f"time: at most {clock(plan.worst_case_tokens / tps)} for {plan.worst_case_tokens:,} tokens at "
+            f"{tps:,.1f} tok/s ({rate['slots']} slots, measured {rate['when'][:10]})")
