@@ -288,6 +288,91 @@ def write_legacy_checkpoint(model: ZayaForCausalLM, folder, shards: int = 1, dty
     return folder
 
 
+# The MLX bundles in Zyphra's names: where their stacked experts live, and what their converters quantize.
+STACKED_EXPERTS = {"vmlx": "zaya_block.experts.switch_mlp.", "mlx-lm-zaya": "zaya_block.experts."}
+QUANT_GROUP = 64
+
+
+def bundle_quantization(layout: str) -> dict:
+    """The config block each converter writes: vMLX bundles (OsaurusAI) 4-bit affine with an 8-bit embedding;
+    mlx_lm.convert -q 4-bit affine."""
+    block = {"group_size": QUANT_GROUP, "bits": 4, "mode": "affine"}
+    if layout == "vmlx":
+        block["model.embed_tokens"] = {"group_size": QUANT_GROUP, "bits": 8, "mode": "affine"}
+    return block
+
+
+def _bundle_format(layout: str, name: str, shape) -> dict | None:
+    """Whether a converter quantizes a tensor (in Zyphra's names): every Linear, Embedding and SwitchLinear weight
+    whose input dim fits the group (mlx_lm.convert's rule), but mlx-lm's own model keeps its router."""
+    if not name.endswith(".weight") or len(shape) < 2 or "conv_qk" in name or shape[-1] % QUANT_GROUP:
+        return None
+    if layout == "mlx-lm-zaya" and ".router." in name:
+        return None
+    block = bundle_quantization(layout)
+    return block.get(name[: -len(".weight")], {k: block[k] for k in ("group_size", "bits", "mode")})
+
+
+def write_bundle_checkpoint(model: ZayaForCausalLM, folder, layout: str, quantized: bool, shards: int = 2
+                            ) -> ZayaForCausalLM:
+    """A vMLX (OsaurusAI) or mlx-lm `zaya.py` bundle: Zyphra's 80-layer config and names, the experts stacked by
+    projection, fp32; quantized as its converter does when `quantized`. Returns the fp32 torch reference of the
+    weights as stored (dequantized where quantized: quantization is per row, so quantizing a transformers tensor
+    and cutting it into Zyphra's pieces gives the converter's result)."""
+    import mlx.core as mx
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    names = legacy_name_map(cfg)
+    inter = cfg.moe_intermediate_size
+    tensors, stored_state = {}, {}
+    for name, value in reference_state_dict(model).items():
+        w = mx.array(value.float().numpy())
+        if ".mlp.experts." in name:
+            p = f"model.layers.{2 * int(name.split('.')[2]) + 1}.{STACKED_EXPERTS[layout]}"
+            if name.endswith("gate_up_proj"):
+                pieces = [(p + "gate_proj.weight", slice(0, inter)), (p + "up_proj.weight", slice(inter, 2 * inter))]
+            else:
+                pieces = [(p + "down_proj.weight", slice(None))]
+        else:
+            pieces = [(names[name], slice(None))]
+        fmt = _bundle_format(layout, pieces[0][0], w.shape) if quantized else None
+        if fmt is None:
+            parts = {"": w}
+            stored_state[name] = value.float()
+            if layout == "mlx-lm-zaya" and "conv_qk" in pieces[0][0] and name.endswith(".weight"):
+                parts[""] = w.swapaxes(1, 2)  # mlx_lm.convert saves after its sanitize: MLX's conv layout
+        else:
+            q = mx.quantize(w, group_size=fmt["group_size"], bits=fmt["bits"], mode=fmt["mode"])
+            parts = dict(zip(("", ".scales", ".biases"), q))
+            stored = mx.dequantize(*q, group_size=fmt["group_size"], bits=fmt["bits"], mode=fmt["mode"])
+            stored_state[name] = torch.from_numpy(np.array(stored))
+        for piece, rows in pieces:
+            for suffix, a in parts.items():
+                a = a[:, rows] if a.ndim == 3 else a
+                key = piece[: -len(".weight")] + suffix if suffix else piece
+                tensors[key] = torch.from_numpy(np.ascontiguousarray(np.array(a)))
+    config = legacy_config(cfg)
+    if quantized:
+        config["quantization"] = config["quantization_config"] = bundle_quantization(layout)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_safetensors(tensors, folder, shards)
+    reference = ZayaForCausalLM(make_config_of(cfg)).float().eval()
+    missing, unexpected = reference.load_state_dict(stored_state, strict=False)
+    assert not unexpected and set(missing) <= set(TIED), (missing, unexpected)
+    reference.tie_weights()
+    return reference
+
+
+def make_config_of(config: ZayaConfig) -> ZayaConfig:
+    """A copy of a transformers config, eager attention."""
+    out = copy.deepcopy(config)
+    out._attn_implementation = "eager"
+    return out
+
+
 def read_safetensors_folder(folder) -> dict[str, torch.Tensor]:
     """All tensors of a folder (single file or index + shards), as stored."""
     folder = Path(folder)

@@ -114,6 +114,7 @@ class Checkpoint:
     shards: list
     tensors: dict  # source name -> (shape, dtype)
     mapping: dict  # canonical name -> layouts.Source
+    quantization: Optional[dict]  # config's quantization block, per-module entries under canonical paths
 
     def iter_tensors(self, dtype: Optional[mx.Dtype] = None) -> Iterator[tuple]:
         """(canonical name, array), shard by shard; floats cast to `dtype` except what stays fp32. Each array is
@@ -175,8 +176,9 @@ def open_checkpoint(path: Union[str, Path]) -> Checkpoint:
     layout = layouts.detect_layout(tensors)
     mapping = layouts.name_map(layout, config, tensors)
     layouts.check_names(mapping, tensors)
-    check_against_model(mapping, tensors, empty_model(config, tensors))
-    return Checkpoint(path, raw, config, layout, shards, tensors, mapping)
+    quantization = layouts.canonical_quantization(mapping, config.quantization, tensors)
+    check_against_model(mapping, tensors, empty_model(config, quantization, mapping))
+    return Checkpoint(path, raw, config, layout, shards, tensors, mapping, quantization)
 
 
 def check_against_model(mapping: dict, tensors: dict, model: nn.Module) -> None:
@@ -204,11 +206,11 @@ def check_against_model(mapping: dict, tensors: dict, model: nn.Module) -> None:
         raise ZayaError(f"missing tensor {missing[0]}")
 
 
-def empty_model(config: ZayaConfig, names) -> Model:
-    """The model with unevaluated parameters, quantized as the config and the tensor names say."""
+def empty_model(config: ZayaConfig, quantization: Optional[dict], names) -> Model:
+    """The model with unevaluated parameters, quantized as `quantization` (canonical paths) and the names say."""
     model = Model(config)
-    if config.quantization:
-        apply_quantization(model, config.quantization, names)
+    if quantization:
+        apply_quantization(model, quantization, names)
     return model
 
 
@@ -242,7 +244,7 @@ def load_model(path_or_repo: Union[str, Path] = DEFAULT_MODEL, dtype=None) -> Mo
     """Load ZAYA1 from a folder or hub id in any supported layout; bf16 unless `dtype` says otherwise."""
     dtype = to_dtype(dtype)
     checkpoint = open_checkpoint(resolve_model_path(path_or_repo))
-    model = empty_model(checkpoint.config, checkpoint.tensors)
+    model = empty_model(checkpoint.config, checkpoint.quantization, checkpoint.mapping)
     model.load_weights(list(checkpoint.iter_tensors(dtype)))
     model.eval()
     return model
