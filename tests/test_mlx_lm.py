@@ -1,13 +1,6 @@
-"""ZAYA as an mlx-lm model type: mlx_lm.load / generate / server on our folders, after `import zaya_mlx`."""
+"""ZAYA as an mlx-lm model type: mlx_lm.load / generate on our folders, after `import zaya_mlx`."""
 
 import importlib
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
@@ -52,41 +45,6 @@ def test_mlx_lm_generate_matches_ours(tmp_path_factory):
     their_tokens = [r.token for r in mlx_lm_stream(theirs, their_tokenizer, text, max_tokens=12)]
     assert their_tokens == ours.tokens
     assert mlx_lm.generate(theirs, their_tokenizer, text, max_tokens=12) == ours.text
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_zaya_serve_answers_like_generate(tmp_path_factory):
-    model, tokenizer, folder = loaded(tmp_path_factory.getbasetemp() / "generation")
-    expected = generate(model, tokenizer, "hello the world", max_tokens=8).text
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    server = subprocess.Popen([sys.executable, "-m", "zaya_mlx.cli", "serve", "--model", str(folder),
-                               "--port", str(port), "--log-level", "WARNING"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    try:
-        body = json.dumps({"prompt": "hello the world", "max_tokens": 8, "temperature": 0}).encode()
-        deadline = time.time() + 60
-        while True:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    answer = json.loads(response.read())
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(server.stdout.read().decode()[-2000:]) from None
-                time.sleep(0.3)
-        assert answer["choices"][0]["text"] == expected
-        assert answer["usage"]["completion_tokens"] == 8
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_mlx_lm_batch_generator_matches_ours(tmp_path_factory):
