@@ -254,7 +254,7 @@ def test_loads_with_mlx_lm(quantized):
     ids = mx.array(fixture_ids(seed=2, length=16, batch=2))
     for recipe in ("mxfp4", "mixed"):
         out, _ = quantized(recipe)
-        model, tokenizer = mlx_lm.load(str(out))
+        model, tokenizer = mlx_lm.load(str(out), trust_remote_code=True)  # config.json names our model file
         assert type(model.model.embed_tokens).__name__ == "QuantizedEmbedding"
         assert type(model.layers[0].mlp.experts.gate_up_proj).__name__ == "QuantizedSwitchLinear"
         assert type(model.layers[0].mlp.gate.router_mlp.fc1).__name__ == "Linear"

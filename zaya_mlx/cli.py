@@ -107,24 +107,44 @@ def generate_command(
                   f"{last.peak_memory_gb:.2f} GB | {last.finish_reason}", style="dim", markup=False)
 
 
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+SERVE_EXAMPLE = """With the server running:
+
+curl http://127.0.0.1:8080/v1/chat/completions \\
+  -H "Content-Type: application/json" \\
+  -d '{"messages": [{"role": "user", "content": "What is 17 * 23?"}]}'
+
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
+reply = client.chat.completions.create(
+    model="Zyphra/ZAYA1-8B",
+    messages=[{"role": "user", "content": "What is 17 * 23?"}])
+print(reply.choices[0].message.reasoning_content)
+print(reply.choices[0].message.content)
+"""
+
+
+@app.command("serve", epilog=SERVE_EXAMPLE)
 def serve_command(
-    ctx: typer.Context,
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", min=1,
+                                   help="Most tokens per answer when a request names none (always capped to the "
+                                        "context's room)."),
+    temp: float = typer.Option(0.6, "--temp", "-t", help="Temperature when a request names none."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Top-p when a request names none."),
+    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests waiting at most; more get a 503."),
+    max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="Largest request body in MB; larger get a 413."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
 ) -> None:
-    """Serve the model over mlx-lm's OpenAI-compatible HTTP server (extra options go to mlx_lm.server)."""
-    from .loading import open_checkpoint, resolve_model_path
-    from .mlx_lm_registry import register
+    """Serve the model over an OpenAI-compatible API: /v1/chat/completions (streamed or not, reasoning in
+    reasoning_content, tool calls in tool_calls), /v1/models, /health. Ctrl-C stops it."""
+    from .server import serve
 
-    path = resolve_model_path(model)
-    open_checkpoint(path)  # a broken checkpoint is one line here, not a traceback in the server
-    register()
-    from mlx_lm import server
-
-    sys.argv = ["mlx_lm.server", "--model", str(path), "--host", host, "--port", str(port), *ctx.args]
-    server.main()
+    if max_body_mb <= 0:
+        fail("--max-body-mb must be positive")
+    serve(model, host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+          max_queue=max_queue, max_body=int(max_body_mb * 1e6))
 
 
 # --- rsa (Markovian RSA) ------------------------------------------------------------------------------------------

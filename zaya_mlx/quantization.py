@@ -492,13 +492,17 @@ def _quantize_tensor(w: mx.array, fmt: Format, dtype) -> tuple[list[mx.array], f
 # --- config -------------------------------------------------------------------------------------------------------
 
 
-def _model_config(ckpt) -> dict:
+def _model_config(ckpt, folder: Path) -> dict:
     """The MLX folder's config.json without the quantization block: transformers-style keys whatever the source
-    layout (a legacy 80-layer config comes out as the 40-layer one), model_type zaya."""
+    layout (a legacy 80-layer config comes out as the 40-layer one), model_type zaya, and the model file that
+    mlx-lm's commands build the model from (written into `folder`)."""
+    from .mlx_lm_registry import write_model_file
+
     out = ckpt.config.to_dict()
     for key in ("quantization", "quantization_config"):
         out.pop(key, None)
     out["model_type"] = "zaya"
+    out.update(write_model_file(folder))
     return out
 
 
@@ -713,7 +717,7 @@ def _run(ckpt, src, rec: Recipe, writer: _ShardWriter, tmp: Path, show: bool, t0
 
     shards = writer.finish(params)
     quantization = _quantization_block(chosen)
-    cfg = _model_config(ckpt)
+    cfg = _model_config(ckpt, tmp)
     if quantization:
         cfg["quantization"] = quantization
         cfg["quantization_config"] = quantization  # mlx-lm writes both (hf model tree convention)
