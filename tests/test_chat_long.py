@@ -22,6 +22,7 @@ from zaya_mlx import ZayaError
 from zaya_mlx.chat_session import THINK_BUDGET_NOTE, ChatSession
 from zaya_mlx.generation import cache_length
 from zaya_mlx.think_budget import ThinkBudget, parse_think_budget
+from zaya_mlx.tui import ChatUI
 
 IM_START, IM_END, THINK, END_THINK = 105, 106, 107, 108
 HI, LO, BASE = 3, 13, 32  # a number v is the tokens (HI + v // BASE, LO + v % BASE): ASCII "!" to "J"
@@ -183,6 +184,11 @@ def test_conversation_ten_times_the_context_keeps_going(gen):
         said += len(tokenizer.encode(text, add_special_tokens=False)) + len(tokens)
         turns += 1
         dropped += session.last_dropped_turns
+        if session.last_dropped_turns:  # the UI says what went in one line
+            n = session.last_dropped_turns
+            assert ChatUI(session).left_out_line() == (
+                f"context 512 tokens: left out {'earlier reasoning and ' if session.last_dropped_reasoning else ''}"
+                f"{'the oldest turn' if n == 1 else f'the {n} oldest turns'} (still in /save)")
         # Between drops, a turn prefills only its new tokens (the whole cache is reused).
         reused += session.last_dropped_turns == 0 and session.stats.reused_tokens == len(before) > 0
     assert len(session.messages) == 1 + 2 * turns  # the history keeps every turn; the context leaves them out
@@ -194,6 +200,25 @@ def test_conversation_ten_times_the_context_keeps_going(gen):
     cached = model(mx.array([[probe]]), cache=copy.deepcopy(session.cache))[0, -1]
     np.testing.assert_allclose(np.array(cached), full_logits(model, session.cache_tokens + [probe])[-1],
                                atol=1e-4, rtol=1e-4)
+
+
+def test_earlier_reasoning_is_left_out_before_turns(gen):
+    model, tokenizer, _ = gen
+    scripted = Scripted(model, tokenizer, numbers=30)  # 60 reasoning tokens a reply, a 2-token answer
+    session = ChatSession(scripted, tokenizer, temperature=0.0)
+    for turn in range(4):
+        held = session.cache_tokens
+        prompt = session.prompt_ids("go on")
+        collect(session, "go on")
+        if len(held) + 20 > CONTEXT / 2:
+            break
+    # The fourth turn would pass half the context: the earlier turns lose their reasoning, and nothing else.
+    assert turn == 3 and session.last_dropped_reasoning and session.last_dropped_turns == 0
+    assert THINK not in prompt and tokenizer.decode(prompt).count("go on") == 4
+    assert ChatUI(session).left_out_line() == "context 512 tokens: left out earlier reasoning (still in /save)"
+    # The cache is reused up to the first turn whose rendering changed (its answer, after its reasoning went).
+    assert 0 < session.stats.reused_tokens < len(prompt)
+    assert session.cache_tokens[: len(prompt)] == prompt
 
 
 def test_turn_view_marks_chunks_and_keeps_speed_and_context_in_view():
