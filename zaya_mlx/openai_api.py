@@ -99,21 +99,27 @@ class ChatRequest:
         )
 
 
-def prompt_ids(tokenizer, request: ChatRequest) -> list[int]:
-    """The chat template's token ids for the request's messages (and tools)."""
+def template_messages(request: ChatRequest) -> list[dict]:
+    """A copy of the request's messages in the chat template's form (mlx-lm's `process_message_content`)."""
     import copy
 
     from mlx_lm.server import process_message_content
-
-    from .tokenizer import apply_chat_template
 
     messages = copy.deepcopy(request.messages)
     try:
         process_message_content(messages)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ApiError(400, f"messages: {e}") from None
+    return messages
+
+
+def prompt_ids(tokenizer, request: ChatRequest) -> list[int]:
+    """The chat template's token ids for the request's messages (and tools)."""
+    from .tokenizer import apply_chat_template
+
     try:
-        return apply_chat_template(tokenizer, messages, enable_thinking=request.enable_thinking, tools=request.tools)
+        return apply_chat_template(tokenizer, template_messages(request), enable_thinking=request.enable_thinking,
+                                   tools=request.tools)
     except ZayaError as e:
         raise ApiError(400, str(e)) from None
 
@@ -179,9 +185,12 @@ def new_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def chunk(request_id: str, model: str, delta: dict, finish_reason: Optional[str] = None) -> dict:
+def chunk(request_id: str, model: str, delta: Optional[dict], finish_reason: Optional[str] = None,
+          index: int = 0) -> dict:
+    """A streamed chunk; `delta` None gives one with no choices (usage, RSA progress)."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason}]
     return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            "choices": choices}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
