@@ -1,9 +1,11 @@
 """`zaya`: a thin typer CLI over the Python API. Each command only parses, calls the API and prints."""
 
 import contextlib
+import os
 import shlex
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -32,7 +34,13 @@ def chat_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", help="Most tokens per answer, reasoning included."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
+                                             help="Most tokens per reply, reasoning included (default: no cap; the "
+                                                  "think budget and the context bound a reply)."),
+    think_budget: str = typer.Option("chunked", "--think-budget",
+                                     help="How long a turn may reason: 'off'; N (close the think block after N "
+                                          "tokens); 'chunk=C tail=T total=N' (go on in fresh contexts carrying the "
+                                          "last T reasoning tokens; default chunk=8192 tail=4096 total=65536)."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
@@ -40,14 +48,26 @@ def chat_command(
     show_reasoning: bool = typer.Option(False, "--show-reasoning",
                                         help="Show the reasoning in full (piped: print it inside <think>...</think>)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file",
+                                            help="Where warnings go while the chat runs (default "
+                                                 "$XDG_CACHE_HOME/zaya-mlx/chat.log, ~/.cache if unset)."),
 ) -> None:
     """Chat in the terminal: streamed reasoning and Markdown answers, slash commands (/help). With stdin not a
     terminal, reads one prompt per line and prints the answers plainly."""
+    from .chat_session import ChatSession
+    from .generation import load
+    from .think_budget import parse_think_budget
     from .tui import run_chat
 
-    options = dict(enable_thinking=not no_think, temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    raise typer.Exit(run_chat(model, system=system, dtype=dtype, show_reasoning=show_reasoning,
-                              session_options=options))
+    budget = parse_think_budget(think_budget)
+    if log_file is None:
+        log_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zaya-mlx" / "chat.log"
+    if sys.stdin.isatty():
+        typer.echo(f"loading {model}…")
+    loaded, tokenizer = load(model, dtype=dtype)
+    session = ChatSession(loaded, tokenizer, system=system, enable_thinking=not no_think, think_budget=budget,
+                          temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    raise typer.Exit(run_chat(session, show_reasoning=show_reasoning, model_label=model, log_path=log_file))
 
 
 # --- generate / serve (text generation) ---------------------------------------------------------------------------
