@@ -36,10 +36,10 @@ from typing import Callable, Optional
 
 import mlx_lm.server  # noqa: F401  (imported on the main thread: handler threads use its message helpers)
 
+from . import rsa_request
 from .config import DEFAULT_MODEL
 from .errors import ZayaError
 from .generation import context_limit, stream_generate
-from . import rsa_request
 from .openai_api import ApiError, ChatRequest, ChatStream, chunk, completion, new_id, prompt_ids, template_messages, \
     usage
 from .sampling import check_sampling
@@ -186,7 +186,6 @@ class Server:
                     self.log(f"{job.label}: cancelled after {n} of {max_tokens} tokens "
                              f"({'server stopping' if self.stopping.is_set() else 'client gone'})")
                     return
-
 
     def run_rsa(self, job: Job, messages: list, run) -> None:
         from . import rsa
