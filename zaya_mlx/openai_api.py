@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .errors import ZayaError
 from .generation import REASONING, GenerationResponse
-from .tool_calls import CALL, ToolCallSplitter, openai_tool_call, parse_tool_call
+from .tool_calls import CALL, TOOL_CALL_END, TOOL_CALL_START, ToolCallSplitter, openai_tool_call, parse_tool_call
 
 FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length"}
 
@@ -82,13 +82,13 @@ class ChatRequest:
         if body.get("tool_choice") == "none":
             tools = None
         options = body.get("stream_options") or {}
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         return cls(
             messages=messages,
             tools=tools,
             stream=_get(body, "stream", bool, False),
             include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
-            max_tokens=_get({"max_tokens": max_tokens}, "max_tokens", int, None, low=1),
+            max_tokens=_get(body, max_tokens_key, int, None, low=1),
             temperature=float(_get(body, "temperature", (int, float), temperature, low=0)),
             top_p=float(_get(body, "top_p", (int, float), top_p, low=0, high=1)),
             top_k=_get(body, "top_k", int, 0, low=0),
@@ -139,7 +139,7 @@ class ChatStream:
                 try:
                     call = openai_tool_call(parse_tool_call(text, self.tools), index=len(self.tool_calls))
                 except (ValueError, KeyError):
-                    kind, text = "text", f"<zyphra_tool_call>{text}</zyphra_tool_call>"  # not a call: keep it as text
+                    text = f"{TOOL_CALL_START}{text}{TOOL_CALL_END}"  # not a call: kept as the text it was
                 else:
                     self.tool_calls.append(call)
                     delta.setdefault("tool_calls", []).append(call)
