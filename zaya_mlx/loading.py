@@ -93,6 +93,7 @@ class Checkpoint:
     shards: list
     tensors: dict  # source name -> (shape, dtype)
     mapping: dict  # canonical name -> layouts.Source
+    quantization: Optional[dict]  # config's quantization block, per-module entries under canonical paths
 
     def iter_tensors(self, dtype: Optional[mx.Dtype] = None) -> Iterator[tuple]:
         """(canonical name, lazy array), shard by shard; floats cast to `dtype` except what stays fp32."""
@@ -144,7 +145,8 @@ def open_checkpoint(path: Union[str, Path]) -> Checkpoint:
     layout = layouts.detect_layout(tensors)
     mapping = layouts.name_map(layout, config, tensors)
     layouts.check_names(mapping, tensors)
-    return Checkpoint(path, raw, config, layout, shards, tensors, mapping)
+    quantization = layouts.canonical_quantization(mapping, config.quantization, tensors)
+    return Checkpoint(path, raw, config, layout, shards, tensors, mapping, quantization)
 
 
 def apply_quantization(model: nn.Module, quantization: dict, names) -> None:
@@ -175,8 +177,8 @@ def load_model(path_or_repo: Union[str, Path] = DEFAULT_MODEL, dtype=None) -> Mo
     dtype = to_dtype(dtype)
     checkpoint = open_checkpoint(resolve_model_path(path_or_repo))
     model = Model(checkpoint.config)
-    if checkpoint.config.quantization:
-        apply_quantization(model, checkpoint.config.quantization, checkpoint.tensors)
+    if checkpoint.quantization:
+        apply_quantization(model, checkpoint.quantization, checkpoint.mapping)
     expected = dict(tree_flatten(model.parameters()))
     weights = dict(checkpoint.iter_tensors(dtype))
     for name, array in weights.items():
