@@ -12,6 +12,7 @@ from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, route
 KERNEL_MODULES = (_build, attention, cca, experts, head, norms, router, kernels)  # those that ask the back end
 
 
+@pytest.mark.skipif(kernels.backend() != "cpu", reason="a GPU back end runs the kernels (the lead's GPU run)")
 def test_on_the_cpu_the_report_says_why_no_kernel_runs_and_nothing_is_downloaded(run_zaya, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("zaya doctor opened a connection")
@@ -26,6 +27,16 @@ def test_on_the_cpu_the_report_says_why_no_kernel_runs_and_nothing_is_downloaded
     assert "decode path:        plain MLX ops (the fused step runs only on a Metal or CUDA GPU)" in out
     peak = float(re.search(r"peak memory ([\d.]+) MiB", out).group(1))
     assert 0.5 < peak < 2048  # the tiny model's weights (~1 MB in MXFP4) and its run, not a real model's
+
+
+@pytest.mark.skipif(kernels.backend() == "cpu", reason="no Metal or CUDA back end here: kernels not run")
+@pytest.mark.parametrize("quant", ["mxfp4", "bf16"])
+def test_on_a_gpu_every_kernel_builds_and_matches_its_reference(quant, run_zaya):
+    code, out, err = run_zaya("doctor", "--quant", quant)
+    assert code == 0, out + err
+    assert len(re.findall(r"^  \S.* +ok  max error", out, re.M)) == 8 and "FAILED" not in out
+    assert f"back end: {kernels.backend()}" in out and "  gpu:" in out
+    assert "decode path:        fused step with the kernels" in out
 
 
 def test_a_bad_weight_format_is_one_line(run_zaya):
