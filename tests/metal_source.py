@@ -208,10 +208,28 @@ class Step(typing.NamedTuple):
                  # expert kernel; "mxfp4": quantized, through its plain ops
     cca_inside: bool = True  # the CCA step inside attention's launch, or in its own (shapes that launch lacks)
     split: bool = False  # attention over a buffer in chunks, then a combine launch (long contexts)
+    full: bool = False  # ZAYA1-8B's widths and vocabulary (two layers, weights never computed), not the small model's
+
+
+def _lazy_zaya(step: Step):
+    """ZAYA1-8B's shapes in two layers, its weights in the step's format but never evaluated: the launches are only
+    recorded, so nothing is computed or allocated."""
+    from mlx.utils import tree_map_with_path
+
+    from zaya_mlx.benchmark import QUANTIZED_PATHS, _quantize, full_config
+    from zaya_mlx.model import Model
+
+    model = Model(full_config(num_hidden_layers=2, layer_types=["hybrid"] * 2))
+    model.update(tree_map_with_path(
+        lambda k, v: v if "balancing_biases" in k or not mx.issubdtype(v.dtype, mx.floating) else v.astype(step.dtype),
+        model.parameters()))
+    _quantize(model, step.quant, QUANTIZED_PATHS)
+    return model
 
 
 def step_launches(step: Step) -> list[Launch]:
-    """The Metal launches of two decode steps (after a prompt through the plain ops) of the small model."""
+    """The Metal launches of two decode steps of the small model (after a prompt through the plain ops), or of
+    ZAYA1-8B's shapes (from an empty cache)."""
     import dataclasses
 
     import mlx.nn as nn
@@ -221,7 +239,7 @@ def step_launches(step: Step) -> list[Launch]:
     cfg = small_config()
     if step.router == "inside":
         cfg = dataclasses.replace(cfg, router_hidden_size=256)
-    model = build_zaya(cfg, step.quant, seed=0, dtype=step.dtype)
+    model = _lazy_zaya(step) if step.full else build_zaya(cfg, step.quant, seed=0, dtype=step.dtype)
     if step.router == "mxfp4":
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
@@ -230,7 +248,8 @@ def step_launches(step: Step) -> list[Launch]:
     real_supported, real_single = attention.cca_kernel_supported, attention.SINGLE_PASS_MAX
     try:
         os.environ.update(ZAYA_FUSED="0", ZAYA_COMPILE="0")
-        mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
+        if not step.full:
+            mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
         os.environ["ZAYA_FUSED"] = "1"
         if not step.cca_inside:
             attention.cca_kernel_supported = lambda *a, **k: False

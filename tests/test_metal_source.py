@@ -15,11 +15,13 @@ pytestmark = pytest.mark.skipif(metal_source.CLANG is None, reason="no clang to 
 
 # Every switch a variant's source turns on: each weight format and activation dtype, the router apart, inside the
 # expert kernel or quantized, the CCA step inside attention or in its own launch, attention in one pass or in
-# chunks with a combine launch.
+# chunks with a combine launch; at the small model's shapes and at ZAYA1-8B's.
 STEPS = [Step(None, mx.float32, "apart"), Step(None, mx.bfloat16, "inside"), Step("mxfp4", mx.bfloat16, "apart"),
          Step("mxfp4", mx.bfloat16, "inside", cca_inside=False), Step("affine4", mx.bfloat16, "mxfp4", split=True),
          Step("affine8", mx.bfloat16, "inside", split=True),
-         Step(None, mx.float32, "inside", cca_inside=False, split=True)]
+         Step(None, mx.float32, "inside", cca_inside=False, split=True),
+         Step("mxfp4", mx.bfloat16, "inside", full=True), Step("affine4", mx.bfloat16, "inside", full=True, split=True),
+         Step(None, mx.float32, "inside", full=True)]
 BODIES = {"attention_combine", "cca_decode", "decode_attention", "expert_mlp", "matvec", "residual_norm", "router_mlp"}
 
 
@@ -31,7 +33,7 @@ def _all_launches():
 def test_every_variant_of_the_decode_step_compiles_for_metal():
     launches = _all_launches()
     assert {launch.name.rsplit("_", 1)[0].removeprefix("zaya_") for launch in launches} == BODIES
-    assert len({launch.key() for launch in launches}) > 30
+    assert len({launch.key() for launch in launches}) > 60
     failed = check_all(launches)
     assert not failed, "\n\n".join(f"{key}:\n{errors[:2000]}" for key, errors in failed)
 
