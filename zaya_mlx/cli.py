@@ -218,7 +218,9 @@ def rsa_command(
 
     if problem == "-":
         problem = sys.stdin.read()
-    if resume is None and (problem is None or not problem.strip()):
+    if resume is None and problem is None:
+        fail("give a problem, or --resume DIR to continue a run")
+    if resume is None and not problem.strip():
         fail("the problem is empty")
     if json_out and (Path(json_out).is_dir() or not Path(json_out).expanduser().resolve().parent.is_dir()):
         fail(f"--json {json_out}: {'is a folder' if Path(json_out).is_dir() else 'its folder does not exist'}; "
