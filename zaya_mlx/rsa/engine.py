@@ -185,8 +185,7 @@ class _Live:
 class Engine:
     """One run: the prompts, the draws, the slots, and what has finished. `run()` is the public entry point."""
 
-    def __init__(self, messages: list[dict], params: RSAParams, *, tokenizer, backend: Backend, plan: MemoryPlan,
-                 builder: PromptBuilder, seed: int, stop_ids: Sequence[int], schedule: str,
+    def __init__(self, params: RSAParams, *, backend: Backend, plan: MemoryPlan, builder: PromptBuilder, seed: int, stop_ids: Sequence[int], schedule: str,
                  emit: Callable[[RSAEvent], None], cancel=None, journal=None):
         self.p, self.seed, self.tok, self.backend, self.plan = params, seed, builder.tokenizer, backend, plan
         self.builder, self.emit, self.journal = builder, emit, journal
@@ -258,7 +257,7 @@ class Engine:
         from ..generation import prompt_opens_reasoning
 
         r, i = key
-        body = [t for t in live.tokens]
+        body = list(live.tokens)
         while body and body[-1] in self.stops:
             body.pop()
         text = self.tok.decode(body)
@@ -288,11 +287,11 @@ class Engine:
         free = self.plan.slots - len(self.running)
         if self.schedule == "batches" and self.pending:  # a batch never mixes rounds
             first = self.pending[0][0]
-            candidates = [k for k in self.pending if k[0] == first]
+            eligible = [k for k in self.pending if k[0] == first]
         else:
-            candidates = self.pending
+            eligible = self.pending
         started = []
-        for key in candidates:
+        for key in eligible:
             if free <= 0:
                 break
             if self.ready(key):
@@ -306,9 +305,13 @@ class Engine:
     def start(self, key) -> None:
         r, i = key
         prompt, parents, prefix, text = self.prompt_for(key)
-        if self.p.bounded_context and len(prompt) + self.p.max_tokens_in(r) > self.plan.context_bound:
-            raise ContextBoundError(f"round {r} rollout {i}: {len(prompt)} + {self.p.max_tokens_in(r)} tokens is over "
-                                    f"the bound of {self.plan.context_bound}")
+        if len(prompt) + self.p.max_tokens_in(r) > self.plan.context_bound:
+            message = (f"round {r} rollout {i}: {len(prompt)} + {self.p.max_tokens_in(r)} tokens is over the bound of "
+                       f"{self.plan.context_bound} the slots were planned for")
+            if self.p.bounded_context:
+                raise ContextBoundError(message)
+            raise ZayaError(f"{message}: a candidate outgrew its rollout's tokens when re-tokenized; run without "
+                            "--unbounded")
         if r not in self.round_started:
             self.round_started[r] = time.perf_counter()
             self.emit(RSAEvent("round_started", round=r, data={"rollouts": self.p.rollouts_in(r)}))
@@ -432,26 +435,28 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
     emit = on_event or (lambda e: None)
     builder = PromptBuilder(tokenizer, messages, params.candidates, enable_thinking=params.enable_thinking)
     tok = builder.tokenizer
-    if stop_ids is None:
+    if stop_ids is None:  # the tokenizer's end-of-turn ids and the model's
         stop_ids = sorted(set(getattr(tok, "eos_token_ids", ()) or ()) | set(
             getattr(getattr(model, "args", None), "eos_token_ids", ()) or ()))
     plan = _plan(model, params, builder, memory_budget=memory_budget, max_batch=max_batch,
                  prefill_step_size=prefill_step_size)
     emit(RSAEvent("plan", data={"plan": plan, "params": params, "slots": plan.slots}))
 
+    finished = []
+    if journal is not None:
+        if journal.meta.get("draws") != {str(r): d for r, d in all_draws(params, seed).items()}:
+            raise ZayaError(f"the run in {journal.path} drew other candidates: it is not this run's folder")
+        finished = journal.finished()
     own_backend = backend is None
     if own_backend:
         backend = ModelBackend(model, slots=plan.slots, stop_ids=stop_ids, prefill_step_size=prefill_step_size)
-    engine = Engine(messages, params, tokenizer=tok, backend=backend, plan=plan, builder=builder, seed=seed,
+    engine = Engine(params, backend=backend, plan=plan, builder=builder, seed=seed,
                     stop_ids=stop_ids, schedule=schedule, emit=emit, cancel=cancel, journal=journal)
-    if journal is not None:
-        if journal.meta.get("draws") != {str(r): d for r, d in engine.draws.items()}:
-            raise ZayaError(f"the run in {journal.path} drew other candidates: it is not this run's folder")
-        for rollout in journal.finished():
+    if finished:
+        for rollout in finished:
             engine.done[rollout.round, rollout.index] = rollout
-        if engine.done:
-            engine.pending = [k for k in engine.pending if k not in engine.done]
-            emit(RSAEvent("resumed", data={"rollouts": len(engine.done)}))
+        engine.pending = [k for k in engine.pending if k not in engine.done]
+        emit(RSAEvent("resumed", data={"rollouts": len(engine.done)}))
     tic = time.perf_counter()
     try:
         engine.run()
