@@ -72,7 +72,8 @@ class RSAEvent:
 class Rollout:
     """One finished rollout. tokens: generated ids (the stop id included when it stopped on one); text: their
     decoded text; candidate: what the next round is shown of it (a word tail, or the text of its token tail);
-    tail_ids: its token tail (token tails only); tail_cut: a word tail cut at its token bound."""
+    tail_ids: its token tail (token tails only); tail_cut: a word tail cut at its token bound; prompt_text: the
+    aggregation prompt's user message it was given (None in round 0, whose prompt is the request's messages)."""
 
     round: int
     index: int
@@ -87,6 +88,7 @@ class Rollout:
     answer: Optional[str]
     seed: int
     seconds: float = 0.0
+    prompt_text: Optional[str] = None
 
     @property
     def reasoning(self) -> str:
@@ -117,7 +119,8 @@ class RoundRecord:
 class RSAResult:
     """texts: the last round's responses (`final_count` of them); text: the first (Zyphra's choice 0);
     answer: the first response's extracted answer, or the vote's winner when `final_vote` (vote then holds the
-    breakdown); metadata: Zyphra's `rsa_metadata`; usage: prompt/completion/total tokens."""
+    breakdown); metadata: Zyphra's `rsa_metadata`; usage: prompt/completion/total tokens;
+    aggregation_prompt: the first final prompt as messages (Zyphra's `aggregation_prompt`; None when T = 0)."""
 
     text: str
     texts: list[str]
@@ -131,6 +134,11 @@ class RSAResult:
     plan: MemoryPlan
     timings: dict
     run_dir: Optional[str] = None
+
+    @property
+    def aggregation_prompt(self) -> Optional[list[dict]]:
+        text = self.finals[0].prompt_text
+        return None if text is None else [{"role": "user", "content": text}]
 
     @property
     def finals(self) -> list[Rollout]:
@@ -265,7 +273,8 @@ class Engine:
         answer, _ = extract_answer(text, starts_in_reasoning=prompt_opens_reasoning(self.tok, live.prompt))
         return Rollout(round=r, index=i, parents=live.parents, prompt_tokens=len(live.prompt), tokens=live.tokens,
                        finish_reason=reason, text=text, candidate=candidate, tail_ids=tail_ids, tail_cut=cut,
-                       answer=answer, seed=live.seed, seconds=time.perf_counter() - live.started)
+                       answer=answer, seed=live.seed, seconds=time.perf_counter() - live.started,
+                       prompt_text=live.prompt_text)
 
     # --- scheduling ---------------------------------------------------------------------------------------------
 
@@ -322,11 +331,11 @@ class Engine:
         self.emit(RSAEvent("rollout_started", round=r, rollout=i, data={"prompt_tokens": len(prompt),
                                                                          "parents": parents}))
 
-    def record(self, rollout: Rollout, prompt_text: Optional[str]) -> None:
+    def record(self, rollout: Rollout) -> None:
         key = (rollout.round, rollout.index)
         self.done[key] = rollout
         if self.journal is not None:
-            self.journal.rollout(rollout, prompt_text)
+            self.journal.rollout(rollout)
         self.emit(RSAEvent("rollout_finished", round=rollout.round, rollout=rollout.index,
                            data={"rollout": rollout, "tokens": len(rollout.tokens),
                                  "finish_reason": rollout.finish_reason, "answer": rollout.answer}))
@@ -358,7 +367,7 @@ class Engine:
                     reason = "length"
                 if reason is not None:
                     del self.running[key]
-                    self.record(self.finish(key, live, reason), live.prompt_text)
+                    self.record(self.finish(key, live, reason))
             self.progress()
 
     def progress(self, force: bool = False) -> None:

@@ -163,10 +163,8 @@ class RunFolder:
                 raise ZayaError(f"{path}: line {number} is damaged ({e}); the lines before it are good") from None
         return out
 
-    def rollout(self, rollout: Rollout, prompt_text: Optional[str] = None) -> None:
-        record = dataclasses.asdict(rollout)
-        record["prompt_text"] = prompt_text
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+    def rollout(self, rollout: Rollout) -> None:
+        line = json.dumps(dataclasses.asdict(rollout), ensure_ascii=False) + "\n"
         with open(self.path / ROLLOUTS, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
