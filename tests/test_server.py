@@ -306,17 +306,27 @@ def test_model_that_does_not_load_starts_no_server(folder, tmp_path, run_zaya):
     shard.write_bytes(shard.read_bytes()[:1000])
     port = free_port()
     code, _, err = run_zaya("serve", "--model", broken, "--port", port)
-    assert code == 1 and err.splitlines()[-1].startswith("error: ") and "truncated" in err.splitlines()[-1]
+    assert code == 1 and err.splitlines()[-1].startswith("error: ") and shard.name in err.splitlines()[-1]
     assert "serving" not in err
     with socket.socket() as again:  # the port was let go
         again.bind(("127.0.0.1", port))
 
 
-def test_sigint_ends_the_command_cleanly(folder, tmp_path):
+def readme_client_code() -> str:
+    """The README's first client example (its Serving section)."""
+    section = (ROOT / "README.md").read_text().split("## Serving")[1]
+    return section.split("```python\n")[1].split("```")[0]
+
+
+def test_readme_client_code_and_sigint_end_the_command_cleanly(folder, tmp_path, capsys):
     port = free_port()
     served = Served(zaya_serve("--model", folder, "--port", port, "--max-tokens", 4), tmp_path / "log", port)
+    code = readme_client_code()
+    assert "http://127.0.0.1:8080/v1" in code
+    exec(code.replace("http://127.0.0.1:8080/v1", f"http://127.0.0.1:{port}/v1"), {})
     reply = served.client().chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "hi"}])
-    assert reply.usage.completion_tokens == 4
+    assert reply.usage.completion_tokens == 4  # the server's --max-tokens
+    assert capsys.readouterr().out.startswith("None ")  # the tiny model's answer has no reasoning
     assert served.stop(signal.SIGINT) == 0
     assert served.log().splitlines()[-1] == "stopped" and "Traceback" not in served.log()
     assert health(port) is None
@@ -325,3 +335,77 @@ def test_sigint_ends_the_command_cleanly(folder, tmp_path):
 def test_help_shows_curl_and_openai_examples(run_zaya):
     code, out, _ = run_zaya("serve", "--help")
     assert code == 0 and "curl http://127.0.0.1:8080/v1/chat/completions" in out and "from openai import" in out
+
+
+# --- RSA requests (Zyphra's parameter names, aliases and response) ------------------------------------------------
+
+# Zyphra's proxy's aliases: rsa_short_resp_len, rsa_tail_window_len, final_aggregation_prompts (= rsa_final_n).
+RSA = {"rsa_n": 2, "rsa_k": 2, "rsa_t": 1, "rsa_short_resp_len": 8, "rsa_tail_window_len": 16,
+       "final_aggregation_prompts": 2, "return_aggregation_prompt": True}
+QUESTION = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def test_rsa_request_with_zyphra_parameters(server):
+    reply = server.client().chat.completions.create(model="Zyphra/ZAYA1-8B", messages=QUESTION, max_tokens=6,
+                                                    temperature=0, seed=3, extra_body=RSA)
+    metadata = reply.rsa_metadata
+    assert {k: metadata[k] for k in ("rsa_iterations", "rsa_k", "rsa_n", "tail_window_len", "short_resp_len",
+                                     "rsa_summarize", "rsa_tail_window", "use_pacore")} == {
+        "rsa_iterations": 1, "rsa_k": 2, "rsa_n": 2, "tail_window_len": 16, "short_resp_len": 8,
+        "rsa_summarize": False, "rsa_tail_window": True, "use_pacore": False}
+    # Rollouts of the random tiny model run to their limit: 8 tokens in round 0, max_tokens in the last round.
+    assert metadata["rsa_token_count_history"] == [8.0, 6.0] and metadata["rsa_seed"] == 3
+    assert len(reply.choices) == 2 and reply.usage.completion_tokens == 2 * 8 + 2 * 6
+    assert [c.finish_reason for c in reply.choices] == ["length", "length"]
+    (prompt,) = reply.aggregation_prompt
+    # Zyphra's aggregation prompt for K = 2 (their proxy's create_aggregation_prompt).
+    assert prompt["content"].startswith("You are given a math problem and several candidate solutions.")
+    assert "[[ Problem ]]:\n\nWhat is 2+2?\n" in prompt["content"] and "---- Solution 2 ----" in prompt["content"]
+
+
+def test_rsa_answer_comes_after_whitespace_heartbeats(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"messages": QUESTION, "max_tokens": 6, "temperature": 0, "seed": 3, **RSA, "rsa_short_resp_len": 40}
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    raw = response.read()
+    head = raw[: raw.index(b"{")]
+    assert response.status == 200 and head.strip() == b"" and head.count(b"\n") >= 2, raw[:200]
+    assert json.loads(raw)["rsa_metadata"]["rsa_token_count_history"] == [40.0, 6.0]
+
+
+def test_streamed_rsa_reports_rounds_then_answers(server):
+    client = server.client()
+    whole = client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, max_tokens=6, temperature=0, seed=3,
+                                           extra_body=RSA)
+    chunks = list(client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, max_tokens=6, temperature=0,
+                                                 seed=3, extra_body=RSA, stream=True))
+    progress = [c.rsa_progress for c in chunks if getattr(c, "rsa_progress", None)]
+    finished = [(p["round"], p["rollout"]) for p in progress if p["kind"] == "rollout_finished"]
+    assert sorted(finished) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [p["round"] for p in progress if p["kind"] == "round_finished"] == [0, 1]
+    for i, choice in enumerate(whole.choices):
+        deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == \
+            (choice.message.reasoning_content or "")
+        assert "".join(d.content or "" for d in deltas) == (choice.message.content or "")
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].rsa_metadata["rsa_token_count_history"] == [8.0, 6.0]
+
+
+def test_rsa_refusals_are_400(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="rsa_summarize is not supported"):
+        client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, extra_body={**RSA, "rsa_summarize": True})
+    with pytest.raises(openai.BadRequestError, match=f"over the model's context of {CONTEXT:,}"):
+        client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, max_tokens=2000, extra_body=RSA)
+    with pytest.raises(openai.BadRequestError, match="rsa_n"):
+        client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, extra_body={**RSA, "rsa_n": "many"})
+
+
+def test_disconnect_cancels_an_rsa_run(server):
+    stream = server.client().chat.completions.create(model="ZAYA1-8B", messages=QUESTION, max_tokens=200,
+                                                     stream=True, extra_body={**RSA, "rsa_short_resp_len": 200})
+    next(iter(stream))
+    stream.close()
+    wait_until(lambda: "RSA run cancelled (client gone)" in server.log(), 30, "the RSA run's cancellation")

@@ -155,16 +155,20 @@ def serve_command(
     top_p: float = typer.Option(0.95, "--top-p", help="Top-p when a request names none."),
     max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests waiting at most; more get a 503."),
     max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="Largest request body in MB; larger get a 413."),
+    rsa_preset: Optional[str] = typer.Option(None, "--rsa-preset",
+                                             help="RSA parameters a request leaves unset: laptop (default), quick "
+                                                  "or zyphra (Zyphra's recipe as published)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible API: /v1/chat/completions (streamed or not, reasoning in
-    reasoning_content, tool calls in tool_calls), /v1/models, /health. Ctrl-C stops it."""
+    reasoning_content, tool calls in tool_calls; a body with Zyphra's RSA parameters, such as rsa_n, runs
+    Markovian RSA), /v1/models, /health. Ctrl-C stops it."""
     from .server import serve
 
     if max_body_mb <= 0:
         fail("--max-body-mb must be positive")
     serve(model, host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
-          max_queue=max_queue, max_body=int(max_body_mb * 1e6))
+          max_queue=max_queue, max_body=int(max_body_mb * 1e6), rsa_preset=rsa_preset)
 
 
 # --- rsa (Markovian RSA) ------------------------------------------------------------------------------------------
@@ -370,6 +374,25 @@ def bench_command(
         write_text_atomic(json_out, json.dumps([to_dict(r) for r in results], indent=1) + "\n")
     if markdown_out:
         write_text_atomic(markdown_out, table)
+
+
+# --- doctor (what this machine runs) -------------------------------------------------------------------------------
+
+
+@app.command("doctor")
+def doctor_command(
+    quant: str = typer.Option("mxfp4", "--quant", help="Weight format of the tiny random model the checks use."),
+) -> None:
+    """This machine, MLX's back end, each decode kernel against its reference, the decode path a model would take,
+    and a short run's peak memory: a block to paste into a bug report. Downloads nothing."""
+    from .benchmark import FORMATS, UNQUANTIZED
+    from .doctor import diagnose
+
+    if quant not in (*UNQUANTIZED, *FORMATS):
+        raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
+    report = diagnose(None if quant in UNQUANTIZED else quant)
+    typer.echo(report.text())
+    raise typer.Exit(0 if all(k.ok for k in report.kernels) else 1)
 
 
 def _one_line_warnings() -> None:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .errors import ZayaError
 from .generation import REASONING, GenerationResponse
-from .tool_calls import CALL, ToolCallSplitter, openai_tool_call, parse_tool_call
+from .tool_calls import CALL, TOOL_CALL_END, TOOL_CALL_START, ToolCallSplitter, openai_tool_call, parse_tool_call
 
 FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length"}
 
@@ -82,13 +82,13 @@ class ChatRequest:
         if body.get("tool_choice") == "none":
             tools = None
         options = body.get("stream_options") or {}
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         return cls(
             messages=messages,
             tools=tools,
             stream=_get(body, "stream", bool, False),
             include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
-            max_tokens=_get({"max_tokens": max_tokens}, "max_tokens", int, None, low=1),
+            max_tokens=_get(body, max_tokens_key, int, None, low=1),
             temperature=float(_get(body, "temperature", (int, float), temperature, low=0)),
             top_p=float(_get(body, "top_p", (int, float), top_p, low=0, high=1)),
             top_k=_get(body, "top_k", int, 0, low=0),
@@ -99,21 +99,27 @@ class ChatRequest:
         )
 
 
-def prompt_ids(tokenizer, request: ChatRequest) -> list[int]:
-    """The chat template's token ids for the request's messages (and tools)."""
+def template_messages(request: ChatRequest) -> list[dict]:
+    """A copy of the request's messages in the chat template's form (mlx-lm's `process_message_content`)."""
     import copy
 
     from mlx_lm.server import process_message_content
-
-    from .tokenizer import apply_chat_template
 
     messages = copy.deepcopy(request.messages)
     try:
         process_message_content(messages)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ApiError(400, f"messages: {e}") from None
+    return messages
+
+
+def prompt_ids(tokenizer, request: ChatRequest) -> list[int]:
+    """The chat template's token ids for the request's messages (and tools)."""
+    from .tokenizer import apply_chat_template
+
     try:
-        return apply_chat_template(tokenizer, messages, enable_thinking=request.enable_thinking, tools=request.tools)
+        return apply_chat_template(tokenizer, template_messages(request), enable_thinking=request.enable_thinking,
+                                   tools=request.tools)
     except ZayaError as e:
         raise ApiError(400, str(e)) from None
 
@@ -133,7 +139,7 @@ class ChatStream:
                 try:
                     call = openai_tool_call(parse_tool_call(text, self.tools), index=len(self.tool_calls))
                 except (ValueError, KeyError):
-                    kind, text = "text", f"<zyphra_tool_call>{text}</zyphra_tool_call>"  # not a call: keep it as text
+                    text = f"{TOOL_CALL_START}{text}{TOOL_CALL_END}"  # not a call: kept as the text it was
                 else:
                     self.tool_calls.append(call)
                     delta.setdefault("tool_calls", []).append(call)
@@ -179,9 +185,12 @@ def new_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def chunk(request_id: str, model: str, delta: dict, finish_reason: Optional[str] = None) -> dict:
+def chunk(request_id: str, model: str, delta: Optional[dict], finish_reason: Optional[str] = None,
+          index: int = 0) -> dict:
+    """A streamed chunk; `delta` None gives one with no choices (usage, RSA progress)."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason}]
     return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            "choices": choices}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -1,5 +1,9 @@
 """`zaya serve`: one ZAYA model behind an OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`).
 
+A chat completion whose body carries Zyphra's RSA parameters runs Markovian RSA (`rsa_request.py`): not
+streamed, Zyphra's form (a newline at once and every `heartbeat` seconds, then the JSON); streamed, progress
+chunks as rollouts and rounds finish, then the answers.
+
 Threads: each connection has a handler thread that reads, checks and tokenizes its request and writes the
 response; the model runs on the main thread only, one job at a time from a bounded queue (MLX streams belong
 to a thread, and a thread that ran MLX work can abort the process when it exits). A full queue is a 503.
@@ -32,10 +36,12 @@ from typing import Callable, Optional
 
 import mlx_lm.server  # noqa: F401  (imported on the main thread: handler threads use its message helpers)
 
+from . import rsa_request
 from .config import DEFAULT_MODEL
 from .errors import ZayaError
 from .generation import context_limit, stream_generate
-from .openai_api import ApiError, ChatRequest, ChatStream, chunk, completion, new_id, prompt_ids, usage
+from .openai_api import ApiError, ChatRequest, ChatStream, chunk, completion, new_id, prompt_ids, template_messages, \
+    usage
 from .sampling import check_sampling
 
 CHECK_SECONDS = 0.5  # how often a handler checks that its client is still there
@@ -75,9 +81,14 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, max_queue: int = 8,
                  max_body: int = 4 << 20, max_tokens: int = 16384, temperature: float = 0.6, top_p: float = 0.95,
+                 rsa_preset: Optional[str] = None, heartbeat: float = 10.0,
                  log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)):
-        self.max_body, self.max_tokens, self.temperature, self.top_p, self.log = (max_body, max_tokens, temperature,
-                                                                                  top_p, log)
+        from .rsa import DEFAULT_PRESET, PRESETS
+
+        if (rsa_preset or DEFAULT_PRESET) not in PRESETS:
+            raise ZayaError(f"unknown RSA preset {rsa_preset!r}: use one of {', '.join(PRESETS)}")
+        self.max_body, self.max_tokens, self.temperature, self.top_p = max_body, max_tokens, temperature, top_p
+        self.rsa_preset, self.heartbeat, self.log = rsa_preset or DEFAULT_PRESET, heartbeat, log
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.running: Optional[Job] = None
         self.stopping = threading.Event()
@@ -176,6 +187,23 @@ class Server:
                              f"({'server stopping' if self.stopping.is_set() else 'client gone'})")
                     return
 
+    def run_rsa(self, job: Job, messages: list, run) -> None:
+        from . import rsa
+
+        def on_event(event):
+            shown = rsa_request.progress(event)
+            if shown is not None:
+                job.put("progress", shown)
+
+        try:
+            result = rsa.run(messages, run.params, model=self.model, tokenizer=self.tokenizer, seed=run.seed,
+                             on_event=on_event, cancel=job.cancelled, max_batch=run.max_batch)
+        except rsa.Cancelled:
+            self.log(f"{job.label}: RSA run cancelled "
+                     f"({'server stopping' if self.stopping.is_set() else 'client gone'})")
+            return
+        job.put("result", result)
+
 
 def _bind(host: str, port: int, app: Server) -> ThreadingHTTPServer:
     class HTTPServer(ThreadingHTTPServer):
@@ -264,8 +292,9 @@ class Handler(BaseHTTPRequestHandler):
         raise ApiError(404, f"the model {shown!r} is not served here; this server serves {self.app.model_id!r} "
                        "(GET /v1/models)", code="model_not_found")
 
-    def _events(self, job: Job):
-        """The job's events as they come; cancels the job and raises ClientGone if the client goes away."""
+    def _events(self, job: Job, ticks: bool = False):
+        """The job's events as they come (and `("tick", None)` when none came for a while, with `ticks`);
+        cancels the job and raises ClientGone if the client goes away."""
         checked = time.monotonic()
         while True:
             try:
@@ -279,17 +308,20 @@ class Handler(BaseHTTPRequestHandler):
                     raise ClientGone()
             if kind == "end":
                 return
-            if kind is not None:
-                yield kind, value
+            if kind is not None or ticks:
+                yield kind or "tick", value
 
-    def _write_event(self, job: Job, obj) -> None:
-        data = obj if isinstance(obj, str) else json.dumps(obj)
+    def _write(self, job: Job, data: bytes) -> None:
+        """Write part of a response; a client that has gone cancels the job (ClientGone)."""
         try:
-            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.write(data)
             self.wfile.flush()
         except OSError:
             job.cancel()
             raise ClientGone() from None
+
+    def _write_event(self, job: Job, obj) -> None:
+        self._write(job, f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
 
     # --- routes -------------------------------------------------------------------------------------------------
 
@@ -332,6 +364,8 @@ class Handler(BaseHTTPRequestHandler):
             check_sampling(request.temperature, request.top_p, request.top_k, request.min_p)
         except ZayaError as e:
             raise ApiError(400, str(e)) from None
+        if rsa_request.is_rsa(body):
+            return self._rsa(body, request)
         ids = prompt_ids(app.tokenizer, request)
         room = app.context - len(ids)
         if room < 1:
@@ -360,6 +394,74 @@ class Handler(BaseHTTPRequestHandler):
                                         stream.finish_reason(last.finish_reason),
                                         usage(n_prompt, stream.completion_tokens)))
 
+    # --- RSA ----------------------------------------------------------------------------------------------------
+
+    def _rsa(self, body: dict, request: ChatRequest) -> None:
+        """Check the run (parameters, memory plan) before answering, so that a refusal is a 4xx; then queue it."""
+        from . import rsa
+
+        app = self.app
+        sampling = {k: getattr(request, k) for k in ("temperature", "top_p", "top_k", "min_p") if body.get(k) is not None}
+        run = rsa_request.parse(body, app.rsa_preset, sampling, request.max_tokens, request.enable_thinking)
+        messages = template_messages(request)
+        try:
+            rsa.plan_run(messages, run.params, model=app.model, tokenizer=app.tokenizer, max_batch=run.max_batch)
+        except ZayaError as e:
+            raise ApiError(400, str(e)) from None
+        job = Job(lambda job: app.run_rsa(job, messages, run), f"RSA request {new_id()[9:17]}")
+        app.submit(job)
+        if request.stream:
+            self._stream_rsa(job, run, messages)
+        else:
+            self._complete_rsa(job, run, messages)
+
+    def _complete_rsa(self, job: Job, run, messages: list) -> None:
+        """Zyphra's form: a newline at once and every `heartbeat` seconds while the run lasts, then the JSON."""
+        model = self.app.model_id
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        self._write(job, b"\n")
+        beat = time.monotonic()
+        answer = rsa_request.error_response("the server is shutting down", model)
+        for kind, value in self._events(job, ticks=True):
+            if kind == "result":
+                answer = rsa_request.response(value, run, messages, model)
+            elif kind == "error":
+                answer = rsa_request.error_response(value.message, model)
+            elif time.monotonic() - beat >= self.app.heartbeat:
+                self._write(job, b"\n")
+                beat = time.monotonic()
+        self._write(job, json.dumps(answer).encode())
+
+    def _stream_rsa(self, job: Job, run, messages: list) -> None:
+        """Progress chunks (no choices, an `rsa_progress` object) as rollouts and rounds finish, then the last
+        round's responses as choices, then a chunk with the usage and `rsa_metadata`."""
+        rid, model = new_id(), self.app.model_id
+        self._start_events()
+        beat = time.monotonic()
+        for kind, value in self._events(job, ticks=True):
+            if kind == "progress":
+                self._write_event(job, {**chunk(rid, model, None), "rsa_progress": value})
+            elif kind == "error":
+                self._write_event(job, value.body())
+                return
+            elif kind == "result":
+                whole = rsa_request.response(value, run, messages, model)
+                for choice in whole["choices"]:
+                    delta = {k: v for k, v in choice["message"].items() if v is not None}
+                    self._write_event(job, chunk(rid, model, delta, index=choice["index"]))
+                    self._write_event(job, chunk(rid, model, {}, choice["finish_reason"], index=choice["index"]))
+                extra = {k: whole[k] for k in ("usage", "rsa_metadata", "aggregation_prompt") if k in whole}
+                self._write_event(job, {**chunk(rid, model, None), **extra})
+                self._write_event(job, "[DONE]")
+                return
+            if time.monotonic() - beat >= self.app.heartbeat:
+                self._write(job, b": keepalive\n\n")
+                beat = time.monotonic()
+
     def _start_events(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -387,8 +489,7 @@ class Handler(BaseHTTPRequestHandler):
         finish = stream.finish_reason(last.finish_reason if last else None)
         self._write_event(job, chunk(rid, model, stream.flush(), finish))
         if request.include_usage:
-            self._write_event(job, {**chunk(rid, model, {}), "choices": [],
-                                    "usage": usage(n_prompt, stream.completion_tokens)})
+            self._write_event(job, {**chunk(rid, model, None), "usage": usage(n_prompt, stream.completion_tokens)})
         self._write_event(job, "[DONE]")
 
 

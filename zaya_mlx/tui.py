@@ -18,7 +18,7 @@ commands. Everything the UI does is one `ChatSession` call.
   it), never onto the screen.
 - Piped stdin (`run_piped`): one prompt per line, answers printed plainly, one per prompt.
 
-Extending (the Markovian RSA mode, issue 6): commands live in `COMMANDS` (name -> `Command`);
+Extending: commands live in `COMMANDS` (name -> `Command`);
 `register_command` adds or replaces one, and each `ChatUI` copies the table at start. A UI answers a prompt
 with `ui.prompt_handler(text)` (default `ui.stream_turn`); `/rsa on` can swap in a handler that runs
 `zaya_mlx.rsa.run` and renders its own progress, `/rsa off` puts `ui.stream_turn` back. The `/rsa` entry
@@ -714,7 +714,9 @@ def run_chat(session, *, show_reasoning: bool = False, model_label: str = "", lo
         import readline  # line editing and history for input()
 
         # A paste arrives between bracket marks and stays one message; lines typed ahead stay separate inputs.
-        readline.parse_and_bind("set enable-bracketed-paste on")
+        # (GNU readline's setting; macOS's libedit has no such thing and reads every line alone.)
+        if "libedit" not in (readline.__doc__ or ""):
+            readline.parse_and_bind("set enable-bracketed-paste on")
     except ImportError:
         pass
     console = Console(highlight=False, file=stdout)
