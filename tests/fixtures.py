@@ -19,6 +19,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import ZayaConfig, ZayaForCausalLM
@@ -60,6 +61,11 @@ TINY = {
     # For the quantizer: every quantized dim fits group sizes 16..64 (the base expert intermediate, 32, does not
     # fit group 64, which the skipped-tensor test relies on).
     "quant": dict(_BASE, moe_intermediate_size=128),
+    # For partly quantized folders: the expert down projection's last dim (40) fits no group size (16, 32, 64), so
+    # every recipe keeps it unquantized beside quantized gate/up projections.
+    "ragged": dict(_BASE, moe_intermediate_size=40),
+    # For the quantized KV cache: heads of 64 values, one quantization group each.
+    "kvheads": dict(_BASE, head_dim=64),
 }
 # The variants the parity suite runs over ("quant" only changes a size).
 VARIANTS = ("base", "sliding", "cca3", "cca3t1", "mqa", "skipheavy")
@@ -226,6 +232,10 @@ def legacy_name_map(config: ZayaConfig) -> dict[str, str]:
 def legacy_config(config: ZayaConfig) -> dict:
     """Zyphra's original config.json for the same model (80-layer style: attention and MoE as separate layers)."""
     sliding = [k for k, t in enumerate(config.layer_types) if t == "hybrid_sliding"]
+    # One entry per original layer (attention, then MoE): the window minus one where attention slides, else 0.
+    swa = []
+    for t in config.layer_types:
+        swa += [config.sliding_window - 1 if t == "hybrid_sliding" else 0, 0]
     rope = config.rope_parameters
     out = {
         "model_type": "zaya",
@@ -250,13 +260,12 @@ def legacy_config(config: ZayaConfig) -> dict:
         "partial_rotary_factor": rope["hybrid"]["partial_rotary_factor"],
         "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": True,
-        "swa_layers": [2 * k for k in sliding],
+        "swa_layers": swa,
         "pad_token_id": config.pad_token_id,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
     }
     if sliding:
-        out["sliding_window"] = config.sliding_window
         out["swa_rotary_base"] = rope["hybrid_sliding"]["rope_theta"]
     return out
 
@@ -279,6 +288,91 @@ def write_legacy_checkpoint(model: ZayaForCausalLM, folder, shards: int = 1, dty
     (folder / "config.json").write_text(json.dumps(legacy_config(model.config), indent=2) + "\n")
     _write_safetensors(_cast(tensors, dtype), folder, shards)
     return folder
+
+
+# The MLX bundles in Zyphra's names: where their stacked experts live, and what their converters quantize.
+STACKED_EXPERTS = {"vmlx": "zaya_block.experts.switch_mlp.", "mlx-lm-zaya": "zaya_block.experts."}
+QUANT_GROUP = 64
+
+
+def bundle_quantization(layout: str) -> dict:
+    """The config block each converter writes: vMLX bundles (OsaurusAI) 4-bit affine with an 8-bit embedding;
+    mlx_lm.convert -q 4-bit affine."""
+    block = {"group_size": QUANT_GROUP, "bits": 4, "mode": "affine"}
+    if layout == "vmlx":
+        block["model.embed_tokens"] = {"group_size": QUANT_GROUP, "bits": 8, "mode": "affine"}
+    return block
+
+
+def _bundle_format(layout: str, name: str, shape) -> dict | None:
+    """Whether a converter quantizes a tensor (in Zyphra's names): every Linear, Embedding and SwitchLinear weight
+    whose input dim fits the group (mlx_lm.convert's rule), but mlx-lm's own model keeps its router."""
+    if not name.endswith(".weight") or len(shape) < 2 or "conv_qk" in name or shape[-1] % QUANT_GROUP:
+        return None
+    if layout == "mlx-lm-zaya" and ".router." in name:
+        return None
+    block = bundle_quantization(layout)
+    return block.get(name[: -len(".weight")], {k: block[k] for k in ("group_size", "bits", "mode")})
+
+
+def write_bundle_checkpoint(model: ZayaForCausalLM, folder, layout: str, quantized: bool, shards: int = 2
+                            ) -> ZayaForCausalLM:
+    """A vMLX (OsaurusAI) or mlx-lm `zaya.py` bundle: Zyphra's 80-layer config and names, the experts stacked by
+    projection, fp32; quantized as its converter does when `quantized`. Returns the fp32 torch reference of the
+    weights as stored (dequantized where quantized: quantization is per row, so quantizing a transformers tensor
+    and cutting it into Zyphra's pieces gives the converter's result)."""
+    import mlx.core as mx
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    names = legacy_name_map(cfg)
+    inter = cfg.moe_intermediate_size
+    tensors, stored_state = {}, {}
+    for name, value in reference_state_dict(model).items():
+        w = mx.array(value.float().numpy())
+        if ".mlp.experts." in name:
+            p = f"model.layers.{2 * int(name.split('.')[2]) + 1}.{STACKED_EXPERTS[layout]}"
+            if name.endswith("gate_up_proj"):
+                pieces = [(p + "gate_proj.weight", slice(0, inter)), (p + "up_proj.weight", slice(inter, 2 * inter))]
+            else:
+                pieces = [(p + "down_proj.weight", slice(None))]
+        else:
+            pieces = [(names[name], slice(None))]
+        fmt = _bundle_format(layout, pieces[0][0], w.shape) if quantized else None
+        if fmt is None:
+            parts = {"": w}
+            stored_state[name] = value.float()
+            if layout == "mlx-lm-zaya" and "conv_qk" in pieces[0][0] and name.endswith(".weight"):
+                parts[""] = w.swapaxes(1, 2)  # mlx_lm.convert saves after its sanitize: MLX's conv layout
+        else:
+            q = mx.quantize(w, group_size=fmt["group_size"], bits=fmt["bits"], mode=fmt["mode"])
+            parts = dict(zip(("", ".scales", ".biases"), q))
+            stored = mx.dequantize(*q, group_size=fmt["group_size"], bits=fmt["bits"], mode=fmt["mode"])
+            stored_state[name] = torch.from_numpy(np.array(stored))
+        for piece, rows in pieces:
+            for suffix, a in parts.items():
+                a = a[:, rows] if a.ndim == 3 else a
+                key = piece[: -len(".weight")] + suffix if suffix else piece
+                tensors[key] = torch.from_numpy(np.ascontiguousarray(np.array(a)))
+    config = legacy_config(cfg)
+    if quantized:
+        config["quantization"] = config["quantization_config"] = bundle_quantization(layout)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_safetensors(tensors, folder, shards)
+    reference = ZayaForCausalLM(make_config_of(cfg)).float().eval()
+    missing, unexpected = reference.load_state_dict(stored_state, strict=False)
+    assert not unexpected and set(missing) <= set(TIED), (missing, unexpected)
+    reference.tie_weights()
+    return reference
+
+
+def make_config_of(config: ZayaConfig) -> ZayaConfig:
+    """A copy of a transformers config, eager attention."""
+    out = copy.deepcopy(config)
+    out._attn_implementation = "eager"
+    return out
 
 
 def read_safetensors_folder(folder) -> dict[str, torch.Tensor]:
@@ -334,6 +428,29 @@ def route_counts(model: ZayaForCausalLM, ids) -> torch.Tensor:
             h.remove()
     classes = model.config.num_experts + 1
     return torch.stack([torch.bincount(c, minlength=classes) for c in choices])
+
+
+# bf16 weights (default dtype) vs the fp32 reference, as fractions of max |logit|. Measured on these fixtures
+# (MLX and torch bf16 alike): the median position is off by ~0.5%; a position where a near-tie in the router
+# flips the expert is off by up to ~8-10%, and so are the positions attending to it. Bounds: 3x the median, 1.5x
+# the worst flip; and the fp32 argmax wherever its top-2 margin is clear (> 10%, ~95% of positions).
+BF16_MEDIAN_RTOL = 0.015
+BF16_MAX_RTOL = 0.15
+BF16_CLEAR_MARGIN = 0.1
+
+
+def assert_bf16_close(got, want, what: str) -> None:
+    """bf16 logits `got` against fp32 reference logits `want` (numpy): within the bounds above, and the same
+    argmax wherever the reference's top-2 margin is clear."""
+    scale = float(np.abs(want).max())
+    per_position = np.abs(got - want).max(axis=-1) / scale
+    assert np.median(per_position) <= BF16_MEDIAN_RTOL, f"{what}: median error {np.median(per_position):.4f}"
+    assert per_position.max() <= BF16_MAX_RTOL, f"{what}: worst position error {per_position.max():.4f}"
+    top2 = np.sort(want, axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > BF16_CLEAR_MARGIN * scale
+    assert clear.mean() > 0.8, "fixture margins too small for the argmax check to mean anything"
+    agree = got.argmax(-1) == want.argmax(-1)
+    assert agree[clear].all(), f"{what}: argmax differs at {np.argwhere(clear & ~agree).tolist()}"
 
 
 def fixture_ids(seed: int = 1, length: int = 20, batch: int = 1, vocab: int = 384) -> list[list[int]]:

@@ -119,10 +119,12 @@ def test_rows_that_do_not_fit_are_skipped_and_said_so():
     (32 x 36,864 allocated x 21,760 bytes, twice: 51 GB) but not in bf16 (97 GB); every other row fits."""
     config = benchmark.full_config()
     rows = ((1, 256), (1, 16384), (16, 256), (16, 16384), (32, 32768))
+    mx.reset_peak_memory()
     plan = benchmark.plan_bench(config, benchmark.lazy_model(config, "mxfp4"), rows, (None, 8), steps=32, runs=3,
                                 chunk=2048, budget=(int(68e9), "85% of 80 GB"), cpu=False)
     assert set(plan.skipped) == {(None, 32, 32768)} and plan.row == "32 x 32768 (8-bit KV)"
     assert 4.4e9 < plan.weights < 5.0e9 and plan.kv == 2 * 32 * 36864 * 21760
+    assert mx.get_peak_memory() < 1e8  # planned from the shapes: no weight was made
 
 
 def test_a_checkpoint_is_measured(run_zaya, tiny_model_dir, tmp_path):

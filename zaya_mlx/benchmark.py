@@ -6,16 +6,13 @@ recipe in quantize/ does (experts, attention projections, tied embedding; router
 context in chunks (prefill tokens/s), then times greedy decode steps on that cache: tokens/s, ms a step, the bytes
 a step moves (weights read + KV read) and the share of the memory bandwidth's bound that the rate reaches; also
 weight and KV bytes per token, graph primitives per decoded token (the nodes `mx.export_to_dot` writes for one
-decode step), peak memory. Optionally the same decode figures for vMLX's ZAYA port (pip package `vmlx`, or its
-`models/zaya.py` given as a file) in the same run, for a ratio. Speeds are measured, never asserted: no timed tests.
+decode step), peak memory. Speeds are measured, never asserted: no timed tests.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import gc
-import importlib
-import importlib.util
 import os
 import re
 import statistics
@@ -30,7 +27,7 @@ from mlx.utils import tree_flatten
 from . import kernels
 from .config import ZayaConfig
 from .errors import ZayaError
-from .kernels import _build
+from .decode import DecodeOptions
 from .kv_cache import kv_bytes_per_token
 from .model import Model
 
@@ -43,7 +40,6 @@ FORMATS = {
     "mxfp8": (32, 8, "mxfp8"),
 }
 QUANTIZED_PATHS = re.compile(r"(mlp\.experts\.|qkv_proj\.in_proj|self_attn\.o_proj|embed_tokens|lm_head)")
-VMLX_QUANTIZED_PATHS = re.compile(r"(switch_mlp|qkv\.linear_q|qkv\.linear_k|qkv\.val_proj|self_attn\.o_proj|embed_tokens|lm_head)")
 
 
 def full_config(**overrides) -> ZayaConfig:
@@ -60,10 +56,12 @@ def small_config() -> ZayaConfig:
 QUANTIZE_ROWS_BYTES = 32 << 20  # a weight quantized a block of rows this large at a time (see _quantize)
 
 
-def _quantize(model: nn.Module, quant: str | None, paths: re.Pattern, within: str = "") -> None:
-    """The recipe's modules (those at or under the path ``within``) quantized. A large weight is quantized a block
-    of rows at a time, each evaluated before the next: MLX's CPU MXFP4 quantization holds ~20x the block's bytes
-    while it runs (a whole bf16 embedding: over 20 GB). Else lazily: nothing is computed until evaluated."""
+def quantize_like_a_recipe(model: nn.Module, quant: str | None, paths: re.Pattern, within: str = "",
+                           lazy: bool = False) -> None:
+    """The recipe's modules (those at or under the path ``within``) quantized. On the CPU a large weight is
+    quantized a block of rows at a time, each evaluated before the next: MLX's CPU MXFP4 quantization holds ~20x the
+    block's bytes while it runs (a whole bf16 embedding: over 20 GB). Else (and with ``lazy``) nothing is computed
+    until evaluated."""
     if not quant or quant in UNQUANTIZED:
         return
     group_size, bits, mode = FORMATS[quant]
@@ -77,7 +75,7 @@ def _quantize(model: nn.Module, quant: str | None, paths: re.Pattern, within: st
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=pred)
     modules = dict(model.named_modules())
     for path, w in sources.items():
-        if w.nbytes <= QUANTIZE_ROWS_BYTES or mx.default_device() != mx.cpu:
+        if lazy or w.nbytes <= QUANTIZE_ROWS_BYTES or mx.default_device() != mx.cpu:
             continue
         rows = max(1, QUANTIZE_ROWS_BYTES // (w.nbytes // w.shape[-2]))
         parts = []
@@ -90,7 +88,7 @@ def _quantize(model: nn.Module, quant: str | None, paths: re.Pattern, within: st
             q.biases = mx.concatenate([p[2] for p in parts], axis=-2)
 
 
-def _materialize(model: nn.Module, dtype=mx.bfloat16, quantize=lambda within: None, log=None) -> None:
+def materialize(model: nn.Module, dtype=mx.bfloat16, quantize=lambda within: None, log=None) -> None:
     """Random init -> dtype, one layer at a time, each quantized (``quantize(its path)``) before the next is made: the
     peak is the quantized model and one layer in dtype. Router balancing biases stay fp32. log: where progress goes
     (every 10 s, with an estimate), or None."""
@@ -125,40 +123,8 @@ def build_zaya(config: ZayaConfig, quant: str | None = None, seed: int = 0, dtyp
         layer.self_attn.qk_norm.temp = mx.ones_like(layer.self_attn.qk_norm.temp)
         gate = layer.mlp.gate  # spread the routing: random balancing biases, a live skip choice
         gate.balancing_biases = mx.random.normal(gate.balancing_biases.shape) * 0.02
-    _materialize(model, dtype, lambda within: _quantize(model, quant, QUANTIZED_PATHS, within), log)
+    materialize(model, dtype, lambda within: quantize_like_a_recipe(model, quant, QUANTIZED_PATHS, within), log)
     return model
-def load_vmlx_module(path: str | None = None):
-    """vMLX's ZAYA model module: from the installed package, or from a copy of its models/zaya.py."""
-    path = path or os.environ.get("ZAYA_VMLX_FILE")
-    if path:
-        import sys
-
-        spec = importlib.util.spec_from_file_location("vmlx_zaya", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["vmlx_zaya"] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-        return mod
-    return importlib.import_module("vmlx_engine.models.zaya")
-
-
-def build_vmlx(mod, config: ZayaConfig, quant: str | None = None, seed: int = 0):
-    """vMLX's port (Zyphra's legacy 80-layer layout: attention and MoE alternate) with the same shapes."""
-    mx.random.seed(seed)
-    args = mod.ModelArgs(
-        hidden_size=config.hidden_size, num_hidden_layers=2 * config.num_hidden_layers,
-        ffn_hidden_size=2 * config.moe_intermediate_size, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, num_query_groups=config.num_key_value_heads,
-        cca_num_q_heads=config.num_attention_heads, kv_channels=config.head_dim, vocab_size=config.vocab_size,
-        num_experts=config.num_experts, zaya_mlp_expansion=config.router_hidden_size,
-    )
-    model = mod.Model(args)
-    for layer in model.layers:
-        if getattr(layer, "self_attn", None) is not None:
-            layer.self_attn.qkv.temp = mx.ones_like(layer.self_attn.qkv.temp)
-    _materialize(model, quantize=lambda within: _quantize(model, quant, VMLX_QUANTIZED_PATHS, within))
-    return model
-
-
 # --- measurements ----------------------------------------------------------------------------------------------
 
 
@@ -378,10 +344,6 @@ class Result:
     max_rel_logit_diff: float | None = None  # fused decode vs the plain path, same weights
 
 
-def _fused(mode: str):
-    os.environ["ZAYA_FUSED"] = mode
-
-
 def kv_name(kv_bits: int | None) -> str:
     return "bf16" if kv_bits is None else f"{kv_bits}-bit"
 
@@ -395,10 +357,10 @@ def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 25
     total, experts = weight_bytes(model, config.num_experts)
     name = label or (("zaya-mlx (fused decode)" if compiled else "zaya-mlx (fused, not compiled)") if fused
                      else "zaya-mlx (plain ops)")
-    os.environ["ZAYA_COMPILE"] = "1" if compiled else "0"
     res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9,
                  weights_read(total, experts, config.num_experts, 1) / 1e9)
-    _fused("1" if fused else "0")
+    options = model.decode_options
+    model.decode_options = DecodeOptions(fused=fused, kernels=options.kernels, compile=compiled)
     try:
         for bits in kv_formats:
             kv = res.kv_bytes_per_token[kv_name(bits)] = kv_bytes_per_token(config, bits)
@@ -419,55 +381,42 @@ def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 25
             res.max_rel_logit_diff = max(fused_vs_plain(model, config.vocab_size, batch=batch)[0])
             log(f"  fused vs plain decode logits: max |diff| / max |logit| = {res.max_rel_logit_diff:.2e}")
     finally:
-        os.environ.pop("ZAYA_FUSED", None)
-        os.environ.pop("ZAYA_COMPILE", None)
+        model.decode_options = options
     return res
 
 
 def fused_vs_plain(model: Model, vocab: int, batch: int = 2, context: int = 24, steps: int = 4,
-                   left_padding: list | None = None, fused_context=contextlib.nullcontext) -> tuple[list, list]:
+                   left_padding: list | None = None, fused_context=contextlib.nullcontext,
+                   kv_bits: int | None = None) -> tuple[list, list]:
     """Fused path against the model's plain ops: a random prompt prefilled into two caches, then `steps` decode
     steps of the plain path's greedy choice through both (the fused ones inside fused_context()). Returns (each
-    step's max |logit difference| / max |logit|, the fused path's cache)."""
+    step's max |logit difference| / max |logit|, the fused path's cache). The model's options are kept but for
+    ``fused``, and restored after. kv_bits: both caches quantized so."""
+    options = model.decode_options
+    sides = {on: DecodeOptions(fused=on, kernels=options.kernels, compile=options.compile) for on in (False, True)}
     tokens = mx.random.randint(0, vocab, (batch, context)).astype(mx.int32)
     caches, last = {}, {}
-    for m in ("0", "1"):
-        _fused(m)
-        caches[m] = model.make_cache(left_padding)
-        last[m] = _argmax_last(model(tokens, caches[m]))
-        mx.eval(last[m], _cache_arrays(caches[m]))
-    tok = last["0"]
-    errors = []
-    for _ in range(steps):
-        _fused("0")
-        plain = model(tok, caches["0"])
-        mx.eval(plain)
-        _fused("1")
-        with fused_context():
-            fused = model(tok, caches["1"])
-            mx.eval(fused)
-        errors.append((mx.abs(fused - plain).max() / mx.abs(plain).max()).item())
-        tok = _argmax_last(plain)
-    return errors, caches["1"]
-
-
-def bench_vmlx(config: ZayaConfig, quant: str | None, mod, context: int = 256, steps: int = 16, log=print,
-               runs: int = 1, chunk: int = 2048, bandwidth: float | None = None) -> Result:
-    """vMLX's port at batch 1 (its bf16 KV cache)."""
-    model = build_vmlx(mod, config, quant)
-    total, experts = weight_bytes(model, config.num_experts)
-    res = Result("vMLX ZAYA port", quant or "bf16", str(mx.default_device()), total / 1e9,
-                 weights_read(total, experts, config.num_experts, 1) / 1e9)
-    kv = res.kv_bytes_per_token["bf16"] = kv_bytes_per_token(config)
-    row = measure_row(model, model.make_cache, 1, context, "bf16", steps=steps, runs=runs, vocab=config.vocab_size,
-                      chunk=chunk, bytes_per_step=weights_read(total, experts, config.num_experts, 1) + context * kv,
-                      bandwidth=bandwidth)
-    res.rows.append(row)
-    log(f"  1 x {context}: {row.line()}")
-    del model
-    gc.collect()  # the compiled step functions hold the model in a reference cycle
-    mx.clear_cache()
-    return res
+    try:
+        for on in (False, True):
+            model.decode_options = sides[on]
+            caches[on] = model.make_cache(left_padding, kv_bits=kv_bits)
+            last[on] = _argmax_last(model(tokens, caches[on]))
+            mx.eval(last[on], _cache_arrays(caches[on]))
+        tok = last[False]
+        errors = []
+        for _ in range(steps):
+            model.decode_options = sides[False]
+            plain = model(tok, caches[False])
+            mx.eval(plain)
+            model.decode_options = sides[True]
+            with fused_context():
+                fused = model(tok, caches[True])
+                mx.eval(fused)
+            errors.append((mx.abs(fused - plain).max() / mx.abs(plain).max()).item())
+            tok = _argmax_last(plain)
+    finally:
+        model.decode_options = options
+    return errors, caches[True]
 
 
 def markdown(results: list[Result], command: str, bandwidth: float | None = None) -> str:
@@ -488,30 +437,6 @@ def markdown(results: list[Result], command: str, bandwidth: float | None = None
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
-def empty_kernels(model: Model):
-    """Every custom kernel body emptied, for the model's fused decode: the same graph with no GPU work in our
-    kernels, so a step's time is the host's floor (building and encoding the graph) plus MLX's own ops."""
-    source = _build._source
-    # the body stays in the source, out of the compiler's sight: MLX-CUDA hashes a kernel's source at every launch,
-    # so the floor's kernels must be as long as the real ones, helpers included
-    _build._source = lambda name: (source(name) if name.startswith("prelude") or name == "common.h"
-                                   else "#if 0\n" + source(name) + "\n#endif\n")
-    reset_kernels(model)
-    try:
-        yield
-    finally:
-        _build._source = source
-        reset_kernels(model)
-
-
-def reset_kernels(model: Model):
-    """Assemble the kernels anew at the next step: drop the built ones and the compiled step functions, which hold
-    the kernels they traced."""
-    _build.get_kernel.cache_clear()
-    model.model.__dict__.pop("_fused_steps", None)
-
-
 # --- the memory plan --------------------------------------------------------------------------------------------
 
 
@@ -524,7 +449,7 @@ def lazy_model(config: ZayaConfig, quant: str | None = None, checkpoint=None) ->
 
         apply_quantization(model, config.quantization, checkpoint.tensors)
     else:
-        _quantize(model, quant, QUANTIZED_PATHS)
+        quantize_like_a_recipe(model, quant, QUANTIZED_PATHS, lazy=True)
     return model
 
 
@@ -564,7 +489,7 @@ def plan_bench(config: ZayaConfig, model: Model, rows, kv_formats, *, steps: int
     budget (default: rsa.default_memory_budget's share of the machine) are skipped; a ZayaError naming what to lower
     where the model does not fit, or no row does. cpu: whether attention runs on the CPU (default: this device's)."""
     if budget is None:
-        from .rsa import default_memory_budget
+        from .rsa.memory import default_memory_budget
 
         budget = default_memory_budget()
     params = tree_flatten(model.parameters())
@@ -607,15 +532,18 @@ def plan_bench(config: ZayaConfig, model: Model, rows, kv_formats, *, steps: int
 
 
 def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,), steps=64, small=False, plain=False,
-        vmlx: str | bool | None = None, host_floor=False, experts: int | None = None, runs: int = 3,
-        chunk: int = 2048, bandwidth: float | None = None, model_path: str | None = None,
-        memory: float | None = None, log=print) -> list[Result]:
+        experts: int | None = None, runs: int = 3, chunk: int = 2048, bandwidth: float | None = None,
+        model_path: str | None = None, memory: float | None = None, options: DecodeOptions | None = None,
+        log=print) -> list[Result]:
     """The whole benchmark; returns one Result per (model, weights) measured. Every model is planned (plan_bench)
     before the first is built. experts: fewer experts than the config's, for quick A/B runs: with top-1 routing a
     token reads one expert either way, so a step's graph and the bytes it reads stay the same (but for the
     router's output rows, one an expert) while the model builds in seconds. runs: each decode rate is the median of
     this many timed runs, for every model alike. model_path: a checkpoint measured in place of random weights.
-    memory: the budget in GB (default: a share of the machine's). bandwidth: bytes/s (default device_bandwidth())."""
+    memory: the budget in GB (default: a share of the machine's). bandwidth: bytes/s (default device_bandwidth()).
+    options: the models' decode options (their ``kernels``, and ``compile`` for the first fused run; the runs choose
+    ``fused``)."""
+    options = options or DecodeOptions()
     bandwidth = bandwidth or device_bandwidth()
     budget = (int(memory * 1e9), "--memory") if memory else None
     checkpoint = None
@@ -648,38 +576,19 @@ def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,),
         else:
             model = build_zaya(config, None if q in UNQUANTIZED else q, log=log)
         log(f"  {'loaded' if checkpoint is not None else 'built'} in {time.perf_counter() - t0:.1f} s")
+        model.decode_options = options
         q = None if q in UNQUANTIZED else q
         kw = dict(rows=rows, kv_formats=kv_formats, log=log, runs=runs, chunk=chunk, bandwidth=bandwidth,
                   skip=plan.skipped)
-        results.append(bench_zaya(config, q, model, steps=steps, **kw))
+        results.append(bench_zaya(config, q, model, steps=steps, compiled=options.compile, **kw))
         if plain:
             log(f"zaya-mlx {q or 'bf16'} (fused, not compiled):")
             results.append(bench_zaya(config, q, model, steps=steps, check=False, compiled=False, **kw))
             log(f"zaya-mlx {q or 'bf16'} (plain ops):")
             results.append(bench_zaya(config, q, model, steps=max(8, steps // 4), fused=False, check=False, **kw))
-        if host_floor and kernels.backend() != "cpu":
-            log(f"zaya-mlx {q or 'bf16'} (fused, kernel bodies empty):")
-            with empty_kernels(model):
-                results.append(bench_zaya(config, q, model, steps=steps, check=False,
-                                          label="zaya-mlx (fused, kernel bodies empty)", **kw))
         del model
         gc.collect()
         mx.clear_cache()
-    if vmlx and checkpoint is None:
-        try:
-            mod = load_vmlx_module(vmlx if isinstance(vmlx, str) else None)
-        except Exception as e:  # noqa: BLE001
-            log(f"vMLX: not available ({type(e).__name__}: {e})")
-            mod = None
-        if mod is not None:
-            for q in quants:
-                q = None if q in UNQUANTIZED else q
-                log(f"vMLX {q or 'bf16'}:")
-                try:
-                    results.append(bench_vmlx(config, q, mod, rows[0][1], 16, log=log, runs=runs, chunk=chunk,
-                                              bandwidth=bandwidth))
-                except Exception as e:  # noqa: BLE001
-                    log(f"  vMLX {q or 'bf16'} failed: {type(e).__name__}: {e}")
     return results
 
 
@@ -688,3 +597,28 @@ def to_dict(r: Result) -> dict:
     for row, out in zip(r.rows, d["rows"]):
         out.update(ms_per_step=row.ms_per_step, share=row.share)
     return d
+
+
+# --- the quantized KV cache's quality -----------------------------------------------------------------------------
+
+
+def kv_divergence(model: Model, prompt: mx.array, steps: int, kv_bits: int) -> tuple[list[float], float]:
+    """How far a quantized KV cache moves the model's next-token distributions: ``prompt`` [B, L] prefilled, then
+    ``steps`` greedy tokens chosen on the model's own cache (its dtype) and fed alike to both caches (teacher
+    forcing: both see the same tokens, so the divergences do not compound through different choices). Returns
+    (KL(p_cache || p_quantized) in nats at each position, the share of positions whose greedy choice agrees)."""
+    ref, quant = model.make_cache(), model.make_cache(kv_bits=kv_bits)
+    logits = [model(prompt, c, last_only=True) for c in (ref, quant)]
+    kls, same = [], 0
+    for i in range(steps + 1):
+        logp, logq = (lg[:, -1].astype(mx.float32) - mx.logsumexp(lg[:, -1].astype(mx.float32), axis=-1, keepdims=True)
+                      for lg in logits)
+        kl = mx.sum(mx.exp(logp) * (logp - logq), axis=-1).max()
+        tok = mx.argmax(logp, axis=-1, keepdims=True).astype(mx.int32)
+        agree = mx.all(tok[:, 0] == mx.argmax(logq, axis=-1))
+        mx.eval(kl, tok, agree)
+        kls.append(kl.item())
+        same += bool(agree.item())
+        if i < steps:
+            logits = [model(tok, c) for c in (ref, quant)]
+    return kls, same / (steps + 1)

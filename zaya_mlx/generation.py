@@ -64,13 +64,14 @@ class GenerationResult:
     peak_memory_gb: float = 0.0
 
 
-def load(path_or_repo, dtype=None):
+def load(path_or_repo, dtype=None, decode=None):
     """`(model, tokenizer)` from a folder or hub id. Without tokenizer files the tokenizer is a
-    `NoTokenizer`: token-id work runs, anything that needs text raises one ZayaError naming the folder."""
+    `NoTokenizer`: token-id work runs, anything that needs text raises one ZayaError naming the folder.
+    decode: the model's `DecodeOptions` (default: the fused decode step on a GPU, once checked)."""
     from .loading import load_model, resolve_model_path
 
     path = resolve_model_path(path_or_repo)
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, decode=decode)
     tokenizer = load_tokenizer(path)
     model.zaya_source = str(path_or_repo)
     return model, tokenizer
@@ -193,12 +194,13 @@ def stream_generate(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     starts_in_reasoning: Optional[bool] = None,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
+    kv_bits: Optional[int] = None,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion of `prompt` (raw text, no template, or token ids; for chat, pass the ids of
     `zaya_mlx.tokenizer.apply_chat_template`). See GenerationResponse for what is yielded.
 
     `cache` (from `model.make_cache()`, possibly holding earlier tokens) is extended in place; by default a
-    fresh one is used. `starts_in_reasoning` defaults to what the prompt says (an open `<think>` in its last
+    fresh one is used, its keys and values quantized to `kv_bits` (8 or 4) where given. `starts_in_reasoning` defaults to what the prompt says (an open `<think>` in its last
     turn). `sampler` (log-probs [1, V] -> ids [1]) replaces the temperature/top-p/top-k/min-p/seed settings.
     Errors in the arguments (context overflow included) are raised here, before any compute.
     """
@@ -206,7 +208,7 @@ def stream_generate(
         model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop, cache=cache,
         prefill_step_size=prefill_step_size, max_context=max_context, sampler=sampler,
-        starts_in_reasoning=starts_in_reasoning, prompt_progress=prompt_progress,
+        starts_in_reasoning=starts_in_reasoning, prompt_progress=prompt_progress, kv_bits=kv_bits,
     )
     return _flatten(steps)
 
@@ -240,7 +242,7 @@ def generate(model, tokenizer, prompt, **kwargs) -> GenerationResult:
 def _token_stream(
     model, tokenizer, prompt, *, max_tokens=DEFAULT_MAX_TOKENS, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
     repetition_penalty=None, seed=None, stop=(), cache=None, prefill_step_size=512, max_context=None, sampler=None,
-    starts_in_reasoning=None, prompt_progress=None,
+    starts_in_reasoning=None, prompt_progress=None, kv_bits=None,
 ) -> Iterator[tuple[str, List[GenerationResponse]]]:
     """Check everything now; return a generator of, per generated token, (the raw text it released, think
     tags kept; its responses)."""
@@ -250,7 +252,7 @@ def _token_stream(
         raise ZayaError(f"max_tokens must be at least 1, got {max_tokens}")
     check_sampling(temperature, top_p, top_k, min_p, repetition_penalty)
     if cache is None:
-        cache = model.make_cache()
+        cache = model.make_cache(kv_bits=kv_bits)
     n_cached = cache_length(cache)
     check_context(model, n_cached, len(ids), max_tokens, max_context)
     if sampler is None:

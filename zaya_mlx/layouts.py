@@ -1,12 +1,15 @@
 """One declarative name map per checkpoint layout, to the canonical MLX names (ARCHITECTURE.md).
 
 A map is `{canonical name: Source(source names, combine)}`; the same maps drive loading a whole checkpoint,
-mlx-lm's `sanitize`, and the quantizer's shard-by-shard reading.
+mlx-lm's `sanitize`, and the quantizer's shard-by-shard reading. A module stored quantized (`.scales`, and
+`.biases` for affine, beside its `.weight`) maps its scales and biases the way it maps its weight: every combine
+joins whole rows, which quantization leaves independent. `canonical_quantization` renames the checkpoint's
+per-module quantization config the same way.
 """
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
 
@@ -32,6 +35,11 @@ def concat_rows(tensors):
 
 def stack(tensors):
     return mx.stack(tensors)
+
+
+def concat_expert_rows(tensors):
+    """Stacked experts [E, out, in] joined along their rows: gate and up -> the gate_up projection."""
+    return mx.concatenate(tensors, axis=1)
 
 
 @dataclass(frozen=True)
@@ -81,10 +89,44 @@ def transformers_map(cfg: ZayaConfig) -> dict:
 
 
 def legacy_map(cfg: ZayaConfig) -> dict:
-    """Zyphra's original layout (`Zyphra/ZAYA1-8B-legacy`): 2L alternating layers, entry-style residual scales.
+    """Zyphra's original layout (`Zyphra/ZAYA1-8B-legacy`): one tensor per expert, torch's conv layout."""
+    return _zyphra_map(cfg, _local_experts, conv_to_mlx)
+
+
+def vmlx_map(cfg: ZayaConfig) -> dict:
+    """The bundles vMLX-family runtimes read (`OsaurusAI/ZAYA1-8B-MXFP4`): Zyphra's names, the experts stacked as
+    `zaya_block.experts.switch_mlp.{gate,up,down}_proj` (an mlx-lm `SwitchGLU`), torch's conv layout (their
+    loader moves the conv axes on every load)."""
+    return _zyphra_map(cfg, _stacked_experts("zaya_block.experts.switch_mlp."), conv_to_mlx)
+
+
+def mlx_lm_zaya_map(cfg: ZayaConfig) -> dict:
+    """What mlx-lm's own `models/zaya.py` writes (`mlx_lm.convert`): Zyphra's names, the experts stacked as
+    `zaya_block.experts.{gate,up,down}_proj` (a `SwitchGLU`), MLX's conv layout (written after its `sanitize`)."""
+    return _zyphra_map(cfg, _stacked_experts("zaya_block.experts."), same)
+
+
+def _local_experts(moe: str, cfg: ZayaConfig) -> dict:
+    experts = moe + "zaya_block.experts.local_experts."
+    return {e: Source(tuple(f"{experts}{j}.{fc}.weight" for j in range(cfg.num_experts)), stack)
+            for e, fc in (("gate_up_proj", "linear_fc1"), ("down_proj", "linear_fc2"))}
+
+
+def _stacked_experts(prefix: str) -> Callable:
+    def experts(moe: str, cfg: ZayaConfig) -> dict:
+        p = moe + prefix
+        return {"gate_up_proj": Source((p + "gate_proj.weight", p + "up_proj.weight"), concat_expert_rows),
+                "down_proj": _rename(p + "down_proj.weight")}
+
+    return experts
+
+
+def _zyphra_map(cfg: ZayaConfig, experts: Callable, conv: Callable) -> dict:
+    """Zyphra's 80-layer names: 2L alternating layers, entry-style residual scales.
 
     Layer k's attention is original layer 2k, its MoE 2k+1; the scaling after a block is stored at the start of
     the next original layer (`model.layers.0.res_scale` is the input scaling, `model.res_scale` the last one).
+    `experts(moe prefix, cfg)` gives the sources of `gate_up_proj` and `down_proj`; `conv` reads a conv weight.
     """
     n = cfg.num_hidden_layers
     m = {
@@ -102,9 +144,9 @@ def legacy_map(cfg: ZayaConfig) -> dict:
             m[p + f"self_attn.qkv_proj.in_proj.{w}"] = Source(
                 tuple(qkv + f"{s}.{w}" for s in ("linear_q", "linear_k", "val_proj1", "val_proj2")), concat_rows)
             m[p + f"self_attn.o_proj.{w}"] = _rename(att + f"self_attn.o_proj.{w}")
-        for j, conv in enumerate(("conv_qk_depthwise", "conv_qk_grouped")):
-            m[p + f"self_attn.qkv_proj.{conv}.weight"] = Source((qkv + f"conv_qk.{j}.weight",), conv_to_mlx)
-            m[p + f"self_attn.qkv_proj.{conv}.bias"] = _rename(qkv + f"conv_qk.{j}.bias")
+        for j, name in enumerate(("conv_qk_depthwise", "conv_qk_grouped")):
+            m[p + f"self_attn.qkv_proj.{name}.weight"] = Source((qkv + f"conv_qk.{j}.weight",), conv)
+            m[p + f"self_attn.qkv_proj.{name}.bias"] = _rename(qkv + f"conv_qk.{j}.bias")
         m[p + "self_attn.qk_norm.temp"] = _rename(qkv + "temp")
         m[p + "input_layernorm.weight"] = _rename(att + "input_norm.weight")
         m[p + "post_attention_layernorm.weight"] = _rename(moe + "input_norm.weight")
@@ -114,10 +156,8 @@ def legacy_map(cfg: ZayaConfig) -> dict:
         for s, orig in zip(ROUTER_MLP, ("rmsnorm_eda.weight", "router_mlp.0.weight", "router_mlp.0.bias",
                                         "router_mlp.2.weight", "router_mlp.2.bias", "router_mlp.4.weight")):
             m[p + f"mlp.gate.router_mlp.{s}"] = _rename(router + orig)
-        experts = moe + "zaya_block.experts.local_experts."
-        for e, fc in (("gate_up_proj", "linear_fc1"), ("down_proj", "linear_fc2")):
-            m[p + f"mlp.experts.{e}.weight"] = Source(
-                tuple(f"{experts}{j}.{fc}.weight" for j in range(cfg.num_experts)), stack)
+        for e, src in experts(moe, cfg).items():
+            m[p + f"mlp.experts.{e}.weight"] = src
         for f in RESIDUAL_FIELDS:
             m[p + f"post_attention_residual_scale.{f}"] = _rename(moe + f"res_scale.{f}")
             m[p + f"post_mlp_residual_scale.{f}"] = _rename(after_mlp + f)
@@ -131,11 +171,16 @@ def mlx_map(names: Iterable[str]) -> dict:
     return {n: _rename(n) for n in names}
 
 
+# The first marker a checkpoint's names start with gives its layout (Zyphra's three share their attention names,
+# so their experts tell them apart, and legacy comes last).
 LAYOUT_MARKERS = {
     "mlx": "model.layers.0.self_attn.qkv_proj.in_proj.",
     "transformers": "model.layers.0.self_attn.qkv_proj.q_proj.",
+    "vmlx": "model.layers.1.zaya_block.experts.switch_mlp.",
+    "mlx-lm-zaya": "model.layers.1.zaya_block.experts.gate_proj.",
     "legacy": "model.layers.0.self_attn.qkv.linear_q.",
 }
+MAPS = {"transformers": transformers_map, "legacy": legacy_map, "vmlx": vmlx_map, "mlx-lm-zaya": mlx_lm_zaya_map}
 
 
 def detect_layout(names: Iterable[str]) -> str:
@@ -143,13 +188,69 @@ def detect_layout(names: Iterable[str]) -> str:
     for layout, marker in LAYOUT_MARKERS.items():
         if any(n.startswith(marker) for n in names):
             return layout
-    raise ZayaError("unrecognised checkpoint layout: no transformers, legacy or MLX attention tensors found")
+    raise ZayaError(f"unrecognised checkpoint layout: no attention tensors of a known layout "
+                    f"({', '.join(LAYOUT_MARKERS)}) found")
 
 
 def name_map(layout: str, cfg: ZayaConfig, names: Iterable[str]) -> dict:
+    """The layout's map, with the scales and biases of every module the checkpoint stores quantized."""
+    names = set(names)
     if layout == "mlx":
         return mlx_map(names)
-    return {"transformers": transformers_map, "legacy": legacy_map}[layout](cfg)
+    return with_quantized(MAPS[layout](cfg), names)
+
+
+def with_quantized(mapping: dict, names: set) -> dict:
+    """Add `.scales` / `.biases` entries, combined like the weight, for each module whose sources are quantized."""
+    out = dict(mapping)
+    for canonical, src in mapping.items():
+        if not canonical.endswith(".weight") or not all(s.endswith(".weight") for s in src.names):
+            continue
+        stems = [s[: -len(".weight")] for s in src.names]
+        quantized = [f"{s}.scales" in names for s in stems]
+        if not any(quantized):
+            continue
+        if not all(quantized):
+            plain = next(s for s, q in zip(stems, quantized) if not q)
+            raise ZayaError(f"{plain}.weight is stored unquantized but is joined with quantized tensors into "
+                            f"{canonical}: quantize all of {', '.join(stems)} alike")
+        for suffix in ("scales", "biases"):
+            if any(f"{s}.{suffix}" in names for s in stems):
+                out[f"{canonical[: -len('weight')]}{suffix}"] = Source(tuple(f"{s}.{suffix}" for s in stems), src.combine)
+    return out
+
+
+def canonical_quantization(mapping: dict, quantization: Optional[dict], names: Iterable[str]) -> Optional[dict]:
+    """The checkpoint's mlx-lm quantization config with its per-module entries under canonical module paths.
+
+    mlx-lm's convention: a module with `.scales` takes its own entry if it has one, else the global parameters.
+    The modules joined into one canonical module must share one format. Unquantized modules need no entry: the
+    loader quantizes only modules whose canonical `.scales` exist.
+    """
+    if not quantization:
+        return quantization
+    names = set(names)
+    base = {k: v for k, v in quantization.items() if not isinstance(v, (dict, bool))}
+
+    def format_of(module: str) -> Optional[dict]:
+        if f"{module}.scales" not in names:
+            return None
+        entry = quantization.get(module)
+        return {**base, **entry} if isinstance(entry, dict) else base
+
+    out = dict(base)
+    for canonical, src in mapping.items():
+        if not canonical.endswith(".weight") or not all(s.endswith(".weight") for s in src.names):
+            continue
+        stems = [s[: -len(".weight")] for s in src.names]
+        formats = [format_of(s) for s in stems]
+        odd = next((s for s, f in zip(stems, formats) if f != formats[0]), None)
+        if odd is not None:
+            raise ZayaError(f"{stems[0]} and {odd} are quantized differently but are joined into {canonical}: "
+                            f"quantize them alike")
+        if formats[0] is not None and formats[0] != base:
+            out[canonical[: -len(".weight")]] = formats[0]
+    return out
 
 
 def check_names(mapping: dict, names: Iterable[str]) -> None:

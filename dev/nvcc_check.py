@@ -6,8 +6,8 @@ bodies). It mimics MLX's generated kernel (MLX's header, then ours, then, with n
 writes it, a namespace with a __global__ function whose arguments are the inputs and outputs, with template
 arguments as `using`/`constexpr` lines).
 
-    python bench/nvcc_check.py                               # nvcc on the PATH (the device machine has it)
-    python bench/nvcc_check.py --nvrtc LIB --include DIR...  # NVRTC, as MLX-CUDA compiles: no CUDA toolkit needed
+    python dev/nvcc_check.py                               # nvcc on the PATH (the device machine has it)
+    python dev/nvcc_check.py --nvrtc LIB --include DIR...  # NVRTC, as MLX-CUDA compiles: no CUDA toolkit needed
 
 The second runs anywhere: `pip download --no-deps nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
 nvidia-cuda-cccl-cu12`, unzip the wheels, and pass .../cuda_nvrtc/lib/libnvrtc.so.12 and the runtime's and CCCL's
@@ -149,22 +149,26 @@ def o_proj_args(o, t, ho=2048):
              ("HAS_OB", o == "affine8")])
 
 
-def attention_case(nh, nkv, d, t, split, o=None, step=None):
-    """step: (T0, T1, RD) of a CCA step inside (HAS_CCA: no q, the step's inputs and states), or None."""
+def attention_case(nh, nkv, d, t, split, o=None, step=None, kv_bits=0):
+    """step: (T0, T1, RD) of a CCA step inside (HAS_CCA: no q, the step's inputs and states), or None. kv_bits: a
+    quantized cache's bits (its words, scales and biases; group 64), or 0."""
     hb = 1 if step else attention._heads_per_threadgroup(nh, nkv)
     o_in, o_tmpl = o_proj_args(o, t)
     t0, t1, rd = step or (1, 1, 0)
     step_in = [("qkv", t), ("conv_state", t), ("v_prev", t), ("dw_w", "pack"), ("dw_b", "pack"), ("gw_w", t),
                ("gw_b", "pack"), ("temp", "pack"), ("offset", "i32"), ("inv_freq", "pack")]
-    return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}{'_cca' if step else ''}",
+    kv = "u32" if kv_bits else t
+    scales = [(n, t if kv_bits else None) for n in ("kscales", "kbiases", "vscales", "vbiases")]
+    return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}{'_cca' if step else ''}"
+            f"{f'_kv{kv_bits}' if kv_bits else ''}",
             "decode_attention.h",
-            [("q", None if step else t), ("keys", t), ("values", t), ("lpad", "i32"), ("filled", "i32"),
+            [("q", None if step else t), ("keys", kv), ("values", kv), *scales, ("lpad", "i32"), ("filled", "i32"),
              ("meta", "i32"), *o_in, *[(n, k if step else None) for n, k in step_in]],
             [("out", "f32" if split or o else t), ("ml", "f32" if split else None),
              ("conv_out", t if step else None), ("vprev_out", t if step else None)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)),
              ("SPLIT", split), *o_tmpl, ("SCALE", _build.float_bits(d ** -0.5)), ("HAS_CCA", step is not None),
-             ("T0", t0), ("T1", t1), ("RD", rd), ("EPS", EPS if step else 0)])
+             ("T0", t0), ("T1", t1), ("RD", rd), ("EPS", EPS if step else 0), ("KVB", kv_bits), ("KVG", 64)])
 
 
 def combine_case(o, t="bf16", d=128):
@@ -193,6 +197,9 @@ CASES += [attention_case(8, 2, 128, "f32", False, None)]
 CASES += [attention_case(8, 2, 128, "bf16", split, o, (2, 2, 64)) for split in (False, True)
           for o in ("mxfp4", "affine4", "bf16")]  # ZAYA1-8B's CCA step inside attention
 CASES += [attention_case(4, 2, 64, t, False, o, (2, 2, 32)) for t in DTYPES for o in (None, t)]
+CASES += [attention_case(8, 2, 128, "bf16", split, "mxfp4", (2, 2, 64), bits) for split in (False, True)
+          for bits in (8, 4)]  # a quantized KV cache, read and written
+CASES += [attention_case(8, 2, 128, "bf16", False, None, None, 8)]
 CASES += [combine_case(o) for o in (None, "bf16", "mxfp4", "affine4", "affine8")]
 
 
