@@ -482,6 +482,12 @@ def test_a_run_folder_refuses_another_parameter_set_seed_problem_or_model(tok, t
         rsa.RunFolder.create(tmp_path / "run", params=params, seed=1, messages=messages, model=model)
     with pytest.raises(ZayaError, match="no RSA run there"):
         rsa.RunFolder.open(tmp_path)
+    with folder:  # a folder being run is refused to a second run
+        with pytest.raises(ZayaError, match="is being run by another process"):
+            with rsa.RunFolder.open(tmp_path / "run"):
+                pass
+    with rsa.RunFolder.open(tmp_path / "run"):  # and free again afterwards
+        pass
 
 
 def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_result(long_model_dir, tmp_path,
