@@ -242,6 +242,7 @@ def rsa_command(
     last round's response is the answer."""
     from pathlib import Path
 
+    import mlx.core as mx
     from rich.console import Console
 
     from . import rsa
@@ -287,8 +288,6 @@ def rsa_command(
         folder.check(model=identity)
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         llm, tokenizer = load(path, dtype=dtype, decode=decode_options())
-    import mlx.core as mx
-
     budget = int(memory * 1e9) if memory else None
     device = f"{mx.default_device()} {mx.device_info().get('device_name', '')}".strip()
     runs_root = Path(run_dir).expanduser().parent if run_dir else folder.path.parent if folder else None
