@@ -327,7 +327,14 @@ def test_readme_client_code_and_sigint_end_the_command_cleanly(folder, tmp_path,
     reply = served.client().chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "hi"}])
     assert reply.usage.completion_tokens == 4  # the server's --max-tokens
     assert capsys.readouterr().out.startswith("None ")  # the tiny model's answer has no reasoning
-    assert served.stop(signal.SIGINT) == 0
+    running = served.client().chat.completions.create(model=folder.name, max_tokens=10**9, stream=True,
+                                                      messages=[{"role": "user", "content": "hi"}])
+    chunks = iter(running)
+    next(chunks)
+    served.process.send_signal(signal.SIGINT)
+    with pytest.raises(openai.APIError, match="the server stopped before the answer was complete"):
+        list(chunks)
+    assert served.process.wait(timeout=30) == 0
     assert served.log().splitlines()[-1] == "stopped" and "Traceback" not in served.log()
     assert health(port) is None
 

@@ -183,8 +183,7 @@ class Server:
                 n = r.generation_tokens
                 job.put("token", r)
                 if job.cancelled.is_set():
-                    self.log(f"{job.label}: cancelled after {n} of {max_tokens} tokens "
-                             f"({'server stopping' if self.stopping.is_set() else 'client gone'})")
+                    self._cancelled(job, f"cancelled after {n} of {max_tokens} tokens")
                     return
 
     def run_rsa(self, job: Job, messages: list, run) -> None:
@@ -199,10 +198,18 @@ class Server:
             result = rsa.run(messages, run.params, model=self.model, tokenizer=self.tokenizer, seed=run.seed,
                              on_event=on_event, cancel=job.cancelled, max_batch=run.max_batch)
         except rsa.Cancelled:
-            self.log(f"{job.label}: RSA run cancelled "
-                     f"({'server stopping' if self.stopping.is_set() else 'client gone'})")
+            self._cancelled(job, "RSA run cancelled")
             return
         job.put("result", result)
+
+    def _cancelled(self, job: Job, what: str) -> None:
+        """Log a cancelled job; one cancelled by the server stopping tells its client so (a 503 or an error
+        event), rather than passing a cut answer off as finished."""
+        if self.stopping.is_set():
+            self.log(f"{job.label}: {what} (server stopping)")
+            job.put("error", ApiError(503, "the server stopped before the answer was complete"))
+        else:
+            self.log(f"{job.label}: {what} (client gone)")
 
 
 def _bind(host: str, port: int, app: Server) -> ThreadingHTTPServer:
