@@ -280,7 +280,8 @@ class ChatSession:
         ids, dropped, bare = self._fit(user_text, thinking)
         history = self._history()
         self.last_dropped_turns = sum(m["role"] == "user" for m in history[self._dropped : dropped])
-        self.last_dropped_reasoning = any(m["role"] == "assistant" for m in history[max(self._bare, dropped) : bare])
+        self.last_dropped_reasoning = any(_without_reasoning(m, self.tokenizer) != m
+                                          for m in history[max(self._bare, dropped) : bare])
         self._dropped, self._bare = dropped, bare
         self._interrupt = False
         gen = self._turn(user_text, ids, opts, think)

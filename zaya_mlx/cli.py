@@ -373,6 +373,25 @@ def bench_command(
         write_text_atomic(markdown_out, table)
 
 
+# --- doctor (what this machine runs) -------------------------------------------------------------------------------
+
+
+@app.command("doctor")
+def doctor_command(
+    quant: str = typer.Option("mxfp4", "--quant", help="Weight format of the tiny random model the checks use."),
+) -> None:
+    """This machine, MLX's back end, each decode kernel against its reference, the decode path a model would take,
+    and a short run's peak memory: a block to paste into a bug report. Downloads nothing."""
+    from .benchmark import FORMATS, UNQUANTIZED
+    from .doctor import diagnose
+
+    if quant not in (*UNQUANTIZED, *FORMATS):
+        raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
+    report = diagnose(None if quant in UNQUANTIZED else quant)
+    typer.echo(report.text())
+    raise typer.Exit(0 if all(k.ok for k in report.kernels) else 1)
+
+
 def _one_line_warnings() -> None:
     """Show a library warning (the fused-decode check's fallback, say) as one line on stderr, not Python's
     file:line form with a source line."""

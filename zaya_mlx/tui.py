@@ -18,7 +18,7 @@ commands. Everything the UI does is one `ChatSession` call.
   it), never onto the screen.
 - Piped stdin (`run_piped`): one prompt per line, answers printed plainly, one per prompt.
 
-Extending (the Markovian RSA mode, issue 6): commands live in `COMMANDS` (name -> `Command`);
+Extending: commands live in `COMMANDS` (name -> `Command`);
 `register_command` adds or replaces one, and each `ChatUI` copies the table at start. A UI answers a prompt
 with `ui.prompt_handler(text)` (default `ui.stream_turn`); `/rsa on` can swap in a handler that runs
 `zaya_mlx.rsa.run` and renders its own progress, `/rsa off` puts `ui.stream_turn` back. The `/rsa` entry
