@@ -6,7 +6,9 @@ the last round's responses as the choices, the whole run's token usage, `rsa_met
 `return_rsa_metadata` is false) and `aggregation_prompt` when `return_aggregation_prompt`. Unset fields come
 from the server's RSA preset; the request's sampling is every round's but the last, as in Zyphra's proxy.
 Two switches of the proxy are not in the engine: `rsa_summarize` and `use_pacore` (a request that turns one
-on is refused); `rsa_tail_window: false` (whole candidates) is a window as long as a rollout can be.
+on is refused); `rsa_tail_window: false` (whole candidates) is a window as long as a rollout can be;
+`rsa_debug` and `summary_prompt` (used only with `rsa_summarize`) are accepted and change nothing. Ours:
+`seed` (the request's, else a fresh one) seeds the run and comes back as `rsa_metadata["rsa_seed"]`.
 """
 
 from __future__ import annotations

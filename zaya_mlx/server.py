@@ -177,14 +177,17 @@ class Server:
         stream = stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
                                  temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                                  min_p=request.min_p, seed=request.seed, stop=request.stop)
-        n = 0
+        r = None
         with closing(stream):
             for r in stream:
-                n = r.generation_tokens
                 job.put("token", r)
                 if job.cancelled.is_set():
-                    self._cancelled(job, f"cancelled after {n} of {max_tokens} tokens")
+                    self._cancelled(job, f"cancelled after {r.generation_tokens} of {max_tokens} tokens")
                     return
+        if r is not None:
+            self.log(f"{job.label}: prompt {r.prompt_tokens} tokens at {r.prompt_tps:.1f} tok/s, "
+                     f"{r.generation_tokens} generated at {r.generation_tps:.1f} tok/s, peak memory "
+                     f"{r.peak_memory_gb:.2f} GB ({r.finish_reason})")
 
     def run_rsa(self, job: Job, messages: list, run) -> None:
         from . import rsa
@@ -200,6 +203,9 @@ class Server:
         except rsa.Cancelled:
             self._cancelled(job, "RSA run cancelled")
             return
+        p, t = run.params, result.timings
+        self.log(f"{job.label}: RSA N {p.rsa_n}, K {p.rsa_k}, T {p.rsa_t}: {result.tokens_generated} tokens in "
+                 f"{t['total_s']:.1f} s ({t['tokens_per_s']:.1f} tok/s), {result.plan.slots} slots")
         job.put("result", result)
 
     def _cancelled(self, job: Job, what: str) -> None:
