@@ -416,3 +416,13 @@ def test_disconnect_cancels_an_rsa_run(server):
     next(iter(stream))
     stream.close()
     wait_until(lambda: "RSA run cancelled (client gone)" in server.log(), 30, "the RSA run's cancellation")
+
+
+def test_n_is_rsa_n_in_rsa_requests_only(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, n=2)
+    reply = client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, n=2, max_tokens=2, temperature=0,
+                                           extra_body={"rsa_k": 2, "rsa_t": 1, "rsa_short_resp_len": 4,
+                                                       "rsa_tail_window_len": 8})
+    assert reply.rsa_metadata["rsa_n"] == 2 and reply.rsa_metadata["rsa_token_count_history"] == [4.0, 2.0]

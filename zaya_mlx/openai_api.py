@@ -41,7 +41,8 @@ def _get(body: dict, name: str, kinds, default=None, *, low=None, high=None):
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise ApiError(400, f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"{name} must be in [{low}, {high}], got {value!r}")
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ApiError(400, f"{name} must be {bound}, got {value!r}")
     return value
 
 
@@ -50,6 +51,7 @@ class ChatRequest:
     """A checked chat-completions body. `max_tokens` None means: as many as the context has room for."""
 
     messages: list
+    n: int = 1
     tools: Optional[list] = None
     stream: bool = False
     include_usage: bool = False
@@ -67,8 +69,6 @@ class ChatRequest:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ApiError(400, "messages must be a non-empty list of message objects")
-        if _get(body, "n", int, 1, low=1) != 1:
-            raise ApiError(400, "n must be 1: this server writes one choice per request")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -85,6 +85,7 @@ class ChatRequest:
         max_tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         return cls(
             messages=messages,
+            n=_get(body, "n", int, 1, low=1),
             tools=tools,
             stream=_get(body, "stream", bool, False),
             include_usage=bool(isinstance(options, dict) and options.get("include_usage")),

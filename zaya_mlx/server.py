@@ -379,6 +379,8 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, str(e)) from None
         if rsa_request.is_rsa(body):
             return self._rsa(body, request)
+        if request.n != 1:
+            raise ApiError(400, "n must be 1: this server writes one choice per request (RSA requests take n as rsa_n)")
         ids = prompt_ids(app.tokenizer, request)
         room = app.context - len(ids)
         if room < 1:
