@@ -426,3 +426,21 @@ def test_n_is_rsa_n_in_rsa_requests_only(server):
                                            extra_body={"rsa_k": 2, "rsa_t": 1, "rsa_short_resp_len": 4,
                                                        "rsa_tail_window_len": 8})
     assert reply.rsa_metadata["rsa_n"] == 2 and reply.rsa_metadata["rsa_token_count_history"] == [4.0, 2.0]
+
+
+# --- text completions ---------------------------------------------------------------------------------------------
+
+
+def test_text_completion_keeps_the_model_text_as_written(server, folder):
+    from zaya_mlx.generation import generate, load
+
+    client = server.client()
+    reply = client.completions.create(model="ZAYA1-8B", prompt="hello the world", max_tokens=6, temperature=0)
+    model, tokenizer = load(folder, dtype="float32")
+    assert reply.choices[0].text == generate(model, tokenizer, "hello the world", max_tokens=6).text
+    assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (6, "length")
+    # The scripted model writes a think block: a text completion keeps its tags.
+    prompt = "~<think>2 and 2.</think>4~<|im_start|>assistant\n"
+    assert client.completions.create(model="ZAYA1-8B", prompt=prompt).choices[0].text == "<think>2 and 2.</think>4"
+    pieces = [c.choices[0].text for c in client.completions.create(model="ZAYA1-8B", prompt=prompt, stream=True)]
+    assert "".join(pieces) == "<think>2 and 2.</think>4"
