@@ -714,7 +714,9 @@ def run_chat(session, *, show_reasoning: bool = False, model_label: str = "", lo
         import readline  # line editing and history for input()
 
         # A paste arrives between bracket marks and stays one message; lines typed ahead stay separate inputs.
-        readline.parse_and_bind("set enable-bracketed-paste on")
+        # (GNU readline's setting; macOS's libedit has no such thing and reads every line alone.)
+        if "libedit" not in (readline.__doc__ or ""):
+            readline.parse_and_bind("set enable-bracketed-paste on")
     except ImportError:
         pass
     console = Console(highlight=False, file=stdout)
