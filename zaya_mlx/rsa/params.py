@@ -195,3 +195,84 @@ PRESETS: dict[str, Preset] = {
                     "a first try: N 4, K 2, T 1, 1,024-word tails, 4K/8K tokens"),
 }
 DEFAULT_PRESET = "laptop"
+
+
+# --- an OpenAI-style request with Zyphra's RSA fields ---------------------------------------------------------------
+
+# Zyphra's proxy accepts each field under these names (its RSA_PARAM_ALIASES).
+REQUEST_ALIASES = {
+    "rsa_t": ("rsa_t",), "rsa_k": ("rsa_k",), "rsa_n": ("rsa_n",),
+    "rsa_summarize": ("rsa_summarize", "summarize"), "rsa_tail_window": ("rsa_tail_window", "rsa_use_tail_window"),
+    "tail_window_len": ("tail_window_len", "rsa_tail_window_len"),
+    "short_resp_len": ("short_resp_len", "rsa_short_resp_len"), "use_pacore": ("use_pacore", "rsa_use_pacore"),
+    "rsa_final_n": ("rsa_final_n", "final_aggregation_prompts"),
+    "final_temperature": ("final_temperature", "rsa_final_temperature"),
+    "final_top_p": ("final_top_p", "rsa_final_top_p"), "final_top_k": ("final_top_k", "rsa_final_top_k"),
+    "summary_prompt": ("summary_prompt", "rsa_summary_prompt"),
+    "return_aggregation_prompt": ("return_aggregation_prompt", "rsa_return_aggregation_prompt"),
+    "return_rsa_metadata": ("return_rsa_metadata", "rsa_return_metadata"),
+    "rsa_max_concurrency": ("rsa_max_concurrency",), "rsa_debug": ("rsa_debug",),
+}
+
+
+def _flag(value) -> bool:
+    """Zyphra's `parse_bool`."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "y", "on"}:
+        return True
+    if text in {"0", "false", "no", "n", "off"}:
+        return False
+    raise ZayaError(f"expected a boolean, got {value!r}")
+
+
+def from_request(body: dict) -> Optional[tuple[RSAParams, dict, dict]]:
+    """`(params, options, upstream body)` for a chat-completions body carrying any of Zyphra's RSA fields, else
+    None (a plain request). As Zyphra's proxy reads it: the RSA fields are removed from the body; `rsa_n` defaults
+    to the request's `n`; the request's `max_tokens` (or `max_completion_tokens`) is the last round's budget and
+    its temperature/top_p/top_k/min_p every other round's sampling. options: max_batch (`rsa_max_concurrency`, 0:
+    the plan's), return_rsa_metadata (default on), return_aggregation_prompt. Zyphra's summarizing and PaCoRe
+    variants, and turning the tail window off, are refused."""
+    upstream = dict(body)
+    names = {alias for aliases in REQUEST_ALIASES.values() for alias in aliases}
+    if not names & set(upstream):
+        return None
+
+    def pop(key, default):
+        for alias in REQUEST_ALIASES[key]:
+            if alias in upstream:
+                return upstream.pop(alias)
+        return default
+
+    try:
+        got = {key: pop(key, None) for key in REQUEST_ALIASES}
+        if _flag(got["rsa_summarize"]) or _flag(got["use_pacore"]):
+            raise ZayaError("RSA with summaries or PaCoRe prompts is not supported: use the tail window")
+        if got["rsa_tail_window"] is not None and not _flag(got["rsa_tail_window"]):
+            raise ZayaError("rsa_tail_window=false is not supported: candidates are always tails")
+        sampling = {k: upstream[k] for k in ("temperature", "top_p", "top_k", "min_p") if upstream.get(k) is not None}
+        if sampling.get("top_k") == -1:  # vLLM's "off"
+            sampling["top_k"] = 0
+        max_tokens = upstream.get("max_completion_tokens", upstream.get("max_tokens"))
+        as_int = lambda v: None if v is None else int(v)  # noqa: E731
+        as_float = lambda v: None if v is None else float(v)  # noqa: E731
+        overrides = dict(
+            rsa_t=as_int(got["rsa_t"]), rsa_k=as_int(got["rsa_k"]), rsa_n=as_int(got["rsa_n"] or upstream.get("n")),
+            tail_window_len=as_int(got["tail_window_len"]), short_resp_len=as_int(got["short_resp_len"]),
+            rsa_final_n=as_int(got["rsa_final_n"]), max_tokens=as_int(max_tokens),
+            **{k: as_float(v) if k != "top_k" else as_int(v) for k, v in sampling.items()})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        finals = {"final_temperature": as_float, "final_top_p": as_float, "final_top_k": as_int}
+        for key, kind in finals.items():  # given, even as null (then: the request's sampling)
+            if any(alias in body for alias in REQUEST_ALIASES[key]):
+                overrides[key] = kind(got[key])
+        params = dataclasses.replace(RSAParams(), **overrides)
+        options = {"max_batch": as_int(got["rsa_max_concurrency"]) or None,
+                   "return_rsa_metadata": _flag(got["return_rsa_metadata"]) if got["return_rsa_metadata"] is not None
+                   else True,
+                   "return_aggregation_prompt": _flag(got["return_aggregation_prompt"])}
+    except (TypeError, ValueError) as e:
+        raise ZayaError(f"an RSA field has the wrong type: {e}") from None
+    params.check()
+    return params, options, upstream
