@@ -75,7 +75,7 @@ class Request:
             max_tokens=_get(body, max_tokens_key, int, None, low=1),
             temperature=float(_get(body, "temperature", (int, float), temperature, low=0)),
             top_p=float(_get(body, "top_p", (int, float), top_p, low=0, high=1)),
-            top_k=_get(body, "top_k", int, 0, low=0),
+            top_k=max(0, _get(body, "top_k", int, 0, low=-1)),  # -1: vLLM's "off"
             min_p=float(_get(body, "min_p", (int, float), 0.0, low=0, high=1)),
             seed=_get(body, "seed", int, None),
             stop=stop,

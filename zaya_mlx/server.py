@@ -417,8 +417,9 @@ class Handler(BaseHTTPRequestHandler):
         app = self.app
         request = ChatRequest.from_body(body, app.temperature, app.top_p)
         self._check_sampling(request)
-        if rsa_request.is_rsa(body):
-            return self._rsa(body, request)
+        run = rsa_request.parse(body, request, app.rsa_preset)
+        if run is not None:
+            return self._rsa(run, request)
         if request.n != 1:
             raise ApiError(400, "n must be 1: this server writes one choice per request (RSA requests take n as rsa_n)")
         ids = prompt_ids(app.tokenizer, request)
@@ -472,13 +473,11 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- RSA ----------------------------------------------------------------------------------------------------
 
-    def _rsa(self, body: dict, request: ChatRequest) -> None:
-        """Check the run (parameters, memory plan) before answering, so that a refusal is a 4xx; then queue it."""
+    def _rsa(self, run, request: ChatRequest) -> None:
+        """Check the run's memory plan before answering, so that a refusal is a 4xx; then queue it."""
         from . import rsa
 
         app = self.app
-        sampling = {k: getattr(request, k) for k in ("temperature", "top_p", "top_k", "min_p") if body.get(k) is not None}
-        run = rsa_request.parse(body, app.rsa_preset, sampling, request.max_tokens, request.enable_thinking)
         messages = template_messages(request)
         try:
             rsa.plan_run(messages, run.params, model=app.model, tokenizer=app.tokenizer, max_batch=run.max_batch)
@@ -487,11 +486,11 @@ class Handler(BaseHTTPRequestHandler):
         job = Job(lambda job: app.run_rsa(job, messages, run), f"RSA request {new_id()[9:17]}")
         app.submit(job)
         if request.stream:
-            self._stream_rsa(job, run, messages)
+            self._stream_rsa(job, run)
         else:
-            self._complete_rsa(job, run, messages)
+            self._complete_rsa(job, run)
 
-    def _complete_rsa(self, job: Job, run, messages: list) -> None:
+    def _complete_rsa(self, job: Job, run) -> None:
         """Zyphra's form: a newline at once and every `heartbeat` seconds while the run lasts, then the JSON."""
         model = self.app.model_id
         self.send_response(200)
@@ -504,7 +503,7 @@ class Handler(BaseHTTPRequestHandler):
         answer = rsa_request.error_response("the server is shutting down", model)
         for kind, value in self._events(job, ticks=True):
             if kind == "result":
-                answer = rsa_request.response(value, run, messages, model)
+                answer = rsa_request.response(value, run, model)
             elif kind == "error":
                 answer = rsa_request.error_response(value.message, model)
             elif time.monotonic() - beat >= self.app.heartbeat:
@@ -512,7 +511,7 @@ class Handler(BaseHTTPRequestHandler):
                 beat = time.monotonic()
         self._write(job, json.dumps(answer).encode())
 
-    def _stream_rsa(self, job: Job, run, messages: list) -> None:
+    def _stream_rsa(self, job: Job, run) -> None:
         """Progress chunks (no choices, an `rsa_progress` object) as rollouts and rounds finish, then the last
         round's responses as choices, then a chunk with the usage and `rsa_metadata`."""
         rid, model = new_id(), self.app.model_id
@@ -525,7 +524,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._write_event(job, value.body())
                 return
             elif kind == "result":
-                whole = rsa_request.response(value, run, messages, model)
+                whole = rsa_request.response(value, run, model)
                 for choice in whole["choices"]:
                     delta = {k: v for k, v in choice["message"].items() if v is not None}
                     self._write_event(job, chunk(rid, model, delta, index=choice["index"]))

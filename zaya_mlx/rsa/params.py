@@ -227,13 +227,14 @@ def _flag(value) -> bool:
     raise ZayaError(f"expected a boolean, got {value!r}")
 
 
-def from_request(body: dict) -> Optional[tuple[RSAParams, dict, dict]]:
+def from_request(body: dict, base: Optional[RSAParams] = None) -> Optional[tuple[RSAParams, dict, dict]]:
     """`(params, options, upstream body)` for a chat-completions body carrying any of Zyphra's RSA fields, else
     None (a plain request). As Zyphra's proxy reads it: the RSA fields are removed from the body; `rsa_n` defaults
     to the request's `n`; the request's `max_tokens` (or `max_completion_tokens`) is the last round's budget and
     its temperature/top_p/top_k/min_p every other round's sampling. options: max_batch (`rsa_max_concurrency`, 0:
     the plan's), return_rsa_metadata (default on), return_aggregation_prompt. Zyphra's summarizing and PaCoRe
-    variants, and turning the tail window off, are refused."""
+    variants, and turning the tail window off, are refused. Fields the body leaves unset are `base`'s (default:
+    Zyphra's recipe, `RSAParams()`)."""
     upstream = dict(body)
     names = {alias for aliases in REQUEST_ALIASES.values() for alias in aliases}
     if not names & set(upstream):
@@ -267,7 +268,7 @@ def from_request(body: dict) -> Optional[tuple[RSAParams, dict, dict]]:
         for key, kind in finals.items():  # given, even as null (then: the request's sampling)
             if any(alias in body for alias in REQUEST_ALIASES[key]):
                 overrides[key] = kind(got[key])
-        params = dataclasses.replace(RSAParams(), **overrides)
+        params = dataclasses.replace(base or RSAParams(), **overrides)
         options = {"max_batch": as_int(got["rsa_max_concurrency"]) or None,
                    "return_rsa_metadata": _flag(got["return_rsa_metadata"]) if got["return_rsa_metadata"] is not None
                    else True,
