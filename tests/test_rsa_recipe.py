@@ -239,36 +239,3 @@ def test_the_plan_sizes_every_slot_for_the_longest_round():
         rsa.plan_memory(args, p, prompt_tokens=200, aggregate_tokens=aggregate, weights_bytes=17 * GB,
                         budget_bytes=10 * GB)
 
-
-# --- a request body with Zyphra's fields (what the server reads) ----------------------------------------------------
-
-
-def test_zyphras_example_request_is_the_default_recipe():
-    # examples/markovian_rsa/openai_chat_completion_with_rsa.py in Zyphra's vLLM fork, as a JSON body.
-    body = {"model": "m", "messages": [{"role": "user", "content": "q"}], "temperature": 1.0, "max_tokens": 61440,
-            "rsa_t": 8, "rsa_n": 32, "rsa_k": 4, "short_resp_len": 32768, "rsa_tail_window": True,
-            "tail_window_len": 4096, "rsa_final_n": 1, "final_temperature": 0.6, "return_aggregation_prompt": True,
-            "rsa_debug": True}
-    params, options, upstream = rsa.from_request(body)
-    assert params == rsa.RSAParams()
-    assert options == {"max_batch": None, "return_rsa_metadata": True, "return_aggregation_prompt": True}
-    assert upstream == {"model": "m", "messages": [{"role": "user", "content": "q"}], "temperature": 1.0,
-                        "max_tokens": 61440}
-    assert rsa.from_request({"messages": [], "temperature": 0.3}) is None  # no RSA field: a plain request
-
-
-def test_request_aliases_defaults_and_refusals():
-    params, options, _ = rsa.from_request({"rsa_k": "2", "n": 5, "rsa_short_resp_len": 100, "max_completion_tokens": 200,
-                                           "final_aggregation_prompts": 0, "rsa_final_temperature": None,
-                                           "temperature": 0.7, "top_k": -1, "rsa_max_concurrency": 3,
-                                           "rsa_return_metadata": "off"})
-    assert (params.rsa_k, params.rsa_n, params.short_resp_len, params.max_tokens, params.rsa_final_n) == \
-        (2, 5, 100, 200, 0)
-    assert params.final_temperature is None and params.final_top_p == 0.95  # null: the request's sampling
-    assert params.sampling_in(params.rsa_t) == {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.0}
-    assert options == {"max_batch": 3, "return_rsa_metadata": False, "return_aggregation_prompt": False}
-    for body, message in (({"rsa_summarize": True}, "summaries"), ({"use_pacore": "yes"}, "PaCoRe"),
-                          ({"rsa_tail_window": False}, "rsa_tail_window=false"), ({"rsa_n": "many"}, "wrong type"),
-                          ({"rsa_k": 0}, "rsa_k")):
-        with pytest.raises(ZayaError, match=message):
-            rsa.from_request(body)

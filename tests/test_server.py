@@ -402,11 +402,11 @@ def test_streamed_rsa_reports_rounds_then_answers(server):
 
 def test_rsa_refusals_are_400(server):
     client = server.client()
-    with pytest.raises(openai.BadRequestError, match="summaries or PaCoRe prompts is not supported"):
+    with pytest.raises(openai.BadRequestError, match="rsa_summarize is not supported"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, extra_body={**RSA, "rsa_summarize": True})
     with pytest.raises(openai.BadRequestError, match=f"over the model's context of {CONTEXT:,}"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, max_tokens=2000, extra_body=RSA)
-    with pytest.raises(openai.BadRequestError, match="an RSA field has the wrong type"):
+    with pytest.raises(openai.BadRequestError, match="rsa_n must be a whole number"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, extra_body={**RSA, "rsa_n": "many"})
 
 

@@ -417,9 +417,8 @@ class Handler(BaseHTTPRequestHandler):
         app = self.app
         request = ChatRequest.from_body(body, app.temperature, app.top_p)
         self._check_sampling(request)
-        run = rsa_request.parse(body, request, app.rsa_preset)
-        if run is not None:
-            return self._rsa(run, request)
+        if rsa_request.is_rsa(body):
+            return self._rsa(body, request)
         if request.n != 1:
             raise ApiError(400, "n must be 1: this server writes one choice per request (RSA requests take n as rsa_n)")
         ids = prompt_ids(app.tokenizer, request)
@@ -473,11 +472,13 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- RSA ----------------------------------------------------------------------------------------------------
 
-    def _rsa(self, run, request: ChatRequest) -> None:
-        """Check the run's memory plan before answering, so that a refusal is a 4xx; then queue it."""
+    def _rsa(self, body: dict, request: ChatRequest) -> None:
+        """Check the run (parameters, memory plan) before answering, so that a refusal is a 4xx; then queue it."""
         from . import rsa
 
         app = self.app
+        sampling = {k: getattr(request, k) for k in ("temperature", "top_p", "top_k", "min_p") if body.get(k) is not None}
+        run = rsa_request.parse(body, app.rsa_preset, sampling, request.max_tokens, request.enable_thinking)
         messages = template_messages(request)
         try:
             rsa.plan_run(messages, run.params, model=app.model, tokenizer=app.tokenizer, max_batch=run.max_batch)
