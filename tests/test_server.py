@@ -404,7 +404,8 @@ def test_rsa_refusals_are_400(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError, match="rsa_summarize is not supported"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, extra_body={**RSA, "rsa_summarize": True})
-    with pytest.raises(openai.BadRequestError, match=f"over the model's context of {CONTEXT:,}"):
+    with pytest.raises(openai.BadRequestError, match=f"over the model's context of {CONTEXT:,}; lower max_tokens, "
+                       "tail_window_len or rsa_k$"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, max_tokens=2000, extra_body=RSA)
     with pytest.raises(openai.BadRequestError, match="rsa_n must be a whole number"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, extra_body={**RSA, "rsa_n": "many"})

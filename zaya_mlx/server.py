@@ -483,7 +483,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             rsa.plan_run(messages, run.params, model=app.model, tokenizer=app.tokenizer, max_batch=run.max_batch)
         except ZayaError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, rsa_request.in_request_terms(str(e))) from None
         job = Job(lambda job: app.run_rsa(job, messages, run), f"RSA request {new_id()[9:17]}")
         app.submit(job)
         if request.stream:
