@@ -61,8 +61,8 @@ class Served:
     """A server process, its port and its log."""
 
     def __init__(self, args: list, log: Path, port: int):
-        self.port, self.log_path = port, log
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=ENV, cwd=ROOT)
+        self.port, self.log_path, self.log_file = port, log, open(log, "w")
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log_file, env=ENV, cwd=ROOT)
         wait_until(lambda: health(port) is not None or self.process.poll() is not None, what="the server")
         assert self.process.poll() is None, self.log()
 
@@ -74,7 +74,12 @@ class Served:
 
     def stop(self, sig=signal.SIGTERM) -> int:
         self.process.send_signal(sig)
-        return self.process.wait(timeout=30)
+        return self.wait()
+
+    def wait(self) -> int:
+        code = self.process.wait(timeout=30)
+        self.log_file.close()
+        return code
 
 
 @pytest.fixture(scope="module")
@@ -321,20 +326,25 @@ def readme_client_code() -> str:
 def test_readme_client_code_and_sigint_end_the_command_cleanly(folder, tmp_path, capsys):
     port = free_port()
     served = Served(zaya_serve("--model", folder, "--port", port, "--max-tokens", 4), tmp_path / "log", port)
-    code = readme_client_code()
-    assert "http://127.0.0.1:8080/v1" in code
-    exec(code.replace("http://127.0.0.1:8080/v1", f"http://127.0.0.1:{port}/v1"), {})
-    reply = served.client().chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "hi"}])
-    assert reply.usage.completion_tokens == 4  # the server's --max-tokens
-    assert capsys.readouterr().out.startswith("None ")  # the tiny model's answer has no reasoning
-    running = served.client().chat.completions.create(model=folder.name, max_tokens=10**9, stream=True,
-                                                      messages=[{"role": "user", "content": "hi"}])
-    chunks = iter(running)
-    next(chunks)
-    served.process.send_signal(signal.SIGINT)
-    with pytest.raises(openai.APIError, match="the server stopped before the answer was complete"):
-        list(chunks)
-    assert served.process.wait(timeout=30) == 0
+    try:
+        code = readme_client_code()
+        assert "http://127.0.0.1:8080/v1" in code
+        exec(code.replace("http://127.0.0.1:8080/v1", f"http://127.0.0.1:{port}/v1"), {})
+        reply = served.client().chat.completions.create(model=folder.name,
+                                                        messages=[{"role": "user", "content": "hi"}])
+        assert reply.usage.completion_tokens == 4  # the server's --max-tokens
+        assert capsys.readouterr().out.startswith("None ")  # the tiny model's answer has no reasoning
+        running = served.client().chat.completions.create(model=folder.name, max_tokens=10**9, stream=True,
+                                                          messages=[{"role": "user", "content": "hi"}])
+        chunks = iter(running)
+        next(chunks)
+        served.process.send_signal(signal.SIGINT)
+        with pytest.raises(openai.APIError, match="the server stopped before the answer was complete"):
+            list(chunks)
+    finally:
+        if served.process.poll() is None:  # a failed check still stops the server
+            served.process.send_signal(signal.SIGINT)
+    assert served.wait() == 0
     assert served.log().splitlines()[-1] == "stopped" and "Traceback" not in served.log()
     assert health(port) is None
 
