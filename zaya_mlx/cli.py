@@ -191,7 +191,7 @@ def serve_command(
 ) -> None:
     """Serve the model over an OpenAI-compatible API: /v1/chat/completions (streamed or not, reasoning in
     reasoning_content, tool calls in tool_calls; a body with Zyphra's RSA parameters, such as rsa_n, runs
-    Markovian RSA), /v1/models, /health. Ctrl-C stops it."""
+    Markovian RSA), /v1/completions (raw text), /v1/models, /health. Ctrl-C stops it."""
     from .server import serve
 
     if max_body_mb <= 0:
