@@ -344,10 +344,10 @@ class Model(nn.Module):
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
         """float32 logits [B, L, V]. A one-token step with a cache runs the fused decode step where the options say
-        so (zaya_mlx/decode); everything else, the plain ops."""
+        so, else the plain decode step (zaya_mlx/decode); everything else, the plain forward."""
         fused = self.decoder.enabled(self)
-        if fused and tokens.shape[1] == 1 and cache is not None:
-            h = self.decoder(self, tokens, cache)
+        if tokens.shape[1] == 1 and cache is not None:
+            h = self.decoder(self, tokens, cache, fused=fused)
         else:
             h = self.model(tokens, cache)
         if fused:
