@@ -114,14 +114,21 @@ def count_primitives(forward, make_cache, batch: int, prompt: int = 8) -> tuple[
     mx.eval(forward(mx.zeros((batch, prompt), mx.int32), cache))
     mx.eval(forward(mx.zeros((batch, 1), mx.int32), cache), _cache_arrays(cache))
     logits = forward(mx.zeros((batch, 1), mx.int32), cache)
+    counts = graph_primitives(logits, *_cache_arrays(cache))
+    mx.eval(logits)
+    return counts
+
+
+def graph_primitives(*arrays) -> tuple[int, dict, tuple[int, int]]:
+    """The unevaluated graph that computes ``arrays``, as mx.export_to_dot writes it: (primitives, their kinds,
+    (inputs, outputs) of those primitives)."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "step.dot")
-        mx.export_to_dot(path, logits, *_cache_arrays(cache))
+        mx.export_to_dot(path, *arrays)
         text = open(path).read()
     labels = re.findall(r'label ="([^"]+)", shape=rectangle', text)
     inputs = len(re.findall(r'^"[^"\n]*" -> \d+$', text, re.M))  # array -> primitive
     outputs = len(re.findall(r'^\d+ -> "', text, re.M))  # primitive -> array
-    mx.eval(logits)
     return len(labels), dict(collections.Counter(labels).most_common()), (inputs, outputs)
 
 

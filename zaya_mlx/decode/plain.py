@@ -93,6 +93,9 @@ class _Layer:
         self.conv_w = w.reshape(G, -1, d, d).swapaxes(0, 1)[None].astype(dtype)
         self.conv_b = b[:, None, :].astype(dtype)
         self.mix = residual_mix(attn.n_heads, attn.n_kv_heads).astype(dtype)
+        # QKNorm scales q and k to norm sqrt(d), x * sqrt(d) / max(|x|, eps): an RMSNorm, x / sqrt(|x|^2 / d + e),
+        # with e = eps^2 / d, which differs only where |x| is within a few eps of zero
+        self.l2_eps = float(mx.finfo(dtype).eps) ** 2 / d
         # the key temperature as a factor per head: 1 for the query heads
         self.temp = mx.concatenate([mx.ones((attn.n_heads,), dtype), attn.qk_norm.temp.astype(dtype)])[:, None, None]
         gate = layer.mlp.gate
@@ -114,9 +117,7 @@ class _Layer:
         window = mx.concatenate([state, qk[:, None]], axis=1)  # [B, S+1, C]
         conv = (window.reshape(B, window.shape[1], G, 1, d) @ self.conv_w).sum(axis=1)  # [B, G, 1, d]
         qk = conv + self.conv_b + (self.mix @ qk.reshape(B, G, d))[:, :, None]
-        qk32 = qk.astype(mx.float32)
-        norm = mx.maximum(mx.sqrt(mx.sum(qk32 * qk32, axis=-1, keepdims=True)), float(mx.finfo(qk.dtype).eps))
-        qk = (qk32 * (d**0.5 / norm)).astype(qk.dtype) * self.temp
+        qk = mx.fast.rms_norm(qk, None, self.l2_eps) * self.temp
         if attn.rope.dims > 0:
             qk = attn.rope(qk, offset=positions)
         value = mx.concatenate([qkv[:, C : C + vh], v_prev], axis=-1).reshape(B, nkv, 1, d)
