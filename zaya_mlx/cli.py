@@ -24,6 +24,15 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def read_stdin() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are a one-line error, not a traceback."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"stdin is not valid UTF-8 (byte {e.start + 1} of {len(data)})")
+
+
 # --- chat (the terminal UI) ----------------------------------------------------------------------------------------
 
 
@@ -76,7 +85,7 @@ def generate_command(
     from .tokenizer import apply_chat_template, require_tokenizer
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     if not prompt.strip():
         fail("the prompt is empty")
     llm, tokenizer = load(model, dtype=dtype)
@@ -173,7 +182,7 @@ def rsa_command(
     from .rsa_view import RSAView, render_result
 
     if problem == "-":
-        problem = sys.stdin.read()
+        problem = read_stdin()
     if not problem.strip():
         fail("the problem is empty")
     if json_out and (Path(json_out).is_dir() or not Path(json_out).expanduser().resolve().parent.is_dir()):
