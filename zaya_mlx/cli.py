@@ -1,9 +1,16 @@
-"""`zaya`: a thin typer CLI over the Python API. Each command only parses, calls the API and prints."""
+"""`zaya`: a thin typer CLI over the Python API. Each command only parses, calls the API and prints.
+
+The environment is read here and nowhere else: ZAYA_FUSED, ZAYA_KERNELS and ZAYA_COMPILE override the model's
+decode options (`decode_options`), and MLX's settings for the fused decode step (`decode.mlx_settings`) are applied
+unless the user has set them.
+"""
 
 import contextlib
+import os
 import shlex
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -16,6 +23,30 @@ from .files import write_text_atomic
 MAX_TOKENS = 16384
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ZAYA1 on MLX.")
+
+
+def _switch(name: str) -> Optional[bool]:
+    """An environment switch: True for 1/on/true/yes, False for 0/off/false/no, None where unset or other."""
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in ("1", "on", "true", "yes") else False if value in ("0", "off", "false", "no") else None
+
+
+def decode_options():
+    """The models' DecodeOptions: the defaults, with ZAYA_FUSED (1: always the fused step, 0: never; unset: on a
+    GPU once checked), ZAYA_KERNELS=0 (the kernels' plain-MLX references) and ZAYA_COMPILE=0 (no mx.compile)."""
+    from .decode import DecodeOptions
+
+    return DecodeOptions(fused=_switch("ZAYA_FUSED"), kernels=_switch("ZAYA_KERNELS") is not False,
+                         compile=_switch("ZAYA_COMPILE") is not False)
+
+
+def apply_mlx_settings() -> None:
+    """MLX's settings that the fused decode step is tuned for, where the user has not set them; before MLX's first
+    GPU evaluation, which reads them."""
+    from .decode import mlx_settings
+
+    for name, value in mlx_settings().items():
+        os.environ.setdefault(name, value)
 
 
 def fail(message: str) -> None:
@@ -41,7 +72,13 @@ def chat_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", help="Most tokens per answer, reasoning included."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
+                                             help="Most tokens per reply, reasoning included (default: no cap; the "
+                                                  "think budget and the context bound a reply)."),
+    think_budget: str = typer.Option("chunked", "--think-budget",
+                                     help="How long a turn may reason: 'off'; N (close the think block after N "
+                                          "tokens); 'chunk=C tail=T total=N' (go on in fresh contexts carrying the "
+                                          "last T reasoning tokens; default chunk=8192 tail=4096 total=65536)."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
@@ -49,14 +86,26 @@ def chat_command(
     show_reasoning: bool = typer.Option(False, "--show-reasoning",
                                         help="Show the reasoning in full (piped: print it inside <think>...</think>)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file",
+                                            help="Where warnings go while the chat runs (default "
+                                                 "$XDG_CACHE_HOME/zaya-mlx/chat.log, ~/.cache if unset)."),
 ) -> None:
     """Chat in the terminal: streamed reasoning and Markdown answers, slash commands (/help). With stdin not a
     terminal, reads one prompt per line and prints the answers plainly."""
+    from .chat_session import ChatSession
+    from .generation import load
+    from .think_budget import parse_think_budget
     from .tui import run_chat
 
-    options = dict(enable_thinking=not no_think, temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    raise typer.Exit(run_chat(model, system=system, dtype=dtype, show_reasoning=show_reasoning,
-                              session_options=options))
+    budget = parse_think_budget(think_budget)
+    if log_file is None:
+        log_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zaya-mlx" / "chat.log"
+    if sys.stdin.isatty():
+        typer.echo(f"loading {model}…")
+    loaded, tokenizer = load(model, dtype=dtype, decode=decode_options())
+    session = ChatSession(loaded, tokenizer, system=system, enable_thinking=not no_think, think_budget=budget,
+                          temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    raise typer.Exit(run_chat(session, show_reasoning=show_reasoning, model_label=model, log_path=log_file))
 
 
 # --- generate / serve (text generation) ---------------------------------------------------------------------------
@@ -88,7 +137,7 @@ def generate_command(
         prompt = read_stdin()
     if not prompt.strip():
         fail("the prompt is empty")
-    llm, tokenizer = load(model, dtype=dtype)
+    llm, tokenizer = load(model, dtype=dtype, decode=decode_options())
     require_tokenizer(tokenizer)
     if raw:
         ids = prompt
@@ -116,24 +165,48 @@ def generate_command(
                   f"{last.peak_memory_gb:.2f} GB | {last.finish_reason}", style="dim", markup=False)
 
 
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+SERVE_EXAMPLE = """With the server running:
+
+curl http://127.0.0.1:8080/v1/chat/completions \\
+  -H "Content-Type: application/json" \\
+  -d '{"messages": [{"role": "user", "content": "What is 17 * 23?"}]}'
+
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
+reply = client.chat.completions.create(
+    model="Zyphra/ZAYA1-8B",
+    messages=[{"role": "user", "content": "What is 17 * 23?"}])
+print(reply.choices[0].message.reasoning_content)
+print(reply.choices[0].message.content)
+"""
+
+
+@app.command("serve", epilog=SERVE_EXAMPLE)
 def serve_command(
-    ctx: typer.Context,
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", min=1,
+                                   help="Most tokens per answer when a request names none (always capped to the "
+                                        "context's room)."),
+    temp: float = typer.Option(0.6, "--temp", "-t", help="Temperature when a request names none."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Top-p when a request names none."),
+    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests waiting at most; more get a 503."),
+    max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="Largest request body in MB; larger get a 413."),
+    rsa_preset: Optional[str] = typer.Option(None, "--rsa-preset",
+                                             help="RSA parameters a request leaves unset: laptop (default), quick "
+                                                  "or zyphra (Zyphra's recipe as published)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
 ) -> None:
-    """Serve the model over mlx-lm's OpenAI-compatible HTTP server (extra options go to mlx_lm.server)."""
-    from .loading import open_checkpoint, resolve_model_path
-    from .mlx_lm_registry import register
+    """Serve the model over an OpenAI-compatible API: /v1/chat/completions (streamed or not, reasoning in
+    reasoning_content, tool calls in tool_calls; a body with Zyphra's RSA parameters, such as rsa_n, runs
+    Markovian RSA), /v1/completions (raw text), /v1/models, /health. Ctrl-C stops it."""
+    from .server import serve
 
-    path = resolve_model_path(model)
-    open_checkpoint(path)  # a broken checkpoint is one line here, not a traceback in the server
-    register()
-    from mlx_lm import server
-
-    sys.argv = ["mlx_lm.server", "--model", str(path), "--host", host, "--port", str(port), *ctx.args]
-    server.main()
+    if max_body_mb <= 0:
+        fail("--max-body-mb must be positive")
+    serve(model, host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+          max_queue=max_queue, max_body=int(max_body_mb * 1e6), rsa_preset=rsa_preset)
 
 
 # --- rsa (Markovian RSA) ------------------------------------------------------------------------------------------
@@ -141,9 +214,9 @@ def serve_command(
 
 @app.command("rsa")
 def rsa_command(
-    problem: str = typer.Argument(..., help="The problem ('-' reads it from stdin)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
-    preset: str = typer.Option("laptop", "--preset", help="zyphra (Zyphra's recipe as published), laptop or quick."),
+    problem: Optional[str] = typer.Argument(None, help="The problem ('-' reads it from stdin); not with --resume."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (default {DEFAULT_MODEL})."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="zyphra (Zyphra's recipe as published), laptop (default) or quick."),
     n: Optional[int] = typer.Option(None, "--n", help="Population: rollouts a round (rsa_n)."),
     k: Optional[int] = typer.Option(None, "--k", help="Candidates an aggregation prompt shows (rsa_k)."),
     t: Optional[int] = typer.Option(None, "--t", help="Aggregation rounds after round 0 (rsa_t; 0 = one plain answer)."),
@@ -163,7 +236,10 @@ def rsa_command(
     final_vote: Optional[bool] = typer.Option(None, "--vote", help="Vote over the final answers (with --final-n > 1)."),
     unbounded: bool = typer.Option(False, "--unbounded", help="No token bound on word tails (Zyphra's prompts even for tails without whitespace)."),
     no_think: bool = typer.Option(False, "--no-think", help="Render the prompts with thinking off."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the draws of candidates and every rollout's sampler."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the draws of candidates and every rollout's sampler (default 0)."),
+    run_dir: Optional[str] = typer.Option(None, "--run", help="The run folder (default: a new one under ~/.cache/zaya-mlx/rsa)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this folder where it stopped."),
+    presets: bool = typer.Option(False, "--presets", help="Show every preset's plan for this problem and model, then exit."),
     memory: Optional[float] = typer.Option(None, "--memory", help="Memory budget in GB (default: a safe share)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most rollouts decoding together (slots)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (round 0 only, as in Zyphra's proxy)."),
@@ -175,34 +251,89 @@ def rsa_command(
     last round's response is the answer."""
     from pathlib import Path
 
+    import mlx.core as mx
     from rich.console import Console
 
     from . import rsa
     from .generation import load
+    from .loading import resolve_model_path
     from .rsa_view import RSAView, render_result
 
     if problem == "-":
         problem = read_stdin()
-    if not problem.strip():
+    if resume is None and problem is None:
+        fail("give a problem, or --resume DIR to continue a run")
+    if resume is None and not problem.strip():
         fail("the problem is empty")
     if json_out and (Path(json_out).is_dir() or not Path(json_out).expanduser().resolve().parent.is_dir()):
         fail(f"--json {json_out}: {'is a folder' if Path(json_out).is_dir() else 'its folder does not exist'}; "
              "give a file path")
     if max_batch is not None and max_batch < 1:
         fail(f"--max-batch must be at least 1, got {max_batch}")
-    params = rsa.RSAParams.preset(
-        preset, rsa_n=n, rsa_k=k, rsa_t=t, tail_window_len=tail_window_len, short_resp_len=short_resp_len,
+    overrides = dict(
+        rsa_n=n, rsa_k=k, rsa_t=t, tail_window_len=tail_window_len, short_resp_len=short_resp_len,
         max_tokens=max_tokens, rsa_final_n=final_n, final_temperature=final_temp, final_top_p=final_top_p,
         final_top_k=final_top_k, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, tail_source=tail_source,
         tail_unit=tail_unit, final_vote=final_vote, bounded_context=False if unbounded else None,
         enable_thinking=False if no_think else None)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
-    console = Console(highlight=False)
+    messages = None
+    if problem is not None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    folder = None
+    if resume is not None:  # the folder's own settings; anything given must agree with them
+        folder = rsa.RunFolder.open(resume)
+        folder.check(params=rsa.RSAParams.preset(preset, **given) if preset else folder.params.replace(**given),
+                     seed=seed, messages=messages)
+        params, seed, messages = folder.params, folder.seed, folder.messages
+        model, dtype = model or folder.model["path"], dtype or folder.model.get("dtype")
+    else:
+        params = rsa.RSAParams.preset(preset, **given)
+        seed, model = seed or 0, model or DEFAULT_MODEL
+    console = Console(highlight=False, soft_wrap=True)
+    path = resolve_model_path(model)
+    identity = rsa.model_identity(path, dtype)
+    if folder is not None:
+        folder.check(model=identity)
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
-        llm, tokenizer = load(model, dtype=dtype)
-    with RSAView(console, params) as view:
-        result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
-                         memory_budget=int(memory * 1e9) if memory else None, max_batch=max_batch)
+        llm, tokenizer = load(path, dtype=dtype, decode=decode_options())
+    budget = int(memory * 1e9) if memory else None
+    device = f"{mx.default_device()} {mx.device_info().get('device_name', '')}".strip()
+    runs_root = Path(run_dir).expanduser().parent if run_dir else folder.path.parent if folder else None
+    rate = rsa.measured_rate(runs_root or rsa.default_runs_root(), identity["hash"], device)
+    if presets:
+        for name, preset_ in rsa.PRESETS.items():
+            try:
+                plan = rsa.plan_run(messages, preset_.params, model=llm, tokenizer=tokenizer, max_batch=max_batch,
+                                    memory_budget=budget)
+                console.print(f"{name}: {preset_.description}\n  {plan.summary()}\n  {rsa.estimate_line(plan, rate)}",
+                              markup=False)
+            except ZayaError as e:
+                console.print(f"{name}: {preset_.description}\n  does not fit: {e}", markup=False)
+        return
+    plan = rsa.plan_run(messages, params, model=llm, tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
+    fresh = folder is None
+    if fresh:
+        folder = rsa.RunFolder.create(run_dir or rsa.new_run_path(messages), params=params, seed=seed,
+                                      messages=messages, model=identity)
+    console.print(f"run folder: {folder.path}", style="dim", markup=False)
+    left = plan.worst_case_tokens - sum(params.max_tokens_in(r.round) for r in folder.finished())
+    view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate, left))
+    try:
+        with view:
+            result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
+                             memory_budget=budget, max_batch=max_batch, journal=folder)
+    except ZayaError:
+        if fresh:
+            folder.discard()  # refused before any rollout: leave nothing behind
+        raise
+    except KeyboardInterrupt:
+        folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
+        done = len(folder.finished())
+        typer.echo(f"interrupted: {done} of {params.total_rollouts()} rollouts are saved in {folder.path}; resume "
+                   f"with: zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
+        raise typer.Exit(130)
+    folder.write_rates(tokens=view.state.tokens, seconds=result.timings["total_s"], slots=plan.slots, device=device)
     render_result(console, result, show_text=show_text)
     if json_out:
         import dataclasses
@@ -225,12 +356,28 @@ def quantize_command(
 ) -> None:
     """Quantize SRC into an MLX folder that zaya and mlx-lm load: quantized weights, config, tokenizer."""
     from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .quantization import quantize
 
     if shard_size <= 0:
         fail("--shard-size must be positive")
-    report = quantize(src, out, recipe=recipe, force=force, progress=True, max_shard_size=int(shard_size * (1 << 30)))
+    bar = Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True))
+    task = bar.add_task("quantizing", total=None, start=False)
+
+    def progress(what: str, done: int, total: int) -> None:  # the bar appears once the checks have passed
+        if not bar.live.is_started:
+            bar.start()
+            bar.start_task(task)
+        bar.update(task, description=what, completed=done, total=total)
+
+    try:
+        report = quantize(src, out, recipe=recipe, force=force, progress=progress,
+                          max_shard_size=int(shard_size * (1 << 30)))
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     Console().print(report.table())
 
 
@@ -239,15 +386,13 @@ def quantize_command(
 
 @app.command("bench")
 def bench_command(
-    quant: str = typer.Option("bf16,mxfp4", "--quant", "-q", help="Comma-separated weights: bf16, mxfp4, affine4, affine8, mxfp8."),
+    quant: str = typer.Option("bf16,mxfp4", "--quant", "-q", help="Comma-separated weights: bf16 or a built-in recipe of `zaya quantize` (mxfp4, affine4, ...)."),
     batch: str = typer.Option("1,8", "--batch", "-b", help="Comma-separated batch sizes."),
     prompt: int = typer.Option(512, "--prompt", min=1, help="Prompt tokens for the prefill measurement."),
     context: int = typer.Option(256, "--context", min=1, help="Tokens in the cache before decoding is timed."),
     steps: int = typer.Option(64, "--steps", min=1, help="Decode steps timed."),
     runs: int = typer.Option(3, "--runs", min=1, help="Timed decode runs; each rate is their median."),
     plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
-    host_floor: bool = typer.Option(False, "--host-floor", help="Also time the fused path with every kernel body empty (GPU only): the host's floor for the same graph."),
-    vmlx: Optional[str] = typer.Option(None, "--vmlx", help="Compare with vMLX's ZAYA port: 'pip' (installed vmlx) or a path to its models/zaya.py."),
     small: bool = typer.Option(False, "--small", help="A tiny model of the same structure (a smoke run)."),
     experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Fewer experts (a token still reads one): the same step, a model that builds in seconds, for A/B runs."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here."),
@@ -256,12 +401,12 @@ def bench_command(
     """Full-size ZAYA1-8B shapes, random weights: tokens/s, weight and KV bytes, graph primitives per token."""
     import json
 
-    from .benchmark import FORMATS, UNQUANTIZED, markdown, run, to_dict
+    from .benchmark import UNQUANTIZED, markdown, run, to_dict, weight_choices
 
     quants = tuple(q.strip() for q in quant.split(",") if q.strip())
-    unknown = [q for q in quants if q not in (*UNQUANTIZED, *FORMATS)]
+    unknown = [q for q in quants if q not in (*UNQUANTIZED, *weight_choices())]
     if not quants or unknown:
-        raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
+        raise ZayaError(f"--quant {quant!r}: choose from {', '.join(weight_choices())}")
     try:
         batches = tuple(int(b) for b in batch.split(",") if b.strip())
     except ValueError:
@@ -271,8 +416,8 @@ def bench_command(
     results = run(
         quants=quants,
         batches=batches,
-        prompt=prompt, context=context, steps=steps, small=small, plain=plain, host_floor=host_floor, experts=experts,
-        vmlx=(True if vmlx == "pip" else vmlx), runs=runs, log=typer.echo,
+        prompt=prompt, context=context, steps=steps, small=small, plain=plain, experts=experts, runs=runs,
+        options=decode_options(), log=typer.echo,
     )
     table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     typer.echo(table)
@@ -280,6 +425,25 @@ def bench_command(
         write_text_atomic(json_out, json.dumps([to_dict(r) for r in results], indent=1) + "\n")
     if markdown_out:
         write_text_atomic(markdown_out, table)
+
+
+# --- doctor (what this machine runs) -------------------------------------------------------------------------------
+
+
+@app.command("doctor")
+def doctor_command(
+    quant: str = typer.Option("mxfp4", "--quant", help="Weight format of the tiny random model the checks use."),
+) -> None:
+    """This machine, MLX's back end, each decode kernel against its reference, the decode path a model would take,
+    and a short run's peak memory: a block to paste into a bug report. Downloads nothing."""
+    from .benchmark import UNQUANTIZED, weight_choices
+    from .doctor import diagnose
+
+    if quant not in (*UNQUANTIZED, *weight_choices()):
+        raise ZayaError(f"--quant {quant!r}: choose from {', '.join(weight_choices())}")
+    report = diagnose(None if quant in UNQUANTIZED else quant, options=decode_options())
+    typer.echo(report.text())
+    raise typer.Exit(0 if all(k.ok for k in report.kernels) else 1)
 
 
 def _one_line_warnings() -> None:
@@ -293,6 +457,7 @@ def _one_line_warnings() -> None:
 
 def main() -> None:
     _one_line_warnings()
+    apply_mlx_settings()
     try:
         code = app(standalone_mode=False)  # usage errors come here, not to click's boxed message
     except ZayaError as e:

@@ -18,19 +18,13 @@ from rich.table import Table
 from rich.text import Text
 
 from .rsa import RSAEvent, RSAParams, RSAResult
+from .rsa.runfolder import clock
 
 
 def short(text: str, width: int) -> str:
     """One line of at most `width` characters."""
     line = " ".join(text.split())
     return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def clock(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class RunProgress:
@@ -46,6 +40,7 @@ class RunProgress:
         self.start = time.perf_counter()
         self.round = 0
         self.resumed = 0
+        self.rates = {"prefill_tps": 0.0, "decode_tps": 0.0, "peak_bytes": 0}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -77,17 +72,15 @@ class RunProgress:
 class RSAView:
     """Call it with each RSAEvent; use as a context manager around `rsa.run`."""
 
-    def __init__(self, console: Console, params: RSAParams, *, pipe_every: float = 30.0, peak_memory=None):
-        self.console, self.p = console, params
+    def __init__(self, console: Console, params: RSAParams, *, pipe_every: float = 30.0, estimate: str = ""):
+        self.console, self.p, self.estimate = console, params, estimate
         self.live_enabled = console.is_terminal
         self.state = RunProgress(params)
         self.pipe_every, self.last_pipe = pipe_every, time.perf_counter()
-        self.peak_memory = peak_memory or _peak_memory
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None), MofNCompleteColumn(),
                              console=console, expand=True)
         self.tasks: dict[tuple, int] = {}
         self.status = Text()
-        self.counters: dict = {}
         self.live: Optional[Live] = None
         self._last_status = 0.0
 
@@ -104,14 +97,16 @@ class RSAView:
     def __exit__(self, *exc) -> bool:
         if self.live is not None:
             self.live.stop()
+            self.print(self.line(), "dim")  # the live area is gone: keep where the run ended
         return False
 
     def line(self) -> str:
         s = self.state
         pending = s.total - s.done - len(s.running)
+        r = s.rates
         return (f"round {s.round}/{self.p.rsa_t} · {s.done}/{s.total} done, {len(s.running)} running, {pending} "
-                f"pending · {s.tokens:,} tokens · {s.rate():,.1f} tok/s · {clock(s.elapsed())} · {s.eta()} · peak "
-                f"{self.peak_memory() / 1e9:.2f} GB")
+                f"pending · {s.tokens:,} tokens · {s.rate():,.1f} tok/s (decode {r['decode_tps']:,.0f}, prefill "
+                f"{r['prefill_tps']:,.0f}) · {clock(s.elapsed())} · {s.eta()} · peak {r['peak_bytes'] / 1e9:.2f} GB")
 
     def _refresh(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -135,8 +130,13 @@ class RSAView:
             if key in self.tasks:
                 self.bars.advance(self.tasks[key])
             self._refresh()
+        elif e.kind == "progress":
+            s.rates = {k: e.data[k] for k in ("prefill_tps", "decode_tps", "peak_bytes")}
+            self._refresh()
         elif e.kind == "plan":
             self.print(e.data["plan"].summary(), "dim")
+            if self.estimate:
+                self.print(self.estimate, "dim")
         elif e.kind == "resumed":
             s.done = s.resumed = e.data["rollouts"]
             self.print(f"resumed: {s.done} finished rollouts read back", "dim")
@@ -147,7 +147,8 @@ class RSAView:
             s.running[key] = 0
             self._start_live()
             if self.live_enabled:
-                self.tasks[key] = self.bars.add_task(f"r{e.round} #{e.rollout + 1:<3}", total=self.p.max_tokens_in(e.round))
+                self.tasks[key] = self.bars.add_task(f"r{e.round} #{e.rollout + 1:<3}",
+                                                     total=self.p.max_tokens_in(e.round))
             self._refresh(force=True)
         elif e.kind == "rollout_finished":
             key = (e.round, e.rollout)
@@ -164,15 +165,10 @@ class RSAView:
         elif e.kind == "round_finished":
             answers = [a for a in e.data["answers"] if a is not None]
             shown = ", ".join(short(a, 16) for a in answers[:8]) + (" …" if len(answers) > 8 else "")
-            self.print(f"round {e.round}/{self.p.rsa_t}: {e.data['tokens']:,} tokens (mean {e.data['mean_tokens']:,.0f})"
+            self.print(f"round {e.round}/{self.p.rsa_t}: {e.data['tokens']:,} tokens "
+                       f"(mean {e.data['mean_tokens']:,.0f})"
                        f" in {clock(e.data['seconds'])}; answers: {shown or 'none'}")
             self._refresh(force=True)
-
-
-def _peak_memory() -> int:
-    import mlx.core as mx
-
-    return mx.get_peak_memory()
 
 
 def render_result(console: Console, result: RSAResult, show_text: bool = False) -> None:
@@ -193,9 +189,10 @@ def render_result(console: Console, result: RSAResult, show_text: bool = False) 
             table.add_row(str(count), Text(short(answer, 72)))
         console.print(table)
     t = result.timings
+    now = f" ({t['tokens_decoded']:,} decoded now)" if t["tokens_decoded"] != result.tokens_generated else ""
     console.print(Text(f"{len(result.rounds)} rounds · {sum(len(r.rollouts) for r in result.rounds)} rollouts · "
-                       f"{result.tokens_generated:,} tokens in {clock(t['total_s'])} · {t['tokens_per_s']:,.1f} tok/s",
-                       style="dim"))
+                       f"{result.tokens_generated:,} tokens{now} in {clock(t['total_s'])} · {t['tokens_per_s']:,.1f} "
+                       "tok/s", style="dim"))
 
 
 # --- /rsa in `zaya chat` ------------------------------------------------------------------------------------------
