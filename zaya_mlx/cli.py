@@ -24,13 +24,66 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+# --- the model a command runs without --model --------------------------------------------------------------------
+
+FITS = "in bf16 where it fits this machine's memory with a 32K context, else an MXFP4 copy made once (zaya models)."
+
+
+def default_model() -> str:
+    """The default model for this machine (`model_cache.default_model`), its steps on stderr, and bars with the time
+    left for the download and the quantization when it makes a copy."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .model_cache import default_model as choose
+
+    err = Console(stderr=True, highlight=False)
+    bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=err)
+    tasks = {}
+
+    def progress(stage: str, done: int, total: int, what: str) -> None:
+        if not tasks:
+            bar.start()
+            tasks.update({s: bar.add_task(label, total=total or None)
+                          for s, label in (("download", "downloading"), ("quantize", "quantizing"))})
+        bar.update(tasks[stage], completed=done)
+
+    try:
+        return str(choose(log=lambda line: bar.console.print(line, markup=False), progress=progress))
+    finally:
+        if tasks:
+            bar.stop()
+
+
+@app.command("models")
+def models_command(
+    remove: Optional[str] = typer.Option(None, "--remove", help="Delete a copy zaya-mlx made (its ID in the list)."),
+) -> None:
+    """The ZAYA models in the cache: the hub's downloads and the quantized copies made for this machine."""
+    from .model_cache import default_cache, list_models, remove_model
+
+    if remove is not None:
+        entry = remove_model(remove)
+        typer.echo(f"removed {entry.id} ({entry.size / 1e9:.2f} GB) from {entry.path}")
+        return
+    entries = list_models()
+    if not entries:
+        typer.echo(f"no ZAYA model in the cache ({default_cache()} and the hub's)")
+        return
+    rows = [("id", "format", "size", "path")] + [(e.id, e.format, f"{e.size / 1e9:.2f} GB", str(e.path)) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+
+
 # --- chat (the terminal UI) ----------------------------------------------------------------------------------------
 
 
 @app.command("chat")
 def chat_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                              help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout, or a "
+                                        f"folder written by `zaya quantize`). Default: {DEFAULT_MODEL}, {FITS}"),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
     max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", help="Most tokens per answer, reasoning included."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
@@ -46,7 +99,7 @@ def chat_command(
     from .tui import run_chat
 
     options = dict(enable_thinking=not no_think, temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    raise typer.Exit(run_chat(model, system=system, dtype=dtype, show_reasoning=show_reasoning,
+    raise typer.Exit(run_chat(model or default_model(), system=system, dtype=dtype, show_reasoning=show_reasoning,
                               session_options=options))
 
 
@@ -56,7 +109,8 @@ def chat_command(
 @app.command("generate")
 def generate_command(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads it from stdin)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
+                                        f"Default: {DEFAULT_MODEL}, {FITS}"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help=f"Most tokens to generate, reasoning "
                                              f"included (default {MAX_TOKENS}, or what the context has room for)."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
@@ -79,7 +133,7 @@ def generate_command(
         prompt = sys.stdin.read()
     if not prompt.strip():
         fail("the prompt is empty")
-    llm, tokenizer = load(model, dtype=dtype)
+    llm, tokenizer = load(model or default_model(), dtype=dtype)
     require_tokenizer(tokenizer)
     if raw:
         ids = prompt
@@ -110,7 +164,8 @@ def generate_command(
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve_command(
     ctx: typer.Context,
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
+                                        f"Default: {DEFAULT_MODEL}, {FITS}"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
 ) -> None:
@@ -118,7 +173,7 @@ def serve_command(
     from .loading import open_checkpoint, resolve_model_path
     from .mlx_lm_registry import register
 
-    path = resolve_model_path(model)
+    path = resolve_model_path(model or default_model())
     open_checkpoint(path)  # a broken checkpoint is one line here, not a traceback in the server
     register()
     from mlx_lm import server
@@ -133,7 +188,8 @@ def serve_command(
 @app.command("rsa")
 def rsa_command(
     problem: str = typer.Argument(..., help="The problem ('-' reads it from stdin)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
+                                        f"Default: {DEFAULT_MODEL}, {FITS}"),
     preset: str = typer.Option("laptop", "--preset", help="laptop (a 16 GB Mac) or report (the paper's setting)."),
     n: Optional[int] = typer.Option(None, "--n", help="Population: rollouts per round."),
     c: Optional[int] = typer.Option(None, "--c", help="Tails per aggregation prompt (<= n)."),
@@ -168,6 +224,7 @@ def rsa_command(
     if preset not in rsa.PRESETS:
         fail(f"unknown preset {preset!r}: use one of {', '.join(rsa.PRESETS)}")
     console = Console(highlight=False)
+    model = model or default_model()
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         llm, tokenizer = load(model, dtype=dtype)
     p = rsa.PRESETS[preset]
