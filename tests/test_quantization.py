@@ -281,6 +281,51 @@ def test_shape_that_does_not_fit_stays_unquantized(tiny_checkpoint, tmp_path):
     load_model(out, dtype="float32")(mx.array([[3, 4, 5]]))
 
 
+def dequantized_reference(folder, reference):
+    """`reference` (transformers, fp32) with each weight the folder quantized replaced by its dequantized values:
+    the model a correct run of the quantized folder computes. The fused in_proj splits back into q, k, v rows."""
+    import torch
+
+    config = json.loads((folder / "config.json").read_text())["quantization"]
+    weights = read_folder(folder)
+    state = fixtures.reference_state_dict(reference)  # without the tied head, which follows the embedding
+    for name in [n for n in weights if n.endswith(".scales")]:
+        module = name[: -len(".scales")]
+        fmt = config.get(module) or config
+        w = mx.dequantize(weights[module + ".weight"], weights[name], weights.get(module + ".biases"),
+                          group_size=fmt["group_size"], bits=fmt["bits"], mode=fmt.get("mode", "affine"),
+                          dtype=mx.float32)
+        w = torch.from_numpy(np.array(w))
+        if module.endswith("qkv_proj.in_proj"):
+            parts = [module[: -len("in_proj")] + f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")]
+            for part, rows in zip(parts, torch.split(w, [state[p].shape[0] for p in parts])):
+                state[part] = rows
+        else:
+            state[module if ".experts." in module else module + ".weight"] = w
+    model = fixtures.make_reference("ragged")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= set(fixtures.TIED), (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_partly_quantized_folder_runs_at_default_dtype(recipe, tiny_checkpoint, tmp_path, run_zaya):
+    """Expert down projections that fit no group size stay bf16 beside quantized gate/up projections; the folder
+    runs at the default dtype on this back end (MLX's CPU gather_mm is float32 only) and computes the reference
+    model with the quantized weights put in, within the bf16 bounds."""
+    src = tiny_checkpoint("ragged")
+    out = tmp_path / recipe
+    report = quantize(src, out, recipe, progress=False)
+    assert sorted(s.name for s in report.skipped) == [f"model.layers.{i}.mlp.experts.down_proj.weight" for i in range(3)]
+    ids = fixture_ids(seed=2, length=20, batch=3)
+    want = fixtures.reference_logits(dequantized_reference(out, fixtures.load_reference(src)), ids).numpy()
+    got = load_model(out)(mx.array(ids))
+    fixtures.assert_bf16_close(np.array(got), want, f"{recipe}, down_proj kept")
+    code, stdout, err = run_zaya("generate", "-m", out, "-p", "hello", "-n", "3", "--temp", "0")
+    assert code in (0, None) and "3 tokens" in err, err
+
+
 def test_shards_and_index(quant_src, tmp_path):
     out = tmp_path / "out"
     report = quantize(quant_src, out, "mxfp4", progress=False, max_shard_size=60_000)

@@ -190,27 +190,38 @@ def rsa_command(
     problem: str = typer.Argument(..., help="The problem ('-' reads it from stdin)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
                                         f"Default: {DEFAULT_MODEL}, {FITS}"),
-    preset: str = typer.Option("laptop", "--preset", help="laptop (a 16 GB Mac) or report (the paper's setting)."),
-    n: Optional[int] = typer.Option(None, "--n", help="Population: rollouts per round."),
-    c: Optional[int] = typer.Option(None, "--c", help="Tails per aggregation prompt (<= n)."),
-    tau: Optional[int] = typer.Option(None, "--tau", help="Tail length carried between rounds, in tokens."),
-    budget: Optional[int] = typer.Option(None, "--budget", help="Most new tokens per rollout (beta)."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", "-T", help="Aggregation rounds after round 0 (0 = vote only)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the sampler and the choice of tails."),
-    temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (1 = off)."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p times the top probability (0 = off)."),
-    template: str = typer.Option("tails", "--template", help="Aggregation template: tails, brief, or a .jinja file."),
+    preset: str = typer.Option("laptop", "--preset", help="zyphra (Zyphra's recipe as published), laptop or quick."),
+    n: Optional[int] = typer.Option(None, "--n", help="Population: rollouts a round (rsa_n)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Candidates an aggregation prompt shows (rsa_k)."),
+    t: Optional[int] = typer.Option(None, "--t", help="Aggregation rounds after round 0 (rsa_t; 0 = one plain answer)."),
+    tail_window_len: Optional[int] = typer.Option(None, "--tail-window-len", help="Words (or tokens) a candidate carries."),
+    short_resp_len: Optional[int] = typer.Option(None, "--short-resp-len", help="New tokens a rollout in every round but the last."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="New tokens a rollout in the last round."),
+    final_n: Optional[int] = typer.Option(None, "--final-n", help="Prompts in the last round (rsa_final_n; 0 = n)."),
+    final_temp: Optional[float] = typer.Option(None, "--final-temp", help="The last round's temperature."),
+    final_top_p: Optional[float] = typer.Option(None, "--final-top-p", help="The last round's top-p."),
+    final_top_k: Optional[int] = typer.Option(None, "--final-top-k", help="The last round's top-k."),
+    temp: Optional[float] = typer.Option(None, "--temp", help="Every other round's temperature (Zyphra's example: 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Every other round's top-p."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Every other round's top-k (0 = off)."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="Every other round's min-p (0 = off)."),
+    tail_source: Optional[str] = typer.Option(None, "--tail-source", help="served (answer, else reasoning) or reasoning."),
+    tail_unit: Optional[str] = typer.Option(None, "--tail-unit", help="words (Zyphra's) or tokens (ids, not re-tokenised)."),
+    final_vote: Optional[bool] = typer.Option(None, "--vote", help="Vote over the final answers (with --final-n > 1)."),
+    unbounded: bool = typer.Option(False, "--unbounded", help="No token bound on word tails (Zyphra's prompts even for tails without whitespace)."),
+    no_think: bool = typer.Option(False, "--no-think", help="Render the prompts with thinking off."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the draws of candidates and every rollout's sampler."),
     memory: Optional[float] = typer.Option(None, "--memory", help="Memory budget in GB (default: a safe share)."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most rollouts decoded together."),
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    no_think: bool = typer.Option(False, "--no-think", help="Ask the model to answer without reasoning first."),
-    show_text: bool = typer.Option(False, "--show-text", help="Print the winning rollout's text."),
-    json_out: Optional[str] = typer.Option(None, "--json", help="Write the whole result (rounds, tails, votes) here."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most rollouts decoding together (slots)."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (round 0 only, as in Zyphra's proxy)."),
+    show_text: bool = typer.Option(False, "--show-text", help="Print the final response's text."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the whole result (rounds, candidates, metadata) here."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
 ) -> None:
-    """Markovian RSA: rounds of parallel rollouts, each aggregating tails of the last round; majority vote."""
+    """Markovian RSA as Zyphra runs it: rounds of rollouts, each aggregating candidates of the last round; the
+    last round's response is the answer."""
+    from pathlib import Path
+
     from rich.console import Console
 
     from . import rsa
@@ -221,25 +232,31 @@ def rsa_command(
         problem = sys.stdin.read()
     if not problem.strip():
         fail("the problem is empty")
-    if preset not in rsa.PRESETS:
-        fail(f"unknown preset {preset!r}: use one of {', '.join(rsa.PRESETS)}")
+    if json_out and (Path(json_out).is_dir() or not Path(json_out).expanduser().resolve().parent.is_dir()):
+        fail(f"--json {json_out}: {'is a folder' if Path(json_out).is_dir() else 'its folder does not exist'}; "
+             "give a file path")
+    if max_batch is not None and max_batch < 1:
+        fail(f"--max-batch must be at least 1, got {max_batch}")
+    params = rsa.RSAParams.preset(
+        preset, rsa_n=n, rsa_k=k, rsa_t=t, tail_window_len=tail_window_len, short_resp_len=short_resp_len,
+        max_tokens=max_tokens, rsa_final_n=final_n, final_temperature=final_temp, final_top_p=final_top_p,
+        final_top_k=final_top_k, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, tail_source=tail_source,
+        tail_unit=tail_unit, final_vote=final_vote, bounded_context=False if unbounded else None,
+        enable_thinking=False if no_think else None)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
     console = Console(highlight=False)
     model = model or default_model()
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         llm, tokenizer = load(model, dtype=dtype)
-    p = rsa.PRESETS[preset]
-    view = RSAView(console, n or p.n, budget or p.budget, p.rounds if rounds is None else rounds)
-    with view:
-        result = rsa.run(llm, tokenizer, problem, n, c, tau, budget, rounds, seed, preset=preset, temperature=temp,
-                         top_p=top_p, top_k=top_k, min_p=min_p, template=template, enable_thinking=not no_think,
-                         system=system, memory_budget=int(memory * 1e9) if memory else None, max_batch=max_batch,
-                         on_event=view)
+    with RSAView(console, params) as view:
+        result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
+                         memory_budget=int(memory * 1e9) if memory else None, max_batch=max_batch)
     render_result(console, result, show_text=show_text)
     if json_out:
         import dataclasses
         import json
 
-        write_text_atomic(json_out, json.dumps(dataclasses.asdict(result), indent=1) + "\n")
+        write_text_atomic(json_out, json.dumps(dataclasses.asdict(result), indent=1, default=str) + "\n")
 
 
 # --- quantize ------------------------------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ def is_legacy_config(raw: dict) -> bool:
 def _from_legacy(raw: dict) -> dict:
     """Zyphra's original 80-layer config -> transformers' keys.
 
-    `swa_layers` lists sliding layers in the original numbering (attention layers are the even ones).
+    `swa_layers` has one entry per original layer (attention and MoE alike): the sliding window minus one, 0 for
+    full attention, as Zyphra's vLLM reads it. Only the attention (even) entries matter.
     """
     for key, expected in (("zaya_use_mod", True), ("zaya_use_eda", True), ("scale_residual_merge", True),
                           ("cca", True), ("add_bias_linear", False), ("gated_linear_unit", True)):
@@ -134,14 +135,15 @@ def _from_legacy(raw: dict) -> dict:
     if not n_kv or n_heads % n_kv:
         raise ZayaError(f"unsupported config: cca_num_q_heads={n_heads} is not a multiple of num_query_groups={n_kv}")
     head_dim = raw.get("kv_channels") or raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
-    swa = raw.get("swa_layers") or []
-    if any(i % 2 or not 0 <= i < raw["num_hidden_layers"] for i in swa):
-        raise ZayaError(f"unsupported config: swa_layers {swa} must name attention (even) layers")
+    windows = _legacy_windows(raw.get("swa_layers"), raw["num_hidden_layers"])
+    if any(windows) and raw.get("sliding_window") not in (None, max(windows)):
+        raise ZayaError(f"unsupported config: sliding_window={raw['sliding_window']} but swa_layers gives "
+                        f"{max(windows)} (an entry is the window minus one)")
     partial = raw.get("partial_rotary_factor", 0.5)
     out = {
         k: raw[k] for k in ("model_type", "vocab_size", "hidden_size", "num_experts", "cca_time0", "cca_time1",
                             "max_position_embeddings", "tie_word_embeddings", "attention_bias", "lm_head_bias",
-                            "pad_token_id", "bos_token_id", "eos_token_id", "sliding_window", "quantization")
+                            "pad_token_id", "bos_token_id", "eos_token_id", "quantization")
         if k in raw
     }
     out.update(
@@ -152,7 +154,8 @@ def _from_legacy(raw: dict) -> dict:
         moe_intermediate_size=raw["ffn_hidden_size"] // 2,
         router_hidden_size=raw["zaya_mlp_expansion"],
         rms_norm_eps=raw.get("norm_epsilon", raw.get("rms_norm_eps", 1e-5)),
-        layer_types=["hybrid_sliding" if 2 * k in swa else "hybrid" for k in range(n_layers)],
+        layer_types=["hybrid_sliding" if w else "hybrid" for w in windows],
+        sliding_window=max(windows) or None,
         rope_parameters={
             "hybrid": {"rope_type": "default", "rope_theta": raw.get("rope_theta", 5_000_000.0), "partial_rotary_factor": partial},
             "hybrid_sliding": {"rope_type": "default", "rope_theta": raw.get("swa_rotary_base") or 10_000.0,
@@ -160,3 +163,20 @@ def _from_legacy(raw: dict) -> dict:
         },
     )
     return out
+
+
+def _legacy_windows(swa_layers, num_original_layers: int) -> list:
+    """Each ZAYA layer's sliding window from legacy `swa_layers` (0: full attention); one window for all, as
+    transformers has one `sliding_window`."""
+    if not swa_layers:
+        return [0] * (num_original_layers // 2)
+    if not isinstance(swa_layers, list) or len(swa_layers) != num_original_layers:
+        raise ZayaError(f"unsupported config: swa_layers must list one entry per original layer "
+                        f"({num_original_layers}), got {swa_layers!r:.80}")
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in swa_layers):
+        raise ZayaError(f"unsupported config: swa_layers entries must be integers >= 0, got {swa_layers!r:.80}")
+    windows = [w + 1 if w else 0 for w in swa_layers[::2]]
+    if len(set(w for w in windows if w)) > 1:
+        raise ZayaError(f"unsupported config: sliding layers with different windows {sorted(set(windows) - {0})}: "
+                        "transformers' ZAYA has one sliding_window")
+    return windows

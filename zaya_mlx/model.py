@@ -219,9 +219,10 @@ class Experts(nn.Module):
         return y * weight[..., None].astype(y.dtype)
 
     def _needs_expert_loop(self) -> bool:
-        """MLX's CPU gather_mm takes only float32; dense bf16/fp16 experts on the CPU go one expert at a time."""
-        return (mx.default_device() == mx.cpu and "scales" not in self.gate_up_proj
-                and self.gate_up_proj.weight.dtype != mx.float32)
+        """MLX's CPU gather_mm takes only float32: when either projection is dense bf16/fp16 (a quantized folder
+        may keep one unquantized), the CPU goes one expert at a time."""
+        return mx.default_device() == mx.cpu and any(
+            "scales" not in p and p.weight.dtype != mx.float32 for p in (self.gate_up_proj, self.down_proj))
 
     def _per_expert(self, x, choice):
         """Each used expert on its own rows (as transformers does); skip rows are left at zero."""
@@ -229,9 +230,17 @@ class Experts(nn.Module):
         out = mx.zeros_like(flat)
         for e in np.unique(ids[ids < self.num_experts]):
             rows = mx.array(np.nonzero(ids == e)[0])
-            gate, up = mx.split(flat[rows] @ self.gate_up_proj.weight[int(e)].T, 2, axis=-1)
-            out[rows] = swiglu(gate, up) @ self.down_proj.weight[int(e)].T
+            gate, up = mx.split(_one_expert(self.gate_up_proj, flat[rows], int(e)), 2, axis=-1)
+            out[rows] = _one_expert(self.down_proj, swiglu(gate, up), int(e))
         return out.reshape(x.shape)
+
+
+def _one_expert(proj: nn.Module, x: mx.array, e: int) -> mx.array:
+    """Rows `x` through expert `e` of a SwitchLinear: a plain matmul when dense, the layer's own gather_qmm
+    (which runs on every back end) when quantized."""
+    if "scales" not in proj:
+        return x @ proj.weight[e].T
+    return proj(x[:, None, :], mx.full((x.shape[0],), e, mx.uint32))[:, 0]
 
 
 class MoE(nn.Module):

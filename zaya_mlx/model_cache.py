@@ -69,10 +69,10 @@ def memory_needed(config: ZayaConfig, recipe: Optional[str], context: int) -> in
     """Weights (bf16, or as `recipe` quantizes them) plus one sequence of `context` tokens, as the memory plan
     counts it (KV cache, conv state, one layer's working copy, activations)."""
     from .quantization import planned_weight_bytes
-    from .rsa import plan_memory
+    from .rsa import RSAParams, plan_memory
 
     weights, layer = planned_weight_bytes(config, recipe)
-    plan = plan_memory(config, n=1, c=0, tau=1, beta=context, prompt_tokens=0, context_bound=context,
+    plan = plan_memory(config, RSAParams(rsa_n=1, rsa_t=0, max_tokens=context), prompt_tokens=0, aggregate_tokens=0,
                        weights_bytes=weights, layer_bytes=layer, budget_bytes=1 << 62)
     return plan.peak_bytes
 

@@ -1,9 +1,9 @@
-"""The rich view of a Markovian RSA run, shared by `zaya rsa` and `/rsa` in `zaya chat`.
+"""The view of a Markovian RSA run, shared by `zaya rsa` and `/rsa` in `zaya chat`.
 
-`RSAView` is an `on_event` callback for `zaya_mlx.rsa.run`: one progress bar per rollout (tokens out of the
-budget, then how it finished and its answer), the round counter, and the round's aggregate tokens/s, live while
-the console is a terminal; otherwise one plain line per finished round. `render_result` prints the answer,
-the vote and a summary line.
+`RSAView` is an `on_event` callback for `zaya_mlx.rsa.run`. In a terminal: a status line (round r/T+1, rollouts
+done / running / pending, tokens, decode and prefill rates, elapsed time, the time left as a range, peak
+memory), a bar per running rollout, and a line kept per finished round. In a pipe: a line per finished rollout,
+a line per finished round, and a progress line every `pipe_every` seconds. `render_result` prints the answer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from .rsa import RSAEvent, RSAResult
+from .rsa import RSAEvent, RSAParams, RSAResult
 
 
 def short(text: str, width: int) -> str:
@@ -26,142 +26,225 @@ def short(text: str, width: int) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class RunProgress:
+    """What the view shows, computed from the events alone (also used by the Python API's callers)."""
+
+    def __init__(self, params: RSAParams):
+        self.p = params
+        self.total = params.total_rollouts()
+        self.done = 0
+        self.running: dict[tuple, int] = {}
+        self.tokens = 0
+        self.finished_tokens = 0
+        self.start = time.perf_counter()
+        self.round = 0
+        self.resumed = 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def rate(self) -> float:
+        return self.tokens / max(self.elapsed(), 1e-9)
+
+    def left(self) -> tuple[int, int]:
+        """Tokens still to decode: (at the mean length of the finished rollouts, at full budgets)."""
+        worst = sum(self.p.max_tokens_in(r) - n for (r, _), n in self.running.items())
+        pending = self.total - self.done - len(self.running)
+        final_pending = min(pending, self.p.final_count if self.p.rsa_t > 0 else pending)
+        worst += (pending - final_pending) * self.p.short_resp_len + final_pending * self.p.max_tokens
+        finished = self.done - self.resumed
+        mean = self.finished_tokens / finished if finished else None
+        if mean is None:
+            return worst, worst
+        likely = sum(max(0, int(mean) - n) for n in self.running.values()) + int(pending * mean)
+        return min(likely, worst), worst
+
+    def eta(self) -> str:
+        rate = self.rate()
+        if self.tokens < 1 or rate <= 0:
+            return "time left: after the first tokens"
+        likely, worst = self.left()
+        return f"left {clock(likely / rate)}-{clock(worst / rate)}"
+
+
 class RSAView:
     """Call it with each RSAEvent; use as a context manager around `rsa.run`."""
 
-    def __init__(self, console: Console, n: int, budget: int, rounds: int):
-        self.console, self.n, self.budget, self.rounds = console, n, budget, rounds
+    def __init__(self, console: Console, params: RSAParams, *, pipe_every: float = 30.0, peak_memory=None):
+        self.console, self.p = console, params
         self.live_enabled = console.is_terminal
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), console=console, expand=True)
-        self.tasks = [self.progress.add_task(f"rollout {i + 1:>2}", total=budget, status="", start=True)
-                      for i in range(n)]
-        self.header = Text()
-        self.plan_line = Text("", style="dim")
-        self.round = -1
-        self.round_tokens = 0
-        self.round_start = time.perf_counter()
+        self.state = RunProgress(params)
+        self.pipe_every, self.last_pipe = pipe_every, time.perf_counter()
+        self.peak_memory = peak_memory or _peak_memory
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None), MofNCompleteColumn(),
+                             console=console, expand=True)
+        self.tasks: dict[tuple, int] = {}
+        self.status = Text()
+        self.counters: dict = {}
         self.live: Optional[Live] = None
-        self._last_header = 0.0
+        self._last_status = 0.0
 
     def __enter__(self) -> "RSAView":
-        if self.live_enabled:
-            self.live = Live(Group(self.plan_line, self.header, self.progress), console=self.console,
-                             refresh_per_second=10, transient=True, redirect_stdout=False, redirect_stderr=False)
-            self.live.start()
         return self
+
+    def _start_live(self) -> None:
+        """The live area appears with the first rollout, after the plan was printed (a refused plan shows none)."""
+        if self.live_enabled and self.live is None:
+            self.live = Live(Group(self.status, self.bars), console=self.console, refresh_per_second=4,
+                             transient=True, redirect_stdout=False, redirect_stderr=False)
+            self.live.start()
 
     def __exit__(self, *exc) -> bool:
         if self.live is not None:
             self.live.stop()
         return False
 
-    def _set_header(self, force: bool = False) -> None:
+    def line(self) -> str:
+        s = self.state
+        pending = s.total - s.done - len(s.running)
+        return (f"round {s.round}/{self.p.rsa_t} · {s.done}/{s.total} done, {len(s.running)} running, {pending} "
+                f"pending · {s.tokens:,} tokens · {s.rate():,.1f} tok/s · {clock(s.elapsed())} · {s.eta()} · peak "
+                f"{self.peak_memory() / 1e9:.2f} GB")
+
+    def _refresh(self, force: bool = False) -> None:
         now = time.perf_counter()
-        if not force and now - self._last_header < 0.1:
-            return
-        self._last_header = now
-        tps = self.round_tokens / max(now - self.round_start, 1e-9)
-        kind = "sampling" if self.round == 0 else "aggregating"
-        self.header.plain = ""
-        self.header.append(f"round {self.round}/{self.rounds}", style="bold")
-        self.header.append(f" · {kind} · {self.round_tokens} tokens · {tps:,.1f} tok/s", style="")
+        if self.live_enabled:
+            if force or now - self._last_status > 0.25:
+                self._last_status = now
+                self.status.plain = self.line()
+        elif now - self.last_pipe >= self.pipe_every:
+            self.last_pipe = now
+            self.console.print(self.line(), markup=False, highlight=False)
+
+    def print(self, text: str, style: Optional[str] = None) -> None:
+        self.console.print(Text(text, style=style) if style else text, markup=False, highlight=False)
 
     def __call__(self, e: RSAEvent) -> None:
+        s = self.state
         if e.kind == "token":
-            self.round_tokens += 1
-            self.progress.advance(self.tasks[e.rollout])
-            self._set_header()
+            s.tokens += 1
+            key = (e.round, e.rollout)
+            s.running[key] = s.running.get(key, 0) + 1
+            if key in self.tasks:
+                self.bars.advance(self.tasks[key])
+            self._refresh()
         elif e.kind == "plan":
-            self.plan_line.plain = e.data["plan"].summary()
-            if not self.live_enabled:
-                self.console.print(self.plan_line)
+            self.print(e.data["plan"].summary(), "dim")
+        elif e.kind == "resumed":
+            s.done = s.resumed = e.data["rollouts"]
+            self.print(f"resumed: {s.done} finished rollouts read back", "dim")
         elif e.kind == "round_started":
-            self.round, self.round_tokens, self.round_start = e.round, 0, time.perf_counter()
-            for t in self.tasks:
-                self.progress.reset(t, total=self.budget, status="")
-            self._set_header(force=True)
+            s.round = max(s.round, e.round)
+        elif e.kind == "rollout_started":
+            key = (e.round, e.rollout)
+            s.running[key] = 0
+            self._start_live()
+            if self.live_enabled:
+                self.tasks[key] = self.bars.add_task(f"r{e.round} #{e.rollout + 1:<3}", total=self.p.max_tokens_in(e.round))
+            self._refresh(force=True)
         elif e.kind == "rollout_finished":
-            self.progress.update(self.tasks[e.rollout], status=e.data["finish_reason"])
-        elif e.kind == "answer_extracted":
-            answer = e.data["answer"]
-            shown = "no answer" if answer is None else short(answer, 24)
-            self.progress.update(self.tasks[e.rollout], status=shown)
-        elif e.kind == "round_finished":
-            self._set_header(force=True)
+            key = (e.round, e.rollout)
+            s.running.pop(key, None)
+            s.done += 1
+            s.finished_tokens += e.data["tokens"]
+            if key in self.tasks:
+                self.bars.remove_task(self.tasks.pop(key))
             if not self.live_enabled:
-                self.console.print(f"round {e.round}/{self.rounds}: {e.data['tokens']} tokens in "
-                                   f"{e.data['seconds']:.1f} s, {e.data['tokens_per_s']:,.1f} tok/s", markup=False)
+                answer = e.data["answer"]
+                self.print(f"round {e.round} rollout {e.rollout + 1}: {e.data['tokens']} tokens, "
+                           f"{e.data['finish_reason']}, answer {short(answer, 40) if answer else '-'}")
+            self._refresh(force=True)
+        elif e.kind == "round_finished":
+            answers = [a for a in e.data["answers"] if a is not None]
+            shown = ", ".join(short(a, 16) for a in answers[:8]) + (" …" if len(answers) > 8 else "")
+            self.print(f"round {e.round}/{self.p.rsa_t}: {e.data['tokens']:,} tokens (mean {e.data['mean_tokens']:,.0f})"
+                       f" in {clock(e.data['seconds'])}; answers: {shown or 'none'}")
+            self._refresh(force=True)
+
+
+def _peak_memory() -> int:
+    import mlx.core as mx
+
+    return mx.get_peak_memory()
 
 
 def render_result(console: Console, result: RSAResult, show_text: bool = False) -> None:
-    """The voted answer, the votes, and a line of totals (with the winning rollout's text on request)."""
-    if show_text and result.winner >= 0:
-        console.print(Text(result.winner_text, style="dim"))
+    """The final response's answer (and the vote, when there is one) and a line of totals."""
+    if show_text:
+        console.print(Text(result.text, style="dim"))
     if result.answer is None:
-        console.print(Text("no rollout of the last round gave an answer", style="yellow"))
+        console.print(Text("the final response gave no answer", style="yellow"))
     else:
         line = Text("answer: ", style="bold")
         line.append(result.answer if "\n" not in result.answer else "\n" + result.answer, style="bold green")
         console.print(line)
-    if result.votes:
+    if result.vote is not None and result.vote.counts:
         table = Table(show_header=True, header_style="dim", box=None, pad_edge=False)
         table.add_column("votes", justify="right")
         table.add_column("answer")
-        for answer, count in result.votes.items():
+        for answer, count in result.vote.counts.items():
             table.add_row(str(count), Text(short(answer, 72)))
         console.print(table)
     t = result.timings
-    console.print(Text(f"{len(result.rounds)} rounds · {result.params['n']} rollouts · {result.tokens_generated} "
-                       f"tokens in {t['total_s']:.1f} s · {t['tokens_per_s']:,.1f} tok/s", style="dim"))
+    console.print(Text(f"{len(result.rounds)} rounds · {sum(len(r.rollouts) for r in result.rounds)} rollouts · "
+                       f"{result.tokens_generated:,} tokens in {clock(t['total_s'])} · {t['tokens_per_s']:,.1f} tok/s",
+                       style="dim"))
 
 
 # --- /rsa in `zaya chat` ------------------------------------------------------------------------------------------
 
-# key=value settings of `/rsa` (aliases on the right of the table below) and their types.
-CHAT_KEYS = {"n": int, "c": int, "tau": int, "budget": int, "rounds": int, "seed": int, "temp": float,
-             "top_p": float, "top_k": int, "min_p": float, "template": str, "max_batch": int}
-ALIASES = {"beta": "budget", "k": "c", "t": "rounds", "temperature": "temp", "top-p": "top_p", "top-k": "top_k",
-           "min-p": "min_p", "max-batch": "max_batch"}
-CHAT_USAGE = "/rsa [on|off|laptop|report|key=value ...]"
+ALIASES = {"n": "rsa_n", "k": "rsa_k", "t": "rsa_t", "final_n": "rsa_final_n", "temp": "temperature",
+           "final_temp": "final_temperature", "vote": "final_vote"}
+RUN_KEYS = {"seed": int, "max_batch": int}
+CHAT_USAGE = "/rsa [on|off|PRESET|key=value ...]"
 
 
 def chat_state(ui) -> dict:
-    """The RSA settings of a chat UI (kept on the UI object): enabled, preset, overrides."""
+    """The RSA settings of a chat UI (kept on the UI object): enabled, preset, overrides, run options."""
     state = getattr(ui, "rsa_state", None)
     if state is None:
-        state = {"enabled": False, "preset": "laptop", "overrides": {}}
+        from .rsa import DEFAULT_PRESET
+
+        state = {"enabled": False, "preset": DEFAULT_PRESET, "overrides": {}, "seed": 0, "max_batch": None}
         ui.rsa_state = state
     return state
 
 
-def chat_params(state: dict) -> dict:
-    """The preset's values with the overrides on top, as `rsa.run` keywords."""
-    from . import rsa
+def _parse(key: str, value: str):
+    import dataclasses
 
-    p = rsa.PRESETS[state["preset"]]
-    out = {"n": p.n, "c": p.c, "tau": p.tau, "budget": p.budget, "rounds": p.rounds, "seed": 0,
-           "temp": rsa.DEFAULT_TEMPERATURE, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "template": rsa.DEFAULT_TEMPLATE,
-           "max_batch": None}
-    out.update(state["overrides"])
-    return out
+    from .errors import ZayaError
 
-
-def _describe(state: dict) -> str:
-    p = chat_params(state)
-    mode = "on" if state["enabled"] else "off"
-    extra = "".join(f" {k}={p[k]}" for k in ("seed", "top_p", "top_k", "min_p", "max_batch")
-                    if p[k] not in (None, 0, 0.0, 1.0) or (k == "seed" and p[k]))
-    return (f"RSA {mode} · preset {state['preset']}: n={p['n']} c={p['c']} tau={p['tau']} budget={p['budget']} "
-            f"rounds={p['rounds']} temp={p['temp']} template={p['template']}{extra}")
+    if key in RUN_KEYS:
+        kind = int
+    else:
+        field = {f.name: f for f in dataclasses.fields(RSAParams)}.get(key)
+        if field is None:
+            raise ZayaError(f"/rsa: unknown setting {key!r}")
+        kind = type(getattr(RSAParams(), key)) if getattr(RSAParams(), key) is not None else float
+    if kind is bool:
+        if value.lower() not in ("on", "off", "true", "false", "1", "0"):
+            raise ZayaError(f"/rsa: {key} is on or off, got {value!r}")
+        return value.lower() in ("on", "true", "1")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ZayaError(f"/rsa: {key} needs a {kind.__name__}, got {value!r}") from None
 
 
 def rsa_slash_command(ui, arg: str) -> None:
-    """`/rsa`: show the settings; `on`/`off`: answer prompts with Markovian RSA or normally; `laptop`/`report`:
-    pick a preset (clears the key=value overrides); `key=value`: set n, c, tau, budget (beta), rounds, seed, temp,
-    top_p, top_k, min_p, template, max_batch."""
-    from . import rsa
+    """`/rsa`: show the settings; `on`/`off`: answer prompts with Markovian RSA or normally; a preset name:
+    pick it (clears the overrides); `key=value`: any RSAParams field (n, k, t are rsa_n, rsa_k, rsa_t), seed,
+    max_batch. The settings are checked as they are given."""
     from .errors import ZayaError
+    from .rsa import PRESETS
 
     state = chat_state(ui)
     for word in arg.split():
@@ -169,46 +252,56 @@ def rsa_slash_command(ui, arg: str) -> None:
         if low in ("on", "off"):
             state["enabled"] = low == "on"
             ui.prompt_handler = (lambda text: answer_with_rsa(ui, text)) if state["enabled"] else ui.stream_turn
-        elif low in rsa.PRESETS:
+        elif low in PRESETS:
             state["preset"], state["overrides"] = low, {}
         elif "=" in word:
             key, _, value = word.partition("=")
-            key = ALIASES.get(key.lower(), key.lower().replace("-", "_"))
-            if key not in CHAT_KEYS:
-                raise ZayaError(f"/rsa: unknown setting {key!r}; settings: {', '.join(CHAT_KEYS)}")
-            try:
-                parsed = CHAT_KEYS[key](value)
-            except ValueError:
-                raise ZayaError(f"/rsa: {key} needs a {CHAT_KEYS[key].__name__}, got {value!r}") from None
-            if key == "template":
-                rsa.load_template(parsed)  # unknown names fail now, not at the next prompt
-            elif key not in ("temp", "top_p", "min_p", "seed") and parsed < (0 if key == "rounds" else 1):
-                raise ZayaError(f"/rsa: {key} must be at least {0 if key == 'rounds' else 1}")
-            state["overrides"][key] = parsed
+            key = key.lower().replace("-", "_")
+            key = ALIASES.get(key, key)
+            parsed = _parse(key, value)
+            if key in RUN_KEYS:
+                if key == "max_batch" and parsed < 1:
+                    raise ZayaError(f"/rsa: max_batch must be at least 1, got {parsed}")
+                state[key] = parsed
+            else:
+                RSAParams.preset(state["preset"], **{**state["overrides"], key: parsed})  # refuse it now
+                state["overrides"][key] = parsed
         else:
             raise ZayaError(f"/rsa: unknown argument {word!r}; usage: {CHAT_USAGE}")
     ui.note(_describe(state))
 
 
+def chat_params(state: dict) -> RSAParams:
+    return RSAParams.preset(state["preset"], **state["overrides"])
+
+
+def _describe(state: dict) -> str:
+    p = chat_params(state)
+    mode = "on" if state["enabled"] else "off"
+    return (f"RSA {mode} · preset {state['preset']}: n={p.rsa_n} k={p.rsa_k} t={p.rsa_t} "
+            f"tail_window_len={p.tail_window_len} short_resp_len={p.short_resp_len} max_tokens={p.max_tokens} "
+            f"final_n={p.rsa_final_n} temp={p.temperature} seed={state['seed']}")
+
+
 def answer_with_rsa(ui, text: str) -> None:
     """Answer `text` with Markovian RSA (the conversation's system prompt, thinking setting and model), show the
-    live view, the answer and the vote, and add the turn to the conversation (the winning rollout's text as the
-    assistant's reply). The problem is `text` alone: earlier turns are not part of it. Ctrl-C stops the run."""
+    live view and the answer, and add the turn to the conversation (the final response as the assistant's
+    reply). Earlier turns are not part of the problem. Ctrl-C stops the run."""
     from . import rsa
 
     session = ui.session
-    p = chat_params(chat_state(ui))
-    view = RSAView(ui.console, p["n"], p["budget"], p["rounds"])
+    state = chat_state(ui)
+    params = chat_params(state).replace(enable_thinking=session.enable_thinking)
+    messages = ([{"role": "system", "content": session.system}] if session.system else []) + \
+        [{"role": "user", "content": text}]
+    view = RSAView(ui.console, params)
     try:
         with view:
-            result = rsa.run(session.model, session.tokenizer, text, p["n"], p["c"], p["tau"], p["budget"],
-                             p["rounds"], p["seed"], temperature=p["temp"], top_p=p["top_p"], top_k=p["top_k"],
-                             min_p=p["min_p"], template=p["template"], max_batch=p["max_batch"],
-                             enable_thinking=session.enable_thinking, system=session.system, on_event=view)
+            result = rsa.run(messages, params, model=session.model, tokenizer=session.tokenizer, seed=state["seed"],
+                             max_batch=state["max_batch"], on_event=view)
     except KeyboardInterrupt:
         ui.note("RSA stopped; nothing was added to the conversation")
         return
     render_result(ui.console, result)
-    reply = result.winner_text if result.winner >= 0 else result.rounds[-1].rollouts[0].text
     session.messages.append({"role": "user", "content": text})
-    session.messages.append({"role": "assistant", "content": reply})
+    session.messages.append({"role": "assistant", "content": result.text})

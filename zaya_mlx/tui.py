@@ -376,10 +376,10 @@ def _cmd_load(ui: "ChatUI", arg: str) -> None:
     ui.note(f"loaded {len(ui.session.messages)} messages from {path}")
 
 
-@command("/rsa", usage="/rsa [on|off|laptop|report|key=value]",
-         help="Markovian RSA mode: answer with rounds of rollouts and a vote; alone: show its settings")
+@command("/rsa", usage="/rsa [on|off|PRESET|key=value]",
+         help="Markovian RSA mode: answer with rounds of aggregating rollouts; alone: show its settings")
 def _cmd_rsa(ui: "ChatUI", arg: str) -> None:
-    from .rsa_view import rsa_slash_command  # issue 6: the mode, its settings and its view live there
+    from .rsa_view import rsa_slash_command  # the mode, its settings and its view live there
 
     rsa_slash_command(ui, arg)
 

@@ -1,0 +1,31 @@
+"""Markovian RSA: ZAYA1's bounded-context test-time compute, as Zyphra runs it (ZAYA1-8B report, arXiv
+2605.05365; RSA, arXiv 2509.26626; Zyphra's vLLM fork, examples/markovian_rsa/rsa_proxy_server.py).
+
+    from zaya_mlx import rsa
+    params = rsa.RSAParams.preset("laptop", rsa_n=8)          # or rsa.RSAParams() for Zyphra's recipe
+    result = rsa.run("Find x ...", params, model=model, tokenizer=tokenizer, seed=0, on_event=print)
+    result.text, result.answer, result.metadata                # the final response, its answer, rsa_metadata
+
+Modules: params (RSAParams, presets), prompts (Zyphra's aggregation prompts), tails (what a candidate carries),
+answers (extraction, equivalence, the vote), memory (the plan), backends (decoding), engine (the run, events).
+docs/rsa.md says which parts follow Zyphra's code and which are ours.
+"""
+
+from .answers import Vote, answer_key, equivalent, extract_answer, normalize_answer, vote
+from .backends import Backend, ModelBackend
+from .engine import EVENT_KINDS, SCHEDULES, Cancelled, ContextBoundError, Rollout, RoundRecord, RSAEvent, RSAResult, \
+    derived_seed, draw_candidates, run
+from .memory import MemoryPlan, default_memory_budget, kv_bytes_per_token, machine_memory, plan_memory, \
+    state_bytes_per_sequence
+from .params import DEFAULT_PRESET, PRESETS, TAIL_SOURCES, TAIL_UNITS, RSAParams
+from .prompts import PromptBuilder, aggregation_text, question_of
+from .tails import candidate_text, served_split, token_tail, word_tail
+
+__all__ = [
+    "DEFAULT_PRESET", "EVENT_KINDS", "PRESETS", "SCHEDULES", "TAIL_SOURCES", "TAIL_UNITS", "Backend", "Cancelled",
+    "ContextBoundError", "MemoryPlan", "ModelBackend", "PromptBuilder", "RSAEvent", "RSAParams", "RSAResult",
+    "Rollout", "RoundRecord", "Vote", "aggregation_text", "answer_key", "candidate_text", "default_memory_budget",
+    "derived_seed", "draw_candidates", "equivalent", "extract_answer", "kv_bytes_per_token", "machine_memory",
+    "normalize_answer", "plan_memory", "question_of", "run", "served_split", "state_bytes_per_sequence",
+    "token_tail", "vote", "word_tail",
+]

@@ -1,0 +1,93 @@
+"""What the engine decodes with: rollouts in, one token per running rollout per step out.
+
+`ModelBackend` is mlx-lm's `BatchGenerator` (continuous batching: a new prompt is prefilled in chunks between
+the decode steps of the running ones, each with its own sampler) on a model, with the prompts' shared prefixes
+prefilled once and copied into each new rollout's cache. Tests drive the engine with a scripted backend of the
+same two methods.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Protocol, Sequence
+
+Key = tuple  # (round, index)
+
+
+class Backend(Protocol):
+    def start(self, key: Key, prompt: list[int], *, max_tokens: int, sampling: dict, seed: int,
+              prefix: Sequence[int]) -> None:
+        """Queue a rollout: it is prefilled and joins the running ones. `prefix`: ids the prompt starts with that
+        other prompts share (a backend may prefill them once); `sampling`: temperature, top_p, top_k, min_p;
+        `seed`: the rollout's own sampler seed, so its tokens do not depend on what it runs beside."""
+
+    def step(self) -> list[tuple[Key, int, Optional[str]]]:
+        """Advance: `(key, token, finish_reason)` for each rollout that produced a token (finish_reason "stop"
+        with the stop id as the token, "length" at max_tokens, else None)."""
+
+    def counters(self) -> dict:
+        """prompt_tokens, prompt_s, generation_tokens, decode_s so far (zeros where unknown)."""
+
+    def close(self) -> None: ...
+
+
+class ModelBackend:
+    """mlx-lm's BatchGenerator with `slots` rollouts decoding together and shared prefixes prefilled once."""
+
+    def __init__(self, model, *, slots: int, stop_ids: Sequence[int], prefill_step_size: int = 512,
+                 prefix_cache_size: int = 2):
+        from mlx_lm.generate import BatchGenerator
+
+        self.model = model
+        self.generator = BatchGenerator(model, completion_batch_size=slots, prefill_batch_size=min(slots, 8),
+                                        prefill_step_size=prefill_step_size,
+                                        stop_tokens=[[int(t)] for t in stop_ids])
+        self.prefill_step_size = prefill_step_size
+        self.prefix_cache_size = prefix_cache_size
+        self._prefixes: dict[tuple, list] = {}
+        self._keys: dict[int, Key] = {}
+
+    def _prefix_cache(self, prefix: tuple):
+        import mlx.core as mx
+
+        from ..generation import prefill
+
+        if prefix not in self._prefixes:
+            while len(self._prefixes) >= self.prefix_cache_size:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            cache = self.model.make_cache()
+            prefill(self.model, list(prefix), cache, self.prefill_step_size)
+            mx.eval([c.state for c in cache])
+            self._prefixes[prefix] = cache
+        return self._prefixes[prefix]
+
+    def start(self, key, prompt, *, max_tokens, sampling, seed, prefix=()):
+        from ..sampling import make_sampler
+
+        prefix = tuple(prefix)
+        cache = None
+        if prefix and len(prompt) > len(prefix) and tuple(prompt[: len(prefix)]) == prefix:
+            cache = copy.deepcopy(self._prefix_cache(prefix))
+            prompt = prompt[len(prefix) :]
+        sampler = make_sampler(sampling["temperature"], sampling["top_p"], sampling["top_k"], sampling["min_p"], seed)
+        (uid,) = self.generator.insert([list(prompt)], max_tokens=[int(max_tokens)], caches=[cache],
+                                       samplers=[sampler])
+        self._keys[uid] = key
+
+    def step(self):
+        out = []
+        for r in self.generator.next_generated():
+            key = self._keys[r.uid]
+            if r.finish_reason is not None:
+                del self._keys[r.uid]
+            out.append((key, int(r.token), r.finish_reason))
+        return out
+
+    def counters(self) -> dict:
+        c = getattr(self.generator, "_counters", None)
+        return {"prompt_tokens": getattr(c, "prompt_tokens", 0), "prompt_s": getattr(c, "prompt_time", 0.0),
+                "generation_tokens": getattr(c, "generation_tokens", 0), "decode_s": getattr(c, "decode_time", 0.0)}
+
+    def close(self):
+        self.generator.close()
+        self._prefixes.clear()

@@ -1,0 +1,218 @@
+"""The memory plan of a run, made before anything is allocated: how many rollouts decode together (slots).
+
+Every slot may hold a rollout of any round (the engine streams rounds into each other), so a slot is sized for
+the longest sequence any round may hold: the longest prompt (round 0's, or an aggregation prompt with K tails at
+their token bound) plus that round's new tokens. Fixed costs: the weights, one layer's weights as working
+memory, the shared prefixes' caches, activations; and on the host, the tokens and texts every rollout keeps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ZayaError
+
+KV_ALLOC_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
+HOST_BYTES_PER_TOKEN = 48  # a kept token: its id in a Python list and its share of the decoded text
+
+
+def machine_memory() -> tuple[int, str]:
+    """`(bytes, source)`: what the accelerator may use (Metal's recommended working set, the CUDA device's memory)
+    or, on a CPU, the machine's RAM (/proc/meminfo on Linux, sysctl hw.memsize on macOS, else sysconf)."""
+    import mlx.core as mx
+
+    try:
+        if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()):
+            info = mx.device_info()
+            for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+                if info.get(key):
+                    return int(info[key]), f"device {key}"
+    except Exception:
+        pass
+    if sys.platform.startswith("linux"):
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024, "/proc/meminfo MemTotal"
+        except OSError:
+            pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5)
+            return int(out.stdout.strip()), "sysctl hw.memsize"
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "sysconf"
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30, "assumed 16 GiB"
+
+
+def default_memory_budget() -> tuple[int, str]:
+    """A safe share of the machine: 90% of Metal's recommended working set (itself ~2/3-3/4 of RAM), 85% of a
+    CUDA device, 75% of a CPU machine's RAM."""
+    total, source = machine_memory()
+    share = 0.9 if "max_recommended" in source else 0.85 if source.startswith("device") else 0.75
+    return int(total * share), f"{share:.0%} of {source}"
+
+
+def kv_bytes_per_token(args, dtype_bytes: int = 2) -> int:
+    """Keys and values of every layer for one token: layers x 2 x kv heads x head_dim x dtype bytes."""
+    return args.num_hidden_layers * 2 * args.num_key_value_heads * args.head_dim * dtype_bytes
+
+
+def state_bytes_per_sequence(args, dtype_bytes: int = 2) -> int:
+    """The CCA conv window (S previous q/k inputs) and the previous token's delayed value, every layer."""
+    s = (args.cca_time0 - 1) + (args.cca_time1 - 1)
+    channels = (args.num_attention_heads + args.num_key_value_heads) * args.head_dim
+    return args.num_hidden_layers * (s * channels + args.num_key_value_heads * args.head_dim // 2) * dtype_bytes
+
+
+def _alloc(tokens: int) -> int:
+    return KV_ALLOC_STEP * math.ceil(tokens / KV_ALLOC_STEP)
+
+
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.2f} GB"
+
+
+@dataclass
+class MemoryPlan:
+    """How a run fits. Bytes unless named otherwise.
+
+    prompt_tokens: round 0's prompt; aggregate_tokens: the longest aggregation prompt (K tails at their bound);
+    context_bound: the most tokens one sequence holds in any round (a slot's size).
+    sequence_bytes: one slot at the bound: twice its KV (allocation rounded up to mlx-lm's 256-token steps; twice
+    because mlx-lm grows a cache by concatenation, so old and new buffers can both be alive) + conv state.
+    host_bytes: every rollout's tokens and text kept in memory (worst case).
+    Measured on an H100 with MLX-CUDA, 8B shapes, bf16, 16 sequences at a 2,560-token bound (bench/bench_rsa.py):
+    peak 19.57 GB (op-by-op decode) and 20.29 GB (fused decode) against 21.6 GB planned.
+    """
+
+    prompt_tokens: int
+    aggregate_tokens: int
+    context_bound: int
+    kv_bytes_per_token: int
+    state_bytes_per_sequence: int
+    sequence_bytes: int
+    weights_bytes: int
+    layer_bytes: int
+    prefix_bytes: int
+    activation_bytes: int
+    host_bytes: int
+    budget_bytes: int
+    budget_source: str
+    slots: int
+    rollouts: int
+    worst_case_tokens: int
+    peak_bytes: int
+    notes: list = field(default_factory=list)
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.weights_bytes + self.layer_bytes + self.prefix_bytes + self.activation_bytes + self.host_bytes
+
+    def kv_bytes(self) -> int:
+        return self.slots * self.sequence_bytes
+
+    def summary(self) -> str:
+        return (f"plan: {self.rollouts} rollouts, {self.worst_case_tokens:,} new tokens at most, {self.slots} slots "
+                f"of <= {self.context_bound:,} tokens (prompt {self.prompt_tokens:,}, aggregation prompt <= "
+                f"{self.aggregate_tokens:,}); KV {self.kv_bytes_per_token / 1024:.0f} KB/token, "
+                f"{_gb(self.kv_bytes())} for the slots, weights {_gb(self.weights_bytes)}: {_gb(self.peak_bytes)} "
+                f"of {_gb(self.budget_bytes)} ({self.budget_source})")
+
+
+def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head_tokens: int = 0,
+                weights_bytes: int = 0, layer_bytes: int = 0, dtype_bytes: int = 2, budget_bytes: Optional[int] = None,
+                budget_source: str = "given", prefill_step_size: int = 512,
+                max_batch: Optional[int] = None) -> MemoryPlan:
+    """Fit the run of `params` (an RSAParams) into the budget; `max_batch` caps the slots (default: a round's
+    rollouts). Raises a one-line ZayaError naming what to lower when a sequence is over the model's context,
+    when the kept rollouts alone do not fit, or when not even one slot does."""
+    if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) != max_batch or max_batch < 1):
+        raise ZayaError(f"--max-batch must be a whole number >= 1, got {max_batch}")
+    if budget_bytes is None:
+        budget_bytes, budget_source = default_memory_budget()
+    p = params
+    max_pos = getattr(args, "max_position_embeddings", None) or 1 << 62
+    if prompt_tokens > max_pos:
+        raise ZayaError(f"the prompt is {prompt_tokens:,} tokens, over the model's context of {max_pos:,} tokens; "
+                        "shorten it")
+    host = p.worst_case_tokens() * HOST_BYTES_PER_TOKEN
+    if weights_bytes + host >= budget_bytes:
+        raise ZayaError(f"{p.total_rollouts():,} rollouts of up to {p.short_resp_len:,} tokens keep up to "
+                        f"{_gb(host)} of tokens and text in memory, over the {_gb(budget_bytes - weights_bytes)} left "
+                        "after the model: lower --n")
+    need = [(prompt_tokens + p.max_tokens_in(0), "--max-tokens" if p.rsa_t == 0 else "--short-resp-len")]
+    if p.rsa_t > 0:
+        tails = "--tail-window-len or --k"
+        need.append((aggregate_tokens + p.short_resp_len if p.rsa_t > 1 else 0, f"--short-resp-len, {tails}"))
+        need.append((aggregate_tokens + p.max_tokens, f"--max-tokens, {tails}"))
+    bound, culprit = max(need)
+    if bound > max_pos:
+        raise ZayaError(f"an RSA sequence may hold {bound:,} tokens, over the model's context of {max_pos:,}; "
+                        f"lower {culprit}")
+
+    kv = kv_bytes_per_token(args, dtype_bytes)
+    state = state_bytes_per_sequence(args, dtype_bytes)
+    seq = 2 * _alloc(bound) * kv + state
+    prefix = 2 * (_alloc(max(head_tokens, prompt_tokens)) * kv + state)  # round 0's prompt and the aggregation head
+    V, H = args.vocab_size, args.hidden_size
+    inter = getattr(args, "moe_intermediate_size", 4 * H)
+    prefill_act = prefill_step_size * (10 * H + 3 * inter + args.num_attention_heads * bound) * 4
+
+    def act(b: int) -> int:  # + the last position's logits, and per decode step fp32 logits/log-probs x 3
+        return prefill_act + V * 4 + 3 * b * V * 4 + b * 10 * H * 4
+
+    fixed = weights_bytes + layer_bytes + prefix
+    if fixed >= budget_bytes:
+        raise ZayaError(f"the model ({_gb(weights_bytes)}) alone fills the RSA memory budget of {_gb(budget_bytes)}: "
+                        "use a quantized model (zaya quantize) or raise --memory")
+    slots = min(p.rsa_n, max_batch) if max_batch else p.rsa_n
+    while slots >= 1 and fixed + host + act(slots) + slots * seq > budget_bytes:
+        slots -= 1
+    if slots < 1:
+        raise ZayaError(f"one RSA sequence of {bound:,} tokens needs {_gb(seq + act(1))} (cache and working memory) "
+                        f"and only {_gb(budget_bytes - fixed - host)} of the {_gb(budget_bytes)} budget is left after "
+                        f"the model: lower {culprit}, or raise --memory")
+    return MemoryPlan(prompt_tokens=prompt_tokens, aggregate_tokens=aggregate_tokens, context_bound=bound,
+                      kv_bytes_per_token=kv, state_bytes_per_sequence=state, sequence_bytes=seq,
+                      weights_bytes=weights_bytes, layer_bytes=layer_bytes, prefix_bytes=prefix,
+                      activation_bytes=act(slots), host_bytes=host, budget_bytes=int(budget_bytes),
+                      budget_source=budget_source, slots=slots, rollouts=p.total_rollouts(),
+                      worst_case_tokens=p.worst_case_tokens(), peak_bytes=fixed + host + act(slots) + slots * seq)
+
+
+def model_weight_bytes(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def model_layer_bytes(model) -> int:
+    """Bytes of the model's largest decoder layer (0 when it has no `model.layers`)."""
+    from mlx.utils import tree_flatten
+
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    return max((sum(v.nbytes for _, v in tree_flatten(layer.parameters())) for layer in layers), default=0)
+
+
+def model_dtype_bytes(model, default: int = 2) -> int:
+    """Bytes per element of the KV cache: the dtype the CCA projection computes in (its weight's, or for a
+    quantized model its scales'), else a norm weight's."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    params = tree_flatten(model.parameters())
+    for suffix in ("qkv_proj.in_proj.weight", "qkv_proj.in_proj.scales", "norm.weight"):
+        for name, v in params:
+            if name.endswith(suffix) and mx.issubdtype(v.dtype, mx.floating):
+                return v.dtype.size
+    return default
