@@ -169,6 +169,24 @@ def test_not_even_the_copy_fits_is_one_line_error(hub, tmp_path):
     assert not (tmp_path / "ours").exists() and not hub.downloads
 
 
+def test_readme_mac_table_is_what_the_memory_plan_gives():
+    """The README's table is `mac_table()` as it is now; its KV column is the hand count (40 layers x key and value
+    x 2 heads x 128 x 2 bytes x 1,024 tokens), its budgets 90% of 2/3 (<= 36 GB) or 3/4 of the memory in GiB, and a
+    bigger Mac never fits less."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- zaya models --macs -->\n")[1].split("<!-- end -->")[0].strip()
+    assert table == mc.mac_table(), "README.md is stale: paste `zaya models --macs` into it"
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert {r[4] for r in rows} == {f"{40 * 2 * 2 * 128 * 2 * 1024 / 1e6:.1f} MB"}
+    for gb, share in ((16, 2 / 3), (36, 2 / 3), (64, 3 / 4)):
+        assert f"| {gb} GB | {0.9 * share * gb * 2 ** 30 / 1e9:.1f} GB |" in table
+    for fmt in ("bf16", "mxfp4"):
+        contexts = [int(r[5].replace(",", "")) for r in rows if r[2].startswith(fmt)]
+        populations = [int(r[6]) for r in rows if r[2].startswith(fmt)]
+        assert contexts == sorted(contexts) and populations == sorted(populations), fmt
+    assert [r[0] for r in rows if "first run" in r[2]] == [f"{gb} GB" for gb in mc.MAC_SIZES]
+
+
 def _tensors(folder: Path) -> dict:
     out = {}
     for f in sorted(folder.glob("model-*.safetensors")):

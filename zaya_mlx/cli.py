@@ -59,10 +59,14 @@ def default_model() -> str:
 @app.command("models")
 def models_command(
     remove: Optional[str] = typer.Option(None, "--remove", help="Delete a copy zaya-mlx made (its ID in the list)."),
+    macs: bool = typer.Option(False, "--macs", help="Print which model fits which Mac (the README's table)."),
 ) -> None:
     """The ZAYA models in the cache: the hub's downloads and the quantized copies made for this machine."""
-    from .model_cache import default_cache, list_models, remove_model
+    from .model_cache import default_cache, list_models, mac_table, remove_model
 
+    if macs:
+        typer.echo(mac_table())
+        return
     if remove is not None:
         entry = remove_model(remove)
         typer.echo(f"removed {entry.id} ({entry.size / 1e9:.2f} GB) from {entry.path}")

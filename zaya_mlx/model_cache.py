@@ -69,26 +69,107 @@ def memory_needed(config: ZayaConfig, recipe: Optional[str], context: int) -> in
     """Weights (bf16, or as `recipe` quantizes them) plus one sequence of `context` tokens, as the memory plan
     counts it (KV cache, conv state, one layer's working copy, activations)."""
     from .quantization import planned_weight_bytes
+
+    return _conversation_bytes(config, *planned_weight_bytes(config, recipe), context)
+
+
+def _conversation_bytes(config: ZayaConfig, weights: int, layer: int, context: int) -> int:
     from .rsa import RSAParams, plan_memory
 
-    weights, layer = planned_weight_bytes(config, recipe)
     plan = plan_memory(config, RSAParams(rsa_n=1, rsa_t=0, max_tokens=context), prompt_tokens=0, aggregate_tokens=0,
                        weights_bytes=weights, layer_bytes=layer, budget_bytes=1 << 62)
     return plan.peak_bytes
 
 
-def plan_first_run(config: ZayaConfig, budget_bytes: int, budget_source: str = "given",
-                   recipe: str = COPY_RECIPE) -> FirstRunPlan:
+def plan_first_run(config: ZayaConfig, budget_bytes: int, budget_source: str = "given", recipe: str = COPY_RECIPE,
+                   weights: Optional[dict] = None) -> FirstRunPlan:
     """bf16 where its weights plus a `FIRST_RUN_CONTEXT`-token conversation fit the budget, else `recipe`; a
-    one-line error where neither fits."""
+    one-line error where neither fits. `weights`: {"bf16" and recipe: (weight bytes, largest layer's bytes)}, when
+    already computed."""
+    from .quantization import planned_weight_bytes
+
+    weights = weights or {"bf16": planned_weight_bytes(config), recipe: planned_weight_bytes(config, recipe)}
     context = min(FIRST_RUN_CONTEXT, config.max_position_embeddings)
-    bf16, copy = memory_needed(config, None, context), memory_needed(config, recipe, context)
+    bf16, copy = (_conversation_bytes(config, *weights[f], context) for f in ("bf16", recipe))
     plan = FirstRunPlan("bf16" if bf16 <= budget_bytes else recipe, context, bf16, copy, int(budget_bytes),
                         budget_source)
     if copy > budget_bytes:
         raise ZayaError(f"{plan.summary().split(': running')[0]}, and even {recipe.upper()} needs {copy / 1e9:.1f} GB: "
                         f"pass a smaller quantized model with --model")
     return plan
+
+
+# --- which model for which Mac ----------------------------------------------------------------------------------------
+
+MAC_SIZES = (16, 24, 36, 64, 128)  # GB of unified memory
+TABLE_PROMPT_TOKENS = 512  # an RSA problem
+TABLE_FRAMING_TOKENS = 1024  # an aggregation prompt's text besides its tails
+
+
+def mac_working_set(memory_gb: int) -> int:
+    """Metal's recommended working set on a Mac of `memory_gb` GB, as macOS sets it by default: 2/3 of the memory
+    up to 36 GB, 3/4 above (on the machine itself zaya reads the real figure from MLX)."""
+    return int((memory_gb << 30) * (2 / 3 if memory_gb <= 36 else 3 / 4))
+
+
+def largest_context(config: ZayaConfig, weights: int, layer: int, budget: int, step: int = 1024) -> int:
+    """The longest conversation (a multiple of `step` tokens, at most the model's context) that fits the budget."""
+    low, high = 0, config.max_position_embeddings // step
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _conversation_bytes(config, weights, layer, mid * step) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low * step
+
+
+def largest_rsa_population(config: ZayaConfig, weights: int, layer: int, budget: int, preset: str = "laptop",
+                           most: int = 256) -> int:
+    """The largest N of an RSA `preset` run whose rollouts all decode at once within the budget (0: none fits)."""
+    from .rsa import PRESETS, plan_memory
+    from .rsa.engine import BOUNDARY_TOKENS
+
+    def fits(n: int) -> bool:
+        p = PRESETS[preset].params.replace(rsa_n=n)
+        boundary = BOUNDARY_TOKENS if p.tail_unit == "words" else 0
+        aggregate = TABLE_PROMPT_TOKENS + TABLE_FRAMING_TOKENS + p.candidates * (p.tail_token_bound + boundary)
+        try:
+            plan = plan_memory(config, p, prompt_tokens=TABLE_PROMPT_TOKENS, aggregate_tokens=aggregate,
+                               weights_bytes=weights, layer_bytes=layer, budget_bytes=budget)
+        except ZayaError:
+            return False
+        return plan.slots == n
+
+    n = 0
+    while n < most and fits(n + 1):
+        n += 1
+    return n
+
+
+def mac_table(config: Optional[ZayaConfig] = None, sizes=MAC_SIZES, recipe: str = COPY_RECIPE) -> str:
+    """README's "which model for which Mac", computed from the memory plan the commands use."""
+    from .quantization import planned_weight_bytes
+    from .rsa import kv_bytes_per_token
+    from .rsa.memory import METAL_BUDGET_SHARE
+
+    config = config or ZayaConfig()
+    weights = {"bf16": planned_weight_bytes(config), recipe: planned_weight_bytes(config, recipe)}
+    kv = kv_bytes_per_token(config) * 1024
+    lines = ["| Mac | budget | model | weights | KV per 1K tokens | longest context | RSA N at once (laptop preset) |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for gb in sizes:
+        budget = int(mac_working_set(gb) * METAL_BUDGET_SHARE)
+        chosen = plan_first_run(config, budget, recipe=recipe, weights=weights).format
+        for fmt in ("bf16", recipe):
+            w, layer = weights[fmt]
+            context = largest_context(config, w, layer, budget)
+            if not context:
+                continue
+            mark = " (first run)" if fmt == chosen else ""
+            lines.append(f"| {gb} GB | {budget / 1e9:.1f} GB | {fmt}{mark} | {w / 1e9:.2f} GB | {kv / 1e6:.1f} MB | "
+                         f"{context:,} | {largest_rsa_population(config, w, layer, budget)} |")
+    return "\n".join(lines)
 
 
 # --- the default model ----------------------------------------------------------------------------------------------
