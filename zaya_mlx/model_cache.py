@@ -56,13 +56,15 @@ class FirstRunPlan:
     budget_bytes: int
     budget_source: str
 
+    def room(self) -> str:
+        return (f"bf16 weights with a {self.context:,}-token context need {self.bf16_bytes / 1e9:.1f} GB; this "
+                f"machine's budget is {self.budget_bytes / 1e9:.1f} GB ({self.budget_source})")
+
     def summary(self) -> str:
-        gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
-        room = (f"bf16 weights with a {self.context:,}-token context need {gb(self.bf16_bytes)}; this machine's "
-                f"budget is {gb(self.budget_bytes)} ({self.budget_source})")
         if self.format == "bf16":
-            return f"{room}: running bf16"
-        return f"{room}: running an {self.format.upper()} copy ({gb(self.copy_bytes)} with the same context)"
+            return f"{self.room()}: running bf16"
+        return (f"{self.room()}: running an {self.format.upper()} copy ({self.copy_bytes / 1e9:.1f} GB with the same "
+                f"context)")
 
 
 def memory_needed(config: ZayaConfig, recipe: Optional[str], context: int) -> int:
@@ -94,8 +96,8 @@ def plan_first_run(config: ZayaConfig, budget_bytes: int, budget_source: str = "
     plan = FirstRunPlan("bf16" if bf16 <= budget_bytes else recipe, context, bf16, copy, int(budget_bytes),
                         budget_source)
     if copy > budget_bytes:
-        raise ZayaError(f"{plan.summary().split(': running')[0]}, and even {recipe.upper()} needs {copy / 1e9:.1f} GB: "
-                        f"pass a smaller quantized model with --model")
+        raise ZayaError(f"{plan.room()}, and even {recipe.upper()} needs {copy / 1e9:.1f} GB: pass a smaller "
+                        f"quantized model with --model")
     return plan
 
 
@@ -295,7 +297,7 @@ def make_copy(repo: str, small: Path, dest: Path, recipe: str = COPY_RECIPE, *,
         out, before, part_bytes = {}, dict(quantizer.chosen), 0
         for canonical in part:
             src = mapping[canonical]
-            w = src.combine([loaded[shard_of[s]][s] for s in src.names])
+            w = src.combine([loaded[shard_of[s]].pop(s) for s in src.names])  # each source serves one tensor
             if canonical.endswith(KEEP_FP32):
                 w = w.astype(mx.float32)
             for name, a in quantizer(canonical, w).tensors:
