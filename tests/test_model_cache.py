@@ -153,7 +153,8 @@ def test_models_lists_and_removes_only_ours(hub, tmp_path, run_zaya, monkeypatch
     assert code == 0, err
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [r[0] for r in rows] == [DEFAULT_MODEL, f"{DEFAULT_MODEL}@mxfp4"]
-    assert rows[0][1] == "bf16" and rows[1][1] == "mxfp4" and rows[1][-1] == str(ours)
+    assert rows[0][1:5] == ["bf16", "(config", "and", "tokenizer"]  # the first run fetched no bf16 weights
+    assert rows[1][1] == "mxfp4" and rows[1][-1] == str(ours)
 
     code, out, err = run_zaya("models", "--remove", DEFAULT_MODEL)
     assert code == 1 and "the hub's download" in err and hub.snapshot.is_dir()

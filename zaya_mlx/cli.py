@@ -47,7 +47,7 @@ def default_model() -> str:
             bar.start()
             tasks.update({s: bar.add_task(label, total=total or None)
                           for s, label in (("download", "downloading"), ("quantize", "quantizing"))})
-        bar.update(tasks[stage], completed=done)
+        bar.update(tasks[stage], completed=done, total=max(total, done))  # file bytes run past the tensors' a little
 
     try:
         return str(choose(log=lambda line: bar.console.print(line, markup=False), progress=progress))

@@ -399,7 +399,10 @@ def list_models(cache: Optional[Path] = None, hub: Optional[Path] = None) -> lis
         snapshot = max(repo.revisions, key=lambda r: r.last_modified).snapshot_path
         raw = _config(snapshot)
         if raw.get("model_type") == "zaya":
-            out.append(CachedModel(repo.repo_id, describe_format(raw), repo.size_on_disk, snapshot, False))
+            shards = set(_config(snapshot, "model.safetensors.index.json").get("weight_map", {}).values())
+            weights = all((snapshot / f).is_file() for f in shards) if shards else (snapshot / "model.safetensors").is_file()
+            fmt = describe_format(raw) + ("" if weights else " (config and tokenizer only)")
+            out.append(CachedModel(repo.repo_id, fmt, repo.size_on_disk, snapshot, False))
     if cache.is_dir():
         for folder in sorted(cache.iterdir()):
             marker = _config(folder, MARKER)
