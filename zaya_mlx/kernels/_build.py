@@ -318,5 +318,7 @@ def shape_or_into(shape, into):
 
 
 def dummy(dtype=mx.float32) -> mx.array:
-    """A small array for a kernel input that a variant never reads."""
-    return constant((0, 0, 0, 0), dtype)
+    """A small array for a kernel input that a variant never uses, or loads one 16-byte chunk of and drops. Eight
+    elements: at least 16 bytes, and on Metal in device memory like the weights it stands for (MLX passes an input
+    of fewer than 8 elements in the constant address space, which a device pointer cannot point into)."""
+    return constant((0,) * 8, dtype)
