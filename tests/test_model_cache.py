@@ -164,6 +164,26 @@ def test_models_lists_and_removes_only_ours(hub, tmp_path, run_zaya, monkeypatch
     assert code == 1 and err.startswith("error: no cached model")
 
 
+def test_one_copy_at_a_time(hub, tmp_path):
+    """A second process finds the copy in progress and says so; the lock of a process that is gone is taken over."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "ours"
+    partial = mc.copy_folder(cache, DEFAULT_MODEL).with_name(mc.copy_folder(cache, DEFAULT_MODEL).name + ".partial")
+    partial.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (partial / "lock").write_text(str(other.pid))
+        with pytest.raises(ZayaError, match=f"another zaya \\(process {other.pid}\\) is making this copy"):
+            mc.default_model(budget=tight_budget(hub.source), cache=cache)
+        assert not hub.downloads
+    finally:
+        other.kill()
+        other.wait()
+    assert mc.default_model(budget=tight_budget(hub.source), cache=cache) == mc.copy_folder(cache, DEFAULT_MODEL)
+
+
 def test_not_even_the_copy_fits_is_one_line_error(hub, tmp_path):
     with pytest.raises(ZayaError, match="even MXFP4 needs"):
         mc.default_model(budget=(1000, "test"), cache=tmp_path / "ours")

@@ -267,6 +267,7 @@ def make_copy(repo: str, small: Path, dest: Path, recipe: str = COPY_RECIPE, *,
 
     work = dest.with_name(dest.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
+    _take_lock(work)
     _write_json(work / MARKER, {"source": repo, "recipe": recipe, "layout": layout, "complete": False})
     downloads = work / "download"
     quantizer = TensorQuantizer(config, recipe)
@@ -338,6 +339,31 @@ def make_copy(repo: str, small: Path, dest: Path, recipe: str = COPY_RECIPE, *,
     shutil.rmtree(work)
     log(f"the {recipe.upper()} copy is ready in {dest}; it is used from now on")
     return dest
+
+
+def _take_lock(work: Path) -> None:
+    """One process makes a copy at a time: `work/lock` holds its pid; the lock of a process that is gone (an
+    interrupted run) is taken over. The lock goes with the work folder when the copy is done."""
+    from .quantization import process_alive
+
+    lock = work / "lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                other = int(lock.read_text())
+            except (OSError, ValueError):
+                other = 0
+            if other and process_alive(other) and other != os.getpid():
+                raise ZayaError(f"another zaya (process {other}) is making this copy in {work}: wait for it to "
+                                f"finish") from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return
+    raise ZayaError(f"cannot take {lock}: another zaya is starting the same copy; run again")
 
 
 def _download(repo: str, filename: str, folder: Path, report: Callable[[int, str], None]) -> Path:

@@ -613,11 +613,12 @@ def _remove_abandoned(out: Path) -> None:
     for path in out.parent.glob(f".{glob.escape(out.name)}.zaya-*-*"):
         match = _OWN.fullmatch(path.name)
         if match and match["name"] == out.name and path.is_dir() and not path.is_symlink() \
-                and not _process_alive(int(match["pid"])):
+                and not process_alive(int(match["pid"])):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (ours counts): a folder it marked as its own is still in use."""
     if pid == os.getpid():
         return True
     try:
