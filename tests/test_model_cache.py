@@ -106,6 +106,8 @@ def test_copy_made_once_reused_and_resumed(hub, tmp_path):
     dest = mc.copy_folder(cache, DEFAULT_MODEL)
     partial = dest.with_name(dest.name + ".partial")
     assert not dest.exists() and (partial / "part-00001.json").is_file()
+    listed = {e.id: e for e in mc.list_models(cache)}
+    assert listed[f"{DEFAULT_MODEL}@mxfp4.partial"].format.startswith("partial") and listed[DEFAULT_MODEL].ours is False
     assert "MXFP4" in lines[0] and "budget" in lines[0]
 
     hub.fail_on = None
