@@ -12,6 +12,7 @@ import typer
 
 from .config import DEFAULT_MODEL
 from .errors import ZayaError
+from .model_cache import FIRST_RUN_CONTEXT
 from .files import write_text_atomic
 
 # ZAYA1 reasons at length before answering (its context is 131K tokens): a short cap would rarely reach the answer.
@@ -28,7 +29,8 @@ def fail(message: str) -> None:
 
 # --- the model a command runs without --model --------------------------------------------------------------------
 
-FITS = "in bf16 where it fits this machine's memory with a 32K context, else an MXFP4 copy made once (zaya models)."
+FITS = (f"in bf16 where it fits this machine's memory with a {FIRST_RUN_CONTEXT // 1024}K context, else an MXFP4 copy "
+        f"made once (zaya models).")
 
 
 def default_model() -> str:
