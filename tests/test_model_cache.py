@@ -186,6 +186,16 @@ def test_one_copy_at_a_time(hub, tmp_path):
     assert mc.default_model(budget=tight_budget(hub.source), cache=cache) == mc.copy_folder(cache, DEFAULT_MODEL)
 
 
+def test_a_full_disk_is_one_line_error_before_any_fetch(hub, tmp_path, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(mc.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ZayaError, match=r"the MXFP4 copy needs about .* GB free in .* and 0.0 GB are"):
+        mc.default_model(budget=tight_budget(hub.source), cache=tmp_path / "ours")
+    assert not hub.downloads and not any((tmp_path / "ours").iterdir())
+
+
 def test_not_even_the_copy_fits_is_one_line_error(hub, tmp_path):
     with pytest.raises(ZayaError, match="even MXFP4 needs"):
         mc.default_model(budget=(1000, "test"), cache=tmp_path / "ours")

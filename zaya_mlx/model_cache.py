@@ -266,6 +266,7 @@ def make_copy(repo: str, small: Path, dest: Path, recipe: str = COPY_RECIPE, *,
     total = int(read_json(index).get("metadata", {}).get("total_size") or 0)
 
     work = dest.with_name(dest.name + ".partial")
+    _check_disk(work, config, recipe, total // len(shards))
     work.mkdir(parents=True, exist_ok=True)
     _take_lock(work)
     _write_json(work / MARKER, {"source": repo, "recipe": recipe, "layout": layout, "complete": False})
@@ -339,6 +340,19 @@ def make_copy(repo: str, small: Path, dest: Path, recipe: str = COPY_RECIPE, *,
     shutil.rmtree(work)
     log(f"the {recipe.upper()} copy is ready in {dest}; it is used from now on")
     return dest
+
+
+def _check_disk(work: Path, config: ZayaConfig, recipe: str, shard_bytes: int) -> None:
+    """Room for what is left of the copy, a shard being fetched and the part it makes, before anything is fetched."""
+    from .quantization import planned_weight_bytes
+
+    work.parent.mkdir(parents=True, exist_ok=True)
+    done = sum(f.stat().st_size for f in work.glob("part-*.safetensors")) if work.is_dir() else 0
+    need = max(planned_weight_bytes(config, recipe)[0] - done, 0) + 2 * shard_bytes
+    free = shutil.disk_usage(work.parent).free
+    if free < need:
+        raise ZayaError(f"the {recipe.upper()} copy needs about {need / 1e9:.1f} GB free in {work.parent} and "
+                        f"{free / 1e9:.1f} GB are: free some space, or pass a model with --model")
 
 
 def _take_lock(work: Path) -> None:
