@@ -24,7 +24,8 @@ ONE_END = ("Now, based on the original problem and the reference response above,
 def test_aggregation_prompt_for_several_candidates_is_zyphras_text():
     question = "  Find x if 2x = 6. "
     candidates = ["  so x = 3\n", "x is \\boxed{3}", "\tmaybe 4  "]
-    lines = [MULTI_INTRO, "[[ Problem ]]:\n", "Find x if 2x = 6.\n", "[[ Candidate solutions (may contain mistakes) ]]:\n",
+    lines = [MULTI_INTRO, "[[ Problem ]]:\n", "Find x if 2x = 6.\n",
+             "[[ Candidate solutions (may contain mistakes) ]]:\n",
              "---- Solution 1 ----\nso x = 3\n", "---- Solution 2 ----\nx is \\boxed{3}\n",
              "---- Solution 3 ----\nmaybe 4\n", MULTI_END]
     assert rsa.aggregation_text(question, candidates) == "\n".join(lines)

@@ -152,7 +152,7 @@ def largest_rsa_population(config: ZayaConfig, weights: int, layer: int, budget:
 def mac_table(config: Optional[ZayaConfig] = None, sizes=MAC_SIZES, recipe: str = COPY_RECIPE) -> str:
     """README's "which model for which Mac", computed from the memory plan the commands use."""
     from .quantization import planned_weight_bytes
-    from .rsa import kv_bytes_per_token
+    from .sizes import kv_bytes_per_token
     from .rsa.memory import METAL_BUDGET_SHARE
 
     config = config or ZayaConfig()

@@ -30,6 +30,7 @@ one raises `Cancelled` (what finished is kept in the run folder).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import time
@@ -193,7 +194,8 @@ class _Live:
 class Engine:
     """One run: the prompts, the draws, the slots, and what has finished. `run()` is the public entry point."""
 
-    def __init__(self, params: RSAParams, *, backend: Backend, plan: MemoryPlan, builder: PromptBuilder, seed: int, stop_ids: Sequence[int], schedule: str,
+    def __init__(self, params: RSAParams, *, backend: Backend, plan: MemoryPlan, builder: PromptBuilder, seed: int,
+                 stop_ids: Sequence[int], schedule: str,
                  emit: Callable[[RSAEvent], None], cancel=None, journal=None):
         self.p, self.seed, self.tok, self.backend, self.plan = params, seed, builder.tokenizer, backend, plan
         self.builder, self.emit, self.journal = builder, emit, journal
@@ -451,49 +453,48 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
                  prefill_step_size=prefill_step_size)
     emit(RSAEvent("plan", data={"plan": plan, "params": params, "slots": plan.slots}))
 
-    finished = []
-    if journal is not None:
-        if journal.meta.get("draws") != {str(r): d for r, d in all_draws(params, seed).items()}:
-            raise ZayaError(f"the run in {journal.path} drew other candidates: it is not this run's folder")
-        finished = journal.finished()
-    own_backend = backend is None
-    if own_backend:
-        backend = ModelBackend(model, slots=plan.slots, stop_ids=stop_ids, prefill_step_size=prefill_step_size)
-    engine = Engine(params, backend=backend, plan=plan, builder=builder, seed=seed,
-                    stop_ids=stop_ids, schedule=schedule, emit=emit, cancel=cancel, journal=journal)
-    if finished:
-        for rollout in finished:
-            engine.done[rollout.round, rollout.index] = rollout
-        engine.pending = [k for k in engine.pending if k not in engine.done]
-        emit(RSAEvent("resumed", data={"rollouts": len(engine.done)}))
-    tic = time.perf_counter()
-    try:
-        engine.run()
-    finally:
-        counters = backend.counters() if hasattr(backend, "counters") else {}
+    if journal is not None and journal.meta.get("draws") != {str(r): d for r, d in all_draws(params, seed).items()}:
+        raise ZayaError(f"the run in {journal.path} drew other candidates: it is not this run's folder")
+    with journal if journal is not None else contextlib.nullcontext():  # a run folder is held for the whole run
+        finished = journal.finished() if journal is not None else []
+        own_backend = backend is None
         if own_backend:
-            backend.close()
-    total_s = time.perf_counter() - tic
+            backend = ModelBackend(model, slots=plan.slots, stop_ids=stop_ids, prefill_step_size=prefill_step_size)
+        engine = Engine(params, backend=backend, plan=plan, builder=builder, seed=seed,
+                        stop_ids=stop_ids, schedule=schedule, emit=emit, cancel=cancel, journal=journal)
+        if finished:
+            for rollout in finished:
+                engine.done[rollout.round, rollout.index] = rollout
+            engine.pending = [k for k in engine.pending if k not in engine.done]
+            emit(RSAEvent("resumed", data={"rollouts": len(engine.done)}))
+        tic = time.perf_counter()
+        try:
+            engine.run()
+        finally:
+            counters = backend.counters() if hasattr(backend, "counters") else {}
+            if own_backend:
+                backend.close()
+        total_s = time.perf_counter() - tic
 
-    rounds = [RoundRecord(r, [engine.done[r, i] for i in range(params.rollouts_in(r))],
-                          engine.round_seconds.get(r, 0.0)) for r in range(params.rounds)]
-    finals = rounds[-1].rollouts
-    ballot = vote([f.answer for f in finals]) if params.final_vote else None
-    completion = sum(rd.tokens for rd in rounds)
-    prompt_tokens = sum(r.prompt_tokens for rd in rounds for r in rd.rollouts)
-    result = RSAResult(
-        text=finals[0].text, texts=[f.text for f in finals],
-        answer=ballot.answer if ballot is not None else finals[0].answer, vote=ballot, rounds=rounds,
-        metadata=metadata(params, rounds, plan.slots),
-        usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-               "total_tokens": prompt_tokens + completion},
-        params=params, seed=seed, plan=plan,
-        timings={"total_s": total_s, "rounds_s": [rd.seconds for rd in rounds],
-                 "tokens_decoded": engine.tokens, "tokens_per_s": engine.tokens / max(total_s, 1e-9),
-                 "steps": engine.steps,
-                 "idle_slot_steps": engine.idle_slot_steps, **counters},
-        run_dir=str(journal.path) if journal is not None else None)
-    if journal is not None:
-        journal.write_result(result)
-    emit(RSAEvent("finished", data={"result": result}))
-    return result
+        rounds = [RoundRecord(r, [engine.done[r, i] for i in range(params.rollouts_in(r))],
+                              engine.round_seconds.get(r, 0.0)) for r in range(params.rounds)]
+        finals = rounds[-1].rollouts
+        ballot = vote([f.answer for f in finals]) if params.final_vote else None
+        completion = sum(rd.tokens for rd in rounds)
+        prompt_tokens = sum(r.prompt_tokens for rd in rounds for r in rd.rollouts)
+        result = RSAResult(
+            text=finals[0].text, texts=[f.text for f in finals],
+            answer=ballot.answer if ballot is not None else finals[0].answer, vote=ballot, rounds=rounds,
+            metadata=metadata(params, rounds, plan.slots),
+            usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                   "total_tokens": prompt_tokens + completion},
+            params=params, seed=seed, plan=plan,
+            timings={"total_s": total_s, "rounds_s": [rd.seconds for rd in rounds],
+                     "tokens_decoded": engine.tokens, "tokens_per_s": engine.tokens / max(total_s, 1e-9),
+                     "steps": engine.steps,
+                     "idle_slot_steps": engine.idle_slot_steps, **counters},
+            run_dir=str(journal.path) if journal is not None else None)
+        if journal is not None:
+            journal.write_result(result)
+        emit(RSAEvent("finished", data={"result": result}))
+        return result
