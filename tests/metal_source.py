@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 
 from zaya_mlx import kernels
+from zaya_mlx.decode import DecodeOptions
 from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, router
 
 CLANG = shutil.which("clang++") or shutil.which("clang")
@@ -244,13 +245,12 @@ def step_launches(step: Step) -> list[Launch]:
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
     cache = model.make_cache()
-    saved = {k: os.environ.get(k) for k in ("ZAYA_FUSED", "ZAYA_COMPILE")}
     real_supported, real_single = attention.cca_kernel_supported, attention.SINGLE_PASS_MAX
     try:
-        os.environ.update(ZAYA_FUSED="0", ZAYA_COMPILE="0")
         if not step.full:
+            model.decode_options = DecodeOptions(fused=False)
             mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
-        os.environ["ZAYA_FUSED"] = "1"
+        model.decode_options = DecodeOptions(fused=True, compile=False)
         if not step.cca_inside:
             attention.cca_kernel_supported = lambda *a, **k: False
         if step.split:
@@ -260,9 +260,4 @@ def step_launches(step: Step) -> list[Launch]:
                 model(mx.array([[9]], dtype=mx.int32), cache)
     finally:
         attention.cca_kernel_supported, attention.SINGLE_PASS_MAX = real_supported, real_single
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return launches

@@ -1,6 +1,12 @@
-"""`zaya`: a thin typer CLI over the Python API. Each command only parses, calls the API and prints."""
+"""`zaya`: a thin typer CLI over the Python API. Each command only parses, calls the API and prints.
+
+The environment is read here and nowhere else: ZAYA_FUSED, ZAYA_KERNELS and ZAYA_COMPILE override the model's
+decode options (`decode_options`), and MLX's settings for the fused decode step (`decode.mlx_settings`) are applied
+unless the user has set them.
+"""
 
 import contextlib
+import os
 import shlex
 import sys
 import warnings
@@ -16,6 +22,30 @@ from .files import write_text_atomic
 MAX_TOKENS = 16384
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ZAYA1 on MLX.")
+
+
+def _switch(name: str) -> Optional[bool]:
+    """An environment switch: True for 1/on/true/yes, False for 0/off/false/no, None where unset or other."""
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in ("1", "on", "true", "yes") else False if value in ("0", "off", "false", "no") else None
+
+
+def decode_options():
+    """The models' DecodeOptions: the defaults, with ZAYA_FUSED (1: always the fused step, 0: never; unset: on a
+    GPU once checked), ZAYA_KERNELS=0 (the kernels' plain-MLX references) and ZAYA_COMPILE=0 (no mx.compile)."""
+    from .decode import DecodeOptions
+
+    return DecodeOptions(fused=_switch("ZAYA_FUSED"), kernels=_switch("ZAYA_KERNELS") is not False,
+                         compile=_switch("ZAYA_COMPILE") is not False)
+
+
+def apply_mlx_settings() -> None:
+    """MLX's settings that the fused decode step is tuned for, where the user has not set them; before MLX's first
+    GPU evaluation, which reads them."""
+    from .decode import mlx_settings
+
+    for name, value in mlx_settings().items():
+        os.environ.setdefault(name, value)
 
 
 def fail(message: str) -> None:
@@ -47,7 +77,7 @@ def chat_command(
 
     options = dict(enable_thinking=not no_think, temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
     raise typer.Exit(run_chat(model, system=system, dtype=dtype, show_reasoning=show_reasoning,
-                              session_options=options))
+                              session_options=options, decode=decode_options()))
 
 
 # --- generate / serve (text generation) ---------------------------------------------------------------------------
@@ -79,7 +109,7 @@ def generate_command(
         prompt = sys.stdin.read()
     if not prompt.strip():
         fail("the prompt is empty")
-    llm, tokenizer = load(model, dtype=dtype)
+    llm, tokenizer = load(model, dtype=dtype, decode=decode_options())
     require_tokenizer(tokenizer)
     if raw:
         ids = prompt
@@ -190,7 +220,7 @@ def rsa_command(
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
     console = Console(highlight=False)
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
-        llm, tokenizer = load(model, dtype=dtype)
+        llm, tokenizer = load(model, dtype=dtype, decode=decode_options())
     with RSAView(console, params) as view:
         result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
                          memory_budget=int(memory * 1e9) if memory else None, max_batch=max_batch)
@@ -237,8 +267,6 @@ def bench_command(
     steps: int = typer.Option(64, "--steps", min=1, help="Decode steps timed."),
     runs: int = typer.Option(3, "--runs", min=1, help="Timed decode runs; each rate is their median."),
     plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
-    host_floor: bool = typer.Option(False, "--host-floor", help="Also time the fused path with every kernel body empty (GPU only): the host's floor for the same graph."),
-    vmlx: Optional[str] = typer.Option(None, "--vmlx", help="Compare with vMLX's ZAYA port: 'pip' (installed vmlx) or a path to its models/zaya.py."),
     small: bool = typer.Option(False, "--small", help="A tiny model of the same structure (a smoke run)."),
     experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Fewer experts (a token still reads one): the same step, a model that builds in seconds, for A/B runs."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here."),
@@ -262,8 +290,8 @@ def bench_command(
     results = run(
         quants=quants,
         batches=batches,
-        prompt=prompt, context=context, steps=steps, small=small, plain=plain, host_floor=host_floor, experts=experts,
-        vmlx=(True if vmlx == "pip" else vmlx), runs=runs, log=typer.echo,
+        prompt=prompt, context=context, steps=steps, small=small, plain=plain, experts=experts, runs=runs,
+        options=decode_options(), log=typer.echo,
     )
     table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     typer.echo(table)
@@ -287,7 +315,7 @@ def doctor_command(
 
     if quant not in (*UNQUANTIZED, *FORMATS):
         raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
-    report = diagnose(None if quant in UNQUANTIZED else quant)
+    report = diagnose(decode_options(), None if quant in UNQUANTIZED else quant)
     typer.echo(report.text())
     raise typer.Exit(0 if all(k.ok for k in report.kernels) else 1)
 
@@ -303,6 +331,7 @@ def _one_line_warnings() -> None:
 
 def main() -> None:
     _one_line_warnings()
+    apply_mlx_settings()
     try:
         code = app(standalone_mode=False)  # usage errors come here, not to click's boxed message
     except ZayaError as e:

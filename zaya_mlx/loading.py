@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 
 from . import layouts
 from .config import DEFAULT_MODEL, ZayaConfig
+from .decode import DecodeOptions
 from .errors import ZayaError
 from .model import Model
 
@@ -172,11 +173,12 @@ def to_dtype(dtype) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def load_model(path_or_repo: Union[str, Path] = DEFAULT_MODEL, dtype=None) -> Model:
-    """Load ZAYA1 from a folder or hub id in any supported layout; bf16 unless `dtype` says otherwise."""
+def load_model(path_or_repo: Union[str, Path] = DEFAULT_MODEL, dtype=None, decode: Optional[DecodeOptions] = None) -> Model:
+    """Load ZAYA1 from a folder or hub id in any supported layout; bf16 unless `dtype` says otherwise.
+    decode: the model's `DecodeOptions` (default: the fused decode step on a GPU, once checked)."""
     dtype = to_dtype(dtype)
     checkpoint = open_checkpoint(resolve_model_path(path_or_repo))
-    model = Model(checkpoint.config)
+    model = Model(checkpoint.config, decode)
     if checkpoint.quantization:
         apply_quantization(model, checkpoint.quantization, checkpoint.mapping)
     expected = dict(tree_flatten(model.parameters()))

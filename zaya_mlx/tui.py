@@ -648,8 +648,9 @@ class _PlainWriter:
 
 def run_chat(model: str, *, system: Optional[str] = None, dtype: Optional[str] = None,
              show_reasoning: bool = False, session_options: Optional[dict] = None,
-             stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
-    """`zaya chat`: load the model, then the interactive UI (stdin a terminal) or piped mode. Returns the exit code."""
+             stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None, decode=None) -> int:
+    """`zaya chat`: load the model, then the interactive UI (stdin a terminal) or piped mode. Returns the exit code.
+    decode: the model's DecodeOptions."""
     from .chat_session import ChatSession
     from .generation import load
     from .loading import resolve_model_path
@@ -661,7 +662,7 @@ def run_chat(model: str, *, system: Optional[str] = None, dtype: Optional[str] =
 
     if not interactive:
         path = resolve_model_path(model)
-        loaded_model, tokenizer = load(path, dtype=dtype)
+        loaded_model, tokenizer = load(path, dtype=dtype, decode=decode)
         session = ChatSession(loaded_model, tokenizer, system=system, **options)
         run_piped(session, stdin, stdout, show_reasoning=show_reasoning)
         return 0
@@ -669,7 +670,7 @@ def run_chat(model: str, *, system: Optional[str] = None, dtype: Optional[str] =
     console = Console(highlight=False, file=stdout)
     path = resolve_model_path(model)  # a hub download shows its own progress bars
     with console.status(f"loading {model}…", spinner="dots"):
-        loaded_model, tokenizer = load(path, dtype=dtype)
+        loaded_model, tokenizer = load(path, dtype=dtype, decode=decode)
     session = ChatSession(loaded_model, tokenizer, system=system, **options)
     try:
         import readline  # noqa: F401  (line editing and history for input())
