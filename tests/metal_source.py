@@ -217,14 +217,14 @@ def _lazy_zaya(step: Step):
     recorded, so nothing is computed or allocated."""
     from mlx.utils import tree_map_with_path
 
-    from zaya_mlx.benchmark import QUANTIZED_PATHS, _quantize, full_config
+    from zaya_mlx.benchmark import QUANTIZED_PATHS, full_config, quantize_like_a_recipe
     from zaya_mlx.model import Model
 
     model = Model(full_config(num_hidden_layers=2, layer_types=["hybrid"] * 2))
     model.update(tree_map_with_path(
         lambda k, v: v if "balancing_biases" in k or not mx.issubdtype(v.dtype, mx.floating) else v.astype(step.dtype),
         model.parameters()))
-    _quantize(model, step.quant, QUANTIZED_PATHS)
+    quantize_like_a_recipe(model, step.quant, QUANTIZED_PATHS)
     return model
 
 
