@@ -22,6 +22,7 @@ from zaya_mlx import ZayaError
 from zaya_mlx.chat_session import THINK_BUDGET_NOTE, ChatSession
 from zaya_mlx.generation import cache_length
 from zaya_mlx.think_budget import ThinkBudget, parse_think_budget
+from zaya_mlx.tui import ChatUI
 
 IM_START, IM_END, THINK, END_THINK = 105, 106, 107, 108
 HI, LO, BASE = 3, 13, 32  # a number v is the tokens (HI + v // BASE, LO + v % BASE): ASCII "!" to "J"
@@ -109,9 +110,9 @@ def test_think_budget_text():
 
 def test_reasoning_in_three_chunks_ends_with_an_answer(gen):
     model, tokenizer, _ = gen
-    numbers = 160  # 320 reasoning tokens: chunks of 150 carrying 50 hold them in 3 contexts (150, +100, +70)
+    numbers = 300  # 600 reasoning tokens, more than the context: chunks of 250 carrying 50 (250, +200, +150)
     scripted = Scripted(model, tokenizer, numbers)
-    session = ChatSession(scripted, tokenizer, think_budget="chunk=150 tail=50 total=10000", temperature=0.0)
+    session = ChatSession(scripted, tokenizer, think_budget="chunk=250 tail=50 total=10000", temperature=0.0)
     prompt = session.prompt_ids("count")
     tokens, responses = collect(session, "count")
 
@@ -125,7 +126,7 @@ def test_reasoning_in_three_chunks_ends_with_an_answer(gen):
     # No forward ever sees more than the context.
     assert all(held + len(fed) <= CONTEXT for held, fed in scripted.forwards)
     # Each new chunk goes back to the end of the prompt and carries exactly the reasoning's last 50 tokens:
-    # after 150 reasoning tokens, then after 250 (150 + 100 new).
+    # after 250 reasoning tokens, then after 450 (250 + 200 new).
     restarts = [(held, fed) for i, (held, fed) in enumerate(scripted.forwards)
                 if i and held < scripted.forwards[i - 1][0] + len(scripted.forwards[i - 1][1])]
     assert [held for held, _ in restarts] == [len(prompt) - 1] * 2
@@ -139,10 +140,10 @@ def test_reasoning_in_three_chunks_ends_with_an_answer(gen):
             seq += fed
         fed_after.append(seq)
     # The restart feeds the prompt's last token, `<think>`, the tail, and then decodes from there on.
-    assert fed_after[0][: 2 + 50] == prompt[-1:] + [THINK] + expected[100:150]
-    assert fed_after[1][: 2 + 50] == prompt[-1:] + [THINK] + expected[200:250]
+    assert fed_after[0][: 2 + 50] == prompt[-1:] + [THINK] + expected[200:250]
+    assert fed_after[1][: 2 + 50] == prompt[-1:] + [THINK] + expected[400:450]
     # The cache ends holding the prompt, `<think>`, the last tail and what followed it.
-    assert session.cache_tokens == prompt + [THINK] + expected[200:] + [END_THINK] + scripted.ok + [IM_END]
+    assert session.cache_tokens == prompt + [THINK] + expected[400:] + [END_THINK] + scripted.ok + [IM_END]
     assert session.messages[-1]["content"] == "<think>" + tokenizer.decode(expected) + "</think>OK"
 
 
@@ -159,13 +160,14 @@ def test_budget_forcing_closes_the_think_block(gen):
     assert session.cache_tokens == prompt + [THINK] + reasoning_ids(50) + [END_THINK] + scripted.newlines + \
         scripted.ok + [IM_END]
     assert session.messages[-1]["content"].endswith("</think>\n\nOK")
+    assert ChatSession.from_json(scripted, tokenizer, session.to_json()).think_budget == ThinkBudget("force", 100)
 
-    # Off: the reasoning runs to the end of the context, and the stop reason says so.
+    # Off: the reasoning runs to the end of the context (here the session's, 128), and the stop reason says so.
     scripted = Scripted(model, tokenizer, numbers=300)
-    session = ChatSession(scripted, tokenizer, think_budget="off", temperature=0.0)
+    session = ChatSession(scripted, tokenizer, think_budget="off", temperature=0.0, max_context=128)
     tokens, responses = collect(session, "count")
     assert responses[-1].finish_reason == "context" == session.last_finish_reason
-    assert len(session.cache_tokens) == CONTEXT and session.last_answer == ""
+    assert len(session.cache_tokens) == 128 and session.last_answer == ""
 
 
 def test_conversation_ten_times_the_context_keeps_going(gen):
@@ -182,6 +184,11 @@ def test_conversation_ten_times_the_context_keeps_going(gen):
         said += len(tokenizer.encode(text, add_special_tokens=False)) + len(tokens)
         turns += 1
         dropped += session.last_dropped_turns
+        if session.last_dropped_turns:  # the UI says what went in one line
+            n = session.last_dropped_turns
+            assert ChatUI(session).left_out_line() == (
+                f"context 512 tokens: left out {'earlier reasoning and ' if session.last_dropped_reasoning else ''}"
+                f"{'the oldest turn' if n == 1 else f'the {n} oldest turns'} (still in /save)")
         # Between drops, a turn prefills only its new tokens (the whole cache is reused).
         reused += session.last_dropped_turns == 0 and session.stats.reused_tokens == len(before) > 0
     assert len(session.messages) == 1 + 2 * turns  # the history keeps every turn; the context leaves them out
@@ -193,3 +200,52 @@ def test_conversation_ten_times_the_context_keeps_going(gen):
     cached = model(mx.array([[probe]]), cache=copy.deepcopy(session.cache))[0, -1]
     np.testing.assert_allclose(np.array(cached), full_logits(model, session.cache_tokens + [probe])[-1],
                                atol=1e-4, rtol=1e-4)
+
+
+def test_earlier_reasoning_is_left_out_before_turns(gen):
+    model, tokenizer, _ = gen
+    scripted = Scripted(model, tokenizer, numbers=30)  # 60 reasoning tokens a reply, a 2-token answer
+    session = ChatSession(scripted, tokenizer, temperature=0.0)
+    for turn in range(4):
+        held = session.cache_tokens
+        prompt = session.prompt_ids("go on")
+        collect(session, "go on")
+        if len(held) + 20 > CONTEXT / 2:
+            break
+    # The fourth turn would pass half the context: the earlier turns lose their reasoning, and nothing else.
+    assert turn == 3 and session.last_dropped_reasoning and session.last_dropped_turns == 0
+    assert THINK not in prompt and tokenizer.decode(prompt).count("go on") == 4
+    assert ChatUI(session).left_out_line() == "context 512 tokens: left out earlier reasoning (still in /save)"
+    # The cache is reused up to the first turn whose rendering changed (its answer, after its reasoning went).
+    assert 0 < session.stats.reused_tokens < len(prompt)
+    assert session.cache_tokens[: len(prompt)] == prompt
+
+
+def test_turn_view_marks_chunks_and_keeps_speed_and_context_in_view():
+    from rich.console import Console
+
+    from zaya_mlx.chat_session import ChatResponse
+    from zaya_mlx.tui import TurnView
+
+    def response(text, n, chunk, channel="reasoning", note=None):
+        return ChatResponse(text=text, token=1, channel=channel, prompt_tokens=5, prompt_tps=1.0, generation_tokens=n,
+                            generation_tps=25.0, peak_memory_gb=0.0, chunk=chunk, context_tokens=100 + n, note=note)
+
+    def screen(view):
+        console = Console(width=100, record=True, color_system=None)
+        console.print(view)
+        return "\n".join(line.rstrip() for line in console.export_text().splitlines())
+
+    view = TurnView(context_limit=CONTEXT)
+    view.add(response("abc", 3, 1))
+    assert screen(view).splitlines()[:2] == ["thinking… · 3 tokens @ 25.0 tok/s · context 103/512", "  abc"]
+    view.add(response("def", 4, 2))
+    lines = screen(view).splitlines()
+    assert lines[0] == "thinking… · chunk 2 · 4 tokens @ 25.0 tok/s · context 104/512"
+    assert [line.strip() for line in lines[1:4]] == ["abc", "⋯ chunk 2: a fresh context with the reasoning's tail ⋯",
+                                                    "def"]
+    view.add(response("OK", 5, 2, channel="answer", note=THINK_BUDGET_NOTE))
+    lines = screen(view).splitlines()
+    assert lines[0].startswith("▸ thought for 4 tokens in 2 chunks, ")
+    assert lines[1].startswith("think budget reached at 4 tokens: the think block was closed")
+    assert lines[-1].strip() == "OK"

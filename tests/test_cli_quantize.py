@@ -30,7 +30,7 @@ def test_recipe_file_and_force(src, tmp_path, run_zaya):
     recipe = tmp_path / "embed8.json"
     recipe.write_text(json.dumps({"rules": [{"match": "model.embed_tokens", "format": "affine8"}]}))
     out = tmp_path / "q"
-    out.mkdir()
+    assert run_zaya("quantize", src, out)[0] == 0
     code, _, err = run_zaya("quantize", src, out, "--recipe", recipe)
     assert code == 1 and err.count("\n") == 1 and err.startswith("error:") and "--force" in err
     code, stdout, _ = run_zaya("quantize", src, out, "--recipe", recipe, "--force")

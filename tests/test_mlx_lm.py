@@ -1,13 +1,10 @@
-"""ZAYA as an mlx-lm model type: mlx_lm.load / generate / server on our folders, after `import zaya_mlx`."""
+"""ZAYA in mlx-lm: mlx_lm.load / generate on any ZAYA folder after `import zaya_mlx`, and mlx-lm's own commands
+(`mlx_lm generate --trust-remote-code`) on the folders `zaya quantize` writes."""
 
 import importlib
-import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
@@ -54,41 +51,6 @@ def test_mlx_lm_generate_matches_ours(tmp_path_factory):
     assert mlx_lm.generate(theirs, their_tokenizer, text, max_tokens=12) == ours.text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_zaya_serve_answers_like_generate(tmp_path_factory):
-    model, tokenizer, folder = loaded(tmp_path_factory.getbasetemp() / "generation")
-    expected = generate(model, tokenizer, "hello the world", max_tokens=8).text
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    server = subprocess.Popen([sys.executable, "-m", "zaya_mlx.cli", "serve", "--model", str(folder),
-                               "--port", str(port), "--log-level", "WARNING"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    try:
-        body = json.dumps({"prompt": "hello the world", "max_tokens": 8, "temperature": 0}).encode()
-        deadline = time.time() + 60
-        while True:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    answer = json.loads(response.read())
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(server.stdout.read().decode()[-2000:]) from None
-                time.sleep(0.3)
-        assert answer["choices"][0]["text"] == expected
-        assert answer["usage"]["completion_tokens"] == 8
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
 def test_mlx_lm_batch_generator_matches_ours(tmp_path_factory):
     import mlx_lm
     from mlx_lm.generate import batch_generate as mlx_lm_batch_generate
@@ -99,3 +61,66 @@ def test_mlx_lm_batch_generator_matches_ours(tmp_path_factory):
     theirs = mlx_lm_batch_generate(model, tokenizer, prompts, max_tokens=6).texts
     ours = zaya_mlx.batch_generate(model, prompts, max_tokens=6)
     assert theirs == [tokenizer.decode(o) for o in ours]
+
+
+# --- mlx-lm's own commands on the folders `zaya quantize` writes -------------------------------------------------
+
+STAND_IN = '''
+"""A stand-in for an `mlx_lm/models/zaya.py` that a future mlx-lm release ships (other semantics)."""
+class ModelArgs:
+    @classmethod
+    def from_dict(cls, config):
+        raise RuntimeError("the stand-in mlx_lm.models.zaya was used")
+
+class Model:
+    pass
+'''
+
+
+@pytest.fixture(scope="module")
+def quantized_folder(tmp_path_factory):
+    _, _, folder = loaded(tmp_path_factory.getbasetemp() / "generation")
+    out = tmp_path_factory.mktemp("mlx-lm-commands") / "zaya-mxfp4"
+    zaya_mlx.quantize(folder, out, "mxfp4", progress=False)
+    return out
+
+
+def _generated(stdout: str) -> str:
+    """The text `mlx_lm.generate` prints between its two `==========` lines."""
+    return stdout.split("==========\n")[1].removesuffix("\n")
+
+
+def _ours(folder) -> str:
+    model, tokenizer = zaya_mlx.load(folder, dtype="float32")
+    return generate(model, tokenizer, "hello the world", max_tokens=8).text
+
+
+GENERATE = ["--trust-remote-code", "--ignore-chat-template", "--prompt", "hello the world", "--max-tokens", "8"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_mlx_lm_generate_command_runs_quantized_folders(quantized_folder):
+    done = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(quantized_folder), *GENERATE],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _generated(done.stdout) == _ours(quantized_folder)
+
+
+def test_quantized_folders_keep_our_model_when_mlx_lm_ships_a_zaya_module(quantized_folder, tiny_checkpoint,
+                                                                            tmp_path):
+    (tmp_path / "zaya.py").write_text(STAND_IN)
+    script = f"""
+import sys
+import mlx_lm, mlx_lm.generate, mlx_lm.models
+mlx_lm.models.__path__.insert(0, {str(tmp_path)!r})  # mlx_lm.models.zaya is now the stand-in
+try:
+    mlx_lm.load({str(tiny_checkpoint("base"))!r})  # a folder without model_file gets the stand-in
+except RuntimeError as e:
+    print("control:", e)
+sys.argv = ["mlx_lm.generate", "--model", {str(quantized_folder)!r}, *{GENERATE!r}]
+sys.modules["mlx_lm.generate"].main()  # the package's `generate` attribute is the function
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("control: the stand-in mlx_lm.models.zaya was used\n")
+    assert _generated(done.stdout) == _ours(quantized_folder)

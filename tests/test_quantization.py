@@ -3,9 +3,14 @@
 KL divergences are measured against the unquantized fp32 model on 512 tokens; with `pytest -s` they are printed.
 """
 
+import errno
 import json
+import os
 import re
+import shutil
+import stat
 import struct
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -249,7 +254,7 @@ def test_loads_with_mlx_lm(quantized):
     ids = mx.array(fixture_ids(seed=2, length=16, batch=2))
     for recipe in ("mxfp4", "mixed"):
         out, _ = quantized(recipe)
-        model, tokenizer = mlx_lm.load(str(out))
+        model, tokenizer = mlx_lm.load(str(out), trust_remote_code=True)  # config.json names our model file
         assert type(model.model.embed_tokens).__name__ == "QuantizedEmbedding"
         assert type(model.layers[0].mlp.experts.gate_up_proj).__name__ == "QuantizedSwitchLinear"
         assert type(model.layers[0].mlp.gate.router_mlp.fc1).__name__ == "Linear"
@@ -359,8 +364,14 @@ def test_refuses_to_overwrite_and_force_replaces(quant_src, tmp_path):
     with pytest.raises(ZayaError, match="already exists.*--force"):
         quantize(quant_src, out, progress=False)
     assert (out / "mine.txt").read_text() == "keep me"
+    with pytest.raises(ZayaError, match="does not look like a model folder"):
+        quantize(quant_src, out, "mxfp4", force=True, progress=False)
+    assert (out / "mine.txt").read_text() == "keep me"
+    (out / "mine.txt").unlink()
+    out.rmdir()
+    quantize(quant_src, out, "affine8", progress=False)
     quantize(quant_src, out, "mxfp4", force=True, progress=False)
-    assert not (out / "mine.txt").exists() and (out / "config.json").exists()
+    assert json.loads((out / "config.json").read_text())["quantization"]["mode"] == "mxfp4"
     assert leftovers(tmp_path, "out") == []
     with pytest.raises(ZayaError, match="already quantized"):
         quantize(out, tmp_path / "again", progress=False)
@@ -368,31 +379,147 @@ def test_refuses_to_overwrite_and_force_replaces(quant_src, tmp_path):
         quantize(quant_src, quant_src, force=True, progress=False)
 
 
+def tree(folder) -> dict:
+    """Every path under `folder` with its bytes (None for a folder): what a refused --force must leave alone."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", ["parent-of-source", "source-itself", "cwd", "home", "root", "user-files",
+                                  "subfolder", "a-file"])
+def test_force_never_deletes_what_it_did_not_write(case, tiny_checkpoint, tmp_path, monkeypatch):
+    """`zaya quantize parent/src parent --force` deleted parent and the source in it. --force refuses, in one line
+    naming the folder, OUT that holds the source, the current folder or the home folder, a filesystem root, or
+    anything that does not look like a model folder zaya wrote; nothing is touched."""
+    parent = tmp_path / "parent"
+    src = parent / "src"
+    shutil.copytree(tiny_checkpoint("base"), src)
+    (parent / "notes.txt").write_text("mine")
+    out = {"parent-of-source": parent, "source-itself": src, "root": Path("/")}.get(case, tmp_path / "target")
+    if case in ("cwd", "home", "user-files", "subfolder"):
+        shutil.copytree(src, out)  # a model folder, but ...
+        if case == "cwd":
+            monkeypatch.chdir(out / ".")
+        elif case == "home":
+            monkeypatch.setenv("HOME", str(out))
+        elif case == "user-files":
+            (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        else:
+            (out / "runs").mkdir()
+    elif case == "a-file":
+        out.write_text("not a folder")
+    before = tree(tmp_path)
+    with pytest.raises(ZayaError) as info:
+        quantize(src, out, "mxfp4", force=True, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and str(out) in message and "--force would delete" in message, message
+    assert tree(tmp_path) == before
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
 @pytest.mark.parametrize("existing", [False, True])
 def test_interrupted_run_leaves_nothing(quant_src, tmp_path, monkeypatch, error, existing):
+    """Ctrl-C or an I/O error mid-run: the temporary folder is gone and an existing OUT is as it was; an OSError
+    (a full disk) is a one-line error that says nothing was written."""
     out = tmp_path / "out"
     if existing:
-        out.mkdir()
-        (out / "mine.txt").write_text("keep me")
+        quantize(quant_src, out, "affine8", progress=False)
+    before = tree(tmp_path)
     calls = {"n": 0}
     add = q._ShardWriter.add
 
     def failing_add(self, name, a):
         calls["n"] += 1
         if calls["n"] == 20:  # mid-run: after a shard was started and tensors written
-            raise error("simulated")
+            raise error(errno.ENOSPC, "No space left on device", str(self.folder)) if error is OSError else error()
         return add(self, name, a)
 
     monkeypatch.setattr(q._ShardWriter, "add", failing_add)
-    with pytest.raises(error):
+    with pytest.raises(ZayaError if error is OSError else error) as info:
         quantize(quant_src, out, "mxfp4", force=True, progress=False, max_shard_size=20_000)
     assert calls["n"] == 20
-    assert leftovers(tmp_path, "out") == []
-    if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
-    else:
-        assert not out.exists()
+    if error is OSError:
+        assert "No space left on device" in str(info.value) and "nothing was written" in str(info.value)
+        assert "\n" not in str(info.value)
+    assert tree(tmp_path) == before
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(quant_src, tmp_path, monkeypatch):
+    """SIGTERM mid-run exits with 143 through the same cleanup as Ctrl-C: no temporary folder, no OUT."""
+    import signal
+
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    add = q._ShardWriter.add
+
+    def add_then_terminate(self, name, a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            assert len(leftovers(tmp_path, "out")) == 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return add(self, name, a)
+
+    def outside_the_run(signum, frame):  # what SIGTERM does here unless quantize handles it (not: end pytest)
+        raise AssertionError("SIGTERM reached the handler outside quantize")
+
+    monkeypatch.setattr(q._ShardWriter, "add", add_then_terminate)
+    previous = signal.signal(signal.SIGTERM, outside_the_run)
+    try:
+        with pytest.raises(SystemExit) as info:
+            quantize(quant_src, out, "mxfp4", progress=False)
+        assert signal.getsignal(signal.SIGTERM) is outside_the_run  # quantize's handler is there for the run only
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.code == 128 + signal.SIGTERM and calls["n"] == 5
+    assert leftovers(tmp_path, "out") == [] and not out.exists()
+
+
+def test_next_run_removes_what_a_killed_run_left(quant_src, tmp_path):
+    """SIGKILL cannot be caught: the killed run's temporary folders (named after its process, now gone) are removed
+    by the next run into the same OUT; a live process's folder, and other names, are kept."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = [tmp_path / f".out.zaya-{kind}-{dead.pid}-0a1b2c3d" for kind in ("tmp", "old")]
+    for folder in killed:
+        folder.mkdir()
+        (folder / "model-00001-of-00001.safetensors").write_bytes(b"half")
+    kept = [tmp_path / f".out.zaya-tmp-{os.getpid()}-0a1b2c3d", tmp_path / f".other.zaya-tmp-{dead.pid}-0a1b2c3d",
+            tmp_path / ".out.mine"]
+    for folder in kept:
+        folder.mkdir()
+    quantize(quant_src, tmp_path / "out", "mxfp4", progress=False)
+    assert not any(f.exists() for f in killed) and all(f.exists() for f in kept)
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_output_has_the_usual_modes(quant_src, tmp_path):
+    """The folder and its files get the modes the umask gives (the temporary folder's 0700 does not leak)."""
+    old = os.umask(0o022)
+    try:
+        quantize(quant_src, tmp_path / "out", "mxfp4", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "out").iterdir()} == {0o644}
+
+
+def test_non_finite_source_tensor_is_refused(tiny_checkpoint, tmp_path):
+    """An all-NaN tensor was quantized and reported as 'rel err 0.0000': it is refused by name, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("base"), src)
+    name, shard = "model.layers.1.mlp.experts.gate_up_proj", src / "model-00001-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    if name not in tensors:
+        shard = src / "model-00002-of-00002.safetensors"
+        tensors = load_file(str(shard))
+    tensors[name].fill_(float("nan"))
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ZayaError, match=f"{name} has NaN or infinite values"):
+        quantize(src, tmp_path / "out", "mxfp4", progress=False)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
 
 def test_bad_source_is_one_line_error(tmp_path):

@@ -350,7 +350,8 @@ def test_cli_zyphra_preset_starts_and_prints_its_plan(long_model_dir, tmp_path, 
     out = tmp_path / "r.json"
     code, stdout, stderr = run_zaya("rsa", "What is 2+3?", "--model", long_model_dir, "--dtype", "float32",
                                     "--preset", "zyphra", "--n", "3", "--t", "1", "--short-resp-len", "8",
-                                    "--max-tokens", "10", "--tail-window-len", "6", "--json", out)
+                                    "--max-tokens", "10", "--tail-window-len", "6", "--json", out,
+                                    "--run", tmp_path / "run")
     assert code == 0, stderr
     assert "plan: 4 rollouts, 34 new tokens at most, 3 slots" in stdout
     assert "round 1/1" in stdout and "2 rounds · 4 rollouts" in stdout
@@ -365,18 +366,20 @@ def test_cli_zyphra_preset_starts_and_prints_its_plan(long_model_dir, tmp_path, 
     (["--json", "/tmp"], "--json /tmp: is a folder"),
     (["--k", "0"], "--k (rsa_k) must be a whole number >= 1"),
 ])
-def test_cli_refusals_are_one_line_before_the_run(long_model_dir, run_zaya, args, message):
+def test_cli_refusals_are_one_line_before_the_run(long_model_dir, run_zaya, tmp_path, args, message):
     small = [] if args[0] == "--n" else ["--preset", "quick", "--short-resp-len", "8", "--max-tokens", "10"]
     code, stdout, stderr = run_zaya("rsa", "What is 2+3?", "--model", long_model_dir, "--dtype", "float32", *small,
-                                    *args)
+                                    "--run", tmp_path / "run", *args)
     assert code == 1 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert "round" not in stdout and "rollout" not in stdout  # nothing started
+    assert not (tmp_path / "run").exists()  # not even the run folder
 
 
-def test_cli_names_the_prompt_when_it_alone_is_over_the_context(tiny_model_dir, run_zaya):
-    code, _, stderr = run_zaya("rsa", "word " * 600, "--model", tiny_model_dir, "--dtype", "float32")
+def test_cli_names_the_prompt_when_it_alone_is_over_the_context(tiny_model_dir, run_zaya, tmp_path):
+    run = ["--run", tmp_path / "run"]
+    code, _, stderr = run_zaya("rsa", "word " * 600, "--model", tiny_model_dir, "--dtype", "float32", *run)
     assert code == 1 and "the prompt is" in stderr and "over the model's context of 512 tokens" in stderr
-    code, _, stderr = run_zaya("rsa", "hi", "--model", tiny_model_dir, "--dtype", "float32", "--t", "1")
+    code, _, stderr = run_zaya("rsa", "hi", "--model", tiny_model_dir, "--dtype", "float32", "--t", "1", *run)
     assert code == 1 and "lower --max-tokens" in stderr  # the prompt fits; the budgets do not
 
 
@@ -407,3 +410,156 @@ def test_rsa_mode_in_the_chat_ui(sensitive):
     assert "max_batch must be at least 1, got -3" in out
     ui.handle("/rsa zyphra off")
     assert ui.prompt_handler == ui.stream_turn and "RSA off · preset zyphra: n=32 k=4 t=8" in buf.getvalue()
+
+
+# --- run folders: interrupt, resume, refuse -----------------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted_after(finished: int, kind=KeyboardInterrupt):
+    """An on_event that raises `kind` at the `finished`-th finished rollout (after the run folder recorded it)."""
+    seen = []
+
+    def on_event(e):
+        if e.kind == "rollout_finished":
+            seen.append(e)
+            if len(seen) == finished:
+                raise kind()
+
+    return on_event
+
+
+def rounds_of(result):
+    return [[(ro.tokens, ro.parents, ro.candidate, ro.finish_reason) for ro in rd.rollouts] for rd in result.rounds]
+
+
+def test_an_interrupted_scripted_run_resumes_to_the_uninterrupted_result(tok, tmp_path):
+    params = rsa.RSAParams(rsa_n=6, rsa_k=3, rsa_t=2, tail_window_len=40, short_resp_len=60, max_tokens=80,
+                           rsa_final_n=2)
+    messages = [{"role": "user", "content": PROBLEM}]
+    whole = rsa.run(messages, params, tokenizer=tok, backend=Scripted(tok), seed=4, stop_ids=[IM_END], max_batch=4)
+    model = {"path": "scripted", "hash": "0", "dtype": None}
+    folder = rsa.RunFolder.create(tmp_path / "run", params=params, seed=4, messages=messages, model=model)
+    with pytest.raises(KeyboardInterrupt):  # mid round 0 (4 of its 6 rollouts finished)
+        rsa.run(messages, params, tokenizer=tok, backend=Scripted(tok), seed=4, stop_ids=[IM_END], max_batch=4,
+                journal=folder, on_event=interrupted_after(4))
+    with open(folder.path / "rollouts.jsonl", "a") as f:
+        f.write('{"round": 0, "index": 5, "tok')  # a torn last line, as a crash mid-write leaves it
+    reopened = rsa.RunFolder.open(folder.path)
+    reopened.check(params=params, seed=4, messages=messages, model=model)
+    kept = reopened.finished()
+    assert len(kept) == 4 and {r.round for r in kept} == {0}  # the torn line is dropped
+    backend = Scripted(tok)
+    events = []
+    resumed = rsa.run(messages, params, tokenizer=tok, backend=backend, seed=4, stop_ids=[IM_END], max_batch=4,
+                      journal=reopened, on_event=events.append)
+    assert [e.data["rollouts"] for e in events if e.kind == "resumed"] == [4]
+    assert len(backend.starts) == 6 + 6 + 2 - 4  # finished rollouts are not decoded again
+    assert rounds_of(resumed) == rounds_of(whole) and resumed.texts == whole.texts
+    assert (folder.path / "result.json").exists()
+
+
+def test_a_run_folder_refuses_another_parameter_set_seed_problem_or_model(tok, tmp_path):
+    params = rsa.RSAParams(rsa_n=4, rsa_k=2, rsa_t=1)
+    messages = [{"role": "user", "content": PROBLEM}]
+    model = {"path": "/a", "hash": "abc", "dtype": "float32"}
+    folder = rsa.RunFolder.create(tmp_path / "run", params=params, seed=1, messages=messages, model=model)
+    with pytest.raises(ZayaError, match=r"has rsa_k=2, not 3"):
+        folder.check(params=params.replace(rsa_k=3))
+    with pytest.raises(ZayaError, match="has seed 1, not 2"):
+        folder.check(seed=2)
+    with pytest.raises(ZayaError, match="another problem"):
+        folder.check(messages=[{"role": "user", "content": "other"}])
+    with pytest.raises(ZayaError, match=r"made with the model at /a \(hash abc\), not /b \(hash def\)"):
+        folder.check(model={"path": "/b", "hash": "def", "dtype": "float32"})
+    with pytest.raises(ZayaError, match="is not empty"):
+        rsa.RunFolder.create(tmp_path / "run", params=params, seed=1, messages=messages, model=model)
+    with pytest.raises(ZayaError, match="no RSA run there"):
+        rsa.RunFolder.open(tmp_path)
+
+
+def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_result(long_model_dir, tmp_path,
+                                                                                        run_zaya, monkeypatch):
+    import json
+    import shutil
+
+    from zaya_mlx import rsa_view
+
+    args = ["What is 2+3?", "--model", long_model_dir, "--dtype", "float32", "--preset", "quick", "--n", "4",
+            "--k", "2", "--t", "2", "--short-resp-len", "10", "--max-tokens", "12", "--tail-window-len", "6",
+            "--temp", "30", "--seed", "3", "--max-batch", "3"]
+    code, _, stderr = run_zaya("rsa", *args, "--run", tmp_path / "whole")
+    assert code == 0, stderr
+    whole = json.loads((tmp_path / "whole" / "result.json").read_text())
+
+    original = rsa_view.RSAView.__call__
+    monkeypatch.setattr(rsa_view.RSAView, "__call__", lambda self, e: (original(self, e), interrupt(e)))
+    finished = []
+
+    def interrupt(e):
+        if e.kind == "rollout_finished":
+            finished.append(e)
+            if len(finished) == 6:  # mid round 1
+                raise KeyboardInterrupt
+
+    code, stdout, stderr = run_zaya("rsa", *args, "--run", tmp_path / "cut")
+    assert code == 130 and "6 of 9 rollouts are saved" in stderr
+    assert "time: at most" in stdout and "(3 slots, measured" in stdout  # the first run's rate, from its folder
+    assert f"zaya rsa --resume {tmp_path / 'cut'}" in stderr
+    monkeypatch.setattr(rsa_view.RSAView, "__call__", original)
+
+    code, stdout, stderr = run_zaya("rsa", "--resume", tmp_path / "cut", "--n", "5")
+    assert code == 1 and "has rsa_n=4, not 5" in stderr
+    other = tmp_path / "other-model"
+    shutil.copytree(long_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6) * 2
+    (other / "config.json").write_text(json.dumps(config))
+    code, _, stderr = run_zaya("rsa", "--resume", tmp_path / "cut", "--model", other)
+    assert code == 1 and "was made with the model at" in stderr
+
+    code, stdout, stderr = run_zaya("rsa", "--resume", tmp_path / "cut")
+    assert code == 0, stderr
+    assert "resumed: 6 finished rollouts" in stdout
+    resumed = json.loads((tmp_path / "cut" / "result.json").read_text())
+    assert resumed["texts"] == whole["texts"]
+    assert [[ro["tokens"] for ro in rd["rollouts"]] for rd in resumed["rounds"]] == \
+        [[ro["tokens"] for ro in rd["rollouts"]] for rd in whole["rounds"]]
+
+
+# --- the view -----------------------------------------------------------------------------------------------------
+
+
+def test_the_view_in_a_pipe_prints_rollouts_rounds_and_progress_lines(tok):
+    import io
+
+    from rich.console import Console
+
+    from zaya_mlx.rsa_view import RSAView
+
+    buf = io.StringIO()
+    params = rsa.RSAParams(rsa_n=3, rsa_k=2, rsa_t=1, tail_window_len=10, short_resp_len=60, max_tokens=80)
+    view = RSAView(Console(file=buf, width=200), params, pipe_every=0.0)
+    with view:
+        rsa.run(PROBLEM, params, tokenizer=tok, backend=Scripted(tok), stop_ids=[IM_END], on_event=view)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("plan: 4 rollouts, ")
+    assert sum(line.startswith("round 0 rollout ") for line in lines) == 3
+    assert sum(line.startswith("round 1 rollout 1: ") for line in lines) == 1
+    assert [line.split(":")[0] for line in lines if "tokens (mean" in line] == ["round 0/1", "round 1/1"]
+    assert any(line.startswith("round 1/1 · 4/4 done, 0 running, 0 pending") for line in lines)
+
+
+def test_time_left_is_a_range_from_the_mean_length_to_full_budgets():
+    from zaya_mlx.rsa_view import RunProgress
+
+    p = rsa.RSAParams(rsa_n=4, rsa_k=2, rsa_t=2, short_resp_len=100, max_tokens=300, rsa_final_n=1)
+    s = RunProgress(p)  # 9 rollouts: 4 + 4 of 100 tokens, 1 of 300
+    s.done, s.finished_tokens = 3, 60  # three finished, 20 tokens each
+    s.running = {(0, 3): 10, (1, 0): 5}
+    # worst: the running ones to their budgets (90 + 95), 3 pending of round 1 (300) and the final (300).
+    # likely: the running ones to the mean of 20 (10 + 15), and 4 pending at 20 (80).
+    assert s.left() == (105, 785)

@@ -14,10 +14,12 @@ import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from test_chat_piped import CHAT, REPO, answer_model, chat_env, endless_model  # noqa: F401  (fixtures)
+from test_chat_piped import (CHAT, END_THINK, IM_END, REPO, THINK, answer_model, chat_env,  # noqa: F401 (fixtures)
+                             endless_model, generation_prompt_last_id, scripted_checkpoint, token_ids)
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
 
@@ -31,13 +33,13 @@ _WRAPPER = 'trap : INT; "$@"; echo "[exit $?]"'
 class Pane:
     """One tmux server (its own socket) running one command in a 120x40 pane that stays after it exits."""
 
-    def __init__(self, args, width: int = 120, height: int = 40):
+    def __init__(self, args, width: int = 120, height: int = 40, env: dict | None = None):
         self.socket = f"zaya-tui-{os.getpid()}-{next(_ids)}"
         subprocess.run(
             ["tmux", "-L", self.socket, "-f", "/dev/null", "new-session", "-d", "-x", str(width), "-y", str(height),
              "-s", "chat", "-c", str(REPO), "sh", "-c", _WRAPPER, "sh", *args,
              ";", "set-option", "-t", "chat", "remain-on-exit", "on"],
-            check=True, env=chat_env(), cwd=REPO)
+            check=True, env=chat_env(**(env or {})), cwd=REPO)
 
     def tmux(self, *args) -> str:
         return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True,
@@ -101,8 +103,8 @@ class Pane:
 def pane():
     panes = []
 
-    def start(*args) -> Pane:
-        p = Pane([*CHAT, *args])
+    def start(*args, env: dict | None = None) -> Pane:
+        p = Pane([*CHAT, *args], env=env)
         panes.append(p)
         p.wait_for(r"Ctrl-D exits")  # the banner: the model is loaded and the prompt is up
         return p
@@ -193,3 +195,60 @@ def test_ctrl_c_stops_generation_and_keeps_the_partial_answer(pane, endless_mode
     p.wait_prompt()
     p.send("C-d")
     assert p.exit_status() == 0
+
+
+# Reasoning tokens of `alphabet_model`: distinct single characters (a scripted chain visits each token once).
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@pytest.fixture(scope="session")
+def alphabet_model(tiny_model_dir, tmp_path_factory):
+    """Greedy output `<think>abc...789</think>OK<|im_end|>`; each token follows from the one before alone, so a
+    reasoning continued from its tail goes on where it was cut."""
+    src = Path(tiny_model_dir)
+    chain = [generation_prompt_last_id(src), THINK, *(token_ids(src, c)[0] for c in ALPHABET), END_THINK,
+             *token_ids(src, "OK"), IM_END]
+    return scripted_checkpoint(src, tmp_path_factory.mktemp("scripted") / "alphabet", chain)
+
+
+def test_long_reasoning_bursts_pastes_and_warnings(pane, alphabet_model, tmp_path):
+    p = pane("--model", str(alphabet_model), "--temp", "0", "--dtype", "float32", "--think-budget",
+             "chunk=16 tail=6 total=1000", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    # 36 reasoning tokens in contexts of 16: 16, then 10 new after each tail of 6 (the count has <think> too).
+    p.type("Count, please.")
+    text = p.wait_for(STATUS)
+    assert re.search(r"^▸ thought for 37 tokens in 3 chunks", text, re.M), text
+    assert re.search(r"^OK\s*$", text, re.M), text
+    assert re.search(r"^reasoning in 3 chunks · prompt \d+ tok", text, re.M), text
+    p.type("/think")
+    text = p.wait_for(r"chunk 3: a fresh context")
+    block = text.split("reasoning shown in full\n")[1].split("\n>")[0]
+    shown = "".join(line.strip() for line in block.splitlines() if "chunk" not in line)
+    assert shown == ALPHABET  # every reasoning token once, in order, across the chunks
+
+    # Two commands typed ahead in one burst: each line is its own input.
+    p.send("/think-budget 8", "Enter", "/max 33", "Enter")
+    p.wait_for(r"^think budget 8: reasoning closed after 8 tokens")
+    p.wait_for(r"^max tokens 33")
+    p.type("Again.")  # budget forcing: the think block closed after 8 tokens, then the answer
+    text = p.wait_for(STATUS, count=2)
+    assert re.search(r"^think budget reached at \d+ tokens: the think block was closed", text, re.M), text
+
+    # A message longer than the tokenizer's limit: transformers warns, the chat refuses it in one line.
+    p.type("x " * 600)
+    text = p.wait_for(r"^error: the message is \d+ tokens with the system prompt, over the context limit of 512")
+    assert "Token indices" not in text and "[transformers]" not in text, text
+    p.type("/stats")
+    log = tmp_path / "cache" / "zaya-mlx" / "chat.log"
+    p.wait_for(rf"^log file\s+{re.escape(str(log))}")
+    assert "Token indices sequence length is longer" in log.read_text()
+
+    # A paste (the terminal brackets it) stays one message.
+    p.tmux("set-buffer", "-b", "two", "first line\nsecond line")
+    p.tmux("paste-buffer", "-p", "-b", "two", "-t", "chat")
+    p.send("Enter")
+    p.wait_for(STATUS, count=3)
+    saved = tmp_path / "conv.json"
+    p.type(f"/save {saved}")
+    p.wait_for(r"^saved 6 messages to ")
+    assert json.loads(saved.read_text())["messages"][4]["content"] == "first line\nsecond line"

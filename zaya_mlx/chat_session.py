@@ -280,7 +280,8 @@ class ChatSession:
         ids, dropped, bare = self._fit(user_text, thinking)
         history = self._history()
         self.last_dropped_turns = sum(m["role"] == "user" for m in history[self._dropped : dropped])
-        self.last_dropped_reasoning = any(m["role"] == "assistant" for m in history[max(self._bare, dropped) : bare])
+        self.last_dropped_reasoning = any(_without_reasoning(m, self.tokenizer) != m
+                                          for m in history[max(self._bare, dropped) : bare])
         self._dropped, self._bare = dropped, bare
         self._interrupt = False
         gen = self._turn(user_text, ids, opts, think)
@@ -304,7 +305,7 @@ class ChatSession:
         cap = think.total if think.mode == "chunked" else min(think.total, room - answer_room)
 
         raw, generated, thought, reasoning, answer = [], [], [], [], []
-        held, chunk_no, forced, note = 0, 1, False, None  # held: reasoning tokens in the current context
+        held, chunk_no, chunks, forced, note = 0, 1, 0, False, None  # held: reasoning tokens in this context
         prompt_tokens, prompt_tps, finish, clean, reused, first_at = 0, 0.0, None, False, 0, None
         steps = None
         try:
@@ -340,7 +341,7 @@ class ChatSession:
                             in_reasoning = managed = False  # the model answers now
                         elif in_reasoning:
                             thought.append(token)
-                            held += 1
+                            held, chunks = held + 1, chunk_no
                         elif token == tok.think_start_id and len(generated) == 1:
                             in_reasoning = True
                         else:
@@ -399,7 +400,7 @@ class ChatSession:
                 generation_tokens=len(generated), generation_tps=(len(generated) - 1) / elapsed if elapsed else 0.0,
                 context_tokens=len(self._tokens), context_limit=limit,
                 kv_cache_bytes=cache_nbytes(self._cache), peak_memory_gb=mx.get_peak_memory() / 1e9,
-                reused_tokens=reused, reasoning_chunks=chunk_no if thought else 0, think_budget_reached=forced,
+                reused_tokens=reused, reasoning_chunks=chunks, think_budget_reached=forced,
                 dropped_turns=sum(m["role"] == "user" for m in self._history()[: self._dropped]),
             )
             self.last_reasoning = "".join(reasoning)

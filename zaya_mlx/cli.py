@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -62,7 +63,13 @@ def chat_command(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", help="Most tokens per answer, reasoning included."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
+                                             help="Most tokens per reply, reasoning included (default: no cap; the "
+                                                  "think budget and the context bound a reply)."),
+    think_budget: str = typer.Option("chunked", "--think-budget",
+                                     help="How long a turn may reason: 'off'; N (close the think block after N "
+                                          "tokens); 'chunk=C tail=T total=N' (go on in fresh contexts carrying the "
+                                          "last T reasoning tokens; default chunk=8192 tail=4096 total=65536)."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
@@ -70,14 +77,26 @@ def chat_command(
     show_reasoning: bool = typer.Option(False, "--show-reasoning",
                                         help="Show the reasoning in full (piped: print it inside <think>...</think>)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file",
+                                            help="Where warnings go while the chat runs (default "
+                                                 "$XDG_CACHE_HOME/zaya-mlx/chat.log, ~/.cache if unset)."),
 ) -> None:
     """Chat in the terminal: streamed reasoning and Markdown answers, slash commands (/help). With stdin not a
     terminal, reads one prompt per line and prints the answers plainly."""
+    from .chat_session import ChatSession
+    from .generation import load
+    from .think_budget import parse_think_budget
     from .tui import run_chat
 
-    options = dict(enable_thinking=not no_think, temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    raise typer.Exit(run_chat(model, system=system, dtype=dtype, show_reasoning=show_reasoning,
-                              session_options=options, decode=decode_options()))
+    budget = parse_think_budget(think_budget)
+    if log_file is None:
+        log_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zaya-mlx" / "chat.log"
+    if sys.stdin.isatty():
+        typer.echo(f"loading {model}…")
+    loaded, tokenizer = load(model, dtype=dtype, decode=decode_options())
+    session = ChatSession(loaded, tokenizer, system=system, enable_thinking=not no_think, think_budget=budget,
+                          temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    raise typer.Exit(run_chat(session, show_reasoning=show_reasoning, model_label=model, log_path=log_file))
 
 
 # --- generate / serve (text generation) ---------------------------------------------------------------------------
@@ -137,24 +156,48 @@ def generate_command(
                   f"{last.peak_memory_gb:.2f} GB | {last.finish_reason}", style="dim", markup=False)
 
 
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+SERVE_EXAMPLE = """With the server running:
+
+curl http://127.0.0.1:8080/v1/chat/completions \\
+  -H "Content-Type: application/json" \\
+  -d '{"messages": [{"role": "user", "content": "What is 17 * 23?"}]}'
+
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
+reply = client.chat.completions.create(
+    model="Zyphra/ZAYA1-8B",
+    messages=[{"role": "user", "content": "What is 17 * 23?"}])
+print(reply.choices[0].message.reasoning_content)
+print(reply.choices[0].message.content)
+"""
+
+
+@app.command("serve", epilog=SERVE_EXAMPLE)
 def serve_command(
-    ctx: typer.Context,
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", min=1,
+                                   help="Most tokens per answer when a request names none (always capped to the "
+                                        "context's room)."),
+    temp: float = typer.Option(0.6, "--temp", "-t", help="Temperature when a request names none."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Top-p when a request names none."),
+    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests waiting at most; more get a 503."),
+    max_body_mb: float = typer.Option(4.0, "--max-body-mb", help="Largest request body in MB; larger get a 413."),
+    rsa_preset: Optional[str] = typer.Option(None, "--rsa-preset",
+                                             help="RSA parameters a request leaves unset: laptop (default), quick "
+                                                  "or zyphra (Zyphra's recipe as published)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype of unquantized weights (default bfloat16)."),
 ) -> None:
-    """Serve the model over mlx-lm's OpenAI-compatible HTTP server (extra options go to mlx_lm.server)."""
-    from .loading import open_checkpoint, resolve_model_path
-    from .mlx_lm_registry import register
+    """Serve the model over an OpenAI-compatible API: /v1/chat/completions (streamed or not, reasoning in
+    reasoning_content, tool calls in tool_calls; a body with Zyphra's RSA parameters, such as rsa_n, runs
+    Markovian RSA), /v1/models, /health. Ctrl-C stops it."""
+    from .server import serve
 
-    path = resolve_model_path(model)
-    open_checkpoint(path)  # a broken checkpoint is one line here, not a traceback in the server
-    register()
-    from mlx_lm import server
-
-    sys.argv = ["mlx_lm.server", "--model", str(path), "--host", host, "--port", str(port), *ctx.args]
-    server.main()
+    if max_body_mb <= 0:
+        fail("--max-body-mb must be positive")
+    serve(model, host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+          max_queue=max_queue, max_body=int(max_body_mb * 1e6), rsa_preset=rsa_preset)
 
 
 # --- rsa (Markovian RSA) ------------------------------------------------------------------------------------------
@@ -162,9 +205,9 @@ def serve_command(
 
 @app.command("rsa")
 def rsa_command(
-    problem: str = typer.Argument(..., help="The problem ('-' reads it from stdin)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
-    preset: str = typer.Option("laptop", "--preset", help="zyphra (Zyphra's recipe as published), laptop or quick."),
+    problem: Optional[str] = typer.Argument(None, help="The problem ('-' reads it from stdin); not with --resume."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (default {DEFAULT_MODEL})."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="zyphra (Zyphra's recipe as published), laptop (default) or quick."),
     n: Optional[int] = typer.Option(None, "--n", help="Population: rollouts a round (rsa_n)."),
     k: Optional[int] = typer.Option(None, "--k", help="Candidates an aggregation prompt shows (rsa_k)."),
     t: Optional[int] = typer.Option(None, "--t", help="Aggregation rounds after round 0 (rsa_t; 0 = one plain answer)."),
@@ -184,7 +227,10 @@ def rsa_command(
     final_vote: Optional[bool] = typer.Option(None, "--vote", help="Vote over the final answers (with --final-n > 1)."),
     unbounded: bool = typer.Option(False, "--unbounded", help="No token bound on word tails (Zyphra's prompts even for tails without whitespace)."),
     no_think: bool = typer.Option(False, "--no-think", help="Render the prompts with thinking off."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the draws of candidates and every rollout's sampler."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the draws of candidates and every rollout's sampler (default 0)."),
+    run_dir: Optional[str] = typer.Option(None, "--run", help="The run folder (default: a new one under ~/.cache/zaya-mlx/rsa)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this folder where it stopped."),
+    presets: bool = typer.Option(False, "--presets", help="Show every preset's plan for this problem and model, then exit."),
     memory: Optional[float] = typer.Option(None, "--memory", help="Memory budget in GB (default: a safe share)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most rollouts decoding together (slots)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (round 0 only, as in Zyphra's proxy)."),
@@ -200,30 +246,83 @@ def rsa_command(
 
     from . import rsa
     from .generation import load
+    from .loading import resolve_model_path
     from .rsa_view import RSAView, render_result
 
     if problem == "-":
         problem = sys.stdin.read()
-    if not problem.strip():
+    if resume is None and (problem is None or not problem.strip()):
         fail("the problem is empty")
     if json_out and (Path(json_out).is_dir() or not Path(json_out).expanduser().resolve().parent.is_dir()):
         fail(f"--json {json_out}: {'is a folder' if Path(json_out).is_dir() else 'its folder does not exist'}; "
              "give a file path")
     if max_batch is not None and max_batch < 1:
         fail(f"--max-batch must be at least 1, got {max_batch}")
-    params = rsa.RSAParams.preset(
-        preset, rsa_n=n, rsa_k=k, rsa_t=t, tail_window_len=tail_window_len, short_resp_len=short_resp_len,
+    overrides = dict(
+        rsa_n=n, rsa_k=k, rsa_t=t, tail_window_len=tail_window_len, short_resp_len=short_resp_len,
         max_tokens=max_tokens, rsa_final_n=final_n, final_temperature=final_temp, final_top_p=final_top_p,
         final_top_k=final_top_k, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, tail_source=tail_source,
         tail_unit=tail_unit, final_vote=final_vote, bounded_context=False if unbounded else None,
         enable_thinking=False if no_think else None)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
-    console = Console(highlight=False)
+    messages = None
+    if problem is not None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    folder = None
+    if resume is not None:  # the folder's own settings; anything given must agree with them
+        folder = rsa.RunFolder.open(resume)
+        folder.check(params=rsa.RSAParams.preset(preset, **given) if preset else folder.params.replace(**given),
+                     seed=seed, messages=messages)
+        params, seed, messages = folder.params, folder.seed, folder.messages
+        model, dtype = model or folder.model["path"], dtype or folder.model.get("dtype")
+    else:
+        params = rsa.RSAParams.preset(preset, **given)
+        seed, model = seed or 0, model or DEFAULT_MODEL
+    console = Console(highlight=False, soft_wrap=True)
+    path = resolve_model_path(model)
+    identity = rsa.model_identity(path, dtype)
+    if folder is not None:
+        folder.check(model=identity)
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
-        llm, tokenizer = load(model, dtype=dtype, decode=decode_options())
-    with RSAView(console, params) as view:
-        result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
-                         memory_budget=int(memory * 1e9) if memory else None, max_batch=max_batch)
+        llm, tokenizer = load(path, dtype=dtype, decode=decode_options())
+    import mlx.core as mx
+
+    budget = int(memory * 1e9) if memory else None
+    device = f"{mx.default_device()} {mx.device_info().get('device_name', '')}".strip()
+    runs_root = Path(run_dir).expanduser().parent if run_dir else folder.path.parent if folder else None
+    rate = rsa.measured_rate(runs_root or rsa.default_runs_root(), identity["hash"], device)
+    if presets:
+        for name, preset_ in rsa.PRESETS.items():
+            try:
+                plan = rsa.plan_run(messages, preset_.params, model=llm, tokenizer=tokenizer, max_batch=max_batch,
+                                    memory_budget=budget)
+                console.print(f"{name}: {preset_.description}\n  {plan.summary()}\n  {rsa.estimate_line(plan, rate)}",
+                              markup=False)
+            except ZayaError as e:
+                console.print(f"{name}: {preset_.description}\n  does not fit: {e}", markup=False)
+        return
+    plan = rsa.plan_run(messages, params, model=llm, tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
+    fresh = folder is None
+    if fresh:
+        folder = rsa.RunFolder.create(run_dir or rsa.new_run_path(messages), params=params, seed=seed,
+                                      messages=messages, model=identity)
+    console.print(f"run folder: {folder.path}", style="dim", markup=False)
+    view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate))
+    try:
+        with view:
+            result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
+                             memory_budget=budget, max_batch=max_batch, journal=folder)
+    except ZayaError:
+        if fresh:
+            folder.discard()  # refused before any rollout: leave nothing behind
+        raise
+    except KeyboardInterrupt:
+        folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
+        done = len(folder.finished())
+        typer.echo(f"interrupted: {done} of {params.total_rollouts()} rollouts are saved in {folder.path}; resume "
+                   f"with: zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
+        raise typer.Exit(130)
+    folder.write_rates(tokens=view.state.tokens, seconds=result.timings["total_s"], slots=plan.slots, device=device)
     render_result(console, result, show_text=show_text)
     if json_out:
         import dataclasses

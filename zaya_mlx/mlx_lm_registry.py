@@ -1,12 +1,16 @@
-"""Make ZAYA a model type mlx-lm knows: `mlx_lm.models.zaya` is our model module.
+"""Make ZAYA a model mlx-lm can run, by two routes.
 
-mlx-lm finds a model's code by importing `mlx_lm.models.<model_type>`. `register()` (run by `import zaya_mlx`)
-adds an import hook that answers that one name with a module re-exporting `zaya_mlx.model` (`Model`,
-`ModelArgs`, whose `sanitize` maps every checkpoint layout to our names). Then, after `import zaya_mlx`,
-`mlx_lm.load(folder)`, `mlx_lm.generate` and `mlx_lm.server` work on any ZAYA folder.
+In Python: mlx-lm finds a model's code by importing `mlx_lm.models.<model_type>`. `register()` (run by
+`import zaya_mlx`) adds an import hook that answers that one name with a module re-exporting `zaya_mlx.model`
+(`Model`, `ModelArgs`, whose `sanitize` maps every checkpoint layout to our names). Then, after
+`import zaya_mlx`, `mlx_lm.load(folder)` works on any ZAYA folder. The hook is cheap (nothing heavy is imported
+until mlx-lm asks for the module), and it stands aside if mlx-lm ships its own `models/zaya.py`
+(`register(force=True)` overrides that).
 
-The hook is cheap (nothing heavy is imported until mlx-lm asks for the module), and it stands aside if
-mlx-lm ever ships its own `models/zaya.py` (`register(force=True)` overrides that).
+mlx-lm's own commands (`mlx_lm.generate`, `mlx_lm.chat`, `mlx_lm.server`) never import zaya_mlx, so the folders
+`zaya quantize` writes carry a one-line model file that does (`write_model_file`), named by config.json's
+`model_file` key: with `--trust-remote-code` mlx-lm builds the model from it, before and instead of any
+`mlx_lm.models.zaya`, so these folders keep our semantics whatever model module mlx-lm ships.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ import sys
 from pathlib import Path
 
 MODULE = "mlx_lm.models.zaya"
+MODEL_FILE = "zaya_mlx_model.py"
+MODEL_FILE_TEXT = '''"""ZAYA1 for mlx-lm's commands (with --trust-remote-code): the model of zaya-mlx (pip install zaya-mlx)."""
+
+from zaya_mlx.model import Model, ModelArgs  # noqa: F401
+'''
 
 
 class _ZayaModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -59,3 +68,9 @@ def register(force: bool = False) -> bool:
         sys.modules.pop(MODULE, None)
     sys.meta_path.insert(0, _ZayaModuleFinder())
     return True
+
+
+def write_model_file(folder) -> dict:
+    """Write the model file into `folder`; returns the config.json entries that name it."""
+    (Path(folder) / MODEL_FILE).write_text(MODEL_FILE_TEXT)
+    return {"model_file": MODEL_FILE}

@@ -25,19 +25,24 @@ residual scales and balancing biases are copied bit for bit whatever a rule says
 
 The run streams: tensors arrive one at a time from the loader (one source shard resident at most), are quantized
 in row chunks and appended straight to the output shard on disk, so peak memory stays near one source shard.
-Everything goes to a temporary folder beside OUT that is renamed into place at the end; any failure or interrupt
-removes it.
+Everything goes to a temporary folder beside OUT (`.OUT.zaya-tmp-PID-...`) that is renamed into place at the end;
+a failure, Ctrl-C or SIGTERM removes it, and a later run removes one that a killed process (SIGKILL) left. `--force`
+replaces only a folder that looks like one `quantize` wrote, never one holding the source, the current folder or a
+home folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import glob
 import json
 import math
 import os
 import re
 import shutil
-import tempfile
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,13 +492,17 @@ def _quantize_tensor(w: mx.array, fmt: Format, dtype) -> tuple[list[mx.array], f
 # --- config -------------------------------------------------------------------------------------------------------
 
 
-def _model_config(ckpt) -> dict:
+def _model_config(ckpt, folder: Path) -> dict:
     """The MLX folder's config.json without the quantization block: transformers-style keys whatever the source
-    layout (a legacy 80-layer config comes out as the 40-layer one), model_type zaya."""
+    layout (a legacy 80-layer config comes out as the 40-layer one), model_type zaya, and the model file that
+    mlx-lm's commands build the model from (written into `folder`)."""
+    from .mlx_lm_registry import write_model_file
+
     out = ckpt.config.to_dict()
     for key in ("quantization", "quantization_config"):
         out.pop(key, None)
     out["model_type"] = "zaya"
+    out.update(write_model_file(folder))
     return out
 
 
@@ -529,26 +538,121 @@ def quantize(src, out, recipe="mxfp4", force: bool = False, progress: bool = Tru
     if out.exists() and not force:
         raise ZayaError(f"{out} already exists: choose another OUT or pass --force to replace it")
     src_path = resolve_model_path(src)
-    if out.exists() and out.resolve() == Path(src_path).resolve():
-        raise ZayaError(f"OUT {out} is the source folder: write the quantized model elsewhere")
+    if out.exists() or out.is_symlink():
+        _check_replaceable(out, Path(src_path))
     ckpt = open_checkpoint(src_path)
     if "quantization" in ckpt.raw_config or "quantization_config" in ckpt.raw_config:
         raise ZayaError(f"{src} is already quantized: quantize the unquantized checkpoint instead")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.zaya-tmp-", dir=out.parent))
+    _remove_abandoned(out)
+    tmp = _own_folder(out, "tmp")
     writer = _ShardWriter(tmp, max_shard_size)
     try:
-        report = _run(ckpt, src, rec, writer, tmp, progress, t0)
-        _copy_side_files(Path(src_path), tmp)
-        _replace(tmp, out, force)
-    except BaseException:
+        with _sigterm_unwinds():
+            report = _run(ckpt, src, rec, writer, tmp, progress, t0)
+            _copy_side_files(Path(src_path), tmp)
+            _replace(tmp, out, force)
+    except BaseException as e:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only folder: nothing was written
+            raise ZayaError(f"cannot write {out}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; "
+                            "nothing was written") from None
         raise
     report.out = out
     report.seconds = time.perf_counter() - t0
     return report
+
+
+# --- where the output goes: never over what we did not write ---------------------------------------------------------
+
+_OWN = re.compile(r"\.(?P<name>.+)\.zaya-(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+")
+
+
+def _own_folder(out: Path, kind: str) -> Path:
+    """A new hidden folder beside OUT that names this process (`.OUT.zaya-tmp-PID-XXXX`), so a later run can tell
+    an abandoned one (its process gone, e.g. after SIGKILL) from one in use. Made with the usual mode (umask)."""
+    while True:
+        path = out.parent / f".{out.name}.zaya-{kind}-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Remove temporary folders of OUT that earlier runs left when they were killed (their process is gone)."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.zaya-*-*"):
+        match = _OWN.fullmatch(path.name)
+        if match and match["name"] == out.name and path.is_dir() and not path.is_symlink() \
+                and not _process_alive(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _check_replaceable(out: Path, src: Path) -> None:
+    """--force replaces OUT only when it is a model folder of ours, and holds nothing else we must keep."""
+    real = out.resolve()
+    if real.parent == real:
+        raise ZayaError(f"--force would delete {out}, a filesystem root: choose another OUT")
+    keep = {"the source folder": src.resolve(), "the current folder": Path.cwd().resolve(),
+            "your home folder": Path.home().resolve()}
+    for what, path in keep.items():
+        if path.is_relative_to(real):
+            raise ZayaError(f"--force would delete {out}, which is or holds {what}: choose another OUT")
+    why = _not_a_model_folder(out)
+    if why:
+        raise ZayaError(f"--force would delete {out}, which does not look like a model folder zaya wrote ({why}): "
+                        "remove it yourself or choose another OUT")
+
+
+def _not_a_model_folder(folder: Path) -> str | None:
+    """Why `folder` is not what `quantize` writes (config.json of a zaya model, safetensors weights, only files)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "not a folder"
+    entries = list(folder.iterdir())
+    sub = next((e.name for e in entries if e.is_dir() or not e.is_file()), None)
+    if sub:
+        return f"it holds {sub}, which is not a plain file"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "no readable config.json"
+    if not isinstance(config, dict) or config.get("model_type") != "zaya":
+        return "its config.json is not a zaya model's"
+    if not any(e.name.endswith(".safetensors") for e in entries):
+        return "no safetensors weights"
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While quantizing, SIGTERM exits as Ctrl-C does (SystemExit(143) through the cleanup), not abruptly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(ckpt, src, rec: Recipe, writer: _ShardWriter, tmp: Path, show: bool, t0: float) -> QuantizeReport:
@@ -613,7 +717,7 @@ def _run(ckpt, src, rec: Recipe, writer: _ShardWriter, tmp: Path, show: bool, t0
 
     shards = writer.finish(params)
     quantization = _quantization_block(chosen)
-    cfg = _model_config(ckpt)
+    cfg = _model_config(ckpt, tmp)
     if quantization:
         cfg["quantization"] = quantization
         cfg["quantization_config"] = quantization  # mlx-lm writes both (hf model tree convention)
@@ -682,7 +786,7 @@ def _replace(tmp: Path, out: Path, force: bool) -> None:
         return
     if not force:
         raise ZayaError(f"{out} already exists: choose another OUT or pass --force to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.zaya-old-", dir=out.parent))
+    old = _own_folder(out, "old")
     os.rmdir(old)
     os.rename(out, old)
     try:
@@ -690,7 +794,4 @@ def _replace(tmp: Path, out: Path, force: bool) -> None:
     except BaseException:
         os.rename(old, out)
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
+    shutil.rmtree(old, ignore_errors=True)

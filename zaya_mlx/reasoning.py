@@ -43,7 +43,7 @@ def starts_in_reasoning(
     return last_open > last_close
 
 
-def _partial_suffix(text: str, tags: Iterable[str]) -> int:
+def partial_suffix(text: str, tags: Iterable[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of one of `tags` (0 if none)."""
     best = 0
     for tag in tags:
@@ -94,7 +94,7 @@ class ReasoningSplitter:
             # A stray opening tag inside reasoning (or closing tag in the answer) is plain text.
             i = buf.find(tag)
             if i < 0:
-                hold = _partial_suffix(buf, (tag,))
+                hold = partial_suffix(buf, (tag,))
                 self._emit(out, buf[: len(buf) - hold])
                 self._pending = buf[len(buf) - hold :]
                 break

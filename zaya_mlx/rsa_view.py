@@ -18,19 +18,13 @@ from rich.table import Table
 from rich.text import Text
 
 from .rsa import RSAEvent, RSAParams, RSAResult
+from .rsa.runfolder import clock
 
 
 def short(text: str, width: int) -> str:
     """One line of at most `width` characters."""
     line = " ".join(text.split())
     return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def clock(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class RunProgress:
@@ -46,6 +40,7 @@ class RunProgress:
         self.start = time.perf_counter()
         self.round = 0
         self.resumed = 0
+        self.rates = {"prefill_tps": 0.0, "decode_tps": 0.0, "peak_bytes": 0}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -77,17 +72,15 @@ class RunProgress:
 class RSAView:
     """Call it with each RSAEvent; use as a context manager around `rsa.run`."""
 
-    def __init__(self, console: Console, params: RSAParams, *, pipe_every: float = 30.0, peak_memory=None):
-        self.console, self.p = console, params
+    def __init__(self, console: Console, params: RSAParams, *, pipe_every: float = 30.0, estimate: str = ""):
+        self.console, self.p, self.estimate = console, params, estimate
         self.live_enabled = console.is_terminal
         self.state = RunProgress(params)
         self.pipe_every, self.last_pipe = pipe_every, time.perf_counter()
-        self.peak_memory = peak_memory or _peak_memory
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None), MofNCompleteColumn(),
                              console=console, expand=True)
         self.tasks: dict[tuple, int] = {}
         self.status = Text()
-        self.counters: dict = {}
         self.live: Optional[Live] = None
         self._last_status = 0.0
 
@@ -104,14 +97,16 @@ class RSAView:
     def __exit__(self, *exc) -> bool:
         if self.live is not None:
             self.live.stop()
+            self.print(self.line(), "dim")  # the live area is gone: keep where the run ended
         return False
 
     def line(self) -> str:
         s = self.state
         pending = s.total - s.done - len(s.running)
+        r = s.rates
         return (f"round {s.round}/{self.p.rsa_t} · {s.done}/{s.total} done, {len(s.running)} running, {pending} "
-                f"pending · {s.tokens:,} tokens · {s.rate():,.1f} tok/s · {clock(s.elapsed())} · {s.eta()} · peak "
-                f"{self.peak_memory() / 1e9:.2f} GB")
+                f"pending · {s.tokens:,} tokens · {s.rate():,.1f} tok/s (decode {r['decode_tps']:,.0f}, prefill "
+                f"{r['prefill_tps']:,.0f}) · {clock(s.elapsed())} · {s.eta()} · peak {r['peak_bytes'] / 1e9:.2f} GB")
 
     def _refresh(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -135,8 +130,13 @@ class RSAView:
             if key in self.tasks:
                 self.bars.advance(self.tasks[key])
             self._refresh()
+        elif e.kind == "progress":
+            s.rates = {k: e.data[k] for k in ("prefill_tps", "decode_tps", "peak_bytes")}
+            self._refresh()
         elif e.kind == "plan":
             self.print(e.data["plan"].summary(), "dim")
+            if self.estimate:
+                self.print(self.estimate, "dim")
         elif e.kind == "resumed":
             s.done = s.resumed = e.data["rollouts"]
             self.print(f"resumed: {s.done} finished rollouts read back", "dim")
@@ -167,12 +167,6 @@ class RSAView:
             self.print(f"round {e.round}/{self.p.rsa_t}: {e.data['tokens']:,} tokens (mean {e.data['mean_tokens']:,.0f})"
                        f" in {clock(e.data['seconds'])}; answers: {shown or 'none'}")
             self._refresh(force=True)
-
-
-def _peak_memory() -> int:
-    import mlx.core as mx
-
-    return mx.get_peak_memory()
 
 
 def render_result(console: Console, result: RSAResult, show_text: bool = False) -> None:

@@ -4,15 +4,21 @@ Thin by design: `zaya_mlx.chat_session.ChatSession` holds the conversation, the 
 the sampling settings and the statistics; this module reads input, renders the stream and parses slash
 commands. Everything the UI does is one `ChatSession` call.
 
-- A turn: the reasoning streams live in a dim block, folds to one line ("thought for N tokens") when the
-  answer starts (`/think` keeps it unfolded), the answer streams as Markdown (code highlighted), and a status
-  line follows: prompt and generation tokens/s, tokens in the context out of the limit, KV cache size, peak
-  memory. Ctrl-C stops the generation between two tokens; the session keeps the partial answer.
-- Input: `> ` prompt with readline editing and history; a trailing backslash continues the message on the
-  next line, and the lines of a paste arrive as one message. Ctrl-C on an empty prompt, or Ctrl-D, exits.
+- A turn: the reasoning streams live in a dim block under a line with its chunk, tokens, tokens/s and the
+  context in use; each new reasoning chunk (a fresh context carrying the reasoning's tail) gets a mark. It
+  folds to one line ("thought for N tokens in K chunks") when the answer starts (`/think` keeps it unfolded),
+  the answer streams as Markdown (code highlighted), and a status line follows: why it stopped (if not at the
+  end of the answer), prompt and generation tokens/s, tokens in the context out of the limit, KV cache size,
+  peak memory. Ctrl-C stops the generation between two tokens; the session keeps the partial answer. When
+  the session leaves old turns out of the context, one dim line says so.
+- Input: `> ` prompt with readline editing and history; each line typed is its own input (a burst of lines
+  typed ahead runs line by line), a trailing backslash continues the message on the next line, and a paste
+  (bracketed, as terminals send it) arrives as one message. Ctrl-C on an empty prompt, or Ctrl-D, exits.
+- Library warnings and anything else written to stderr go to a log file while the UI runs (`/stats` names
+  it), never onto the screen.
 - Piped stdin (`run_piped`): one prompt per line, answers printed plainly, one per prompt.
 
-Extending (the Markovian RSA mode, issue 6): commands live in `COMMANDS` (name -> `Command`);
+Extending: commands live in `COMMANDS` (name -> `Command`);
 `register_command` adds or replaces one, and each `ChatUI` copies the table at start. A UI answers a prompt
 with `ui.prompt_handler(text)` (default `ui.stream_turn`); `/rsa on` can swap in a handler that runs
 `zaya_mlx.rsa.run` and renders its own progress, `/rsa off` puts `ui.stream_turn` back. The `/rsa` entry
@@ -22,7 +28,7 @@ below is the slot for it.
 from __future__ import annotations
 
 import json
-import select
+import os
 import signal
 import sys
 import time
@@ -40,6 +46,7 @@ from rich.text import Text
 
 from .errors import ZayaError
 from .files import write_text_atomic
+from .think_budget import parse_think_budget
 
 REASONING = "reasoning"
 CODE_THEME = "monokai"
@@ -68,13 +75,24 @@ def _stat(stats, *names, default=None):
     return default
 
 
+STOP_REASONS = {
+    "length": "stopped at max tokens (/max N)",
+    "context": "stopped: the context is full",
+    "stop_string": "stopped at a stop string",
+}
+
+
 def status_line(last, stats, interrupted: bool = False) -> Text:
-    """One dim line after a turn: prompt and generation tokens/s, context used, KV cache size, peak memory."""
+    """One dim line after a turn: why it stopped (unless at the end of the answer), prompt and generation
+    tokens/s, reasoning chunks, context used, KV cache size, peak memory."""
     parts = []
     if interrupted:
         parts.append("interrupted")
-    elif last is not None and last.finish_reason == "length":
-        parts.append("stopped at max tokens (/max N)")
+    elif last is not None and last.finish_reason in STOP_REASONS:
+        parts.append(STOP_REASONS[last.finish_reason])
+    chunks = _stat(stats, "reasoning_chunks", default=0)
+    if chunks > 1:
+        parts.append(f"reasoning in {chunks} chunks")
     if last is not None:
         parts.append(f"prompt {last.prompt_tokens} tok @ {last.prompt_tps:.1f} tok/s")
         parts.append(f"gen {last.generation_tokens} tok @ {last.generation_tps:.1f} tok/s")
@@ -97,11 +115,15 @@ def status_line(last, stats, interrupted: bool = False) -> Text:
 class TurnView:
     """What one turn shows: a reasoning block (live, or folded to one line) and the answer as Markdown."""
 
-    def __init__(self, show_reasoning: bool = False):
+    def __init__(self, show_reasoning: bool = False, context_limit: Optional[int] = None):
         self.show_reasoning = show_reasoning
+        self.context_limit = context_limit
         self.reasoning = ""
         self.answer = ""
         self.reasoning_tokens = 0
+        self.chunk = 1
+        self.budget_reached_at: Optional[int] = None  # reasoning tokens when the think budget closed the block
+        self.last = None  # the latest response (tokens/s, context in use)
         self.answer_started = False
         self.started = time.perf_counter()
         self.reasoning_seconds: Optional[float] = None
@@ -109,7 +131,14 @@ class TurnView:
         self.done = False  # the stream has ended
 
     def add(self, r) -> None:
+        self.last = r
+        if getattr(r, "note", None) == "think_budget":
+            self.budget_reached_at = self.reasoning_tokens
         if r.channel == REASONING:
+            chunk = getattr(r, "chunk", 1)
+            if chunk != self.chunk:
+                self.chunk = chunk
+                self.reasoning += f"\n⋯ chunk {chunk}: a fresh context with the reasoning's tail ⋯\n"
             self.reasoning += r.text
             self.reasoning_tokens = r.generation_tokens
         else:
@@ -124,8 +153,21 @@ class TurnView:
 
     def thought_line(self) -> str:
         n = self.reasoning_tokens
+        chunks = f" in {self.chunk} chunks" if self.chunk > 1 else ""
         secs = f", {self.reasoning_seconds:.1f} s" if self.reasoning_seconds is not None else ""
-        return f"thought for {n} token{'s' if n != 1 else ''}{secs}"
+        return f"thought for {n} token{'s' if n != 1 else ''}{chunks}{secs}"
+
+    def live_line(self) -> str:
+        """While reasoning: the chunk, tokens so far, tokens/s and the context in use."""
+        parts = ["thinking…"]
+        if self.chunk > 1:
+            parts.append(f"chunk {self.chunk}")
+        if self.last is not None:
+            parts.append(f"{self.reasoning_tokens} tokens @ {self.last.generation_tps:.1f} tok/s")
+            used = getattr(self.last, "context_tokens", 0)
+            if used:
+                parts.append(f"context {used}/{self.context_limit}" if self.context_limit else f"context {used}")
+        return " · ".join(parts)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if self.has_reasoning:
@@ -138,12 +180,15 @@ class TurnView:
                 body = self.reasoning.strip()
                 yield Padding(Text(("…" + body[-tail:]) if len(body) > tail else body, style="dim"), (0, 0, 0, 2))
             else:
-                head = f"▾ {self.thought_line()}" if self.answer_started else "thinking…"
+                head = f"▾ {self.thought_line()}" if self.answer_started or self.done else self.live_line()
                 body = self.reasoning.strip()
                 if self.live_chars is not None and len(body) > self.live_chars:
                     body = "…" + body[-self.live_chars :]
                 yield Text(head, style="dim italic")
                 yield Padding(Text(body, style="dim"), (0, 0, 0, 2))
+        if self.budget_reached_at is not None:
+            yield Text(f"think budget reached at {self.budget_reached_at} tokens: the think block was closed "
+                       "and the model answers (/think-budget)", style="dim italic")
         answer = self.answer.strip()
         if answer:
             if self.has_reasoning:
@@ -289,17 +334,30 @@ def _cmd_temp(ui: "ChatUI", arg: str) -> None:
     ui.note(f"temperature {value:g}")
 
 
-@command("/max", usage="/max N", help="most tokens an answer may take (reasoning included)")
+@command("/max", usage="/max N|off", help="most tokens a reply may take (reasoning included); off: no cap")
 def _cmd_max(ui: "ChatUI", arg: str) -> None:
+    if arg.lower() == "off":
+        ui.set_setting("max_tokens", None)
+        ui.note("max tokens off (the think budget and the context bound a reply)")
+        return
     try:
         value = int(arg)
         if value < 1:
             raise ValueError
     except ValueError:
-        ui.note(f"usage: /max N, a whole number >= 1 (now {ui.setting('max_tokens')})")
+        ui.note(f"usage: /max N, a whole number >= 1, or off (now {ui.setting('max_tokens') or 'off'})")
         return
     ui.set_setting("max_tokens", value)
     ui.note(f"max tokens {value}")
+
+
+@command("/think-budget", usage="/think-budget off|N|chunk=C tail=T total=N",
+         help="how long a turn may reason: N closes the think block after N tokens; chunk/tail/total go on in "
+              "fresh contexts carrying the reasoning's tail; alone: show it")
+def _cmd_think_budget(ui: "ChatUI", arg: str) -> None:
+    if arg:
+        ui.session.think_budget = parse_think_budget(arg)
+    ui.note(f"think budget {ui.session.think_budget}: {ui.session.think_budget.describe()}")
 
 
 @command("/think", help="show or fold the reasoning blocks")
@@ -323,6 +381,9 @@ STAT_LABELS = {
     "kv_cache_bytes": "KV cache",
     "peak_memory_gb": "peak memory",
     "reused_tokens": "tokens reused from the cache",
+    "reasoning_chunks": "reasoning chunks, last turn",
+    "think_budget_reached": "think budget reached, last turn",
+    "dropped_turns": "oldest turns left out of the context",
 }
 
 
@@ -345,7 +406,10 @@ def _cmd_stats(ui: "ChatUI", arg: str) -> None:
         value = ui.setting(name)
         if value is not None:
             table.add_row(Text(name.replace("_", " "), style="bold"), f"{value:g}")
+    table.add_row(Text("think budget", style="bold"), str(ui.session.think_budget))
     ui.console.print(table)
+    if ui.log_path is not None:  # whole, however long (the terminal wraps it)
+        ui.console.print(Text.assemble(("log file", "bold"), f"  {ui.log_path}"), soft_wrap=True)
 
 
 @command("/save", usage="/save FILE", help="write the conversation to FILE (JSON)")
@@ -406,8 +470,9 @@ class ChatUI:
     """The interactive loop: read a message, run a command or a turn, render."""
 
     def __init__(self, session, console: Optional[Console] = None, show_reasoning: bool = False,
-                 model_label: str = "", stdin: Optional[TextIO] = None):
+                 model_label: str = "", stdin: Optional[TextIO] = None, log_path: Optional[Path] = None):
         self.session = session
+        self.log_path = log_path  # where library warnings and stderr go while the UI runs
         self.console = console or Console(highlight=False)
         self.show_reasoning = show_reasoning
         self.model_label = model_label
@@ -435,7 +500,7 @@ class ChatUI:
         """Replace the session with one saved by /save (`ChatSession.to_json`); the cache is rebuilt lazily."""
         old = self.session
         self.session = type(old).from_json(old.model, old.tokenizer, text, max_context=old.max_context,
-                                           prefill_step_size=old.prefill_step_size)
+                                           prefill_step_size=old.prefill_step_size, think_budget=old.think_budget)
 
     # input
     def read_message(self) -> Optional[str]:
@@ -456,24 +521,11 @@ class ChatUI:
                     continue
                 return None
             lines.append(line)
-            lines.extend(self._drain_paste())
             if lines[-1].endswith("\\"):
                 lines[-1] = lines[-1][:-1]
                 prompt = CONTINUATION
                 continue
             return "\n".join(lines)
-
-    def _drain_paste(self) -> list:
-        """Lines already waiting on a terminal's stdin right after one was read: the rest of a paste."""
-        out: list = []
-        try:
-            if not self.stdin.isatty():
-                return out
-            while select.select([self.stdin], [], [], 0.03)[0]:
-                out.append(input())
-        except (OSError, ValueError, EOFError):
-            pass
-        return out
 
     # the loop
     def banner(self) -> None:
@@ -525,12 +577,14 @@ class ChatUI:
 
     def stream_turn(self, text: str, **overrides) -> TurnView:
         """Send `text`, stream the reasoning and answer, then the status line. Ctrl-C stops between tokens."""
-        view = TurnView(show_reasoning=self.show_reasoning)
+        view = TurnView(show_reasoning=self.show_reasoning, context_limit=self.session.max_context)
         last = None
         interrupted = False
         live = None
-        overrides = {**fit_max_tokens(self.session, text), **overrides}
         responses = self.session.send(text, **overrides)
+        left_out = self.left_out_line()
+        if left_out:
+            self.console.print(Text(left_out, style="dim"))
         try:
             with _CtrlC(self.stdin) as ctrl_c:
                 if self.console.is_terminal:
@@ -559,6 +613,17 @@ class ChatUI:
         self.console.print(status_line(last, self.session.stats, interrupted))
         return view
 
+    def left_out_line(self) -> Optional[str]:
+        """What the session's last `send` left out of the context to fit it, in one line (None if nothing)."""
+        turns = self.session.last_dropped_turns
+        parts = ["earlier reasoning"] if self.session.last_dropped_reasoning else []
+        if turns:
+            parts.append(f"the {turns} oldest turns" if turns > 1 else "the oldest turn")
+        if not parts:
+            return None
+        return (f"context {self.session.max_context} tokens: left out {' and '.join(parts)} "
+                "(still in /save)")
+
 
 def _line_buffer() -> str:
     try:
@@ -567,16 +632,6 @@ def _line_buffer() -> str:
         return readline.get_line_buffer()
     except Exception:
         return ""
-
-
-def fit_max_tokens(session, text: str) -> dict:
-    """Per-turn overrides that cap max_tokens at the room left in the context, so a long conversation gets a
-    shorter answer instead of an error (a prompt that does not fit at all is still the session's error)."""
-    room = session.max_context - len(session.prompt_ids(text))
-    wanted = session.sampling.get("max_tokens")
-    if wanted is not None and 0 < room < wanted:
-        return {"max_tokens": room}
-    return {}
 
 
 # --- piped mode --------------------------------------------------------------------------------------------------
@@ -592,7 +647,7 @@ def run_piped(session, lines: Iterable[str], out: TextIO, show_reasoning: bool =
             continue
         writer = _PlainWriter(out)
         in_reasoning = False
-        for r in session.send(prompt, **fit_max_tokens(session, prompt)):
+        for r in session.send(prompt):
             if r.channel == REASONING:
                 if show_reasoning and r.text:
                     if not in_reasoning:
@@ -646,36 +701,55 @@ class _PlainWriter:
 # --- entry point ---------------------------------------------------------------------------------------------------
 
 
-def run_chat(model: str, *, system: Optional[str] = None, dtype: Optional[str] = None,
-             show_reasoning: bool = False, session_options: Optional[dict] = None,
-             stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None, decode=None) -> int:
-    """`zaya chat`: load the model, then the interactive UI (stdin a terminal) or piped mode. Returns the exit code.
-    decode: the model's DecodeOptions."""
-    from .chat_session import ChatSession
-    from .generation import load
-    from .loading import resolve_model_path
-
+def run_chat(session, *, show_reasoning: bool = False, model_label: str = "", log_path: Optional[Path] = None,
+             stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
+    """`zaya chat` over a loaded `ChatSession`: the interactive UI (stdin a terminal) or piped mode. In the UI,
+    stderr (library warnings included) goes to `log_path` (named in /stats). Returns the exit code."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    interactive = stdin.isatty()
-    options = {k: v for k, v in (session_options or {}).items() if v is not None}
-
-    if not interactive:
-        path = resolve_model_path(model)
-        loaded_model, tokenizer = load(path, dtype=dtype, decode=decode)
-        session = ChatSession(loaded_model, tokenizer, system=system, **options)
+    if not stdin.isatty():
         run_piped(session, stdin, stdout, show_reasoning=show_reasoning)
         return 0
-
-    console = Console(highlight=False, file=stdout)
-    path = resolve_model_path(model)  # a hub download shows its own progress bars
-    with console.status(f"loading {model}…", spinner="dots"):
-        loaded_model, tokenizer = load(path, dtype=dtype, decode=decode)
-    session = ChatSession(loaded_model, tokenizer, system=system, **options)
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # line editing and history for input()
+
+        # A paste arrives between bracket marks and stays one message; lines typed ahead stay separate inputs.
+        # (GNU readline's setting; macOS's libedit has no such thing and reads every line alone.)
+        if "libedit" not in (readline.__doc__ or ""):
+            readline.parse_and_bind("set enable-bracketed-paste on")
     except ImportError:
         pass
-    ui = ChatUI(session, console=console, show_reasoning=show_reasoning, model_label=str(model), stdin=stdin)
-    ui.run()
+    console = Console(highlight=False, file=stdout)
+    ui = ChatUI(session, console=console, show_reasoning=show_reasoning, model_label=model_label, stdin=stdin,
+                log_path=log_path)
+    with StderrToFile(log_path):
+        ui.run()
     return 0
+
+
+class StderrToFile:
+    """While active, file descriptor 2 (Python's warnings and logging, C libraries' messages) writes to a log
+    file, so nothing but the UI reaches the screen. With no path, stderr stays as it is."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = Path(path) if path is not None else None
+        self._saved: Optional[int] = None
+
+    def __enter__(self):
+        if self.path is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            sys.stderr.flush()
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._saved = None
+        return False

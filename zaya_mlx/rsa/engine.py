@@ -22,6 +22,7 @@ Events (`on_event(RSAEvent)`, in order; `round`/`rollout` are -1 where they do n
   token            round, rollout; data: token (every generated id, the stop id included)
   rollout_finished round, rollout; data: rollout (Rollout), tokens, finish_reason, answer
   round_finished   round; data: tokens, mean_tokens, seconds, answers
+  progress         data: tokens, elapsed, prompt_tokens, prefill_tps, decode_tps, peak_bytes (at most once a second)
   finished         data: result (RSAResult)
 `cancel` (a threading.Event, or any callable returning True to stop) is checked between decode steps; a set
 one raises `Cancelled` (what finished is kept in the run folder).
@@ -45,9 +46,10 @@ from .prompts import PromptBuilder, as_messages
 from .tails import candidate_text, served_split, token_tail, word_tail
 
 EVENT_KINDS = ("plan", "resumed", "round_started", "rollout_started", "token", "rollout_finished", "round_finished",
-               "finished")
+               "progress", "finished")
+PROGRESS_EVERY = 1.0  # seconds between progress events
 SCHEDULES = ("stream", "rounds", "batches")
-BOUNDARY_TOKENS = 2  # a word candidate may merge with the text around it into at most this many more ids
+BOUNDARY_TOKENS = 8  # ids a word candidate may gain when tokenized with the text around it (then it is cut)
 
 
 class ContextBoundError(AssertionError):
@@ -155,6 +157,11 @@ def draw_candidates(params: RSAParams, seed: int, round: int) -> list[list[int]]
     return [rng.sample(range(n), params.candidates) for _ in range(count)]
 
 
+def all_draws(params: RSAParams, seed: int) -> dict[int, list[list[int]]]:
+    """Every aggregation round's draws, round -> prompt -> parents (what a run folder records up front)."""
+    return {r: draw_candidates(params, seed, r) for r in range(1, params.rounds)}
+
+
 def metadata(params: RSAParams, rounds: Sequence[RoundRecord], slots: int) -> dict:
     """Zyphra's `rsa_metadata` for this run: its parameters and the mean output tokens of each round."""
     return {
@@ -169,8 +176,8 @@ def metadata(params: RSAParams, rounds: Sequence[RoundRecord], slots: int) -> di
 class _Live:
     """A rollout being decoded."""
 
-    def __init__(self, prompt: list[int], parents: list[int], seed: int):
-        self.prompt, self.parents, self.seed = prompt, parents, seed
+    def __init__(self, prompt: list[int], parents: list[int], seed: int, prompt_text: Optional[str]):
+        self.prompt, self.parents, self.seed, self.prompt_text = prompt, parents, seed, prompt_text
         self.tokens: list[int] = []
         self.started = time.perf_counter()
 
@@ -186,34 +193,53 @@ class Engine:
         self.stops = set(int(t) for t in stop_ids)
         self.schedule = schedule
         self.cancel = cancel if cancel is None or callable(cancel) else cancel.is_set
-        self.draws = {r: draw_candidates(params, seed, r) for r in range(1, params.rounds)}
+        self.draws = all_draws(params, seed)
         self.done: dict[tuple, Rollout] = {}
         self.running: dict[tuple, _Live] = {}
         self.pending = [(r, i) for r in range(params.rounds) for i in range(params.rollouts_in(r))]
         self.round_started: dict[int, float] = {}
         self.round_seconds: dict[int, float] = {}
+        self.steps = 0
+        self.idle_slot_steps = 0  # slots without a rollout, summed over decode steps
+        self.tokens = 0
+        self.started = time.perf_counter()
+        self.last_progress = self.started
         tok = self.tok
         self.think = (getattr(tok, "think_start_id", None), getattr(tok, "think_end_id", None)) \
             if getattr(tok, "has_thinking", False) else (None, None)
 
     # --- prompts ------------------------------------------------------------------------------------------------
 
-    def prompt_for(self, key) -> tuple[list[int], list[int], Sequence[int]]:
-        """`(prompt ids, parents, shared prefix)` of a rollout whose candidates have finished."""
+    def prompt_for(self, key) -> tuple[list[int], list[int], Sequence[int], Optional[str]]:
+        """`(prompt ids, parents, shared prefix, user message text)` of a rollout whose candidates have finished
+        (round 0's text is None: its prompt is the request's messages)."""
         r, i = key
         if r == 0:
             ids = self.builder.round0
-            return ids, [], ids[:-1]
+            return ids, [], ids[:-1], None
         parents = self.draws[r][i]
         prev = [self.done[r - 1, j] for j in parents]
+        candidates = [c.candidate for c in prev]
         if self.p.tail_unit == "tokens":
             ids = self.builder.build_tokens([c.tail_ids for c in prev])
         else:
-            ids = self.builder.build_words([c.candidate for c in prev])
+            ids = self.builder.build_words(candidates)
+            for _ in range(len(candidates)):  # tokenized in context, candidates at their bound may run over it
+                over = len(ids) - self.plan.aggregate_tokens
+                if not self.p.bounded_context or over <= 0:
+                    break
+                longest = max(range(len(candidates)), key=lambda j: len(self._encode(candidates[j])))
+                cut = self._encode(candidates[longest])
+                candidates[longest] = self.tok.decode(cut[over + 1 :]).strip()
+                ids = self.builder.build_words(candidates)
+        text = self.builder.text(candidates)
         if self.p.bounded_context and len(ids) > self.plan.aggregate_tokens:
             raise ContextBoundError(f"round {r} prompt {i} is {len(ids)} tokens, over the bound of "
                                     f"{self.plan.aggregate_tokens} the slots were planned for")
-        return ids, parents, self.builder.head
+        return ids, parents, self.builder.head, text
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
 
     def _candidate(self, body: list[int], text: str) -> tuple[str, Optional[list[int]], bool]:
         p = self.p
@@ -223,7 +249,7 @@ class Engine:
             return self.tok.decode(ids), ids, False
         tail = word_tail(candidate_text(text, p.tail_source), p.tail_window_len)
         if p.bounded_context:
-            ids = list(self.tok.encode(tail, add_special_tokens=False))
+            ids = self._encode(tail)
             if len(ids) > p.tail_token_bound:
                 return self.tok.decode(ids[-p.tail_token_bound :]).strip(), None, True
         return tail, None, False
@@ -279,7 +305,7 @@ class Engine:
 
     def start(self, key) -> None:
         r, i = key
-        prompt, parents, prefix = self.prompt_for(key)
+        prompt, parents, prefix, text = self.prompt_for(key)
         if self.p.bounded_context and len(prompt) + self.p.max_tokens_in(r) > self.plan.context_bound:
             raise ContextBoundError(f"round {r} rollout {i}: {len(prompt)} + {self.p.max_tokens_in(r)} tokens is over "
                                     f"the bound of {self.plan.context_bound}")
@@ -287,17 +313,17 @@ class Engine:
             self.round_started[r] = time.perf_counter()
             self.emit(RSAEvent("round_started", round=r, data={"rollouts": self.p.rollouts_in(r)}))
         seed = derived_seed(self.seed, r, i)
-        self.running[key] = _Live(prompt, parents, seed)
+        self.running[key] = _Live(prompt, parents, seed, text)
         self.backend.start(key, prompt, max_tokens=self.p.max_tokens_in(r), sampling=self.p.sampling_in(r), seed=seed,
                            prefix=prefix)
         self.emit(RSAEvent("rollout_started", round=r, rollout=i, data={"prompt_tokens": len(prompt),
                                                                          "parents": parents}))
 
-    def record(self, rollout: Rollout) -> None:
+    def record(self, rollout: Rollout, prompt_text: Optional[str]) -> None:
         key = (rollout.round, rollout.index)
         self.done[key] = rollout
         if self.journal is not None:
-            self.journal.rollout(rollout)
+            self.journal.rollout(rollout, prompt_text)
         self.emit(RSAEvent("rollout_finished", round=rollout.round, rollout=rollout.index,
                            data={"rollout": rollout, "tokens": len(rollout.tokens),
                                  "finish_reason": rollout.finish_reason, "answer": rollout.answer}))
@@ -318,15 +344,33 @@ class Engine:
             self.fill()
             if not self.running:
                 raise RuntimeError(f"no rollout can start: {self.pending[:3]} wait on unfinished candidates")
+            self.steps += 1
+            self.idle_slot_steps += self.plan.slots - len(self.running)
             for key, token, reason in self.backend.step():
                 live = self.running[key]
                 live.tokens.append(token)
+                self.tokens += 1
                 self.emit(RSAEvent("token", round=key[0], rollout=key[1], data={"token": token}))
                 if reason is None and len(live.tokens) >= self.p.max_tokens_in(key[0]):
                     reason = "length"
                 if reason is not None:
                     del self.running[key]
-                    self.record(self.finish(key, live, reason))
+                    self.record(self.finish(key, live, reason), live.prompt_text)
+            self.progress()
+
+    def progress(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last_progress < PROGRESS_EVERY:
+            return
+        self.last_progress = now
+        import mlx.core as mx
+
+        c = self.backend.counters() if hasattr(self.backend, "counters") else {}
+        self.emit(RSAEvent("progress", data={
+            "tokens": self.tokens, "elapsed": now - self.started, "prompt_tokens": c.get("prompt_tokens", 0),
+            "prefill_tps": c.get("prompt_tokens", 0) / max(c.get("prompt_s", 0.0), 1e-9),
+            "decode_tps": c.get("generation_tokens", 0) / max(c.get("decode_s", 0.0), 1e-9),
+            "peak_bytes": mx.get_peak_memory()}))
 
 
 def _plan(model, params: RSAParams, builder: PromptBuilder, *, memory_budget, max_batch,
@@ -351,6 +395,17 @@ def _plan(model, params: RSAParams, builder: PromptBuilder, *, memory_budget, ma
                        layer_bytes=model_layer_bytes(model), dtype_bytes=model_dtype_bytes(model),
                        budget_bytes=memory_budget, budget_source=source, prefill_step_size=prefill_step_size,
                        max_batch=max_batch)
+
+
+def plan_run(messages_or_problem, params: RSAParams, *, model=None, tokenizer, max_batch: Optional[int] = None,
+             memory_budget: Optional[int] = None, prefill_step_size: int = 512) -> MemoryPlan:
+    """The memory plan `run` makes before it allocates anything (same arguments): raises the same one-line
+    ZayaError when the run does not fit, so a front end can refuse before it creates anything."""
+    params.check()
+    builder = PromptBuilder(tokenizer, as_messages(messages_or_problem), params.candidates,
+                            enable_thinking=params.enable_thinking)
+    return _plan(model, params, builder, memory_budget=memory_budget, max_batch=max_batch,
+                 prefill_step_size=prefill_step_size)
 
 
 def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, tokenizer, seed: int = 0,
@@ -390,6 +445,8 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
     engine = Engine(messages, params, tokenizer=tok, backend=backend, plan=plan, builder=builder, seed=seed,
                     stop_ids=stop_ids, schedule=schedule, emit=emit, cancel=cancel, journal=journal)
     if journal is not None:
+        if journal.meta.get("draws") != {str(r): d for r, d in engine.draws.items()}:
+            raise ZayaError(f"the run in {journal.path} drew other candidates: it is not this run's folder")
         for rollout in journal.finished():
             engine.done[rollout.round, rollout.index] = rollout
         if engine.done:
@@ -418,7 +475,10 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
                "total_tokens": prompt_tokens + completion},
         params=params, seed=seed, plan=plan,
         timings={"total_s": total_s, "rounds_s": [rd.seconds for rd in rounds],
-                 "tokens_per_s": completion / max(total_s, 1e-9), **counters},
+                 "tokens_per_s": engine.tokens / max(total_s, 1e-9), "steps": engine.steps,
+                 "idle_slot_steps": engine.idle_slot_steps, **counters},
         run_dir=str(journal.path) if journal is not None else None)
+    if journal is not None:
+        journal.write_result(result)
     emit(RSAEvent("finished", data={"result": result}))
     return result

@@ -1,0 +1,203 @@
+"""OpenAI's chat-completions format: a request body in, our generation's stream out as OpenAI JSON.
+
+Reasoning goes to `reasoning_content` (vLLM's name, as its qwen3 reasoning parser gives it), the answer to
+`content`, ZAYA's tool calls to `tool_calls` (`tool_calls.py`). mlx-lm's `process_message_content` brings
+messages to the chat template's form (content parts joined, tool-call arguments as dicts), so `role: tool`
+messages and earlier calls go back through the checkpoint's template as it expects them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import ZayaError
+from .generation import REASONING, GenerationResponse
+from .tool_calls import CALL, TOOL_CALL_END, TOOL_CALL_START, ToolCallSplitter, openai_tool_call, parse_tool_call
+
+FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length"}
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and a one-line message, sent as OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
+
+
+def _get(body: dict, name: str, kinds, default=None, *, low=None, high=None):
+    """body[name] checked for type and range (bool is not a number here), or `default` when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ApiError(400, f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ApiError(400, f"{name} must be in [{low}, {high}], got {value!r}")
+    return value
+
+
+@dataclass
+class ChatRequest:
+    """A checked chat-completions body. `max_tokens` None means: as many as the context has room for."""
+
+    messages: list
+    tools: Optional[list] = None
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: Optional[int] = None
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    stop: list = field(default_factory=list)
+    enable_thinking: bool = True
+
+    @classmethod
+    def from_body(cls, body: dict, temperature: float, top_p: float) -> "ChatRequest":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ApiError(400, "messages must be a non-empty list of message objects")
+        if _get(body, "n", int, 1, low=1) != 1:
+            raise ApiError(400, "n must be 1: this server writes one choice per request")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "stop must be a string or a list of strings")
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise ApiError(400, "chat_template_kwargs must be an object")
+        tools = body.get("tools") or None
+        if tools is not None and not isinstance(tools, list):
+            raise ApiError(400, "tools must be a list")
+        if body.get("tool_choice") == "none":
+            tools = None
+        options = body.get("stream_options") or {}
+        max_tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        return cls(
+            messages=messages,
+            tools=tools,
+            stream=_get(body, "stream", bool, False),
+            include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+            max_tokens=_get(body, max_tokens_key, int, None, low=1),
+            temperature=float(_get(body, "temperature", (int, float), temperature, low=0)),
+            top_p=float(_get(body, "top_p", (int, float), top_p, low=0, high=1)),
+            top_k=_get(body, "top_k", int, 0, low=0),
+            min_p=float(_get(body, "min_p", (int, float), 0.0, low=0, high=1)),
+            seed=_get(body, "seed", int, None),
+            stop=stop,
+            enable_thinking=bool(kwargs.get("enable_thinking", True)),
+        )
+
+
+def template_messages(request: ChatRequest) -> list[dict]:
+    """A copy of the request's messages in the chat template's form (mlx-lm's `process_message_content`)."""
+    import copy
+
+    from mlx_lm.server import process_message_content
+
+    messages = copy.deepcopy(request.messages)
+    try:
+        process_message_content(messages)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ApiError(400, f"messages: {e}") from None
+    return messages
+
+
+def prompt_ids(tokenizer, request: ChatRequest) -> list[int]:
+    """The chat template's token ids for the request's messages (and tools)."""
+    from .tokenizer import apply_chat_template
+
+    try:
+        return apply_chat_template(tokenizer, template_messages(request), enable_thinking=request.enable_thinking,
+                                   tools=request.tools)
+    except ZayaError as e:
+        raise ApiError(400, str(e)) from None
+
+
+class ChatStream:
+    """Generation responses in, OpenAI deltas out; accumulates the whole message for a non-streamed answer."""
+
+    def __init__(self, tools: Optional[list]):
+        self.tools = tools
+        self.splitter = ToolCallSplitter() if tools else None
+        self.reasoning, self.content, self.tool_calls = [], [], []
+        self.completion_tokens = 0
+
+    def _answer(self, pieces, delta: dict) -> None:
+        for kind, text in pieces:
+            if kind == CALL:
+                try:
+                    call = openai_tool_call(parse_tool_call(text, self.tools), index=len(self.tool_calls))
+                except (ValueError, KeyError):
+                    text = f"{TOOL_CALL_START}{text}{TOOL_CALL_END}"  # not a call: kept as the text it was
+                else:
+                    self.tool_calls.append(call)
+                    delta.setdefault("tool_calls", []).append(call)
+                    continue
+            if text:
+                self.content.append(text)
+                delta["content"] = delta.get("content", "") + text
+
+    def feed(self, r: GenerationResponse) -> dict:
+        """The delta for one response ({} when it has nothing to show yet)."""
+        self.completion_tokens = r.generation_tokens
+        delta: dict = {}
+        if r.channel == REASONING:
+            if r.text:
+                self.reasoning.append(r.text)
+                delta["reasoning_content"] = r.text
+        elif self.splitter is not None:
+            self._answer(self.splitter.feed(r.text), delta)
+        elif r.text:
+            self.content.append(r.text)
+            delta["content"] = r.text
+        return delta
+
+    def flush(self) -> dict:
+        delta: dict = {}
+        if self.splitter is not None:
+            self._answer(self.splitter.flush(), delta)
+        return delta
+
+    def finish_reason(self, reason: Optional[str]) -> str:
+        reason = FINISH_REASONS.get(reason, "stop")
+        return "tool_calls" if self.tool_calls and reason == "stop" else reason
+
+    def message(self) -> dict:
+        out: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None,
+                               "reasoning_content": "".join(self.reasoning) or None}
+        if self.tool_calls:
+            out["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in self.tool_calls]
+        return out
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def chunk(request_id: str, model: str, delta: Optional[dict], finish_reason: Optional[str] = None,
+          index: int = 0) -> dict:
+    """A streamed chunk; `delta` None gives one with no choices (usage, RSA progress)."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason}]
+    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": choices}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(request_id: str, model: str, message: dict, finish_reason: str, use: dict) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}], "usage": use}
