@@ -247,6 +247,7 @@ def step_launches(step: Step) -> list[Launch]:
     cache = model.make_cache()
     real_supported, real_single = attention.cca_kernel_supported, attention.SINGLE_PASS_MAX
     try:
+        model.decode_options = DecodeOptions(fused=False, compile=False)
         if not step.full:
             model.decode_options = DecodeOptions(fused=False)
             mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))

@@ -109,6 +109,8 @@ def test_rounds_aggregate_the_drawn_candidates_and_answer_with_the_last_round(to
     final = result.rounds[-1].rollouts[0]
     assert result.text == final.text and result.texts == [final.text] and result.answer == final.answer
     assert result.vote is None  # Zyphra's answer is the final response, not a vote
+    shown = [result.rounds[1].rollouts[j].candidate for j in final.parents]
+    assert result.aggregation_prompt == [{"role": "user", "content": rsa.aggregation_text(PROBLEM, shown)}]
     assert result.metadata == {
         "rsa_iterations": 2, "rsa_k": 3, "rsa_n": 6, "rsa_summarize": False, "rsa_tail_window": True,
         "tail_window_len": 40, "short_resp_len": 60, "use_pacore": False, "rsa_max_concurrency": 6,
@@ -523,7 +525,7 @@ def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_r
 
     code, stdout, stderr = run_zaya("rsa", "--resume", tmp_path / "cut")
     assert code == 0, stderr
-    assert "resumed: 6 finished rollouts" in stdout
+    assert "resumed: 6 finished rollouts" in stdout and "decoded now)" in stdout
     resumed = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert resumed["texts"] == whole["texts"]
     assert [[ro["tokens"] for ro in rd["rollouts"]] for rd in resumed["rounds"]] == \

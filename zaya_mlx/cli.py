@@ -251,7 +251,9 @@ def rsa_command(
 
     if problem == "-":
         problem = sys.stdin.read()
-    if resume is None and (problem is None or not problem.strip()):
+    if resume is None and problem is None:
+        fail("give a problem, or --resume DIR to continue a run")
+    if resume is None and not problem.strip():
         fail("the problem is empty")
     if json_out and (Path(json_out).is_dir() or not Path(json_out).expanduser().resolve().parent.is_dir()):
         fail(f"--json {json_out}: {'is a folder' if Path(json_out).is_dir() else 'its folder does not exist'}; "
@@ -307,7 +309,8 @@ def rsa_command(
         folder = rsa.RunFolder.create(run_dir or rsa.new_run_path(messages), params=params, seed=seed,
                                       messages=messages, model=identity)
     console.print(f"run folder: {folder.path}", style="dim", markup=False)
-    view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate))
+    left = plan.worst_case_tokens - sum(params.max_tokens_in(r.round) for r in folder.finished())
+    view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate, left))
     try:
         with view:
             result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
@@ -414,7 +417,7 @@ def doctor_command(
 
     if quant not in (*UNQUANTIZED, *FORMATS):
         raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
-    report = diagnose(decode_options(), None if quant in UNQUANTIZED else quant)
+    report = diagnose(None if quant in UNQUANTIZED else quant, options=decode_options())
     typer.echo(report.text())
     raise typer.Exit(0 if all(k.ok for k in report.kernels) else 1)
 

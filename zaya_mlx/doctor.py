@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from . import kernels
 from .benchmark import build_zaya, small_config
-from .decode import DecodeOptions, FusedDecoder
+from .decode import DecodeOptions
 
 # max |kernel - reference| / max |reference| that passes: bfloat16 kernels round in another order than MLX's ops
 TOLERANCE = {mx.bfloat16: 5e-2, mx.float32: 1e-3}
@@ -205,13 +205,14 @@ def kernel_checks(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> list:
     return [_compare(name, run, dtype) for name, run in cases]
 
 
-def short_run(options: DecodeOptions, quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> tuple[int, float]:
+def short_run(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16,
+              options: Optional[DecodeOptions] = None) -> tuple[int, float]:
     """(peak memory in bytes, decoded tokens/s) of a prompt and DECODE_TOKENS greedy tokens of a tiny random model,
-    its weights included, the decode path chosen as for any model."""
+    its weights included, the decode path chosen as for any model with these options."""
     mx.synchronize()
     mx.reset_peak_memory()
     model = build_zaya(small_config(), quant, seed=0, dtype=dtype)
-    model.decode_options = options
+    model.decode_options = options or DecodeOptions()
     cache = model.make_cache()
     tok = mx.argmax(model(mx.array([[1, 2, 3, 4, 5]], dtype=mx.int32), cache)[:, -1:], axis=-1).astype(mx.int32)
     mx.eval(tok)
@@ -223,10 +224,11 @@ def short_run(options: DecodeOptions, quant: Optional[str] = "mxfp4", dtype=mx.b
     return mx.get_peak_memory(), DECODE_TOKENS / max(elapsed, 1e-9)
 
 
-def decode_path(options: DecodeOptions, quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> tuple[str, str]:
-    """(the path a model with these options decodes through, why), for a tiny random model in ``quant`` on this back
-    end."""
-    back = kernels.backend()
+def decode_path(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16,
+                options: Optional[DecodeOptions] = None) -> tuple[str, str]:
+    """(the path a model with these options decodes through, why), for a tiny random model in ``quant`` on this
+    back end."""
+    options, back = options or DecodeOptions(), kernels.backend()
     if options.fused is False:
         return "plain MLX ops", "the options say so (ZAYA_FUSED=0)"
     if options.fused:
@@ -237,15 +239,15 @@ def decode_path(options: DecodeOptions, quant: Optional[str] = "mxfp4", dtype=mx
     if back == "cpu":
         return "plain MLX ops", "the fused step runs only on a Metal or CUDA GPU"
     model = build_zaya(small_config(), quant, seed=0, dtype=dtype)
-    why = FusedDecoder(options)._check(model)
+    model.decode_options = options
+    why = model.decoder.check(model)
     if why is not None:
         return "plain MLX ops", f"the fused step failed its check: {why}"
     return "fused step with the kernels", f"its check against the plain ops passed on this {back} GPU"
 
 
-def diagnose(options: Optional[DecodeOptions] = None, quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> Report:
-    """The whole report, for models with ``options`` (default: the defaults)."""
-    options = options or DecodeOptions()
+def diagnose(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16, options: Optional[DecodeOptions] = None) -> Report:
+    """options: the decode options a model gets (`zaya doctor`: the environment's overrides)."""
     back = kernels.backend()
     if back == "cpu":
         note = ("not used: MLX runs on its CPU back end here, where each kernel's plain-MLX reference runs instead "
@@ -253,6 +255,6 @@ def diagnose(options: Optional[DecodeOptions] = None, quant: Optional[str] = "mx
         checks = []
     else:
         note, checks = "", kernel_checks(quant, dtype)
-    path, reason = decode_path(options, quant, dtype)
-    peak, rate = short_run(options, quant, dtype)
+    path, reason = decode_path(quant, dtype, options)
+    peak, rate = short_run(quant, dtype, options)
     return Report(machine(), back, note, checks, path, reason, peak, rate)

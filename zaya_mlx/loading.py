@@ -250,5 +250,7 @@ def load_model(path_or_repo: Union[str, Path] = DEFAULT_MODEL, dtype=None, decod
     if decode is not None:
         model.decode_options = decode
     model.load_weights(list(checkpoint.iter_tensors(dtype)))
+    if decode is not None:
+        model.decode_options = decode
     model.eval()
     return model

@@ -65,7 +65,7 @@ class FusedDecoder:
         decodes through the plain ops."""
         back = kernels.backend()
         if back not in self._checked:
-            why = self._check(model)
+            why = self.check(model)
             if why is not None:
                 warnings.warn(f"zaya-mlx: the fused decode kernels failed their check on this {back} GPU ({why}); "
                               "decoding through plain MLX ops instead, which is slower (ZAYA_FUSED=1 forces them)",
@@ -73,7 +73,7 @@ class FusedDecoder:
             self._checked[back] = why is None
         return self._checked[back]
 
-    def _check(self, model) -> Optional[str]:
+    def check(self, model) -> Optional[str]:
         """None if two decode steps through the fused step and the LM head kernel give the plain ops' logits (after a
         short prompt through the plain ops), else why not."""
         vocab = model.args.vocab_size
