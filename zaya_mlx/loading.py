@@ -247,6 +247,8 @@ def load_model(path_or_repo: Union[str, Path] = DEFAULT_MODEL, dtype=None, decod
     dtype = to_dtype(dtype)
     checkpoint = open_checkpoint(resolve_model_path(path_or_repo))
     model = empty_model(checkpoint.config, checkpoint.quantization, checkpoint.mapping)
+    if decode is not None:
+        model.decode_options = decode
     model.load_weights(list(checkpoint.iter_tensors(dtype)))
     if decode is not None:
         model.decode_options = decode

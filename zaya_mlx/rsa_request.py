@@ -11,6 +11,7 @@ on is refused); `rsa_tail_window: false` (whole candidates) is a window as long 
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -114,12 +115,27 @@ def parse(body: dict, preset: str, sampling: dict, max_tokens: Optional[int], en
         params = rsa.RSAParams.preset(preset, **fields, **sampling, max_tokens=max_tokens,
                                       enable_thinking=enable_thinking)
     except ZayaError as e:
-        raise ApiError(400, str(e)) from None
+        raise ApiError(400, in_request_terms(str(e))) from None
     metadata = _bool("return_rsa_metadata", _pop(body, "return_rsa_metadata"))
     return RSARequest(params=params, seed=seed if seed is not None else int(time.time_ns() % (1 << 31)),
                       max_batch=concurrency or None, return_metadata=metadata is not False,
                       return_aggregation_prompt=bool(_bool("return_aggregation_prompt",
                                                            _pop(body, "return_aggregation_prompt"))))
+
+
+REQUEST_FIELDS = ("rsa_n", "rsa_k", "rsa_t", "tail_window_len", "short_resp_len", "max_tokens", "rsa_final_n",
+                  "final_temperature", "final_top_p", "final_top_k", "temperature", "top_p", "top_k", "min_p")
+
+
+def in_request_terms(message: str) -> str:
+    """An RSA error as a client of the server reads it: the engine's command-line flags (`--k`, `--n (rsa_n)`)
+    become the request's fields (`rsa_k`, `rsa_n`)."""
+    from .rsa.params import FLAGS
+
+    for name in REQUEST_FIELDS:
+        flag = re.escape(FLAGS[name])
+        message = re.sub(rf"(?<![\w-]){flag}(?![\w-])( \({name}\))?", name, message)
+    return message
 
 
 def progress(event) -> Optional[dict]:
@@ -135,17 +151,6 @@ def progress(event) -> Optional[dict]:
     return out
 
 
-def _aggregation_prompt(result, messages: list) -> Optional[list]:
-    """The last round's first prompt, as Zyphra returns it (None when there was no aggregation)."""
-    from .rsa import aggregation_text, question_of
-
-    if result.params.rsa_t == 0:
-        return None
-    shown = result.rounds[-2].rollouts
-    text = aggregation_text(question_of(messages), [shown[p].candidate for p in result.finals[0].parents])
-    return [{"role": "user", "content": text}]
-
-
 def choices(result) -> list:
     """One choice per response of the last round, reasoning split as vLLM's qwen3 parser serves it."""
     return [{"index": i, "message": {"role": "assistant", "content": f.content or None,
@@ -154,7 +159,7 @@ def choices(result) -> list:
             for i, f in enumerate(result.finals)]
 
 
-def response(result, request: RSARequest, messages: list, model: str) -> dict:
+def response(result, request: RSARequest, model: str) -> dict:
     """Zyphra's RSA chat completion for a finished run."""
     out = {"id": f"chatcmpl-rsa-{int(time.time() * 1000)}", "object": "chat.completion", "created": int(time.time()),
            "model": model, "choices": choices(result), "usage": dict(result.usage)}
@@ -162,7 +167,7 @@ def response(result, request: RSARequest, messages: list, model: str) -> dict:
     if request.return_metadata:
         out["rsa_metadata"] = metadata
     if request.return_aggregation_prompt:
-        prompt = _aggregation_prompt(result, messages)
+        prompt = result.aggregation_prompt  # the last round's first prompt (None without aggregation)
         out["aggregation_prompt"] = prompt
         if request.return_metadata:
             metadata["rsa_final_aggregation_prompt"] = prompt
