@@ -323,6 +323,13 @@ class ZayaModel(nn.Module):
         return self.norm(h.astype(self.norm.weight.dtype))
 
 
+def _steppable(cache: list) -> bool:
+    """Whether the decode steps take this cache: mlx-lm's KVCache or BatchKVCache, and no right-padded prefill
+    under way (an ArraysCache with lengths, which only the plain forward follows)."""
+    kv, conv = cache[0][0], cache[0][1]
+    return type(kv) in (KVCache, BatchKVCache) and conv.lengths is None
+
+
 class Model(nn.Module):
     def __init__(self, args: ZayaConfig, decode: Optional[DecodeOptions] = None):
         super().__init__()
@@ -343,10 +350,10 @@ class Model(nn.Module):
         self.decoder.options = options
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        """float32 logits [B, L, V]. A one-token step with a cache runs the fused decode step where the options say
-        so, else the plain decode step (zaya_mlx/decode); everything else, the plain forward."""
+        """float32 logits [B, L, V]. A one-token step with a cache of ours (``make_cache``) runs the fused decode step
+        where the options say so, else the plain decode step (zaya_mlx/decode); everything else, the plain forward."""
         fused = self.decoder.enabled(self)
-        if tokens.shape[1] == 1 and cache is not None:
+        if tokens.shape[1] == 1 and cache is not None and _steppable(cache):
             h = self.decoder(self, tokens, cache, fused=fused)
         else:
             h = self.model(tokens, cache)
