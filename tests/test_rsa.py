@@ -523,7 +523,7 @@ def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_r
 
     code, stdout, stderr = run_zaya("rsa", "--resume", tmp_path / "cut")
     assert code == 0, stderr
-    assert "resumed: 6 finished rollouts" in stdout
+    assert "resumed: 6 finished rollouts" in stdout and "decoded now)" in stdout
     resumed = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert resumed["texts"] == whole["texts"]
     assert [[ro["tokens"] for ro in rd["rollouts"]] for rd in resumed["rounds"]] == \

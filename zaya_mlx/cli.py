@@ -278,7 +278,8 @@ def rsa_command(
         folder = rsa.RunFolder.create(run_dir or rsa.new_run_path(messages), params=params, seed=seed,
                                       messages=messages, model=identity)
     console.print(f"run folder: {folder.path}", style="dim", markup=False)
-    view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate))
+    left = plan.worst_case_tokens - sum(params.max_tokens_in(r.round) for r in folder.finished())
+    view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate, left))
     try:
         with view:
             result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,

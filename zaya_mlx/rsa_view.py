@@ -187,9 +187,10 @@ def render_result(console: Console, result: RSAResult, show_text: bool = False) 
             table.add_row(str(count), Text(short(answer, 72)))
         console.print(table)
     t = result.timings
+    now = f" ({t['tokens_decoded']:,} decoded now)" if t["tokens_decoded"] != result.tokens_generated else ""
     console.print(Text(f"{len(result.rounds)} rounds · {sum(len(r.rollouts) for r in result.rounds)} rollouts · "
-                       f"{result.tokens_generated:,} tokens in {clock(t['total_s'])} · {t['tokens_per_s']:,.1f} tok/s",
-                       style="dim"))
+                       f"{result.tokens_generated:,} tokens{now} in {clock(t['total_s'])} · {t['tokens_per_s']:,.1f} "
+                       "tok/s", style="dim"))
 
 
 # --- /rsa in `zaya chat` ------------------------------------------------------------------------------------------

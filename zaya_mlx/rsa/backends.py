@@ -9,6 +9,7 @@ same two methods.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Optional, Protocol, Sequence
 
 Key = tuple  # (round, index)
@@ -46,6 +47,7 @@ class ModelBackend:
         self.prefix_cache_size = prefix_cache_size
         self._prefixes: dict[tuple, list] = {}
         self._keys: dict[int, Key] = {}
+        self._prefix_tokens, self._prefix_s = 0, 0.0  # the shared prefixes' prefill, outside the generator
 
     def _prefix_cache(self, prefix: tuple):
         import mlx.core as mx
@@ -55,10 +57,13 @@ class ModelBackend:
         if prefix not in self._prefixes:
             while len(self._prefixes) >= self.prefix_cache_size:
                 self._prefixes.pop(next(iter(self._prefixes)))
+            tic = time.perf_counter()
             cache = self.model.make_cache()
             prefill(self.model, list(prefix), cache, self.prefill_step_size)
             mx.eval([c.state for c in cache])
             self._prefixes[prefix] = cache
+            self._prefix_tokens += len(prefix)
+            self._prefix_s += time.perf_counter() - tic
         return self._prefixes[prefix]
 
     def start(self, key, prompt, *, max_tokens, sampling, seed, prefix=()):
@@ -85,7 +90,8 @@ class ModelBackend:
 
     def counters(self) -> dict:
         c = getattr(self.generator, "_counters", None)
-        return {"prompt_tokens": getattr(c, "prompt_tokens", 0), "prompt_s": getattr(c, "prompt_time", 0.0),
+        return {"prompt_tokens": getattr(c, "prompt_tokens", 0) + self._prefix_tokens,
+                "prompt_s": getattr(c, "prompt_time", 0.0) + self._prefix_s,
                 "generation_tokens": getattr(c, "generation_tokens", 0), "decode_s": getattr(c, "decode_time", 0.0)}
 
     def close(self):

@@ -475,7 +475,8 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
                "total_tokens": prompt_tokens + completion},
         params=params, seed=seed, plan=plan,
         timings={"total_s": total_s, "rounds_s": [rd.seconds for rd in rounds],
-                 "tokens_per_s": engine.tokens / max(total_s, 1e-9), "steps": engine.steps,
+                 "tokens_decoded": engine.tokens, "tokens_per_s": engine.tokens / max(total_s, 1e-9),
+                 "steps": engine.steps,
                  "idle_slot_steps": engine.idle_slot_steps, **counters},
         run_dir=str(journal.path) if journal is not None else None)
     if journal is not None:

@@ -209,10 +209,12 @@ def measured_rate(root, model_hash: str, device: str) -> Optional[dict]:
     return max(found, key=lambda x: x[0])[1] if found else None
 
 
-def estimate_line(plan, rate: Optional[dict]) -> str:
-    """The time a run may take at a rate measured before (at most: every rollout at its full budget)."""
+def estimate_line(plan, rate: Optional[dict], tokens: Optional[int] = None) -> str:
+    """The time `tokens` new tokens (default: the plan's worst case, every rollout at its full budget) may take
+    at a rate measured before."""
     if rate is None:
         return "time: no rate measured on this machine yet for this model; the view estimates it as the run goes"
     tps = rate["tokens_per_s"]
-    return (f"time: at most {clock(plan.worst_case_tokens / tps)} for {plan.worst_case_tokens:,} tokens at "
+    tokens = plan.worst_case_tokens if tokens is None else tokens
+    return (f"time: at most {clock(tokens / tps)} for {tokens:,} tokens at "
             f"{tps:,.1f} tok/s ({rate['slots']} slots, measured {rate['when'][:10]})")
