@@ -28,7 +28,7 @@ import mlx.nn as nn  # noqa: E402
 from zaya_mlx import kernels  # noqa: E402
 from zaya_mlx.config import ZayaConfig  # noqa: E402
 from zaya_mlx.kernels import attention  # noqa: E402
-from zaya_mlx.model import kv_capacity  # noqa: E402
+from zaya_mlx.decode import kv_capacity  # noqa: E402
 
 
 def _rnd(*shape, scale=1.0, dtype=mx.bfloat16):

@@ -9,7 +9,7 @@ arguments, grid, output shapes) run unchanged against it (see ``emulated``).
 
 What this checks: the bodies' indexing, synchronisation and arithmetic, in float32 as on the GPU. What it does
 not: a back end's own compiler, memory model or speed. The CUDA twins run on an NVIDIA GPU
-(bench/run_on_device.sh); the Metal twins need a Mac.
+(dev/run_on_device.sh); the Metal twins need a Mac.
 """
 
 from __future__ import annotations

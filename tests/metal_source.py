@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 
 from zaya_mlx import kernels
+from zaya_mlx.decode import DecodeOptions
 from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, router
 
 CLANG = shutil.which("clang++") or shutil.which("clang")
@@ -216,14 +217,14 @@ def _lazy_zaya(step: Step):
     recorded, so nothing is computed or allocated."""
     from mlx.utils import tree_map_with_path
 
-    from zaya_mlx.benchmark import QUANTIZED_PATHS, _quantize, full_config
+    from zaya_mlx.benchmark import QUANTIZED_PATHS, full_config, quantize_like_a_recipe
     from zaya_mlx.model import Model
 
     model = Model(full_config(num_hidden_layers=2, layer_types=["hybrid"] * 2))
     model.update(tree_map_with_path(
         lambda k, v: v if "balancing_biases" in k or not mx.issubdtype(v.dtype, mx.floating) else v.astype(step.dtype),
         model.parameters()))
-    _quantize(model, step.quant, QUANTIZED_PATHS)
+    quantize_like_a_recipe(model, step.quant, QUANTIZED_PATHS)
     return model
 
 
@@ -244,13 +245,12 @@ def step_launches(step: Step) -> list[Launch]:
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
     cache = model.make_cache()
-    saved = {k: os.environ.get(k) for k in ("ZAYA_FUSED", "ZAYA_COMPILE")}
     real_supported, real_single = attention.cca_kernel_supported, attention.SINGLE_PASS_MAX
     try:
-        os.environ.update(ZAYA_FUSED="0", ZAYA_COMPILE="0")
+        model.decode_options = DecodeOptions(fused=False, compile=False)
         if not step.full:
             mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
-        os.environ["ZAYA_FUSED"] = "1"
+        model.decode_options = DecodeOptions(fused=True, compile=False)
         if not step.cca_inside:
             attention.cca_kernel_supported = lambda *a, **k: False
         if step.split:
@@ -260,9 +260,4 @@ def step_launches(step: Step) -> list[Launch]:
                 model(mx.array([[9]], dtype=mx.int32), cache)
     finally:
         attention.cca_kernel_supported, attention.SINGLE_PASS_MAX = real_supported, real_single
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return launches

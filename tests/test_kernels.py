@@ -1,18 +1,14 @@
 """Fused decode ops: references against independent truth (CPU), kernels against references (GPU).
 
 On the CPU only the references run: they are checked against transformers' modules (the semantics) or
-numpy with dequantized weights. Where MLX has a GPU back end (Metal, or CUDA: bench/run_on_device.sh
+numpy with dequantized weights. Where MLX has a GPU back end (Metal, or CUDA: dev/run_on_device.sh
 runs this file on an NVIDIA GPU), each kernel is checked against its reference for bfloat16, float32
 and quantized weights, odd shapes and batches > 1; those tests skip elsewhere.
 """
 
 import dataclasses
-import math
 import os
 import re
-import shutil
-import subprocess
-import sys
 import typing
 
 import mlx.core as mx
@@ -38,6 +34,7 @@ from zaya_mlx.kernels import (
     router_mlp,
     router_mlp_reference,
 )
+from zaya_mlx.decode import DecodeOptions
 from zaya_mlx.kernels import RouterWeights, _build, attention, cca, experts, head, norms
 from zaya_mlx.kernels.cca import write_kv_reference
 
@@ -135,29 +132,6 @@ def _included(text: str) -> str:
     return open(m.group(1)).read() if m else text
 
 
-def test_every_gpu_test_is_in_a_group_the_device_script_runs():
-    """bench/run_on_device.sh runs this file's GPU tests in groups chosen by name (pytest -k); a test no group's
-    name matches never runs on a GPU (the LM head's did not, from the groups' start to the fifteenth session)."""
-    root = os.path.join(os.path.dirname(__file__), "..")
-    script = open(os.path.join(root, "bench", "run_on_device.sh")).read()
-    groups = re.search(r'TEST_GROUPS:-([^}"]+)', script).group(1).split(";")
-    words = [w.strip() for g in groups for w in g.split(" or ")]
-    gpu_tests = re.findall(r"^@gpu_only\n(?:@.*\n)*def (test_\w+)", open(__file__).read(), re.M)
-    assert len(gpu_tests) > 10
-    assert [t for t in gpu_tests if not any(w in t for w in words)] == []
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc to compile the CUDA twins")
-def test_cuda_twins_compile_and_fit_an_sm():
-    """bench/nvcc_check.py: every CUDA twin compiles as MLX assembles it, its registers times its threads fit an
-    SM (else the launch fails on the GPU), and its threadgroup memory fits Metal's 32 KB."""
-    root = os.path.join(os.path.dirname(__file__), "..")
-    r = subprocess.run([sys.executable, os.path.join(root, "bench", "nvcc_check.py")], capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:]
-    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") >= 20
-
-
 def test_compact_drops_comments_indentation_and_blank_lines_only():
     text = ('  int a = 1;  // one\n\n/* two\n  lines */ int b = 2;\n#define M(x) \\\n    (x)  /* m */\n'
             'const char* s = "a // b /* c */";\n\t}\n')
@@ -224,12 +198,9 @@ def test_on_cuda_the_header_and_body_are_includes_of_files_saved_once_by_their_c
     assert _build.kernel_source("router_mlp.h", "cuda") == (text_header, text_source)  # no include line can name it
 
 
-def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies(monkeypatch):
-    """zaya bench --host-floor: the same kernels with nothing in their bodies, under other names, then the real
-    ones again. MLX caches a compiled kernel by its name and template arguments (MLX-CUDA on disk too), so a body
-    under a name the real one had would run the real code."""
-    from zaya_mlx.benchmark import build_zaya, empty_kernels, small_config
-
+def test_an_edited_body_compiles_under_another_name(monkeypatch):
+    """MLX caches a compiled kernel by its name and template arguments (MLX-CUDA on disk too, across processes): a
+    body edited since must get another name, or the old compiled code would run."""
     names = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: names.append(kw["name"]) or kw)
 
@@ -238,22 +209,16 @@ def test_empty_kernels_keeps_the_helpers_and_restores_the_bodies(monkeypatch):
         _build.get_kernel("router_mlp.h", "cuda", ("r",), ("choice",))
         return names[-1]
 
-    model = build_zaya(small_config())
-    body = open(os.path.join(os.path.dirname(__file__), "..", "metal", "router_mlp.h")).read()
     real = name_of_router_kernel()
-    real_header, real_source = _build.kernel_source("router_mlp.h", "cuda")
-    with empty_kernels(model):
-        header, source = _build.kernel_source("router_mlp.h", "cuda")
-        assert header == real_header  # MLX-CUDA hashes the whole source at each launch: the floor's is as long
-        assert len(source) == len(real_source) and source != real_source
-        text = _included(source)
-        assert text.startswith("const int zk_tid") and "\n#if 0\n" in text and text.endswith("\n#endif")
-        assert len(text) == len(_included(real_source)) + len("\n#if 0\n#endif")
-        empty = name_of_router_kernel()
-    assert _build.kernel_source("router_mlp.h", "cuda") == (real_header, real_source)
-    assert _included(real_source).endswith(_build.compact(body))
+    source = _build._source
+    edit = ("const int n = zk_bx;", "const int n = 0 + zk_bx;")
+    assert edit[0] in source("router_mlp.h")
+    monkeypatch.setattr(_build, "_source", lambda name: source(name).replace(*edit)
+                        if name == "router_mlp.h" else source(name))
+    edited = name_of_router_kernel()
+    monkeypatch.setattr(_build, "_source", source)
     assert name_of_router_kernel() == real
-    assert real.startswith("zaya_router_mlp_") and empty.startswith("zaya_router_mlp_") and empty != real
+    assert real.startswith("zaya_router_mlp_") and edited.startswith("zaya_router_mlp_") and edited != real
     _build.get_kernel.cache_clear()  # the fake kernels must not outlive the test
 
 
@@ -899,7 +864,6 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
     tol = max(1e-4, F32) if dtype == mx.float32 else BF16_LOGITS
-    monkeypatch.setenv("ZAYA_FUSED", "1")  # restored after the test; fused_vs_plain switches it
     for batch, pads, prompt_len in ((1, None, 9), (1, None, 254), (3, [0, 2, 5], 9)):  # 254 + 3 outgrows 256 keys
         errors, cache = fused_vs_plain(model, model.args.vocab_size, batch, context=prompt_len, steps=3, left_padding=pads)
         assert max(errors) < tol, (batch, prompt_len, errors)
@@ -911,21 +875,20 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
 @gpu_only
 @pytest.mark.parametrize("quant", [None, "mxfp4"])
 def test_fused_decode_check_passes_with_the_real_kernels(quant, monkeypatch):
-    """ZAYA_FUSED auto: the first call checks the fused step and LM head kernel against the plain ops (see
-    model.fused_decode_works); with this GPU's real kernels it must pass, with no warning, or every user here would
+    """DecodeOptions(fused=None), the default: the first call checks the fused step and LM head kernel against the plain ops (see
+    FusedDecoder.works); with this GPU's real kernels it must pass, with no warning, or every user here would
     decode through the slow path."""
     import warnings
 
     from zaya_mlx.benchmark import build_zaya, small_config
 
-    monkeypatch.delenv("ZAYA_FUSED", raising=False)
     model = build_zaya(small_config(), quant, seed=2, dtype=mx.bfloat16 if quant else mx.float32)
     cache = model.make_cache()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
         mx.eval(model(mx.array([[9]], dtype=mx.int32), cache))
-    assert model.model._fused_checked == {backend(): True}
+    assert model.decoder.checked == {backend(): True}
 
 
 ATTENTION_CASES = [  # B, NH, NKV, D, length, capacity, left padding, window
@@ -1078,7 +1041,7 @@ def test_residual_norm_kernel_sums_partial_outputs(N, dtype):
 
 def test_kv_capacity_doubles_then_grows_by_kv_growth():
     """Few buffer sizes (each retraces the compiled step): powers of two from 256 up to 4096, then steps of 4096."""
-    from zaya_mlx.model import kv_capacity
+    from zaya_mlx.decode import kv_capacity
 
     needed = (1, 256, 257, 1000, 4096, 4097, 8193)
     assert [kv_capacity(n) for n in needed] == [256, 256, 512, 1024, 4096, 8192, 12288]
@@ -1095,16 +1058,16 @@ def test_fused_decode_follows_replaced_weights(monkeypatch):
     prompt = mx.random.randint(0, 512, (1, 6)).astype(mx.int32)
     tok = mx.array([[3]], dtype=mx.int32)
 
-    def step(mode):
-        monkeypatch.setenv("ZAYA_FUSED", mode)
+    def step(on):
+        model.decode_options = DecodeOptions(fused=on)
         cache = model.make_cache()
         model(prompt, cache)
         return model(tok, cache)
 
-    before = step("1")
+    before = step(True)
     scaled = [(k, v * 1.5) for k, v in tree_flatten(model.parameters()) if "o_proj.weight" in k]
     model.update(tree_unflatten(scaled))
-    plain, fused = step("0"), step("1")
+    plain, fused = step(False), step(True)
     assert float(mx.abs(fused - before).max()) > 1e-3  # the change is visible at all
     assert float(mx.abs(fused - plain).max() / mx.abs(plain).max()) < max(1e-4, F32)
 
@@ -1147,8 +1110,6 @@ def _recorded_step(monkeypatch, quant, router):
     launches = _record_launches(monkeypatch)
     for m in (_build, attention, cca, experts, head, norms, router_mod, kernels_pkg):
         monkeypatch.setattr(m, "backend", lambda: "cuda")
-    monkeypatch.setenv("ZAYA_COMPILE", "0")
-    monkeypatch.setenv("ZAYA_FUSED", "1")
     cfg = small_config()
     if router == "wide":
         cfg = dataclasses.replace(cfg, router_hidden_size=256)
@@ -1157,9 +1118,9 @@ def _recorded_step(monkeypatch, quant, router):
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
     cache = model.make_cache()
-    with monkeypatch.context() as m:  # the prompt through the plain ops
-        m.setenv("ZAYA_FUSED", "0")
-        mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
+    model.decode_options = DecodeOptions(fused=False, compile=False)  # the prompt through the plain ops
+    mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
+    model.decode_options = DecodeOptions(fused=True, compile=False)
     model(mx.array([[9]], dtype=mx.int32), cache)
     launches.clear()
     for _ in range(2):  # two steps on the buffers the first one made, the second's token not from the first's logits
@@ -1215,16 +1176,3 @@ def test_fused_step_orders_every_in_place_write(quant, router, one_launch, monke
                 reads_since.setdefault(id(a), []).append(k)
         for o in outs:
             producer[id(o)] = k
-
-
-def test_fused_step_makes_new_outputs_with_in_place_off(monkeypatch):
-    """ZAYA_IN_PLACE=0 (`bench/ab_one_process.py --what in-place`'s other side): the same launches, and the residual
-    norms make new outputs instead of writing into the step's arrays."""
-    on = _recorded_step(monkeypatch, None, "wide")
-    monkeypatch.setenv("ZAYA_IN_PLACE", "0")
-    off = _recorded_step(monkeypatch, None, "wide")
-    assert [launch.body for launch in off] == [launch.body for launch in on]
-    assert not any(_writes_in_place(launch.args) for launch in off)
-    # after attention the stream, router state and zero row, after the MoE the stream: 4 a layer, 2 layers, 2 steps
-    # (the CCA step runs inside attention, so its query is no output either way)
-    assert sum(len(launch.outs) for launch in off) == sum(len(launch.outs) for launch in on) + 4 * 2 * 2

@@ -15,6 +15,7 @@ import kernel_emulator
 from kernel_emulator import emulated
 from test_kernels import (BF16_LOGITS, _cca_attention_case, _cca_attention_reference, _expert_inputs, _expert_numpy,
                           _router_weights, linear, rnd)
+from zaya_mlx.decode import DecodeOptions
 from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, head, norms, router
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
@@ -349,10 +350,9 @@ def test_fused_decode_runs_the_bodies_like_the_plain_ops(quant, monkeypatch):
     GPU) gives the plain ops' logits, for a lone sequence and a left-padded batch."""
     from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
 
-    monkeypatch.setenv("ZAYA_COMPILE", "0")
-    monkeypatch.setenv("ZAYA_FUSED", "1")  # restored after the test; fused_vs_plain switches it
     dtype = mx.bfloat16 if quant else mx.float32
     model = build_zaya(small_config(), quant, seed=2, dtype=dtype)
+    model.decode_options = DecodeOptions(compile=False)  # an emulated kernel reads its inputs' values
     for batch, pads in ((1, None), (2, [0, 3])):
         errors, _ = fused_vs_plain(model, model.args.vocab_size, batch, context=6, steps=2, left_padding=pads, fused_context=emulated)
         assert max(errors) < (1e-4 if dtype == mx.float32 else BF16_LOGITS), (batch, errors)
@@ -364,9 +364,8 @@ def test_fused_decode_writes_only_buffers_it_owns(monkeypatch):
     of the held positions keeps its values across a trim and the next step."""
     from zaya_mlx.benchmark import build_zaya, small_config
 
-    monkeypatch.setenv("ZAYA_COMPILE", "0")
-    monkeypatch.setenv("ZAYA_FUSED", "1")
     model = build_zaya(small_config(), None, seed=3, dtype=mx.float32)
+    model.decode_options = DecodeOptions(fused=True, compile=False)
     cache = model.make_cache()
     model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache)
     kv = cache[0][0]
@@ -391,25 +390,25 @@ def test_fused_decode_writes_only_buffers_it_owns(monkeypatch):
 
 
 def _first_decode(model, monkeypatch, plain=False):
-    """Logits of a prompt's first decode step (ZAYA_FUSED auto, the kernels emulated; plain: ZAYA_FUSED=0)."""
+    """Logits of a prompt's first decode step (fused=None, the default, the kernels emulated; plain: fused=False)."""
     cache = model.make_cache()
     mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
-    with monkeypatch.context() as m:
-        if plain:
-            m.setenv("ZAYA_FUSED", "0")
+    options = model.decode_options
+    model.decode_options = DecodeOptions(fused=False if plain else None, compile=False)
+    try:
         with emulated():
             return np.array(model(mx.array([[9]], dtype=mx.int32), cache))
+    finally:
+        model.decode_options = options
 
 
 def test_fused_decode_is_checked_before_it_serves(monkeypatch):
-    """On a GPU (ZAYA_FUSED auto) the first decode step checks the fused step and LM head kernel against the plain
+    """On a GPU (fused=None, the default) the first decode step checks the fused step and LM head kernel against the plain
     ops once a model; here they pass (the bodies emulated), so the step runs them, with no warning."""
     import warnings
 
     from zaya_mlx.benchmark import build_zaya, small_config
 
-    monkeypatch.setenv("ZAYA_COMPILE", "0")
-    monkeypatch.delenv("ZAYA_FUSED", raising=False)
     model = build_zaya(small_config(), "mxfp4", seed=4, dtype=mx.bfloat16)
     launches = []
     real = kernel_emulator.EmulatedKernel.__call__
@@ -418,7 +417,7 @@ def test_fused_decode_is_checked_before_it_serves(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _first_decode(model, monkeypatch)
-    assert model.model._fused_checked == {"cuda": True}
+    assert model.decoder.checked == {"cuda": True}
     assert "decode_attention.h" in launches and "cca_decode.h" not in launches  # the CCA step inside attention
     checked = len(launches)
     _first_decode(model, monkeypatch)  # checked once: this step alone launches kernels
@@ -432,8 +431,6 @@ def test_a_failing_fused_kernel_falls_back_to_the_plain_ops(failure, monkeypatch
     from zaya_mlx import kernels
     from zaya_mlx.benchmark import build_zaya, small_config
 
-    monkeypatch.setenv("ZAYA_COMPILE", "0")
-    monkeypatch.delenv("ZAYA_FUSED", raising=False)
     model = build_zaya(small_config(), None, seed=4, dtype=mx.float32)
     want = _first_decode(model, monkeypatch, plain=True)
     real = kernels.cca_decode_attention
@@ -450,5 +447,5 @@ def test_a_failing_fused_kernel_falls_back_to_the_plain_ops(failure, monkeypatch
         _first_decode(model, monkeypatch)
     assert len(record) == 1
     assert ("Unable to build" if failure == "raises" else "differ") in str(record[0].message)
-    assert model.model._fused_checked == {"cuda": False}
+    assert model.decoder.checked == {"cuda": False}
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,8 @@ ONE_END = ("Now, based on the original problem and the reference response above,
 def test_aggregation_prompt_for_several_candidates_is_zyphras_text():
     question = "  Find x if 2x = 6. "
     candidates = ["  so x = 3\n", "x is \\boxed{3}", "\tmaybe 4  "]
-    lines = [MULTI_INTRO, "[[ Problem ]]:\n", "Find x if 2x = 6.\n", "[[ Candidate solutions (may contain mistakes) ]]:\n",
+    lines = [MULTI_INTRO, "[[ Problem ]]:\n", "Find x if 2x = 6.\n",
+             "[[ Candidate solutions (may contain mistakes) ]]:\n",
              "---- Solution 1 ----\nso x = 3\n", "---- Solution 2 ----\nx is \\boxed{3}\n",
              "---- Solution 3 ----\nmaybe 4\n", MULTI_END]
     assert rsa.aggregation_text(question, candidates) == "\n".join(lines)
@@ -206,3 +207,36 @@ def test_vote_counts_equivalent_answers_together_and_breaks_ties_by_first():
 ])
 def test_extract_answer(text, expected):
     assert rsa.extract_answer(text) == expected
+
+
+# --- the memory plan on the 8B's shapes ---------------------------------------------------------------------------
+
+GB = 10**9
+
+
+def test_the_plan_sizes_every_slot_for_the_longest_round():
+    from zaya_mlx.config import ZayaConfig
+
+    args = ZayaConfig()
+    kv = 40 * 2 * 2 * 128 * 2  # layers x (K, V) x KV heads x head_dim x bf16 bytes: 40 KB a token
+    assert rsa.kv_bytes_per_token(args, 2) == kv == 40960
+    p = rsa.RSAParams.preset("zyphra")
+    fixed = 300  # an aggregation prompt's ids besides its candidates
+    aggregate = fixed + 4 * (2 * 4096 + 8)  # K candidates at two tokens a word, plus the in-context margin
+    plan = rsa.plan_memory(args, p, prompt_tokens=200, aggregate_tokens=aggregate, head_tokens=250,
+                           weights_bytes=17 * GB, budget_bytes=500 * GB)
+    assert plan.context_bound == aggregate + 61440  # the final round's max_tokens on the longest prompt
+    assert plan.sequence_bytes == 2 * 256 * -(-plan.context_bound // 256) * kv + rsa.state_bytes_per_sequence(args)
+    assert plan.slots == 32 and plan.rollouts == 8 * 32 + 1 and plan.worst_case_tokens == 8 * 32 * 32768 + 61440
+    small = rsa.plan_memory(args, p, prompt_tokens=200, aggregate_tokens=aggregate, head_tokens=250,
+                            weights_bytes=17 * GB, budget_bytes=60 * GB)
+    assert 1 <= small.slots < 32 and small.peak_bytes <= 60 * GB
+    with pytest.raises(ZayaError, match="lower --max-tokens"):  # over the 131K context
+        rsa.plan_memory(args, p.replace(max_tokens=120000), prompt_tokens=200, aggregate_tokens=aggregate,
+                        budget_bytes=500 * GB)
+    with pytest.raises(ZayaError, match="the prompt is 140,000 tokens"):
+        rsa.plan_memory(args, p, prompt_tokens=140000, aggregate_tokens=aggregate, budget_bytes=500 * GB)
+    with pytest.raises(ZayaError, match="quantized"):
+        rsa.plan_memory(args, p, prompt_tokens=200, aggregate_tokens=aggregate, weights_bytes=17 * GB,
+                        budget_bytes=10 * GB)
+

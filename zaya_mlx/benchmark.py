@@ -4,8 +4,7 @@ Builds the model from a ZayaConfig in memory (no checkpoint needed), random weig
 recipe in quantize/ does (experts, attention projections, tied embedding; router kept), and measures:
 weight bytes (all, and read per decoded token at batch 1), KV bytes per token, graph primitives per decoded
 token (the nodes `mx.export_to_dot` writes for one decode step), prefill and decode tokens/s, peak memory.
-Optionally the same decode figures for vMLX's ZAYA port (pip package `vmlx`, or its `models/zaya.py` given as a
-file) in the same run, for a ratio. Speeds are measured, never asserted: no timed tests.
+Speeds are measured, never asserted: no timed tests.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
-import importlib
-import importlib.util
 import os
 import re
 import statistics
@@ -28,7 +25,7 @@ from mlx.utils import tree_flatten
 
 from . import kernels
 from .config import ZayaConfig
-from .kernels import _build
+from .decode import DecodeOptions
 from .model import Model
 
 # quantization formats of the recipes (group size, bits, mode)
@@ -40,7 +37,6 @@ FORMATS = {
     "mxfp8": (32, 8, "mxfp8"),
 }
 QUANTIZED_PATHS = re.compile(r"(mlp\.experts\.|qkv_proj\.in_proj|self_attn\.o_proj|embed_tokens|lm_head)")
-VMLX_QUANTIZED_PATHS = re.compile(r"(switch_mlp|qkv\.linear_q|qkv\.linear_k|qkv\.val_proj|self_attn\.o_proj|embed_tokens|lm_head)")
 
 
 def full_config(**overrides) -> ZayaConfig:
@@ -54,7 +50,7 @@ def small_config() -> ZayaConfig:
                       head_dim=64, moe_intermediate_size=256, num_experts=4, router_hidden_size=64)
 
 
-def _quantize(model: nn.Module, quant: str | None, paths: re.Pattern) -> None:
+def quantize_like_a_recipe(model: nn.Module, quant: str | None, paths: re.Pattern) -> None:
     if not quant or quant in UNQUANTIZED:
         return
     group_size, bits, mode = FORMATS[quant]
@@ -65,7 +61,7 @@ def _quantize(model: nn.Module, quant: str | None, paths: re.Pattern) -> None:
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=pred)
 
 
-def _materialize(model: nn.Module, dtype=mx.bfloat16) -> None:
+def materialize(model: nn.Module, dtype=mx.bfloat16) -> None:
     """Random init -> dtype, one layer at a time (bounded peak memory); router balancing biases stay fp32."""
     from mlx.utils import tree_unflatten
 
@@ -88,42 +84,8 @@ def build_zaya(config: ZayaConfig, quant: str | None = None, seed: int = 0, dtyp
         layer.self_attn.qk_norm.temp = mx.ones_like(layer.self_attn.qk_norm.temp)
         gate = layer.mlp.gate  # spread the routing: random balancing biases, a live skip choice
         gate.balancing_biases = mx.random.normal(gate.balancing_biases.shape) * 0.02
-    _materialize(model, dtype)
-    _quantize(model, quant, QUANTIZED_PATHS)
-    mx.eval(model.parameters())
-    return model
-
-
-def load_vmlx_module(path: str | None = None):
-    """vMLX's ZAYA model module: from the installed package, or from a copy of its models/zaya.py."""
-    path = path or os.environ.get("ZAYA_VMLX_FILE")
-    if path:
-        import sys
-
-        spec = importlib.util.spec_from_file_location("vmlx_zaya", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["vmlx_zaya"] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-        return mod
-    return importlib.import_module("vmlx_engine.models.zaya")
-
-
-def build_vmlx(mod, config: ZayaConfig, quant: str | None = None, seed: int = 0):
-    """vMLX's port (Zyphra's legacy 80-layer layout: attention and MoE alternate) with the same shapes."""
-    mx.random.seed(seed)
-    args = mod.ModelArgs(
-        hidden_size=config.hidden_size, num_hidden_layers=2 * config.num_hidden_layers,
-        ffn_hidden_size=2 * config.moe_intermediate_size, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, num_query_groups=config.num_key_value_heads,
-        cca_num_q_heads=config.num_attention_heads, kv_channels=config.head_dim, vocab_size=config.vocab_size,
-        num_experts=config.num_experts, zaya_mlp_expansion=config.router_hidden_size,
-    )
-    model = mod.Model(args)
-    for layer in model.layers:
-        if getattr(layer, "self_attn", None) is not None:
-            layer.self_attn.qkv.temp = mx.ones_like(layer.self_attn.qkv.temp)
-    _materialize(model)
-    _quantize(model, quant, VMLX_QUANTIZED_PATHS)
+    materialize(model, dtype)
+    quantize_like_a_recipe(model, quant, QUANTIZED_PATHS)
     mx.eval(model.parameters())
     return model
 
@@ -139,6 +101,11 @@ def weight_bytes(model: nn.Module, num_experts: int) -> tuple[int, int]:
         if "experts" in k or "switch_mlp" in k:
             expert += v.nbytes
     return total, total - expert + expert // num_experts
+
+
+def kv_bytes_per_token(config: ZayaConfig, dtype=mx.bfloat16) -> int:
+    """Bytes of keys and values one token adds to the cache, over all layers."""
+    return 2 * config.num_key_value_heads * config.head_dim * dtype.size * config.num_hidden_layers
 
 
 def _cache_arrays(cache) -> list:
@@ -285,10 +252,6 @@ class Result:
         self.build_ms[batch] = timing.build_ms
 
 
-def _fused(mode: str):
-    os.environ["ZAYA_FUSED"] = mode
-
-
 def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: int = 512, context: int = 256,
                steps: int = 64, fused: bool = True, check: bool = True, log=print, compiled: bool = True,
                model: Model | None = None, label: str | None = None, prefill: bool = True, runs: int = 1) -> Result:
@@ -301,10 +264,8 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
     total, per_tok = weight_bytes(model, config.num_experts)
     name = label or (("zaya-mlx (fused decode)" if compiled else "zaya-mlx (fused, not compiled)") if fused
                      else "zaya-mlx (plain ops)")
-    os.environ["ZAYA_COMPILE"] = "1" if compiled else "0"
     res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
-    dt = mx.bfloat16.size
-    res.kv_bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * dt * config.num_hidden_layers
+    res.kv_bytes_per_token = kv_bytes_per_token(config)
 
     def hidden(tokens, cache):
         return model.model(tokens, cache)
@@ -312,7 +273,8 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
     def head(h):
         return (model.lm_head(h) if "lm_head" in model else model.model.embed_tokens.as_linear(h)).astype(mx.float32)
 
-    _fused("1" if fused else "0")
+    options = model.decode_options
+    model.decode_options = DecodeOptions(fused=fused, kernels=options.kernels, compile=compiled)
     try:
         for b in batches:
             n, kinds, res.arguments_per_step[b] = count_primitives(model, model.make_cache, b)
@@ -331,8 +293,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
             res.max_rel_logit_diff = max(fused_vs_plain(model, config.vocab_size, batch=max(batches))[0])
             log(f"  fused vs plain decode logits: max |diff| / max |logit| = {res.max_rel_logit_diff:.2e}")
     finally:
-        os.environ.pop("ZAYA_FUSED", None)
-        os.environ.pop("ZAYA_COMPILE", None)
+        model.decode_options = options
     res.peak_gb = mx.get_peak_memory() / 1e9
     if own:
         del model
@@ -345,50 +306,33 @@ def fused_vs_plain(model: Model, vocab: int, batch: int = 2, context: int = 24, 
                    left_padding: list | None = None, fused_context=contextlib.nullcontext) -> tuple[list, list]:
     """Fused path against the model's plain ops: a random prompt prefilled into two caches, then `steps` decode
     steps of the plain path's greedy choice through both (the fused ones inside fused_context()). Returns (each
-    step's max |logit difference| / max |logit|, the fused path's cache)."""
+    step's max |logit difference| / max |logit|, the fused path's cache). The model's options are kept but for
+    ``fused``, and restored after."""
+    options = model.decode_options
+    sides = {on: DecodeOptions(fused=on, kernels=options.kernels, compile=options.compile) for on in (False, True)}
     tokens = mx.random.randint(0, vocab, (batch, context)).astype(mx.int32)
     caches, last = {}, {}
-    for m in ("0", "1"):
-        _fused(m)
-        caches[m] = model.make_cache(left_padding)
-        last[m] = _argmax_last(model(tokens, caches[m]))
-        mx.eval(last[m], _cache_arrays(caches[m]))
-    tok = last["0"]
-    errors = []
-    for _ in range(steps):
-        _fused("0")
-        plain = model(tok, caches["0"])
-        mx.eval(plain)
-        _fused("1")
-        with fused_context():
-            fused = model(tok, caches["1"])
-            mx.eval(fused)
-        errors.append((mx.abs(fused - plain).max() / mx.abs(plain).max()).item())
-        tok = _argmax_last(plain)
-    return errors, caches["1"]
-
-
-def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context: int = 256, steps: int = 16,
-               log=print, runs: int = 1) -> Result:
-    mx.reset_peak_memory()
-    model = build_vmlx(mod, config, quant)
-    total, per_tok = weight_bytes(model, config.num_experts)
-    res = Result("vMLX ZAYA port", quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
-    res.kv_bytes_per_token = 2 * config.num_key_value_heads * config.head_dim * mx.bfloat16.size * config.num_hidden_layers
-    for b in batches:
-        n, kinds, res.arguments_per_step[b] = count_primitives(model, model.make_cache, b)
-        res.primitives_per_step[b] = n
-        if b == batches[0]:
-            res.primitive_kinds = kinds
-        timing = median_decode(model, model.make_cache, b, context, steps, config.vocab_size, runs)
-        res.add_decode(b, timing)
-        log(f"  batch {b}: {n} primitives/step ({_arguments(res, b)}), decode {timing.tps:.1f} tok/s{timing.runs()} "
-            f"(graph building {timing.build_ms:.2f} ms/step)")
-    res.peak_gb = mx.get_peak_memory() / 1e9
-    del model
-    gc.collect()  # the compiled step functions hold the model in a reference cycle
-    mx.clear_cache()
-    return res
+    try:
+        for on in (False, True):
+            model.decode_options = sides[on]
+            caches[on] = model.make_cache(left_padding)
+            last[on] = _argmax_last(model(tokens, caches[on]))
+            mx.eval(last[on], _cache_arrays(caches[on]))
+        tok = last[False]
+        errors = []
+        for _ in range(steps):
+            model.decode_options = sides[False]
+            plain = model(tok, caches[False])
+            mx.eval(plain)
+            model.decode_options = sides[True]
+            with fused_context():
+                fused = model(tok, caches[True])
+                mx.eval(fused)
+            errors.append((mx.abs(fused - plain).max() / mx.abs(plain).max()).item())
+            tok = _argmax_last(plain)
+    finally:
+        model.decode_options = options
+    return errors, caches[True]
 
 
 def markdown(results: list[Result], command: str) -> str:
@@ -405,37 +349,14 @@ def markdown(results: list[Result], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
-def empty_kernels(model: Model):
-    """Every custom kernel body emptied, for the model's fused decode: the same graph with no GPU work in our
-    kernels, so a step's time is the host's floor (building and encoding the graph) plus MLX's own ops."""
-    source = _build._source
-    # the body stays in the source, out of the compiler's sight: MLX-CUDA hashes a kernel's source at every launch,
-    # so the floor's kernels must be as long as the real ones, helpers included
-    _build._source = lambda name: (source(name) if name.startswith("prelude") or name == "common.h"
-                                   else "#if 0\n" + source(name) + "\n#endif\n")
-    reset_kernels(model)
-    try:
-        yield
-    finally:
-        _build._source = source
-        reset_kernels(model)
-
-
-def reset_kernels(model: Model):
-    """Assemble the kernels anew at the next step: drop the built ones and the compiled step functions, which hold
-    the kernels they traced."""
-    _build.get_kernel.cache_clear()
-    model.model.__dict__.pop("_fused_steps", None)
-
-
 def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps=64, small=False, plain=False,
-        vmlx: str | bool | None = None, host_floor=False, experts: int | None = None, runs: int = 3,
-        log=print) -> list[Result]:
+        experts: int | None = None, runs: int = 3, options: DecodeOptions | None = None, log=print) -> list[Result]:
     """The whole benchmark; returns one Result per (model, weights) measured. experts: fewer experts than the
     config's, for quick A/B runs: with top-1 routing a token reads one expert either way, so a step's graph and
     the bytes it reads stay the same (but for the router's output rows, one an expert) while the model builds in
-    seconds. runs: each decode rate is the median of this many timed runs, for every model alike."""
+    seconds. runs: each decode rate is the median of this many timed runs, for every model alike. options: the
+    models' decode options (their ``kernels``, and ``compile`` for the first fused run; the runs choose ``fused``)."""
+    options = options or DecodeOptions()
     config = small_config() if small else full_config()
     if experts is not None:
         config = replace(config, num_experts=experts)
@@ -444,8 +365,9 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
         q = None if q in UNQUANTIZED else q
         log(f"zaya-mlx {q or 'bf16'}:")
         model = build_zaya(config, q)
+        model.decode_options = options
         results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, log=log, model=model,
-                                  runs=runs))
+                                  compiled=options.compile, runs=runs))
         if plain:
             log(f"zaya-mlx {q or 'bf16'} (fused, not compiled):")
             results.append(bench_zaya(config, q, batches, prompt, context, steps, fused=True, check=False, log=log,
@@ -453,29 +375,9 @@ def run(quants=("bf16", "mxfp4"), batches=(1, 8), prompt=512, context=256, steps
             log(f"zaya-mlx {q or 'bf16'} (plain ops):")
             results.append(bench_zaya(config, q, batches, prompt, context, max(8, steps // 4), fused=False,
                                       check=False, log=log, model=model, runs=runs))
-        if host_floor and kernels.backend() != "cpu":
-            log(f"zaya-mlx {q or 'bf16'} (fused, kernel bodies empty):")
-            with empty_kernels(model):
-                results.append(bench_zaya(config, q, batches, prompt, context, steps, check=False, log=log,
-                                          model=model, label="zaya-mlx (fused, kernel bodies empty)",
-                                          prefill=False, runs=runs))
         del model
         gc.collect()
         mx.clear_cache()
-    if vmlx:
-        try:
-            mod = load_vmlx_module(vmlx if isinstance(vmlx, str) else None)
-        except Exception as e:  # noqa: BLE001
-            log(f"vMLX: not available ({type(e).__name__}: {e})")
-            mod = None
-        if mod is not None:
-            for q in quants:
-                q = None if q in UNQUANTIZED else q
-                log(f"vMLX {q or 'bf16'}:")
-                try:
-                    results.append(bench_vmlx(config, q, mod, (1,), context, 16, log=log, runs=runs))
-                except Exception as e:  # noqa: BLE001
-                    log(f"  vMLX {q or 'bf16'} failed: {type(e).__name__}: {e}")
     return results
 
 

@@ -1,4 +1,9 @@
-"""`zaya`: a thin typer CLI over the Python API. Each command only parses, calls the API and prints."""
+"""`zaya`: a thin typer CLI over the Python API. Each command only parses, calls the API and prints.
+
+The environment is read here and nowhere else: ZAYA_FUSED, ZAYA_KERNELS and ZAYA_COMPILE override the model's
+decode options (`decode_options`), and MLX's settings for the fused decode step (`decode.mlx_settings`) are applied
+unless the user has set them.
+"""
 
 import contextlib
 import os
@@ -18,6 +23,30 @@ from .files import write_text_atomic
 MAX_TOKENS = 16384
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ZAYA1 on MLX.")
+
+
+def _switch(name: str) -> Optional[bool]:
+    """An environment switch: True for 1/on/true/yes, False for 0/off/false/no, None where unset or other."""
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in ("1", "on", "true", "yes") else False if value in ("0", "off", "false", "no") else None
+
+
+def decode_options():
+    """The models' DecodeOptions: the defaults, with ZAYA_FUSED (1: always the fused step, 0: never; unset: on a
+    GPU once checked), ZAYA_KERNELS=0 (the kernels' plain-MLX references) and ZAYA_COMPILE=0 (no mx.compile)."""
+    from .decode import DecodeOptions
+
+    return DecodeOptions(fused=_switch("ZAYA_FUSED"), kernels=_switch("ZAYA_KERNELS") is not False,
+                         compile=_switch("ZAYA_COMPILE") is not False)
+
+
+def apply_mlx_settings() -> None:
+    """MLX's settings that the fused decode step is tuned for, where the user has not set them; before MLX's first
+    GPU evaluation, which reads them."""
+    from .decode import mlx_settings
+
+    for name, value in mlx_settings().items():
+        os.environ.setdefault(name, value)
 
 
 def fail(message: str) -> None:
@@ -64,7 +93,7 @@ def chat_command(
         log_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zaya-mlx" / "chat.log"
     if sys.stdin.isatty():
         typer.echo(f"loading {model}…")
-    loaded, tokenizer = load(model, dtype=dtype)
+    loaded, tokenizer = load(model, dtype=dtype, decode=decode_options())
     session = ChatSession(loaded, tokenizer, system=system, enable_thinking=not no_think, think_budget=budget,
                           temperature=temp, top_p=top_p, max_tokens=max_tokens, seed=seed)
     raise typer.Exit(run_chat(session, show_reasoning=show_reasoning, model_label=model, log_path=log_file))
@@ -99,7 +128,7 @@ def generate_command(
         prompt = sys.stdin.read()
     if not prompt.strip():
         fail("the prompt is empty")
-    llm, tokenizer = load(model, dtype=dtype)
+    llm, tokenizer = load(model, dtype=dtype, decode=decode_options())
     require_tokenizer(tokenizer)
     if raw:
         ids = prompt
@@ -213,6 +242,7 @@ def rsa_command(
     last round's response is the answer."""
     from pathlib import Path
 
+    import mlx.core as mx
     from rich.console import Console
 
     from . import rsa
@@ -223,7 +253,9 @@ def rsa_command(
 
     if problem == "-":
         problem = sys.stdin.read()
-    if resume is None and (problem is None or not problem.strip()):
+    if resume is None and problem is None:
+        fail("give a problem, or --resume DIR to continue a run")
+    if resume is None and not problem.strip():
         fail("the problem is empty")
     if json_out and (Path(json_out).is_dir() or not Path(json_out).expanduser().resolve().parent.is_dir()):
         fail(f"--json {json_out}: {'is a folder' if Path(json_out).is_dir() else 'its folder does not exist'}; "
@@ -267,9 +299,7 @@ def rsa_command(
     path = Path(identity["path"])
     console = Console(highlight=False, soft_wrap=True, quiet=not lead)
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
-        llm, tokenizer = load(path, dtype=dtype)
-    import mlx.core as mx
-
+        llm, tokenizer = load(path, dtype=dtype, decode=decode_options())
     budget = int(memory * 1e9) if memory else None
     device = f"{mx.default_device()} {mx.device_info().get('device_name', '')}".strip() + \
         (f" x{hosts.size} hosts" if hosts else "")
@@ -367,8 +397,6 @@ def bench_command(
     steps: int = typer.Option(64, "--steps", min=1, help="Decode steps timed."),
     runs: int = typer.Option(3, "--runs", min=1, help="Timed decode runs; each rate is their median."),
     plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
-    host_floor: bool = typer.Option(False, "--host-floor", help="Also time the fused path with every kernel body empty (GPU only): the host's floor for the same graph."),
-    vmlx: Optional[str] = typer.Option(None, "--vmlx", help="Compare with vMLX's ZAYA port: 'pip' (installed vmlx) or a path to its models/zaya.py."),
     small: bool = typer.Option(False, "--small", help="A tiny model of the same structure (a smoke run)."),
     experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Fewer experts (a token still reads one): the same step, a model that builds in seconds, for A/B runs."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here."),
@@ -392,8 +420,8 @@ def bench_command(
     results = run(
         quants=quants,
         batches=batches,
-        prompt=prompt, context=context, steps=steps, small=small, plain=plain, host_floor=host_floor, experts=experts,
-        vmlx=(True if vmlx == "pip" else vmlx), runs=runs, log=typer.echo,
+        prompt=prompt, context=context, steps=steps, small=small, plain=plain, experts=experts, runs=runs,
+        options=decode_options(), log=typer.echo,
     )
     table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     typer.echo(table)
@@ -417,7 +445,7 @@ def doctor_command(
 
     if quant not in (*UNQUANTIZED, *FORMATS):
         raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
-    report = diagnose(None if quant in UNQUANTIZED else quant)
+    report = diagnose(None if quant in UNQUANTIZED else quant, options=decode_options())
     typer.echo(report.text())
     raise typer.Exit(0 if all(k.ok for k in report.kernels) else 1)
 
@@ -433,6 +461,7 @@ def _one_line_warnings() -> None:
 
 def main() -> None:
     _one_line_warnings()
+    apply_mlx_settings()
     try:
         code = app(standalone_mode=False)  # usage errors come here, not to click's boxed message
     except ZayaError as e:

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from . import kernels
 from .benchmark import build_zaya, small_config
+from .decode import DecodeOptions
 
 # max |kernel - reference| / max |reference| that passes: bfloat16 kernels round in another order than MLX's ops
 TOLERANCE = {mx.bfloat16: 5e-2, mx.float32: 1e-3}
@@ -204,12 +205,14 @@ def kernel_checks(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> list:
     return [_compare(name, run, dtype) for name, run in cases]
 
 
-def short_run(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> tuple[int, float]:
+def short_run(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16,
+              options: Optional[DecodeOptions] = None) -> tuple[int, float]:
     """(peak memory in bytes, decoded tokens/s) of a prompt and DECODE_TOKENS greedy tokens of a tiny random model,
-    its weights included, the decode path chosen as for any model."""
+    its weights included, the decode path chosen as for any model with these options."""
     mx.synchronize()
     mx.reset_peak_memory()
     model = build_zaya(small_config(), quant, seed=0, dtype=dtype)
+    model.decode_options = options or DecodeOptions()
     cache = model.make_cache()
     tok = mx.argmax(model(mx.array([[1, 2, 3, 4, 5]], dtype=mx.int32), cache)[:, -1:], axis=-1).astype(mx.int32)
     mx.eval(tok)
@@ -221,24 +224,29 @@ def short_run(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> tuple[int, f
     return mx.get_peak_memory(), DECODE_TOKENS / max(elapsed, 1e-9)
 
 
-def decode_path(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> tuple[str, str]:
-    """(the path a model decodes through, why), for a tiny random model in ``quant`` on this back end."""
-    from .model import _check_fused_decode, _fused_mode
-
-    mode, back = _fused_mode(), kernels.backend()
-    if mode == "off":
+def decode_path(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16,
+                options: Optional[DecodeOptions] = None) -> tuple[str, str]:
+    """(the path a model with these options decodes through, why), for a tiny random model in ``quant`` on this
+    back end."""
+    options, back = options or DecodeOptions(), kernels.backend()
+    if options.fused is False:
         return "plain MLX ops", "ZAYA_FUSED=0"
-    if mode == "on":
+    if options.fused:
         return "fused step", "ZAYA_FUSED=1"
+    if not options.kernels:
+        return "plain MLX ops", "ZAYA_KERNELS=0"
     if back == "cpu":
         return "plain MLX ops", "the fused step runs only on a Metal or CUDA GPU"
-    why = _check_fused_decode(build_zaya(small_config(), quant, seed=0, dtype=dtype))
+    model = build_zaya(small_config(), quant, seed=0, dtype=dtype)
+    model.decode_options = options
+    why = model.decoder.check(model)
     if why is not None:
         return "plain MLX ops", f"the fused step failed its check: {why}"
     return "fused step with the kernels", f"its check against the plain ops passed on this {back} GPU"
 
 
-def diagnose(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> Report:
+def diagnose(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16, options: Optional[DecodeOptions] = None) -> Report:
+    """options: the decode options a model gets (`zaya doctor`: the environment's overrides)."""
     back = kernels.backend()
     if back == "cpu":
         note = ("not used: MLX runs on its CPU back end here, where each kernel's plain-MLX reference runs instead "
@@ -246,6 +254,6 @@ def diagnose(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> Report:
         checks = []
     else:
         note, checks = "", kernel_checks(quant, dtype)
-    path, reason = decode_path(quant, dtype)
-    peak, rate = short_run(quant, dtype)
+    path, reason = decode_path(quant, dtype, options)
+    peak, rate = short_run(quant, dtype, options)
     return Report(machine(), back, note, checks, path, reason, peak, rate)

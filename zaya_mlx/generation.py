@@ -64,13 +64,14 @@ class GenerationResult:
     peak_memory_gb: float = 0.0
 
 
-def load(path_or_repo, dtype=None):
+def load(path_or_repo, dtype=None, decode=None):
     """`(model, tokenizer)` from a folder or hub id. Without tokenizer files the tokenizer is a
-    `NoTokenizer`: token-id work runs, anything that needs text raises one ZayaError naming the folder."""
+    `NoTokenizer`: token-id work runs, anything that needs text raises one ZayaError naming the folder.
+    decode: the model's `DecodeOptions` (default: the fused decode step on a GPU, once checked)."""
     from .loading import load_model, resolve_model_path
 
     path = resolve_model_path(path_or_repo)
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, decode=decode)
     tokenizer = load_tokenizer(path)
     model.zaya_source = str(path_or_repo)
     return model, tokenizer

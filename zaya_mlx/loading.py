@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from . import layouts
 from .config import DEFAULT_MODEL, ZayaConfig
+from .decode import DecodeOptions
 from .errors import ZayaError
 from .model import Model
 
@@ -240,11 +241,14 @@ def to_dtype(dtype) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def load_model(path_or_repo: Union[str, Path] = DEFAULT_MODEL, dtype=None) -> Model:
-    """Load ZAYA1 from a folder or hub id in any supported layout; bf16 unless `dtype` says otherwise."""
+def load_model(path_or_repo: Union[str, Path] = DEFAULT_MODEL, dtype=None, decode: Optional[DecodeOptions] = None) -> Model:
+    """Load ZAYA1 from a folder or hub id in any supported layout; bf16 unless `dtype` says otherwise.
+    decode: the model's `DecodeOptions` (default: the fused decode step on a GPU, once checked)."""
     dtype = to_dtype(dtype)
     checkpoint = open_checkpoint(resolve_model_path(path_or_repo))
     model = empty_model(checkpoint.config, checkpoint.quantization, checkpoint.mapping)
     model.load_weights(list(checkpoint.iter_tensors(dtype)))
+    if decode is not None:
+        model.decode_options = decode
     model.eval()
     return model

@@ -6,9 +6,6 @@ This file is also mlx-lm's model module for `model_type` "zaya" (`ModelArgs`, `M
 """
 
 import math
-import os
-import warnings
-import weakref
 from typing import Optional
 
 import numpy as np
@@ -20,6 +17,7 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 
 from . import kernels, layouts
 from .config import ZayaConfig
+from .decode import DecodeOptions, FusedDecoder
 
 ModelArgs = ZayaConfig
 
@@ -75,7 +73,7 @@ class CCAProjection(nn.Module):
         if state is None:
             state = mx.zeros((B, self.state_size, qk.shape[-1]), qk.dtype)
         if v_prev is None:  # the delayed projection of a zero input
-            v_prev = self._delayed_of_zero(B, v_delayed.dtype)
+            v_prev = self.delayed_of_zero(B, v_delayed.dtype)
         conv_in = mx.concatenate([state, qk], axis=1)
         if conv_cache is not None and conv_cache.lengths is not None:
             # A right-padded batch (mlx-lm's BatchGenerator): keep each row's state at its own end.
@@ -101,7 +99,7 @@ class CCAProjection(nn.Module):
         values = mx.concatenate([v_current, v_shifted], axis=-1).reshape(B, L, nkv, d)
         return queries, keys, values
 
-    def _delayed_of_zero(self, batch: int, dtype) -> mx.array:
+    def delayed_of_zero(self, batch: int, dtype) -> mx.array:
         if "bias" in self.in_proj:
             return mx.broadcast_to(self.in_proj.bias[-self.v_half :], (batch, self.v_half)).astype(dtype)
         return mx.zeros((batch, self.v_half), dtype)
@@ -300,19 +298,9 @@ class ZayaModel(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def update(self, parameters: dict, strict: bool = True):
-        _drop_fused_state(self)
-        return super().update(parameters, strict)
-
-    def update_modules(self, modules: dict, strict: bool = True):
-        _drop_fused_state(self)
-        return super().update_modules(modules, strict)
-
-    def __call__(self, tokens: mx.array, cache=None, fused: Optional[bool] = None):
-        """fused: whether a one-token step with a cache runs the fused decode step (default: use_fused_decode())."""
+    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        """The normalised hidden states [B, L, H] of the tokens, through the plain ops; caches updated."""
         B, L = tokens.shape
-        if L == 1 and cache is not None and (use_fused_decode() if fused is None else fused):
-            return fused_decode(self, tokens, cache)
         h = self.embed_tokens(tokens)
         h = ((h + self.input_hidden_states_bias) * self.input_hidden_states_scale).astype(mx.float32)
 
@@ -336,18 +324,36 @@ class ZayaModel(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, args: ZayaConfig):
+    def __init__(self, args: ZayaConfig, decode: Optional[DecodeOptions] = None):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
+        self.decoder = FusedDecoder(decode or DecodeOptions())  # a plain attribute: not a parameter
         self.model = ZayaModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
 
+    @property
+    def decode_options(self) -> DecodeOptions:
+        """How one-token steps run (see DecodeOptions); assign new options to change it."""
+        return self.decoder.options
+
+    @decode_options.setter
+    def decode_options(self, options: DecodeOptions) -> None:
+        self.decoder.options = options
+
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        fused = use_fused_decode(self)
-        h = self.model(tokens, cache, fused=fused)
-        logits = kernels.lm_head(h, self.head) if fused else kernels.lm_head_reference(h, self.head)
+        """float32 logits [B, L, V]. A one-token step with a cache runs the fused decode step where the options say
+        so (zaya_mlx/decode); everything else, the plain ops."""
+        fused = self.decoder.enabled(self)
+        if fused and tokens.shape[1] == 1 and cache is not None:
+            h = self.decoder(self, tokens, cache)
+        else:
+            h = self.model(tokens, cache)
+        if fused:
+            logits = kernels.lm_head(h, self.head, impl=self.decode_options.impl)
+        else:
+            logits = kernels.lm_head_reference(h, self.head)
         return logits.astype(mx.float32)
 
     @property
@@ -360,11 +366,11 @@ class Model(nn.Module):
         return self.model.layers
 
     def update(self, parameters: dict, strict: bool = True):
-        _drop_fused_state(self.model)
+        self.decoder.reset()
         return super().update(parameters, strict)
 
     def update_modules(self, modules: dict, strict: bool = True):
-        _drop_fused_state(self.model)
+        self.decoder.reset()
         return super().update_modules(modules, strict)
 
     def make_cache(self, batch_left_padding: Optional[list] = None) -> list:
@@ -377,361 +383,3 @@ class Model(nn.Module):
     def sanitize(self, weights: dict) -> dict:
         """Any supported checkpoint layout -> canonical MLX names (mlx-lm calls this on load)."""
         return layouts.to_canonical(weights, self.args)
-
-
-# --- the fused decode step (one token per sequence) ----------------------------------------------------------
-#
-# The same function as ZayaModel.__call__ for L == 1, with each layer in 4 graph primitives instead of ~100,
-# one launch each: residual scaling + RMSNorm + the router's down-projection (plus the previous layer's router
-# state), the router MLP and the expert MLP, residual scaling + RMSNorm + the next layer's in_proj, and the CCA
-# decode step (which also writes the key and value into the cache) with attention and o_proj (zaya_mlx/kernels,
-# sources in metal/; shapes that launch does not cover take one more, the CCA step on its own). On the CPU the
-# kernels' plain-MLX references run in their place.
-
-FUSED_DECODE = "auto"  # "auto": on a Metal or CUDA GPU; "on": everywhere (the CPU runs the references); "off"
-
-# The fused step's KV buffers grow to powers of two from KV_MIN_POSITIONS to KV_GROWTH, then by KV_GROWTH: a new
-# buffer size retraces the compiled step functions (one per layer), so sizes should be few; doubling wastes at
-# most half the buffer, and past KV_GROWTH positions at most KV_GROWTH.
-KV_MIN_POSITIONS = 256
-KV_GROWTH = 4096
-
-
-def _fused_mode() -> str:
-    mode = os.environ.get("ZAYA_FUSED", FUSED_DECODE).lower()
-    if mode in ("1", "on", "true"):
-        return "on"
-    if mode in ("0", "off", "false"):
-        return "off"
-    return "auto"
-
-
-def use_fused_decode(model: Optional["Model"] = None) -> bool:
-    """ZAYA_FUSED on: yes; off: no; auto: on a GPU back end, and, given the model, once its check passes
-    (fused_decode_works)."""
-    mode = _fused_mode()
-    if mode != "auto":
-        return mode == "on"
-    return kernels.backend() != "cpu" and (model is None or fused_decode_works(model))
-
-
-# The fused step rounds differently from the plain ops: ~1e-2 of the largest logit (bench/RESULTS.md, full size).
-FUSED_CHECK_TOLERANCE = 0.1
-
-
-def fused_decode_works(model: "Model") -> bool:
-    """Whether the fused decode step and the LM head kernel pass their check on this back end, run once a model
-    (weights replaced: again) on the first call that would use them, with ``ZAYA_FUSED`` auto: two tokens through
-    them on a throwaway cache against the plain ops. Their CUDA twins are tested on NVIDIA GPUs, but no Mac has
-    compiled the Metal ones; a kernel that fails to build, or computes garbage, would end or corrupt a generation.
-    Where the check fails, this warns once and the model decodes through the plain ops."""
-    back = kernels.backend()
-    checked = model.model.__dict__.setdefault("_fused_checked", {})  # a plain attribute: not a parameter
-    if back not in checked:
-        why = _check_fused_decode(model)
-        if why is not None:
-            warnings.warn(f"zaya-mlx: the fused decode kernels failed their check on this {back} GPU ({why}); "
-                          "decoding through plain MLX ops instead, which is slower (ZAYA_FUSED=1 forces them)",
-                          RuntimeWarning, stacklevel=3)
-        checked[back] = why is None
-    return checked[back]
-
-
-def _check_fused_decode(model: "Model") -> Optional[str]:
-    """None if two decode steps through the fused step and the LM head kernel give the plain ops' logits (after a
-    short prompt through the plain ops), else why not."""
-    vocab = model.args.vocab_size
-    prompt = mx.array([[1, 2, 3, 4, 5]], dtype=mx.int32) % vocab
-    tok = mx.array([[6]], dtype=mx.int32) % vocab
-    try:
-        fused_cache, plain_cache = model.make_cache(), model.make_cache()
-        for cache in (fused_cache, plain_cache):
-            mx.eval(model.model(prompt, cache, fused=False))
-        for _ in range(2):
-            fused = kernels.lm_head(model.model(tok, fused_cache, fused=True), model.head).astype(mx.float32)
-            plain = kernels.lm_head_reference(model.model(tok, plain_cache, fused=False), model.head)
-            plain = plain.astype(mx.float32)
-            err = (mx.abs(fused - plain).max() / mx.maximum(mx.abs(plain).max(), 1e-30)).item()
-            if not err <= FUSED_CHECK_TOLERANCE:  # NaN too
-                return f"its logits differ from the plain ops' by {err:.3g} of the largest"
-            tok = mx.argmax(plain[:, -1, :], axis=-1, keepdims=True).astype(mx.int32)
-    except RuntimeError as e:  # how MLX reports a kernel that does not build or launch
-        message = str(e).strip()
-        return message.splitlines()[0][:200] if message else "RuntimeError"
-    return None
-
-
-def _drop_fused_state(model: "ZayaModel") -> None:
-    """Forget what was built or checked for the old weights: the compiled steps (which hold them as constants) and
-    the check (another weight format runs other kernel variants)."""
-    model.__dict__.pop("_fused_steps", None)
-    model.__dict__.pop("_fused_checked", None)
-
-
-def _switched_on(name: str) -> bool:
-    """An environment switch that is on unless set to 0, off or false."""
-    return os.environ.get(name, "1").lower() not in ("0", "off", "false")
-
-
-def use_compiled_decode() -> bool:
-    """Whether the fused step's fixed-shape parts run as mx.compile'd functions (``ZAYA_COMPILE=0``: not)."""
-    return _switched_on("ZAYA_COMPILE")
-
-
-def use_in_place_outputs() -> bool:
-    """Whether the fused step's residual norms write into arrays it keeps (_step_buffers) rather than new outputs
-    (``ZAYA_IN_PLACE=0``); the step functions are built for each setting, so one process can time both
-    (bench/ab_one_process.py --what in-place)."""
-    return _switched_on("ZAYA_IN_PLACE")
-
-
-def kv_capacity(needed: int) -> int:
-    """The positions of KV buffers that must hold ``needed`` (see KV_GROWTH)."""
-    cap = KV_MIN_POSITIONS
-    while cap < needed and cap < KV_GROWTH:
-        cap *= 2
-    return cap if cap >= needed else -(-needed // KV_GROWTH) * KV_GROWTH
-
-
-def fused_decode(model: "ZayaModel", tokens: mx.array, cache: list) -> mx.array:
-    """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated.
-
-    The step is one function per layer boundary (the previous layer's residual + norm + router down-projection,
-    router and experts, residual + next norm + the next layer's in_proj, then its CCA step with the cache write,
-    attention and o_proj), compiled once per batch size and KV buffer size: the write position and the
-    attention length are an array the kernels read on the GPU, so nothing in a function depends on the step.
-    """
-    args = model.args
-    B = tokens.shape[0]
-    kv0 = cache[0][0]
-    if isinstance(kv0, BatchKVCache):
-        held, lpad, positions = kv0._idx, kv0.left_padding.astype(mx.int32), kv0.offset
-    else:
-        held, lpad, positions = kv0.offset, kernels.constant((0,) * B, mx.int32), kv0.offset
-    positions = kernels.offset_array(positions, B)
-    filled = mx.array([held + 1], dtype=mx.int32)
-
-    layers = model.layers
-    dtype = layers[0].input_layernorm.weight.dtype
-    attn = layers[0].self_attn
-    pairs = [(c[0], c[1]) for c in cache]  # (KV cache, conv cache) a layer: each c[i] is a Python call
-    for layer, (kv, conv) in zip(layers, pairs):
-        _own_kv_buffers(kv, held, (B, attn.n_kv_heads, attn.head_dim), dtype)
-        if conv[0] is None or conv[1] is None:  # a cache that has seen no token yet
-            proj = layer.self_attn.qkv_proj
-            if conv[0] is None:
-                conv[0] = mx.zeros((B, proj.state_size, proj.q_dim + proj.k_dim), dtype)
-            if conv[1] is None:
-                conv[1] = proj._delayed_of_zero(B, dtype)
-
-    steps = _step_functions(model, kernels.backend())
-    bufs = _step_buffers(kv0, B, args, dtype)
-    kv, conv = pairs[0]
-    h, out, kv.keys, kv.values, conv[0], conv[1] = steps[0](tokens, bufs.q, bufs.last, conv[0], conv[1], positions,
-                                                            kv.keys, kv.values, filled, lpad)
-    r = _zeros_like_router_state(B, args.router_hidden_size, dtype)
-    for i in range(1, len(layers)):
-        kv, conv = pairs[i]
-        h, r, out, kv.keys, kv.values, conv[0], conv[1] = steps[i](out, h, r, bufs.last, *bufs.mlp_into(i - 1), bufs.q,
-                                                                   conv[0], conv[1], positions, kv.keys, kv.values,
-                                                                   filled, lpad)
-    bufs.last = steps[-1](out, h, r, bufs.last, *bufs.mlp_into(len(layers) - 1))
-
-    offset = kv0.offset + 1  # a BatchKVCache's per-row offsets: one array for every layer
-    for kv, _ in pairs:
-        _OWNED_KV[kv] = (kv.keys, kv.values, held + 1)
-        if isinstance(kv, BatchKVCache):
-            kv._idx, kv.offset = held + 1, offset
-        else:
-            kv.offset = held + 1
-    return bufs.last
-
-
-# a KV cache -> (keys, values, positions held) as the fused step left them: buffers it made and alone holds
-_OWNED_KV = weakref.WeakKeyDictionary()
-
-
-def _own_kv_buffers(kv, held: int, shape: tuple, dtype) -> None:
-    """Give a KVCache or BatchKVCache buffers that no other array shares, with room for the step's write.
-
-    The CCA step's kernel writes each new key and value into the buffers in place, at position ``held``. Buffers the
-    fused step did not make (from a prefill that grew them, a deepcopy, a loaded prompt cache, a view) may share
-    memory with arrays elsewhere, which that write would change; so they are copied once, with the first
-    ``held`` positions, into new ones (``kv_capacity`` positions). So are the step's own buffers after a trim
-    below where it left them, since a view taken before the trim (``KVCache.state``) shows those positions.
-    Prefill through mlx-lm's ``update_and_fetch`` without growing keeps the same array objects, whose slice
-    updates never write into memory another array holds.
-    """
-    owned = _OWNED_KV.get(kv)
-    if (owned is not None and owned[0] is kv.keys and owned[1] is kv.values and held >= owned[2]
-            and kv.keys.shape[2] > held):
-        return
-    B, nkv, d = shape
-    pad = (B, nkv, kv_capacity(held + 1) - held, d)
-
-    def fresh(a):
-        if held == 0:
-            return mx.zeros(pad, dtype)
-        return mx.concatenate([a[..., :held, :], mx.zeros(pad, a.dtype)], axis=2)
-
-    kv.keys, kv.values = fresh(kv.keys), fresh(kv.values)  # recorded in _OWNED_KV after the step
-
-
-class _StepBuffers:
-    """Arrays the fused step's kernels write in place rather than as new outputs, which cost the host ~4 us each a
-    step (kernels._build.launch): the residual stream after attention and after the MoE, two router states (a
-    layer's, and the previous layer's that it reads), the row the expert kernel adds into, and the query (where the
-    CCA step runs in its own launch); then the last step's output. None is seen outside the step. MLX orders
-    launches only by the arrays they take: within a step each launch takes an output of the one before it, and the
-    step's first writers (layer 0's CCA step, and its post-attention norm, in case the CCA step runs plain ops) take
-    the last step's output, whose launch read them last, so a step whose token does not come from the last one's
-    logits cannot overtake it."""
-
-    def __init__(self, batch: int, args: ZayaConfig, dtype):
-        H, R = args.hidden_size, args.router_hidden_size
-        row = (batch, 1, H)
-        self.h_attn, self.h_mlp, self.zeros = (mx.zeros(row, mx.float32) for _ in range(3))
-        self.states = (mx.zeros((batch, 1, R), dtype), mx.zeros((batch, 1, R), dtype))
-        self.q = mx.zeros((batch, args.num_attention_heads, 1, args.head_dim), dtype)
-        self.last = mx.zeros(row, dtype)
-        mx.eval(self.h_attn, self.h_mlp, self.zeros, self.states, self.q, self.last)
-
-    def fits(self, batch: int, dtype) -> bool:
-        return self.q.shape[0] == batch and self.q.dtype == dtype
-
-    def mlp_into(self, i: int) -> tuple:
-        """What layer i's residual norms and expert kernel write into (see _mlp_block)."""
-        return self.h_attn, self.h_mlp, self.states[i % 2], self.zeros
-
-
-# a KV cache of a step's first layer -> its _StepBuffers: two caches' steps, which nothing orders, get their own
-_STEP_BUFFERS = weakref.WeakKeyDictionary()
-
-
-def _step_buffers(kv, batch: int, args: ZayaConfig, dtype) -> _StepBuffers:
-    bufs = _STEP_BUFFERS.get(kv)
-    if bufs is None or not bufs.fits(batch, dtype):
-        bufs = _STEP_BUFFERS[kv] = _StepBuffers(batch, args, dtype)
-    return bufs
-
-
-_ZEROS = {}
-
-
-def _zeros_like_router_state(batch, width, dtype):
-    """The first layer's router has no previous state: a constant placeholder (no graph primitive per step)."""
-    key = (batch, width, dtype)
-    if key not in _ZEROS:
-        _ZEROS[key] = mx.zeros((batch, 1, width), dtype)
-        mx.eval(_ZEROS[key])
-    return _ZEROS[key]
-
-
-def _step_functions(model: "ZayaModel", back: str) -> list:
-    """The step's functions, one per layer boundary: [from the token ids, after layer 0, ..., after the last].
-
-    Built once per model, back end, compile mode and in-place setting (use_in_place_outputs). A compiled function
-    holds the weights it closed over as constants, so replacing weights through ``update`` or ``update_modules``
-    (``load_weights``, ``nn.quantize``) drops them; weights assigned to a submodule's attribute directly are not
-    seen.
-    """
-    key = (use_compiled_decode(), back, use_in_place_outputs())
-    steps = model.__dict__.setdefault("_fused_steps", {})  # a plain attribute: not a parameter
-    if key not in steps:
-        steps[key] = [_step_function(model, i, key[0], key[2]) for i in range(-1, len(model.layers))]
-    return steps[key]
-
-
-def _step_function(model: "ZayaModel", i: int, compiled: bool, in_place: bool):
-    """The function from layer i's attention output to layer i+1's (i = -1: from the token ids; the last layer:
-    to the final norm). in_place: whether its kernels write into the step's buffers (else they are ignored)."""
-    layers = model.layers
-    nxt = layers[i + 1] if i + 1 < len(layers) else None
-    cur = layers[i] if i >= 0 else None
-    window = None
-    if nxt is not None and nxt.layer_type == "hybrid_sliding":
-        window = model.args.sliding_window
-    if i < 0:
-        def fn(tokens, q_into, last, state, v_prev, positions, keys, values, filled, lpad):
-            h = model.embed_tokens(tokens)
-            h = ((h + model.input_hidden_states_bias) * model.input_hidden_states_scale).astype(mx.float32)
-            qkv = nxt.self_attn.qkv_proj.in_proj(nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype)))
-            if not in_place:
-                q_into = last = None
-            return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into,
-                                   last))
-    elif nxt is None:
-        def fn(out, h, r, last, *into):
-            if not in_place:
-                into, last = (None,) * 4, None
-            h, x, r = _mlp_block(cur, out, h, r, into, model.norm, after=last if i == 0 else None)
-            return x
-    else:
-        def fn(out, h, r, last, h_attn, h_mlp, r_into, zeros, q_into, state, v_prev, positions, keys, values, filled,
-               lpad):
-            if not in_place:
-                h_attn = h_mlp = r_into = zeros = last = q_into = None
-            into = (h_attn, h_mlp, r_into, zeros)
-            h, qkv, r = _mlp_block(cur, out, h, r, into, nxt.input_layernorm, nxt.self_attn.qkv_proj.in_proj,
-                                   after=last if i == 0 else None)
-            return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into))
-    return mx.compile(fn) if compiled else fn
-
-
-def _attention(layer: DecoderLayer, qkv, state, v_prev, positions, keys, values, filled, lpad, window, q_into=None,
-               after=None):
-    """From in_proj's output: the CCA step (which writes the new key and value into the cache), attention and
-    o_proj, in one launch where the kernel covers the shapes (kernels.cca_decode_attention). q_into: an array the
-    CCA step may write the query into (_StepBuffers.q), or None; after: an array the CCA step must run after.
-    Returns (o_proj's output as partial sums [B, P, H] float32 (see kernels.decode_attention), the keys and values
-    buffers, the new conv state, the new delayed value)."""
-    attn = layer.self_attn
-    proj = attn.qkv_proj
-    dw, gw = proj.conv_qk_depthwise, proj.conv_qk_grouped
-    return kernels.cca_decode_attention(
-        qkv, state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions, keys, values, filled,
-        n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, rope_dims=attn.rope.dims,
-        rope_base=attn.rope.base, scale=attn.scale, left_padding=lpad, window=window, o_proj=attn.o_proj,
-        q_into=q_into, after=after,
-    )
-
-
-def _mlp_block(layer: DecoderLayer, o, h, router_state, into, next_norm, next_proj=None, after=None):
-    """From o_proj's output (partial sums, see _attention): residual, MoE, residual, then next_norm (the next
-    layer's input norm or the final norm) and next_proj (the next layer's in_proj, or None), in kernels. A dense
-    router runs inside the expert kernel; a quantized one through its plain ops. into: the arrays the kernels write
-    in place (_StepBuffers.mlp_into): the residual stream after attention and after the MoE, this layer's router
-    state, and the expert kernel's zero row, or Nones; after: an array the first of them must run after (layer 0:
-    the last step's output). Returns (h, next_proj(next_norm(h)) or next_norm(h), router state)."""
-    h_attn, h_mlp, r_into, z_into = into
-    gate, experts = layer.mlp.gate, layer.mlp.experts
-    res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
-    prev = (router_state, gate.router_states_scale) if "router_states_scale" in gate else None
-    mlp = gate.router_mlp
-    router = None if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)) else gate.kernel_weights()
-    # The router state is written in place only where the expert kernel routes: that kernel also takes x, which orders
-    # it after this launch. The router's own kernel or ops would take the state alone, and could run before it.
-    if r_into is not None and not (router is not None and kernels.routed_kernel_supported(
-            h, r_into, router, experts.gate_up_proj, experts.down_proj)):
-        r_into = None
-    # r: the router's down-projection plus the previous layer's state; dtype: the activation dtype (the step casts)
-    # zeros: the row the expert kernel adds its sum into, in place (no fill of a new output)
-    h, x, r, zeros = kernels.residual_norm(
-        o, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias, norm.weight,
-        norm.eps, gate.down_proj, dtype=norm.weight.dtype, prev_state=prev, zeros=True, into=(h_attn, r_into, z_into),
-        after=after,
-    )
-
-    if router is None:  # quantized router: its plain ops
-        choice, weight, _ = gate.route(r, None)
-        y, after = kernels.expert_gather(x, choice, weight, experts.gate_up_proj, experts.down_proj, into=zeros)
-    else:
-        y, after = kernels.routed_expert_gather(x, r, router, experts.gate_up_proj, experts.down_proj, into=zeros)
-
-    res = layer.post_mlp_residual_scale
-    h, x, qkv = kernels.residual_norm(  # y: the expert kernel's float32 sum; after: runs this after its adds
-        y, h, res.hidden_states_scale, res.hidden_states_bias, res.residual_scale, res.residual_bias,
-        next_norm.weight, next_norm.eps, next_proj, dtype=x.dtype, after=after, normed=next_proj is None,
-        into=(h_mlp, None, None),
-    )
-    return h, (x if qkv is None else qkv), r

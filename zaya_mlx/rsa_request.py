@@ -135,17 +135,6 @@ def progress(event) -> Optional[dict]:
     return out
 
 
-def _aggregation_prompt(result, messages: list) -> Optional[list]:
-    """The last round's first prompt, as Zyphra returns it (None when there was no aggregation)."""
-    from .rsa import aggregation_text, question_of
-
-    if result.params.rsa_t == 0:
-        return None
-    shown = result.rounds[-2].rollouts
-    text = aggregation_text(question_of(messages), [shown[p].candidate for p in result.finals[0].parents])
-    return [{"role": "user", "content": text}]
-
-
 def choices(result) -> list:
     """One choice per response of the last round, reasoning split as vLLM's qwen3 parser serves it."""
     return [{"index": i, "message": {"role": "assistant", "content": f.content or None,
@@ -154,7 +143,7 @@ def choices(result) -> list:
             for i, f in enumerate(result.finals)]
 
 
-def response(result, request: RSARequest, messages: list, model: str) -> dict:
+def response(result, request: RSARequest, model: str) -> dict:
     """Zyphra's RSA chat completion for a finished run."""
     out = {"id": f"chatcmpl-rsa-{int(time.time() * 1000)}", "object": "chat.completion", "created": int(time.time()),
            "model": model, "choices": choices(result), "usage": dict(result.usage)}
@@ -162,7 +151,7 @@ def response(result, request: RSARequest, messages: list, model: str) -> dict:
     if request.return_metadata:
         out["rsa_metadata"] = metadata
     if request.return_aggregation_prompt:
-        prompt = _aggregation_prompt(result, messages)
+        prompt = result.aggregation_prompt  # the last round's first prompt (None without aggregation)
         out["aggregation_prompt"] = prompt
         if request.return_metadata:
             metadata["rsa_final_aggregation_prompt"] = prompt

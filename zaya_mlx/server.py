@@ -428,7 +428,7 @@ class Handler(BaseHTTPRequestHandler):
         answer = rsa_request.error_response("the server is shutting down", model)
         for kind, value in self._events(job, ticks=True):
             if kind == "result":
-                answer = rsa_request.response(value, run, messages, model)
+                answer = rsa_request.response(value, run, model)
             elif kind == "error":
                 answer = rsa_request.error_response(value.message, model)
             elif time.monotonic() - beat >= self.app.heartbeat:
@@ -449,7 +449,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._write_event(job, value.body())
                 return
             elif kind == "result":
-                whole = rsa_request.response(value, run, messages, model)
+                whole = rsa_request.response(value, run, model)
                 for choice in whole["choices"]:
                     delta = {k: v for k, v in choice["message"].items() if v is not None}
                     self._write_event(job, chunk(rid, model, delta, index=choice["index"]))

@@ -22,24 +22,9 @@ import mlx.core as mx
 
 _MARKER = "// ---- body prologue ----"
 
-# MLX-CUDA records 20 ops a CUDA graph unless MLX_MAX_OPS_PER_BUFFER says otherwise. When a fused decode step
-# was ~450 ops, 200 a graph decoded ~30% faster at batch 1 on an H100 (bench/RESULTS.md); at today's 212 a step
-# is two graphs (a lone step's GPU work starts at the first commit, 200 nodes in), and one graph a step has not
-# been timed. Set only where CUDA is the back end and the user has not chosen; MLX reads it at its first GPU
-# evaluation.
-CUDA_OPS_PER_GRAPH = "200"
-if mx.cuda.is_available():
-    os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", CUDA_OPS_PER_GRAPH)
-
 
 def backend() -> str:
-    """'metal', 'cuda' or 'cpu': where the next op on the default device runs.
-
-    ``ZAYA_KERNELS=0`` (or ``off``) in the environment forces 'cpu', i.e. the plain-MLX references,
-    on any device.
-    """
-    if os.environ.get("ZAYA_KERNELS", "1").lower() in ("0", "off", "false", "no"):
-        return "cpu"
+    """'metal', 'cuda' or 'cpu': where the next op on the default device runs."""
     if mx.default_device().type != mx.gpu:
         return "cpu"
     if mx.metal.is_available():
@@ -256,7 +241,7 @@ def kernel_name(body: str, header: str, source: str) -> str:
 
     MLX caches a compiled variant by the kernel's name and template arguments alone, in the process and (CUDA) in
     its on-disk cache across processes. Without the checksum, a kernel edited since (or a new zaya-mlx version)
-    would run the old compiled code, and so would the host floor's emptied bodies (benchmark.empty_kernels)."""
+    would run the old compiled code, and so would the emptied bodies timed for the host's floor (dev/lab.py)."""
     return f"zaya_{body.split('.')[0]}_{zlib.crc32((header + source).encode()):08x}"
 
 
@@ -322,3 +307,11 @@ def dummy(dtype=mx.float32) -> mx.array:
     elements: at least 16 bytes, and on Metal in device memory like the weights it stands for (MLX passes an input
     of fewer than 8 elements in the constant address space, which a device pointer cannot point into)."""
     return constant((0,) * 8, dtype)
+
+
+def filled_array(filled) -> mx.array:
+    """The cache positions held after a step's write, as the kernels read it: int32 [1]. An int becomes a
+    constant; an array (one a step, shared by every layer) is used as it is."""
+    if isinstance(filled, mx.array):
+        return filled if filled.dtype == mx.int32 else filled.astype(mx.int32)
+    return constant((int(filled),), mx.int32)

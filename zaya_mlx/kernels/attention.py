@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ._build import backend, constant, float_bits, launch, use_kernel
+from ._build import backend, constant, filled_array, float_bits, launch, use_kernel
 from . import cca
-from .cca import filled_array
-from .experts import _parts, _qm, _vpv, as_stack
+from .weights import as_stack, chunk_values, kernel_parts, weight_format
 
 SINGLE_PASS_MAX = 1024  # buffer positions a threadgroup takes in one pass; larger buffers split into CHUNK-key chunks
 CHUNK = 512
@@ -73,10 +72,10 @@ def _heads_supported(NH: int, D: int, dtype, keys, o_proj) -> bool:
     NKV = keys.shape[1]
     if o_proj is not None:
         w = as_stack(o_proj)
-        qm = _qm(w)
+        qm = weight_format(w)
         if qm is None or w.shape[-1] != NH * D:
             return False
-        vpv = _vpv(qm[0], qm[1])
+        vpv = chunk_values(qm[0], qm[1])
         if D % vpv:
             return False
         # zk_slice_matvec's lanes a row: a head's (one pass: a head block's) chunks, a power of two or 32s
@@ -115,7 +114,7 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     hb = 1 if step is not None else _heads_per_threadgroup(NH, NKV)
     nt, rows = _threads(hb, D), B * NH // hb
     if o_proj is not None:
-        wo, wos, wob, (qm, bits, gs) = _parts(as_stack(o_proj))
+        wo, wos, wob, (qm, bits, gs) = kernel_parts(as_stack(o_proj))
         ho = wo.shape[0]
         bo = o_proj["bias"] if "bias" in o_proj else None
     else:

@@ -12,7 +12,7 @@ updates.
 
 The kernel writes the key and value into the cache's buffers in place (MLX's custom kernels only make
 new outputs, and a new buffer a step would copy the whole cache). That is safe only for buffers no other
-array shares: the fused decode step makes and keeps them so (zaya_mlx/model.py, ``_own_kv_buffers``).
+array shares: the fused decode step makes and keeps them so (``decode.StepCache.own_kv_buffers``).
 
 Semantics follow transformers' ``ZayaCCAProjection`` + ``ZayaQKNorm`` + ``apply_rotary_pos_emb``.
 """
@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from ._build import backend, constant, float_bits, launch, shape_or_into, use_kernel
+from ._build import backend, constant, filled_array, float_bits, launch, shape_or_into, use_kernel
 
 
 def _eps(dtype) -> float:
@@ -150,14 +150,6 @@ def kernel_supported(qkv, conv_state, gw_w, keys, *, n_heads, n_kv_heads, head_d
         and (gw_w.shape[1] * head_dim * gw_w.dtype.size) % 16 == 0  # a channel's weights in 16-byte chunks
         and max(conv_state.shape[1], gw_w.shape[1]) * head_dim <= _threads(gw_w.dtype)  # one item a thread
     )
-
-
-def filled_array(filled) -> mx.array:
-    """The cache positions held after a step's write, as the kernels read it: int32 [1]. An int becomes a
-    constant; an array (one a step, shared by every layer) is used as it is."""
-    if isinstance(filled, mx.array):
-        return filled if filled.dtype == mx.int32 else filled.astype(mx.int32)
-    return constant((int(filled),), mx.int32)
 
 
 def write_kv_reference(keys, values, k, v, filled):

@@ -10,7 +10,7 @@ at batch 8, 1,161 us against 894, since the body reads the matrix once a row (``
 from __future__ import annotations
 
 from ._build import backend, launch, use_kernel
-from .experts import MAX_K, _parts, _qm, _vpv, as_stack
+from .weights import MAX_K, as_stack, chunk_values, kernel_parts, weight_format
 
 MAX_ROWS = 4
 _NT = 256
@@ -25,10 +25,10 @@ def lm_head_reference(h, layer):
 
 def kernel_supported(h, layer) -> bool:
     w = as_stack(layer)
-    qm = _qm(w)
+    qm = weight_format(w)
     H = h.shape[-1]
     return (qm is not None and w.shape[-1] == H and h.size // H <= MAX_ROWS and H <= MAX_K
-            and H % _vpv(qm[0], qm[1]) == 0)
+            and H % chunk_values(qm[0], qm[1]) == 0)
 
 
 def lm_head(h, layer, *, impl: str = "auto"):
@@ -42,7 +42,7 @@ def lm_head(h, layer, *, impl: str = "auto"):
 
 def _matvec(x, w, back):
     """One launch of metal/matvec.h: W x for each row of x [..., K], W [NOUT, K] dense or quantized."""
-    wt, sc, bi, (qm, bits, gs) = _parts(w)
+    wt, sc, bi, (qm, bits, gs) = kernel_parts(w)
     K = x.shape[-1]
     nout = wt.shape[0]
     per_block = (_NT // 32) * _RPW

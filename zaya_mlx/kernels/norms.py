@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ._build import backend, dummy, float_bits, launch, shape_or_into, use_kernel
-from .experts import _parts, _qm, _vpv, as_stack
+from .weights import as_stack, chunk_values, kernel_parts, weight_format
 
 
 def residual_norm_reference(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=None, prev_state=None, zeros=False,
@@ -50,7 +50,7 @@ _MAX_PARTS = 16  # partial sums of o a thread adds (the attention kernel's head 
 
 
 def _chunks_a_lane(H: int, qm: int, bits: int) -> int:
-    return -(-(H // _vpv(qm, bits)) // 32)
+    return -(-(H // chunk_values(qm, bits)) // 32)
 
 
 def _rows_per_simd_group(H: int, qm: int, bits: int) -> int:
@@ -66,8 +66,8 @@ def kernel_supported(o, h, proj=None, prev_state=None) -> bool:
           and o.shape[-1] == H and o.size == parts * h.size and parts <= _MAX_PARTS)
     if proj is not None:
         w = as_stack(proj)
-        qm = _qm(w)
-        if qm is None or w.shape[-1] != H or H % _vpv(qm[0], qm[1]):
+        qm = weight_format(w)
+        if qm is None or w.shape[-1] != H or H % chunk_values(qm[0], qm[1]):
             return False
         ok = ok and _chunks_a_lane(H, qm[0], qm[1]) <= _MAX_CHUNKS  # a row in a SIMD group's registers
         if prev_state is not None:
@@ -84,7 +84,7 @@ def residual_norm_kernel(o, h, hs, hb, rs, rb, norm_w, eps, proj=None, dtype=Non
     parts = o.size // h.size
     dtype = dtype or o.dtype
     if proj is not None:
-        w, ws, wb, (qm, bits, gs) = _parts(as_stack(proj))
+        w, ws, wb, (qm, bits, gs) = kernel_parts(as_stack(proj))
         P = w.shape[0]
         bias = proj["bias"] if "bias" in proj else None
         rpw = _rows_per_simd_group(H, qm, bits)

@@ -179,8 +179,8 @@ class DistributedEngine(Engine):
     """The engine on one host of several: the same state on every host, the rollouts spread by free slots,
     every decode step followed by an exchange (see the module's doc)."""
 
-    def __init__(self, hosts: Hosts, messages, params, *, model=None, cancel=None, journal=None, **kwargs):
-        super().__init__(messages, params, journal=journal, **kwargs)
+    def __init__(self, hosts: Hosts, params, *, messages, model=None, journal=None, **kwargs):
+        super().__init__(params, journal=journal, **kwargs)
         self.hosts, self.host = hosts, hosts.rank
         self.local_cancel, self.cancel = self.cancel, None  # agreed on in each exchange instead
         if journal is not None and hosts.rank != 0:

@@ -30,6 +30,7 @@ one raises `Cancelled` (what finished is kept in the run folder).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -74,7 +75,8 @@ class RSAEvent:
 class Rollout:
     """One finished rollout. tokens: generated ids (the stop id included when it stopped on one); text: their
     decoded text; candidate: what the next round is shown of it (a word tail, or the text of its token tail);
-    tail_ids: its token tail (token tails only); tail_cut: a word tail cut at its token bound."""
+    tail_ids: its token tail (token tails only); tail_cut: a word tail cut at its token bound; prompt_text: the
+    aggregation prompt's user message it was given (None in round 0, whose prompt is the request's messages)."""
 
     round: int
     index: int
@@ -89,6 +91,7 @@ class Rollout:
     answer: Optional[str]
     seed: int
     seconds: float = 0.0
+    prompt_text: Optional[str] = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "Rollout":
@@ -125,7 +128,8 @@ class RoundRecord:
 class RSAResult:
     """texts: the last round's responses (`final_count` of them); text: the first (Zyphra's choice 0);
     answer: the first response's extracted answer, or the vote's winner when `final_vote` (vote then holds the
-    breakdown); metadata: Zyphra's `rsa_metadata`; usage: prompt/completion/total tokens."""
+    breakdown); metadata: Zyphra's `rsa_metadata`; usage: prompt/completion/total tokens;
+    aggregation_prompt: the first final prompt as messages (Zyphra's `aggregation_prompt`; None when T = 0)."""
 
     text: str
     texts: list[str]
@@ -139,6 +143,11 @@ class RSAResult:
     plan: MemoryPlan
     timings: dict
     run_dir: Optional[str] = None
+
+    @property
+    def aggregation_prompt(self) -> Optional[list[dict]]:
+        text = self.finals[0].prompt_text
+        return None if text is None else [{"role": "user", "content": text}]
 
     @property
     def finals(self) -> list[Rollout]:
@@ -197,8 +206,8 @@ class Engine:
 
     host = 0
 
-    def __init__(self, messages: list[dict], params: RSAParams, *, tokenizer, backend: Backend, plan: MemoryPlan,
-                 builder: PromptBuilder, seed: int, stop_ids: Sequence[int], schedule: str,
+    def __init__(self, params: RSAParams, *, backend: Backend, plan: MemoryPlan, builder: PromptBuilder, seed: int,
+                 stop_ids: Sequence[int], schedule: str,
                  emit: Callable[[RSAEvent], None], cancel=None, journal=None):
         self.p, self.seed, self.tok, self.backend, self.plan = params, seed, builder.tokenizer, backend, plan
         self.builder, self.emit, self.journal = builder, emit, journal
@@ -270,7 +279,7 @@ class Engine:
         from ..generation import prompt_opens_reasoning
 
         r, i = key
-        body = [t for t in live.tokens]
+        body = list(live.tokens)
         while body and body[-1] in self.stops:
             body.pop()
         text = self.tok.decode(body)
@@ -278,7 +287,8 @@ class Engine:
         answer, _ = extract_answer(text, starts_in_reasoning=prompt_opens_reasoning(self.tok, live.prompt))
         return Rollout(round=r, index=i, parents=live.parents, prompt_tokens=len(live.prompt), tokens=live.tokens,
                        finish_reason=reason, text=text, candidate=candidate, tail_ids=tail_ids, tail_cut=cut,
-                       answer=answer, seed=live.seed, seconds=time.perf_counter() - live.started)
+                       answer=answer, seed=live.seed, seconds=time.perf_counter() - live.started,
+                       prompt_text=live.prompt_text)
 
     # --- scheduling ---------------------------------------------------------------------------------------------
 
@@ -307,11 +317,11 @@ class Engine:
         free = self.free_slots()
         if self.schedule == "batches" and self.pending:  # a batch never mixes rounds
             first = self.pending[0][0]
-            candidates = [k for k in self.pending if k[0] == first]
+            eligible = [k for k in self.pending if k[0] == first]
         else:
-            candidates = self.pending
+            eligible = self.pending
         started = []
-        for key in candidates:
+        for key in eligible:
             host = max(range(len(free)), key=lambda h: (free[h], -h))
             if free[host] <= 0:
                 break
@@ -328,9 +338,13 @@ class Engine:
         decode it if `host` is this one."""
         r, i = key
         prompt, parents, prefix, text = self.prompt_for(key)
-        if self.p.bounded_context and len(prompt) + self.p.max_tokens_in(r) > self.plan.context_bound:
-            raise ContextBoundError(f"round {r} rollout {i}: {len(prompt)} + {self.p.max_tokens_in(r)} tokens is over "
-                                    f"the bound of {self.plan.context_bound}")
+        if len(prompt) + self.p.max_tokens_in(r) > self.plan.context_bound:
+            message = (f"round {r} rollout {i}: {len(prompt)} + {self.p.max_tokens_in(r)} tokens is over the bound of "
+                       f"{self.plan.context_bound} the slots were planned for")
+            if self.p.bounded_context:
+                raise ContextBoundError(message)
+            raise ZayaError(f"{message}: a candidate outgrew its rollout's tokens when re-tokenized; run without "
+                            "--unbounded")
         if r not in self.round_started:
             self.round_started[r] = time.perf_counter()
             self.emit(RSAEvent("round_started", round=r, data={"rollouts": self.p.rollouts_in(r)}))
@@ -342,11 +356,11 @@ class Engine:
         self.emit(RSAEvent("rollout_started", round=r, rollout=i, data={"prompt_tokens": len(prompt),
                                                                          "parents": parents}))
 
-    def record(self, rollout: Rollout, prompt_text: Optional[str]) -> None:
+    def record(self, rollout: Rollout) -> None:
         key = (rollout.round, rollout.index)
         self.done[key] = rollout
         if self.journal is not None:
-            self.journal.rollout(rollout, prompt_text)
+            self.journal.rollout(rollout)
         self.emit(RSAEvent("rollout_finished", round=rollout.round, rollout=rollout.index,
                            data={"rollout": rollout, "tokens": len(rollout.tokens),
                                  "finish_reason": rollout.finish_reason, "answer": rollout.answer}))
@@ -360,14 +374,6 @@ class Engine:
                 "tokens": tokens, "mean_tokens": tokens / len(rollouts), "seconds": seconds,
                 "answers": [x.answer for x in rollouts]}))
 
-    def resume(self, rollouts: Sequence[Rollout]) -> None:
-        """Take finished rollouts read back from a run folder: they are not decoded again."""
-        for rollout in rollouts:
-            self.done[rollout.round, rollout.index] = rollout
-        if self.done:
-            self.pending = [k for k in self.pending if k not in self.done]
-            self.emit(RSAEvent("resumed", data={"rollouts": len(self.done)}))
-
     def run(self) -> None:
         while self.pending or self.running:
             if self.cancel is not None and self.cancel():
@@ -378,8 +384,17 @@ class Engine:
             self.steps += 1
             self.idle_slot_steps += self.total_slots - len(self.running)
             for rollout in self.advance():
-                self.record(rollout, self.running.pop((rollout.round, rollout.index)).prompt_text)
+                del self.running[rollout.round, rollout.index]
+                self.record(rollout)
             self.progress()
+
+    def resume(self, rollouts: Sequence[Rollout]) -> None:
+        """Take finished rollouts read back from a run folder: they are not decoded again."""
+        for rollout in rollouts:
+            self.done[rollout.round, rollout.index] = rollout
+        if self.done:
+            self.pending = [k for k in self.pending if k not in self.done]
+            self.emit(RSAEvent("resumed", data={"rollouts": len(self.done)}))
 
     def decode_step(self) -> tuple[list[tuple], list[Rollout]]:
         """One step of this host's backend: the `(key, token)`s it produced and the rollouts it finished."""
@@ -482,7 +497,7 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
     emit = on_event or (lambda e: None)
     builder = PromptBuilder(tokenizer, messages, params.candidates, enable_thinking=params.enable_thinking)
     tok = builder.tokenizer
-    if stop_ids is None:
+    if stop_ids is None:  # the tokenizer's end-of-turn ids and the model's
         stop_ids = sorted(set(getattr(tok, "eos_token_ids", ()) or ()) | set(
             getattr(getattr(model, "args", None), "eos_token_ids", ()) or ()))
     hosts = None
@@ -498,43 +513,46 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
     plan = make_plan() if hosts is None else hosts.each(make_plan, share=lambda p: p.slots)[0]
     emit(RSAEvent("plan", data={"plan": plan, "params": params, "slots": plan.slots}))
 
-    own_backend = backend is None
-    if own_backend:
-        backend = ModelBackend(model, slots=plan.slots, stop_ids=stop_ids, prefill_step_size=prefill_step_size)
-    engine_class = Engine if hosts is None else functools.partial(DistributedEngine, hosts, model=model)
-    engine = engine_class(messages, params, tokenizer=tok, backend=backend, plan=plan, builder=builder, seed=seed,
-                          stop_ids=stop_ids, schedule=schedule, emit=emit, cancel=cancel, journal=journal)
-    if journal is not None and journal.meta.get("draws") != {str(r): d for r, d in engine.draws.items()}:
+    if journal is not None and journal.meta.get("draws") != {str(r): d for r, d in all_draws(params, seed).items()}:
         raise ZayaError(f"the run in {journal.path} drew other candidates: it is not this run's folder")
-    engine.resume(journal.finished() if journal is not None else [])
-    tic = time.perf_counter()
-    try:
-        engine.run()
-    finally:
-        counters = backend.counters() if hasattr(backend, "counters") else {}
+    with journal if journal is not None else contextlib.nullcontext():  # a run folder is held for the whole run
+        finished = journal.finished() if journal is not None else []
+        own_backend = backend is None
         if own_backend:
-            backend.close()
-    total_s = time.perf_counter() - tic
+            backend = ModelBackend(model, slots=plan.slots, stop_ids=stop_ids, prefill_step_size=prefill_step_size)
+        engine_class = Engine if hosts is None else functools.partial(DistributedEngine, hosts, messages=messages,
+                                                                      model=model)
+        engine = engine_class(params, backend=backend, plan=plan, builder=builder, seed=seed,
+                              stop_ids=stop_ids, schedule=schedule, emit=emit, cancel=cancel, journal=journal)
+        engine.resume(finished)
+        tic = time.perf_counter()
+        try:
+            engine.run()
+        finally:
+            counters = backend.counters() if hasattr(backend, "counters") else {}
+            if own_backend:
+                backend.close()
+        total_s = time.perf_counter() - tic
 
-    rounds = [RoundRecord(r, [engine.done[r, i] for i in range(params.rollouts_in(r))],
-                          engine.round_seconds.get(r, 0.0)) for r in range(params.rounds)]
-    finals = rounds[-1].rollouts
-    ballot = vote([f.answer for f in finals]) if params.final_vote else None
-    completion = sum(rd.tokens for rd in rounds)
-    prompt_tokens = sum(r.prompt_tokens for rd in rounds for r in rd.rollouts)
-    result = RSAResult(
-        text=finals[0].text, texts=[f.text for f in finals],
-        answer=ballot.answer if ballot is not None else finals[0].answer, vote=ballot, rounds=rounds,
-        metadata=metadata(params, rounds, engine.total_slots),
-        usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-               "total_tokens": prompt_tokens + completion},
-        params=params, seed=seed, plan=plan,
-        timings={"total_s": total_s, "rounds_s": [rd.seconds for rd in rounds],
-                 "tokens_decoded": engine.tokens, "tokens_per_s": engine.tokens / max(total_s, 1e-9),
-                 "steps": engine.steps,
-                 "idle_slot_steps": engine.idle_slot_steps, **counters},
-        run_dir=str(journal.path) if journal is not None else None)
-    if journal is not None:
-        journal.write_result(result)
-    emit(RSAEvent("finished", data={"result": result}))
-    return result
+        rounds = [RoundRecord(r, [engine.done[r, i] for i in range(params.rollouts_in(r))],
+                              engine.round_seconds.get(r, 0.0)) for r in range(params.rounds)]
+        finals = rounds[-1].rollouts
+        ballot = vote([f.answer for f in finals]) if params.final_vote else None
+        completion = sum(rd.tokens for rd in rounds)
+        prompt_tokens = sum(r.prompt_tokens for rd in rounds for r in rd.rollouts)
+        result = RSAResult(
+            text=finals[0].text, texts=[f.text for f in finals],
+            answer=ballot.answer if ballot is not None else finals[0].answer, vote=ballot, rounds=rounds,
+            metadata=metadata(params, rounds, engine.total_slots),
+            usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                   "total_tokens": prompt_tokens + completion},
+            params=params, seed=seed, plan=plan,
+            timings={"total_s": total_s, "rounds_s": [rd.seconds for rd in rounds],
+                     "tokens_decoded": engine.tokens, "tokens_per_s": engine.tokens / max(total_s, 1e-9),
+                     "steps": engine.steps,
+                     "idle_slot_steps": engine.idle_slot_steps, **counters},
+            run_dir=str(journal.path) if journal is not None else None)
+        if journal is not None:
+            journal.write_result(result)
+        emit(RSAEvent("finished", data={"result": result}))
+        return result

@@ -145,6 +145,9 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
     if prompt_tokens > max_pos:
         raise ZayaError(f"the prompt is {prompt_tokens:,} tokens, over the model's context of {max_pos:,} tokens; "
                         "shorten it")
+    if weights_bytes >= budget_bytes:
+        raise ZayaError(f"the model ({_gb(weights_bytes)}) alone fills the RSA memory budget of {_gb(budget_bytes)}: "
+                        "use a quantized model (zaya quantize) or raise --memory")
     host = p.worst_case_tokens() * HOST_BYTES_PER_TOKEN
     if weights_bytes + host >= budget_bytes:
         raise ZayaError(f"{p.total_rollouts():,} rollouts of up to {p.short_resp_len:,} tokens keep up to "

@@ -195,3 +195,4 @@ PRESETS: dict[str, Preset] = {
                     "a first try: N 4, K 2, T 1, 1,024-word tails, 4K/8K tokens"),
 }
 DEFAULT_PRESET = "laptop"
+

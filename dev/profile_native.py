@@ -5,8 +5,8 @@ take longer than the kernels. This samples the running decode loop's native stac
 few seconds after warm-up, then prints which functions the samples are in (self), under (inclusive), and, for the
 functions with the most self samples, which functions called them.
 
-    python bench/profile_native.py --rate 20 --seconds 6 --out DIR   # needs py-spy (pip install py-spy) and a GPU
-    python bench/profile_native.py --summarize stacks.txt            # the summary of py-spy's raw output
+    python dev/profile_native.py --rate 20 --seconds 6 --out DIR   # needs py-spy (pip install py-spy) and a GPU
+    python dev/profile_native.py --summarize stacks.txt            # the summary of py-spy's raw output
 
 --out also gets the raw stacks, gzipped (native_stacks.txt.gz: small at these rates).
 
@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-PROMPT = 4100  # the KV buffers get 8,192 positions (model.kv_capacity): room for ~4,000 steps
+PROMPT = 4100  # the KV buffers get 8,192 positions (decode.kv_capacity): room for ~4,000 steps
 
 
 def frame_name(frame: str) -> str:
@@ -94,16 +94,17 @@ def profile(rate: int, seconds: float, experts: int, out_dir: str) -> int:
         return 2
     import mlx.core as mx
 
-    from zaya_mlx import benchmark, model as model_mod
+    from zaya_mlx import benchmark
+    from zaya_mlx.decode import DecodeOptions, kv_capacity
 
     config = benchmark.full_config(num_experts=experts)
     model = benchmark.build_zaya(config, "mxfp4")
-    os.environ["ZAYA_FUSED"] = "1"
+    model.decode_options = DecodeOptions(fused=True)
     cache = model.make_cache()
     prompt = mx.random.randint(0, config.vocab_size, (1, PROMPT)).astype(mx.int32)
     tok = mx.argmax(model(prompt, cache)[:, -1, :], axis=-1)[:, None].astype(mx.int32)
     mx.eval(tok)
-    room = model_mod.kv_capacity(PROMPT + 1) - PROMPT - 1
+    room = kv_capacity(PROMPT + 1) - PROMPT - 1
     _, warm, tok = decode_loop(model, cache, tok, float("inf"), 20)  # the step functions' trace and compiles
     rate_before, used, tok = decode_loop(model, cache, tok, 3.0, room // 3)
     used += warm

@@ -4,16 +4,15 @@ Separate processes on one lent machine differ by tens of percent (bench/RESULTS.
 measured; in one process both sides share the host's state. Each round times both sides, in alternating order, on
 one model. The changes:
 
-- ``in-place``: the fused step's outputs written into its own arrays, or new ones (``ZAYA_IN_PLACE``, model.py);
 - ``source``: the kernel sources as assembled (compacted, only the helpers a body reaches) or whole, every helper
   and comment in each (MLX-CUDA hashes a kernel's source at every launch);
 - ``include``: on CUDA, the helpers and the body as includes of saved files (as assembled) or inline;
-- ``bodies``: the kernels as they are, or with their bodies emptied (benchmark.empty_kernels): how much of a step
+- ``bodies``: the kernels as they are, or with their bodies emptied (lab.empty_kernels): how much of a step
   the GPU's work adds to the host's floor;
 - ``cca-inside``: the CCA step inside attention's launch, or in its own (kernels.cca_decode_attention).
 
-    python bench/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
-    python bench/ab_one_process.py --what include --experts 16            # ZAYA1-8B's full size
+    python dev/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
+    python dev/ab_one_process.py --what include --experts 16            # ZAYA1-8B's full size
 """
 
 import argparse
@@ -23,7 +22,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from lab import empty_kernels, reset_kernels  # noqa: E402
+
 from zaya_mlx import benchmark  # noqa: E402
+from zaya_mlx.decode import DecodeOptions  # noqa: E402
 from zaya_mlx.kernels import _build, attention  # noqa: E402
 
 ASSEMBLED = _build.kernel_source
@@ -37,28 +39,24 @@ def whole_source(body, back, absent=(), views=(), inplace=()):
             prologue + "\n" + _build.declarations(absent, views, inplace) + _build._source(body))
 
 
-def set_in_place(model, on: bool):
-    os.environ["ZAYA_IN_PLACE"] = "1" if on else "0"
-
-
 def set_source(model, on: bool):
     _build.kernel_source = ASSEMBLED if on else whole_source
-    benchmark.reset_kernels(model)
+    reset_kernels(model)
 
 
 def set_include(model, on: bool):
     _build.saved_file = SAVED if on else (lambda text: None)
-    benchmark.reset_kernels(model)
+    reset_kernels(model)
 
 
-_EMPTIED = []  # the entered benchmark.empty_kernels, while the bodies are off
+_EMPTIED = []  # the entered empty_kernels, while the bodies are off
 
 
 def set_bodies(model, on: bool):
     while _EMPTIED:
         _EMPTIED.pop().__exit__(None, None, None)
     if not on:
-        _EMPTIED.append(benchmark.empty_kernels(model))
+        _EMPTIED.append(empty_kernels(model))
         _EMPTIED[-1].__enter__()
 
 
@@ -67,16 +65,16 @@ CCA_INSIDE = attention.cca_kernel_supported
 
 def set_cca_inside(model, on: bool):
     attention.cca_kernel_supported = CCA_INSIDE if on else (lambda *args, **kwargs: False)
-    benchmark.reset_kernels(model)
+    reset_kernels(model)
 
 
-CHANGES = {"in-place": set_in_place, "source": set_source, "include": set_include, "bodies": set_bodies,
+CHANGES = {"source": set_source, "include": set_include, "bodies": set_bodies,
            "cca-inside": set_cca_inside}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--what", choices=sorted(CHANGES), default="in-place")
+    ap.add_argument("--what", choices=sorted(CHANGES), default="source")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=1)
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     config = benchmark.small_config() if args.small else benchmark.full_config(num_experts=args.experts)
     model = benchmark.build_zaya(config, "mxfp4")
-    os.environ["ZAYA_FUSED"] = "1"
+    model.decode_options = DecodeOptions(fused=True)
     rates = {True: [], False: []}
     for r in range(args.rounds):
         for on in (True, False) if r % 2 == 0 else (False, True):

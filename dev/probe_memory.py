@@ -5,8 +5,8 @@ each call) and all 16 experts (67 MB), from an array an op made (the GPU's memor
 host data (managed memory). Prints the wall clock a call with 64 independent calls in one graph; for each
 kernel's own GPU time, run it under Nsight Compute with --ncu (no timing, 4 calls of each):
 
-    python3 bench/probe_memory.py
-    ncu --metrics gpu__time_duration.sum,lts__t_sector_hit_rate.pct --csv -k regex:probe python3 bench/probe_memory.py --ncu
+    python3 dev/probe_memory.py
+    ncu --metrics gpu__time_duration.sum,lts__t_sector_hit_rate.pct --csv -k regex:probe python3 dev/probe_memory.py --ncu
 
 bench/RESULTS.md (fifth session) has the H100's figures and what they say about the expert kernels.
 """

@@ -1,42 +1,41 @@
 #!/bin/bash
-# Kernel tests and the decode benchmark on an NVIDIA GPU with MLX-CUDA, for the device tool of this workplace
-# (any machine with MLX-CUDA works the same: run from the repository root).
+# The GPU kernel tests and the decode benchmark on an NVIDIA GPU with MLX-CUDA (or any GPU MLX runs on, for the
+# parts that need no CUDA tool). Run from the repository root, with zaya-mlx and MLX-CUDA installed:
 #
-# MLX-CUDA reaches the offline machine as in ../shared/device/mlx-cuda.sh: `prepare` here writes .device/; then
-#   call 1 (carry .device/p1 .device/stage.sh):               bash .device/stage.sh
-#   call 2 (carry .device/p2 .device/stage.sh .device/env.sh .vmlx):
-#       bash .device/stage.sh && . .device/env.sh && bash bench/run_on_device.sh tests bench
-#   later calls on the same (warm) machine: . .device/env.sh && bash bench/run_on_device.sh ...
-#   (call 2 must follow call 1 within the 30 s a machine stays warm; and stage.sh as mlx-cuda.sh 0.32.4 writes it
-#   names the joined wheel without a version, which pip refuses: make it mlx_cuda_13-0.32.4-py3-none-...whl)
-# Parts: nvcc (compile the CUDA twins offline), tests (tests/test_kernels.py, its groups in parallel; on a fresh
-# machine NVRTC compiles every variant first, so the expert group alone takes 2-4 minutes), bench (bf16 + MXFP4, batch 1 and 8,
-# the plain path and vMLX's port when .vmlx/zaya.py is there), quick (MXFP4 batch 1 only), floor (MXFP4 batch 1,
-# with the same graph's kernel bodies emptied: the host's floor), kernels (each kernel's GPU time under ncu,
-# bench/bench_kernels.py), gpustep (bench/gpu_step.py under ncu: the GPU's own time for a decode step, kernel by
-# kernel, at batch 1 and 8; steadier than tokens/s on a lent host), kdetail (one kernel launch under ncu's full set:
-# stall reasons and its SASS line by line), profile (bench/profile_decode.py: one step's cost
-# op by op), ab (this checkout's decode against $AB_OTHER's, interleaved; several folders may be given), ab1
-# (bench/ab_one_process.py: one change on and off in one process: AB_WHAT in-place, source, include, bodies or
-# cca-inside), opsgraph
-# (MLX-CUDA's ops a CUDA graph: the values in OPS_SWEEP, one process each, interleaved), native
-# (bench/profile_native.py: the decode loop's native stacks under py-spy for NATIVE_SECONDS, summarised on the
-# machine; the machine is offline, so carry a wheel:
-# `pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 py-spy -d .device/py-spy`).
-# Logs go to $OUT (the device tool's folder) or ./device-out.
+#     bash dev/run_on_device.sh tests bench        # what a change to a kernel or the decode step must pass
+#     bash dev/run_on_device.sh nvcc               # the CUDA twins through nvcc (or NVRTC), no GPU needed
+#
+# Parts:
+#   nvcc      compile every CUDA twin as MLX assembles it, and check registers and shared memory (dev/nvcc_check.py)
+#   tests     tests/test_kernels.py's GPU tests, its groups (TEST_GROUPS) in parallel; on a fresh machine NVRTC
+#             compiles every kernel variant first, so the expert group alone takes 2-4 minutes
+#   bench     `zaya bench` (bf16 and MXFP4, batch 1 and 8, with the plain path): bench/bench_decode.py
+#   quick     MXFP4, batch 1 only
+#   floor     MXFP4, batch 1, and the same graph with every kernel body emptied: the host's floor (dev/bench_lab.py)
+#   vmlx      MXFP4, batch 1, against vMLX's port in the same run, given its models/zaya.py as .vmlx/zaya.py
+#   kernels   each kernel's GPU time under Nsight Compute (bench/bench_kernels.py)
+#   gpustep   the GPU's own time for a decode step, kernel by kernel, at batch 1 and 8 (dev/gpu_step.py under ncu)
+#   kdetail   one kernel launch under ncu's full set: stall reasons and its SASS line by line (KDETAIL_KERNEL,
+#             KDETAIL_ONLY)
+#   profile   one step's cost op by op (dev/profile_decode.py)
+#   ab        this checkout's decode against other checkouts' (AB_OTHER: folders), interleaved AB_REPS times
+#   ab1       one change on and off in one process (dev/ab_one_process.py; AB_WHAT: source, include, bodies or
+#             cca-inside)
+#   opsgraph  MLX-CUDA's ops a CUDA graph: each value in OPS_SWEEP in its own process, interleaved
+#   native    the decode loop's native stacks under py-spy for NATIVE_SECONDS (dev/profile_native.py); needs py-spy
+#             (on an offline machine, a wheel in .device/py-spy)
+# Logs go to $OUT, or ./device-out.
 set -u
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), 'cuda', mx.cuda.is_available())" | tee -a "$OUT/gpu.txt"
-VMLX=""
-[ -f .vmlx/zaya.py ] && VMLX="--vmlx .vmlx/zaya.py"
 rc=0
 for part in "$@"; do
   case "$part" in
     nvcc)
-      python3 bench/nvcc_check.py 2>&1 | tee "$OUT/nvcc.log" || rc=1 ;;
+      python3 dev/nvcc_check.py 2>&1 | tee "$OUT/nvcc.log" || rc=1 ;;
     tests)
       # by group, all groups at once: on a fresh machine every kernel variant is compiled by NVRTC first (several
       # seconds each, one CPU core a process), which run one after another took over 560 s of a 600 s call.
@@ -55,20 +54,25 @@ for part in "$@"; do
     gpustep)
       for b in 1 8; do
         timeout 300 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --print-kernel-base function \
-          --cache-control none --clock-control none python3 bench/gpu_step.py --experts 2 --batch "$b" \
+          --cache-control none --clock-control none python3 dev/gpu_step.py --experts 2 --batch "$b" \
           > "$OUT/gpustep-b$b.csv" 2>&1 || rc=1
-        python3 bench/gpu_step.py --summarize "$OUT/gpustep-b$b.csv" | tee "$OUT/gpustep-b$b.txt"
+        python3 dev/gpu_step.py --summarize "$OUT/gpustep-b$b.csv" | tee "$OUT/gpustep-b$b.txt"
       done ;;
     profile)
-      timeout 300 python3 bench/profile_decode.py --quant mxfp4 --batch 1 --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
+      timeout 300 python3 dev/profile_decode.py --quant mxfp4 --batch 1 --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     bench)
-      timeout 560 python3 bench/bench_decode.py --quant bf16,mxfp4 --batch 1,8 --plain $VMLX \
+      timeout 560 python3 bench/bench_decode.py --quant bf16,mxfp4 --batch 1,8 --plain \
         --json "$OUT/bench.json" --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     floor)
-      timeout 400 python3 bench/bench_decode.py --quant mxfp4 --batch 1 --host-floor $VMLX \
+      timeout 400 python3 dev/bench_lab.py --quant mxfp4 --batch 1 --host-floor \
         --json "$OUT/floor.json" --markdown "$OUT/floor.md" 2>&1 | tee "$OUT/floor.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    vmlx)
+      if [ ! -f .vmlx/zaya.py ]; then echo "vmlx: put vMLX's models/zaya.py at .vmlx/zaya.py"; rc=2; continue; fi
+      timeout 400 python3 dev/bench_lab.py --quant mxfp4 --batch 1 --vmlx .vmlx/zaya.py \
+        --json "$OUT/vmlx.json" --markdown "$OUT/vmlx.md" 2>&1 | tee "$OUT/vmlx.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     kernels)
       timeout 300 ncu --metrics gpu__time_duration.sum --csv -k regex:zaya \
@@ -87,10 +91,10 @@ for part in "$@"; do
     ab)
       # decode speed of this checkout against other checkouts (`git archive` of other commits, say): AB_OTHER
       # is one folder, or several separated by spaces. On a 2-expert model (the same step; builds in seconds),
-      # interleaved, AB_REPS times (default 3: one machine's host varies by tens of percent from run to run).
+      # interleaved, AB_REPS times (default 3: a host's speed varies by tens of percent from run to run).
       # Each side first warms its own kernel cache, all sides at once (NVRTC compiles every variant on a fresh
       # machine): MLX-CUDA finds a compiled kernel by its name and template arguments, not by its source. Every
-      # side needs `zaya bench --experts` (fifth session on). AB_BATCH: the batch sizes (default 1,8).
+      # side needs `zaya bench --experts`. AB_BATCH: the batch sizes (default 1,8).
       sides=("$PWD")
       for other in ${AB_OTHER:-}; do
         if [ ! -d "$other" ]; then echo "ab: $other is not a folder"; rc=2; continue 2; fi
@@ -111,7 +115,7 @@ for part in "$@"; do
         done
       done ;;
     opsgraph)
-      # MLX-CUDA's ops a CUDA graph (MLX_MAX_OPS_PER_BUFFER, read once a process; zaya-mlx sets 200 unless it is set):
+      # MLX-CUDA's ops a CUDA graph (MLX_MAX_OPS_PER_BUFFER, read once a process; `zaya` sets 200 unless it is set):
       # each value in OPS_SWEEP in its own process, interleaved AB_REPS times, 2-expert model, MXFP4, batch 1
       for rep in $(seq "${AB_REPS:-3}"); do
         for n in ${OPS_SWEEP:-100 200 250}; do
@@ -121,12 +125,12 @@ for part in "$@"; do
       done ;;
     ab1)
       # one change on and off, alternating in one process (no drift between processes): AB_WHAT (default source)
-      timeout 500 python3 bench/ab_one_process.py --what "${AB_WHAT:-source}" --rounds "${AB_REPS:-6}" --steps 200 \
+      timeout 500 python3 dev/ab_one_process.py --what "${AB_WHAT:-source}" --rounds "${AB_REPS:-6}" --steps 200 \
         2>&1 | tee "$OUT/ab_one_process.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     native)
       command -v py-spy > /dev/null || python3 -m pip install -q --no-index .device/py-spy/py_spy-*.whl
-      timeout 300 python3 bench/profile_native.py --rate "${NATIVE_RATE:-25}" --seconds "${NATIVE_SECONDS:-12}" \
+      timeout 300 python3 dev/profile_native.py --rate "${NATIVE_RATE:-25}" --seconds "${NATIVE_SECONDS:-12}" \
         --out "$OUT" 2>&1 | tee "$OUT/native.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     quick)

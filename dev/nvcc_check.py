@@ -6,8 +6,8 @@ bodies). It mimics MLX's generated kernel (MLX's header, then ours, then, with n
 writes it, a namespace with a __global__ function whose arguments are the inputs and outputs, with template
 arguments as `using`/`constexpr` lines).
 
-    python bench/nvcc_check.py                               # nvcc on the PATH (the device machine has it)
-    python bench/nvcc_check.py --nvrtc LIB --include DIR...  # NVRTC, as MLX-CUDA compiles: no CUDA toolkit needed
+    python dev/nvcc_check.py                               # nvcc on the PATH (the device machine has it)
+    python dev/nvcc_check.py --nvrtc LIB --include DIR...  # NVRTC, as MLX-CUDA compiles: no CUDA toolkit needed
 
 The second runs anywhere: `pip download --no-deps nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
 nvidia-cuda-cccl-cu12`, unzip the wheels, and pass .../cuda_nvrtc/lib/libnvrtc.so.12 and the runtime's and CCCL's

@@ -1,12 +1,20 @@
-"""The offline parts of the bench scripts: what they compute from a profiler's output."""
+"""The development tools in dev/ (and the offline parts of bench/bench_kernels.py): what they compute from a
+profiler's output, and smoke runs on the CPU. Run apart from the package's tests:
+
+    python -m pytest dev/tests -q
+"""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+BENCH = os.path.join(ROOT, "bench")
+DEV = os.path.join(ROOT, "dev")
 
 
 def test_kernel_times_are_summarized_per_batch(tmp_path):
@@ -38,7 +46,7 @@ def test_gpu_step_sums_each_kind_of_kernel_per_step(tmp_path):
     lines += [f'"{i}","{k}","(1, 1, 1)","gpu__time_duration.sum","ns","{v}"' for i, (k, v) in enumerate(kernels)]
     path = tmp_path / "step.csv"
     path.write_text("\n".join(lines) + "\n")
-    cmd = [sys.executable, os.path.join(BENCH, "gpu_step.py"), "--summarize", str(path), "--steps", "2"]
+    cmd = [sys.executable, os.path.join(DEV, "gpu_step.py"), "--summarize", str(path), "--steps", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].split()[0] == "43.0" and "4 launches a step" in out[0]
     assert [line.split()[-1] for line in out[1:]] == ["zaya_router_mlp", "zaya_expert_mlp", "fill_kernel"]
@@ -46,10 +54,10 @@ def test_gpu_step_sums_each_kind_of_kernel_per_step(tmp_path):
     assert [float(line.split()[2]) for line in out[1:]] == [1.0, 2.0, 1.0]
 
 
-@pytest.mark.parametrize("what", ["in-place", "source", "include"])
+@pytest.mark.parametrize("what", ["source", "include"])
 def test_one_process_ab_times_both_sides(what):
-    """A smoke run of bench/ab_one_process.py on the CPU: each round times both sides, then the medians."""
-    cmd = [sys.executable, os.path.join(BENCH, "ab_one_process.py"), "--what", what, "--small", "--rounds", "2",
+    """A smoke run of dev/ab_one_process.py on the CPU: each round times both sides, then the medians."""
+    cmd = [sys.executable, os.path.join(DEV, "ab_one_process.py"), "--what", what, "--small", "--rounds", "2",
            "--steps", "2", "--context", "4"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
     assert [line.split(":")[0] for line in out[:4]] == [f"round 0 {what} on", f"round 0 {what} off",
@@ -67,7 +75,7 @@ def test_native_stacks_are_summarized_by_function_and_caller(tmp_path):
         "<module> (bench/x.py:10);loop (bench/x.py:21);mlx::core::gpu::eval (/lib/libmlx.so);"
         "std::_Hash_bytes (/lib/libstdc++.so.6) 2\n"
         "<module> (bench/x.py:10);loop (bench/x.py:22);malloc (libc.so.6) 2\n")
-    cmd = [sys.executable, os.path.join(BENCH, "profile_native.py"), "--summarize", str(raw)]
+    cmd = [sys.executable, os.path.join(DEV, "profile_native.py"), "--summarize", str(raw)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split("\n\n")
     assert out[0] == "samples: 10"
     assert out[1].splitlines()[1:] == [" 80.00% std::_Hash_bytes [libstdc++.so.6]", " 20.00% malloc [libc.so.6]"]
@@ -80,28 +88,49 @@ def test_native_stacks_are_summarized_by_function_and_caller(tmp_path):
 
 
 def test_native_summary_of_a_missing_file_is_one_line():
-    cmd = [sys.executable, os.path.join(BENCH, "profile_native.py"), "--summarize", "/nonexistent/stacks.txt"]
+    cmd = [sys.executable, os.path.join(DEV, "profile_native.py"), "--summarize", "/nonexistent/stacks.txt"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "cannot read" in res.stderr
 
 
 def test_profile_decode_runs_every_op_on_the_small_model():
-    """A smoke run of bench/profile_decode.py on the CPU: it calls the fused step's private pieces (_attention,
+    """A smoke run of dev/profile_decode.py on the CPU: it calls the fused step's private pieces (_attention,
     _mlp_block) directly, so a change to their signatures must not break it unnoticed (it once did)."""
-    cmd = [sys.executable, os.path.join(BENCH, "profile_decode.py"), "--small", "--copies", "2"]
+    cmd = [sys.executable, os.path.join(DEV, "profile_decode.py"), "--small", "--copies", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     assert "mlp_block (compiled)" in out and "cca+attention" in out and "whole step" in out
 
 
 def test_nvcc_check_says_in_one_line_when_nvrtc_does_not_load(tmp_path):
-    cmd = [sys.executable, os.path.join(BENCH, "nvcc_check.py"), "--nvrtc", str(tmp_path / "libnvrtc.so.12")]
+    cmd = [sys.executable, os.path.join(DEV, "nvcc_check.py"), "--nvrtc", str(tmp_path / "libnvrtc.so.12")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: cannot load NVRTC from ") and r.stderr.count("\n") == 1
 
 
 def test_python_step_times_fused_decode_with_stubbed_steps():
-    cmd = [sys.executable, os.path.join(BENCH, "python_step.py"), "--steps", "3", "--layers", "4"]
+    cmd = [sys.executable, os.path.join(DEV, "python_step.py"), "--steps", "3", "--layers", "4"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     ms, rest = out.split(" ", 1)
     assert float(ms) > 0 and rest == "ms of Python a step, 4 layers\n"
+
+
+def test_every_gpu_test_is_in_a_group_the_device_script_runs():
+    """dev/run_on_device.sh runs this file's GPU tests in groups chosen by name (pytest -k); a test no group's
+    name matches would never run on a GPU."""
+    script = open(os.path.join(DEV, "run_on_device.sh")).read()
+    groups = re.search(r'TEST_GROUPS:-([^}"]+)', script).group(1).split(";")
+    words = [w.strip() for g in groups for w in g.split(" or ")]
+    gpu_tests = re.findall(r"^@gpu_only\n(?:@.*\n)*def (test_\w+)", open(os.path.join(ROOT, "tests", "test_kernels.py")).read(), re.M)
+    assert len(gpu_tests) > 10
+    assert [t for t in gpu_tests if not any(w in t for w in words)] == []
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc to compile the CUDA twins")
+def test_cuda_twins_compile_and_fit_an_sm():
+    """dev/nvcc_check.py: every CUDA twin compiles as MLX assembles it, its registers times its threads fit an
+    SM (else the launch fails on the GPU), and its threadgroup memory fits Metal's 32 KB."""
+    r = subprocess.run([sys.executable, os.path.join(DEV, "nvcc_check.py")], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") >= 20

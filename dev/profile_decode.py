@@ -1,6 +1,6 @@
 """Where one decode step's time goes, op by op, on full-size ZAYA1-8B shapes with random weights.
 
-    python bench/profile_decode.py --quant mxfp4 --batch 1 [--copies 200] [--json out.json]
+    python dev/profile_decode.py --quant mxfp4 --batch 1 [--copies 200] [--json out.json]
 
 Each op of a decode layer (in_proj, the CCA kernel, KV-cache update, attention (and mx.fast's for
 comparison), o_proj, residual + norm, router, the experts with and without their router, the LM head) is built
@@ -23,7 +23,8 @@ import mlx.core as mx  # noqa: E402
 
 from zaya_mlx import kernels  # noqa: E402
 from zaya_mlx.benchmark import build_zaya, full_config, small_config  # noqa: E402
-from zaya_mlx.model import _attention, _mlp_block, kv_capacity  # noqa: E402
+from zaya_mlx.decode import kv_capacity  # noqa: E402
+from zaya_mlx.decode.step import _attention, _mlp_block  # noqa: E402
 
 
 def timed(make, copies: int) -> dict:

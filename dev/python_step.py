@@ -1,10 +1,10 @@
 """The Python time of a fused decode step, on any machine: the step functions stubbed, so what is timed is
-fused_decode's own work (cache bookkeeping, argument passing) for a 40-layer model.
+FusedDecoder's own work (cache bookkeeping, argument passing) for a 40-layer model.
 
 Batch 1 is bound by the host, and the Python around the compiled step functions is part of it (bench/RESULTS.md).
 The stubs return the arrays they are given, so no graph is built and nothing runs on a device.
 
-    python bench/python_step.py --steps 300
+    python dev/python_step.py --steps 300
 """
 
 import argparse
@@ -17,11 +17,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import mlx.core as mx  # noqa: E402
 
-from zaya_mlx import model as model_module  # noqa: E402
+from zaya_mlx import kernels  # noqa: E402
 from zaya_mlx.benchmark import build_zaya, small_config  # noqa: E402
+from zaya_mlx.decode import DecodeOptions, FusedDecoder  # noqa: E402
 
 
-def stubbed_steps(model, back):
+def stubbed_steps(decoder, model):
     """Step functions with the real signatures that pass their arrays through."""
     done = mx.zeros((1, 1, model.args.hidden_size), mx.bfloat16)
 
@@ -49,9 +50,9 @@ def main(argv=None) -> int:
     model = build_zaya(config, None, seed=0, dtype=mx.bfloat16)
     cache = model.make_cache()
     mx.eval(model(mx.zeros((1, 8), mx.int32), cache))  # the prompt, through the plain ops
-    model_module._step_functions = stubbed_steps
-    model_module.kernels.backend = lambda: "cuda"
-    os.environ["ZAYA_FUSED"] = "1"  # no check: the stubs compute nothing
+    FusedDecoder._step_functions = stubbed_steps
+    kernels.backend = lambda: "cuda"
+    model.decode_options = DecodeOptions(fused=True)  # no check: the stubs compute nothing
     token = mx.zeros((1, 1), mx.int32)
     for _ in range(5):
         model(token, cache)

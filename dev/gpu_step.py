@@ -1,8 +1,8 @@
 """GPU time of one fused decode step, kernel by kernel, on full-size ZAYA1-8B shapes with random weights.
 
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --print-kernel-base function \
-        --cache-control none --clock-control none python3 bench/gpu_step.py --quant mxfp4 --batch 1 > step.csv
-    python3 bench/gpu_step.py --summarize step.csv [--steps 2]
+        --cache-control none --clock-control none python3 dev/gpu_step.py --quant mxfp4 --batch 1 > step.csv
+    python3 dev/gpu_step.py --summarize step.csv [--steps 2]
 
 With --cca-apart the CCA step runs in its own launch (the path for shapes attention's launch does not cover), so
 one call can time both.

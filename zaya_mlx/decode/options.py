@@ -1,0 +1,23 @@
+"""How a model decodes: the options of its fused decode step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """fused: run one-token steps through the fused decode step (True), through the plain ops (False), or decide
+    (None): on a Metal or CUDA GPU, once the step has passed its check against the plain ops for the model's
+    weights. kernels: run the GPU kernels where they cover the shapes (False: their plain-MLX references, which
+    compute the same function). compile: run the step's fixed-shape parts as ``mx.compile``'d functions."""
+
+    fused: Optional[bool] = None
+    kernels: bool = True
+    compile: bool = True
+
+    @property
+    def impl(self) -> str:
+        """What the kernel ops are asked to run: 'auto' (their kernel where it covers the call) or 'reference'."""
+        return "auto" if self.kernels else "reference"
