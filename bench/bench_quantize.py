@@ -116,7 +116,7 @@ def worker(src: str, out: str, recipe: str) -> None:
     base = rss_mb()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    report = zaya_mlx.quantize(src, out, recipe=recipe, progress=False)
+    report = zaya_mlx.quantize(src, out, recipe=recipe)
     print(json.dumps({"base_rss_mb": base, "peak_rss_mb": peak_rss_mb(), "mlx_peak_mb": mx.get_peak_memory() / 1e6,
                       "seconds": time.perf_counter() - t, "out_bytes": report.bytes, "bpw": report.bits_per_weight}))
 

@@ -23,6 +23,8 @@ import mlx.core as mx  # noqa: E402
 from zaya_mlx import benchmark  # noqa: E402
 from zaya_mlx.config import ZayaConfig  # noqa: E402
 from zaya_mlx.kernels import _build  # noqa: E402
+from zaya_mlx.quantization import load_recipe  # noqa: E402
+from zaya_mlx.sizes import kv_bytes_per_token, weight_bytes, weight_bytes_per_token  # noqa: E402
 
 VMLX_QUANTIZED_PATHS = re.compile(
     r"(switch_mlp|qkv\.linear_q|qkv\.linear_k|qkv\.val_proj|self_attn\.o_proj|embed_tokens|lm_head)")
@@ -54,18 +56,33 @@ def build_vmlx(mod, config: ZayaConfig, quant: str | None = None, seed: int = 0)
         if getattr(layer, "self_attn", None) is not None:
             layer.self_attn.qkv.temp = mx.ones_like(layer.self_attn.qkv.temp)
     benchmark.materialize(model)
-    benchmark.quantize_like_a_recipe(model, quant, VMLX_QUANTIZED_PATHS)
+    quantize_vmlx(model, quant)
     mx.eval(model.parameters())
     return model
+
+
+def quantize_vmlx(model, recipe: str | None) -> None:
+    """vMLX's port quantized where a recipe quantizes ours (its own module names), in the recipe's expert format."""
+    if not recipe or recipe in benchmark.UNQUANTIZED:
+        return
+    fmt = load_recipe(recipe).format_for("model.layers.0.mlp.experts.gate_up_proj", 1).to_config()
+
+    def pred(path, module):
+        return (hasattr(module, "to_quantized") and bool(VMLX_QUANTIZED_PATHS.search(path)) and ".gate." not in path
+                and "router" not in path and fmt)
+
+    import mlx.nn as nn
+
+    nn.quantize(model, class_predicate=pred)
 
 
 def bench_vmlx(config: ZayaConfig, quant: str | None, mod, batches=(1,), context: int = 256, steps: int = 16,
                log=print, runs: int = 1) -> benchmark.Result:
     mx.reset_peak_memory()
     model = build_vmlx(mod, config, quant)
-    total, per_tok = benchmark.weight_bytes(model, config.num_experts)
+    total, per_tok = weight_bytes(model), weight_bytes_per_token(model, config.num_experts)
     res = benchmark.Result("vMLX ZAYA port", quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
-    res.kv_bytes_per_token = benchmark.kv_bytes_per_token(config)
+    res.kv_bytes_per_token = kv_bytes_per_token(config, mx.bfloat16.size)
     for b in batches:
         n, kinds, res.arguments_per_step[b] = benchmark.count_primitives(model, model.make_cache, b)
         res.primitives_per_step[b] = n

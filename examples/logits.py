@@ -5,10 +5,12 @@
 """
 
 import argparse
+import sys
 
 import mlx.core as mx
 
 import zaya_mlx
+from zaya_mlx.sizes import kv_bytes_per_token
 
 
 def main() -> None:
@@ -33,10 +35,13 @@ def main() -> None:
     step = model(mx.array([[top[0]]], dtype=mx.int32), cache=cache)
     full = model(mx.array([ids + [top[0]]], dtype=mx.int32))
     print(f"decode step vs full prefill, max |difference|: {mx.abs(step[0, -1] - full[0, -1]).max().item():.2e}")
-    a, kv = model.args, cache[0][0]
-    per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * kv.keys.dtype.size
+    kv = cache[0][0]
+    per_token = kv_bytes_per_token(model.args, kv.keys.dtype.size)
     print(f"KV cache: {per_token} bytes per token ({kv.offset} tokens held)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except zaya_mlx.ZayaError as e:  # bad input: one line, as the `zaya` command prints it
+        sys.exit(f"error: {e}")

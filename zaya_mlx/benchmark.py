@@ -27,16 +27,15 @@ from . import kernels
 from .config import ZayaConfig
 from .decode import DecodeOptions
 from .model import Model
+from .quantization import available_recipes, load_recipe
+from .sizes import kv_bytes_per_token, weight_bytes, weight_bytes_per_token
 
-# quantization formats of the recipes (group size, bits, mode)
-UNQUANTIZED = ("bf16", "bfloat16", "none")  # --quant names for the bf16 model
-FORMATS = {
-    "mxfp4": (32, 4, "mxfp4"),
-    "affine4": (64, 4, "affine"),
-    "affine8": (64, 8, "affine"),
-    "mxfp8": (32, 8, "mxfp8"),
-}
-QUANTIZED_PATHS = re.compile(r"(mlp\.experts\.|qkv_proj\.in_proj|self_attn\.o_proj|embed_tokens|lm_head)")
+UNQUANTIZED = ("bf16", "bfloat16", "none")  # --quant names for the bf16 model; the others name built-in recipes
+
+
+def weight_choices() -> list[str]:
+    """What --quant takes: bf16, or a built-in recipe of `zaya quantize` (quantize/*.json)."""
+    return ["bf16", *available_recipes()]
 
 
 def full_config(**overrides) -> ZayaConfig:
@@ -50,15 +49,18 @@ def small_config() -> ZayaConfig:
                       head_dim=64, moe_intermediate_size=256, num_experts=4, router_hidden_size=64)
 
 
-def quantize_like_a_recipe(model: nn.Module, quant: str | None, paths: re.Pattern) -> None:
-    if not quant or quant in UNQUANTIZED:
+def quantize_as_recipe(model: nn.Module, recipe: str | None) -> None:
+    """Quantize a built model in memory as `zaya quantize` writes it with a built-in recipe (None or bf16: not)."""
+    if not recipe or recipe in UNQUANTIZED:
         return
-    group_size, bits, mode = FORMATS[quant]
+    rec = load_recipe(recipe)
+    layers = len(model.layers)
 
     def pred(path, module):
-        return hasattr(module, "to_quantized") and bool(paths.search(path)) and ".gate." not in path and "router" not in path
+        fmt = rec.format_for(path, layers) if hasattr(module, "to_quantized") else None
+        return False if fmt is None else fmt.to_config()
 
-    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=pred)
+    nn.quantize(model, class_predicate=pred)
 
 
 def materialize(model: nn.Module, dtype=mx.bfloat16) -> None:
@@ -85,27 +87,12 @@ def build_zaya(config: ZayaConfig, quant: str | None = None, seed: int = 0, dtyp
         gate = layer.mlp.gate  # spread the routing: random balancing biases, a live skip choice
         gate.balancing_biases = mx.random.normal(gate.balancing_biases.shape) * 0.02
     materialize(model, dtype)
-    quantize_like_a_recipe(model, quant, QUANTIZED_PATHS)
+    quantize_as_recipe(model, quant)
     mx.eval(model.parameters())
     return model
 
 
 # --- measurements ----------------------------------------------------------------------------------------------
-
-
-def weight_bytes(model: nn.Module, num_experts: int) -> tuple[int, int]:
-    """(all weight bytes, bytes read per decoded token at batch 1: every weight except the unchosen experts)."""
-    total = expert = 0
-    for k, v in tree_flatten(model.parameters()):
-        total += v.nbytes
-        if "experts" in k or "switch_mlp" in k:
-            expert += v.nbytes
-    return total, total - expert + expert // num_experts
-
-
-def kv_bytes_per_token(config: ZayaConfig, dtype=mx.bfloat16) -> int:
-    """Bytes of keys and values one token adds to the cache, over all layers."""
-    return 2 * config.num_key_value_heads * config.head_dim * dtype.size * config.num_hidden_layers
 
 
 def _cache_arrays(cache) -> list:
@@ -261,11 +248,11 @@ def bench_zaya(config: ZayaConfig, quant: str | None, batches=(1, 8), prompt: in
     if own:
         model = build_zaya(config, quant)
         log(f"  built {quant or 'bf16'} model in {time.perf_counter() - t0:.1f} s")
-    total, per_tok = weight_bytes(model, config.num_experts)
+    total, per_tok = weight_bytes(model), weight_bytes_per_token(model, config.num_experts)
     name = label or (("zaya-mlx (fused decode)" if compiled else "zaya-mlx (fused, not compiled)") if fused
                      else "zaya-mlx (plain ops)")
     res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9, per_tok / 1e9)
-    res.kv_bytes_per_token = kv_bytes_per_token(config)
+    res.kv_bytes_per_token = kv_bytes_per_token(config, mx.bfloat16.size)
 
     def hidden(tokens, cache):
         return model.model(tokens, cache)

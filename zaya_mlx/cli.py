@@ -191,7 +191,7 @@ def serve_command(
 ) -> None:
     """Serve the model over an OpenAI-compatible API: /v1/chat/completions (streamed or not, reasoning in
     reasoning_content, tool calls in tool_calls; a body with Zyphra's RSA parameters, such as rsa_n, runs
-    Markovian RSA), /v1/models, /health. Ctrl-C stops it."""
+    Markovian RSA), /v1/completions (raw text), /v1/models, /health. Ctrl-C stops it."""
     from .server import serve
 
     if max_body_mb <= 0:
@@ -376,12 +376,28 @@ def quantize_command(
 ) -> None:
     """Quantize SRC into an MLX folder that zaya and mlx-lm load: quantized weights, config, tokenizer."""
     from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .quantization import quantize
 
     if shard_size <= 0:
         fail("--shard-size must be positive")
-    report = quantize(src, out, recipe=recipe, force=force, progress=True, max_shard_size=int(shard_size * (1 << 30)))
+    bar = Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True))
+    task = bar.add_task("quantizing", total=None, start=False)
+
+    def progress(what: str, done: int, total: int) -> None:  # the bar appears once the checks have passed
+        if not bar.live.is_started:
+            bar.start()
+            bar.start_task(task)
+        bar.update(task, description=what, completed=done, total=total)
+
+    try:
+        report = quantize(src, out, recipe=recipe, force=force, progress=progress,
+                          max_shard_size=int(shard_size * (1 << 30)))
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     Console().print(report.table())
 
 
@@ -390,7 +406,7 @@ def quantize_command(
 
 @app.command("bench")
 def bench_command(
-    quant: str = typer.Option("bf16,mxfp4", "--quant", "-q", help="Comma-separated weights: bf16, mxfp4, affine4, affine8, mxfp8."),
+    quant: str = typer.Option("bf16,mxfp4", "--quant", "-q", help="Comma-separated weights: bf16 or a built-in recipe of `zaya quantize` (mxfp4, affine4, ...)."),
     batch: str = typer.Option("1,8", "--batch", "-b", help="Comma-separated batch sizes."),
     prompt: int = typer.Option(512, "--prompt", min=1, help="Prompt tokens for the prefill measurement."),
     context: int = typer.Option(256, "--context", min=1, help="Tokens in the cache before decoding is timed."),
@@ -405,12 +421,12 @@ def bench_command(
     """Full-size ZAYA1-8B shapes, random weights: tokens/s, weight and KV bytes, graph primitives per token."""
     import json
 
-    from .benchmark import FORMATS, UNQUANTIZED, markdown, run, to_dict
+    from .benchmark import UNQUANTIZED, markdown, run, to_dict, weight_choices
 
     quants = tuple(q.strip() for q in quant.split(",") if q.strip())
-    unknown = [q for q in quants if q not in (*UNQUANTIZED, *FORMATS)]
+    unknown = [q for q in quants if q not in (*UNQUANTIZED, *weight_choices())]
     if not quants or unknown:
-        raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
+        raise ZayaError(f"--quant {quant!r}: choose from {', '.join(weight_choices())}")
     try:
         batches = tuple(int(b) for b in batch.split(",") if b.strip())
     except ValueError:
@@ -440,11 +456,11 @@ def doctor_command(
 ) -> None:
     """This machine, MLX's back end, each decode kernel against its reference, the decode path a model would take,
     and a short run's peak memory: a block to paste into a bug report. Downloads nothing."""
-    from .benchmark import FORMATS, UNQUANTIZED
+    from .benchmark import UNQUANTIZED, weight_choices
     from .doctor import diagnose
 
-    if quant not in (*UNQUANTIZED, *FORMATS):
-        raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
+    if quant not in (*UNQUANTIZED, *weight_choices()):
+        raise ZayaError(f"--quant {quant!r}: choose from {', '.join(weight_choices())}")
     report = diagnose(None if quant in UNQUANTIZED else quant, options=decode_options())
     typer.echo(report.text())
     raise typer.Exit(0 if all(k.ok for k in report.kernels) else 1)

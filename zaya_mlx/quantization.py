@@ -46,10 +46,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import mlx.core as mx
 
 from .errors import ZayaError
+from .sizes import format_bytes, format_count
 
 __all__ = [
     "Format",
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 DEFAULT_RECIPE = "mxfp4"
+Progress = Callable[[str, int, int], None]  # (what is being done, source bytes done, source bytes in all)
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
 _CHUNK_ELEMENTS = 1 << 20  # quantized (and compared) at a time: CPU mxfp4/nvfp4 need ~100 B an element of temporaries
 
@@ -339,10 +342,10 @@ class QuantizeReport:
             t.add_column(col, justify="right", no_wrap=True)
         for g in self.groups:
             err = "-" if g.rel_error is None else f"{g.rel_error:.4f}"
-            t.add_row(g.name, g.format, _human(g.params, ""), _human(g.bytes), f"{g.bits_per_weight:.2f}", err)
+            t.add_row(g.name, g.format, format_count(g.params), format_bytes(g.bytes), f"{g.bits_per_weight:.2f}", err)
         t.add_section()
-        t.add_row(f"total ({self.shards} shard{'s' if self.shards > 1 else ''})", "", _human(self.params, ""),
-                  _human(self.bytes), f"{self.bits_per_weight:.2f}", "", style="bold")
+        t.add_row(f"total ({self.shards} shard{'s' if self.shards > 1 else ''})", "", format_count(self.params),
+                  format_bytes(self.bytes), f"{self.bits_per_weight:.2f}", "", style="bold")
         if self.skipped:
             by_group: dict[tuple, int] = {}
             for s in self.skipped:
@@ -355,16 +358,6 @@ class QuantizeReport:
 
     def __rich__(self):
         return self.table()
-
-
-def _human(n: float, unit: str = "B") -> str:
-    """1234567 -> '1.23 MB' (decimal units); with unit "" a plain count: '1.23 M'."""
-    prefixes = ("", "K", "M", "G", "T")
-    i = 0
-    while n >= 1000 and i < len(prefixes) - 1:
-        n, i = n / 1000, i + 1
-    text = f"{n:.0f}" if i == 0 else f"{n:.2f}"
-    return f"{text} {prefixes[i]}{unit}".rstrip()
 
 
 # --- streaming safetensors writer ---------------------------------------------------------------------------------
@@ -523,12 +516,13 @@ def _group_name(path: str) -> str:
 # --- the command --------------------------------------------------------------------------------------------------
 
 
-def quantize(src, out, recipe="mxfp4", force: bool = False, progress: bool = True,
+def quantize(src, out, recipe="mxfp4", force: bool = False, progress: Optional[Progress] = None,
              max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> QuantizeReport:
     """Quantize checkpoint `src` (hub id or folder, any layout) into the MLX folder `out` following `recipe`.
 
     `recipe`: a built-in name (see `available_recipes()`), a recipe JSON path, a dict or a `Recipe`. Refuses an
-    existing `out` unless `force` (then replaces it atomically). `progress`: show a rich progress bar on stderr.
+    existing `out` unless `force` (then replaces it atomically). `progress(what, done, total)`: called as the run
+    goes, with the tensor being written (then "writing") and the source bytes done of the total.
     `max_shard_size`: bytes of tensor data per output shard. Returns a `QuantizeReport` (rich-printable table)."""
     from .loading import open_checkpoint, resolve_model_path
 
@@ -655,7 +649,8 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(ckpt, src, rec: Recipe, writer: _ShardWriter, tmp: Path, show: bool, t0: float) -> QuantizeReport:
+def _run(ckpt, src, rec: Recipe, writer: _ShardWriter, tmp: Path, progress: Optional[Progress],
+         t0: float) -> QuantizeReport:
     config = ckpt.config
     num_layers = int(getattr(config, "num_hidden_layers"))
     quantizable = _quantizable_modules(config)
@@ -667,53 +662,47 @@ def _run(ckpt, src, rec: Recipe, writer: _ShardWriter, tmp: Path, show: bool, t0
     chosen: dict[str, Format | None] = {}  # quantizable module -> format it got (None: kept)
     params = 0
     source_bytes = sum(os.path.getsize(s) for s in ckpt.shards)
+    done = 0
+    tell = progress or (lambda what, done, total: None)
 
-    bar = _progress(show, source_bytes)
-    try:
-        task = bar.add_task("quantizing", total=source_bytes) if bar else None
-        for name, w in ckpt.iter_tensors():
-            if bar:
-                bar.update(task, description=name)
-            params += w.size
-            module = name[: -len(".weight")] if name.endswith(".weight") else None
-            if module in quantizable:
-                fmt = rec.format_for(module, num_layers)
-                if fmt is not None and (why := _fits(w.shape, fmt)):
-                    skipped.append(SkippedTensor(name, tuple(w.shape), fmt.name, why))
-                    fmt = None
-                chosen[module] = fmt
-                key = _group_name(module)
-                g = groups.setdefault(key, GroupStats(key))
-                label = fmt.name if fmt else f"kept {_SHORT.get(w.dtype, _dtype_name(w.dtype))}"
-                if label not in g.formats:
-                    g.formats.append(label)
-                g.quantized |= fmt is not None
-                g.tensors += 1
-                g.params += w.size
-                if fmt is None:
-                    writer.add(name, w)
-                    g.bytes += w.nbytes
-                else:
-                    arrays, e2, n2 = _quantize_tensor(w, fmt, dtype)
-                    for suffix, a in zip(("weight", "scales", "biases"), arrays):
-                        writer.add(f"{module}.{suffix}", a)
-                        g.bytes += a.nbytes
-                    g.err2 += e2
-                    g.norm2 += n2
-                    del arrays
-            else:
+    tell("quantizing", 0, source_bytes)
+    for name, w in ckpt.iter_tensors():
+        tell(name, done, source_bytes)
+        params += w.size
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module in quantizable:
+            fmt = rec.format_for(module, num_layers)
+            if fmt is not None and (why := _fits(w.shape, fmt)):
+                skipped.append(SkippedTensor(name, tuple(w.shape), fmt.name, why))
+                fmt = None
+            chosen[module] = fmt
+            key = _group_name(module)
+            g = groups.setdefault(key, GroupStats(key))
+            label = fmt.name if fmt else f"kept {_SHORT.get(w.dtype, _dtype_name(w.dtype))}"
+            if label not in g.formats:
+                g.formats.append(label)
+            g.quantized |= fmt is not None
+            g.tensors += 1
+            g.params += w.size
+            if fmt is None:
                 writer.add(name, w)
-                other.tensors += 1
-                other.params += w.size
-                other.bytes += w.nbytes
-            if bar:
-                bar.advance(task, w.nbytes)
-            del w
-        if bar:
-            bar.update(task, completed=source_bytes, description="writing")
-    finally:
-        if bar:
-            bar.stop()
+                g.bytes += w.nbytes
+            else:
+                arrays, e2, n2 = _quantize_tensor(w, fmt, dtype)
+                for suffix, a in zip(("weight", "scales", "biases"), arrays):
+                    writer.add(f"{module}.{suffix}", a)
+                    g.bytes += a.nbytes
+                g.err2 += e2
+                g.norm2 += n2
+                del arrays
+        else:
+            writer.add(name, w)
+            other.tensors += 1
+            other.params += w.size
+            other.bytes += w.nbytes
+        done += w.nbytes
+        del w
+    tell("writing", source_bytes, source_bytes)
 
     shards = writer.finish(params)
     quantization = _quantization_block(chosen)
@@ -756,19 +745,6 @@ def _quantization_block(chosen: dict[str, Format | None]) -> dict:
         elif fmt != default:
             block[module] = fmt.to_config()
     return block
-
-
-def _progress(show: bool, total: int):
-    if not show:
-        return None
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    bar = Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), DownloadColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-    bar.start()
-    return bar
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:

@@ -46,6 +46,7 @@ from rich.text import Text
 
 from .errors import ZayaError
 from .files import write_text_atomic
+from .sizes import format_bytes
 from .think_budget import parse_think_budget
 
 REASONING = "reasoning"
@@ -53,17 +54,6 @@ CODE_THEME = "monokai"
 
 
 # --- small formatters --------------------------------------------------------------------------------------------
-
-
-def format_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _stat(stats, *names, default=None):
