@@ -139,8 +139,8 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
         raise ZayaError(f"the prompt is {prompt_tokens:,} tokens, over the model's context of {max_pos:,} tokens; "
                         "shorten it")
     if weights_bytes >= budget_bytes:
-        raise ZayaError(f"the model ({_gb(weights_bytes)}) alone fills the RSA memory budget of {_gb(budget_bytes)}: "
-                        "use a quantized model (zaya quantize) or raise --memory")
+        raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of "
+                        f"{format_bytes(budget_bytes)}: use a quantized model (zaya quantize) or raise --memory")
     host = p.worst_case_tokens() * HOST_BYTES_PER_TOKEN
     if weights_bytes + host >= budget_bytes:
         raise ZayaError(f"{p.total_rollouts():,} rollouts of up to {p.short_resp_len:,} tokens keep up to "
@@ -169,8 +169,8 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
 
     fixed = weights_bytes + layer_bytes + prefix
     if fixed >= budget_bytes:
-        raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of {format_bytes(budget_bytes)}: "
-                        "use a quantized model (zaya quantize) or raise --memory")
+        raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of "
+                        f"{format_bytes(budget_bytes)}: use a quantized model (zaya quantize) or raise --memory")
     slots = min(p.rsa_n, max_batch) if max_batch else p.rsa_n
     while slots >= 1 and fixed + host + act(slots) + slots * seq > budget_bytes:
         slots -= 1
