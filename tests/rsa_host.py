@@ -33,8 +33,8 @@ def die_after(n: int) -> None:
 
     record, seen = engine.Engine.record, []
 
-    def dying(self, rollout, prompt_text):
-        record(self, rollout, prompt_text)
+    def dying(self, rollout):
+        record(self, rollout)
         seen.append(rollout)
         if len(seen) == n:
             os._exit(9)
