@@ -2,7 +2,9 @@
 MLX's ring back end on 127.0.0.1, each running `zaya rsa` on the tiny model (tests/rsa_host.py), against the same
 run in one process: the answer and every round's rollouts (tokens, parents, candidates) are the same. A host
 with another model is refused on every host before any work; a host that dies mid-round leaves host 0's run
-folder resumable, and it resumes, alone, to the one-process result. Every launch is bounded by a timeout."""
+folder resumable, and it resumes, alone, to the one-process result. Every launch is bounded by a timeout.
+In one process, threads stand in for hosts (a barrier for the collectives) to check the schedule on a scripted
+backend: hosts of different slot counts, in every schedule, and a cancel on one host."""
 
 import json
 import os
@@ -14,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from zaya_mlx.rsa.distributed import Hosts
 
 HOST = Path(__file__).parent / "rsa_host.py"
 LAUNCH = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
@@ -121,3 +125,108 @@ def test_a_host_lost_mid_round_leaves_a_run_that_resumes_alone_to_the_same_resul
     assert "resumed: 6 finished rollouts" in stdout
     result = json.loads((run / "result.json").read_text())
     assert result["texts"] == alone["texts"] and rounds_of(result) == rounds_of(alone)
+
+
+# --- the schedule over hosts, in one process: threads as hosts, a board as the collectives --------------------------
+
+
+class Board:
+    """What MLX's all_gather does between processes, between threads: each puts its value, all read them all."""
+
+    def __init__(self, size: int):
+        import threading
+
+        self.values, self.barrier = [None] * size, threading.Barrier(size, timeout=10)
+
+    def exchange(self, rank: int, value) -> list:
+        self.values[rank] = value
+        self.barrier.wait()
+        out = list(self.values)
+        self.barrier.wait()
+        return out
+
+
+class ThreadHosts(Hosts):
+    """`Hosts` whose two collectives go through a Board (no MLX group)."""
+
+    def __init__(self, rank: int, board: Board):
+        self.rank, self.size, self.board = rank, len(board.values), board
+        self.name, self.saved_in, self.timeout = f"thread{rank}", None, 10
+
+    def gather(self, value) -> list:
+        return self.board.exchange(self.rank, json.loads(json.dumps(value)))
+
+    def gather_ints(self, values: list[int], width: int) -> list[list[int]]:
+        return self.board.exchange(self.rank, values + [0] * (width - len(values)))
+
+
+def run_on_threads(slots: list[int], run_one) -> list:
+    """`run_one(hosts, max_batch)` on one thread a host (each with its own slot count); what each returned or
+    raised."""
+    import threading
+
+    board, out = Board(len(slots)), [None] * len(slots)
+
+    def host(rank):
+        try:
+            out[rank] = run_one(ThreadHosts(rank, board), slots[rank])
+        except Exception as e:  # noqa: BLE001 - handed to the test (a host that fails breaks the others' barrier)
+            out[rank] = e
+
+    threads = [threading.Thread(target=host, args=(rank,)) for rank in range(len(slots))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    from zaya_mlx.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("schedule", ["stream", "rounds", "batches"])
+def test_hosts_of_different_slot_counts_give_the_one_host_result_in_every_schedule(tok, schedule):
+    from test_rsa import IM_END, PROBLEM, Scripted
+
+    from zaya_mlx import rsa
+
+    params = rsa.RSAParams(rsa_n=6, rsa_k=3, rsa_t=2, tail_window_len=40, short_resp_len=60, max_tokens=80,
+                           rsa_final_n=2)
+    alone = rsa.run(PROBLEM, params, tokenizer=tok, backend=Scripted(tok), seed=5, stop_ids=[IM_END], max_batch=2)
+    backends = {}
+
+    def one(hosts, max_batch):
+        backends[hosts.rank] = Scripted(tok)
+        return rsa.run(PROBLEM, params, tokenizer=tok, backend=backends[hosts.rank], seed=5, stop_ids=[IM_END],
+                       max_batch=max_batch, schedule=schedule, group=hosts)
+
+    results = run_on_threads([1, 2, 3], one)
+    for result in results:
+        assert not isinstance(result, Exception), result
+        assert [[(ro.tokens, ro.parents, ro.candidate) for ro in rd.rollouts] for rd in result.rounds] == \
+            [[(ro.tokens, ro.parents, ro.candidate) for ro in rd.rollouts] for rd in alone.rounds]
+        assert result.texts == alone.texts and result.metadata["rsa_max_concurrency"] == 6
+    started = [len(b.starts) for b in backends.values()]
+    assert sum(started) == 6 + 6 + 2 and all(started)  # each rollout decoded once, on some host, every host used
+    for rank, cap in enumerate([1, 2, 3]):
+        assert max(s["running_beside"] for s in backends[rank].starts.values()) < cap  # within the host's own slots
+
+
+def test_a_cancel_on_one_host_stops_every_host(tok):
+    from test_rsa import IM_END, PROBLEM, Scripted
+
+    from zaya_mlx import rsa
+
+    params = rsa.RSAParams(rsa_n=4, rsa_k=2, rsa_t=1, tail_window_len=40, short_resp_len=60, max_tokens=80)
+
+    def one(hosts, max_batch):
+        steps = []
+        return rsa.run(PROBLEM, params, tokenizer=tok, backend=Scripted(tok), stop_ids=[IM_END], max_batch=max_batch,
+                       group=hosts, cancel=lambda: hosts.rank == 1 and len(steps.append(0) or steps) > 3)
+
+    results = run_on_threads([2, 2], one)
+    assert all(isinstance(r, rsa.Cancelled) and "on host 1" in str(r) for r in results), results
