@@ -249,6 +249,7 @@ def step_launches(step: Step) -> list[Launch]:
     try:
         model.decode_options = DecodeOptions(fused=False, compile=False)
         if not step.full:
+            model.decode_options = DecodeOptions(fused=False)
             mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
         model.decode_options = DecodeOptions(fused=True, compile=False)
         if not step.cca_inside:

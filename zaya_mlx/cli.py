@@ -17,6 +17,7 @@ import typer
 
 from .config import DEFAULT_MODEL
 from .errors import ZayaError
+from .model_cache import FIRST_RUN_CONTEXT
 from .files import write_text_atomic
 
 # ZAYA1 reasons at length before answering (its context is 131K tokens): a short cap would rarely reach the answer.
@@ -55,13 +56,80 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def read_stdin() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are a one-line error, not a traceback."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"stdin is not valid UTF-8 (byte {e.start + 1} of {len(data)})")
+
+
+# --- the model a command runs without --model --------------------------------------------------------------------
+
+FITS = (f"in bf16 where it fits this machine's memory with a {FIRST_RUN_CONTEXT // 1024}K context, else an MXFP4 copy "
+        f"made once (zaya models).")
+
+
+def default_model() -> str:
+    """The default model for this machine (`model_cache.default_model`), its steps on stderr, and bars with the time
+    left for the download and the quantization when it makes a copy."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .model_cache import default_model as choose
+
+    err = Console(stderr=True, highlight=False)
+    bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=err)
+    tasks = {}
+
+    def progress(stage: str, done: int, total: int, what: str) -> None:
+        if not tasks:
+            bar.start()
+            tasks.update({s: bar.add_task(label, total=total or None)
+                          for s, label in (("download", "downloading"), ("quantize", "quantizing"))})
+        bar.update(tasks[stage], completed=done, total=max(total, done))  # file bytes run past the tensors' a little
+
+    try:
+        return str(choose(log=lambda line: bar.console.print(line, markup=False), progress=progress))
+    finally:
+        if tasks:
+            bar.stop()
+
+
+@app.command("models")
+def models_command(
+    remove: Optional[str] = typer.Option(None, "--remove", help="Delete a copy zaya-mlx made (its ID in the list)."),
+    macs: bool = typer.Option(False, "--macs", help="Print which model fits which Mac (the README's table)."),
+) -> None:
+    """The ZAYA models in the cache: the hub's downloads and the quantized copies made for this machine."""
+    from .model_cache import default_cache, list_models, mac_table, remove_model
+
+    if macs:
+        typer.echo(mac_table())
+        return
+    if remove is not None:
+        entry = remove_model(remove)
+        typer.echo(f"removed {entry.id} ({entry.size / 1e9:.2f} GB) from {entry.path}")
+        return
+    entries = list_models()
+    if not entries:
+        typer.echo(f"no ZAYA model in the cache ({default_cache()} and the hub's)")
+        return
+    rows = [("id", "format", "size", "path")] + [(e.id, e.format, f"{e.size / 1e9:.2f} GB", str(e.path)) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+
+
 # --- chat (the terminal UI) ----------------------------------------------------------------------------------------
 
 
 @app.command("chat")
 def chat_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                              help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout, or a "
+                                        f"folder written by `zaya quantize`). Default: {DEFAULT_MODEL}, {FITS}"),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
                                              help="Most tokens per reply, reasoning included (default: no cap; the "
@@ -91,6 +159,7 @@ def chat_command(
     budget = parse_think_budget(think_budget)
     if log_file is None:
         log_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zaya-mlx" / "chat.log"
+    model = model or default_model()
     if sys.stdin.isatty():
         typer.echo(f"loading {model}…")
     loaded, tokenizer = load(model, dtype=dtype, decode=decode_options())
@@ -105,7 +174,8 @@ def chat_command(
 @app.command("generate")
 def generate_command(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads it from stdin)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
+                                        f"Default: {DEFAULT_MODEL}, {FITS}"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help=f"Most tokens to generate, reasoning "
                                              f"included (default {MAX_TOKENS}, or what the context has room for)."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
@@ -125,10 +195,10 @@ def generate_command(
     from .tokenizer import apply_chat_template, require_tokenizer
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     if not prompt.strip():
         fail("the prompt is empty")
-    llm, tokenizer = load(model, dtype=dtype, decode=decode_options())
+    llm, tokenizer = load(model or default_model(), dtype=dtype, decode=decode_options())
     require_tokenizer(tokenizer)
     if raw:
         ids = prompt
@@ -174,7 +244,8 @@ print(reply.choices[0].message.content)
 
 @app.command("serve", epilog=SERVE_EXAMPLE)
 def serve_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
+                                        f"Default: {DEFAULT_MODEL}, {FITS}"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", min=1,
@@ -196,7 +267,7 @@ def serve_command(
 
     if max_body_mb <= 0:
         fail("--max-body-mb must be positive")
-    serve(model, host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+    serve(model or default_model(), host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
           max_queue=max_queue, max_body=int(max_body_mb * 1e6), rsa_preset=rsa_preset)
 
 
@@ -206,7 +277,8 @@ def serve_command(
 @app.command("rsa")
 def rsa_command(
     problem: Optional[str] = typer.Argument(None, help="The problem ('-' reads it from stdin); not with --resume."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (default {DEFAULT_MODEL})."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
+                                        f"Default: {DEFAULT_MODEL}, {FITS}"),
     preset: Optional[str] = typer.Option(None, "--preset", help="zyphra (Zyphra's recipe as published), laptop (default) or quick."),
     n: Optional[int] = typer.Option(None, "--n", help="Population: rollouts a round (rsa_n)."),
     k: Optional[int] = typer.Option(None, "--k", help="Candidates an aggregation prompt shows (rsa_k)."),
@@ -252,7 +324,7 @@ def rsa_command(
     from .rsa_view import RSAView, render_result
 
     if problem == "-":
-        problem = sys.stdin.read()
+        problem = read_stdin()
     if resume is None and problem is None:
         fail("give a problem, or --resume DIR to continue a run")
     if resume is None and not problem.strip():
@@ -276,7 +348,7 @@ def rsa_command(
                 [{"role": "user", "content": problem}]
         given = {k: v for k, v in overrides.items() if v is not None}
         if resume is None:
-            return None, rsa.RSAParams.preset(preset, **given), seed or 0, messages, model or DEFAULT_MODEL, dtype
+            return None, rsa.RSAParams.preset(preset, **given), seed or 0, messages, model, dtype
         folder = rsa.RunFolder.open(resume)
         folder.check(params=rsa.RSAParams.preset(preset, **given) if preset else folder.params.replace(**given),
                      seed=seed, messages=messages)
@@ -288,6 +360,7 @@ def rsa_command(
     lead = hosts is None or hosts.rank == 0
     folder, params, seed, messages, model, dtype = define() if hosts is None else \
         distributed.share_run(hosts, define, model, dtype)
+    model = model or default_model()  # each host's own default
 
     def identify():
         identity = rsa.model_identity(resolve_model_path(model), dtype)

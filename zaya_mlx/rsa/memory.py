@@ -22,6 +22,7 @@ from ..sizes import weight_bytes as model_weight_bytes
 
 KV_ALLOC_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
 HOST_BYTES_PER_TOKEN = 48  # a kept token: its id in a Python list and its share of the decoded text
+METAL_BUDGET_SHARE = 0.9  # of Metal's recommended working set
 
 
 def machine_memory() -> tuple[int, str]:
@@ -60,7 +61,7 @@ def default_memory_budget() -> tuple[int, str]:
     """A safe share of the machine: 90% of Metal's recommended working set (itself ~2/3-3/4 of RAM), 85% of a
     CUDA device, 75% of a CPU machine's RAM."""
     total, source = machine_memory()
-    share = 0.9 if "max_recommended" in source else 0.85 if source.startswith("device") else 0.75
+    share = METAL_BUDGET_SHARE if "max_recommended" in source else 0.85 if source.startswith("device") else 0.75
     return int(total * share), f"{share:.0%} of {source}"
 
 
@@ -139,8 +140,8 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
         raise ZayaError(f"the prompt is {prompt_tokens:,} tokens, over the model's context of {max_pos:,} tokens; "
                         "shorten it")
     if weights_bytes >= budget_bytes:
-        raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of "
-                        f"{format_bytes(budget_bytes)}: use a quantized model (zaya quantize) or raise --memory")
+        raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of {format_bytes(budget_bytes)}: "
+                        "use a quantized model (zaya quantize) or raise --memory")
     host = p.worst_case_tokens() * HOST_BYTES_PER_TOKEN
     if weights_bytes + host >= budget_bytes:
         raise ZayaError(f"{p.total_rollouts():,} rollouts of up to {p.short_resp_len:,} tokens keep up to "
@@ -169,8 +170,8 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
 
     fixed = weights_bytes + layer_bytes + prefix
     if fixed >= budget_bytes:
-        raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of "
-                        f"{format_bytes(budget_bytes)}: use a quantized model (zaya quantize) or raise --memory")
+        raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of {format_bytes(budget_bytes)}: "
+                        "use a quantized model (zaya quantize) or raise --memory")
     slots = min(p.rsa_n, max_batch) if max_batch else p.rsa_n
     while slots >= 1 and fixed + host + act(slots) + slots * seq > budget_bytes:
         slots -= 1
