@@ -230,3 +230,25 @@ def test_a_cancel_on_one_host_stops_every_host(tok):
 
     results = run_on_threads([2, 2], one)
     assert all(isinstance(r, rsa.Cancelled) and "on host 1" in str(r) for r in results), results
+
+
+def test_a_host_that_stops_answering_ends_the_wait_with_one_line(tmp_path):
+    """The watchdog: a collective that never returns (a peer asleep, a link down) ends the process after the
+    timeout with one line naming the folder that holds what finished."""
+    script = tmp_path / "silent.py"
+    script.write_text(
+        "import time, mlx.core as mx\n"
+        "from zaya_mlx.rsa.distributed import Hosts\n"
+        "class Group:\n"
+        "    def rank(self): return 0\n"
+        "    def size(self): return 2\n"
+        "mx.distributed.all_gather = lambda x, group: time.sleep(60)\n"
+        "hosts = Hosts(Group(), timeout=1)\n"
+        "hosts.saved_in = '/runs/r1'\n"
+        "hosts.gather_ints([1], 1)\n"
+        "print('returned')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 1 and "returned" not in done.stdout
+    assert done.stderr.strip().splitlines() == [
+        f"error: host 0 ({socket.gethostname()}) heard nothing from the other hosts for 1 s (a host stopped or a link "
+        "is down); what finished is saved in /runs/r1"]
