@@ -183,11 +183,15 @@ class DistributedEngine(Engine):
         super().__init__(params, journal=journal, **kwargs)
         self.hosts, self.host = hosts, hosts.rank
         self.local_cancel, self.cancel = self.cancel, None  # agreed on in each exchange instead
-        if journal is not None and hosts.rank != 0:
-            raise ZayaError(f"host {hosts.rank} was given a run folder: only host 0 keeps one")
         hosts.saved_in = str(journal.path) if journal is not None else None
         mine = run_fingerprint(params, self.seed, messages, self.stops, self.schedule, model)
-        _, rows = hosts.each(lambda: {"run": mine, "slots": self.plan.slots})
+
+        def agree() -> dict:
+            if journal is not None and hosts.rank != 0:
+                raise ZayaError("was given a run folder: only host 0 keeps one")
+            return {"run": mine, "slots": self.plan.slots}
+
+        _, rows = hosts.each(agree)
         for rank, row in enumerate(rows):
             if row["run"] != rows[0]["run"]:
                 raise ZayaError(f"host {rank} was given another run than host 0 (parameters, seed, problem or model "
