@@ -157,6 +157,11 @@ def test_presets_resolve_in_one_place_with_overrides():
         rsa.RSAParams.preset("quick", rsa_n=0)
     with pytest.raises(ZayaError, match="--tail-unit"):
         rsa.RSAParams.preset("quick", tail_unit="bytes")
+    for bad in (float("nan"), float("inf"), -0.5):  # a NaN or infinite temperature would sample garbage silently
+        with pytest.raises(ZayaError, match=r"--temp \(temperature\) must be a finite number >= 0"):
+            rsa.RSAParams.preset("quick", temperature=bad)
+        with pytest.raises(ZayaError, match=r"--final-temp \(final_temperature\) must be a finite"):
+            rsa.RSAParams.preset("quick", final_temperature=bad)
 
 
 def test_the_candidate_draws_follow_the_rules():

@@ -109,7 +109,7 @@ def count_primitives(forward, make_cache, batch: int, prompt: int = 8) -> tuple[
     """Graph primitives of a decode step (logits and updated caches), as mx.export_to_dot writes them: the second
     step after the prompt, as every later one (the first may also set up the cache, as the fused step does).
     Returns (primitives, their kinds, (inputs, outputs)): the arrays the primitives take and make, each of which
-    costs host time to build and encode every step (bench/RESULTS.md), as the primitives themselves do."""
+    costs host time to build and encode every step (docs/PERFORMANCE.md), as the primitives themselves do."""
     cache = make_cache()
     mx.eval(forward(mx.zeros((batch, prompt), mx.int32), cache))
     mx.eval(forward(mx.zeros((batch, 1), mx.int32), cache), _cache_arrays(cache))
@@ -191,7 +191,7 @@ def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab
 
 def median_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int, runs: int) -> DecodeTiming:
     """The median of ``runs`` timed runs (rate and building time each): one run lasts well under a second at batch
-    1, and moves with the host's moment (bench/RESULTS.md); the median moves less."""
+    1, and moves with the host's moment; the median moves less."""
     timed = [time_decode(forward, make_cache, batch, context, steps, vocab) for _ in range(runs)]
     return DecodeTiming(statistics.median(t.tps for t in timed), statistics.median(t.build_ms for t in timed),
                         [t.tps for t in timed])

@@ -5,7 +5,7 @@ the router's down-projection (plus the previous layer's router state), the route
 scaling + RMSNorm + the next layer's in_proj, and the CCA decode step (which also writes the key and value into the
 cache) with attention and o_proj (zaya_mlx/kernels, sources in metal/; shapes that launch does not cover take one
 more, the CCA step on its own). On the CPU, or with ``DecodeOptions(kernels=False)``, the kernels' plain-MLX
-references run in their place. docs/ARCHITECTURE.md says why the step is built this way.
+references run in their place. docs/PERFORMANCE.md says why the step is built this way.
 """
 
 from __future__ import annotations
