@@ -320,6 +320,7 @@ def rsa_command(
     from . import rsa
     from .generation import load
     from .loading import resolve_model_path
+    from .rsa import distributed
     from .rsa_view import RSAView, render_result
 
     if problem == "-":
@@ -339,29 +340,42 @@ def rsa_command(
         final_top_k=final_top_k, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, tail_source=tail_source,
         tail_unit=tail_unit, final_vote=final_vote, bounded_context=False if unbounded else None,
         enable_thinking=False if no_think else None)
-    messages = None
-    if problem is not None:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
-    given = {k: v for k, v in overrides.items() if v is not None}
-    folder = None
-    if resume is not None:  # the folder's own settings; anything given must agree with them
+
+    def define():  # the run: from the arguments, or the folder it resumes (anything given must agree with it)
+        messages = None
+        if problem is not None:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": problem}]
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if resume is None:
+            return None, rsa.RSAParams.preset(preset, **given), seed or 0, messages, model, dtype
         folder = rsa.RunFolder.open(resume)
         folder.check(params=rsa.RSAParams.preset(preset, **given) if preset else folder.params.replace(**given),
                      seed=seed, messages=messages)
-        params, seed, messages = folder.params, folder.seed, folder.messages
-        model, dtype = model or folder.model["path"], dtype or folder.model.get("dtype")
-    else:
-        params = rsa.RSAParams.preset(preset, **given)
-        seed, model = seed or 0, model or default_model()
-    console = Console(highlight=False, soft_wrap=True)
-    path = resolve_model_path(model)
-    identity = rsa.model_identity(path, dtype)
-    if folder is not None:
-        folder.check(model=identity)
+        return folder, folder.params, folder.seed, folder.messages, model or folder.model["path"], \
+            dtype or folder.model.get("dtype")
+
+    group = distributed.launched_group()  # under mlx.launch: host 0 keeps the folder and the view
+    hosts = distributed.Hosts(group) if group is not None else None
+    lead = hosts is None or hosts.rank == 0
+    folder, params, seed, messages, model, dtype = define() if hosts is None else \
+        distributed.share_run(hosts, define, model, dtype)
+    model = model or default_model()  # each host's own default
+
+    def identify():
+        identity = rsa.model_identity(resolve_model_path(model), dtype)
+        if folder is not None:
+            folder.check(model=identity)
+        return identity
+
+    identity = identify() if hosts is None else distributed.check_same_model(hosts, identify)
+    path = Path(identity["path"])
+    console = Console(highlight=False, soft_wrap=True, quiet=not lead)
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         llm, tokenizer = load(path, dtype=dtype, decode=decode_options())
     budget = int(memory * 1e9) if memory else None
-    device = f"{mx.default_device()} {mx.device_info().get('device_name', '')}".strip()
+    device = f"{mx.default_device()} {mx.device_info().get('device_name', '')}".strip() + \
+        (f" x{hosts.size} hosts" if hosts else "")
     runs_root = Path(run_dir).expanduser().parent if run_dir else folder.path.parent if folder else None
     rate = rsa.measured_rate(runs_root or rsa.default_runs_root(), identity["hash"], device)
     if presets:
@@ -374,28 +388,44 @@ def rsa_command(
             except ZayaError as e:
                 console.print(f"{name}: {preset_.description}\n  does not fit: {e}", markup=False)
         return
-    plan = rsa.plan_run(messages, params, model=llm, tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
+
+    def make_plan():
+        return rsa.plan_run(messages, params, model=llm, tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
+
+    plan = make_plan() if hosts is None else hosts.each(make_plan, share=lambda p: p.slots)[0]
     fresh = folder is None
-    if fresh:
+    if fresh and lead:
         folder = rsa.RunFolder.create(run_dir or rsa.new_run_path(messages), params=params, seed=seed,
                                       messages=messages, model=identity)
+    if not lead:  # another host: it decodes; host 0 shows the run and keeps it
+        try:
+            rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, memory_budget=budget,
+                    max_batch=max_batch, group=hosts)
+        except KeyboardInterrupt:
+            raise typer.Exit(130)
+        return
     console.print(f"run folder: {folder.path}", style="dim", markup=False)
     left = plan.worst_case_tokens - sum(params.max_tokens_in(r.round) for r in folder.finished())
     view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate, left))
+    if hosts is not None:  # mlx.launch ends the other hosts with SIGTERM when one fails: save and say how to resume
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with view:
             result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
-                             memory_budget=budget, max_batch=max_batch, journal=folder)
+                             memory_budget=budget, max_batch=max_batch, journal=folder, group=hosts)
+    except (KeyboardInterrupt, distributed.HostLost) as e:
+        folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
+        done = len(folder.finished())
+        lost = f"{e}; " if isinstance(e, distributed.HostLost) else ""
+        typer.echo(f"{'error' if lost else 'interrupted'}: {lost}{done} of {params.total_rollouts()} rollouts are "
+                   f"saved in {folder.path}; resume with: zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
+        raise typer.Exit(1 if lost else 130)
     except ZayaError:
         if fresh:
             folder.discard()  # refused before any rollout: leave nothing behind
         raise
-    except KeyboardInterrupt:
-        folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
-        done = len(folder.finished())
-        typer.echo(f"interrupted: {done} of {params.total_rollouts()} rollouts are saved in {folder.path}; resume "
-                   f"with: zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
-        raise typer.Exit(130)
     folder.write_rates(tokens=view.state.tokens, seconds=result.timings["total_s"], slots=plan.slots, device=device)
     render_result(console, result, show_text=show_text)
     if json_out:

@@ -8,7 +8,7 @@
 
 Modules: params (RSAParams, presets), prompts (Zyphra's aggregation prompts), tails (what a candidate carries),
 answers (extraction, equivalence, the vote), memory (the plan), backends (decoding), engine (the run, events),
-runfolder (the durable record a run resumes from).
+runfolder (the durable record a run resumes from), distributed (one run over several hosts under mlx.launch).
 docs/rsa.md says which parts follow Zyphra's code and which are ours.
 """
 

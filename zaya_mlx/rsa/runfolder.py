@@ -62,11 +62,6 @@ def model_identity(folder, dtype: Optional[str] = None) -> dict:
     return {"path": str(folder), "hash": h.hexdigest()[:16], "dtype": dtype}
 
 
-def _rollout_from(data: dict) -> Rollout:
-    names = {f.name for f in dataclasses.fields(Rollout)}
-    return Rollout(**{k: v for k, v in data.items() if k in names})
-
-
 class RunFolder:
     """The run folder the engine journals to (`rsa.run(..., journal=folder)`)."""
 
@@ -179,7 +174,7 @@ class RunFolder:
         out = []
         for number, line in enumerate(data[:end].splitlines(), start=1):
             try:
-                out.append(_rollout_from(json.loads(line)))
+                out.append(Rollout.from_dict(json.loads(line)))
             except (ValueError, TypeError) as e:
                 raise ZayaError(f"{path}: line {number} is damaged ({e}); the lines before it are good") from None
         return out
