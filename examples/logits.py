@@ -2,6 +2,7 @@
 
     python examples/logits.py                         # Zyphra/ZAYA1-8B from the hub (or its cache)
     python examples/logits.py --model ./zaya-mxfp4 "The capital of France is"
+    python examples/logits.py --dtype float32         # exact comparison: in bf16 the two differ by its rounding
 """
 
 import argparse
@@ -17,10 +18,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("text", nargs="?", default="The capital of France is")
     parser.add_argument("--model", default="Zyphra/ZAYA1-8B", help="hub repo id or local folder")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default), float16 or float32")
     parser.add_argument("--chunk", type=int, default=4, help="prefill chunk size, to show the cache at work")
     args = parser.parse_args()
 
-    model, tokenizer = zaya_mlx.load(args.model)
+    model, tokenizer = zaya_mlx.load(args.model, dtype=args.dtype)
     ids = tokenizer.encode(args.text)
 
     # Prefill in chunks: the cache carries keys/values, the conv inputs and the delayed value between calls.
@@ -34,7 +36,9 @@ def main() -> None:
     # One decode step with the most likely token; the result equals running the whole sequence at once.
     step = model(mx.array([[top[0]]], dtype=mx.int32), cache=cache)
     full = model(mx.array([ids + [top[0]]], dtype=mx.int32))
-    print(f"decode step vs full prefill, max |difference|: {mx.abs(step[0, -1] - full[0, -1]).max().item():.2e}")
+    diff = mx.abs(step[0, -1] - full[0, -1]).max().item()
+    print(f"decode step vs full prefill, max |difference|: {diff:.2e} "
+          f"(largest logit {mx.abs(full[0, -1]).max().item():.2f})")
     kv = cache[0][0]
     per_token = kv_bytes_per_token(model.args, kv.keys.dtype.size)
     print(f"KV cache: {per_token} bytes per token ({kv.offset} tokens held)")
