@@ -276,15 +276,9 @@ def test_refusals_come_before_anything_runs(tok):
 def long_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny checkpoint with the 8B's 131K context, so that Zyphra's prompt (~500 ids in the tiny tokenizer)
     and budgets fit."""
-    import json
-    import shutil
+    from fixtures import copy_with_context
 
-    folder = tmp_path_factory.mktemp("zaya-long") / "m"
-    shutil.copytree(tiny_model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 131072
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return copy_with_context(tiny_model_dir, tmp_path_factory.mktemp("zaya-long") / "m", 131072)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import copy_with_context
 
 from zaya_mlx.rsa.distributed import Hosts
 
@@ -30,12 +31,7 @@ pytestmark = pytest.mark.skipif(not Path(LAUNCH).exists(), reason="mlx.launch is
 @pytest.fixture(scope="module")
 def long_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny checkpoint with a 4K context, so that Zyphra's prompt fits (as in test_rsa.py)."""
-    folder = tmp_path_factory.mktemp("zaya-long") / "m"
-    shutil.copytree(tiny_model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 4096
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return copy_with_context(tiny_model_dir, tmp_path_factory.mktemp("zaya-long") / "m", 4096)
 
 
 @pytest.fixture(scope="module")
