@@ -1,11 +1,13 @@
-"""Peak memory of `zaya quantize` against the source shard size (a benchmark, not a test).
+"""Peak memory of `zaya quantize`, and of the first run's MXFP4 copy, against the source shard size (a benchmark,
+not a test).
 
 Writes one random bf16 ZAYA checkpoint in transformers' layout (the layout of `Zyphra/ZAYA1-8B`: q/k/v split,
 torch conv layout, stacked experts), re-sharded at several shard sizes, and quantizes each copy in a fresh
 process, recording the process's peak RSS over its RSS just before quantizing and MLX's own peak allocation.
 The quantizer reads tensors shard by shard and streams its output to disk, so the peak should follow the
 source shard size, not the model size; an mlx-lm style convert (load all, quantize, save) holds the whole
-model (and its quantized copy) instead.
+model (and its quantized copy) instead. The first run's copy (`model_cache.make_copy`) fetches each shard from a
+local stand-in for the hub, quantizes it and writes it as one part, so its peak should follow the shard size too.
 
     python bench/bench_quantize.py                       # ~0.9 GB model, shards of 100/250/500/1000 MB
     python bench/bench_quantize.py --layers 4 --shards 64 128 --recipe mixed
@@ -116,9 +118,29 @@ def worker(src: str, out: str, recipe: str) -> None:
     base = rss_mb()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    report = zaya_mlx.quantize(src, out, recipe=recipe, progress=False)
+    report = zaya_mlx.quantize(src, out, recipe=recipe)
     print(json.dumps({"base_rss_mb": base, "peak_rss_mb": peak_rss_mb(), "mlx_peak_mb": mx.get_peak_memory() / 1e6,
                       "seconds": time.perf_counter() - t, "out_bytes": report.bytes, "bpw": report.bits_per_weight}))
+
+
+def first_run_worker(src: str, out: str, recipe: str) -> None:
+    """`model_cache.make_copy` with `hf_hub_download` answered from the folder `src` (a local stand-in for the hub)."""
+    import huggingface_hub
+    import mlx.core as mx
+
+    from zaya_mlx import model_cache
+
+    def hf_hub_download(repo_id, filename, local_dir, **kwargs):
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        return shutil.copy(Path(src) / filename, Path(local_dir) / filename)
+
+    huggingface_hub.hf_hub_download = hf_hub_download
+    base = rss_mb()
+    mx.reset_peak_memory()
+    t = time.perf_counter()
+    model_cache.make_copy("bench/zaya", Path(src), Path(out), recipe)
+    print(json.dumps({"base_rss_mb": base, "peak_rss_mb": peak_rss_mb(), "mlx_peak_mb": mx.get_peak_memory() / 1e6,
+                      "seconds": time.perf_counter() - t}))
 
 
 def whole_model_worker(src: str) -> None:
@@ -149,9 +171,12 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="scratch folder (default: a temp folder, removed at the end)")
     p.add_argument("--worker", nargs=3, metavar=("SRC", "OUT", "RECIPE"), help=argparse.SUPPRESS)
     p.add_argument("--whole-model-worker", metavar="SRC", help=argparse.SUPPRESS)
+    p.add_argument("--first-run-worker", nargs=3, metavar=("SRC", "OUT", "RECIPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(*args.worker)
+    if args.first_run_worker:
+        return first_run_worker(*args.first_run_worker)
     if args.whole_model_worker:
         return whole_model_worker(args.whole_model_worker)
 
@@ -162,7 +187,7 @@ def main() -> None:
         print(f"model: {params / 1e6:.0f} M params, {model_bytes / 1e6:.0f} MB bf16, {args.layers} layers, "
               f"recipe {args.recipe}")
         print(f"{'src shard MB':>12} {'shards':>6} {'largest tensor MB':>17} {'peak RSS - base MB':>18} "
-              f"{'MLX peak MB':>11} {'peak/shard':>10} {'peak/model':>10} {'s':>5}")
+              f"{'MLX peak MB':>11} {'peak/shard':>10} {'peak/model':>10} {'s':>5} {'first-run peak/shard':>20}")
         from zaya_mlx.loading import open_checkpoint
 
         largest = max(_numel(shape) * (4 if dtype == "F32" else 2)
@@ -176,10 +201,16 @@ def main() -> None:
             r = json.loads(res.stdout.strip().splitlines()[-1])
             peak = r["peak_rss_mb"] - r["base_rss_mb"]
             shard_mb = min(mb, model_bytes / 1e6)
+            copy = scratch / f"copy-{mb:g}"
+            res = subprocess.run([sys.executable, __file__, "--first-run-worker", str(src), str(copy), args.recipe],
+                                 capture_output=True, text=True, check=True)
+            f = json.loads(res.stdout.strip().splitlines()[-1])
             print(f"{mb:>12g} {n:>6} {largest:>17.0f} {peak:>18.0f} {r['mlx_peak_mb']:>11.0f} "
-                  f"{peak / shard_mb:>10.2f} {peak / (model_bytes / 1e6):>10.2f} {r['seconds']:>5.1f}")
+                  f"{peak / shard_mb:>10.2f} {peak / (model_bytes / 1e6):>10.2f} {r['seconds']:>5.1f} "
+                  f"{(f['peak_rss_mb'] - f['base_rss_mb']) / shard_mb:>20.2f}")
             shutil.rmtree(src)
             shutil.rmtree(out)
+            shutil.rmtree(copy)
         print(f"output: {r['out_bytes'] / 1e6:.0f} MB at {r['bpw']:.2f} bits per weight")
         res = subprocess.run([sys.executable, __file__, "--whole-model-worker", str(full)],
                              capture_output=True, text=True, check=True)

@@ -184,7 +184,8 @@ def main() -> None:
     ns = [int(x) for x in a.ns.split(",") if x.strip()]
     if ns:
         rest = a.c * a.tail
-        print(f"one round: {a.head} shared + {a.c} x {a.tail} tail tokens of prompt per rollout, {a.decode} tokens each")
+        print(f"one round: {a.head} shared + {a.c} x {a.tail} tail tokens of prompt per rollout, {a.decode} tokens "
+              "each")
         for n in ns:
             one_round(model, n, a.head, rest, 8, seed=99 + n)  # warm-up at this N's shapes: compile, allocate
             r = one_round(model, n, a.head, rest, a.decode, seed=n)

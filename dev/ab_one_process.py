@@ -1,6 +1,6 @@
 """Decode speed with one change on and off, alternating in one process.
 
-Separate processes on one lent machine differ by tens of percent (bench/RESULTS.md), more than the changes being
+Separate processes on one machine differ by tens of percent, more than the changes being
 measured; in one process both sides share the host's state. Each round times both sides, in alternating order, on
 one model. The changes:
 
@@ -33,7 +33,7 @@ SAVED = _build.saved_file
 
 
 def whole_source(body, back, absent=(), views=(), inplace=()):
-    """A kernel's source with every helper and comment, as assembled before the fourteenth session."""
+    """A kernel's source with every helper and comment, not compacted to what its body reaches."""
     header, prologue = _build._prelude(back)
     return (header + "\n" + _build._source("common.h"),
             prologue + "\n" + _build.declarations(absent, views, inplace) + _build._source(body))

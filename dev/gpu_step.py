@@ -7,7 +7,7 @@
 With --cca-apart the CCA step runs in its own launch (the path for shapes attention's launch does not cover), so
 one call can time both.
 
-Decode tokens/s on a lent machine moves by tens of percent from run to run with its host. The GPU's own time
+Decode tokens/s on one machine moves by tens of percent from run to run with its host. The GPU's own time
 for a step does not: this sums what every kernel of a few decode steps took (Nsight Compute times each launch
 alone, so there are no gaps between them), after a prompt and warm-up steps, and splits it by kernel. Only the
 profiled steps run between cuProfilerStart and cuProfilerStop.

@@ -23,6 +23,8 @@ import mlx.core as mx  # noqa: E402
 from zaya_mlx import benchmark  # noqa: E402
 from zaya_mlx.config import ZayaConfig  # noqa: E402
 from zaya_mlx.kernels import _build  # noqa: E402
+from zaya_mlx.quantization import load_recipe  # noqa: E402
+from zaya_mlx.sizes import expert_weight_bytes, kv_bytes_per_token, weight_bytes  # noqa: E402
 
 VMLX_QUANTIZED_PATHS = re.compile(
     r"(switch_mlp|qkv\.linear_q|qkv\.linear_k|qkv\.val_proj|self_attn\.o_proj|embed_tokens|lm_head)")
@@ -54,19 +56,34 @@ def build_vmlx(mod, config: ZayaConfig, quant: str | None = None, seed: int = 0)
         if getattr(layer, "self_attn", None) is not None:
             layer.self_attn.qkv.temp = mx.ones_like(layer.self_attn.qkv.temp)
     benchmark.materialize(model)
-    benchmark.quantize_like_a_recipe(model, quant, VMLX_QUANTIZED_PATHS)
+    quantize_vmlx(model, quant)
     mx.eval(model.parameters())
     return model
+
+
+def quantize_vmlx(model, recipe: str | None) -> None:
+    """vMLX's port quantized where a recipe quantizes ours (its own module names), in the recipe's expert format."""
+    if not recipe or recipe in benchmark.UNQUANTIZED:
+        return
+    fmt = load_recipe(recipe).format_for("model.layers.0.mlp.experts.gate_up_proj", 1).to_config()
+
+    def pred(path, module):
+        return (hasattr(module, "to_quantized") and bool(VMLX_QUANTIZED_PATHS.search(path)) and ".gate." not in path
+                and "router" not in path and fmt)
+
+    import mlx.nn as nn
+
+    nn.quantize(model, class_predicate=pred)
 
 
 def bench_vmlx(config: ZayaConfig, quant: str | None, mod, context: int = 256, steps: int = 16, log=print,
                runs: int = 1, bandwidth: float | None = None) -> benchmark.Result:
     """vMLX's port at batch 1 (its bf16 KV cache), measured as `zaya bench` measures a row."""
     model = build_vmlx(mod, config, quant)
-    total, experts = benchmark.weight_bytes(model, config.num_experts)
+    total, experts = weight_bytes(model), expert_weight_bytes(model)
     read = benchmark.weights_read(total, experts, config.num_experts, 1)
     res = benchmark.Result("vMLX ZAYA port", quant or "bf16", str(mx.default_device()), total / 1e9, read / 1e9)
-    kv = res.kv_bytes_per_token["bf16"] = benchmark.kv_bytes_per_token(config)
+    kv = res.kv_bytes_per_token["bf16"] = kv_bytes_per_token(config, mx.bfloat16.size)
     row = benchmark.measure_row(model, model.make_cache, 1, context, "bf16", steps=steps, runs=runs,
                                 vocab=config.vocab_size, chunk=2048, bytes_per_step=read + context * kv,
                                 bandwidth=bandwidth)

@@ -8,7 +8,7 @@ kernel's own GPU time, run it under Nsight Compute with --ncu (no timing, 4 call
     python3 dev/probe_memory.py
     ncu --metrics gpu__time_duration.sum,lts__t_sector_hit_rate.pct --csv -k regex:probe python3 dev/probe_memory.py --ncu
 
-bench/RESULTS.md (fifth session) has the H100's figures and what they say about the expert kernels.
+docs/PERFORMANCE.md says what bounds the expert kernels.
 """
 
 import argparse

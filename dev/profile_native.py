@@ -1,6 +1,6 @@
 """Where the host's time goes in a fused decode step, native frames included: py-spy on the decode loop.
 
-Batch 1 is bound by the host (bench/RESULTS.md): MLX-CUDA's encoding of a step's ~200 nodes and the graph building
+Batch 1 is bound by the host as much as by the GPU (docs/PERFORMANCE.md): MLX-CUDA's encoding of a step's ~200 nodes and the graph building
 take longer than the kernels. This samples the running decode loop's native stacks (MLX's C++ under Python) for a
 few seconds after warm-up, then prints which functions the samples are in (self), under (inclusive), and, for the
 functions with the most self samples, which functions called them.
@@ -11,8 +11,8 @@ functions with the most self samples, which functions called them.
 --out also gets the raw stacks, gzipped (native_stacks.txt.gz: small at these rates).
 
 The prompt leaves the KV buffers room for the whole loop: a buffer that grows mid-loop retraces the step functions
-(and, before the thirteenth session, compiled a new CCA variant), which would swamp the profile. Sampling native
-stacks slows the loop (181 to 57 tok/s at 40 Hz in the thirteenth session), so use a low rate.
+which would swamp the profile. Sampling native stacks slows the loop (181 to 57 tok/s at 40 Hz, 2-expert model on
+an H100), so use a low rate.
 """
 
 import argparse

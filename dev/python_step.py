@@ -1,7 +1,7 @@
 """The Python time of a fused decode step, on any machine: the step functions stubbed, so what is timed is
 FusedDecoder's own work (cache bookkeeping, argument passing) for a 40-layer model.
 
-Batch 1 is bound by the host, and the Python around the compiled step functions is part of it (bench/RESULTS.md).
+Batch 1 is bound by the host, and the Python around the compiled step functions is part of it (docs/PERFORMANCE.md).
 The stubs return the arrays they are given, so no graph is built and nothing runs on a device.
 
     python dev/python_step.py --steps 300

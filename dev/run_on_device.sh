@@ -25,7 +25,7 @@
 #             cca-inside)
 #   opsgraph  MLX-CUDA's ops a CUDA graph: each value in OPS_SWEEP in its own process, interleaved
 #   native    the decode loop's native stacks under py-spy for NATIVE_SECONDS (dev/profile_native.py); needs py-spy
-#             (on an offline machine, a wheel in .device/py-spy)
+#             (on an offline machine, a wheel in dev/wheels/py-spy)
 # Logs go to $OUT, or ./device-out.
 set -u
 OUT=${OUT:-device-out}
@@ -137,7 +137,7 @@ for part in "$@"; do
         2>&1 | tee "$OUT/ab_one_process.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     native)
-      command -v py-spy > /dev/null || python3 -m pip install -q --no-index .device/py-spy/py_spy-*.whl
+      command -v py-spy > /dev/null || python3 -m pip install -q --no-index dev/wheels/py-spy/py_spy-*.whl
       timeout 300 python3 dev/profile_native.py --rate "${NATIVE_RATE:-25}" --seconds "${NATIVE_SECONDS:-12}" \
         --out "$OUT" 2>&1 | tee "$OUT/native.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;

@@ -8,6 +8,7 @@ Same as `zaya quantize SRC OUT --recipe ...`. The result also loads with `mlx_lm
 """
 
 import argparse
+import sys
 
 from rich.console import Console
 
@@ -24,7 +25,11 @@ def main() -> None:
     parser.add_argument("--no-generate", action="store_true", help="skip the test question")
     args = parser.parse_args()
 
-    report = zaya_mlx.quantize(args.src, args.out, recipe=args.recipe, force=args.force)
+    def progress(what: str, done: int, total: int) -> None:  # the library reports; drawing is ours
+        print(f"\r{100 * done / max(total, 1):3.0f}% {what[:60]:<60}", end="", file=sys.stderr, flush=True)
+
+    report = zaya_mlx.quantize(args.src, args.out, recipe=args.recipe, force=args.force, progress=progress)
+    print(file=sys.stderr)
     console = Console()
     console.print(report)  # per tensor group: format, size, bits per weight, relative reconstruction error
     console.print(f"{report.bytes / 1e9:.2f} GB at {report.bits_per_weight:.2f} bits per weight "
@@ -42,4 +47,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except zaya_mlx.ZayaError as e:  # bad input: one line, as the `zaya` command prints it
+        sys.exit(f"error: {e}")

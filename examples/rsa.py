@@ -8,6 +8,7 @@ Same as `zaya rsa "PROBLEM" ...`. The events printed here are the ones the CLI's
 """
 
 import argparse
+import sys
 
 import zaya_mlx
 from zaya_mlx import rsa
@@ -49,4 +50,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except zaya_mlx.ZayaError as e:  # bad input: one line, as the `zaya` command prints it
+        sys.exit(f"error: {e}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -574,3 +575,13 @@ def write_fixture_model(folder, variant: str = "base", layout: str = "transforme
     if with_tokenizer:
         write_tokenizer(folder)
     return model
+
+
+def copy_with_context(src, folder, context: int) -> Path:
+    """A copy of the checkpoint folder `src` at `folder` whose config allows `context` positions."""
+    folder = Path(folder)
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = context
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

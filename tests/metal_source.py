@@ -203,7 +203,7 @@ def check_all(launches: typing.Iterable[Launch], attributes=ATTRIBUTES) -> list[
 
 class Step(typing.NamedTuple):
     """A fused decode step of the small test model, as a Mac would run it."""
-    quant: str | None  # weight format (benchmark.FORMATS) or None: dense
+    quant: str | None  # a built-in recipe (quantize/*.json) or None: dense
     dtype: mx.Dtype
     router: str  # "apart": the small model's router, in its own kernel; "inside": ZAYA's 256-wide one, inside the
                  # expert kernel; "mxfp4": quantized, through its plain ops
@@ -217,14 +217,14 @@ def _lazy_zaya(step: Step):
     recorded, so nothing is computed or allocated."""
     from mlx.utils import tree_map_with_path
 
-    from zaya_mlx.benchmark import QUANTIZED_PATHS, full_config, quantize_like_a_recipe
+    from zaya_mlx.benchmark import full_config, quantize_as_recipe
     from zaya_mlx.model import Model
 
     model = Model(full_config(num_hidden_layers=2, layer_types=["hybrid"] * 2))
     model.update(tree_map_with_path(
         lambda k, v: v if "balancing_biases" in k or not mx.issubdtype(v.dtype, mx.floating) else v.astype(step.dtype),
         model.parameters()))
-    quantize_like_a_recipe(model, step.quant, QUANTIZED_PATHS)
+    quantize_as_recipe(model, step.quant)
     return model
 
 
@@ -249,6 +249,7 @@ def step_launches(step: Step) -> list[Launch]:
     try:
         model.decode_options = DecodeOptions(fused=False, compile=False)
         if not step.full:
+            model.decode_options = DecodeOptions(fused=False)
             mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
         model.decode_options = DecodeOptions(fused=True, compile=False)
         if not step.cca_inside:

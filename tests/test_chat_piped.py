@@ -123,6 +123,17 @@ def test_piped_show_reasoning(answer_model):
     assert out.stdout == "<think>\nHm\n</think>\nOK\n"
 
 
+def test_piped_line_that_is_not_utf8(answer_model):
+    """A line of bytes that are not UTF-8: one error line naming it, the lines after it still answered, exit 1."""
+    out = subprocess.run(CHAT + ["--model", str(answer_model), "--temp", "0", "--dtype", "float32"],
+                         input=b"hello\n\xff\xfe oops\nand again\n", capture_output=True, timeout=60, env=chat_env(),
+                         cwd=REPO)
+    assert out.stdout.decode() == "OK\nOK\n"
+    lines = out.stderr.decode().strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: line 2 of stdin is not valid UTF-8"), lines
+
+
 def test_piped_bad_model_is_one_line(tmp_path):
     out = run_chat(["--model", str(tmp_path / "nowhere")], "hello\n", timeout=30)
     assert out.returncode == 1

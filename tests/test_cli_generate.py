@@ -70,6 +70,8 @@ def test_user_errors_are_one_line(gen, tmp_path, run_zaya):
         (["-m", str(folder), "-p", "hi", "-n", "100000"], "context limit"),
         (["-m", str(folder), "-p", "hi " * 600, "-n", "1"], "over the context limit"),
         (["-m", str(folder), "-p", "hi", "--top-p", "0"], "top-p"),
+        (["-m", str(folder), "-p", "hi", "--temp", "nan"], "temperature"),
+        (["-m", str(folder), "-p", "hi", "--temp", "inf"], "temperature"),
         (["-m", str(folder), "-p", "  "], "empty"),
     ]
     for args, message in cases:
@@ -96,3 +98,14 @@ def test_a_library_warning_is_one_line_on_the_command_line():
             "warnings.warn('zaya-mlx: the fused decode kernels failed their check', RuntimeWarning)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stderr == "warning: zaya-mlx: the fused decode kernels failed their check\n"
+
+
+def test_stdin_that_is_not_utf8_is_one_line(gen):
+    """`-p -` with bytes that are not UTF-8: one line naming the byte, exit 1, before the model loads."""
+    _, _, folder = gen
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-m", "zaya_mlx.cli", "generate", "-m", str(folder), "-p", "-"],
+                            input=b"caf\xe9 au lait\n", capture_output=True, env=env, cwd=ROOT, timeout=120)
+    err = result.stderr.decode()
+    assert result.returncode == 1 and result.stdout == b""
+    assert err.count("\n") == 1 and "not valid UTF-8" in err and "byte 4" in err, err

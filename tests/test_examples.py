@@ -17,8 +17,9 @@ def run_example(name, *args, stdin=""):
 
 
 def test_logits_example_decode_step_equals_full_prefill(tiny_checkpoint):
-    out = run_example("logits.py", "--model", tiny_checkpoint(), "hello there")
-    # The example prints the difference between one cached decode step and a full prefill: it must be ~0.
+    out = run_example("logits.py", "--model", tiny_checkpoint(), "--dtype", "float32", "hello there")
+    # The example prints the difference between one cached decode step and a full prefill: in float32 it must be
+    # ~0 (the decode step and the prefill run different ops, so in bf16 they differ by its rounding).
     diff = float(out.split("max |difference|:")[1].split()[0])
     assert diff < 1e-2, out
     assert "bytes per token" in out

@@ -259,7 +259,7 @@ def test_prompt_cache_file_round_trip(gen, tmp_path, tmp_path_factory):
     model, tokenizer, _ = gen
     cache = model.make_cache()
     prefill(model, PROMPT[:-1], cache)
-    path = save_prompt_cache(tmp_path / "p", cache, PROMPT[:-1], model_id="tiny")
+    path = save_prompt_cache(tmp_path / "p", cache, PROMPT[:-1], model, model_id="tiny")
     assert path.name == "p.safetensors" and not list(tmp_path.glob(".*tmp*"))
     loaded_cache, tokens, meta = load_prompt_cache(path, model)
     assert tokens == PROMPT[:-1] and meta["model_id"] == "tiny"
@@ -267,7 +267,7 @@ def test_prompt_cache_file_round_trip(gen, tmp_path, tmp_path_factory):
     b = generate(model, tokenizer, PROMPT[-1:], max_tokens=8, cache=copy.deepcopy(cache)).tokens
     assert a == b == generate(model, tokenizer, PROMPT, max_tokens=8).tokens
     with pytest.raises(ZayaError, match="holds"):
-        save_prompt_cache(tmp_path / "q", cache, PROMPT)
+        save_prompt_cache(tmp_path / "q", cache, PROMPT, model)
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ZayaError):
         load_prompt_cache(tmp_path / "junk.safetensors")
@@ -278,3 +278,39 @@ def test_prompt_cache_file_round_trip(gen, tmp_path, tmp_path_factory):
         load_prompt_cache(path, other)
     meta_only = json.loads(meta["tokens"])
     assert meta_only == PROMPT[:-1]
+
+
+@pytest.fixture
+def saved_cache(gen, tmp_path):
+    """(path, model) of a prompt cache of PROMPT[:-1] saved from the base model."""
+    model = gen[0]
+    cache = model.make_cache()
+    prefill(model, PROMPT[:-1], cache)
+    return save_prompt_cache(tmp_path / "p", cache, PROMPT[:-1], model, model_id="tiny"), model
+
+
+def test_prompt_cache_from_another_model_of_the_same_shapes(saved_cache, tmp_path_factory):
+    """The same shapes, other weights (another seed): refused, where it was reused silently."""
+    path, _ = saved_cache
+    other, _, _ = loaded(tmp_path_factory.getbasetemp() / "generation", seed=1)
+    with pytest.raises(ZayaError, match="saved from another model \\(tiny\\)"):
+        load_prompt_cache(path, other)
+
+
+@pytest.mark.parametrize("key, value", [("tokens", "[1, 2"), ("tokens", '"12"'), ("tokens", "[1, -2]"),
+                                        ("num_extra", "x"), ("num_extra", "-1"), ("num_extra", "99"),
+                                        ("tokens", None)])
+def test_prompt_cache_with_bad_metadata(key, value, saved_cache):
+    """Metadata that is not what save wrote: one line naming the entry (not a JSONDecodeError or ValueError)."""
+    import mlx.core as mx
+
+    path, model = saved_cache
+    arrays, meta = mx.load(str(path), return_metadata=True)  # mlx-lm keeps ours under "0."
+    if value is None:
+        del meta[f"0.{key}"]
+    else:
+        meta[f"0.{key}"] = value
+    mx.save_safetensors(str(path), arrays, meta)
+    with pytest.raises(ZayaError) as info:
+        load_prompt_cache(path, model)
+    assert f"'{key}'" in str(info.value) and "\n" not in str(info.value)

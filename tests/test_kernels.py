@@ -568,7 +568,7 @@ def _record_launches(monkeypatch) -> list[_Launch]:
 def test_a_grown_kv_buffer_compiles_no_new_variant(monkeypatch):
     """MLX compiles a kernel variant per name and template arguments; a KV buffer's capacity reaches the CCA step
     and attention at run time, so a decode that grows its buffers (256 -> 512 positions) compiles nothing mid-way
-    (NVRTC takes seconds a variant; bench/RESULTS.md, thirteenth session)."""
+    (NVRTC takes seconds a variant)."""
     launches = _record_launches(monkeypatch)
     nh, nkv, d = 8, 2, 128
     a = _cca_inputs(1, nh, nkv, d, 2, 2, mx.bfloat16, seed=3)
@@ -1163,7 +1163,7 @@ def _writes_in_place(args) -> bool:
 @pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("quant,router", [(None, None), ("mxfp4", None), ("mxfp4", "mxfp4"), (None, "wide")])
 def test_fused_step_orders_every_in_place_write(quant, router, one_launch, monkeypatch):
-    """MLX orders a step's launches only by the arrays they take (bench/RESULTS.md, tenth session), so a launch that
+    """MLX orders a step's launches only by the arrays they take (docs/PERFORMANCE.md), so a launch that
     reads an array another launch writes in place must take, through launch outputs, an output of that writer; and a
     writer must so follow the earlier readers of what it overwrites, within a step and from one step to the next
     (whose token need not come from the last one's logits). Checked on the launches of real fused steps, for

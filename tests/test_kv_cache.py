@@ -55,6 +55,38 @@ def test_the_fused_step_on_a_quantized_cache_gives_the_plain_ops_logits(bits):
     assert getattr(cache[0][0], "bits", None) == bits and isinstance(cache[0][0].keys, tuple)
 
 
+
+def test_one_token_steps_take_a_path_that_reads_their_cache(kv_model, monkeypatch):
+    """A quantized cache's one-token steps run the fused step where the options choose it (its kernels read the
+    packed keys and values), else the plain forward: the plain decode step (decode/plain.py) writes unquantized
+    buffers. A bf16 cache's plain steps do take the plain decode step (so the count below can see it), and the
+    quantized cache's plain-forward steps give the plain ops' logits (the fused step's, checked above)."""
+    from zaya_mlx.decode import FusedDecoder
+
+    calls = []
+    for name in ("_fused", "_plain"):
+        real = getattr(FusedDecoder, name)
+        monkeypatch.setattr(FusedDecoder, name, lambda self, *a, _n=name, _r=real: (calls.append(_n), _r(self, *a))[1])
+    prompt = mx.array(fixture_ids(seed=5, length=6), dtype=mx.int32)
+    tok = mx.array([[7]], dtype=mx.int32)
+    options = kv_model.decode_options
+    logits = {}
+    try:
+        for fused, bits in ((False, None), (False, 8), (True, 8)):
+            kv_model.decode_options = DecodeOptions(fused=fused, compile=False)
+            cache = kv_model.make_cache(kv_bits=bits)
+            kv_model(prompt, cache, last_only=True)
+            calls.clear()
+            logits[fused, bits] = kv_model(tok, cache)
+            mx.eval(logits[fused, bits])
+            assert calls == {(False, None): ["_plain"], (False, 8): [], (True, 8): ["_fused"]}[fused, bits]
+            assert type(cache[0][0]).__name__ == ("KVCache" if bits is None else "QuantizedKVCache")
+    finally:
+        kv_model.decode_options = options
+    err = mx.abs(logits[True, 8] - logits[False, 8]).max() / mx.abs(logits[False, 8]).max()
+    assert err.item() < 5e-2  # bf16 activations: the fused step and quantized_matmul round the scores apart
+
+
 def test_a_quantized_cache_needs_heads_it_can_group(tiny_checkpoint):
     model = load_model(tiny_checkpoint("base"))  # heads of 16 values
     with pytest.raises(ZayaError, match="multiple of 64"):

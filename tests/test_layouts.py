@@ -98,3 +98,22 @@ def test_joined_modules_quantized_differently_is_one_line_error(bundle, tmp_path
     with pytest.raises(ZayaError, match=r"model\.layers\.2\.self_attn\.qkv\.linear_q and .*val_proj1 are quantized "
                                         r"differently but are joined into model\.layers\.1\.self_attn\.qkv_proj"):
         open_checkpoint(broken)
+
+
+def test_partly_quantized_joined_modules_is_one_line_error(bundle, tmp_path):
+    """A bundle that stores one value half unquantized beside quantized q and k cannot be joined: the error names it."""
+    folder, _ = bundle("vmlx", True)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    stem = "model.layers.0.self_attn.qkv.val_proj2"
+    shard = broken / index["weight_map"][f"{stem}.weight"]
+    tensors = mx.load(str(shard))
+    tensors[f"{stem}.weight"] = mx.dequantize(tensors[f"{stem}.weight"], tensors.pop(f"{stem}.scales"),
+                                              tensors.pop(f"{stem}.biases"), group_size=64, bits=4)
+    mx.save_safetensors(str(shard), tensors)
+    for suffix in ("scales", "biases"):
+        del index["weight_map"][f"{stem}.{suffix}"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ZayaError, match=rf"{stem}\.weight is stored unquantized but is joined with quantized tensors"):
+        open_checkpoint(broken)

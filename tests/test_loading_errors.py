@@ -412,3 +412,24 @@ def test_a_tensor_in_two_shards(copy_checkpoint):
     value = load_file(str(folder / holder))[name]
     edit_tensors(folder, lambda t: {**t, name: value}, other)
     assert name in load_error(folder)
+
+
+@pytest.mark.parametrize("file, kind", [("tokenizer.json", "link-out"), ("chat_template.jinja", "fifo"),
+                                        ("tokenizer_config.json", "folder")])
+def test_tokenizer_files_are_read_only_inside_the_folder(file, kind, copy_checkpoint, tmp_path):
+    """The tokenizer's files follow the weights' rule: a link out of the folder, or a FIFO that would hang the
+    load, is one line naming the file."""
+    import os
+
+    folder = copy_checkpoint()
+    path = folder / file
+    if kind == "link-out":
+        (tmp_path / "elsewhere").mkdir()
+        shutil.move(path, tmp_path / "elsewhere" / file)
+        path.symlink_to(tmp_path / "elsewhere" / file)
+    else:
+        path.unlink()
+        os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    with pytest.raises(zaya_mlx.ZayaError) as info:
+        with_alarm(20, zaya_mlx.load, str(folder))
+    assert file in str(info.value) and "\n" not in str(info.value)

@@ -81,7 +81,7 @@ class Model:
 def quantized_folder(tmp_path_factory):
     _, _, folder = loaded(tmp_path_factory.getbasetemp() / "generation")
     out = tmp_path_factory.mktemp("mlx-lm-commands") / "zaya-mxfp4"
-    zaya_mlx.quantize(folder, out, "mxfp4", progress=False)
+    zaya_mlx.quantize(folder, out, "mxfp4")
     return out
 
 

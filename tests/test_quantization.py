@@ -71,7 +71,7 @@ def quantized(quant_src, tmp_path_factory):
     def get(recipe):
         if recipe not in done:
             out = tmp_path_factory.mktemp("quantized") / recipe
-            done[recipe] = (out, quantize(quant_src, out, recipe=recipe, progress=False))
+            done[recipe] = (out, quantize(quant_src, out, recipe=recipe))
         return done[recipe]
 
     return get
@@ -231,7 +231,7 @@ def test_layout_config_and_bytes_on_disk(quantized, quant_src, recipe):
 def test_kept_tensors_bit_identical(tiny_checkpoint, tmp_path, layout, dtype):
     src = tiny_checkpoint("quant", layout, dtype)
     out = tmp_path / "out"
-    quantize(src, out, "mxfp4", progress=False)
+    quantize(src, out, "mxfp4")
     weights = read_folder(out)
     kept = 0
     for name, a in open_checkpoint(src).iter_tensors():
@@ -272,7 +272,7 @@ def test_side_files_copied(quantized, quant_src):
 def test_shape_that_does_not_fit_stays_unquantized(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("base")  # expert intermediate 32: down_proj [E, 64, 32] does not fit group 64
     out = tmp_path / "out"
-    report = quantize(src, out, "affine4", progress=False)
+    report = quantize(src, out, "affine4")
     names = sorted(s.name for s in report.skipped)
     assert names == [f"model.layers.{i}.mlp.experts.down_proj.weight" for i in range(3)]
     assert all("group size 64" in s.reason and s.format == "affine4 g64" for s in report.skipped)
@@ -321,7 +321,7 @@ def test_partly_quantized_folder_runs_at_default_dtype(recipe, tiny_checkpoint, 
     model with the quantized weights put in, within the bf16 bounds."""
     src = tiny_checkpoint("ragged")
     out = tmp_path / recipe
-    report = quantize(src, out, recipe, progress=False)
+    report = quantize(src, out, recipe)
     assert sorted(s.name for s in report.skipped) == [f"model.layers.{i}.mlp.experts.down_proj.weight" for i in range(3)]
     ids = fixture_ids(seed=2, length=20, batch=3)
     want = fixtures.reference_logits(dequantized_reference(out, fixtures.load_reference(src)), ids).numpy()
@@ -333,7 +333,7 @@ def test_partly_quantized_folder_runs_at_default_dtype(recipe, tiny_checkpoint, 
 
 def test_shards_and_index(quant_src, tmp_path):
     out = tmp_path / "out"
-    report = quantize(quant_src, out, "mxfp4", progress=False, max_shard_size=60_000)
+    report = quantize(quant_src, out, "mxfp4", max_shard_size=60_000)
     files = sorted(p.name for p in out.glob("*.safetensors"))
     n = len(files)
     assert n == report.shards > 2 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -350,7 +350,7 @@ def test_shards_and_index(quant_src, tmp_path):
                 if arrays[k].dtype != mx.bfloat16:
                     assert np.array_equal(st.get_tensor(k), np.array(arrays[k])), k
     ids = mx.array([[7, 8, 9, 10]])
-    quantize(quant_src, tmp_path / "single", "mxfp4", progress=False)
+    quantize(quant_src, tmp_path / "single", "mxfp4")
     assert mx.array_equal(load_model(out)(ids), load_model(tmp_path / "single")(ids)).item()
 
 
@@ -362,21 +362,21 @@ def test_refuses_to_overwrite_and_force_replaces(quant_src, tmp_path):
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(ZayaError, match="already exists.*--force"):
-        quantize(quant_src, out, progress=False)
+        quantize(quant_src, out)
     assert (out / "mine.txt").read_text() == "keep me"
     with pytest.raises(ZayaError, match="does not look like a model folder"):
-        quantize(quant_src, out, "mxfp4", force=True, progress=False)
+        quantize(quant_src, out, "mxfp4", force=True)
     assert (out / "mine.txt").read_text() == "keep me"
     (out / "mine.txt").unlink()
     out.rmdir()
-    quantize(quant_src, out, "affine8", progress=False)
-    quantize(quant_src, out, "mxfp4", force=True, progress=False)
+    quantize(quant_src, out, "affine8")
+    quantize(quant_src, out, "mxfp4", force=True)
     assert json.loads((out / "config.json").read_text())["quantization"]["mode"] == "mxfp4"
     assert leftovers(tmp_path, "out") == []
     with pytest.raises(ZayaError, match="already quantized"):
-        quantize(out, tmp_path / "again", progress=False)
+        quantize(out, tmp_path / "again")
     with pytest.raises(ZayaError, match="source folder"):
-        quantize(quant_src, quant_src, force=True, progress=False)
+        quantize(quant_src, quant_src, force=True)
 
 
 def tree(folder) -> dict:
@@ -409,7 +409,7 @@ def test_force_never_deletes_what_it_did_not_write(case, tiny_checkpoint, tmp_pa
         out.write_text("not a folder")
     before = tree(tmp_path)
     with pytest.raises(ZayaError) as info:
-        quantize(src, out, "mxfp4", force=True, progress=False)
+        quantize(src, out, "mxfp4", force=True)
     message = str(info.value)
     assert "\n" not in message and str(out) in message and "--force would delete" in message, message
     assert tree(tmp_path) == before
@@ -422,7 +422,7 @@ def test_interrupted_run_leaves_nothing(quant_src, tmp_path, monkeypatch, error,
     (a full disk) is a one-line error that says nothing was written."""
     out = tmp_path / "out"
     if existing:
-        quantize(quant_src, out, "affine8", progress=False)
+        quantize(quant_src, out, "affine8")
     before = tree(tmp_path)
     calls = {"n": 0}
     add = q._ShardWriter.add
@@ -435,7 +435,7 @@ def test_interrupted_run_leaves_nothing(quant_src, tmp_path, monkeypatch, error,
 
     monkeypatch.setattr(q._ShardWriter, "add", failing_add)
     with pytest.raises(ZayaError if error is OSError else error) as info:
-        quantize(quant_src, out, "mxfp4", force=True, progress=False, max_shard_size=20_000)
+        quantize(quant_src, out, "mxfp4", force=True, max_shard_size=20_000)
     assert calls["n"] == 20
     if error is OSError:
         assert "No space left on device" in str(info.value) and "nothing was written" in str(info.value)
@@ -465,7 +465,7 @@ def test_sigterm_cleans_up_as_ctrl_c_does(quant_src, tmp_path, monkeypatch):
     previous = signal.signal(signal.SIGTERM, outside_the_run)
     try:
         with pytest.raises(SystemExit) as info:
-            quantize(quant_src, out, "mxfp4", progress=False)
+            quantize(quant_src, out, "mxfp4")
         assert signal.getsignal(signal.SIGTERM) is outside_the_run  # quantize's handler is there for the run only
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -488,7 +488,7 @@ def test_next_run_removes_what_a_killed_run_left(quant_src, tmp_path):
             tmp_path / ".out.mine"]
     for folder in kept:
         folder.mkdir()
-    quantize(quant_src, tmp_path / "out", "mxfp4", progress=False)
+    quantize(quant_src, tmp_path / "out", "mxfp4")
     assert not any(f.exists() for f in killed) and all(f.exists() for f in kept)
     assert (tmp_path / "out" / "config.json").exists()
 
@@ -497,7 +497,7 @@ def test_output_has_the_usual_modes(quant_src, tmp_path):
     """The folder and its files get the modes the umask gives (the temporary folder's 0700 does not leak)."""
     old = os.umask(0o022)
     try:
-        quantize(quant_src, tmp_path / "out", "mxfp4", progress=False)
+        quantize(quant_src, tmp_path / "out", "mxfp4")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
@@ -518,13 +518,25 @@ def test_non_finite_source_tensor_is_refused(tiny_checkpoint, tmp_path):
     tensors[name].fill_(float("nan"))
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(ZayaError, match=f"{name} has NaN or infinite values"):
-        quantize(src, tmp_path / "out", "mxfp4", progress=False)
+        quantize(src, tmp_path / "out", "mxfp4")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
 
 def test_bad_source_is_one_line_error(tmp_path):
     for src in (tmp_path / "missing", tmp_path):
         with pytest.raises(ZayaError) as e:
-            quantize(src, tmp_path / "out", progress=False)
+            quantize(src, tmp_path / "out")
         assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
+
+
+def test_progress_reaches_the_callback_in_source_bytes(quant_src, tmp_path):
+    """The library draws nothing: it tells a callback what it is writing and how many of the source's bytes are
+    done, from 0 to the size of its shards on disk, never going back."""
+    calls = []
+    quantize(quant_src, tmp_path / "out", "mxfp4", progress=lambda what, done, total: calls.append((what, done, total)))
+    total = sum(f.stat().st_size for f in Path(quant_src).glob("*.safetensors"))
+    assert calls[0] == ("quantizing", 0, total) and calls[-1] == ("writing", total, total)
+    done = [d for _, d, _ in calls]
+    assert done == sorted(done) and all(t == total for _, _, t in calls)
+    assert any(what.startswith("model.layers.1.") for what, _, _ in calls[1:-1])

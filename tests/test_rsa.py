@@ -274,16 +274,11 @@ def test_refusals_come_before_anything_runs(tok):
 
 @pytest.fixture(scope="module")
 def long_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny checkpoint with a 4K context, so that Zyphra's prompt (~500 ids in the tiny tokenizer) fits."""
-    import json
-    import shutil
+    """The tiny checkpoint with the 8B's 131K context, so that Zyphra's prompt (~500 ids in the tiny tokenizer)
+    and budgets fit."""
+    from fixtures import copy_with_context
 
-    folder = tmp_path_factory.mktemp("zaya-long") / "m"
-    shutil.copytree(tiny_model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 4096
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return copy_with_context(tiny_model_dir, tmp_path_factory.mktemp("zaya-long") / "m", 131072)
 
 
 @pytest.fixture(scope="module")
@@ -481,6 +476,12 @@ def test_a_run_folder_refuses_another_parameter_set_seed_problem_or_model(tok, t
         rsa.RunFolder.create(tmp_path / "run", params=params, seed=1, messages=messages, model=model)
     with pytest.raises(ZayaError, match="no RSA run there"):
         rsa.RunFolder.open(tmp_path)
+    with folder:  # a folder being run is refused to a second run
+        with pytest.raises(ZayaError, match="is being run by another process"):
+            with rsa.RunFolder.open(tmp_path / "run"):
+                pass
+    with rsa.RunFolder.open(tmp_path / "run"):  # and free again afterwards
+        pass
 
 
 def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_result(long_model_dir, tmp_path,
@@ -565,3 +566,13 @@ def test_time_left_is_a_range_from_the_mean_length_to_full_budgets():
     # worst: the running ones to their budgets (90 + 95), 3 pending of round 1 (300) and the final (300).
     # likely: the running ones to the mean of 20 (10 + 15), and 4 pending at 20 (80).
     assert s.left() == (105, 785)
+
+
+def test_cli_presets_shows_each_plan_without_running(long_model_dir, run_zaya, tmp_path):
+    code, stdout, stderr = run_zaya("rsa", "What is 2+3?", "--model", long_model_dir, "--dtype", "float32",
+                                    "--presets", "--run", tmp_path / "run")
+    assert code == 0, stderr
+    for name in rsa.PRESETS:
+        assert f"{name}: {rsa.PRESETS[name].description}" in stdout
+    assert stdout.count("\n  plan: ") == 3 and stdout.count("\n  time: no rate measured") == 3
+    assert not (tmp_path / "run").exists() and "round" not in stdout  # nothing ran

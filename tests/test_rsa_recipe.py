@@ -24,7 +24,8 @@ ONE_END = ("Now, based on the original problem and the reference response above,
 def test_aggregation_prompt_for_several_candidates_is_zyphras_text():
     question = "  Find x if 2x = 6. "
     candidates = ["  so x = 3\n", "x is \\boxed{3}", "\tmaybe 4  "]
-    lines = [MULTI_INTRO, "[[ Problem ]]:\n", "Find x if 2x = 6.\n", "[[ Candidate solutions (may contain mistakes) ]]:\n",
+    lines = [MULTI_INTRO, "[[ Problem ]]:\n", "Find x if 2x = 6.\n",
+             "[[ Candidate solutions (may contain mistakes) ]]:\n",
              "---- Solution 1 ----\nso x = 3\n", "---- Solution 2 ----\nx is \\boxed{3}\n",
              "---- Solution 3 ----\nmaybe 4\n", MULTI_END]
     assert rsa.aggregation_text(question, candidates) == "\n".join(lines)
@@ -156,6 +157,11 @@ def test_presets_resolve_in_one_place_with_overrides():
         rsa.RSAParams.preset("quick", rsa_n=0)
     with pytest.raises(ZayaError, match="--tail-unit"):
         rsa.RSAParams.preset("quick", tail_unit="bytes")
+    for bad in (float("nan"), float("inf"), -0.5):  # a NaN or infinite temperature would sample garbage silently
+        with pytest.raises(ZayaError, match=r"--temp \(temperature\) must be a finite number >= 0"):
+            rsa.RSAParams.preset("quick", temperature=bad)
+        with pytest.raises(ZayaError, match=r"--final-temp \(final_temperature\) must be a finite"):
+            rsa.RSAParams.preset("quick", final_temperature=bad)
 
 
 def test_the_candidate_draws_follow_the_rules():

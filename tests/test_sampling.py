@@ -77,8 +77,10 @@ def test_greedy_and_seeds():
     assert ra != [c(logits).tolist() for _ in range(5)]
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
-                                dict(min_p=2.0), dict(repetition_penalty=0.0)])
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1),
+                                dict(min_p=2.0), dict(repetition_penalty=0.0),
+                                dict(repetition_penalty=float("nan"))])
 def test_bad_settings_are_one_line_errors(kw):
     with pytest.raises(ZayaError) as e:
         check_sampling(**{"temperature": 1.0, **kw})

@@ -61,8 +61,8 @@ class Served:
     """A server process, its port and its log."""
 
     def __init__(self, args: list, log: Path, port: int):
-        self.port, self.log_path = port, log
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=ENV, cwd=ROOT)
+        self.port, self.log_path, self.log_file = port, log, open(log, "w")
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log_file, env=ENV, cwd=ROOT)
         wait_until(lambda: health(port) is not None or self.process.poll() is not None, what="the server")
         assert self.process.poll() is None, self.log()
 
@@ -74,7 +74,12 @@ class Served:
 
     def stop(self, sig=signal.SIGTERM) -> int:
         self.process.send_signal(sig)
-        return self.process.wait(timeout=30)
+        return self.wait()
+
+    def wait(self) -> int:
+        code = self.process.wait(timeout=30)
+        self.log_file.close()
+        return code
 
 
 @pytest.fixture(scope="module")
@@ -321,13 +326,25 @@ def readme_client_code() -> str:
 def test_readme_client_code_and_sigint_end_the_command_cleanly(folder, tmp_path, capsys):
     port = free_port()
     served = Served(zaya_serve("--model", folder, "--port", port, "--max-tokens", 4), tmp_path / "log", port)
-    code = readme_client_code()
-    assert "http://127.0.0.1:8080/v1" in code
-    exec(code.replace("http://127.0.0.1:8080/v1", f"http://127.0.0.1:{port}/v1"), {})
-    reply = served.client().chat.completions.create(model=folder.name, messages=[{"role": "user", "content": "hi"}])
-    assert reply.usage.completion_tokens == 4  # the server's --max-tokens
-    assert capsys.readouterr().out.startswith("None ")  # the tiny model's answer has no reasoning
-    assert served.stop(signal.SIGINT) == 0
+    try:
+        code = readme_client_code()
+        assert "http://127.0.0.1:8080/v1" in code
+        exec(code.replace("http://127.0.0.1:8080/v1", f"http://127.0.0.1:{port}/v1"), {})
+        reply = served.client().chat.completions.create(model=folder.name,
+                                                        messages=[{"role": "user", "content": "hi"}])
+        assert reply.usage.completion_tokens == 4  # the server's --max-tokens
+        assert capsys.readouterr().out.startswith("None ")  # the tiny model's answer has no reasoning
+        running = served.client().chat.completions.create(model=folder.name, max_tokens=10**9, stream=True,
+                                                          messages=[{"role": "user", "content": "hi"}])
+        chunks = iter(running)
+        next(chunks)
+        served.process.send_signal(signal.SIGINT)
+        with pytest.raises(openai.APIError, match="the server stopped before the answer was complete"):
+            list(chunks)
+    finally:
+        if served.process.poll() is None:  # a failed check still stops the server
+            served.process.send_signal(signal.SIGINT)
+    assert served.wait() == 0
     assert served.log().splitlines()[-1] == "stopped" and "Traceback" not in served.log()
     assert health(port) is None
 
@@ -397,9 +414,10 @@ def test_rsa_refusals_are_400(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError, match="rsa_summarize is not supported"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, extra_body={**RSA, "rsa_summarize": True})
-    with pytest.raises(openai.BadRequestError, match=f"over the model's context of {CONTEXT:,}"):
+    with pytest.raises(openai.BadRequestError, match=f"over the model's context of {CONTEXT:,}; lower max_tokens, "
+                       "tail_window_len or rsa_k$"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, max_tokens=2000, extra_body=RSA)
-    with pytest.raises(openai.BadRequestError, match="rsa_n"):
+    with pytest.raises(openai.BadRequestError, match="rsa_n must be a whole number"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, extra_body={**RSA, "rsa_n": "many"})
 
 
@@ -409,3 +427,31 @@ def test_disconnect_cancels_an_rsa_run(server):
     next(iter(stream))
     stream.close()
     wait_until(lambda: "RSA run cancelled (client gone)" in server.log(), 30, "the RSA run's cancellation")
+
+
+def test_n_is_rsa_n_in_rsa_requests_only(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, n=2)
+    reply = client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, n=2, max_tokens=2, temperature=0,
+                                           extra_body={"rsa_k": 2, "rsa_t": 1, "rsa_short_resp_len": 4,
+                                                       "rsa_tail_window_len": 8})
+    assert reply.rsa_metadata["rsa_n"] == 2 and reply.rsa_metadata["rsa_token_count_history"] == [4.0, 2.0]
+
+
+# --- text completions ---------------------------------------------------------------------------------------------
+
+
+def test_text_completion_keeps_the_model_text_as_written(server, folder):
+    from zaya_mlx.generation import generate, load
+
+    client = server.client()
+    reply = client.completions.create(model="ZAYA1-8B", prompt="hello the world", max_tokens=6, temperature=0)
+    model, tokenizer = load(folder, dtype="float32")
+    assert reply.choices[0].text == generate(model, tokenizer, "hello the world", max_tokens=6).text
+    assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (6, "length")
+    # The scripted model writes a think block: a text completion keeps its tags.
+    prompt = "~<think>2 and 2.</think>4~<|im_start|>assistant\n"
+    assert client.completions.create(model="ZAYA1-8B", prompt=prompt).choices[0].text == "<think>2 and 2.</think>4"
+    pieces = [c.choices[0].text for c in client.completions.create(model="ZAYA1-8B", prompt=prompt, stream=True)]
+    assert "".join(pieces) == "<think>2 and 2.</think>4"

@@ -28,18 +28,16 @@ from . import kernels
 from .config import ZayaConfig
 from .errors import ZayaError
 from .decode import DecodeOptions
-from .kv_cache import kv_bytes_per_token
 from .model import Model
+from .quantization import available_recipes, load_recipe
+from .sizes import expert_weight_bytes, kv_bytes_per_token, weight_bytes
 
-# quantization formats of the recipes (group size, bits, mode)
-UNQUANTIZED = ("bf16", "bfloat16", "none")  # --quant names for the bf16 model
-FORMATS = {
-    "mxfp4": (32, 4, "mxfp4"),
-    "affine4": (64, 4, "affine"),
-    "affine8": (64, 8, "affine"),
-    "mxfp8": (32, 8, "mxfp8"),
-}
-QUANTIZED_PATHS = re.compile(r"(mlp\.experts\.|qkv_proj\.in_proj|self_attn\.o_proj|embed_tokens|lm_head)")
+UNQUANTIZED = ("bf16", "bfloat16", "none")  # --quant names for the bf16 model; the others name built-in recipes
+
+
+def weight_choices() -> list[str]:
+    """What --quant takes: bf16, or a built-in recipe of `zaya quantize` (quantize/*.json)."""
+    return ["bf16", *available_recipes()]
 
 
 def full_config(**overrides) -> ZayaConfig:
@@ -53,38 +51,41 @@ def small_config() -> ZayaConfig:
                       head_dim=64, moe_intermediate_size=256, num_experts=4, router_hidden_size=64)
 
 
-QUANTIZE_ROWS_BYTES = 32 << 20  # a weight quantized a block of rows this large at a time (see _quantize)
+QUANTIZE_ROWS_BYTES = 32 << 20  # a weight quantized a block of rows this large at a time (see quantize_as_recipe)
 
 
-def quantize_like_a_recipe(model: nn.Module, quant: str | None, paths: re.Pattern, within: str = "",
-                           lazy: bool = False) -> None:
-    """The recipe's modules (those at or under the path ``within``) quantized. On the CPU a large weight is
-    quantized a block of rows at a time, each evaluated before the next: MLX's CPU MXFP4 quantization holds ~20x the
-    block's bytes while it runs (a whole bf16 embedding: over 20 GB). Else (and with ``lazy``) nothing is computed
-    until evaluated."""
-    if not quant or quant in UNQUANTIZED:
+def quantize_as_recipe(model: nn.Module, recipe: str | None, within: str = "", lazy: bool = False) -> None:
+    """Quantize a built model in memory as `zaya quantize` writes it with a built-in recipe (None or bf16: not): the
+    recipe's modules at or under the path ``within`` (default: all). On the CPU a large weight is quantized a block of
+    rows at a time, each evaluated before the next: MLX's CPU MXFP4 quantization holds ~20x the block's bytes while it
+    runs (a whole bf16 embedding: over 20 GB). Else (and with ``lazy``) nothing is computed until evaluated."""
+    if not recipe or recipe in UNQUANTIZED:
         return
-    group_size, bits, mode = FORMATS[quant]
+    rec = load_recipe(recipe)
+    layers = len(model.layers)
+
+    def fmt_of(path, module):
+        inside = not within or f"{path}.".startswith(f"{within}.") or within.startswith(f"{path}.")
+        return rec.format_for(path, layers) if inside and hasattr(module, "to_quantized") else None
 
     def pred(path, module):
-        inside = f"{path}.".startswith(f"{within}.") or within.startswith(f"{path}.") or not within
-        return (inside and hasattr(module, "to_quantized") and bool(paths.search(path)) and ".gate." not in path
-                and "router" not in path)
+        fmt = fmt_of(path, module)
+        return False if fmt is None else fmt.to_config()
 
-    sources = {path: m.weight for path, m in model.named_modules() if pred(path, m)}
-    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=pred)
+    sources = {path: (m.weight, fmt) for path, m in model.named_modules() if (fmt := fmt_of(path, m)) is not None}
+    nn.quantize(model, class_predicate=pred)
     modules = dict(model.named_modules())
-    for path, w in sources.items():
+    for path, (w, fmt) in sources.items():
         if lazy or w.nbytes <= QUANTIZE_ROWS_BYTES or mx.default_device() != mx.cpu:
             continue
         rows = max(1, QUANTIZE_ROWS_BYTES // (w.nbytes // w.shape[-2]))
         parts = []
         for i in range(0, w.shape[-2], rows):
-            parts.append(mx.quantize(w[..., i : i + rows, :], group_size, bits, mode=mode))
+            parts.append(mx.quantize(w[..., i : i + rows, :], fmt.group_size, fmt.bits, mode=fmt.mode))
             mx.eval(parts[-1])
         q = modules[path]
         q.weight, q.scales = (mx.concatenate([p[k] for p in parts], axis=-2) for k in (0, 1))
-        if mode == "affine":
+        if fmt.mode == "affine":
             q.biases = mx.concatenate([p[2] for p in parts], axis=-2)
 
 
@@ -123,19 +124,11 @@ def build_zaya(config: ZayaConfig, quant: str | None = None, seed: int = 0, dtyp
         layer.self_attn.qk_norm.temp = mx.ones_like(layer.self_attn.qk_norm.temp)
         gate = layer.mlp.gate  # spread the routing: random balancing biases, a live skip choice
         gate.balancing_biases = mx.random.normal(gate.balancing_biases.shape) * 0.02
-    materialize(model, dtype, lambda within: quantize_like_a_recipe(model, quant, QUANTIZED_PATHS, within), log)
+    materialize(model, dtype, lambda within: quantize_as_recipe(model, quant, within), log)
     return model
+
+
 # --- measurements ----------------------------------------------------------------------------------------------
-
-
-def weight_bytes(model: nn.Module, num_experts: int) -> tuple[int, int]:
-    """(all weight bytes, the experts' bytes: a decode step reads those of the experts its tokens choose)."""
-    total = expert = 0
-    for k, v in tree_flatten(model.parameters()):
-        total += v.nbytes
-        if "experts" in k or "switch_mlp" in k:
-            expert += v.nbytes
-    return total, expert
 
 
 def weights_read(total: int, experts: int, num_experts: int, batch: int) -> int:
@@ -170,19 +163,26 @@ def count_primitives(forward, make_cache, batch: int, prompt: int = 8) -> tuple[
     """Graph primitives of a decode step (logits and updated caches), as mx.export_to_dot writes them: the second
     step after the prompt, as every later one (the first may also set up the cache, as the fused step does).
     Returns (primitives, their kinds, (inputs, outputs)): the arrays the primitives take and make, each of which
-    costs host time to build and encode every step (bench/RESULTS.md), as the primitives themselves do."""
+    costs host time to build and encode every step (docs/PERFORMANCE.md), as the primitives themselves do."""
     cache = make_cache()
     mx.eval(forward(mx.zeros((batch, prompt), mx.int32), cache))
     mx.eval(forward(mx.zeros((batch, 1), mx.int32), cache), _cache_arrays(cache))
     logits = forward(mx.zeros((batch, 1), mx.int32), cache)
+    counts = graph_primitives(logits, *_cache_arrays(cache))
+    mx.eval(logits)
+    return counts
+
+
+def graph_primitives(*arrays) -> tuple[int, dict, tuple[int, int]]:
+    """The unevaluated graph that computes ``arrays``, as mx.export_to_dot writes it: (primitives, their kinds,
+    (inputs, outputs) of those primitives)."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "step.dot")
-        mx.export_to_dot(path, logits, *_cache_arrays(cache))
+        mx.export_to_dot(path, *arrays)
         text = open(path).read()
     labels = re.findall(r'label ="([^"]+)", shape=rectangle', text)
     inputs = len(re.findall(r'^"[^"\n]*" -> \d+$', text, re.M))  # array -> primitive
     outputs = len(re.findall(r'^\d+ -> "', text, re.M))  # primitive -> array
-    mx.eval(logits)
     return len(labels), dict(collections.Counter(labels).most_common()), (inputs, outputs)
 
 
@@ -242,6 +242,11 @@ def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab
     cache = make_cache()
     tok = fill_context(forward, cache, batch, context, vocab)
     return decode_run(forward, cache, tok, steps, warmup=3)[0]
+
+
+def median_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int, runs: int) -> DecodeTiming:
+    """The median of ``runs`` timed runs in fresh caches (time_decode; median_timing)."""
+    return median_timing([time_decode(forward, make_cache, batch, context, steps, vocab) for _ in range(runs)])
 
 
 def median_timing(timed: list[DecodeTiming]) -> DecodeTiming:
@@ -354,7 +359,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 25
                skip: dict | None = None) -> Result:
     """The model's figures at each batch x context and KV format (see Row), but those in ``skip`` (BenchPlan's)."""
     skip = skip or {}
-    total, experts = weight_bytes(model, config.num_experts)
+    total, experts = weight_bytes(model), expert_weight_bytes(model)
     name = label or (("zaya-mlx (fused decode)" if compiled else "zaya-mlx (fused, not compiled)") if fused
                      else "zaya-mlx (plain ops)")
     res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9,
@@ -363,7 +368,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 25
     model.decode_options = DecodeOptions(fused=fused, kernels=options.kernels, compile=compiled)
     try:
         for bits in kv_formats:
-            kv = res.kv_bytes_per_token[kv_name(bits)] = kv_bytes_per_token(config, bits)
+            kv = res.kv_bytes_per_token[kv_name(bits)] = kv_bytes_per_token(config, kv_bits=bits)
             for b, ctx in rows:
                 if (bits, b, ctx) in skip:
                     log(f"  {_row_name(b, ctx, bits)}: skipped, it needs ~{skip[bits, b, ctx] / 1e9:.2f} GB")
@@ -449,7 +454,7 @@ def lazy_model(config: ZayaConfig, quant: str | None = None, checkpoint=None) ->
 
         apply_quantization(model, config.quantization, checkpoint.tensors)
     else:
-        quantize_like_a_recipe(model, quant, QUANTIZED_PATHS, lazy=True)
+        quantize_as_recipe(model, quant, lazy=True)
     return model
 
 
@@ -501,7 +506,7 @@ def plan_bench(config: ZayaConfig, model: Model, rows, kv_formats, *, steps: int
 
     def needs(b, ctx, bits):
         held = -(-(ctx + runs * steps + 32) // 4096) * 4096
-        kv = 2 * b * held * kv_bytes_per_token(config, bits)
+        kv = 2 * b * held * kv_bytes_per_token(config, kv_bits=bits)
         n = b * min(chunk, ctx)
         working = n * (10 * H + 3 * config.moe_intermediate_size) * 4 + 3 * b * V * 4
         if cpu:

@@ -37,7 +37,7 @@ import mlx.core as mx
 
 from .errors import ZayaError
 from .generation import GenerationResponse, _token_stream, context_limit, prompt_opens_reasoning
-from .prompt_cache import cache_nbytes, load_prompt_cache, save_prompt_cache
+from .prompt_cache import cache_nbytes, is_token, load_prompt_cache, metadata_value, save_prompt_cache
 from .reasoning import REASONING
 from .sampling import check_sampling
 from .think_budget import ThinkBudget, parse_think_budget
@@ -458,15 +458,17 @@ class ChatSession:
         """Write the KV/conv cache, the token ids it holds and the rollback snapshots (resume without prefill)."""
         positions = sorted(self._snapshots)
         extra = [[a for a in self._snapshots[p][layer]] for p in positions for layer in range(len(self._cache))]
-        save_prompt_cache(path, self._cache, self._tokens, model_id=getattr(self.model, "zaya_source", None),
+        save_prompt_cache(path, self._cache, self._tokens, self.model,
+                          model_id=getattr(self.model, "zaya_source", None),
                           metadata={"snapshots": json.dumps(positions)}, extra=extra)
 
     def load_cache(self, path) -> None:
         """Use a cache saved by `save_cache` (with this model); the next turn reuses whatever prefix matches."""
         self._close_active()
         cache, tokens, meta = load_prompt_cache(path, self.model)
-        positions = json.loads(meta.get("snapshots", "[]"))
         extra, layers = meta.get("extra", []), len(cache)
+        positions = metadata_value(path, meta, "snapshots", lambda v: isinstance(v, list) and all(map(is_token, v))
+                                   and len(v) * layers == len(extra), "a token position for each saved snapshot")
         self._cache, self._tokens = cache, tokens
         self._snapshots = {p: extra[i * layers : (i + 1) * layers] for i, p in enumerate(positions)}
 

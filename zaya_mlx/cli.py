@@ -17,6 +17,7 @@ import typer
 
 from .config import DEFAULT_MODEL
 from .errors import ZayaError
+from .model_cache import FIRST_RUN_CONTEXT
 from .files import write_text_atomic
 
 # ZAYA1 reasons at length before answering (its context is 131K tokens): a short cap would rarely reach the answer.
@@ -55,13 +56,80 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def read_stdin() -> str:
+    """All of stdin as text; bytes that are not UTF-8 are a one-line error, not a traceback."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"stdin is not valid UTF-8 (byte {e.start + 1} of {len(data)})")
+
+
+# --- the model a command runs without --model --------------------------------------------------------------------
+
+FITS = (f"in bf16 where it fits this machine's memory with a {FIRST_RUN_CONTEXT // 1024}K context, else an MXFP4 copy "
+        f"made once (zaya models).")
+
+
+def default_model() -> str:
+    """The default model for this machine (`model_cache.default_model`), its steps on stderr, and bars with the time
+    left for the download and the quantization when it makes a copy."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .model_cache import default_model as choose
+
+    err = Console(stderr=True, highlight=False)
+    bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=err)
+    tasks = {}
+
+    def progress(stage: str, done: int, total: int, what: str) -> None:
+        if not tasks:
+            bar.start()
+            tasks.update({s: bar.add_task(label, total=total or None)
+                          for s, label in (("download", "downloading"), ("quantize", "quantizing"))})
+        bar.update(tasks[stage], completed=done, total=max(total, done))  # file bytes run past the tensors' a little
+
+    try:
+        return str(choose(log=lambda line: bar.console.print(line, markup=False), progress=progress))
+    finally:
+        if tasks:
+            bar.stop()
+
+
+@app.command("models")
+def models_command(
+    remove: Optional[str] = typer.Option(None, "--remove", help="Delete a copy zaya-mlx made (its ID in the list)."),
+    macs: bool = typer.Option(False, "--macs", help="Print which model fits which Mac (the README's table)."),
+) -> None:
+    """The ZAYA models in the cache: the hub's downloads and the quantized copies made for this machine."""
+    from .model_cache import default_cache, list_models, mac_table, remove_model
+
+    if macs:
+        typer.echo(mac_table())
+        return
+    if remove is not None:
+        entry = remove_model(remove)
+        typer.echo(f"removed {entry.id} ({entry.size / 1e9:.2f} GB) from {entry.path}")
+        return
+    entries = list_models()
+    if not entries:
+        typer.echo(f"no ZAYA model in the cache ({default_cache()} and the hub's)")
+        return
+    rows = [("id", "format", "size", "path")] + [(e.id, e.format, f"{e.size / 1e9:.2f} GB", str(e.path)) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+
+
 # --- chat (the terminal UI) ----------------------------------------------------------------------------------------
 
 
 @app.command("chat")
 def chat_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
-                              help="Hub repo id or local folder (any layout, or a folder written by `zaya quantize`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout, or a "
+                                        f"folder written by `zaya quantize`). Default: {DEFAULT_MODEL}, {FITS}"),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n",
                                              help="Most tokens per reply, reasoning included (default: no cap; the "
@@ -95,6 +163,7 @@ def chat_command(
     check_kv_bits(kv_bits)
     if log_file is None:
         log_file = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zaya-mlx" / "chat.log"
+    model = model or default_model()
     if sys.stdin.isatty():
         typer.echo(f"loading {model}…")
     loaded, tokenizer = load(model, dtype=dtype, decode=decode_options())
@@ -109,7 +178,8 @@ def chat_command(
 @app.command("generate")
 def generate_command(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message ('-' reads it from stdin)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
+                                        f"Default: {DEFAULT_MODEL}, {FITS}"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help=f"Most tokens to generate, reasoning "
                                              f"included (default {MAX_TOKENS}, or what the context has room for)."),
     temp: float = typer.Option(0.6, "--temp", "-t", help="Sampling temperature (0 = greedy)."),
@@ -129,10 +199,10 @@ def generate_command(
     from .tokenizer import apply_chat_template, require_tokenizer
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     if not prompt.strip():
         fail("the prompt is empty")
-    llm, tokenizer = load(model, dtype=dtype, decode=decode_options())
+    llm, tokenizer = load(model or default_model(), dtype=dtype, decode=decode_options())
     require_tokenizer(tokenizer)
     if raw:
         ids = prompt
@@ -178,7 +248,8 @@ print(reply.choices[0].message.content)
 
 @app.command("serve", epilog=SERVE_EXAMPLE)
 def serve_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub repo id or local folder (any layout)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
+                                        f"Default: {DEFAULT_MODEL}, {FITS}"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     max_tokens: int = typer.Option(MAX_TOKENS, "--max-tokens", "-n", min=1,
@@ -195,12 +266,12 @@ def serve_command(
 ) -> None:
     """Serve the model over an OpenAI-compatible API: /v1/chat/completions (streamed or not, reasoning in
     reasoning_content, tool calls in tool_calls; a body with Zyphra's RSA parameters, such as rsa_n, runs
-    Markovian RSA), /v1/models, /health. Ctrl-C stops it."""
+    Markovian RSA), /v1/completions (raw text), /v1/models, /health. Ctrl-C stops it."""
     from .server import serve
 
     if max_body_mb <= 0:
         fail("--max-body-mb must be positive")
-    serve(model, host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+    serve(model or default_model(), host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
           max_queue=max_queue, max_body=int(max_body_mb * 1e6), rsa_preset=rsa_preset)
 
 
@@ -210,7 +281,8 @@ def serve_command(
 @app.command("rsa")
 def rsa_command(
     problem: Optional[str] = typer.Argument(None, help="The problem ('-' reads it from stdin); not with --resume."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (default {DEFAULT_MODEL})."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Hub repo id or local folder (any layout). "
+                                        f"Default: {DEFAULT_MODEL}, {FITS}"),
     preset: Optional[str] = typer.Option(None, "--preset", help="zyphra (Zyphra's recipe as published), laptop (default) or quick."),
     n: Optional[int] = typer.Option(None, "--n", help="Population: rollouts a round (rsa_n)."),
     k: Optional[int] = typer.Option(None, "--k", help="Candidates an aggregation prompt shows (rsa_k)."),
@@ -246,15 +318,17 @@ def rsa_command(
     last round's response is the answer."""
     from pathlib import Path
 
+    import mlx.core as mx
     from rich.console import Console
 
     from . import rsa
     from .generation import load
     from .loading import resolve_model_path
+    from .rsa import distributed
     from .rsa_view import RSAView, render_result
 
     if problem == "-":
-        problem = sys.stdin.read()
+        problem = read_stdin()
     if resume is None and problem is None:
         fail("give a problem, or --resume DIR to continue a run")
     if resume is None and not problem.strip():
@@ -270,31 +344,42 @@ def rsa_command(
         final_top_k=final_top_k, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, tail_source=tail_source,
         tail_unit=tail_unit, final_vote=final_vote, bounded_context=False if unbounded else None,
         enable_thinking=False if no_think else None)
-    messages = None
-    if problem is not None:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": problem}]
-    given = {k: v for k, v in overrides.items() if v is not None}
-    folder = None
-    if resume is not None:  # the folder's own settings; anything given must agree with them
+
+    def define():  # the run: from the arguments, or the folder it resumes (anything given must agree with it)
+        messages = None
+        if problem is not None:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": problem}]
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if resume is None:
+            return None, rsa.RSAParams.preset(preset, **given), seed or 0, messages, model, dtype
         folder = rsa.RunFolder.open(resume)
         folder.check(params=rsa.RSAParams.preset(preset, **given) if preset else folder.params.replace(**given),
                      seed=seed, messages=messages)
-        params, seed, messages = folder.params, folder.seed, folder.messages
-        model, dtype = model or folder.model["path"], dtype or folder.model.get("dtype")
-    else:
-        params = rsa.RSAParams.preset(preset, **given)
-        seed, model = seed or 0, model or DEFAULT_MODEL
-    console = Console(highlight=False, soft_wrap=True)
-    path = resolve_model_path(model)
-    identity = rsa.model_identity(path, dtype)
-    if folder is not None:
-        folder.check(model=identity)
+        return folder, folder.params, folder.seed, folder.messages, model or folder.model["path"], \
+            dtype or folder.model.get("dtype")
+
+    group = distributed.launched_group()  # under mlx.launch: host 0 keeps the folder and the view
+    hosts = distributed.Hosts(group) if group is not None else None
+    lead = hosts is None or hosts.rank == 0
+    folder, params, seed, messages, model, dtype = define() if hosts is None else \
+        distributed.share_run(hosts, define, model, dtype)
+    model = model or default_model()  # each host's own default
+
+    def identify():
+        identity = rsa.model_identity(resolve_model_path(model), dtype)
+        if folder is not None:
+            folder.check(model=identity)
+        return identity
+
+    identity = identify() if hosts is None else distributed.check_same_model(hosts, identify)
+    path = Path(identity["path"])
+    console = Console(highlight=False, soft_wrap=True, quiet=not lead)
     with console.status(f"loading {model}…", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         llm, tokenizer = load(path, dtype=dtype, decode=decode_options())
-    import mlx.core as mx
-
     budget = int(memory * 1e9) if memory else None
-    device = f"{mx.default_device()} {mx.device_info().get('device_name', '')}".strip()
+    device = f"{mx.default_device()} {mx.device_info().get('device_name', '')}".strip() + \
+        (f" x{hosts.size} hosts" if hosts else "")
     runs_root = Path(run_dir).expanduser().parent if run_dir else folder.path.parent if folder else None
     rate = rsa.measured_rate(runs_root or rsa.default_runs_root(), identity["hash"], device)
     if presets:
@@ -307,28 +392,44 @@ def rsa_command(
             except ZayaError as e:
                 console.print(f"{name}: {preset_.description}\n  does not fit: {e}", markup=False)
         return
-    plan = rsa.plan_run(messages, params, model=llm, tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
+
+    def make_plan():
+        return rsa.plan_run(messages, params, model=llm, tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
+
+    plan = make_plan() if hosts is None else hosts.each(make_plan, share=lambda p: p.slots)[0]
     fresh = folder is None
-    if fresh:
+    if fresh and lead:
         folder = rsa.RunFolder.create(run_dir or rsa.new_run_path(messages), params=params, seed=seed,
                                       messages=messages, model=identity)
+    if not lead:  # another host: it decodes; host 0 shows the run and keeps it
+        try:
+            rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, memory_budget=budget,
+                    max_batch=max_batch, group=hosts)
+        except KeyboardInterrupt:
+            raise typer.Exit(130)
+        return
     console.print(f"run folder: {folder.path}", style="dim", markup=False)
     left = plan.worst_case_tokens - sum(params.max_tokens_in(r.round) for r in folder.finished())
     view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate, left))
+    if hosts is not None:  # mlx.launch ends the other hosts with SIGTERM when one fails: save and say how to resume
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with view:
             result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
-                             memory_budget=budget, max_batch=max_batch, journal=folder)
+                             memory_budget=budget, max_batch=max_batch, journal=folder, group=hosts)
+    except (KeyboardInterrupt, distributed.HostLost) as e:
+        folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
+        done = len(folder.finished())
+        lost = f"{e}; " if isinstance(e, distributed.HostLost) else ""
+        typer.echo(f"{'error' if lost else 'interrupted'}: {lost}{done} of {params.total_rollouts()} rollouts are "
+                   f"saved in {folder.path}; resume with: zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
+        raise typer.Exit(1 if lost else 130)
     except ZayaError:
         if fresh:
             folder.discard()  # refused before any rollout: leave nothing behind
         raise
-    except KeyboardInterrupt:
-        folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
-        done = len(folder.finished())
-        typer.echo(f"interrupted: {done} of {params.total_rollouts()} rollouts are saved in {folder.path}; resume "
-                   f"with: zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
-        raise typer.Exit(130)
     folder.write_rates(tokens=view.state.tokens, seconds=result.timings["total_s"], slots=plan.slots, device=device)
     render_result(console, result, show_text=show_text)
     if json_out:
@@ -352,12 +453,28 @@ def quantize_command(
 ) -> None:
     """Quantize SRC into an MLX folder that zaya and mlx-lm load: quantized weights, config, tokenizer."""
     from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .quantization import quantize
 
     if shard_size <= 0:
         fail("--shard-size must be positive")
-    report = quantize(src, out, recipe=recipe, force=force, progress=True, max_shard_size=int(shard_size * (1 << 30)))
+    bar = Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True))
+    task = bar.add_task("quantizing", total=None, start=False)
+
+    def progress(what: str, done: int, total: int) -> None:  # the bar appears once the checks have passed
+        if not bar.live.is_started:
+            bar.start()
+            bar.start_task(task)
+        bar.update(task, description=what, completed=done, total=total)
+
+    try:
+        report = quantize(src, out, recipe=recipe, force=force, progress=progress,
+                          max_shard_size=int(shard_size * (1 << 30)))
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     Console().print(report.table())
 
 
@@ -366,7 +483,7 @@ def quantize_command(
 
 @app.command("bench")
 def bench_command(
-    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="Comma-separated weights: bf16, mxfp4, affine4, affine8, mxfp8 (default bf16,mxfp4; random weights only)."),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="Comma-separated weights: bf16 or a built-in recipe of `zaya quantize` (mxfp4, affine4, ...); default bf16,mxfp4; random weights only."),
     batch: str = typer.Option("1,8", "--batch", "-b", help="Comma-separated batch sizes."),
     context: str = typer.Option("256", "--context", help="Comma-separated tokens in the cache before decoding is timed (filled in chunks)."),
     rows: Optional[str] = typer.Option(None, "--rows", help="Batch x context pairs, e.g. 1x256,16x16384 (in place of every --batch with every --context)."),
@@ -386,15 +503,15 @@ def bench_command(
     """ZAYA1-8B's decode and prefill speed on this machine: full-size random weights, or a checkpoint (--model)."""
     import json
 
-    from .benchmark import FORMATS, UNQUANTIZED, markdown, run, to_dict
+    from .benchmark import UNQUANTIZED, markdown, run, to_dict, weight_choices
     from .kv_cache import parse_kv
 
     if model_path is not None and (quant or small or experts):
         raise ZayaError("--model measures the checkpoint as it is: drop --quant, --small and --experts")
     quants = tuple(q.strip() for q in (quant or "bf16,mxfp4").split(",") if q.strip())
-    unknown = [q for q in quants if q not in (*UNQUANTIZED, *FORMATS)]
+    unknown = [q for q in quants if q not in (*UNQUANTIZED, *weight_choices())]
     if not quants or unknown:
-        raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
+        raise ZayaError(f"--quant {quant!r}: choose from {', '.join(weight_choices())}")
     if rows is not None:
         pairs = _positive_list(rows, "--rows", "batch x context pairs such as 1x256,16x16384", pairs=True)
     else:
@@ -439,11 +556,11 @@ def doctor_command(
 ) -> None:
     """This machine, MLX's back end, each decode kernel against its reference, the decode path a model would take,
     and a short run's peak memory: a block to paste into a bug report. Downloads nothing."""
-    from .benchmark import FORMATS, UNQUANTIZED
+    from .benchmark import UNQUANTIZED, weight_choices
     from .doctor import diagnose
 
-    if quant not in (*UNQUANTIZED, *FORMATS):
-        raise ZayaError(f"--quant {quant!r}: choose from bf16, {', '.join(FORMATS)}")
+    if quant not in (*UNQUANTIZED, *weight_choices()):
+        raise ZayaError(f"--quant {quant!r}: choose from {', '.join(weight_choices())}")
     report = diagnose(None if quant in UNQUANTIZED else quant, options=decode_options())
     typer.echo(report.text())
     raise typer.Exit(0 if all(k.ok for k in report.kernels) else 1)

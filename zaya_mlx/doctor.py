@@ -230,11 +230,12 @@ def decode_path(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16,
     back end."""
     options, back = options or DecodeOptions(), kernels.backend()
     if options.fused is False:
-        return "plain MLX ops", "ZAYA_FUSED=0"
+        return "plain MLX ops", "the options say so (ZAYA_FUSED=0)"
     if options.fused:
-        return "fused step", "ZAYA_FUSED=1"
+        what = "with the kernels" if options.kernels and back != "cpu" else "with the kernels' plain-MLX references"
+        return f"fused step {what}", "the options say so (ZAYA_FUSED=1)"
     if not options.kernels:
-        return "plain MLX ops", "ZAYA_KERNELS=0"
+        return "plain MLX ops", "the kernels are off (ZAYA_KERNELS=0)"
     if back == "cpu":
         return "plain MLX ops", "the fused step runs only on a Metal or CUDA GPU"
     model = build_zaya(small_config(), quant, seed=0, dtype=dtype)

@@ -1,8 +1,11 @@
-"""Writing files so that a reader never sees half of one: a temporary file beside the target, then a rename."""
+"""Files of a model folder read only inside it, and files written so that a reader never sees half of one (a
+temporary file beside the target, then a rename)."""
 
 import os
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import ZayaError
 
 
 @contextmanager
@@ -22,3 +25,19 @@ def atomic_path(path):
 def write_text_atomic(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def model_file(folder: Path, name) -> Path:
+    """`folder / name` for a file the folder names (config, index, shard): a relative path that resolves, links
+    followed, to a regular file inside the folder (or inside the hub repo cache a snapshot folder links into)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ZayaError(f"{folder} names the file {name!r}, which is not a path inside the folder")
+    path = folder / name
+    real, root = path.resolve(), folder.resolve()
+    if root.parent.name == "snapshots":  # hub cache: snapshots/<rev>/<file> -> ../../blobs/<hash>
+        root = root.parent.parent
+    if not real.is_relative_to(root):
+        raise ZayaError(f"{path} resolves to {real}, outside the model folder")
+    if real.exists() and not real.is_file():
+        raise ZayaError(f"{path} is not a regular file")
+    return path

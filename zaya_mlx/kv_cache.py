@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Optional
 
 from .errors import ZayaError
+from .sizes import KV_GROUP_SIZE  # values sharing a scale and a bias; sizes.py counts the bytes
 
 KV_BITS = (8, 4)  # the quantized formats
-KV_GROUP_SIZE = 64  # values sharing a scale and a bias (mlx-lm's default)
 
 
 def check_kv_bits(kv_bits: Optional[int]) -> Optional[int]:
@@ -34,16 +34,3 @@ def parse_kv(name: str) -> Optional[int]:
         return check_kv_bits(int(name))
     except ValueError:
         raise ZayaError(f"KV format {name!r}: choose bf16, {', '.join(map(str, KV_BITS))}") from None
-
-
-def kv_row_bytes(head_dim: int, kv_bits: Optional[int], dtype_bytes: int = 2, group_size: int = KV_GROUP_SIZE) -> int:
-    """Bytes of one key (or value) row of one KV head: head_dim values, or packed integers plus a scale and a bias a
-    group."""
-    if kv_bits is None:
-        return head_dim * dtype_bytes
-    return head_dim * kv_bits // 8 + 2 * dtype_bytes * (head_dim // group_size)
-
-
-def kv_bytes_per_token(args, kv_bits: Optional[int] = None, dtype_bytes: int = 2) -> int:
-    """Keys and values of every layer for one token: layers x 2 x KV heads x a row's bytes."""
-    return args.num_hidden_layers * 2 * args.num_key_value_heads * kv_row_bytes(args.head_dim, kv_bits, dtype_bytes)

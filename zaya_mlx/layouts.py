@@ -1,4 +1,4 @@
-"""One declarative name map per checkpoint layout, to the canonical MLX names (ARCHITECTURE.md).
+"""One declarative name map per checkpoint layout, to the canonical MLX names (docs/ARCHITECTURE.md).
 
 A map is `{canonical name: Source(source names, combine)}`; the same maps drive loading a whole checkpoint,
 mlx-lm's `sanitize`, and the quantizer's shard-by-shard reading. A module stored quantized (`.scales`, and

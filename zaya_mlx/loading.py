@@ -20,6 +20,7 @@ from . import layouts
 from .config import DEFAULT_MODEL, ZayaConfig
 from .decode import DecodeOptions
 from .errors import ZayaError
+from .files import model_file
 from .model import Model
 
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
@@ -54,22 +55,6 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
             f"cannot get {repo} ({reason[:160]}): with no network and no local copy, download it where there is "
             f"network (`hf download {repo}`) and pass the folder as the model"
         ) from None
-
-
-def model_file(folder: Path, name) -> Path:
-    """`folder / name` for a file the folder names (config, index, shard): a relative path that resolves, links
-    followed, to a regular file inside the folder (or inside the hub repo cache a snapshot folder links into)."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ZayaError(f"{folder} names the file {name!r}, which is not a path inside the folder")
-    path = folder / name
-    real, root = path.resolve(), folder.resolve()
-    if root.parent.name == "snapshots":  # hub cache: snapshots/<rev>/<file> -> ../../blobs/<hash>
-        root = root.parent.parent
-    if not real.is_relative_to(root):
-        raise ZayaError(f"{path} resolves to {real}, outside the model folder")
-    if real.exists() and not real.is_file():
-        raise ZayaError(f"{path} is not a regular file")
-    return path
 
 
 def read_json(path: Path) -> dict:
@@ -247,6 +232,8 @@ def load_model(path_or_repo: Union[str, Path] = DEFAULT_MODEL, dtype=None, decod
     dtype = to_dtype(dtype)
     checkpoint = open_checkpoint(resolve_model_path(path_or_repo))
     model = empty_model(checkpoint.config, checkpoint.quantization, checkpoint.mapping)
+    if decode is not None:
+        model.decode_options = decode
     model.load_weights(list(checkpoint.iter_tensors(dtype)))
     if decode is not None:
         model.decode_options = decode

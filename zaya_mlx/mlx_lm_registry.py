@@ -23,9 +23,12 @@ from pathlib import Path
 
 MODULE = "mlx_lm.models.zaya"
 MODEL_FILE = "zaya_mlx_model.py"
-MODEL_FILE_TEXT = '''"""ZAYA1 for mlx-lm's commands (with --trust-remote-code): the model of zaya-mlx (pip install zaya-mlx)."""
+MODEL_FILE_TEXT = '''"""ZAYA1 for mlx-lm's commands (with --trust-remote-code): zaya-mlx's model."""
 
-from zaya_mlx.model import Model, ModelArgs  # noqa: F401
+try:
+    from zaya_mlx.model import Model, ModelArgs  # noqa: F401
+except ImportError as e:
+    raise ImportError("this folder runs zaya-mlx's ZAYA1 model: install zaya-mlx in the Python that runs mlx-lm") from e
 '''
 
 

@@ -327,6 +327,17 @@ class ZayaModel(nn.Module):
         return self.norm(h.astype(self.norm.weight.dtype))
 
 
+def _steppable(cache: list, fused: bool) -> bool:
+    """Whether the decode step (fused or not) takes this cache: mlx-lm's KVCache or BatchKVCache, or for the fused
+    step alone a QuantizedKVCache (its attention kernel reads the packed keys and values; the plain step writes
+    unquantized buffers, so a quantized cache's plain steps take the plain forward, whose attention reads it with
+    quantized_matmul); and no right-padded prefill under way (an ArraysCache with lengths, which only the plain
+    forward follows)."""
+    kv, conv = cache[0][0], cache[0][1]
+    kinds = (KVCache, BatchKVCache, QuantizedKVCache) if fused else (KVCache, BatchKVCache)
+    return type(kv) in kinds and conv.lengths is None
+
+
 class Model(nn.Module):
     def __init__(self, args: ZayaConfig, decode: Optional[DecodeOptions] = None):
         super().__init__()
@@ -349,11 +360,12 @@ class Model(nn.Module):
     def __call__(self, tokens: mx.array, cache=None, last_only: bool = False) -> mx.array:
         """float32 logits [B, L, V]; last_only: of the last position alone ([B, 1, V]), as generation needs after a
         prompt (the logits of a long prompt, B x L x 262,272 floats, would not fit in memory, nor in one kernel's
-        index range). A one-token step with a cache runs the fused decode step where the options say so
-        (zaya_mlx/decode); everything else, the plain ops."""
+        index range). A one-token step with a cache of ours (``make_cache``) runs the fused decode step where the
+        options say so, else the plain decode step (zaya_mlx/decode); a quantized KV cache's steps run fused, or
+        else through the plain forward (see _steppable); everything else, the plain forward."""
         fused = self.decoder.enabled(self)
-        if fused and tokens.shape[1] == 1 and cache is not None:
-            h = self.decoder(self, tokens, cache)
+        if tokens.shape[1] == 1 and cache is not None and _steppable(cache, fused):
+            h = self.decoder(self, tokens, cache, fused=fused)
         else:
             h = self.model(tokens, cache)
         if last_only:

@@ -1,4 +1,4 @@
-"""OpenAI's chat-completions format: a request body in, our generation's stream out as OpenAI JSON.
+"""OpenAI's chat and text completions: a request body in, our generation's stream out as OpenAI JSON.
 
 Reasoning goes to `reasoning_content` (vLLM's name, as its qwen3 reasoning parser gives it), the answer to
 `content`, ZAYA's tool calls to `tool_calls` (`tool_calls.py`). mlx-lm's `process_message_content` brings
@@ -41,16 +41,16 @@ def _get(body: dict, name: str, kinds, default=None, *, low=None, high=None):
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise ApiError(400, f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"{name} must be in [{low}, {high}], got {value!r}")
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ApiError(400, f"{name} must be {bound}, got {value!r}")
     return value
 
 
 @dataclass
-class ChatRequest:
-    """A checked chat-completions body. `max_tokens` None means: as many as the context has room for."""
+class Request:
+    """What chat and text completions share: a checked body's sampling and limits. `max_tokens` None means: as
+    many as the context has room for."""
 
-    messages: list
-    tools: Optional[list] = None
     stream: bool = False
     include_usage: bool = False
     max_tokens: Optional[int] = None
@@ -60,6 +60,33 @@ class ChatRequest:
     min_p: float = 0.0
     seed: Optional[int] = None
     stop: list = field(default_factory=list)
+
+    @staticmethod
+    def common(body: dict, temperature: float, top_p: float) -> dict:
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "stop must be a string or a list of strings")
+        options = body.get("stream_options") or {}
+        max_tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        return dict(
+            stream=_get(body, "stream", bool, False),
+            include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+            max_tokens=_get(body, max_tokens_key, int, None, low=1),
+            temperature=float(_get(body, "temperature", (int, float), temperature, low=0)),
+            top_p=float(_get(body, "top_p", (int, float), top_p, low=0, high=1)),
+            top_k=max(0, _get(body, "top_k", int, 0, low=-1)),  # -1: vLLM's "off"
+            min_p=float(_get(body, "min_p", (int, float), 0.0, low=0, high=1)),
+            seed=_get(body, "seed", int, None),
+            stop=stop,
+        )
+
+
+@dataclass
+class ChatRequest(Request):
+    messages: list = field(default_factory=list)
+    n: int = 1
+    tools: Optional[list] = None
     enable_thinking: bool = True
 
     @classmethod
@@ -67,12 +94,6 @@ class ChatRequest:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ApiError(400, "messages must be a non-empty list of message objects")
-        if _get(body, "n", int, 1, low=1) != 1:
-            raise ApiError(400, "n must be 1: this server writes one choice per request")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise ApiError(400, "stop must be a string or a list of strings")
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise ApiError(400, "chat_template_kwargs must be an object")
@@ -81,22 +102,29 @@ class ChatRequest:
             raise ApiError(400, "tools must be a list")
         if body.get("tool_choice") == "none":
             tools = None
-        options = body.get("stream_options") or {}
-        max_tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        return cls(
-            messages=messages,
-            tools=tools,
-            stream=_get(body, "stream", bool, False),
-            include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
-            max_tokens=_get(body, max_tokens_key, int, None, low=1),
-            temperature=float(_get(body, "temperature", (int, float), temperature, low=0)),
-            top_p=float(_get(body, "top_p", (int, float), top_p, low=0, high=1)),
-            top_k=_get(body, "top_k", int, 0, low=0),
-            min_p=float(_get(body, "min_p", (int, float), 0.0, low=0, high=1)),
-            seed=_get(body, "seed", int, None),
-            stop=stop,
-            enable_thinking=bool(kwargs.get("enable_thinking", True)),
-        )
+        return cls(messages=messages, n=_get(body, "n", int, 1, low=1), tools=tools,
+                   enable_thinking=bool(kwargs.get("enable_thinking", True)),
+                   **cls.common(body, temperature, top_p))
+
+
+@dataclass
+class TextRequest(Request):
+    """A text completion: `prompt` is raw text (no chat template) or token ids."""
+
+    prompt: Any = ""
+
+    @classmethod
+    def from_body(cls, body: dict, temperature: float, top_p: float) -> "TextRequest":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in prompt)
+        if not (isinstance(prompt, str) and prompt) and not ids:
+            raise ApiError(400, "prompt must be a non-empty string or a list of token ids (one prompt a request)")
+        if _get(body, "n", int, 1, low=1) != 1:
+            raise ApiError(400, "n must be 1: this server writes one choice per request")
+        return cls(prompt=prompt, **cls.common(body, temperature, top_p))
 
 
 def template_messages(request: ChatRequest) -> list[dict]:
@@ -179,6 +207,33 @@ class ChatStream:
         if self.tool_calls:
             out["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in self.tool_calls]
         return out
+
+
+class RawText:
+    """The model's text as it wrote it, think tags included, from the split stream: a change of channel is where
+    a tag was (`stream_generate` drops the tags and nothing else)."""
+
+    def __init__(self, tokenizer, ids):
+        from .generation import prompt_opens_reasoning
+
+        self.channel = REASONING if prompt_opens_reasoning(tokenizer, ids) else "answer"
+        thinking = getattr(tokenizer, "has_thinking", False)
+        self.start = tokenizer.think_start if thinking else "<think>"
+        self.end = tokenizer.think_end if thinking else "</think>"
+
+    def feed(self, r: GenerationResponse) -> str:
+        tag = ""
+        if r.channel != self.channel:
+            tag = self.start if r.channel == REASONING else self.end
+            self.channel = r.channel
+        return tag + r.text
+
+
+def text_completion(request_id: str, model: str, text: Optional[str], finish_reason: Optional[str] = None) -> dict:
+    """A text completion, or a streamed piece of one; `text` None gives one with no choices (usage)."""
+    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices}
 
 
 def new_id() -> str:

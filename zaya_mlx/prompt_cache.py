@@ -4,14 +4,22 @@ The cache is mlx-lm's own classes (`CacheList(KVCache, ArraysCache)` per layer),
 `save_prompt_cache`/`load_prompt_cache` round-trip it; this adds the metadata, trims the KV buffers to what
 they hold (mlx-lm keeps 256-token steps), checks the file against the model on load, and writes atomically
 (a temporary file in the same folder, then a rename), so an interrupted save never leaves a broken file.
+
+The model a cache belongs to is recorded as a fingerprint of its config and of a fixed sample of every
+parameter's values: a cache from another model of the same shapes (a fine-tune, another quantization or
+dtype) would load and be reused silently otherwise, giving wrong answers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 from mlx_lm.models.cache import load_prompt_cache as _mlx_lm_load
 from mlx_lm.models.cache import save_prompt_cache as _mlx_lm_save
@@ -45,11 +53,24 @@ def _held(cache: list) -> int:
     return int(first.offset) if isinstance(first, KVCache) else -1
 
 
-def save_prompt_cache(path, cache: list, tokens: Sequence[int], *, model_id: Optional[str] = None,
-                      metadata: Optional[dict] = None, extra: Optional[list] = None) -> Path:
-    """Write `cache` (a B=1 model cache holding exactly `tokens`) to `path` (.safetensors added if missing).
+def model_fingerprint(model) -> str:
+    """A hash of the model's config and of 8 evenly spaced values of each parameter (a few thousand numbers)."""
+    samples = []
+    for _, a in sorted(tree_flatten(model.parameters()), key=lambda item: item[0]):
+        flat = a.reshape(-1)
+        samples.append(flat[:: max(1, flat.size // 8)][:8].astype(mx.float32))
+    args = getattr(model, "args", None)
+    digest = hashlib.sha256(json.dumps(args.to_dict() if args is not None else {}, sort_keys=True).encode())
+    digest.update(np.array(mx.concatenate(samples)).tobytes())
+    return digest.hexdigest()[:32]
 
-    `extra`: more state to keep with it, a list of lists of arrays (or None), e.g. a chat session's snapshots.
+
+def save_prompt_cache(path, cache: list, tokens: Sequence[int], model, *, model_id: Optional[str] = None,
+                      metadata: Optional[dict] = None, extra: Optional[list] = None) -> Path:
+    """Write `cache` (a B=1 cache of `model` holding exactly `tokens`) to `path` (.safetensors added if missing).
+
+    `model_id`: a label for messages (a path or hub id). `extra`: more state to keep with it, a list of lists of
+    arrays (or None), e.g. a chat session's snapshots.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -60,8 +81,8 @@ def save_prompt_cache(path, cache: list, tokens: Sequence[int], *, model_id: Opt
         raise ZayaError(f"the cache holds {held} tokens but {len(tokens)} token ids were given")
     extra = list(extra or [])
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta.update(format=FORMAT, version=VERSION, model_id=model_id or "", tokens=json.dumps(tokens),
-                num_layers=str(len(cache)), num_extra=str(len(extra)))
+    meta.update(format=FORMAT, version=VERSION, model_id=model_id or "", model_fingerprint=model_fingerprint(model),
+                tokens=json.dumps(tokens), num_layers=str(len(cache)), num_extra=str(len(extra)))
     states = []
     for arrays in extra:
         state = ArraysCache(len(arrays))
@@ -76,7 +97,7 @@ def load_prompt_cache(path, model=None) -> tuple[list, list[int], dict]:
     """`(cache, tokens, metadata)` from a file written by `save_prompt_cache`.
 
     metadata holds the strings saved (model_id, ...), and under "extra" the `extra` array lists, if any.
-    With `model`, checks that the cache fits it (layers, KV heads and head size) and raises ZayaError if not.
+    With `model`, checks that the cache was saved from this very model (and fits it) and raises ZayaError if not.
     """
     path = Path(path)
     if not path.exists() and path.with_name(path.name + ".safetensors").exists():
@@ -90,17 +111,37 @@ def load_prompt_cache(path, model=None) -> tuple[list, list[int], dict]:
     if meta.get("format") != FORMAT:
         raise ZayaError(f"{path} is not a zaya prompt cache (no '{FORMAT}' metadata)")
     meta = dict(meta)
-    n_extra = int(meta.get("num_extra", 0) or 0)
+    n_extra = metadata_value(path, meta, "num_extra", lambda v: 0 <= v < len(cache), "a count below the cache's entries")
     if n_extra:
         cache, extras = cache[: len(cache) - n_extra], cache[len(cache) - n_extra :]
         meta["extra"] = [list(e.cache) for e in extras]
-    tokens = [int(t) for t in json.loads(meta.get("tokens", "[]"))]
+    tokens = metadata_value(path, meta, "tokens", lambda v: isinstance(v, list) and all(is_token(t) for t in v),
+                       "a list of token ids")
     held = _held(cache)
     if held >= 0 and held != len(tokens):
         raise ZayaError(f"{path} is inconsistent: the cache holds {held} tokens, its metadata lists {len(tokens)}")
     if model is not None:
         check_fits(cache, model, path)
+        if meta.get("model_fingerprint") != model_fingerprint(model):
+            saved = f" ({meta['model_id']})" if meta.get("model_id") else ""
+            raise ZayaError(f"{path} was saved from another model{saved}, or this one at another dtype or "
+                            "quantization: its cache does not apply")
     return cache, tokens, meta
+
+
+def metadata_value(path, meta: dict, key: str, valid, what: str):
+    """A JSON value of the file's metadata, checked; a one-line ZayaError if absent, unreadable or invalid."""
+    try:
+        value = json.loads(meta[key])
+    except (KeyError, ValueError):
+        value = None
+    if value is None or not valid(value):
+        raise ZayaError(f"{path} has a bad '{key}' entry in its metadata: expected {what}")
+    return value
+
+
+def is_token(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 def check_fits(cache: list, model, where="the prompt cache") -> None:
@@ -121,4 +162,5 @@ def cache_nbytes(cache: Optional[list]) -> int:
     return sum(int(c.nbytes) for c in cache or ())
 
 
-__all__ = ["save_prompt_cache", "load_prompt_cache", "check_fits", "cache_nbytes"]
+__all__ = ["save_prompt_cache", "load_prompt_cache", "check_fits", "cache_nbytes", "model_fingerprint",
+           "metadata_value"]

@@ -46,10 +46,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import mlx.core as mx
 
 from .errors import ZayaError
+from .sizes import format_bytes, format_count
 
 __all__ = [
     "Format",
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 DEFAULT_RECIPE = "mxfp4"
+Progress = Callable[[str, int, int], None]  # (what is being done, source bytes done, source bytes in all)
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
 _CHUNK_ELEMENTS = 1 << 20  # quantized (and compared) at a time: CPU mxfp4/nvfp4 need ~100 B an element of temporaries
 
@@ -339,10 +342,10 @@ class QuantizeReport:
             t.add_column(col, justify="right", no_wrap=True)
         for g in self.groups:
             err = "-" if g.rel_error is None else f"{g.rel_error:.4f}"
-            t.add_row(g.name, g.format, _human(g.params, ""), _human(g.bytes), f"{g.bits_per_weight:.2f}", err)
+            t.add_row(g.name, g.format, format_count(g.params), format_bytes(g.bytes), f"{g.bits_per_weight:.2f}", err)
         t.add_section()
-        t.add_row(f"total ({self.shards} shard{'s' if self.shards > 1 else ''})", "", _human(self.params, ""),
-                  _human(self.bytes), f"{self.bits_per_weight:.2f}", "", style="bold")
+        t.add_row(f"total ({self.shards} shard{'s' if self.shards > 1 else ''})", "", format_count(self.params),
+                  format_bytes(self.bytes), f"{self.bits_per_weight:.2f}", "", style="bold")
         if self.skipped:
             by_group: dict[tuple, int] = {}
             for s in self.skipped:
@@ -355,16 +358,6 @@ class QuantizeReport:
 
     def __rich__(self):
         return self.table()
-
-
-def _human(n: float, unit: str = "B") -> str:
-    """1234567 -> '1.23 MB' (decimal units); with unit "" a plain count: '1.23 M'."""
-    prefixes = ("", "K", "M", "G", "T")
-    i = 0
-    while n >= 1000 and i < len(prefixes) - 1:
-        n, i = n / 1000, i + 1
-    text = f"{n:.0f}" if i == 0 else f"{n:.2f}"
-    return f"{text} {prefixes[i]}{unit}".rstrip()
 
 
 # --- streaming safetensors writer ---------------------------------------------------------------------------------
@@ -492,18 +485,20 @@ def _quantize_tensor(w: mx.array, fmt: Format, dtype) -> tuple[list[mx.array], f
 # --- config -------------------------------------------------------------------------------------------------------
 
 
-def _model_config(ckpt, folder: Path) -> dict:
-    """The MLX folder's config.json without the quantization block: transformers-style keys whatever the source
-    layout (a legacy 80-layer config comes out as the 40-layer one), model_type zaya, and the model file that
-    mlx-lm's commands build the model from (written into `folder`)."""
+def write_config(folder: Path, config, quantization: dict) -> None:
+    """The MLX folder's config.json: transformers-style keys whatever the source layout (a legacy 80-layer config
+    comes out as the 40-layer one), model_type zaya, the model file that mlx-lm's commands build the model from
+    (written into `folder`), and the quantization block under both names mlx-lm writes."""
     from .mlx_lm_registry import write_model_file
 
-    out = ckpt.config.to_dict()
+    out = config.to_dict()
     for key in ("quantization", "quantization_config"):
         out.pop(key, None)
     out["model_type"] = "zaya"
     out.update(write_model_file(folder))
-    return out
+    if quantization:
+        out["quantization"] = out["quantization_config"] = quantization
+    (folder / "config.json").write_text(json.dumps(dict(sorted(out.items())), indent=4) + "\n")
 
 
 def _quantizable_modules(config) -> dict[str, str]:
@@ -512,6 +507,30 @@ def _quantizable_modules(config) -> dict[str, str]:
 
     model = Model(config)  # parameters are lazy random inits: nothing is computed or allocated
     return {p: type(m).__name__ for p, m in model.named_modules() if hasattr(m, "to_quantized")}
+
+
+def planned_weight_bytes(config, recipe=None) -> tuple[int, int]:
+    """Bytes of the model's weights in bf16, or as `recipe` quantizes them, and of its largest decoder layer: from
+    the shapes alone (the model's parameters stay lazy, nothing is allocated)."""
+    from mlx.utils import tree_flatten
+
+    from .model import Model
+
+    rec = load_recipe(recipe) if recipe is not None else None
+    model = Model(config)
+    quantizable = {p for p, m in model.named_modules() if hasattr(m, "to_quantized")}
+    total, layers = 0, {}
+    for name, w in tree_flatten(model.parameters()):
+        module = name.removesuffix(".weight")
+        fmt = rec.format_for(module, config.num_hidden_layers) if rec and module in quantizable else None
+        if fmt is not None and _fits(w.shape, fmt) is None:
+            size = math.ceil(w.size * fmt.bits_per_weight() / 8)
+        else:
+            size = w.size * (4 if name.endswith("balancing_biases") else 2)
+        total += size
+        if m := _LAYER.search(name):
+            layers[m.group(1)] = layers.get(m.group(1), 0) + size
+    return total, max(layers.values(), default=0)
 
 
 def _group_name(path: str) -> str:
@@ -523,12 +542,13 @@ def _group_name(path: str) -> str:
 # --- the command --------------------------------------------------------------------------------------------------
 
 
-def quantize(src, out, recipe="mxfp4", force: bool = False, progress: bool = True,
+def quantize(src, out, recipe="mxfp4", force: bool = False, progress: Optional[Progress] = None,
              max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> QuantizeReport:
     """Quantize checkpoint `src` (hub id or folder, any layout) into the MLX folder `out` following `recipe`.
 
     `recipe`: a built-in name (see `available_recipes()`), a recipe JSON path, a dict or a `Recipe`. Refuses an
-    existing `out` unless `force` (then replaces it atomically). `progress`: show a rich progress bar on stderr.
+    existing `out` unless `force` (then replaces it atomically). `progress(what, done, total)`: called as the run
+    goes, with the tensor being written (then "writing") and the source bytes done of the total.
     `max_shard_size`: bytes of tensor data per output shard. Returns a `QuantizeReport` (rich-printable table)."""
     from .loading import open_checkpoint, resolve_model_path
 
@@ -551,7 +571,7 @@ def quantize(src, out, recipe="mxfp4", force: bool = False, progress: bool = Tru
     try:
         with _sigterm_unwinds():
             report = _run(ckpt, src, rec, writer, tmp, progress, t0)
-            _copy_side_files(Path(src_path), tmp)
+            copy_side_files(Path(src_path), tmp)
             _replace(tmp, out, force)
     except BaseException as e:
         writer.abort()
@@ -587,11 +607,12 @@ def _remove_abandoned(out: Path) -> None:
     for path in out.parent.glob(f".{glob.escape(out.name)}.zaya-*-*"):
         match = _OWN.fullmatch(path.name)
         if match and match["name"] == out.name and path.is_dir() and not path.is_symlink() \
-                and not _process_alive(int(match["pid"])):
+                and not process_alive(int(match["pid"])):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (ours counts): a folder it marked as its own is still in use."""
     if pid == os.getpid():
         return True
     try:
@@ -655,79 +676,93 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(ckpt, src, rec: Recipe, writer: _ShardWriter, tmp: Path, show: bool, t0: float) -> QuantizeReport:
-    config = ckpt.config
-    num_layers = int(getattr(config, "num_hidden_layers"))
-    quantizable = _quantizable_modules(config)
-    dtype = _DTYPES[rec.dtype]
+@dataclass
+class Quantized:
+    """What a recipe makes of one canonical tensor: the tensors to write, and for a quantizable module's weight the
+    module and the format it got (None: kept), with the squared error and norm of the quantization."""
 
+    tensors: list
+    module: str | None = None
+    format: Format | None = None
+    err2: float = 0.0
+    norm2: float = 0.0
+
+
+class TensorQuantizer:
+    """A recipe applied tensor by tensor, in canonical names; remembers each module's format for the config block."""
+
+    def __init__(self, config, recipe):
+        self.recipe = load_recipe(recipe)
+        self.num_layers = int(config.num_hidden_layers)
+        self.quantizable = _quantizable_modules(config)
+        self.dtype = _DTYPES[self.recipe.dtype]
+        self.chosen: dict[str, Format | None] = {}  # quantizable module -> format it got (None: kept)
+        self.skipped: list[SkippedTensor] = []
+
+    def __call__(self, name: str, w: mx.array) -> Quantized:
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module not in self.quantizable:
+            return Quantized([(name, w)])
+        fmt = self.recipe.format_for(module, self.num_layers)
+        if fmt is not None and (why := _fits(w.shape, fmt)):
+            self.skipped.append(SkippedTensor(name, tuple(w.shape), fmt.name, why))
+            fmt = None
+        self.chosen[module] = fmt
+        if fmt is None:
+            return Quantized([(name, w)], module)
+        arrays, err2, norm2 = _quantize_tensor(w, fmt, self.dtype)
+        return Quantized([(f"{module}.{suffix}", a) for suffix, a in zip(("weight", "scales", "biases"), arrays)],
+                         module, fmt, err2, norm2)
+
+    def quantization_block(self) -> dict:
+        return _quantization_block(self.chosen)
+
+
+def _run(ckpt, src, rec: Recipe, writer: _ShardWriter, tmp: Path, progress: Optional[Progress],
+         t0: float) -> QuantizeReport:
+    quantizer = TensorQuantizer(ckpt.config, rec)
     groups: dict[str, GroupStats] = {}
     other = GroupStats("other: norms, convs, scales...", ["kept"])
-    skipped: list[SkippedTensor] = []
-    chosen: dict[str, Format | None] = {}  # quantizable module -> format it got (None: kept)
     params = 0
     source_bytes = sum(os.path.getsize(s) for s in ckpt.shards)
+    done = 0
+    tell = progress or (lambda what, done, total: None)
 
-    bar = _progress(show, source_bytes)
-    try:
-        task = bar.add_task("quantizing", total=source_bytes) if bar else None
-        for name, w in ckpt.iter_tensors():
-            if bar:
-                bar.update(task, description=name)
-            params += w.size
-            module = name[: -len(".weight")] if name.endswith(".weight") else None
-            if module in quantizable:
-                fmt = rec.format_for(module, num_layers)
-                if fmt is not None and (why := _fits(w.shape, fmt)):
-                    skipped.append(SkippedTensor(name, tuple(w.shape), fmt.name, why))
-                    fmt = None
-                chosen[module] = fmt
-                key = _group_name(module)
-                g = groups.setdefault(key, GroupStats(key))
-                label = fmt.name if fmt else f"kept {_SHORT.get(w.dtype, _dtype_name(w.dtype))}"
-                if label not in g.formats:
-                    g.formats.append(label)
-                g.quantized |= fmt is not None
-                g.tensors += 1
-                g.params += w.size
-                if fmt is None:
-                    writer.add(name, w)
-                    g.bytes += w.nbytes
-                else:
-                    arrays, e2, n2 = _quantize_tensor(w, fmt, dtype)
-                    for suffix, a in zip(("weight", "scales", "biases"), arrays):
-                        writer.add(f"{module}.{suffix}", a)
-                        g.bytes += a.nbytes
-                    g.err2 += e2
-                    g.norm2 += n2
-                    del arrays
-            else:
-                writer.add(name, w)
-                other.tensors += 1
-                other.params += w.size
-                other.bytes += w.nbytes
-            if bar:
-                bar.advance(task, w.nbytes)
-            del w
-        if bar:
-            bar.update(task, completed=source_bytes, description="writing")
-    finally:
-        if bar:
-            bar.stop()
+    tell("quantizing", 0, source_bytes)
+    for name, w in ckpt.iter_tensors():
+        tell(name, done, source_bytes)
+        params += w.size
+        out = quantizer(name, w)
+        if out.module is None:
+            g = other
+        else:
+            key = _group_name(out.module)
+            g = groups.setdefault(key, GroupStats(key))
+            label = out.format.name if out.format else f"kept {_SHORT.get(w.dtype, _dtype_name(w.dtype))}"
+            if label not in g.formats:
+                g.formats.append(label)
+            g.quantized |= out.format is not None
+            g.err2 += out.err2
+            g.norm2 += out.norm2
+        g.tensors += 1
+        g.params += w.size
+        for n, a in out.tensors:
+            writer.add(n, a)
+            g.bytes += a.nbytes
+        del out
+        done += w.nbytes
+        del w
+    tell("writing", source_bytes, source_bytes)
 
     shards = writer.finish(params)
-    quantization = _quantization_block(chosen)
-    cfg = _model_config(ckpt, tmp)
-    if quantization:
-        cfg["quantization"] = quantization
-        cfg["quantization_config"] = quantization  # mlx-lm writes both (hf model tree convention)
-    (tmp / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=4) + "\n")
+    quantization = quantizer.quantization_block()
+    write_config(tmp, ckpt.config, quantization)
 
     rows = sorted(groups.values(), key=lambda g: (not g.quantized, g.name))
     if other.tensors:
         rows.append(other)
     return QuantizeReport(out=tmp, recipe=rec.name, source=str(src), layout=ckpt.layout, groups=rows,
-                          skipped=skipped, params=params, bytes=writer.total, source_bytes=source_bytes,
+                          skipped=quantizer.skipped, params=params, bytes=writer.total, source_bytes=source_bytes,
                           shards=len(shards), seconds=time.perf_counter() - t0, quantization=quantization)
 
 
@@ -758,20 +793,7 @@ def _quantization_block(chosen: dict[str, Format | None]) -> dict:
     return block
 
 
-def _progress(show: bool, total: int):
-    if not show:
-        return None
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    bar = Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), DownloadColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-    bar.start()
-    return bar
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer files, chat template and generation config, as mlx-lm's `save` keeps them."""
     for pattern in _COPY_PATTERNS:
         for f in src.glob(pattern):

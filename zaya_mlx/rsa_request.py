@@ -11,6 +11,7 @@ on is refused); `rsa_tail_window: false` (whole candidates) is a window as long 
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -114,12 +115,27 @@ def parse(body: dict, preset: str, sampling: dict, max_tokens: Optional[int], en
         params = rsa.RSAParams.preset(preset, **fields, **sampling, max_tokens=max_tokens,
                                       enable_thinking=enable_thinking)
     except ZayaError as e:
-        raise ApiError(400, str(e)) from None
+        raise ApiError(400, in_request_terms(str(e))) from None
     metadata = _bool("return_rsa_metadata", _pop(body, "return_rsa_metadata"))
     return RSARequest(params=params, seed=seed if seed is not None else int(time.time_ns() % (1 << 31)),
                       max_batch=concurrency or None, return_metadata=metadata is not False,
                       return_aggregation_prompt=bool(_bool("return_aggregation_prompt",
                                                            _pop(body, "return_aggregation_prompt"))))
+
+
+REQUEST_FIELDS = ("rsa_n", "rsa_k", "rsa_t", "tail_window_len", "short_resp_len", "max_tokens", "rsa_final_n",
+                  "final_temperature", "final_top_p", "final_top_k", "temperature", "top_p", "top_k", "min_p")
+
+
+def in_request_terms(message: str) -> str:
+    """An RSA error as a client of the server reads it: the engine's command-line flags (`--k`, `--n (rsa_n)`)
+    become the request's fields (`rsa_k`, `rsa_n`)."""
+    from .rsa.params import FLAGS
+
+    for name in REQUEST_FIELDS:
+        flag = re.escape(FLAGS[name])
+        message = re.sub(rf"(?<![\w-]){flag}(?![\w-])( \({name}\))?", name, message)
+    return message
 
 
 def progress(event) -> Optional[dict]:

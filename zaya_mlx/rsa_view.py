@@ -147,7 +147,8 @@ class RSAView:
             s.running[key] = 0
             self._start_live()
             if self.live_enabled:
-                self.tasks[key] = self.bars.add_task(f"r{e.round} #{e.rollout + 1:<3}", total=self.p.max_tokens_in(e.round))
+                self.tasks[key] = self.bars.add_task(f"r{e.round} #{e.rollout + 1:<3}",
+                                                     total=self.p.max_tokens_in(e.round))
             self._refresh(force=True)
         elif e.kind == "rollout_finished":
             key = (e.round, e.rollout)
@@ -164,7 +165,8 @@ class RSAView:
         elif e.kind == "round_finished":
             answers = [a for a in e.data["answers"] if a is not None]
             shown = ", ".join(short(a, 16) for a in answers[:8]) + (" …" if len(answers) > 8 else "")
-            self.print(f"round {e.round}/{self.p.rsa_t}: {e.data['tokens']:,} tokens (mean {e.data['mean_tokens']:,.0f})"
+            self.print(f"round {e.round}/{self.p.rsa_t}: {e.data['tokens']:,} tokens "
+                       f"(mean {e.data['mean_tokens']:,.0f})"
                        f" in {clock(e.data['seconds'])}; answers: {shown or 'none'}")
             self._refresh(force=True)
 

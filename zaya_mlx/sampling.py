@@ -11,6 +11,7 @@ not touch or depend on MLX's global random state; without one it uses the global
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -25,15 +26,15 @@ Sampler = Callable[[mx.array], mx.array]
 def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                    repetition_penalty: Optional[float] = None) -> None:
     """Raise ZayaError (one line) for a setting outside its range."""
-    if temperature is None or temperature < 0:
-        raise ZayaError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if temperature is None or not 0 <= temperature < math.inf:
+        raise ZayaError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
     if not (0.0 < top_p <= 1.0):
         raise ZayaError(f"top-p must be in (0, 1], got {top_p}")
     if int(top_k) != top_k or top_k < 0:
         raise ZayaError(f"top-k must be a whole number >= 0 (0 is off), got {top_k}")
     if not (0.0 <= min_p <= 1.0):
         raise ZayaError(f"min-p must be in [0, 1], got {min_p}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
+    if repetition_penalty is not None and not 0 < repetition_penalty < math.inf:
         raise ZayaError(f"repetition penalty must be > 0, got {repetition_penalty}")
 
 

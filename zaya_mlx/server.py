@@ -40,8 +40,8 @@ from . import rsa_request
 from .config import DEFAULT_MODEL
 from .errors import ZayaError
 from .generation import context_limit, stream_generate
-from .openai_api import ApiError, ChatRequest, ChatStream, chunk, completion, new_id, prompt_ids, template_messages, \
-    usage
+from .openai_api import FINISH_REASONS, ApiError, ChatRequest, ChatStream, RawText, Request, TextRequest, chunk, \
+    completion, new_id, prompt_ids, template_messages, text_completion, usage
 from .sampling import check_sampling
 
 CHECK_SECONDS = 0.5  # how often a handler checks that its client is still there
@@ -173,19 +173,21 @@ class Server:
             self.running = None
             job.put("end")
 
-    def generate_chat(self, job: Job, ids: list, request: ChatRequest, max_tokens: int) -> None:
+    def generate(self, job: Job, ids: list, request: Request, max_tokens: int) -> None:
         stream = stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
                                  temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                                  min_p=request.min_p, seed=request.seed, stop=request.stop)
-        n = 0
+        r = None
         with closing(stream):
             for r in stream:
-                n = r.generation_tokens
                 job.put("token", r)
                 if job.cancelled.is_set():
-                    self.log(f"{job.label}: cancelled after {n} of {max_tokens} tokens "
-                             f"({'server stopping' if self.stopping.is_set() else 'client gone'})")
+                    self._cancelled(job, f"cancelled after {r.generation_tokens} of {max_tokens} tokens")
                     return
+        if r is not None:
+            self.log(f"{job.label}: prompt {r.prompt_tokens} tokens at {r.prompt_tps:.1f} tok/s, "
+                     f"{r.generation_tokens} generated at {r.generation_tps:.1f} tok/s, peak memory "
+                     f"{r.peak_memory_gb:.2f} GB ({r.finish_reason})")
 
     def run_rsa(self, job: Job, messages: list, run) -> None:
         from . import rsa
@@ -199,10 +201,21 @@ class Server:
             result = rsa.run(messages, run.params, model=self.model, tokenizer=self.tokenizer, seed=run.seed,
                              on_event=on_event, cancel=job.cancelled, max_batch=run.max_batch)
         except rsa.Cancelled:
-            self.log(f"{job.label}: RSA run cancelled "
-                     f"({'server stopping' if self.stopping.is_set() else 'client gone'})")
+            self._cancelled(job, "RSA run cancelled")
             return
+        p, t = run.params, result.timings
+        self.log(f"{job.label}: RSA N {p.rsa_n}, K {p.rsa_k}, T {p.rsa_t}: {result.tokens_generated} tokens in "
+                 f"{t['total_s']:.1f} s ({t['tokens_per_s']:.1f} tok/s), {result.plan.slots} slots")
         job.put("result", result)
+
+    def _cancelled(self, job: Job, what: str) -> None:
+        """Log a cancelled job; one cancelled by the server stopping tells its client so (a 503 or an error
+        event), rather than passing a cut answer off as finished."""
+        if self.stopping.is_set():
+            self.log(f"{job.label}: {what} (server stopping)")
+            job.put("error", ApiError(503, "the server stopped before the answer was complete"))
+        else:
+            self.log(f"{job.label}: {what} (client gone)")
 
 
 def _bind(host: str, port: int, app: Server) -> ThreadingHTTPServer:
@@ -344,12 +357,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         path = self.path.split("?")[0].rstrip("/")
         try:
-            if path not in ("/v1/chat/completions", "/chat/completions"):
+            route = {"/v1/chat/completions": self._chat, "/chat/completions": self._chat,
+                     "/v1/completions": self._text, "/completions": self._text}.get(path)
+            if route is None:
                 self._drain(int(self.headers.get("Content-Length") or 0))
-                raise ApiError(404, f"no route POST {path[:100]} (this server answers /v1/chat/completions)")
+                raise ApiError(404, f"no route POST {path[:100]} (this server answers /v1/chat/completions and "
+                               "/v1/completions)")
             body = self._read_body()
             self._check_model(body)
-            self._chat(body)
+            route(body)
         except ApiError as e:
             self._send_error(e, close=self.close_connection)
         except (ClientGone, ConnectionError):
@@ -357,42 +373,102 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             self._send_error(ApiError(400, str(e)), close=True)
 
-    def _chat(self, body: dict) -> None:
-        app = self.app
-        request = ChatRequest.from_body(body, app.temperature, app.top_p)
+    @staticmethod
+    def _check_sampling(request: Request) -> None:
         try:
             check_sampling(request.temperature, request.top_p, request.top_k, request.min_p)
         except ZayaError as e:
             raise ApiError(400, str(e)) from None
-        if rsa_request.is_rsa(body):
-            return self._rsa(body, request)
-        ids = prompt_ids(app.tokenizer, request)
+
+    def _generation(self, ids: list, request: Request) -> Job:
+        """Queue the generation of `ids` (checked against the context; max_tokens capped to the room left)."""
+        app = self.app
         room = app.context - len(ids)
         if room < 1:
             raise ApiError(400, f"the prompt is {len(ids)} tokens, over the context limit of {app.context} tokens; "
                            "shorten it", code="context_length_exceeded")
         max_tokens = min(request.max_tokens or app.max_tokens, room)
-        label = f"request {new_id()[9:17]}"
-        job = Job(lambda job: app.generate_chat(job, ids, request, max_tokens), label)
+        job = Job(lambda job: app.generate(job, ids, request, max_tokens), f"request {new_id()[9:17]}")
         app.submit(job)
-        if request.stream:
-            self._stream_chat(job, request, len(ids))
-        else:
-            self._complete_chat(job, request, len(ids))
+        return job
 
-    def _complete_chat(self, job: Job, request: ChatRequest, n_prompt: int) -> None:
-        stream, last = ChatStream(request.tools), None
+    def _responses(self, job: Job):
+        """A non-streamed request's generation responses, all of them (an error raises)."""
+        responses = []
         for kind, value in self._events(job):
             if kind == "error":
                 raise value
-            stream.feed(value)
-            last = value
-        stream.flush()
-        if last is None:
+            responses.append(value)
+        if not responses:
             raise ApiError(503, "the server is shutting down")
-        self._send_json(200, completion(new_id(), self.app.model_id, stream.message(),
-                                        stream.finish_reason(last.finish_reason),
-                                        usage(n_prompt, stream.completion_tokens)))
+        return responses
+
+    def _stream(self, job: Job):
+        """Start an event stream once the job's first event is in (an error before it is still an HTTP status);
+        the job's events, that one included."""
+        events = self._events(job)
+        first = next(events, None)
+        if first is not None and first[0] == "error":
+            raise first[1]
+        self._start_events()
+        return itertools.chain([first] if first is not None else [], events)
+
+    def _chat(self, body: dict) -> None:
+        app = self.app
+        request = ChatRequest.from_body(body, app.temperature, app.top_p)
+        self._check_sampling(request)
+        if rsa_request.is_rsa(body):
+            return self._rsa(body, request)
+        if request.n != 1:
+            raise ApiError(400, "n must be 1: this server writes one choice per request (RSA requests take n as rsa_n)")
+        ids = prompt_ids(app.tokenizer, request)
+        job = self._generation(ids, request)
+        if request.stream:
+            self._stream_chat(job, request, len(ids))
+            return
+        stream = ChatStream(request.tools)
+        responses = self._responses(job)
+        for r in responses:
+            stream.feed(r)
+        stream.flush()
+        self._send_json(200, completion(new_id(), app.model_id, stream.message(),
+                                        stream.finish_reason(responses[-1].finish_reason),
+                                        usage(len(ids), stream.completion_tokens)))
+
+    def _text(self, body: dict) -> None:
+        """A text completion: the raw prompt (no chat template), the model's text as written, think tags kept."""
+        from .tokenizer import encode_prompt
+
+        app = self.app
+        request = TextRequest.from_body(body, app.temperature, app.top_p)
+        self._check_sampling(request)
+        if isinstance(request.prompt, str):
+            ids = encode_prompt(app.tokenizer, request.prompt)
+        else:
+            ids = request.prompt
+            if not all(0 <= t < app.model.args.vocab_size for t in ids):
+                raise ApiError(400, f"prompt token ids must be in [0, {app.model.args.vocab_size})")
+        job = self._generation(ids, request)
+        raw, rid, model = RawText(app.tokenizer, ids), f"cmpl-{new_id()[9:]}", app.model_id
+        if request.stream:
+            last = None
+            for kind, value in self._stream(job):
+                if kind == "error":
+                    self._write_event(job, value.body())
+                    return
+                last, text = value, raw.feed(value)
+                if text:
+                    self._write_event(job, text_completion(rid, model, text))
+            self._write_event(job, text_completion(rid, model, "", FINISH_REASONS.get(last and last.finish_reason, "stop")))
+            if request.include_usage:
+                self._write_event(job, {**text_completion(rid, model, None),
+                                        "usage": usage(len(ids), last.generation_tokens if last else 0)})
+            self._write_event(job, "[DONE]")
+            return
+        responses = self._responses(job)
+        text = "".join(raw.feed(r) for r in responses)
+        out = text_completion(rid, model, text, FINISH_REASONS.get(responses[-1].finish_reason, "stop"))
+        self._send_json(200, {**out, "usage": usage(len(ids), responses[-1].generation_tokens)})
 
     # --- RSA ----------------------------------------------------------------------------------------------------
 
@@ -407,15 +483,15 @@ class Handler(BaseHTTPRequestHandler):
         try:
             rsa.plan_run(messages, run.params, model=app.model, tokenizer=app.tokenizer, max_batch=run.max_batch)
         except ZayaError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, rsa_request.in_request_terms(str(e))) from None
         job = Job(lambda job: app.run_rsa(job, messages, run), f"RSA request {new_id()[9:17]}")
         app.submit(job)
         if request.stream:
-            self._stream_rsa(job, run, messages)
+            self._stream_rsa(job, run)
         else:
-            self._complete_rsa(job, run, messages)
+            self._complete_rsa(job, run)
 
-    def _complete_rsa(self, job: Job, run, messages: list) -> None:
+    def _complete_rsa(self, job: Job, run) -> None:
         """Zyphra's form: a newline at once and every `heartbeat` seconds while the run lasts, then the JSON."""
         model = self.app.model_id
         self.send_response(200)
@@ -436,7 +512,7 @@ class Handler(BaseHTTPRequestHandler):
                 beat = time.monotonic()
         self._write(job, json.dumps(answer).encode())
 
-    def _stream_rsa(self, job: Job, run, messages: list) -> None:
+    def _stream_rsa(self, job: Job, run) -> None:
         """Progress chunks (no choices, an `rsa_progress` object) as rollouts and rounds finish, then the last
         round's responses as choices, then a chunk with the usage and `rsa_metadata`."""
         rid, model = new_id(), self.app.model_id
@@ -472,13 +548,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream_chat(self, job: Job, request: ChatRequest, n_prompt: int) -> None:
         rid, model, stream, last = new_id(), self.app.model_id, ChatStream(request.tools), None
-        events = self._events(job)
-        first = next(events, ("end", None))  # an error before the first token is still an HTTP status
-        if first[0] == "error":
-            raise first[1]
-        self._start_events()
+        events = self._stream(job)
         self._write_event(job, chunk(rid, model, {"role": "assistant", "content": ""}))
-        for kind, value in itertools.chain([first] if first[0] != "end" else [], events):
+        for kind, value in events:
             if kind == "error":
                 self._write_event(job, value.body())
                 return

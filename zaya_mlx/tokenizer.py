@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from .errors import ZayaError
+from .files import model_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# Kinds of file the tokenizer loaders (mlx-lm's, transformers') may open in a model folder.
+TOKENIZER_SUFFIXES = (".json", ".model", ".jinja", ".txt", ".tiktoken")
 END_OF_TURN = "<|im_end|>"
 TURN_START = "<|im_start|>"
 
@@ -89,6 +92,9 @@ def load_tokenizer(folder, eos_token_ids: Optional[Iterable[int]] = None):
     folder = Path(folder)
     if not has_tokenizer(folder):
         return NoTokenizer(folder)
+    for f in folder.iterdir():  # what the tokenizer loaders may open: regular files inside the folder only
+        if f.suffix in TOKENIZER_SUFFIXES:
+            model_file(folder, f.name)
     eos = checkpoint_eos_ids(folder) if eos_token_ids is None else _ids(list(eos_token_ids))
     try:
         tokenizer = _mlx_lm_load_tokenizer(folder, eos_token_ids=eos)

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, TextIO
+from typing import Callable, Dict, Iterable, Iterator, Optional, TextIO
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
@@ -46,6 +46,7 @@ from rich.text import Text
 
 from .errors import ZayaError
 from .files import write_text_atomic
+from .sizes import format_bytes
 from .think_budget import parse_think_budget
 
 REASONING = "reasoning"
@@ -53,17 +54,6 @@ CODE_THEME = "monokai"
 
 
 # --- small formatters --------------------------------------------------------------------------------------------
-
-
-def format_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _stat(stats, *names, default=None):
@@ -673,6 +663,22 @@ def run_piped(session, lines: Iterable[str], out: TextIO, show_reasoning: bool =
     return answered
 
 
+def utf8_lines(stdin, skipped: list) -> Iterator[str]:
+    """stdin's lines as text. A line that is not UTF-8 is reported in one line on stderr, its number appended to
+    `skipped`, and the lines after it are still read."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # already text
+        yield from stdin
+        return
+    for number, line in enumerate(raw, 1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skipped.append(number)
+            print(f"error: line {number} of stdin is not valid UTF-8 (byte {e.start + 1}); skipped", file=sys.stderr,
+                  flush=True)
+
+
 class _PlainWriter:
     """Streams text with the leading and trailing whitespace of the whole dropped."""
 
@@ -708,8 +714,9 @@ def run_chat(session, *, show_reasoning: bool = False, model_label: str = "", lo
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     if not stdin.isatty():
-        run_piped(session, stdin, stdout, show_reasoning=show_reasoning)
-        return 0
+        skipped = []
+        run_piped(session, utf8_lines(stdin, skipped), stdout, show_reasoning=show_reasoning)
+        return 1 if skipped else 0
     try:
         import readline  # line editing and history for input()
 

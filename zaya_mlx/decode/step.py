@@ -5,7 +5,7 @@ the router's down-projection (plus the previous layer's router state), the route
 scaling + RMSNorm + the next layer's in_proj, and the CCA decode step (which also writes the key and value into the
 cache) with attention and o_proj (zaya_mlx/kernels, sources in metal/; shapes that launch does not cover take one
 more, the CCA step on its own). On the CPU, or with ``DecodeOptions(kernels=False)``, the kernels' plain-MLX
-references run in their place. docs/ARCHITECTURE.md says why the step is built this way.
+references run in their place. docs/PERFORMANCE.md says why the step is built this way.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mlx_lm.models.cache import BatchKVCache
 from .. import kernels
 from .cache import StepCache, positions_held
 from .options import DecodeOptions
+from .plain import plain_step
 
 # The fused step rounds differently from the plain ops: ~1e-2 of the largest logit at full size
 # (docs/PERFORMANCE.md); a kernel that fails computes garbage, far above this.
@@ -104,15 +105,15 @@ class FusedDecoder:
             state = self._caches[key] = StepCache()
         return state
 
-    def __call__(self, model, tokens: mx.array, cache: list) -> mx.array:
-        """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated.
+    def __call__(self, model, tokens: mx.array, cache: list, fused: bool = True) -> mx.array:
+        """One decode step for tokens [B, 1]: the normalised last hidden states [B, 1, H], caches updated; through
+        the fused step, or (fused=False) the plain one (decode/plain.py), which the same buffers serve.
 
         The step is one function per layer boundary (the previous layer's residual + norm + router down-projection,
         router and experts, residual + next norm + the next layer's in_proj, then its CCA step with the cache write,
         attention and o_proj), compiled once per batch size and KV buffer size: the write position and the
         attention length are an array the kernels read on the GPU, so nothing in a function depends on the step.
         """
-        args = model.args
         B = tokens.shape[0]
         kv0 = cache[0][0]
         held = positions_held(kv0)
@@ -137,8 +138,22 @@ class FusedDecoder:
                 if conv[1] is None:
                     conv[1] = proj.delayed_of_zero(B, dtype)
 
+        if fused:
+            h = self._fused(model, tokens, state, pairs, positions, filled, lpad)
+        else:
+            h = self._plain(model, tokens, pairs, positions, filled, lpad)
+        offset = kv0.offset + 1
+        for i, (kv, _) in enumerate(pairs):
+            state.advance(i, kv, held, offset)
+        return h
+
+    def _fused(self, model, tokens, state: StepCache, pairs, positions, filled, lpad) -> mx.array:
+        args, layers = model.args, model.layers
+        B = tokens.shape[0]
+        attn = layers[0].self_attn
         steps = self._step_functions(model)
-        bufs = state.step_buffers(B, args.hidden_size, args.router_hidden_size, attn.n_heads, attn.head_dim, dtype)
+        bufs = state.step_buffers(B, args.hidden_size, args.router_hidden_size, attn.n_heads, attn.head_dim,
+                                  layers[0].input_layernorm.weight.dtype)
         kv, conv = pairs[0]
         h, out, kv.keys, kv.values, conv[0], conv[1] = steps[0](tokens, bufs.q, bufs.last, conv[0], conv[1],
                                                                 positions, kv.keys, kv.values, filled, lpad)
@@ -149,11 +164,22 @@ class FusedDecoder:
                                                                        bufs.q, conv[0], conv[1], positions, kv.keys,
                                                                        kv.values, filled, lpad)
         bufs.last = steps[-1](out, h, r, bufs.last, *bufs.mlp_into(len(layers) - 1))
-
-        offset = kv0.offset + 1
-        for i, (kv, _) in enumerate(pairs):
-            state.advance(i, kv, held, offset)
         return bufs.last
+
+    def _plain(self, model, tokens, pairs, positions, filled, lpad) -> mx.array:
+        """The plain step (decode/plain.py). The cache's arrays are handed over, not kept here, so the step's slice
+        updates may write into their buffers rather than copy them."""
+        key = ("plain", self.options.compile, tokens.shape[0])
+        if key not in self._steps:
+            self._steps[key] = plain_step(model, tokens.shape[0], self.options.compile)
+        caches = []
+        for kv, conv in pairs:
+            caches.append([kv.keys, kv.values, conv[0], conv[1]])
+            kv.keys = kv.values = None
+        h, caches = self._steps[key](tokens, positions, filled, lpad, caches)
+        for (kv, conv), (keys, values, conv_state, v_prev) in zip(pairs, caches):
+            kv.keys, kv.values, conv[0], conv[1] = keys, values, conv_state, v_prev
+        return h
 
     def _step_functions(self, model) -> list:
         """The step's functions, one per layer boundary: [from the token ids, after layer 0, ..., after the last].

@@ -67,8 +67,7 @@ def kernel_source(body: str, back: str, absent: tuple[str, ...] = (), views: tup
 
     MLX-CUDA hashes a custom kernel's whole source at every launch (its compiled-module cache is keyed by name and
     source hash): with every helper and comment in it, ~25 KB a kernel and over a quarter of a decode step's host
-    time (bench/RESULTS.md, fourteenth session). So the text goes without comments or indentation, the header holds
-    only the helpers the body reaches, and on CUDA, where NVRTC reads includes from disk, the header and the body
+    time. So the text goes without comments or indentation, the header holds only the helpers the body reaches, and on CUDA, where NVRTC reads includes from disk, the header and the body
     each go as an include of a saved file (MLX-CUDA does not look into the body: no body names an input's
     ``_shape``, ``_strides`` or ``_ndim``, which it would have to see). absent, views, inplace: see launch."""
     header, prologue = _prelude(back)
@@ -179,7 +178,7 @@ def launch(body: str, back: str, inputs: list, outputs: list, *, pack: tuple[str
     """Run a kernel body with only the arguments this call uses.
 
     Every argument costs host time each step (on MLX-CUDA ~0.6 us an input and ~4 us an output to build and encode
-    a node; bench/RESULTS.md), and batch 1 is bound by the host, so a call passes as few arrays as it can.
+    a node; docs/PERFORMANCE.md), and batch 1 is bound by the host, so a call passes as few arrays as it can.
     inputs: (name, array or None) pairs; outputs: (name, shape or None or array, dtype) triples, in the body's order.
     A None leaves that argument out: the body sees a null pointer (ZK_ABSENT), which its template arguments must keep
     it from touching. An array in place of a shape is written in place (ZK_INPLACE): it travels as one more input,

@@ -22,16 +22,19 @@ from ._build import backend, float_bits, launch, use_kernel
 from .weights import MAX_K, QuantizedStack, as_stack, chunk_values, kernel_parts, weight_format
 
 
-def _gather(x, w, idx):
+def gather_matmul(x, w, idx, rows=None):
+    """x [N, M, K] times the expert matrices ``w[idx]`` ([E, O, K] stack, dense or QuantizedStack; idx [N]):
+    [N, M, O]. rows: ``arange(N)`` as an array (else MLX makes one in the graph)."""
     if not isinstance(w, QuantizedStack) and w.dtype != mx.float32 and mx.default_device() == mx.cpu:
         # MLX's CPU gather_mm takes float32 only: gather the chosen experts' matrices, then matmul
-        return x @ mx.take(w, idx.reshape(-1), axis=0).swapaxes(-1, -2)[:, None]
+        return x @ mx.take(w, idx, axis=0).swapaxes(-1, -2)
     if isinstance(w, QuantizedStack):
         return mx.gather_qmm(
             x,
             w.weight,
             w.scales,
             w.biases,
+            lhs_indices=rows,
             rhs_indices=idx,
             transpose=True,
             group_size=w.group_size,
@@ -39,7 +42,7 @@ def _gather(x, w, idx):
             mode=w.mode,
             global_scale=w.global_scale,
         )
-    return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx)
+    return mx.gather_mm(x, w.swapaxes(-1, -2), lhs_indices=rows, rhs_indices=idx)
 
 
 def expert_gather_reference(x, expert, weight, gate_up, down):
@@ -55,10 +58,10 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
     H = x.shape[-1]
     N = x.size // H
     expert = expert.reshape(N)
-    idx = mx.minimum(expert, E - 1).reshape(N, 1)
-    h = _gather(x.reshape(N, 1, 1, H), gu, idx)
+    idx = mx.minimum(expert, E - 1)
+    h = gather_matmul(x.reshape(N, 1, H), gu, idx)
     gate, up = mx.split(h, 2, axis=-1)
-    y = _gather(nn.silu(gate) * up, dn, idx).reshape(N, H)
+    y = gather_matmul(nn.silu(gate) * up, dn, idx).reshape(N, H)
     y = y * weight.reshape(N, 1).astype(y.dtype)
     y = mx.where((expert < E).reshape(N, 1), y, mx.zeros((), y.dtype)).reshape(x.shape)
     return y.astype(mx.float32)

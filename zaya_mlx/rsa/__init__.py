@@ -8,7 +8,7 @@
 
 Modules: params (RSAParams, presets), prompts (Zyphra's aggregation prompts), tails (what a candidate carries),
 answers (extraction, equivalence, the vote), memory (the plan), backends (decoding), engine (the run, events),
-runfolder (the durable record a run resumes from).
+runfolder (the durable record a run resumes from), distributed (one run over several hosts under mlx.launch).
 docs/rsa.md says which parts follow Zyphra's code and which are ours.
 """
 
@@ -26,8 +26,9 @@ from .tails import candidate_text, served_split, token_tail, word_tail
 __all__ = [
     "DEFAULT_PRESET", "EVENT_KINDS", "PRESETS", "SCHEDULES", "TAIL_SOURCES", "TAIL_UNITS", "Backend", "Cancelled",
     "ContextBoundError", "MemoryPlan", "ModelBackend", "PromptBuilder", "RSAEvent", "RSAParams", "RSAResult",
-    "Rollout", "RoundRecord", "RunFolder", "all_draws", "default_runs_root", "estimate_line", "measured_rate", "model_identity", "new_run_path", "Vote", "aggregation_text", "answer_key", "candidate_text", "default_memory_budget",
-    "derived_seed", "draw_candidates", "equivalent", "extract_answer", "kv_bytes_per_token", "machine_memory",
+    "Rollout", "RoundRecord", "RunFolder", "Vote", "aggregation_text", "all_draws", "answer_key", "candidate_text",
+    "default_memory_budget", "default_runs_root", "derived_seed", "draw_candidates", "equivalent", "estimate_line",
+    "extract_answer", "kv_bytes_per_token", "machine_memory", "measured_rate", "model_identity", "new_run_path",
     "normalize_answer", "plan_memory", "plan_run", "question_of", "run", "served_split", "state_bytes_per_sequence",
     "token_tail", "vote", "word_tail",
 ]

@@ -30,6 +30,9 @@ one raises `Cancelled` (what finished is kept in the run folder).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import hashlib
 import random
 import time
@@ -89,6 +92,12 @@ class Rollout:
     seed: int
     seconds: float = 0.0
     prompt_text: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Rollout":
+        """A rollout from its `dataclasses.asdict` form (a run folder's line, another host's message)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     @property
     def reasoning(self) -> str:
@@ -184,16 +193,21 @@ def metadata(params: RSAParams, rounds: Sequence[RoundRecord], slots: int) -> di
 class _Live:
     """A rollout being decoded."""
 
-    def __init__(self, prompt: list[int], parents: list[int], seed: int, prompt_text: Optional[str]):
-        self.prompt, self.parents, self.seed, self.prompt_text = prompt, parents, seed, prompt_text
+    def __init__(self, prompt: list[int], parents: list[int], seed: int, prompt_text: Optional[str], host: int = 0):
+        self.prompt, self.parents, self.seed, self.prompt_text, self.host = prompt, parents, seed, prompt_text, host
         self.tokens: list[int] = []
         self.started = time.perf_counter()
 
 
 class Engine:
-    """One run: the prompts, the draws, the slots, and what has finished. `run()` is the public entry point."""
+    """One run: the prompts, the draws, the slots, and what has finished. `run()` is the public entry point.
+    `host` is the rank that decodes here; `free_slots`, `advance` and `resume` are what a run over several hosts
+    (distributed.py) replaces."""
 
-    def __init__(self, params: RSAParams, *, backend: Backend, plan: MemoryPlan, builder: PromptBuilder, seed: int, stop_ids: Sequence[int], schedule: str,
+    host = 0
+
+    def __init__(self, params: RSAParams, *, backend: Backend, plan: MemoryPlan, builder: PromptBuilder, seed: int,
+                 stop_ids: Sequence[int], schedule: str,
                  emit: Callable[[RSAEvent], None], cancel=None, journal=None):
         self.p, self.seed, self.tok, self.backend, self.plan = params, seed, builder.tokenizer, backend, plan
         self.builder, self.emit, self.journal = builder, emit, journal
@@ -289,11 +303,18 @@ class Engine:
             return all((r - 1, j) in self.done for j in self.draws[r][i])
         return self.round_done(r - 1)
 
+    @property
+    def total_slots(self) -> int:
+        return self.plan.slots
+
+    def free_slots(self) -> list[int]:
+        """Free slots of each host ("batches": none while a batch runs)."""
+        return [0 if self.schedule == "batches" and self.running else self.plan.slots - len(self.running)]
+
     def fill(self) -> None:
-        """Start ready rollouts, lowest round first, while slots are free ("batches": only into an empty batch)."""
-        if self.schedule == "batches" and self.running:
-            return
-        free = self.plan.slots - len(self.running)
+        """Start ready rollouts, lowest round first, while slots are free, each on the host with the most free
+        ("batches": only into an empty batch)."""
+        free = self.free_slots()
         if self.schedule == "batches" and self.pending:  # a batch never mixes rounds
             first = self.pending[0][0]
             eligible = [k for k in self.pending if k[0] == first]
@@ -301,17 +322,20 @@ class Engine:
             eligible = self.pending
         started = []
         for key in eligible:
-            if free <= 0:
+            host = max(range(len(free)), key=lambda h: (free[h], -h))
+            if free[host] <= 0:
                 break
             if self.ready(key):
-                self.start(key)
+                self.start(key, host)
                 started.append(key)
-                free -= 1
+                free[host] -= 1
         if started:
             gone = set(started)
             self.pending = [k for k in self.pending if k not in gone]
 
-    def start(self, key) -> None:
+    def start(self, key, host: int = 0) -> None:
+        """Build the rollout's prompt (every host does, so every host checks the bound and keeps its text) and
+        decode it if `host` is this one."""
         r, i = key
         prompt, parents, prefix, text = self.prompt_for(key)
         if len(prompt) + self.p.max_tokens_in(r) > self.plan.context_bound:
@@ -325,9 +349,10 @@ class Engine:
             self.round_started[r] = time.perf_counter()
             self.emit(RSAEvent("round_started", round=r, data={"rollouts": self.p.rollouts_in(r)}))
         seed = derived_seed(self.seed, r, i)
-        self.running[key] = _Live(prompt, parents, seed, text)
-        self.backend.start(key, prompt, max_tokens=self.p.max_tokens_in(r), sampling=self.p.sampling_in(r), seed=seed,
-                           prefix=prefix)
+        self.running[key] = _Live(prompt, parents, seed, text, host)
+        if host == self.host:
+            self.backend.start(key, prompt, max_tokens=self.p.max_tokens_in(r), sampling=self.p.sampling_in(r),
+                               seed=seed, prefix=prefix)
         self.emit(RSAEvent("rollout_started", round=r, rollout=i, data={"prompt_tokens": len(prompt),
                                                                          "parents": parents}))
 
@@ -357,18 +382,43 @@ class Engine:
             if not self.running:
                 raise RuntimeError(f"no rollout can start: {self.pending[:3]} wait on unfinished candidates")
             self.steps += 1
-            self.idle_slot_steps += self.plan.slots - len(self.running)
-            for key, token, reason in self.backend.step():
-                live = self.running[key]
-                live.tokens.append(token)
-                self.tokens += 1
-                self.emit(RSAEvent("token", round=key[0], rollout=key[1], data={"token": token}))
-                if reason is None and len(live.tokens) >= self.p.max_tokens_in(key[0]):
-                    reason = "length"
-                if reason is not None:
-                    del self.running[key]
-                    self.record(self.finish(key, live, reason))
+            self.idle_slot_steps += self.total_slots - len(self.running)
+            for rollout in self.advance():
+                del self.running[rollout.round, rollout.index]
+                self.record(rollout)
             self.progress()
+
+    def resume(self, rollouts: Sequence[Rollout]) -> None:
+        """Take finished rollouts read back from a run folder: they are not decoded again."""
+        for rollout in rollouts:
+            self.done[rollout.round, rollout.index] = rollout
+        if self.done:
+            self.pending = [k for k in self.pending if k not in self.done]
+            self.emit(RSAEvent("resumed", data={"rollouts": len(self.done)}))
+
+    def decode_step(self) -> tuple[list[tuple], list[Rollout]]:
+        """One step of this host's backend: the `(key, token)`s it produced and the rollouts it finished."""
+        produced, finished = [], []
+        for key, token, reason in self.backend.step():
+            live = self.running[key]
+            live.tokens.append(token)
+            produced.append((key, token))
+            if reason is None and len(live.tokens) >= self.p.max_tokens_in(key[0]):
+                reason = "length"
+            if reason is not None:
+                finished.append(self.finish(key, live, reason))
+        return produced, finished
+
+    def count_token(self, key, token: int) -> None:
+        self.tokens += 1
+        self.emit(RSAEvent("token", round=key[0], rollout=key[1], data={"token": token}))
+
+    def advance(self) -> list[Rollout]:
+        """One decode step of the run; the rollouts that finished in it (still in `running`)."""
+        produced, finished = self.decode_step()
+        for key, token in produced:
+            self.count_token(key, token)
+        return finished
 
     def progress(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -423,7 +473,8 @@ def plan_run(messages_or_problem, params: RSAParams, *, model=None, tokenizer, m
 def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, tokenizer, seed: int = 0,
         on_event: Optional[Callable[[RSAEvent], None]] = None, cancel=None, max_batch: Optional[int] = None,
         memory_budget: Optional[int] = None, schedule: str = "stream", backend: Optional[Backend] = None,
-        stop_ids: Optional[Sequence[int]] = None, prefill_step_size: int = 512, journal=None) -> RSAResult:
+        stop_ids: Optional[Sequence[int]] = None, prefill_step_size: int = 512, journal=None,
+        group=None) -> RSAResult:
     """Run Markovian RSA on a problem (a string) or a conversation (OpenAI-style messages) and return the last
     round's response(s).
 
@@ -434,6 +485,8 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
     machine). schedule: "stream" (default), "rounds" or "batches" (same results). backend replaces decoding on
     `model` (tests use a scripted one; `model` may then be None). journal: a RunFolder recording every finished
     rollout (and holding those of an interrupted run, which are not decoded again).
+    group: an `mx.distributed.Group` (or a `distributed.Hosts`) of several hosts, every one calling `run` with the
+    same arguments: the rollouts are spread over them, the journal is host 0's (docs/distributed.md).
     Bad parameters raise ZayaError before anything is allocated.
     """
     params = params if params is not None else RSAParams()
@@ -447,53 +500,59 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
     if stop_ids is None:  # the tokenizer's end-of-turn ids and the model's
         stop_ids = sorted(set(getattr(tok, "eos_token_ids", ()) or ()) | set(
             getattr(getattr(model, "args", None), "eos_token_ids", ()) or ()))
-    plan = _plan(model, params, builder, memory_budget=memory_budget, max_batch=max_batch,
-                 prefill_step_size=prefill_step_size)
+    hosts = None
+    if group is not None:
+        from .distributed import DistributedEngine, as_hosts
+
+        hosts = as_hosts(group)
+
+    def make_plan() -> MemoryPlan:
+        return _plan(model, params, builder, memory_budget=memory_budget, max_batch=max_batch,
+                     prefill_step_size=prefill_step_size)
+
+    plan = make_plan() if hosts is None else hosts.each(make_plan, share=lambda p: p.slots)[0]
     emit(RSAEvent("plan", data={"plan": plan, "params": params, "slots": plan.slots}))
 
-    finished = []
-    if journal is not None:
-        if journal.meta.get("draws") != {str(r): d for r, d in all_draws(params, seed).items()}:
-            raise ZayaError(f"the run in {journal.path} drew other candidates: it is not this run's folder")
-        finished = journal.finished()
-    own_backend = backend is None
-    if own_backend:
-        backend = ModelBackend(model, slots=plan.slots, stop_ids=stop_ids, prefill_step_size=prefill_step_size)
-    engine = Engine(params, backend=backend, plan=plan, builder=builder, seed=seed,
-                    stop_ids=stop_ids, schedule=schedule, emit=emit, cancel=cancel, journal=journal)
-    if finished:
-        for rollout in finished:
-            engine.done[rollout.round, rollout.index] = rollout
-        engine.pending = [k for k in engine.pending if k not in engine.done]
-        emit(RSAEvent("resumed", data={"rollouts": len(engine.done)}))
-    tic = time.perf_counter()
-    try:
-        engine.run()
-    finally:
-        counters = backend.counters() if hasattr(backend, "counters") else {}
+    if journal is not None and journal.meta.get("draws") != {str(r): d for r, d in all_draws(params, seed).items()}:
+        raise ZayaError(f"the run in {journal.path} drew other candidates: it is not this run's folder")
+    with journal if journal is not None else contextlib.nullcontext():  # a run folder is held for the whole run
+        finished = journal.finished() if journal is not None else []
+        own_backend = backend is None
         if own_backend:
-            backend.close()
-    total_s = time.perf_counter() - tic
+            backend = ModelBackend(model, slots=plan.slots, stop_ids=stop_ids, prefill_step_size=prefill_step_size)
+        engine_class = Engine if hosts is None else functools.partial(DistributedEngine, hosts, messages=messages,
+                                                                      model=model)
+        engine = engine_class(params, backend=backend, plan=plan, builder=builder, seed=seed,
+                              stop_ids=stop_ids, schedule=schedule, emit=emit, cancel=cancel, journal=journal)
+        engine.resume(finished)
+        tic = time.perf_counter()
+        try:
+            engine.run()
+        finally:
+            counters = backend.counters() if hasattr(backend, "counters") else {}
+            if own_backend:
+                backend.close()
+        total_s = time.perf_counter() - tic
 
-    rounds = [RoundRecord(r, [engine.done[r, i] for i in range(params.rollouts_in(r))],
-                          engine.round_seconds.get(r, 0.0)) for r in range(params.rounds)]
-    finals = rounds[-1].rollouts
-    ballot = vote([f.answer for f in finals]) if params.final_vote else None
-    completion = sum(rd.tokens for rd in rounds)
-    prompt_tokens = sum(r.prompt_tokens for rd in rounds for r in rd.rollouts)
-    result = RSAResult(
-        text=finals[0].text, texts=[f.text for f in finals],
-        answer=ballot.answer if ballot is not None else finals[0].answer, vote=ballot, rounds=rounds,
-        metadata=metadata(params, rounds, plan.slots),
-        usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-               "total_tokens": prompt_tokens + completion},
-        params=params, seed=seed, plan=plan,
-        timings={"total_s": total_s, "rounds_s": [rd.seconds for rd in rounds],
-                 "tokens_decoded": engine.tokens, "tokens_per_s": engine.tokens / max(total_s, 1e-9),
-                 "steps": engine.steps,
-                 "idle_slot_steps": engine.idle_slot_steps, **counters},
-        run_dir=str(journal.path) if journal is not None else None)
-    if journal is not None:
-        journal.write_result(result)
-    emit(RSAEvent("finished", data={"result": result}))
-    return result
+        rounds = [RoundRecord(r, [engine.done[r, i] for i in range(params.rollouts_in(r))],
+                              engine.round_seconds.get(r, 0.0)) for r in range(params.rounds)]
+        finals = rounds[-1].rollouts
+        ballot = vote([f.answer for f in finals]) if params.final_vote else None
+        completion = sum(rd.tokens for rd in rounds)
+        prompt_tokens = sum(r.prompt_tokens for rd in rounds for r in rd.rollouts)
+        result = RSAResult(
+            text=finals[0].text, texts=[f.text for f in finals],
+            answer=ballot.answer if ballot is not None else finals[0].answer, vote=ballot, rounds=rounds,
+            metadata=metadata(params, rounds, engine.total_slots),
+            usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                   "total_tokens": prompt_tokens + completion},
+            params=params, seed=seed, plan=plan,
+            timings={"total_s": total_s, "rounds_s": [rd.seconds for rd in rounds],
+                     "tokens_decoded": engine.tokens, "tokens_per_s": engine.tokens / max(total_s, 1e-9),
+                     "steps": engine.steps,
+                     "idle_slot_steps": engine.idle_slot_steps, **counters},
+            run_dir=str(journal.path) if journal is not None else None)
+        if journal is not None:
+            journal.write_result(result)
+        emit(RSAEvent("finished", data={"result": result}))
+        return result

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ZayaError
+from ..sizes import format_bytes, kv_bytes_per_token
+from ..sizes import weight_bytes as model_weight_bytes
 
 KV_ALLOC_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
 HOST_BYTES_PER_TOKEN = 48  # a kept token: its id in a Python list and its share of the decoded text
+METAL_BUDGET_SHARE = 0.9  # of Metal's recommended working set
 
 
 def machine_memory() -> tuple[int, str]:
@@ -58,13 +61,8 @@ def default_memory_budget() -> tuple[int, str]:
     """A safe share of the machine: 90% of Metal's recommended working set (itself ~2/3-3/4 of RAM), 85% of a
     CUDA device, 75% of a CPU machine's RAM."""
     total, source = machine_memory()
-    share = 0.9 if "max_recommended" in source else 0.85 if source.startswith("device") else 0.75
+    share = METAL_BUDGET_SHARE if "max_recommended" in source else 0.85 if source.startswith("device") else 0.75
     return int(total * share), f"{share:.0%} of {source}"
-
-
-def kv_bytes_per_token(args, dtype_bytes: int = 2) -> int:
-    """Keys and values of every layer for one token: layers x 2 x kv heads x head_dim x dtype bytes."""
-    return args.num_hidden_layers * 2 * args.num_key_value_heads * args.head_dim * dtype_bytes
 
 
 def state_bytes_per_sequence(args, dtype_bytes: int = 2) -> int:
@@ -76,10 +74,6 @@ def state_bytes_per_sequence(args, dtype_bytes: int = 2) -> int:
 
 def _alloc(tokens: int) -> int:
     return KV_ALLOC_STEP * math.ceil(tokens / KV_ALLOC_STEP)
-
-
-def _gb(b: float) -> str:
-    return f"{b / 1e9:.2f} GB"
 
 
 @dataclass
@@ -125,8 +119,8 @@ class MemoryPlan:
         return (f"plan: {self.rollouts} rollouts, {self.worst_case_tokens:,} new tokens at most, {self.slots} slots "
                 f"of <= {self.context_bound:,} tokens (prompt {self.prompt_tokens:,}, aggregation prompt <= "
                 f"{self.aggregate_tokens:,}); KV {self.kv_bytes_per_token / 1024:.0f} KB/token, "
-                f"{_gb(self.kv_bytes())} for the slots, weights {_gb(self.weights_bytes)}: {_gb(self.peak_bytes)} "
-                f"of {_gb(self.budget_bytes)} ({self.budget_source})")
+                f"{format_bytes(self.kv_bytes())} for the slots, weights {format_bytes(self.weights_bytes)}: {format_bytes(self.peak_bytes)} "
+                f"of {format_bytes(self.budget_bytes)} ({self.budget_source})")
 
 
 def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head_tokens: int = 0,
@@ -146,12 +140,12 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
         raise ZayaError(f"the prompt is {prompt_tokens:,} tokens, over the model's context of {max_pos:,} tokens; "
                         "shorten it")
     if weights_bytes >= budget_bytes:
-        raise ZayaError(f"the model ({_gb(weights_bytes)}) alone fills the RSA memory budget of {_gb(budget_bytes)}: "
+        raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of {format_bytes(budget_bytes)}: "
                         "use a quantized model (zaya quantize) or raise --memory")
     host = p.worst_case_tokens() * HOST_BYTES_PER_TOKEN
     if weights_bytes + host >= budget_bytes:
         raise ZayaError(f"{p.total_rollouts():,} rollouts of up to {p.short_resp_len:,} tokens keep up to "
-                        f"{_gb(host)} of tokens and text in memory, over the {_gb(budget_bytes - weights_bytes)} left "
+                        f"{format_bytes(host)} of tokens and text in memory, over the {format_bytes(budget_bytes - weights_bytes)} left "
                         "after the model: lower --n")
     need = [(prompt_tokens + p.max_tokens_in(0), "--max-tokens" if p.rsa_t == 0 else "--short-resp-len")]
     if p.rsa_t > 0:
@@ -176,14 +170,14 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
 
     fixed = weights_bytes + layer_bytes + prefix
     if fixed >= budget_bytes:
-        raise ZayaError(f"the model ({_gb(weights_bytes)}) alone fills the RSA memory budget of {_gb(budget_bytes)}: "
+        raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of {format_bytes(budget_bytes)}: "
                         "use a quantized model (zaya quantize) or raise --memory")
     slots = min(p.rsa_n, max_batch) if max_batch else p.rsa_n
     while slots >= 1 and fixed + host + act(slots) + slots * seq > budget_bytes:
         slots -= 1
     if slots < 1:
-        raise ZayaError(f"one RSA sequence of {bound:,} tokens needs {_gb(seq + act(1))} (cache and working memory) "
-                        f"and only {_gb(budget_bytes - fixed - host)} of the {_gb(budget_bytes)} budget is left after "
+        raise ZayaError(f"one RSA sequence of {bound:,} tokens needs {format_bytes(seq + act(1))} (cache and working memory) "
+                        f"and only {format_bytes(budget_bytes - fixed - host)} of the {format_bytes(budget_bytes)} budget is left after "
                         f"the model: lower {culprit}, or raise --memory")
     return MemoryPlan(prompt_tokens=prompt_tokens, aggregate_tokens=aggregate_tokens, context_bound=bound,
                       kv_bytes_per_token=kv, state_bytes_per_sequence=state, sequence_bytes=seq,
@@ -191,12 +185,6 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
                       activation_bytes=act(slots), host_bytes=host, budget_bytes=int(budget_bytes),
                       budget_source=budget_source, slots=slots, rollouts=p.total_rollouts(),
                       worst_case_tokens=p.worst_case_tokens(), peak_bytes=fixed + host + act(slots) + slots * seq)
-
-
-def model_weight_bytes(model) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def model_layer_bytes(model) -> int:

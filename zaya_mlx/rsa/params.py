@@ -10,6 +10,7 @@ behaviour or to a check that leaves Zyphra's prompts unchanged (docs/rsa.md says
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -155,8 +156,8 @@ class RSAParams:
                 raise bad(name, f"must be a whole number >= {low}")
         for name in ("temperature", "final_temperature"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise bad(name, "must be >= 0 (0 is greedy)")
+            if value is not None and not 0 <= value < math.inf:
+                raise bad(name, "must be a finite number >= 0 (0 is greedy)")
         for name in ("top_p", "final_top_p"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:

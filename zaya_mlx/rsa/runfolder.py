@@ -62,16 +62,32 @@ def model_identity(folder, dtype: Optional[str] = None) -> dict:
     return {"path": str(folder), "hash": h.hexdigest()[:16], "dtype": dtype}
 
 
-def _rollout_from(data: dict) -> Rollout:
-    names = {f.name for f in dataclasses.fields(Rollout)}
-    return Rollout(**{k: v for k, v in data.items() if k in names})
-
-
 class RunFolder:
     """The run folder the engine journals to (`rsa.run(..., journal=folder)`)."""
 
     def __init__(self, path: Path, meta: dict):
         self.path, self.meta = Path(path), meta
+        self._journal = None  # rollouts.jsonl, open and locked while a run appends to it
+
+    def __enter__(self) -> "RunFolder":
+        """Hold the folder for one run: a second process that tries to run it is refused."""
+        import fcntl
+
+        self.finished()  # a torn last line goes before anything is appended
+        handle = open(self.path / ROLLOUTS, "a", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ZayaError(f"the run in {self.path} is being run by another process") from None
+        self._journal = handle
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._journal is not None:
+            self._journal.close()  # closing releases the lock
+            self._journal = None
+        return False
 
     # --- creating and opening -----------------------------------------------------------------------------------
 
@@ -158,17 +174,18 @@ class RunFolder:
         out = []
         for number, line in enumerate(data[:end].splitlines(), start=1):
             try:
-                out.append(_rollout_from(json.loads(line)))
+                out.append(Rollout.from_dict(json.loads(line)))
             except (ValueError, TypeError) as e:
                 raise ZayaError(f"{path}: line {number} is damaged ({e}); the lines before it are good") from None
         return out
 
     def rollout(self, rollout: Rollout) -> None:
-        line = json.dumps(dataclasses.asdict(rollout), ensure_ascii=False) + "\n"
-        with open(self.path / ROLLOUTS, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append a finished rollout durably (inside `with folder:`)."""
+        if self._journal is None:
+            raise RuntimeError("RunFolder.rollout outside `with folder:`")
+        self._journal.write(json.dumps(dataclasses.asdict(rollout), ensure_ascii=False) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
 
     def discard(self) -> None:
         """Remove a folder this process created whose run never finished a rollout (only our own files)."""
