@@ -244,11 +244,6 @@ def time_decode(forward, make_cache, batch: int, context: int, steps: int, vocab
     return decode_run(forward, cache, tok, steps, warmup=3)[0]
 
 
-def median_decode(forward, make_cache, batch: int, context: int, steps: int, vocab: int, runs: int) -> DecodeTiming:
-    """The median of ``runs`` timed runs in fresh caches (time_decode; median_timing)."""
-    return median_timing([time_decode(forward, make_cache, batch, context, steps, vocab) for _ in range(runs)])
-
-
 def median_timing(timed: list[DecodeTiming]) -> DecodeTiming:
     """The median of timed runs (rate and building time each): one run lasts well under a second at batch 1, and
     moves with the host's moment (bench/RESULTS.md); the median moves less."""
