@@ -56,8 +56,8 @@ class Scripted:
         self.seq: list[int] = []
         self.forwards: list[tuple[int, list[int]]] = []
 
-    def make_cache(self):
-        return self.model.make_cache()
+    def make_cache(self, **options):
+        return self.model.make_cache(**options)
 
     def next_token(self, seq: list[int]) -> int:
         last = seq[-1]
