@@ -8,6 +8,7 @@ unless the user has set them.
 import contextlib
 import os
 import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -412,20 +413,24 @@ def rsa_command(
     left = plan.worst_case_tokens - sum(params.max_tokens_in(r.round) for r in folder.finished())
     view = RSAView(console, params, estimate=rsa.estimate_line(plan, rate, left))
     if hosts is not None:  # mlx.launch ends the other hosts with SIGTERM when one fails: save and say how to resume
-        import signal
-
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with view:
             result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
                              memory_budget=budget, max_batch=max_batch, journal=folder, group=hosts)
     except (KeyboardInterrupt, distributed.HostLost) as e:
+        lost = f"{e}; " if isinstance(e, distributed.HostLost) else ""
+        if lost:  # the launcher interrupts the hosts that remain: let that not cut the saving short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
         done = len(folder.finished())
-        lost = f"{e}; " if isinstance(e, distributed.HostLost) else ""
         typer.echo(f"{'error' if lost else 'interrupted'}: {lost}{done} of {params.total_rollouts()} rollouts are "
                    f"saved in {folder.path}; resume with: zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
-        raise typer.Exit(1 if lost else 130)
+        if lost:  # the run folder is durable; a group that lost a host can block in its teardown, so leave now
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
+        raise typer.Exit(130)
     except ZayaError:
         if fresh:
             folder.discard()  # refused before any rollout: leave nothing behind
