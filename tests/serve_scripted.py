@@ -51,7 +51,7 @@ class ScriptedModel:
 
 def main(folder: str, port: str, max_queue: str = "8", max_body: str = str(4 << 20)) -> None:
     server = Server("127.0.0.1", int(port), max_queue=int(max_queue), max_body=int(max_body), temperature=0.0,
-                    heartbeat=0.2)
+                    heartbeat=0.001)  # a beat with every event after 1 ms: the tests see beats at any speed
     server.load(folder, dtype="float32")
     vocab = server.tokenizer.get_vocab()
     newline = server.tokenizer.encode("\n", add_special_tokens=False)[0]
