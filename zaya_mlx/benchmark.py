@@ -30,7 +30,7 @@ from .errors import ZayaError
 from .decode import DecodeOptions
 from .model import Model
 from .quantization import available_recipes, load_recipe
-from .sizes import expert_weight_bytes, kv_bytes_per_token, weight_bytes
+from .sizes import expert_weight_bytes, format_bytes, kv_bytes_per_token, weight_bytes
 
 UNQUANTIZED = ("bf16", "bfloat16", "none")  # --quant names for the bf16 model; the others name built-in recipes
 
@@ -474,7 +474,7 @@ class BenchPlan:
         return self.weights + max(self.build, self.kv + self.working)
 
     def summary(self) -> str:
-        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        gb = format_bytes
         return (f"needs ~{gb(self.peak)} (weights {gb(self.weights)}, then at {self.row} KV {gb(self.kv)} and working "
                 f"memory {gb(self.working)}) of a {gb(self.budget)} budget ({self.source})")
 
