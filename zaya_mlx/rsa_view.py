@@ -225,7 +225,8 @@ def _parse(key: str, value: str):
         field = {f.name: f for f in dataclasses.fields(RSAParams)}.get(key)
         if field is None:
             raise ZayaError(f"/rsa: unknown setting {key!r}")
-        kind = type(getattr(RSAParams(), key)) if getattr(RSAParams(), key) is not None else float
+        default = getattr(RSAParams(), key)
+        kind = type(default) if default is not None else int if field.type == "Optional[int]" else float
     if kind is bool:
         if value.lower() not in ("on", "off", "true", "false", "1", "0"):
             raise ZayaError(f"/rsa: {key} is on or off, got {value!r}")
