@@ -40,17 +40,18 @@ def test_the_divergence_is_measured_not_assumed(kv_model):
     assert max(kv_divergence(kv_model, prompt, 3, 8)[0]) > 0
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_the_fused_step_on_a_quantized_cache_gives_the_plain_ops_logits(bits):
-    """The fused step (here its kernels' references) reads and writes the quantized cache as the plain ops do (mlx-lm's
-    QuantizedKVCache and quantized attention). float32 activations: in bfloat16, mx.quantized_matmul rounds the
-    scores, which the kernel and its reference keep in float32 (1-7% of the largest logit apart)."""
+@pytest.mark.parametrize("bits, pads", [(8, None), (4, None), (8, [0, 5]), (4, [3, 0])])
+def test_the_fused_step_on_a_quantized_cache_gives_the_plain_ops_logits(bits, pads):
+    """The fused step (on a GPU its kernels, on the CPU their references) reads and writes the quantized cache as the
+    plain ops do (mlx-lm's QuantizedKVCache and quantized attention), and a left-padded batch's
+    (BatchQuantizedKVCache). float32 activations: in bfloat16, mx.quantized_matmul rounds the scores, which the
+    kernel and its reference keep in float32 (1-7% of the largest logit apart)."""
     from zaya_mlx.benchmark import small_config
 
     model = build_zaya(small_config(), "mxfp4", dtype=mx.float32)  # heads of 64 values
     model.decode_options = DecodeOptions(fused=True, compile=False)
     mx.random.seed(3)
-    errors, cache = fused_vs_plain(model, 512, batch=2, context=12, steps=3, kv_bits=bits)
+    errors, cache = fused_vs_plain(model, 512, batch=2, context=12, steps=3, kv_bits=bits, left_padding=pads)
     assert max(errors) < 1e-5
     assert getattr(cache[0][0], "bits", None) == bits and isinstance(cache[0][0].keys, tuple)
 
