@@ -272,6 +272,12 @@ def test_the_plan_counts_a_quantized_cache_and_names_it_when_a_slot_does_not_fit
     fits = rsa.plan_memory(args, p.replace(kv_bits=8), prompt_tokens=200, aggregate_tokens=aggregate,
                            head_tokens=250, weights_bytes=17 * GB, budget_bytes=budget)
     assert fits.slots == 1 and fits.peak_bytes == budget
+    some = {bits: rsa.plan_memory(args, p.replace(kv_bits=bits), prompt_tokens=200, aggregate_tokens=aggregate,
+                                  head_tokens=250, weights_bytes=17 * GB, budget_bytes=80 * GB) for bits in kv}
+    assert 1 <= some[None].slots < some[8].slots < some[4].slots < 32
+    assert some[None].summary().endswith(f"; --kv-bits 8 fits {some[8].slots} slots")
+    assert some[8].summary().endswith(f"; --kv-bits 4 fits {some[4].slots} slots")
+    assert not some[4].notes and not plans[None].notes  # nothing smaller; every slot wanted (max_batch 1) fits
     with pytest.raises(ZayaError, match=r"--kv-bits 4 \(53% of the KV bytes\)"):
         rsa.plan_memory(args, p.replace(kv_bits=8), prompt_tokens=200, aggregate_tokens=aggregate, head_tokens=250,
                         weights_bytes=17 * GB, budget_bytes=budget - 1)
