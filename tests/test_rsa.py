@@ -480,6 +480,26 @@ def test_rsa_mode_in_the_chat_ui(sensitive):
     assert ui.prompt_handler == ui.stream_turn and "RSA off · preset zyphra: n=32 k=4 t=8" in buf.getvalue()
 
 
+def test_rsa_mode_in_the_chat_ui_takes_the_chats_kv_format(sensitive_kv):
+    """`zaya chat --kv-bits 8` then `/rsa on`: the rollouts decode on an 8-bit cache, unless `/rsa kv_bits=4`."""
+    import io
+
+    from rich.console import Console
+
+    from zaya_mlx.chat_session import ChatSession
+    from zaya_mlx.tui import ChatUI
+
+    model, tok, _ = sensitive_kv
+    buf = io.StringIO()
+    ui = ChatUI(ChatSession(model, tok, kv_bits=8), console=Console(file=buf, width=400, highlight=False))
+    ui.handle("/rsa quick n=2 k=2 t=1 tail_window_len=4 short_resp_len=4 max_tokens=4 on")
+    ui.handle("What is 2+3?")
+    assert "KB/token (8-bit)" in buf.getvalue()
+    ui.handle("/rsa kv_bits=4")
+    ui.handle("What is 2+3?")
+    assert "KB/token (4-bit)" in buf.getvalue()
+
+
 # --- run folders: interrupt, resume, refuse -----------------------------------------------------------------------
 
 

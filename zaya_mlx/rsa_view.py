@@ -282,14 +282,16 @@ def _describe(state: dict) -> str:
 
 
 def answer_with_rsa(ui, text: str) -> None:
-    """Answer `text` with Markovian RSA (the conversation's system prompt, thinking setting and model), show the
-    live view and the answer, and add the turn to the conversation (the final response as the assistant's
-    reply). Earlier turns are not part of the problem. Ctrl-C stops the run."""
+    """Answer `text` with Markovian RSA (the conversation's system prompt, thinking setting, model and KV format
+    unless `/rsa kv_bits=` says otherwise), show the live view and the answer, and add the turn to the conversation
+    (the final response as the assistant's reply). Earlier turns are not part of the problem. Ctrl-C stops the
+    run."""
     from . import rsa
 
     session = ui.session
     state = chat_state(ui)
-    params = chat_params(state).replace(enable_thinking=session.enable_thinking)
+    params = chat_params(state).replace(enable_thinking=session.enable_thinking,
+                                        kv_bits=state["overrides"].get("kv_bits", session.kv_bits))
     messages = ([{"role": "system", "content": session.system}] if session.system else []) + \
         [{"role": "user", "content": text}]
     view = RSAView(ui.console, params)
