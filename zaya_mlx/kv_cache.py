@@ -5,7 +5,8 @@ A quantized cache is mlx-lm's ``QuantizedKVCache``: each key or value row of ``h
 ``group_size`` values (MLX's affine quantization, ``mx.quantize``); attention reads it without expanding it
 (``mx.quantized_matmul``, or the decode kernel's quantized loads). At 8 bits a token's KV takes 53% of bf16's
 bytes, at 4 bits 28%: the bytes decode reads a step at long context, and the memory that decides how many long
-sequences fit. docs/kv-cache.md gives the quality figures.
+sequences fit. A left-padded batch of such rows (RSA's rollouts under mlx-lm's BatchGenerator) is a
+``BatchQuantizedKVCache``. docs/kv-cache.md gives the quality figures.
 """
 
 from __future__ import annotations
