@@ -186,3 +186,38 @@ def test_a_quantized_batch_keeps_the_next_token_distributions(kv_model):
     assert min(kls) >= -1e-5 and max(kls) > 0
     assert sum(kls) / len(kls) < KL_BOUNDS[8][0] and max(kls) < KL_BOUNDS[8][1], kls
     assert agree >= 0.97
+
+
+def test_mlx_lms_batch_generator_decodes_quantized_rows_as_each_alone(tiny_checkpoint, monkeypatch):
+    """mlx-lm's BatchGenerator on one-row quantized caches (as `zaya rsa --kv-bits` gives it): prompts of different
+    lengths prefilled together (right-padded, then rolled to left padding), decoded together and finishing at
+    different steps, write greedily what each writes alone on mlx-lm's QuantizedKVCache. The model's input scale
+    is damped so that its greedy choices follow the context (as written it mostly repeats its last token)."""
+    from mlx_lm.generate import BatchGenerator
+
+    from zaya_mlx.kv_cache import BatchQuantizedKVCache
+
+    model = load_model(tiny_checkpoint("kvheads"), dtype="float32")
+    model.model.input_hidden_states_scale = model.model.input_hidden_states_scale * 0.02
+    rolled = []
+    finalize = BatchQuantizedKVCache.finalize
+    monkeypatch.setattr(BatchQuantizedKVCache, "finalize",
+                        lambda self: (rolled.append(self._right_padding is not None), finalize(self))[1])
+    prompts = [fixture_ids(seed=s, length=n)[0] for s, n in ((1, 5), (2, 11), (3, 8))]
+    limits = [6, 9, 4]
+    gen = BatchGenerator(model, completion_batch_size=3, prefill_batch_size=3, prefill_step_size=4)
+    uids = gen.insert(prompts, max_tokens=limits, caches=[model.make_cache([0], kv_bits=8) for _ in prompts])
+    got = {uid: [] for uid in uids}
+    while len(sum(got.values(), [])) < sum(limits):
+        for r in gen.next_generated():
+            got[r.uid].append(r.token)
+    gen.close()
+    assert any(rolled)
+    for uid, prompt, limit in zip(uids, prompts, limits):
+        cache = model.make_cache(kv_bits=8)
+        logits, alone = model(mx.array([prompt], dtype=mx.int32), cache, last_only=True), []
+        for _ in range(limit):
+            alone.append(int(mx.argmax(logits[0, -1]).item()))
+            logits = model(mx.array([alone[-1:]], dtype=mx.int32), cache)
+        assert got[uid] == alone
+    assert len({tuple(t) for t in got.values()}) == 3

@@ -47,11 +47,6 @@ def parse_kv(name: str) -> Optional[int]:
         raise ZayaError(f"KV format {name!r}: choose bf16, {', '.join(map(str, KV_BITS))}") from None
 
 
-def _quantized_parts(head_dim: int, bits: int, group_size: int, dtype) -> tuple:
-    """(width, dtype) of the packed words, the scales and the biases of a row of ``head_dim`` values."""
-    return ((head_dim * bits // 32, mx.uint32), (head_dim // group_size, dtype), (head_dim // group_size, dtype))
-
-
 class BatchQuantizedKVCache(BatchKVCache):
     """mlx-lm's ``BatchKVCache`` (left-padded rows, each with its own RoPE offset; merged, filtered and extended as
     mlx-lm's ``BatchGenerator`` runs sequences in and out) with keys and values stored as ``QuantizedKVCache`` stores
@@ -59,8 +54,8 @@ class BatchQuantizedKVCache(BatchKVCache):
 
     ``bits`` and ``group_size`` make mlx-lm's ``scaled_dot_product_attention`` attend through its quantized path,
     and the fused decode step reads and writes the tuples in place as it does a ``QuantizedKVCache``'s. Every
-    operation is the parent's applied to each of the three arrays; a padding position holds zeros (a zero scale
-    and bias dequantize to 0), which the mask hides. ``merge`` takes caches of this class (a rollout's cache is a
+    operation is the parent's applied to each of the three arrays; padding positions (zeros, or the tokens a
+    right-padded prefill rolled to the left) are hidden by the mask, as the parent's are. ``merge`` takes caches of this class (a rollout's cache is a
     one-row batch from the start); ``extract`` gives a row back as a ``QuantizedKVCache``.
     """
 
@@ -69,8 +64,10 @@ class BatchQuantizedKVCache(BatchKVCache):
         self.group_size, self.bits = group_size, check_kv_bits(bits)
 
     def _empty_parts(self, rows: int, heads: int, positions: int, head_dim: int, dtype) -> tuple:
-        return tuple(mx.zeros((rows, heads, positions, width), t)
-                     for width, t in _quantized_parts(head_dim, self.bits, self.group_size, dtype))
+        """Zeros for the packed words, the scales and the biases of ``positions`` rows of ``head_dim`` values."""
+        groups = head_dim // self.group_size
+        return (mx.zeros((rows, heads, positions, head_dim * self.bits // 32), mx.uint32),
+                mx.zeros((rows, heads, positions, groups), dtype), mx.zeros((rows, heads, positions, groups), dtype))
 
     def update_and_fetch(self, keys, values):
         prev, L = self._idx, keys.shape[2]
@@ -168,14 +165,6 @@ class BatchQuantizedKVCache(BatchKVCache):
                 raise ValueError(f"cannot merge {c.bits}-bit KV rows into a {first.bits}-bit batch")
             merged.extend(c)
         return merged
-
-    @property
-    def state(self):
-        return self.keys, self.values, self.offset, self.left_padding, self._idx
-
-    @state.setter
-    def state(self, v):
-        self.keys, self.values, self.offset, self.left_padding, self._idx = v
 
     @property
     def nbytes(self):
