@@ -129,6 +129,7 @@ def test_a_quantized_batch_gives_each_row_what_it_gives_alone(kv_model32, fused)
     from mlx_lm.models.cache import CacheList
 
     from zaya_mlx.kv_cache import BatchQuantizedKVCache
+    from zaya_mlx.sizes import kv_row_bytes
 
     model = kv_model32
     options = model.decode_options
@@ -150,7 +151,10 @@ def test_a_quantized_batch_gives_each_row_what_it_gives_alone(kv_model32, fused)
         for j, p in enumerate(prompts):
             assert mx.array_equal(last(rows[j], [p]), last(alone[j], [p])).item()
         batch = [CacheList.merge([r[i] for r in rows[:3]]) for i in range(len(rows[0]))]
-        assert isinstance(batch[0][0], BatchQuantizedKVCache) and batch[0][0].left_padding.tolist() == [6, 0, 3]
+        kv = batch[0][0]
+        assert isinstance(kv, BatchQuantizedKVCache) and kv.left_padding.tolist() == [6, 0, 3]
+        positions, heads = kv.keys[0].shape[2], model.args.num_key_value_heads
+        assert kv.nbytes == 2 * 3 * heads * positions * kv_row_bytes(64, 8, dtype_bytes=4)  # what the RSA plan counts
         live = [0, 1, 2]
         step(batch, live, [7, 9, 11])
         step(batch, live, [3, 5, 2])
