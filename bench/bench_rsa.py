@@ -120,7 +120,8 @@ def one_round(model, n: int, head: int, rest: int, decode: int, seed: int, kv_bi
     peak = mx.get_peak_memory()
     c = backend.counters()
     backend.close()
-    return {"n": n, "kv": "bf16" if kv_bits is None else f"{kv_bits}-bit", "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+    return {"n": n, "kv": "bf16" if kv_bits is None else f"{kv_bits}-bit", "seconds": seconds, "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
             "prefill_s": first - tic, "decode_tokens_per_s": c["generation_tokens"] / max(c["decode_s"], 1e-9),
             "peak_bytes": peak}
 
@@ -203,7 +204,8 @@ def main() -> None:
                 plan.slots * plan.sequence_bytes
             rows.append(r)
         singles = {r["kv"]: r for r in rows if r["n"] == 1}
-        print(f"{'KV':>6} {'N':>3} {'round s':>8} {'prefill s':>9} {'tok/s':>9} {'decode tok/s':>12} {'vs N x single':>13} "
+        print(f"{'KV':>6} {'N':>3} {'round s':>8} {'prefill s':>9} {'tok/s':>9} {'decode tok/s':>12} "
+              f"{'vs N x single':>13} "
               f"{'peak GB':>8} {'plan GB':>8}")
         for r in rows:
             single = singles.get(r["kv"])

@@ -388,8 +388,8 @@ def rsa_command(
     if presets:
         for name, preset_ in rsa.PRESETS.items():
             try:
-                plan = rsa.plan_run(messages, preset_.params.replace(kv_bits=params.kv_bits), model=llm, tokenizer=tokenizer, max_batch=max_batch,
-                                    memory_budget=budget)
+                plan = rsa.plan_run(messages, preset_.params.replace(kv_bits=params.kv_bits), model=llm,
+                                    tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
                 console.print(f"{name}: {preset_.description}\n  {plan.summary()}\n  {rsa.estimate_line(plan, rate)}",
                               markup=False)
             except ZayaError as e:

@@ -55,8 +55,9 @@ class BatchQuantizedKVCache(BatchKVCache):
     ``bits`` and ``group_size`` make mlx-lm's ``scaled_dot_product_attention`` attend through its quantized path,
     and the fused decode step reads and writes the tuples in place as it does a ``QuantizedKVCache``'s. Every
     operation is the parent's applied to each of the three arrays; padding positions (zeros, or the tokens a
-    right-padded prefill rolled to the left) are hidden by the mask, as the parent's are. ``merge`` takes caches of this class (a rollout's cache is a
-    one-row batch from the start); ``extract`` gives a row back as a ``QuantizedKVCache``.
+    right-padded prefill rolled to the left) are hidden by the mask, as the parent's are. ``merge`` takes caches of
+    this class (a rollout's cache is a one-row batch from the start); ``extract`` gives a row back as a
+    ``QuantizedKVCache``.
     """
 
     def __init__(self, left_padding: list, group_size: int = KV_GROUP_SIZE, bits: int = 8):
