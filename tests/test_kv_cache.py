@@ -145,7 +145,7 @@ def test_a_quantized_batch_gives_each_row_what_it_gives_alone(kv_model32, fused)
         got = last(batch, [[t] for t in tokens])
         for i, (j, t) in enumerate(zip(live, tokens)):
             want = last(alone[j], [[t]])[0]
-            assert mx.abs(got[i] - want).max().item() <= 1e-5 * mx.abs(want).max().item(), (j, fused)
+            assert mx.abs(got[i] - want).max().item() <= 1e-4 * mx.abs(want).max().item(), (j, fused)
 
     try:
         for j, p in enumerate(prompts):
