@@ -231,7 +231,9 @@ def test_the_plan_sizes_every_slot_for_the_longest_round():
     plan = rsa.plan_memory(args, p, prompt_tokens=200, aggregate_tokens=aggregate, head_tokens=250,
                            weights_bytes=17 * GB, budget_bytes=500 * GB)
     assert plan.context_bound == aggregate + 61440  # the final round's max_tokens on the longest prompt
-    assert plan.sequence_bytes == 2 * 256 * -(-plan.context_bound // 256) * kv + rsa.state_bytes_per_sequence(args)
+    # mlx-lm's buffer (256-token steps) and the fused decode step's copy (4096-token steps past 4096), together
+    positions = 256 * -(-plan.context_bound // 256) + 4096 * -(-plan.context_bound // 4096)
+    assert plan.sequence_bytes == positions * kv + rsa.state_bytes_per_sequence(args)
     assert plan.slots == 32 and plan.rollouts == 8 * 32 + 1 and plan.worst_case_tokens == 8 * 32 * 32768 + 61440
     small = rsa.plan_memory(args, p, prompt_tokens=200, aggregate_tokens=aggregate, head_tokens=250,
                             weights_bytes=17 * GB, budget_bytes=60 * GB)
@@ -261,7 +263,8 @@ def test_the_plan_counts_a_quantized_cache_and_names_it_when_a_slot_does_not_fit
     state = rsa.state_bytes_per_sequence(args)
     for bits, plan in plans.items():
         assert plan.kv_bytes_per_token == kv[bits] and plan.kv_bits == bits
-        assert plan.sequence_bytes == 2 * 256 * -(-plan.context_bound // 256) * kv[bits] + state
+        positions = 256 * -(-plan.context_bound // 256) + 4096 * -(-plan.context_bound // 4096)
+        assert plan.sequence_bytes == positions * kv[bits] + state
         assert plan.prefix_bytes == 2 * (256 * kv[bits] + state)  # the 250-token head in one 256-token step
     assert "KV 21 KB/token (8-bit)" in plans[8].summary()
     budget = plans[8].peak_bytes  # one slot with an 8-bit cache, exactly

@@ -13,6 +13,8 @@ import copy
 import time
 from typing import Optional, Protocol, Sequence
 
+from .memory import PREFILL_ROWS
+
 Key = tuple  # (round, index)
 
 
@@ -43,7 +45,7 @@ class ModelBackend:
 
         self.model = model
         self.kv_bits = kv_bits
-        self.generator = BatchGenerator(model, completion_batch_size=slots, prefill_batch_size=min(slots, 8),
+        self.generator = BatchGenerator(model, completion_batch_size=slots, prefill_batch_size=min(slots, PREFILL_ROWS),
                                         prefill_step_size=prefill_step_size,
                                         stop_tokens=[[int(t)] for t in stop_ids])
         self.prefill_step_size = prefill_step_size

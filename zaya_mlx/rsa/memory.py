@@ -22,6 +22,7 @@ from ..sizes import format_bytes, kv_bytes_per_token
 from ..sizes import weight_bytes as model_weight_bytes
 
 KV_ALLOC_STEP = 256  # mlx-lm's KVCache grows in steps of 256 tokens
+PREFILL_ROWS = 8  # prompts mlx-lm's BatchGenerator prefills together at most (ModelBackend's prefill_batch_size)
 HOST_BYTES_PER_TOKEN = 48  # a kept token: its id in a Python list and its share of the decoded text
 METAL_BUDGET_SHARE = 0.9  # of Metal's recommended working set
 
@@ -77,20 +78,40 @@ def _alloc(tokens: int) -> int:
     return KV_ALLOC_STEP * math.ceil(tokens / KV_ALLOC_STEP)
 
 
+def slot_positions(tokens: int) -> int:
+    """KV positions a slot of `tokens` may hold at once: mlx-lm's buffer (256-token steps), and the fused decode
+    step's own copy of it (kv_capacity: powers of two, then steps of 4096), alive together while a batch is merged,
+    filtered or extended and the step copies the new buffers."""
+    from ..decode.cache import kv_capacity
+
+    return _alloc(tokens) + kv_capacity(tokens)
+
+
+def prefill_floats_per_token(args, bound: int) -> int:
+    """float32 values a prefilled token holds at once in one layer: the residual stream and norms (10 x hidden), the
+    expert's activations (3 x its width), the CCA projection, convolutions and their workspace (16 x the query and
+    key channels), and attention's scores against up to `bound` keys for every query head (one float32 copy, or a
+    bf16 model's scores and softmax; MLX's CPU attention holds ~2.1 bytes a score in bf16, ~2.5 with a quantized
+    cache, ~4.1 in float32)."""
+    inter = getattr(args, "moe_intermediate_size", 4 * args.hidden_size)
+    channels = (args.num_attention_heads + args.num_key_value_heads) * args.head_dim
+    return 10 * args.hidden_size + 3 * inter + 16 * channels + args.num_attention_heads * bound
+
+
 @dataclass
 class MemoryPlan:
     """How a run fits. Bytes unless named otherwise.
 
     prompt_tokens: round 0's prompt; aggregate_tokens: the longest aggregation prompt (K tails at their bound);
     context_bound: the most tokens one sequence holds in any round (a slot's size).
-    sequence_bytes: one slot at the bound: twice its KV (allocation rounded up to mlx-lm's 256-token steps; twice
-    because mlx-lm grows a cache by concatenation, so old and new buffers can both be alive) + conv state.
+    sequence_bytes: one slot at the bound: its KV at slot_positions (mlx-lm's buffer and the fused decode step's
+    copy) + conv state. activation_bytes: a prefill chunk of up to PREFILL_ROWS prompts (prefill_floats_per_token)
+    and the decode steps' logits.
     host_bytes: every rollout's tokens and text kept in memory (worst case).
     kv_bits: the KV cache's format (None: the model's dtype; 8 or 4: packed integers with a scale and a bias per
     64 values, which kv_bytes_per_token counts). notes: what the summary adds (fewer slots than rollouts a round,
     where a smaller KV format fits more).
-    Measured on an H100 with MLX-CUDA, 8B shapes, bf16, 16 sequences at a 2,560-token bound (bench/bench_rsa.py):
-    peak 19.57 GB (op-by-op decode) and 20.29 GB (fused decode) against 21.6 GB planned.
+    docs/rsa.md gives measured peaks against the plan, with the command.
     """
 
     prompt_tokens: int
@@ -124,7 +145,8 @@ class MemoryPlan:
         return (f"plan: {self.rollouts} rollouts, {self.worst_case_tokens:,} new tokens at most, {self.slots} slots "
                 f"of <= {self.context_bound:,} tokens (prompt {self.prompt_tokens:,}, aggregation prompt <= "
                 f"{self.aggregate_tokens:,}); KV {self.kv_bytes_per_token / 1024:.0f} KB/token{kv_format(self.kv_bits)}, "
-                f"{format_bytes(self.kv_bytes())} for the slots, weights {format_bytes(self.weights_bytes)}: {format_bytes(self.peak_bytes)} "
+                f"{format_bytes(self.kv_bytes())} for the slots, weights {format_bytes(self.weights_bytes)}, activations "
+                f"{format_bytes(self.activation_bytes)}: {format_bytes(self.peak_bytes)} "
                 f"of {format_bytes(self.budget_bytes)} ({self.budget_source})" + "".join(f"; {n}" for n in self.notes))
 
 
@@ -178,18 +200,18 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
 
     state = state_bytes_per_sequence(args, dtype_bytes)
     V, H = args.vocab_size, args.hidden_size
-    inter = getattr(args, "moe_intermediate_size", 4 * H)
-    prefill_act = prefill_step_size * (10 * H + 3 * inter + args.num_attention_heads * bound) * 4
+    chunk_bytes = prefill_step_size * prefill_floats_per_token(args, bound) * 4
 
-    def act(b: int) -> int:  # + the last position's logits, and per decode step fp32 logits/log-probs x 3
-        return prefill_act + V * 4 + 3 * b * V * 4 + b * 10 * H * 4
+    def act(b: int) -> int:  # a prefill chunk of up to PREFILL_ROWS prompts, the last position's logits, and per
+        # decode step fp32 logits/log-probs x 3
+        return min(b, PREFILL_ROWS) * chunk_bytes + V * 4 + 3 * b * V * 4 + b * 10 * H * 4
 
     wanted = min(p.rsa_n, max_batch) if max_batch else p.rsa_n
 
     def fit(kv_bits: Optional[int]) -> tuple[int, int, int, int]:
         """(KV bytes a token, a slot's bytes, the prefixes' bytes, the slots that fit) with keys and values so."""
         kv = kv_bytes_per_token(args, dtype_bytes, kv_bits)
-        seq = 2 * _alloc(bound) * kv + state
+        seq = slot_positions(bound) * kv + state
         prefix = 2 * (_alloc(max(head_tokens, prompt_tokens)) * kv + state)  # round 0's prompt, the aggregation head
         slots = wanted
         while slots >= 1 and weights_bytes + layer_bytes + prefix + host + act(slots) + slots * seq > budget_bytes:
