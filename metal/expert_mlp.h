@@ -66,6 +66,7 @@ ZK_SHARED float zk_ra[R + R / 32];  // the router's (see zk_route)
 ZK_SHARED float zk_rh[R + R / 32];
 ZK_SHARED float zk_rl[NE1];
 ZK_SHARED float zk_rred[NWARP];
+ZK_SHARED int zk_e[1];
 
 // The threadgroup's expert e and its tile of tokens: tok[t] and its router weight rw[t], for t < nt.
 int e;
@@ -93,6 +94,7 @@ if (GROUPED) {
 }
 
 int scan = 0;  // GROUPED: the next token to look at
+int ew = e;    // the expert whose rows the tile reads
 for (int tile = 0;; ++tile) {
   if (GROUPED) {  // the next TT tokens that chose e (the same for every thread: all leave, or none)
     nt = 0;
@@ -106,9 +108,13 @@ for (int tile = 0;; ++tile) {
     if (nt == 0) {
       break;
     }
-    if (tile > 0) {
-      ZK_BARRIER();  // the last tile's reads of zk_x, zk_s and zk_h are done
+    if (zk_tid == 0) {
+      zk_e[0] = e;
     }
+    ZK_BARRIER();  // the last tile's reads of zk_x, zk_s and zk_h are done
+    // The expert as read back after the barrier: the compiler cannot then hoist the weight loads out of this loop
+    // (every round's chunks held in registers at once, far past what 512 threads have).
+    ew = zk_e[0];
   }
 
   // Gate/up row j of the block (j = zk_warp * RPW + i): gate row c*CW + j/2 when j is even, up row when odd,
@@ -130,7 +136,7 @@ for (int tile = 0;; ++tile) {
     ZK_UNROLL
     for (int i = 0; i < RPW; ++i) {
       const int j = zk_warp * RPW + i;
-      const int row = e * 2 * I + (j & 1) * I + c * CW + (j >> 1);
+      const int row = ew * 2 * I + (j & 1) * I + c * CW + (j >> 1);
       ZK_UNROLL
       for (int k = 0; k < IB; ++k) {
         const int v = (it0 + k) * 32 + zk_lane;
@@ -143,7 +149,7 @@ for (int tile = 0;; ++tile) {
         const int r = zk_tid + i * NT;
         ZK_UNROLL
         for (int k = 0; k < NCB; ++k) {
-          dn[i][k] = zk_load_chunk<QB, GB, VPVB>(wd, sd, bd, e * H + r, NVB, c * NCB + k, r < H);
+          dn[i][k] = zk_load_chunk<QB, GB, VPVB>(wd, sd, bd, ew * H + r, NVB, c * NCB + k, r < H);
         }
       }
       ZK_UNROLL
@@ -197,7 +203,7 @@ for (int tile = 0;; ++tile) {
         const int r = zk_tid + (r0 + i) * NT;
         ZK_UNROLL
         for (int k = 0; k < NCB; ++k) {
-          dn[i][k] = zk_load_chunk<QB, GB, VPVB>(wd, sd, bd, e * H + r, NVB, c * NCB + k, r0 + i < DR && r < H);
+          dn[i][k] = zk_load_chunk<QB, GB, VPVB>(wd, sd, bd, ew * H + r, NVB, c * NCB + k, r0 + i < DR && r < H);
         }
       }
     }

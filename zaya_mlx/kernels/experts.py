@@ -71,7 +71,10 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
 
 _NT = 512
 _CW = 32  # intermediate channels a threadgroup: 64 threadgroups for ZAYA's 2048, one 4-bit chunk of a down row
-MAX_TILE = 4  # tokens a tile of the grouped form: the accumulators a thread holds grow with it
+MAX_TILE = 2  # tokens a tile of the grouped form: with 3, a thread's registers pass 128 at ZAYA's widths, the most a
+# launch of 512 threads may hold (dev/nvcc_check.py)
+
+
 def kernel_supported(x, gate_up, down) -> bool:
     gu, dn = as_stack(gate_up), as_stack(down)
     a, b = weight_format(gu), weight_format(dn)
@@ -92,10 +95,11 @@ def _threadgroup_floats(H: int, tokens: int = 1, R: int = 8, ne1: int = 1) -> in
     return tokens * (row + 3 * _CW) + 2 * (R + R // 32) + ne1 + _NT // 32
 
 
-def tile_tokens(H: int) -> int:
+def tile_tokens(H: int, qm: int = 0) -> int:
     """Tokens a threadgroup of the grouped form takes at a time: as many padded x rows as fit its 32 KB, at most
-    MAX_TILE (3 at ZAYA's width, 2048)."""
-    return max((t for t in range(1, MAX_TILE + 1) if 4 * _threadgroup_floats(H, t) <= 32768), default=0)
+    MAX_TILE; one for float32 weights (QM 1), whose chunks hold the fewest values and take the most registers."""
+    most = 1 if qm == 1 else MAX_TILE
+    return max((t for t in range(1, most + 1) if 4 * _threadgroup_floats(H, t) <= 32768), default=0)
 
 
 def grouped_kernel_supported(x, gate_up, down) -> bool:
@@ -148,7 +152,7 @@ def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, into
         template=[("T", x.dtype), ("H", H), ("I", I), ("CW", _CW), ("QA", qa), ("BA", ba), ("GA", ga),
                   ("QB", qb), ("BB", bb), ("GB", gb), ("NE", gu.shape[0]), ("ROUTED", routing is not None),
                   *router_template, ("IN_PLACE", into is not None), ("NT", _NT), ("GROUPED", grouped),
-                  ("NTOK", N if grouped else 0), ("TT", tile_tokens(H) if grouped else 1)],
+                  ("NTOK", N if grouped else 0), ("TT", tile_tokens(H, qa) if grouped else 1)],
         grid=((I // _CW) * _NT, gu.shape[0] if grouped else N, 1),
         threadgroup=(_NT, 1, 1),
         init_value=0.0 if into is None else None,
