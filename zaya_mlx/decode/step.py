@@ -34,7 +34,7 @@ class FusedDecoder:
 
     def __init__(self, options: DecodeOptions):
         self.options = options
-        self._steps: dict = {}  # (back end, compiled, kernels) -> the step functions
+        self._steps: dict = {}  # (back end, compiled, kernels, group_experts_from) -> the step functions
         self._checked: dict = {}  # back end -> whether the step passed its check
         self._caches = weakref.WeakKeyDictionary()  # a cache's first KV cache -> its StepCache
 
@@ -190,7 +190,7 @@ class FusedDecoder:
         attribute directly are not seen.
         """
         o = self.options
-        key = (kernels.backend(), o.compile, o.kernels)
+        key = (kernels.backend(), o.compile, o.kernels, o.group_experts_from)
         if key not in self._steps:
             self._steps[key] = [_step_function(model, i, o) for i in range(-1, len(model.layers))]
         return self._steps[key]
