@@ -191,7 +191,7 @@ def test_a_full_disk_is_one_line_error_before_any_fetch(hub, tmp_path, monkeypat
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(mc.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(ZayaError, match=r"the MXFP4 copy needs about .* GB free in .* and 0.0 GB are"):
+    with pytest.raises(ZayaError, match=r"the MXFP4 copy needs about [0-9.]+ KB free in .* and 1.00 KB are"):
         mc.default_model(budget=tight_budget(hub.source), cache=tmp_path / "ours")
     assert not hub.downloads and not any((tmp_path / "ours").iterdir())
 

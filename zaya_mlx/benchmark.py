@@ -298,7 +298,7 @@ class Row:
         return (f"{self.primitives} primitives/step ({self.arguments[0]} inputs, {self.arguments[1]} outputs), "
                 f"prefill {self.prefill_tps:,.0f} tok/s, decode {self.decode_tps:,.1f} tok/s"
                 f"{DecodeTiming(self.decode_tps, self.build_ms, self.decode_runs).runs()}{bound} "
-                f"({self.ms_per_step:.2f} ms/step, {self.bytes_per_step / 1e9:.2f} GB moved; graph building "
+                f"({self.ms_per_step:.2f} ms/step, {format_bytes(self.bytes_per_step)} moved; graph building "
                 f"{self.build_ms:.2f} ms/step, one step's eval {self.eval_ms:.2f} ms), peak {self.peak_gb:.1f} GB")
 
 
@@ -367,7 +367,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 25
             kv = res.kv_bytes_per_token[kv_name(bits)] = kv_bytes_per_token(config, kv_bits=bits)
             for b, ctx in rows:
                 if (bits, b, ctx) in skip:
-                    log(f"  {_row_name(b, ctx, bits)}: skipped, it needs ~{skip[bits, b, ctx] / 1e9:.2f} GB")
+                    log(f"  {_row_name(b, ctx, bits)}: skipped, it needs ~{format_bytes(skip[bits, b, ctx])}")
                     continue
                 grouped = fused and model.decode_options.groups_experts(b)
                 moved = weights_read(total, experts, config.num_experts, b, grouped) + b * ctx * kv
@@ -476,9 +476,9 @@ class BenchPlan:
         return self.weights + max(self.build, self.kv + self.working)
 
     def summary(self) -> str:
-        gb = format_bytes
-        return (f"needs ~{gb(self.peak)} (weights {gb(self.weights)}, then at {self.row} KV {gb(self.kv)} and working "
-                f"memory {gb(self.working)}) of a {gb(self.budget)} budget ({self.source})")
+        return (f"needs ~{format_bytes(self.peak)} (weights {format_bytes(self.weights)}, then at {self.row} KV "
+                f"{format_bytes(self.kv)} and working memory {format_bytes(self.working)}) of a "
+                f"{format_bytes(self.budget)} budget ({self.source})")
 
 
 def _row_name(b: int, ctx: int, bits: int | None) -> str:
@@ -513,18 +513,17 @@ def plan_bench(config: ZayaConfig, model: Model, rows, kv_formats, *, steps: int
     room = int(budget[0]) - weights
     every = {(bits, b, ctx): needs(b, ctx, bits) for bits in kv_formats for b, ctx in rows}
     fit = {k: v for k, v in every.items() if sum(v) <= room}
-    gb = lambda x: f"{x / 1e9:.2f} GB"  # noqa: E731
     if weights + build > budget[0]:
         lower = ("use a quantized checkpoint (zaya quantize)" if not random_weights
                  else "use --quant mxfp4, fewer --experts (a token reads one either way) or --small")
-        raise ZayaError(f"the model needs ~{gb(weights + build)} ({gb(weights)} of weights) of a {gb(budget[0])} "
-                        f"budget ({budget[1]}): {lower}, or raise --memory")
+        raise ZayaError(f"the model needs ~{format_bytes(weights + build)} ({format_bytes(weights)} of weights) of "
+                        f"a {format_bytes(budget[0])} budget ({budget[1]}): {lower}, or raise --memory")
     if not fit:
         key = min(every, key=lambda k: sum(every[k]))
         raise ZayaError(f"no row fits: the smallest, {_row_name(key[1], key[2], key[0])}, needs "
-                        f"{gb(weights + sum(every[key]))} of a {gb(budget[0])} budget ({budget[1]}) with "
-                        f"{gb(weights)} of weights: lower its batch or context, or quantize the KV (--kv 8), or "
-                        "raise --memory")
+                        f"{format_bytes(weights + sum(every[key]))} of a {format_bytes(budget[0])} budget "
+                        f"({budget[1]}) with {format_bytes(weights)} of weights: lower its batch or context, or "
+                        "quantize the KV (--kv 8), or raise --memory")
     key = max(fit, key=lambda k: sum(fit[k]))
     return BenchPlan(weights, build, *fit[key], _row_name(key[1], key[2], key[0]), int(budget[0]), budget[1],
                      {k: weights + sum(v) for k, v in every.items() if k not in fit})

@@ -20,6 +20,7 @@ from .config import DEFAULT_MODEL
 from .errors import ZayaError
 from .model_cache import FIRST_RUN_CONTEXT
 from .files import write_text_atomic
+from .sizes import format_bytes
 
 # ZAYA1 reasons at length before answering (its context is 131K tokens): a short cap would rarely reach the answer.
 MAX_TOKENS = 16384
@@ -112,13 +113,13 @@ def models_command(
         return
     if remove is not None:
         entry = remove_model(remove)
-        typer.echo(f"removed {entry.id} ({entry.size / 1e9:.2f} GB) from {entry.path}")
+        typer.echo(f"removed {entry.id} ({format_bytes(entry.size)}) from {entry.path}")
         return
     entries = list_models()
     if not entries:
         typer.echo(f"no ZAYA model in the cache ({default_cache()} and the hub's)")
         return
-    rows = [("id", "format", "size", "path")] + [(e.id, e.format, f"{e.size / 1e9:.2f} GB", str(e.path)) for e in entries]
+    rows = [("id", "format", "size", "path")] + [(e.id, e.format, format_bytes(e.size), str(e.path)) for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])

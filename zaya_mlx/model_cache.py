@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 from .config import DEFAULT_MODEL, ZayaConfig
 from .errors import ZayaError
+from .sizes import format_bytes, kv_bytes_per_token
 
 FIRST_RUN_CONTEXT = 32_768  # tokens a first conversation has room for, whichever weights
 COPY_RECIPE = "mxfp4"
@@ -57,13 +58,13 @@ class FirstRunPlan:
     budget_source: str
 
     def room(self) -> str:
-        return (f"bf16 weights with a {self.context:,}-token context need {self.bf16_bytes / 1e9:.1f} GB; this "
-                f"machine's budget is {self.budget_bytes / 1e9:.1f} GB ({self.budget_source})")
+        return (f"bf16 weights with a {self.context:,}-token context need {format_bytes(self.bf16_bytes)}; this "
+                f"machine's budget is {format_bytes(self.budget_bytes)} ({self.budget_source})")
 
     def summary(self) -> str:
         if self.format == "bf16":
             return f"{self.room()}: running bf16"
-        return (f"{self.room()}: running an {self.format.upper()} copy ({self.copy_bytes / 1e9:.1f} GB with the same "
+        return (f"{self.room()}: running an {self.format.upper()} copy ({format_bytes(self.copy_bytes)} with the same "
                 f"context)")
 
 
@@ -96,7 +97,7 @@ def plan_first_run(config: ZayaConfig, budget_bytes: int, budget_source: str = "
     plan = FirstRunPlan("bf16" if bf16 <= budget_bytes else recipe, context, bf16, copy, int(budget_bytes),
                         budget_source)
     if copy > budget_bytes:
-        raise ZayaError(f"{plan.room()}, and even {recipe.upper()} needs {copy / 1e9:.1f} GB: pass a smaller "
+        raise ZayaError(f"{plan.room()}, and even {recipe.upper()} needs {format_bytes(copy)}: pass a smaller "
                         f"quantized model with --model")
     return plan
 
@@ -152,7 +153,6 @@ def largest_rsa_population(config: ZayaConfig, weights: int, layer: int, budget:
 def mac_table(config: Optional[ZayaConfig] = None, sizes=MAC_SIZES, recipe: str = COPY_RECIPE) -> str:
     """README's "which model for which Mac", computed from the memory plan the commands use."""
     from .quantization import planned_weight_bytes
-    from .sizes import kv_bytes_per_token
     from .rsa.memory import METAL_BUDGET_SHARE
 
     config = config or ZayaConfig()
@@ -275,7 +275,7 @@ def make_copy(repo: str, small: Path, dest: Path, recipe: str = COPY_RECIPE, *,
     done_bytes = fetched = 0  # source bytes quantized; bytes downloaded (or quantized in an earlier run)
     resumed = sum((work / f"part-{k + 1:05d}.json").is_file() for k in range(len(shards)))
     log(f"making an {recipe.upper()} copy of {repo} in {dest}: {len(shards)} shards"
-        + (f" ({total / 1e9:.1f} GB)" if total else "") + ", each downloaded, quantized and deleted in turn"
+        + (f" ({format_bytes(total)})" if total else "") + ", each downloaded, quantized and deleted in turn"
         + (f"; resuming after {resumed} done" if resumed else ""))
     for k, part in enumerate(parts):
         record = work / f"part-{k + 1:05d}.json"
@@ -351,8 +351,8 @@ def _check_disk(work: Path, config: ZayaConfig, recipe: str, shard_bytes: int) -
     need = max(planned_weight_bytes(config, recipe)[0] - done, 0) + 2 * shard_bytes
     free = shutil.disk_usage(work.parent).free
     if free < need:
-        raise ZayaError(f"the {recipe.upper()} copy needs about {need / 1e9:.1f} GB free in {work.parent} and "
-                        f"{free / 1e9:.1f} GB are: free some space, or pass a model with --model")
+        raise ZayaError(f"the {recipe.upper()} copy needs about {format_bytes(need)} free in {work.parent} and "
+                        f"{format_bytes(free)} are: free some space, or pass a model with --model")
 
 
 def _take_lock(work: Path) -> None:

@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import struct
-import weakref
 import zlib
 from importlib import resources
 from pathlib import Path
@@ -185,7 +184,7 @@ def launch(body: str, back: str, inputs: list, outputs: list, *, pack: tuple[str
     and comes back as that output, at ~4 us less a step than a new output; the caller must own it (no other array
     may share its memory) and see that the launches which read and write it are ordered by the arrays they take
     (MLX orders them by nothing else). pack: names of inputs that are weights (the same arrays every call) which the
-    body reads one scalar at a time through static_cast<float>: they travel as one float32 input, packed once
+    body reads one scalar at a time through static_cast<float>: they travel as one float32 input
     (``packed``), and the body sees each as a float32 pointer into it (ZK_VIEW); a name the call does not pass is
     skipped.
     kwargs: the rest of the MLX kernel call (template, grid, threadgroup, init_value). Returns the outputs in
@@ -216,22 +215,13 @@ def launch(body: str, back: str, inputs: list, outputs: list, *, pack: tuple[str
     return [made.get(n) for n, _, _ in outputs]
 
 
-_PACKS: dict = {}  # ids of the arrays -> (weak references to them, their pack)
-
-
 def packed(arrays: tuple) -> mx.array:
-    """The arrays flattened into one evaluated float32 array, end to end: built once for the same arrays (the
-    weights a compiled step closes over), so a step has one input where it had many, and no op to pack them."""
-    key = tuple(id(a) for a in arrays)
-    hit = _PACKS.get(key)
-    if hit is not None and all(ref() is a for ref, a in zip(hit[0], arrays)):
-        return hit[1]
-    if len(_PACKS) >= 1024:  # drop the packs of arrays that are gone (a model replaced, a test's weights)
-        for k in [k for k, (refs, _) in _PACKS.items() if any(ref() is None for ref in refs)]:
-            del _PACKS[k]
+    """The arrays flattened into one evaluated float32 array, end to end, so a step has one input where it had many.
+
+    A compiled step (the decoder's default) closes over the weights as constants and builds their pack once, when
+    it is traced; an uncompiled call packs them again each time."""
     pack = mx.concatenate([a.reshape(-1).astype(mx.float32) for a in arrays])
     mx.eval(pack)
-    _PACKS[key] = (tuple(weakref.ref(a) for a in arrays), pack)
     return pack
 
 
