@@ -461,7 +461,7 @@ def test_fused_decode_with_grouped_experts_runs_like_the_plain_ops(monkeypatch):
     from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
 
     model = build_zaya(small_config(), None, seed=2, dtype=mx.float32)
-    model.decode_options = DecodeOptions(compile=False, group_experts_from=3)
+    model.decode_options = DecodeOptions(compile=False, group_experts_from=2)
     forms = []
     real = kernel_emulator.EmulatedKernel.__call__
 
@@ -471,7 +471,7 @@ def test_fused_decode_with_grouped_experts_runs_like_the_plain_ops(monkeypatch):
         return real(self, **k)
 
     monkeypatch.setattr(kernel_emulator.EmulatedKernel, "__call__", record)
-    errors, _ = fused_vs_plain(model, model.args.vocab_size, 3, context=5, steps=1, fused_context=emulated)
+    errors, _ = fused_vs_plain(model, model.args.vocab_size, 2, context=5, steps=1, fused_context=emulated)
     assert max(errors) < 1e-4, errors
     assert forms and all(forms), forms
 
