@@ -646,7 +646,7 @@ def test_grouped_expert_kernel_matches_reference(N, fmt, opts):
     out = expert_gather(x, expert, weight, gu, dn, grouped=True, impl="kernel")
     one = expert_gather(x, expert, weight, gu, dn, impl="kernel")
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert rel(out, ref) < 2e-2 and rel(out, one) < 1e-6, (rel(out, ref), rel(out, one))
+    assert rel(out, ref) < 2e-2 and rel(out, one) < 1e-5, (rel(out, ref), rel(out, one))  # atomics in another order
     assert (np.array(out)[np.array(expert) >= E] == 0).all()
 
 
