@@ -2,7 +2,7 @@
 
 1. One round (`--ns`): N rollouts sharing a head, decoded together by the engine's backend (mlx-lm's
    BatchGenerator, the head prefilled once), against N one after another as single streams (N x the N = 1 time);
-   the peak memory MLX reports against the plan.
+   the peak memory MLX reports against the plan; `--kv bf16,8,4` repeats it for each KV cache format.
 2. Scheduling on rollouts of mixed lengths (`--mixed`): the same run (N rollouts a round, T + 1 rounds, fewer
    slots than N) through the engine three ways: "batches" (sub-batches one after another, each waiting for its
    slowest rollout: how rounds were decoded before), "rounds" (continuous batching inside a round, rounds one
@@ -17,6 +17,7 @@ cuts the depth for slow machines (the figures then are per that depth: say so wh
 made of word ids by a stand-in tokenizer (one id a whitespace word), so a tail of W words is W ids.
 
     python bench/bench_rsa.py                                              # GPU: 40 layers, bf16, both parts
+    python bench/bench_rsa.py --ns 1,16 --kv bf16,8 --mixed-n 0             # part 1 with an 8-bit KV cache too
     python bench/bench_rsa.py --layers 2 --ns 1,2 --decode 16 --mixed-n 4 --slots 2 --budget 24 --tail 8   # a CPU
 """
 
@@ -31,6 +32,7 @@ from mlx.utils import tree_map
 
 from zaya_mlx import rsa
 from zaya_mlx.config import ZayaConfig
+from zaya_mlx.kv_cache import parse_kv
 from zaya_mlx.model import Model
 from zaya_mlx.rsa.memory import model_layer_bytes, model_weight_bytes
 
@@ -94,12 +96,12 @@ def sampling(temperature: float = 1.0) -> dict:
     return {"temperature": temperature, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
-def one_round(model, n: int, head: int, rest: int, decode: int, seed: int) -> dict:
+def one_round(model, n: int, head: int, rest: int, decode: int, seed: int, kv_bits=None) -> dict:
     vocab = model.args.vocab_size
     k1, k2 = mx.random.split(mx.random.key(seed), 2)
     head_ids = mx.random.randint(3, vocab, (head,), key=k1).tolist()
     rests = mx.random.randint(3, vocab, (n, rest), key=k2).tolist()
-    backend = rsa.ModelBackend(model, slots=n, stop_ids=())
+    backend = rsa.ModelBackend(model, slots=n, stop_ids=(), kv_bits=kv_bits)
     mx.synchronize()
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -118,7 +120,8 @@ def one_round(model, n: int, head: int, rest: int, decode: int, seed: int) -> di
     peak = mx.get_peak_memory()
     c = backend.counters()
     backend.close()
-    return {"n": n, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+    return {"n": n, "kv": "bf16" if kv_bits is None else f"{kv_bits}-bit", "seconds": seconds, "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
             "prefill_s": first - tic, "decode_tokens_per_s": c["generation_tokens"] / max(c["decode_s"], 1e-9),
             "peak_bytes": peak}
 
@@ -164,6 +167,7 @@ def main() -> None:
     ap.add_argument("--c", type=int, default=4, help="candidates a prompt (K)")
     ap.add_argument("--tail", type=int, default=512, help="tokens (words) a candidate carries")
     ap.add_argument("--decode", type=int, default=256, help="part 1: tokens each rollout generates")
+    ap.add_argument("--kv", default="bf16", help="part 1: KV cache formats, e.g. bf16,8,4")
     ap.add_argument("--mixed-n", type=int, default=16, help="part 2: rollouts a round (0: skip it)")
     ap.add_argument("--slots", type=int, default=8, help="part 2: rollouts decoding together")
     ap.add_argument("--rounds", type=int, default=2, help="part 2: T (T + 1 rounds)")
@@ -182,15 +186,16 @@ def main() -> None:
 
     rows = []
     ns = [int(x) for x in a.ns.split(",") if x.strip()]
+    kvs = [parse_kv(x) for x in a.kv.split(",")]
     if ns:
         rest = a.c * a.tail
         print(f"one round: {a.head} shared + {a.c} x {a.tail} tail tokens of prompt per rollout, {a.decode} tokens "
               "each")
-        for n in ns:
-            one_round(model, n, a.head, rest, 8, seed=99 + n)  # warm-up at this N's shapes: compile, allocate
-            r = one_round(model, n, a.head, rest, a.decode, seed=n)
+        for kv_bits, n in [(kv_bits, n) for kv_bits in kvs for n in ns]:
+            one_round(model, n, a.head, rest, 8, seed=99 + n, kv_bits=kv_bits)  # warm-up: compile, allocate
+            r = one_round(model, n, a.head, rest, a.decode, seed=n, kv_bits=kv_bits)
             params = rsa.RSAParams(rsa_n=n, rsa_k=a.c, rsa_t=1, tail_window_len=a.tail, tail_unit="tokens",
-                                   short_resp_len=a.decode, max_tokens=a.decode, rsa_final_n=0)
+                                   short_resp_len=a.decode, max_tokens=a.decode, rsa_final_n=0, kv_bits=kv_bits)
             plan = rsa.plan_memory(model.args, params, prompt_tokens=a.head, aggregate_tokens=a.head + rest,
                                    head_tokens=a.head, weights_bytes=weights,
                                    layer_bytes=model_layer_bytes(model), dtype_bytes=dtype.size,
@@ -198,13 +203,15 @@ def main() -> None:
             r["plan_bytes"] = plan.weights_bytes + plan.layer_bytes + plan.prefix_bytes + plan.activation_bytes + \
                 plan.slots * plan.sequence_bytes
             rows.append(r)
-        single = rows[0] if rows[0]["n"] == 1 else None
-        print(f"{'N':>3} {'round s':>8} {'prefill s':>9} {'tok/s':>9} {'decode tok/s':>12} {'vs N x single':>13} "
+        singles = {r["kv"]: r for r in rows if r["n"] == 1}
+        print(f"{'KV':>6} {'N':>3} {'round s':>8} {'prefill s':>9} {'tok/s':>9} {'decode tok/s':>12} "
+              f"{'vs N x single':>13} "
               f"{'peak GB':>8} {'plan GB':>8}")
         for r in rows:
+            single = singles.get(r["kv"])
             speed = (r["n"] * single["seconds"] / r["seconds"]) if single else float("nan")
             r["speedup_vs_single_streams"] = speed
-            print(f"{r['n']:>3} {r['seconds']:>8.2f} {r['prefill_s']:>9.2f} {r['tokens_per_s']:>9.1f} "
+            print(f"{r['kv']:>6} {r['n']:>3} {r['seconds']:>8.2f} {r['prefill_s']:>9.2f} {r['tokens_per_s']:>9.1f} "
                   f"{r['decode_tokens_per_s']:>12.1f} {speed:>12.2f}x {r['peak_bytes'] / 1e9:>8.2f} "
                   f"{r['plan_bytes'] / 1e9:>8.2f}")
     mixed_rows = mixed(model, a) if a.mixed_n else []

@@ -292,10 +292,11 @@ def sensitive(long_model_dir):
     return model, tok
 
 
-def decode_alone(model, prompt, steps, sampler, stop):
+def decode_alone(model, prompt, steps, sampler, stop, kv_bits=None):
     """The rollout alone: its whole prompt into a fresh cache in one forward, then one token a step (no batching,
-    no shared prefix, no cache copies: none of the engine's or mlx-lm's batching)."""
-    cache = model.make_cache()
+    no shared prefix, no cache copies: none of the engine's or mlx-lm's batching); kv_bits: on mlx-lm's
+    QuantizedKVCache."""
+    cache = model.make_cache(kv_bits=kv_bits)
     logits = model(mx.array([prompt], dtype=mx.int32), cache=cache)[0, -1]
     out = []
     for _ in range(steps):
@@ -310,14 +311,8 @@ def decode_alone(model, prompt, steps, sampler, stop):
 TINY = dict(rsa_n=4, rsa_k=2, rsa_t=2, tail_window_len=6, short_resp_len=10, max_tokens=12, rsa_final_n=2)
 
 
-def test_every_rollout_is_what_its_prompt_and_seed_give_alone(sensitive):
-    from zaya_mlx.sampling import make_sampler
-
-    model, tok = sensitive
-    params = rsa.RSAParams(**TINY, temperature=30.0, final_temperature=0.0)
-    events = []
-    result = rsa.run("What is 2+3?", params, model=model, tokenizer=tok, seed=1, max_batch=3, on_event=events.append)
-    assert result.plan.slots == 3
+def prompts_of(result, tok):
+    """Each rollout's prompt, rebuilt from the run's candidates."""
     prompts = {}
     builder = rsa.PromptBuilder(tok, [{"role": "user", "content": "What is 2+3?"}], 2)
     for rd in result.rounds:
@@ -327,18 +322,92 @@ def test_every_rollout_is_what_its_prompt_and_seed_give_alone(sensitive):
             else:
                 prompts[ro.round, ro.index] = builder.build_words(
                     [result.rounds[rd.index - 1].rollouts[j].candidate for j in ro.parents])
+    return prompts
+
+
+def check_rollouts_alone(model, tok, result, kv_bits=None):
+    from zaya_mlx.sampling import make_sampler
+
+    params, prompts = result.params, prompts_of(result, tok)
     assert len({tuple(ro.tokens) for ro in result.rounds[0].rollouts}) > 1
     stop = set(tok.eos_token_ids)
     for rd in result.rounds:
         for ro in rd.rollouts:
             s = params.sampling_in(rd.index)
             sampler = make_sampler(s["temperature"], s["top_p"], s["top_k"], s["min_p"], ro.seed)
-            assert ro.seed == rsa.derived_seed(1, ro.round, ro.index)
+            assert ro.seed == rsa.derived_seed(result.seed, ro.round, ro.index)
             assert ro.tokens == decode_alone(model, prompts[ro.round, ro.index], params.max_tokens_in(rd.index),
-                                             sampler, stop)
+                                             sampler, stop, kv_bits)
+
+
+def test_every_rollout_is_what_its_prompt_and_seed_give_alone(sensitive):
+    model, tok = sensitive
+    params = rsa.RSAParams(**TINY, temperature=30.0, final_temperature=0.0)
+    events = []
+    result = rsa.run("What is 2+3?", params, model=model, tokenizer=tok, seed=1, max_batch=3, on_event=events.append)
+    assert result.plan.slots == 3
+    check_rollouts_alone(model, tok, result)
     kinds = Counter(e.kind for e in events)
     assert kinds["rollout_finished"] == 10 and kinds["round_finished"] == 3 and kinds["finished"] == 1
     assert kinds["token"] == result.usage["completion_tokens"]
+
+
+@pytest.fixture(scope="module")
+def sensitive_kv(tiny_checkpoint, tmp_path_factory):
+    """`sensitive` with heads of 64 values, which a quantized KV cache can group."""
+    from fixtures import copy_with_context
+
+    from zaya_mlx.generation import load
+
+    folder = copy_with_context(tiny_checkpoint("kvheads"), tmp_path_factory.mktemp("zaya-kv") / "m", 131072)
+    model, tok = load(folder, dtype="float32")
+    model.model.input_hidden_states_scale = model.model.input_hidden_states_scale * 0.02
+    return model, tok, folder
+
+
+def test_quantized_rollouts_are_what_their_prompt_and_seed_give_alone_on_a_quantized_cache(sensitive_kv):
+    """--kv-bits 4: the batched rollouts (shared prefixes, left padding, rows leaving and joining) write the tokens
+    each writes alone on mlx-lm's single-stream QuantizedKVCache, and not those of the bf16 cache."""
+    model, tok, _ = sensitive_kv
+    params = rsa.RSAParams(**TINY, temperature=30.0, final_temperature=0.0, kv_bits=4)
+    result = rsa.run("What is 2+3?", params, model=model, tokenizer=tok, seed=1, max_batch=3)
+    assert result.plan.kv_bits == 4 and result.plan.slots == 3
+    check_rollouts_alone(model, tok, result, kv_bits=4)
+    plain = rsa.run("What is 2+3?", params.replace(kv_bits=None), model=model, tokenizer=tok, seed=1, max_batch=3)
+    assert rounds_of(plain) != rounds_of(result)
+
+
+def test_a_quantized_run_resumes_to_the_uninterrupted_result(sensitive_kv, tmp_path):
+    """An interrupted --kv-bits 8 run resumes from its folder, which holds the KV format with the parameters."""
+    model, tok, _ = sensitive_kv
+    params = rsa.RSAParams(**TINY, temperature=30.0, final_temperature=0.0, kv_bits=8)
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    whole = rsa.run(messages, params, model=model, tokenizer=tok, seed=2, max_batch=3)
+    identity = {"path": "kv", "hash": "0", "dtype": "float32"}
+    folder = rsa.RunFolder.create(tmp_path / "run", params=params, seed=2, messages=messages, model=identity)
+    with pytest.raises(KeyboardInterrupt):
+        rsa.run(messages, params, model=model, tokenizer=tok, seed=2, max_batch=3, journal=folder,
+                on_event=interrupted_after(5))
+    reopened = rsa.RunFolder.open(folder.path)
+    assert reopened.params.kv_bits == 8
+    with pytest.raises(ZayaError, match="has kv_bits=8, not None"):
+        reopened.check(params=params.replace(kv_bits=None))
+    resumed = rsa.run(messages, reopened.params, model=model, tokenizer=tok, seed=2, max_batch=3, journal=reopened)
+    assert rounds_of(resumed) == rounds_of(whole) and resumed.texts == whole.texts
+
+
+def test_cli_takes_kv_bits_and_a_resume_keeps_it(sensitive_kv, run_zaya, tmp_path):
+    import json
+
+    _, _, folder = sensitive_kv
+    args = ["What is 2+3?", "--model", folder, "--dtype", "float32", "--preset", "quick", "--n", "2", "--k", "2",
+            "--t", "1", "--short-resp-len", "4", "--max-tokens", "4", "--tail-window-len", "4", "--kv-bits", "8"]
+    code, stdout, stderr = run_zaya("rsa", *args, "--run", tmp_path / "run")
+    assert code == 0, stderr
+    assert "KB/token (8-bit)" in stdout
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["params"]["kv_bits"] == 8
+    code, _, stderr = run_zaya("rsa", "--resume", tmp_path / "run", "--kv-bits", "4")
+    assert code == 1 and "has kv_bits=8, not 4" in stderr
 
 
 def test_cli_zyphra_preset_starts_and_prints_its_plan(long_model_dir, tmp_path, run_zaya):
@@ -362,6 +431,8 @@ def test_cli_zyphra_preset_starts_and_prints_its_plan(long_model_dir, tmp_path, 
     (["--max-batch", "-3"], "--max-batch must be at least 1, got -3"),
     (["--json", "/tmp"], "--json /tmp: is a folder"),
     (["--k", "0"], "--k (rsa_k) must be a whole number >= 1"),
+    (["--kv-bits", "3"], "--kv-bits (kv_bits) must be 8 or 4"),
+    (["--kv-bits", "8"], "a quantized KV cache needs heads of a multiple of 64 values; this model's have 16"),
 ])
 def test_cli_refusals_are_one_line_before_the_run(long_model_dir, run_zaya, tmp_path, args, message):
     small = [] if args[0] == "--n" else ["--preset", "quick", "--short-resp-len", "8", "--max-tokens", "10"]
@@ -407,6 +478,26 @@ def test_rsa_mode_in_the_chat_ui(sensitive):
     assert "max_batch must be at least 1, got -3" in out
     ui.handle("/rsa zyphra off")
     assert ui.prompt_handler == ui.stream_turn and "RSA off · preset zyphra: n=32 k=4 t=8" in buf.getvalue()
+
+
+def test_rsa_mode_in_the_chat_ui_takes_the_chats_kv_format(sensitive_kv):
+    """`zaya chat --kv-bits 8` then `/rsa on`: the rollouts decode on an 8-bit cache, unless `/rsa kv_bits=4`."""
+    import io
+
+    from rich.console import Console
+
+    from zaya_mlx.chat_session import ChatSession
+    from zaya_mlx.tui import ChatUI
+
+    model, tok, _ = sensitive_kv
+    buf = io.StringIO()
+    ui = ChatUI(ChatSession(model, tok, kv_bits=8), console=Console(file=buf, width=400, highlight=False))
+    ui.handle("/rsa quick n=2 k=2 t=1 tail_window_len=4 short_resp_len=4 max_tokens=4 on")
+    ui.handle("What is 2+3?")
+    assert "KB/token (8-bit)" in buf.getvalue()
+    ui.handle("/rsa kv_bits=4")
+    ui.handle("What is 2+3?")
+    assert "KB/token (4-bit)" in buf.getvalue()
 
 
 # --- run folders: interrupt, resume, refuse -----------------------------------------------------------------------

@@ -245,3 +245,45 @@ def test_the_plan_sizes_every_slot_for_the_longest_round():
         rsa.plan_memory(args, p, prompt_tokens=200, aggregate_tokens=aggregate, weights_bytes=17 * GB,
                         budget_bytes=10 * GB)
 
+
+def test_the_plan_counts_a_quantized_cache_and_names_it_when_a_slot_does_not_fit():
+    from zaya_mlx.config import ZayaConfig
+
+    args = ZayaConfig()
+    # a row of 128 values: 128 (8-bit) or 64 (4-bit) bytes of integers, plus a bf16 scale and bias per 64 values
+    kv = {None: 40960, 8: 40 * 2 * 2 * (128 + 2 * 2 * 2), 4: 40 * 2 * 2 * (64 + 2 * 2 * 2)}
+    assert kv[8] == 21760 and kv[4] == 11520
+    p = rsa.RSAParams.preset("zyphra")
+    aggregate = 300 + 4 * (2 * 4096 + 8)
+    plans = {bits: rsa.plan_memory(args, p.replace(kv_bits=bits), prompt_tokens=200, aggregate_tokens=aggregate,
+                                   head_tokens=250, weights_bytes=17 * GB, budget_bytes=500 * GB, max_batch=1)
+             for bits in kv}
+    state = rsa.state_bytes_per_sequence(args)
+    for bits, plan in plans.items():
+        assert plan.kv_bytes_per_token == kv[bits] and plan.kv_bits == bits
+        assert plan.sequence_bytes == 2 * 256 * -(-plan.context_bound // 256) * kv[bits] + state
+        assert plan.prefix_bytes == 2 * (256 * kv[bits] + state)  # the 250-token head in one 256-token step
+    assert "KV 21 KB/token (8-bit)" in plans[8].summary()
+    budget = plans[8].peak_bytes  # one slot with an 8-bit cache, exactly
+    with pytest.raises(ZayaError, match=r"lower --max-tokens, --tail-window-len or --k, --kv-bits 8 \(53% of the KV "
+                                        r"bytes\), or raise --memory"):
+        rsa.plan_memory(args, p, prompt_tokens=200, aggregate_tokens=aggregate, head_tokens=250,
+                        weights_bytes=17 * GB, budget_bytes=budget)
+    fits = rsa.plan_memory(args, p.replace(kv_bits=8), prompt_tokens=200, aggregate_tokens=aggregate,
+                           head_tokens=250, weights_bytes=17 * GB, budget_bytes=budget)
+    assert fits.slots == 1 and fits.peak_bytes == budget
+    some = {bits: rsa.plan_memory(args, p.replace(kv_bits=bits), prompt_tokens=200, aggregate_tokens=aggregate,
+                                  head_tokens=250, weights_bytes=17 * GB, budget_bytes=80 * GB) for bits in kv}
+    assert 1 <= some[None].slots < some[8].slots < some[4].slots < 32
+    assert some[None].summary().endswith(f"; --kv-bits 8 fits {some[8].slots} slots")
+    assert some[8].summary().endswith(f"; --kv-bits 4 fits {some[4].slots} slots")
+    assert not some[4].notes and not plans[None].notes  # nothing smaller; every slot wanted (max_batch 1) fits
+    with pytest.raises(ZayaError, match=r"--kv-bits 4 \(53% of the KV bytes\)"):
+        rsa.plan_memory(args, p.replace(kv_bits=8), prompt_tokens=200, aggregate_tokens=aggregate, head_tokens=250,
+                        weights_bytes=17 * GB, budget_bytes=budget - 1)
+    with pytest.raises(ZayaError, match=r"--k, or raise --memory"):  # 4 bits: nothing smaller to name
+        rsa.plan_memory(args, p.replace(kv_bits=4), prompt_tokens=200, aggregate_tokens=aggregate, head_tokens=250,
+                        weights_bytes=17 * GB, budget_bytes=plans[4].peak_bytes - 1)
+    with pytest.raises(ZayaError, match=r"--kv-bits \(kv_bits\) must be 8 or 4"):
+        p.replace(kv_bits=3)
+

@@ -612,12 +612,14 @@ def to_dict(r: Result) -> dict:
 # --- the quantized KV cache's quality -----------------------------------------------------------------------------
 
 
-def kv_divergence(model: Model, prompt: mx.array, steps: int, kv_bits: int) -> tuple[list[float], float]:
+def kv_divergence(model: Model, prompt: mx.array, steps: int, kv_bits: int,
+                  left_padding: list | None = None) -> tuple[list[float], float]:
     """How far a quantized KV cache moves the model's next-token distributions: ``prompt`` [B, L] prefilled, then
     ``steps`` greedy tokens chosen on the model's own cache (its dtype) and fed alike to both caches (teacher
     forcing: both see the same tokens, so the divergences do not compound through different choices). Returns
-    (KL(p_cache || p_quantized) in nats at each position, the share of positions whose greedy choice agrees)."""
-    ref, quant = model.make_cache(), model.make_cache(kv_bits=kv_bits)
+    (KL(p_cache || p_quantized) in nats at each position, the largest over the rows, and the share of positions
+    whose greedy choice agrees in every row). left_padding: the prompt's rows are left-padded so (batch caches)."""
+    ref, quant = model.make_cache(left_padding), model.make_cache(left_padding, kv_bits=kv_bits)
     logits = [model(prompt, c, last_only=True) for c in (ref, quant)]
     kls, same = [], 0
     for i in range(steps + 1):

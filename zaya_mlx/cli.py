@@ -305,6 +305,7 @@ def rsa_command(
     final_vote: Optional[bool] = typer.Option(None, "--vote", help="Vote over the final answers (with --final-n > 1)."),
     unbounded: bool = typer.Option(False, "--unbounded", help="No token bound on word tails (Zyphra's prompts even for tails without whitespace)."),
     no_think: bool = typer.Option(False, "--no-think", help="Render the prompts with thinking off."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the rollouts' KV cache to 8 or 4 bits: about half or a quarter of its memory (docs/kv-cache.md)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the draws of candidates and every rollout's sampler (default 0)."),
     run_dir: Optional[str] = typer.Option(None, "--run", help="The run folder (default: a new one under ~/.cache/zaya-mlx/rsa)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this folder where it stopped."),
@@ -345,7 +346,7 @@ def rsa_command(
         max_tokens=max_tokens, rsa_final_n=final_n, final_temperature=final_temp, final_top_p=final_top_p,
         final_top_k=final_top_k, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, tail_source=tail_source,
         tail_unit=tail_unit, final_vote=final_vote, bounded_context=False if unbounded else None,
-        enable_thinking=False if no_think else None)
+        enable_thinking=False if no_think else None, kv_bits=kv_bits)
 
     def define():  # the run: from the arguments, or the folder it resumes (anything given must agree with it)
         messages = None
@@ -387,8 +388,8 @@ def rsa_command(
     if presets:
         for name, preset_ in rsa.PRESETS.items():
             try:
-                plan = rsa.plan_run(messages, preset_.params, model=llm, tokenizer=tokenizer, max_batch=max_batch,
-                                    memory_budget=budget)
+                plan = rsa.plan_run(messages, preset_.params.replace(kv_bits=params.kv_bits), model=llm,
+                                    tokenizer=tokenizer, max_batch=max_batch, memory_budget=budget)
                 console.print(f"{name}: {preset_.description}\n  {plan.summary()}\n  {rsa.estimate_line(plan, rate)}",
                               markup=False)
             except ZayaError as e:

@@ -18,8 +18,7 @@ from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_uns
 
 from . import kernels, layouts
 from .config import ZayaConfig
-from .errors import ZayaError
-from .kv_cache import KV_GROUP_SIZE, check_kv_bits
+from .kv_cache import KV_GROUP_SIZE, BatchQuantizedKVCache, check_kv_heads
 from .decode import DecodeOptions, FusedDecoder
 
 ModelArgs = ZayaConfig
@@ -329,12 +328,12 @@ class ZayaModel(nn.Module):
 
 def _steppable(cache: list, fused: bool) -> bool:
     """Whether the decode step (fused or not) takes this cache: mlx-lm's KVCache or BatchKVCache, or for the fused
-    step alone a QuantizedKVCache (its attention kernel reads the packed keys and values; the plain step writes
-    unquantized buffers, so a quantized cache's plain steps take the plain forward, whose attention reads it with
-    quantized_matmul); and no right-padded prefill under way (an ArraysCache with lengths, which only the plain
-    forward follows)."""
+    step alone a QuantizedKVCache or BatchQuantizedKVCache (its attention kernel reads the packed keys and values;
+    the plain step writes unquantized buffers, so a quantized cache's plain steps take the plain forward, whose
+    attention reads it with quantized_matmul); and no right-padded prefill under way (an ArraysCache with lengths,
+    which only the plain forward follows)."""
     kv, conv = cache[0][0], cache[0][1]
-    kinds = (KVCache, BatchKVCache, QuantizedKVCache) if fused else (KVCache, BatchKVCache)
+    kinds = (KVCache, BatchKVCache, QuantizedKVCache, BatchQuantizedKVCache) if fused else (KVCache, BatchKVCache)
     return type(kv) in kinds and conv.lengths is None
 
 
@@ -395,17 +394,16 @@ class Model(nn.Module):
 
     def make_cache(self, batch_left_padding: Optional[list] = None, kv_bits: Optional[int] = None) -> list:
         """One mlx-lm `CacheList(kv, conv)` per layer; a left-padded batch gets a `BatchKVCache`. kv_bits: keys and
-        values quantized to 8 or 4 bits as they are written (mlx-lm's `QuantizedKVCache`, zaya_mlx/kv_cache.py)."""
-        if check_kv_bits(kv_bits) is not None and self.args.head_dim % KV_GROUP_SIZE:
-            raise ZayaError(f"a quantized KV cache needs heads of a multiple of {KV_GROUP_SIZE} values; this model's "
-                            f"have {self.args.head_dim}")
-        if kv_bits is not None and batch_left_padding is not None:
-            raise ValueError("a quantized KV cache is for equal-length rows: no left padding")
+        values quantized to 8 or 4 bits as they are written (mlx-lm's `QuantizedKVCache`, or for a left-padded batch
+        a `BatchQuantizedKVCache`; zaya_mlx/kv_cache.py)."""
+        check_kv_heads(self.args.head_dim, kv_bits)
 
         def kv():
-            if kv_bits is not None:
-                return QuantizedKVCache(KV_GROUP_SIZE, kv_bits)
-            return KVCache() if batch_left_padding is None else BatchKVCache(list(batch_left_padding))
+            if batch_left_padding is not None:
+                if kv_bits is not None:
+                    return BatchQuantizedKVCache(list(batch_left_padding), KV_GROUP_SIZE, kv_bits)
+                return BatchKVCache(list(batch_left_padding))
+            return KVCache() if kv_bits is None else QuantizedKVCache(KV_GROUP_SIZE, kv_bits)
 
         return [CacheList(kv(), ArraysCache(2)) for _ in self.layers]
 

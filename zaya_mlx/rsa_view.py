@@ -225,7 +225,8 @@ def _parse(key: str, value: str):
         field = {f.name: f for f in dataclasses.fields(RSAParams)}.get(key)
         if field is None:
             raise ZayaError(f"/rsa: unknown setting {key!r}")
-        kind = type(getattr(RSAParams(), key)) if getattr(RSAParams(), key) is not None else float
+        default = getattr(RSAParams(), key)
+        kind = type(default) if default is not None else int if field.type == "Optional[int]" else float
     if kind is bool:
         if value.lower() not in ("on", "off", "true", "false", "1", "0"):
             raise ZayaError(f"/rsa: {key} is on or off, got {value!r}")
@@ -281,14 +282,16 @@ def _describe(state: dict) -> str:
 
 
 def answer_with_rsa(ui, text: str) -> None:
-    """Answer `text` with Markovian RSA (the conversation's system prompt, thinking setting and model), show the
-    live view and the answer, and add the turn to the conversation (the final response as the assistant's
-    reply). Earlier turns are not part of the problem. Ctrl-C stops the run."""
+    """Answer `text` with Markovian RSA (the conversation's system prompt, thinking setting, model and KV format
+    unless `/rsa kv_bits=` says otherwise), show the live view and the answer, and add the turn to the conversation
+    (the final response as the assistant's reply). Earlier turns are not part of the problem. Ctrl-C stops the
+    run."""
     from . import rsa
 
     session = ui.session
     state = chat_state(ui)
-    params = chat_params(state).replace(enable_thinking=session.enable_thinking)
+    params = chat_params(state).replace(enable_thinking=session.enable_thinking,
+                                        kv_bits=state["overrides"].get("kv_bits", session.kv_bits))
     messages = ([{"role": "system", "content": session.system}] if session.system else []) + \
         [{"role": "user", "content": text}]
     view = RSAView(ui.console, params)

@@ -22,27 +22,30 @@ from ._build import backend, float_bits, launch, use_kernel
 from .weights import MAX_K, QuantizedStack, as_stack, chunk_values, kernel_parts, weight_format
 
 
-def gather_matmul(x, w, idx, rows=None):
-    """x [N, M, K] times the expert matrices ``w[idx]`` ([E, O, K] stack, dense or QuantizedStack; idx [N]):
-    [N, M, O]. rows: ``arange(N)`` as an array (else MLX makes one in the graph)."""
-    if not isinstance(w, QuantizedStack) and w.dtype != mx.float32 and mx.default_device() == mx.cpu:
-        # MLX's CPU gather_mm takes float32 only: gather the chosen experts' matrices, then matmul
-        return x @ mx.take(w, idx, axis=0).swapaxes(-1, -2)
-    if isinstance(w, QuantizedStack):
-        return mx.gather_qmm(
-            x,
-            w.weight,
-            w.scales,
-            w.biases,
-            lhs_indices=rows,
-            rhs_indices=idx,
-            transpose=True,
-            group_size=w.group_size,
-            bits=w.bits,
-            mode=w.mode,
-            global_scale=w.global_scale,
-        )
-    return mx.gather_mm(x, w.swapaxes(-1, -2), lhs_indices=rows, rhs_indices=idx)
+def gather_matmul(x, w, idx, rows=None, transposed: bool = False):
+    """x [*N, M, K] times the expert matrices ``w[idx]`` ([E, O, K] stack, dense or QuantizedStack; idx [*N]):
+    [*N, M, O]. rows: the indices of x's batch entries, ``arange`` shaped as idx, as an array (else MLX makes one in
+    the graph). transposed: a dense stack given as [E, K, O] (an evaluated transposed view, so a call builds no
+    transpose)."""
+    if not isinstance(w, QuantizedStack):
+        w_t = w if transposed else w.swapaxes(-1, -2)
+        if w.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_mm takes float32 only: gather the chosen experts' matrices, then matmul
+            return x @ mx.take(w_t, idx, axis=0)
+        return mx.gather_mm(x, w_t, lhs_indices=rows, rhs_indices=idx)
+    return mx.gather_qmm(
+        x,
+        w.weight,
+        w.scales,
+        w.biases,
+        lhs_indices=rows,
+        rhs_indices=idx,
+        transpose=True,
+        group_size=w.group_size,
+        bits=w.bits,
+        mode=w.mode,
+        global_scale=w.global_scale,
+    )
 
 
 def expert_gather_reference(x, expert, weight, gate_up, down):

@@ -2,8 +2,9 @@
 
 `ModelBackend` is mlx-lm's `BatchGenerator` (continuous batching: a new prompt is prefilled in chunks between
 the decode steps of the running ones, each with its own sampler) on a model, with the prompts' shared prefixes
-prefilled once and copied into each new rollout's cache. Tests drive the engine with a scripted backend of the
-same two methods.
+prefilled once and copied into each new rollout's cache. With `kv_bits` every cache is a one-row
+`BatchQuantizedKVCache` from the start (zaya_mlx/kv_cache.py), which the generator merges, filters and extends as
+it does its bf16 caches. Tests drive the engine with a scripted backend of the same two methods.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ class Backend(Protocol):
 
 
 class ModelBackend:
-    """mlx-lm's BatchGenerator with `slots` rollouts decoding together and shared prefixes prefilled once."""
+    """mlx-lm's BatchGenerator with `slots` rollouts decoding together and shared prefixes prefilled once; keys and
+    values quantized to `kv_bits` (8 or 4) where given."""
 
     def __init__(self, model, *, slots: int, stop_ids: Sequence[int], prefill_step_size: int = 512,
-                 prefix_cache_size: int = 2):
+                 prefix_cache_size: int = 2, kv_bits: Optional[int] = None):
         from mlx_lm.generate import BatchGenerator
 
         self.model = model
+        self.kv_bits = kv_bits
         self.generator = BatchGenerator(model, completion_batch_size=slots, prefill_batch_size=min(slots, 8),
                                         prefill_step_size=prefill_step_size,
                                         stop_tokens=[[int(t)] for t in stop_ids])
@@ -58,7 +61,7 @@ class ModelBackend:
             while len(self._prefixes) >= self.prefix_cache_size:
                 self._prefixes.pop(next(iter(self._prefixes)))
             tic = time.perf_counter()
-            cache = self.model.make_cache()
+            cache = self.new_cache()
             prefill(self.model, list(prefix), cache, self.prefill_step_size)
             mx.eval([c.state for c in cache])
             self._prefixes[prefix] = cache
@@ -66,11 +69,18 @@ class ModelBackend:
             self._prefix_s += time.perf_counter() - tic
         return self._prefixes[prefix]
 
+    def new_cache(self) -> list:
+        """An empty cache for one rollout: the model's own, or a one-row quantized batch (mlx-lm merges only
+        caches that have a batched form)."""
+        if self.kv_bits is None:
+            return self.model.make_cache()
+        return self.model.make_cache([0], kv_bits=self.kv_bits)
+
     def start(self, key, prompt, *, max_tokens, sampling, seed, prefix=()):
         from ..sampling import make_sampler
 
         prefix = tuple(prefix)
-        cache = None
+        cache = None if self.kv_bits is None else self.new_cache()
         if prefix and len(prompt) > len(prefix) and tuple(prompt[: len(prefix)]) == prefix:
             cache = copy.deepcopy(self._prefix_cache(prefix))
             prompt = prompt[len(prefix) :]

@@ -519,7 +519,8 @@ def run(messages_or_problem, params: Optional[RSAParams] = None, *, model=None, 
         finished = journal.finished() if journal is not None else []
         own_backend = backend is None
         if own_backend:
-            backend = ModelBackend(model, slots=plan.slots, stop_ids=stop_ids, prefill_step_size=prefill_step_size)
+            backend = ModelBackend(model, slots=plan.slots, stop_ids=stop_ids, prefill_step_size=prefill_step_size,
+                                   kv_bits=params.kv_bits)
         engine_class = Engine if hosts is None else functools.partial(DistributedEngine, hosts, messages=messages,
                                                                       model=model)
         engine = engine_class(params, backend=backend, plan=plan, builder=builder, seed=seed,

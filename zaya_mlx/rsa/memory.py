@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ZayaError
+from ..kv_cache import KV_BITS, KV_GROUP_SIZE, check_kv_heads
 from ..sizes import format_bytes, kv_bytes_per_token
 from ..sizes import weight_bytes as model_weight_bytes
 
@@ -85,6 +86,9 @@ class MemoryPlan:
     sequence_bytes: one slot at the bound: twice its KV (allocation rounded up to mlx-lm's 256-token steps; twice
     because mlx-lm grows a cache by concatenation, so old and new buffers can both be alive) + conv state.
     host_bytes: every rollout's tokens and text kept in memory (worst case).
+    kv_bits: the KV cache's format (None: the model's dtype; 8 or 4: packed integers with a scale and a bias per
+    64 values, which kv_bytes_per_token counts). notes: what the summary adds (fewer slots than rollouts a round,
+    where a smaller KV format fits more).
     Measured on an H100 with MLX-CUDA, 8B shapes, bf16, 16 sequences at a 2,560-token bound (bench/bench_rsa.py):
     peak 19.57 GB (op-by-op decode) and 20.29 GB (fused decode) against 21.6 GB planned.
     """
@@ -106,6 +110,7 @@ class MemoryPlan:
     rollouts: int
     worst_case_tokens: int
     peak_bytes: int
+    kv_bits: Optional[int] = None
     notes: list = field(default_factory=list)
 
     @property
@@ -118,9 +123,22 @@ class MemoryPlan:
     def summary(self) -> str:
         return (f"plan: {self.rollouts} rollouts, {self.worst_case_tokens:,} new tokens at most, {self.slots} slots "
                 f"of <= {self.context_bound:,} tokens (prompt {self.prompt_tokens:,}, aggregation prompt <= "
-                f"{self.aggregate_tokens:,}); KV {self.kv_bytes_per_token / 1024:.0f} KB/token, "
+                f"{self.aggregate_tokens:,}); KV {self.kv_bytes_per_token / 1024:.0f} KB/token{kv_format(self.kv_bits)}, "
                 f"{format_bytes(self.kv_bytes())} for the slots, weights {format_bytes(self.weights_bytes)}: {format_bytes(self.peak_bytes)} "
-                f"of {format_bytes(self.budget_bytes)} ({self.budget_source})")
+                f"of {format_bytes(self.budget_bytes)} ({self.budget_source})" + "".join(f"; {n}" for n in self.notes))
+
+
+def kv_format(kv_bits: Optional[int]) -> str:
+    return "" if kv_bits is None else f" ({kv_bits}-bit)"
+
+
+def smaller_kv(args, kv_bits: Optional[int]) -> Optional[int]:
+    """The KV format that shrinks the cache next (8 bits after the model's dtype, 4 after 8), or None when it is at
+    its smallest or the model's heads cannot be grouped."""
+    smaller = [b for b in KV_BITS if kv_bits is None or b < kv_bits]
+    if not smaller or not args.head_dim or args.head_dim % KV_GROUP_SIZE:
+        return None
+    return max(smaller)
 
 
 def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head_tokens: int = 0,
@@ -135,6 +153,7 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
     if budget_bytes is None:
         budget_bytes, budget_source = default_memory_budget()
     p = params
+    check_kv_heads(args.head_dim, p.kv_bits)
     max_pos = getattr(args, "max_position_embeddings", None) or 1 << 62
     if prompt_tokens > max_pos:
         raise ZayaError(f"the prompt is {prompt_tokens:,} tokens, over the model's context of {max_pos:,} tokens; "
@@ -157,10 +176,7 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
         raise ZayaError(f"an RSA sequence may hold {bound:,} tokens, over the model's context of {max_pos:,}; "
                         f"lower {culprit}")
 
-    kv = kv_bytes_per_token(args, dtype_bytes)
     state = state_bytes_per_sequence(args, dtype_bytes)
-    seq = 2 * _alloc(bound) * kv + state
-    prefix = 2 * (_alloc(max(head_tokens, prompt_tokens)) * kv + state)  # round 0's prompt and the aggregation head
     V, H = args.vocab_size, args.hidden_size
     inter = getattr(args, "moe_intermediate_size", 4 * H)
     prefill_act = prefill_step_size * (10 * H + 3 * inter + args.num_attention_heads * bound) * 4
@@ -168,23 +184,43 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
     def act(b: int) -> int:  # + the last position's logits, and per decode step fp32 logits/log-probs x 3
         return prefill_act + V * 4 + 3 * b * V * 4 + b * 10 * H * 4
 
+    wanted = min(p.rsa_n, max_batch) if max_batch else p.rsa_n
+
+    def fit(kv_bits: Optional[int]) -> tuple[int, int, int, int]:
+        """(KV bytes a token, a slot's bytes, the prefixes' bytes, the slots that fit) with keys and values so."""
+        kv = kv_bytes_per_token(args, dtype_bytes, kv_bits)
+        seq = 2 * _alloc(bound) * kv + state
+        prefix = 2 * (_alloc(max(head_tokens, prompt_tokens)) * kv + state)  # round 0's prompt, the aggregation head
+        slots = wanted
+        while slots >= 1 and weights_bytes + layer_bytes + prefix + host + act(slots) + slots * seq > budget_bytes:
+            slots -= 1
+        return kv, seq, prefix, slots
+
+    kv, seq, prefix, slots = fit(p.kv_bits)
     fixed = weights_bytes + layer_bytes + prefix
     if fixed >= budget_bytes:
         raise ZayaError(f"the model ({format_bytes(weights_bytes)}) alone fills the RSA memory budget of {format_bytes(budget_bytes)}: "
                         "use a quantized model (zaya quantize) or raise --memory")
-    slots = min(p.rsa_n, max_batch) if max_batch else p.rsa_n
-    while slots >= 1 and fixed + host + act(slots) + slots * seq > budget_bytes:
-        slots -= 1
+    smaller = smaller_kv(args, p.kv_bits)
     if slots < 1:
+        hint = ""
+        if smaller is not None:
+            hint = f", --kv-bits {smaller} ({kv_bytes_per_token(args, dtype_bytes, smaller) / kv:.0%} of the KV bytes)"
         raise ZayaError(f"one RSA sequence of {bound:,} tokens needs {format_bytes(seq + act(1))} (cache and working memory) "
                         f"and only {format_bytes(budget_bytes - fixed - host)} of the {format_bytes(budget_bytes)} budget is left after "
-                        f"the model: lower {culprit}, or raise --memory")
+                        f"the model: lower {culprit}{hint}, or raise --memory")
+    notes = []
+    if slots < wanted and smaller is not None:
+        more = fit(smaller)[3]
+        if more > slots:
+            notes.append(f"--kv-bits {smaller} fits {more} slots")
     return MemoryPlan(prompt_tokens=prompt_tokens, aggregate_tokens=aggregate_tokens, context_bound=bound,
                       kv_bytes_per_token=kv, state_bytes_per_sequence=state, sequence_bytes=seq,
                       weights_bytes=weights_bytes, layer_bytes=layer_bytes, prefix_bytes=prefix,
                       activation_bytes=act(slots), host_bytes=host, budget_bytes=int(budget_bytes),
                       budget_source=budget_source, slots=slots, rollouts=p.total_rollouts(),
-                      worst_case_tokens=p.worst_case_tokens(), peak_bytes=fixed + host + act(slots) + slots * seq)
+                      worst_case_tokens=p.worst_case_tokens(), peak_bytes=fixed + host + act(slots) + slots * seq,
+                      kv_bits=p.kv_bits, notes=notes)
 
 
 def model_layer_bytes(model) -> int:

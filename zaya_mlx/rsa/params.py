@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from ..errors import ZayaError
+from ..kv_cache import KV_BITS
 
 TAIL_SOURCES = ("served", "reasoning")
 TAIL_UNITS = ("words", "tokens")
@@ -26,7 +27,7 @@ FLAGS = {
     "final_temperature": "--final-temp", "final_top_p": "--final-top-p", "final_top_k": "--final-top-k",
     "temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
     "tail_source": "--tail-source", "tail_unit": "--tail-unit", "final_vote": "--vote",
-    "bounded_context": "--unbounded", "enable_thinking": "--no-think",
+    "bounded_context": "--unbounded", "enable_thinking": "--no-think", "kv_bits": "--kv-bits",
 }
 
 
@@ -46,7 +47,8 @@ class RSAParams:
     without re-tokenising); `final_vote` votes over the `rsa_final_n` final answers, mathematically equal
     answers as one; `bounded_context` bounds a word tail at `tail_token_bound` tokens (a tail over it keeps its
     last tokens; never on natural text) so that no sequence outgrows the plan; `enable_thinking` renders the
-    prompts with thinking on (Zyphra's served default).
+    prompts with thinking on (Zyphra's served default); `kv_bits` the rollouts' keys and values quantized to 8 or 4
+    bits (None: the model's dtype, as Zyphra's vLLM serves it; docs/kv-cache.md), which changes what they write.
     """
 
     rsa_n: int = 32
@@ -68,6 +70,7 @@ class RSAParams:
     final_vote: bool = False
     bounded_context: bool = True
     enable_thinking: bool = True
+    kv_bits: Optional[int] = None
 
     # --- derived ------------------------------------------------------------------------------------------------
 
@@ -168,6 +171,8 @@ class RSAParams:
             raise bad("min_p", "must be in [0, 1]")
         if self.tail_source not in TAIL_SOURCES:
             raise bad("tail_source", f"must be one of {', '.join(TAIL_SOURCES)}")
+        if self.kv_bits is not None and (type(self.kv_bits) is not int or self.kv_bits not in KV_BITS):
+            raise bad("kv_bits", f"must be {' or '.join(map(str, KV_BITS))}, or unset for the model's dtype")
         if self.tail_unit not in TAIL_UNITS:
             raise bad("tail_unit", f"must be one of {', '.join(TAIL_UNITS)}")
 
