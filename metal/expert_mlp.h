@@ -7,16 +7,15 @@
 // KB of router weights each threadgroup reads from L2.
 // Plain-MLX reference: zaya_mlx/kernels/experts.py, expert_gather_reference (routed_expert_gather_reference).
 //
-// Grid: x = block c of CW intermediate channels, y = token n (GROUPED: expert e, below). A threadgroup computes
-// its CW channels of h = silu(gate) * up (2 * CW weight rows, RPW a SIMD group, its lanes reading 16 bytes each along a row),
-// then those channels' share of the down projection, W_down[:, c*CW : (c+1)*CW] h_c, for all H outputs, and
-// adds it times the router weight to y with atomics. y starts at zero, so the I / CW shares sum to
-// (W_down h) * weight: y is the output, zeroed by the launch's init value (MLX fills it before the launch), or,
-// with IN_PLACE, the input yin, a zeroed row the post-attention residual norm made for this launch alone, which
-// the kernel adds into in place (as the CCA kernel writes the KV cache). Then the output y only orders the
-// reader of yin after this launch: its one element is never written. Splitting the down projection's sum over I
-// is what lets one launch do both projections: no threadgroup has all of h, but each block's share needs only
-// its own.
+// Grid: x = block c of CW intermediate channels, y = token n (GROUPED: expert e, below). A threadgroup computes its
+// CW channels of h = silu(gate) * up (2 * CW weight rows, RPW a SIMD group, its lanes reading 16 bytes each along a
+// row), then those channels' share of the down projection, W_down[:, c*CW : (c+1)*CW] h_c, for all H outputs, and
+// adds it times the router weight to y with atomics. y starts at zero, so the I / CW shares sum to (W_down h) *
+// weight: y is the output, zeroed by the launch's init value (MLX fills it before the launch), or, with IN_PLACE,
+// the input yin, a zeroed row the post-attention residual norm made for this launch alone, which the kernel adds
+// into in place (as the CCA kernel writes the KV cache). Then the output y only orders the reader of yin after this
+// launch: its one element is never written. Splitting the down projection's sum over I is what lets one launch do
+// both projections: no threadgroup has all of h, but each block's share needs only its own.
 // With GROUPED (a batch of tokens, not routed here), the grid's y is the expert e instead, and a threadgroup
 // takes the tokens that chose e, TT at a time (a tile: their x side by side in threadgroup memory): each weight
 // chunk it loads serves every token of the tile, so an expert's rows are read once a step for up to TT tokens

@@ -148,10 +148,10 @@ def test_expert_body(fmt, opts):
 
 @pytest.mark.parametrize("fmt,opts", FORMATS)
 def test_grouped_expert_body(fmt, opts):
-    """The grouped form (a threadgroup an expert, its tokens a tile at a time: here 2) at batch 1, 8, 16 and 32,
-    skips among them, against float64 numpy on the dequantized weights; and at batch 8 with five tokens on one
-    expert (three tiles, the last part-filled), each token's sum is the one-token form's, bit for bit (the same arithmetic, in the same
-    order)."""
+    """The grouped form (a threadgroup an expert, its tokens a tile at a time: here 2) at batch 1, 8, 16 and 32, skips
+    among them, against float64 numpy on the dequantized weights; and at batch 8 with five tokens on one expert
+    (three tiles, the last part-filled), each token's sum is the one-token form's, bit for bit (the same arithmetic,
+    in the same order)."""
     H, I, E = 256, max(32, (opts or {}).get("group_size", 0)), 3  # few channel blocks: a threadgroup is 512 threads
     assert experts.tile_tokens(H) == experts.MAX_TILE == 2
     for N in (1, 8, 16, 32):
