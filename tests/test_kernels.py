@@ -883,7 +883,8 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
     tol = max(1e-4, F32) if dtype == mx.float32 else BF16_LOGITS
-    # 254 + 3 outgrows 256 keys; 8 runs the experts grouped (DecodeOptions.group_experts_from)
+    model.decode_options = DecodeOptions(group_experts_from=8)
+    # 254 + 3 outgrows 256 keys; 8 runs the experts grouped
     for batch, pads, prompt_len in ((1, None, 9), (1, None, 254), (3, [0, 2, 5], 9), (8, None, 9)):
         errors, cache = fused_vs_plain(model, model.args.vocab_size, batch, context=prompt_len, steps=3, left_padding=pads)
         assert max(errors) < tol, (batch, prompt_len, errors)

@@ -504,7 +504,7 @@ def bench_command(
     plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
     small: bool = typer.Option(False, "--small", help="A tiny model of the same structure (a smoke run)."),
     experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Fewer experts (a token still reads one): the same step, a model that builds in seconds, for A/B runs."),
-    group_experts_from: Optional[str] = typer.Option(None, "--group-experts-from", help="Comma-separated batch sizes from which the expert kernel runs grouped by expert, or off; a fused run for each, e.g. off,8 (default: the model's, 8)."),
+    group_experts_from: Optional[str] = typer.Option(None, "--group-experts-from", help="Comma-separated batch sizes from which the expert kernel runs grouped by expert, or off; a fused run for each, e.g. off,8 (default: the model's, off)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here."),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="Write the results table (Markdown) here."),
 ) -> None:

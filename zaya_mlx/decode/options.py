@@ -13,13 +13,13 @@ class DecodeOptions:
     weights. kernels: run the GPU kernels where they cover the shapes (False: their plain-MLX references, which
     compute the same function). compile: run the step's fixed-shape parts as ``mx.compile``'d functions.
     group_experts_from: the batch size from which the expert kernel runs grouped by expert (each chosen expert's
-    rows read once for its tokens, after the router's own launch) instead of a token a threadgroup (None: never);
-    the same function either way."""
+    rows read once for its tokens, after the router's own launch) instead of a token a threadgroup (None, the
+    default: never, since the grouped form's speed on a GPU is not yet measured); the same function either way."""
 
     fused: Optional[bool] = None
     kernels: bool = True
     compile: bool = True
-    group_experts_from: Optional[int] = 8
+    group_experts_from: Optional[int] = None
 
     def groups_experts(self, batch: int) -> bool:
         """Whether a step of ``batch`` tokens runs the expert kernel grouped by expert."""
