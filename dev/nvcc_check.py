@@ -89,11 +89,12 @@ ROUTER_INPUTS = [("nw", "pack"), ("w1", "bf16"), ("b1", "pack"), ("w2", "bf16"),
                  ("bal", "pack")]
 
 
-def expert_case(qm, wt, st, bt, bits, gs, routed=False):
+def expert_case(qm, wt, st, bt, bits, gs, routed=False, grouped=False):
     """ZAYA's experts in a format; routed: with its bf16 router MLP inside (else given the choice), adding into its
-    input in place (else into its output)."""
+    input in place (else into its output); grouped: the grouped form at batch 16, adding into its output."""
     router_inputs = ROUTER_INPUTS if routed else [(n, None) for n, _ in ROUTER_INPUTS]
-    return (f"expert_q{qm}_b{bits}_{'routed' if routed else 'chosen'}", "expert_mlp.h",
+    kind = "routed" if routed else "grouped" if grouped else "chosen"
+    return (f"expert_q{qm}_b{bits}_{kind}", "expert_mlp.h",
             [("x", "bf16"), ("expert", None if routed else "i32"), ("rweight", None if routed else "f32"),
              ("wgu", wt), ("sgu", st), ("bgu", bt), ("wd", wt), ("sd", st), ("bd", bt),
              ("r", "bf16" if routed else None),
@@ -102,7 +103,8 @@ def expert_case(qm, wt, st, bt, bits, gs, routed=False):
             [("T", "bf16"), ("H", 2048), ("I", 2048), ("CW", experts._CW), ("QA", qm), ("BA", bits), ("GA", gs),
              ("QB", qm), ("BB", bits), ("GB", gs), ("NE", 16), ("ROUTED", routed), ("TR", "bf16"),
              ("R", 256 if routed else 8), ("NE1", 17 if routed else 1), ("WQ", 0 if routed else 1), ("REPS", EPS),
-             ("IN_PLACE", routed), ("NT", experts._NT)])
+             ("IN_PLACE", routed), ("NT", experts._NT), ("GROUPED", grouped), ("NTOK", 16 if grouped else 0),
+             ("TT", experts.tile_tokens(2048, qm) if grouped else 1)])
 
 
 def head_case(qm, wt, st, bt, bits, gs, vocab):
@@ -181,8 +183,8 @@ DTYPES = ("bf16", "f32")
 CASES = [cca_case(*shape[:6], t) for shape in [(8, 2, 128, 2, 2, 64), (6, 3, 48, 3, 2, 16), (4, 4, 64, 2, 3, 64),
                                                 (5, 1, 32, 2, 2, 0), (4, 1, 64, 3, 2, 32)] for t in DTYPES]
 CASES += [cca_case(8, 2, 128, 2, 2, 64, t, fused_step=True) for t in DTYPES]
-CASES += [expert_case(*FORMATS[f], routed) for f in ("bf16", "f32", "affine4", "affine8", "mxfp4")
-          for routed in (False, True)]
+CASES += [expert_case(*FORMATS[f], routed, grouped) for f in ("bf16", "f32", "affine4", "affine8", "mxfp4")
+          for routed, grouped in ((False, False), (True, False), (False, True))]
 CASES += [head_case(*FORMATS[f], vocab) for f in ("bf16", "affine4", "affine8", "mxfp4") for vocab in (262272, 300)]
 CASES += [router_case(r, ne1, t) for r, ne1 in ((256, 17), (96, 7)) for t in DTYPES]
 CASES += [resnorm_case(h, r, t) for h, r in ((2048, 256), (200, 40), (2048, 0)) for t in DTYPES]

@@ -210,6 +210,7 @@ class Step(typing.NamedTuple):
     cca_inside: bool = True  # the CCA step inside attention's launch, or in its own (shapes that launch lacks)
     split: bool = False  # attention over a buffer in chunks, then a combine launch (long contexts)
     full: bool = False  # ZAYA1-8B's widths and vocabulary (two layers, weights never computed), not the small model's
+    grouped: bool = False  # the experts grouped by expert (DecodeOptions.group_experts_from=1), the router apart
 
 
 def _lazy_zaya(step: Step):
@@ -251,7 +252,7 @@ def step_launches(step: Step) -> list[Launch]:
         if not step.full:
             model.decode_options = DecodeOptions(fused=False)
             mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
-        model.decode_options = DecodeOptions(fused=True, compile=False)
+        model.decode_options = DecodeOptions(fused=True, compile=False, group_experts_from=1 if step.grouped else None)
         if not step.cca_inside:
             attention.cca_kernel_supported = lambda *a, **k: False
         if step.split:

@@ -62,11 +62,25 @@ def test_rows_and_kv_formats_and_the_bytes_a_step_moves(run_zaya, tmp_path):
     assert rows["bf16", 2, 20]["bytes_per_step"] - 40 * 1024 > rows["bf16", 1, 8]["bytes_per_step"] - 8 * 1024
 
 
+def test_both_forms_of_the_expert_kernel_are_timed_in_one_run(run_zaya, tmp_path):
+    """--group-experts-from off,2: a fused run a form, named so, on one model; at batch 2 the grouped run counts
+    the distinct experts two tokens choose (1.75 of 4 on average), the other a token's own each (2)."""
+    per_token, grouped = bench(run_zaya, tmp_path, "--rows", "2x8", "--group-experts-from", "off,2")
+    assert "a token a threadgroup" in per_token["name"] and "grouped from batch 2" in grouped["name"]
+    (a,), (b,) = per_token["rows"], grouped["rows"]
+    assert a["decode_tps"] > 0 and b["decode_tps"] > 0
+    expert = (grouped["weight_gb"] - grouped["weight_gb_per_token"]) * 1e9 / 3  # one of the 4 experts' bytes
+    assert (a["bytes_per_step"] - b["bytes_per_step"]) / expert == pytest.approx(2 - 1.75, rel=1e-2)
+
+
 def test_weights_read_counts_the_experts_a_batch_chooses():
     """All but the experts, and E (1 - (1 - 1/E)^B) experts' share: one expert at batch 1, 10.30 of 16 at 16."""
     assert weights_read(1000 + 1600, 1600, 16, 1) == 1000 + 100
     assert weights_read(1000 + 1600, 1600, 16, 16) == int(1000 + 100 * 16 * (1 - (15 / 16) ** 16))
     assert abs(16 * (1 - (15 / 16) ** 16) - 10.30) < 0.01
+    # the experts a token a threadgroup: each token reads its own, 16 expert reads at 16
+    assert weights_read(1000 + 1600, 1600, 16, 16, grouped=False) == 1000 + 1600
+    assert weights_read(1000 + 1600, 1600, 16, 1, grouped=False) == 1000 + 100
 
 
 def test_a_long_context_is_filled_in_chunks_with_one_positions_logits():
@@ -143,7 +157,8 @@ def test_a_checkpoint_is_measured(run_zaya, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--batch", "x"], ["--batch", "1,0"], ["--quant", "int3"], ["--quant", ","],
-                                  ["--rows", "16"], ["--rows", "2x0"], ["--kv", "3"], ["--model", "x", "--small"]])
+                                  ["--rows", "16"], ["--rows", "2x0"], ["--kv", "3"], ["--model", "x", "--small"],
+                                  ["--group-experts-from", "0"], ["--group-experts-from", "off,x"]])
 def test_bad_input_is_one_line(run_zaya, args):
     code, out, err = run_zaya("bench", "--small", *args)
     assert code == 1

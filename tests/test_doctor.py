@@ -34,7 +34,7 @@ def test_on_the_cpu_the_report_says_why_no_kernel_runs_and_nothing_is_downloaded
 def test_on_a_gpu_every_kernel_builds_and_matches_its_reference(quant, run_zaya):
     code, out, err = run_zaya("doctor", "--quant", quant)
     assert code == 0, out + err
-    assert len(re.findall(r"^  \S.* +ok  max error", out, re.M)) == 8 and "FAILED" not in out
+    assert len(re.findall(r"^  \S.* +ok  max error", out, re.M)) == 9 and "FAILED" not in out
     assert f"back end: {kernels.backend()}" in out and "  gpu:" in out
     assert "decode path:        fused step with the kernels" in out
 
@@ -66,7 +66,7 @@ def test_a_kernel_that_does_not_build_is_reported_with_metals_message(monkeypatc
 
     _as_if_on_metal(monkeypatch, metal_kernel)
     checks = doctor.kernel_checks()
-    assert len(checks) == 8 and not any(c.ok for c in checks)
+    assert len(checks) == 9 and not any(c.ok for c in checks)
     assert all(c.detail == "did not build or run: [metal::Device] Unable to build metal library from source"
                for c in checks)
 
@@ -85,4 +85,4 @@ def test_a_kernel_that_computes_garbage_fails_its_check(monkeypatch):
     # the router's top-1 choice of zero logits may still match (expert 0): its probability does not
     assert set(failed) == {c.name for c in checks}, [c for c in checks if c.ok]
     report = doctor.Report({"os": "test"}, "metal", "", checks, "plain MLX ops", "why", 2**20, 1.0)
-    assert report.text().count("FAILED") == 8 and "too large" in report.text()
+    assert report.text().count("FAILED") == 9 and "too large" in report.text()

@@ -632,6 +632,24 @@ def test_expert_kernel_matches_reference(case, fmt, opts):
         assert (np.array(out.astype(mx.float32))[skip] == 0).all()
 
 
+@gpu_only
+@pytest.mark.parametrize("fmt,opts", FORMATS)
+@pytest.mark.parametrize("N", [1, 8, 16, 32])
+def test_grouped_expert_kernel_matches_reference(N, fmt, opts):
+    """The grouped form at ZAYA's widths (16 experts, tiles of 2 tokens), each token's sum against the reference's
+    and the one-token form's; skips among the tokens."""
+    E = 16
+    choice = None if N > 1 else [5]
+    x, expert, weight, gu, dn, _ = _expert_inputs(N, 2048, 2048, E, fmt, opts, mx.bfloat16, mx.bfloat16, seed=N,
+                                                  expert=choice)
+    ref = expert_gather_reference(x, expert, weight, gu, dn)
+    out = expert_gather(x, expert, weight, gu, dn, grouped=True, impl="kernel")
+    one = expert_gather(x, expert, weight, gu, dn, impl="kernel")
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel(out, ref) < 2e-2 and rel(out, one) < 1e-5, (rel(out, ref), rel(out, one))  # atomics in another order
+    assert (np.array(out)[np.array(expert) >= E] == 0).all()
+
+
 def test_lm_head_kernel_takes_only_rows_of_its_width():
     """A head whose rows are not h's width goes to MLX's matmul (which raises its own error), never to the kernel,
     which would read past each row."""
@@ -851,7 +869,8 @@ def test_residual_norm_kernel_writes_into_given_arrays(N):
 @pytest.mark.parametrize("quant", [None, "mxfp4", "mxfp4+router"])
 def test_fused_decode_matches_plain_decode(quant, monkeypatch):
     """Same weights, same tokens: the fused decode step (kernels on a GPU, their references on the CPU) gives the
-    logits of the model's plain ops, for a lone sequence and for a left-padded batch. "+router" also quantizes
+    logits of the model's plain ops, for a lone sequence, a left-padded batch and a batch of 8 (the experts
+    grouped by expert on a GPU). "+router" also quantizes
     the router MLP, which the fused step then runs through the router's own plain ops."""
     import mlx.nn as nn
     from mlx_lm.models.cache import BatchKVCache
@@ -864,7 +883,9 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
     tol = max(1e-4, F32) if dtype == mx.float32 else BF16_LOGITS
-    for batch, pads, prompt_len in ((1, None, 9), (1, None, 254), (3, [0, 2, 5], 9)):  # 254 + 3 outgrows 256 keys
+    model.decode_options = DecodeOptions(group_experts_from=8)
+    # 254 + 3 outgrows 256 keys; 8 runs the experts grouped
+    for batch, pads, prompt_len in ((1, None, 9), (1, None, 254), (3, [0, 2, 5], 9), (8, None, 9)):
         errors, cache = fused_vs_plain(model, model.args.vocab_size, batch, context=prompt_len, steps=3, left_padding=pads)
         assert max(errors) < tol, (batch, prompt_len, errors)
         assert cache[0][0].keys.shape[2] >= prompt_len + 3

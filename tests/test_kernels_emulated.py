@@ -146,6 +146,45 @@ def test_expert_body(fmt, opts):
     assert (out[1] == 0).all()
 
 
+@pytest.mark.parametrize("fmt,opts", FORMATS)
+def test_grouped_expert_body(fmt, opts):
+    """The grouped form (a threadgroup an expert, its tokens a tile at a time: here 2) at batch 1, 8, 16 and 32, skips
+    among them, against float64 numpy on the dequantized weights; and at batch 8 with five tokens on one expert
+    (three tiles, the last part-filled), each token's sum is the one-token form's, bit for bit (the same arithmetic,
+    in the same order)."""
+    H, I, E = 256, max(32, (opts or {}).get("group_size", 0)), 3  # few channel blocks: a threadgroup is 512 threads
+    assert experts.tile_tokens(H) == experts.MAX_TILE == 2
+    for N in (1, 8, 16, 32):
+        x, expert, weight, gu, dn, dense = _expert_inputs(N, H, I, E, fmt, opts, mx.bfloat16, mx.bfloat16, seed=N)
+        assert experts.grouped_kernel_supported(x, gu, dn)
+        with emulated():
+            out = np.array(experts.expert_gather_kernel(x, expert, weight, gu, dn, grouped=True, back="cuda"))
+        y = _expert_numpy(x, expert, weight, dense)
+        assert np.abs(out - y).max() / np.abs(y).max() < 2e-2, N
+        assert (out[np.array(expert) == E] == 0).all()
+    x, expert, weight, gu, dn, _ = _expert_inputs(8, H, I, E, fmt, opts, mx.bfloat16, mx.bfloat16, seed=9,
+                                                  expert=[1, 1, 0, 1, 2, 3, 1, 1])
+    with emulated():
+        one = experts.expert_gather_kernel(x, expert, weight, gu, dn, back="cuda")
+        grouped = experts.expert_gather_kernel(x, expert, weight, gu, dn, grouped=True, back="cuda")
+    assert np.array_equal(np.array(grouped), np.array(one))
+
+
+def test_grouped_expert_body_adds_into_a_given_row():
+    """In place, as the fused step calls it: the sums added into the zero row's values, every token's row touched
+    once (a row added twice, or another token's, would differ)."""
+    N, H, I, E = 9, 256, 32, 2
+    x, expert, weight, gu, dn, dense = _expert_inputs(N, H, I, E, "mxfp4", FORMATS[3][1], mx.bfloat16, mx.bfloat16,
+                                                      seed=5, expert=[1, 0, 1, 1, 2, 1, 1, 0, 1])
+    into = rnd(N, H)
+    before = np.array(into)
+    with emulated():
+        summed, after = experts.expert_gather_kernel(x, expert, weight, gu, dn, into=into, grouped=True, back="cuda")
+    assert summed is into and after.shape == (1,)
+    y, out = _expert_numpy(x, expert, weight, dense), np.array(summed) - before
+    assert np.abs(out - y).max() / np.abs(y).max() < 2e-2 and (out[4] == 0).all()
+
+
 @pytest.mark.parametrize("fmt,opts", [FORMATS[0], FORMATS[3]])
 def test_routed_expert_body(fmt, opts):
     """The router inside the expert kernel, adding into a given row in place: each token's expert as the reference
@@ -413,6 +452,28 @@ def test_fused_decode_runs_the_bodies_like_the_plain_ops(quant, monkeypatch):
     for batch, pads in ((1, None), (2, [0, 3])):
         errors, _ = fused_vs_plain(model, model.args.vocab_size, batch, context=6, steps=2, left_padding=pads, fused_context=emulated)
         assert max(errors) < (1e-4 if dtype == mx.float32 else BF16_LOGITS), (batch, errors)
+
+
+def test_fused_decode_with_grouped_experts_runs_like_the_plain_ops(monkeypatch):
+    """From the batch DecodeOptions.group_experts_from names, the fused step runs the router's own launch and the
+    expert kernel's grouped form (only that form: a launch of the one-token form would show), and gives the plain
+    ops' logits."""
+    from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
+
+    model = build_zaya(small_config(), None, seed=2, dtype=mx.float32)
+    model.decode_options = DecodeOptions(compile=False, group_experts_from=2)
+    forms = []
+    real = kernel_emulator.EmulatedKernel.__call__
+
+    def record(self, **k):
+        if self.body == "expert_mlp.h":
+            forms.append(dict(k["template"])["GROUPED"])
+        return real(self, **k)
+
+    monkeypatch.setattr(kernel_emulator.EmulatedKernel, "__call__", record)
+    errors, _ = fused_vs_plain(model, model.args.vocab_size, 2, context=5, steps=1, fused_context=emulated)
+    assert max(errors) < 1e-4, errors
+    assert forms and all(forms), forms
 
 
 def test_fused_decode_on_a_quantized_cache_runs_the_bodies_like_the_plain_ops():

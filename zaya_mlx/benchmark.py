@@ -131,10 +131,11 @@ def build_zaya(config: ZayaConfig, quant: str | None = None, seed: int = 0, dtyp
 # --- measurements ----------------------------------------------------------------------------------------------
 
 
-def weights_read(total: int, experts: int, num_experts: int, batch: int) -> int:
+def weights_read(total: int, experts: int, num_experts: int, batch: int, grouped: bool = True) -> int:
     """Weight bytes a decode step of ``batch`` tokens reads: all but the experts, and the experts chosen. With top-1
-    routing spread evenly (as the random weights route), E (1 - (1 - 1/E)^B) distinct experts a layer on average."""
-    chosen = num_experts * (1 - (1 - 1 / num_experts) ** batch)
+    routing spread evenly (as the random weights route), E (1 - (1 - 1/E)^B) distinct experts a layer on average,
+    each read once where the experts run grouped by expert; else each token reads its own (B a layer)."""
+    chosen = num_experts * (1 - (1 - 1 / num_experts) ** batch) if grouped else batch
     return int(total - experts + experts / num_experts * chosen)
 
 
@@ -360,7 +361,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 25
     res = Result(name, quant or "bf16", str(mx.default_device()), total / 1e9,
                  weights_read(total, experts, config.num_experts, 1) / 1e9)
     options = model.decode_options
-    model.decode_options = DecodeOptions(fused=fused, kernels=options.kernels, compile=compiled)
+    model.decode_options = replace(options, fused=fused, compile=compiled)
     try:
         for bits in kv_formats:
             kv = res.kv_bytes_per_token[kv_name(bits)] = kv_bytes_per_token(config, kv_bits=bits)
@@ -368,7 +369,8 @@ def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 25
                 if (bits, b, ctx) in skip:
                     log(f"  {_row_name(b, ctx, bits)}: skipped, it needs ~{format_bytes(skip[bits, b, ctx])}")
                     continue
-                moved = weights_read(total, experts, config.num_experts, b) + b * ctx * kv
+                grouped = fused and model.decode_options.groups_experts(b)
+                moved = weights_read(total, experts, config.num_experts, b, grouped) + b * ctx * kv
                 row = measure_row(model, lambda: model.make_cache(kv_bits=bits), b, ctx, kv_name(bits), steps=steps,
                                   runs=runs, vocab=config.vocab_size, chunk=chunk, bytes_per_step=moved,
                                   bandwidth=bandwidth)
@@ -393,7 +395,7 @@ def fused_vs_plain(model: Model, vocab: int, batch: int = 2, context: int = 24, 
     step's max |logit difference| / max |logit|, the fused path's cache). The model's options are kept but for
     ``fused``, and restored after. kv_bits: both caches quantized so."""
     options = model.decode_options
-    sides = {on: DecodeOptions(fused=on, kernels=options.kernels, compile=options.compile) for on in (False, True)}
+    sides = {on: replace(options, fused=on) for on in (False, True)}
     tokens = mx.random.randint(0, vocab, (batch, context)).astype(mx.int32)
     caches, last = {}, {}
     try:
@@ -533,7 +535,7 @@ def plan_bench(config: ZayaConfig, model: Model, rows, kv_formats, *, steps: int
 def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,), steps=64, small=False, plain=False,
         experts: int | None = None, runs: int = 3, chunk: int = 2048, bandwidth: float | None = None,
         model_path: str | None = None, memory: float | None = None, options: DecodeOptions | None = None,
-        log=print) -> list[Result]:
+        group_experts_from: tuple | None = None, log=print) -> list[Result]:
     """The whole benchmark; returns one Result per (model, weights) measured. Every model is planned (plan_bench)
     before the first is built. experts: fewer experts than the config's, for quick A/B runs: with top-1 routing a
     token reads one expert either way, so a step's graph and the bytes it reads stay the same (but for the
@@ -541,7 +543,9 @@ def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,),
     this many timed runs, for every model alike. model_path: a checkpoint measured in place of random weights.
     memory: the budget in GB (default: a share of the machine's). bandwidth: bytes/s (default device_bandwidth()).
     options: the models' decode options (their ``kernels``, and ``compile`` for the first fused run; the runs choose
-    ``fused``)."""
+    ``fused``). group_experts_from: a fused run for each of these DecodeOptions.group_experts_from (None: the
+    experts never grouped), on the same model, to compare the expert kernel's forms in one run; default: the
+    options' own."""
     options = options or DecodeOptions()
     bandwidth = bandwidth or device_bandwidth()
     budget = (int(memory * 1e9), "--memory") if memory else None
@@ -579,7 +583,14 @@ def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,),
         q = None if q in UNQUANTIZED else q
         kw = dict(rows=rows, kv_formats=kv_formats, log=log, runs=runs, chunk=chunk, bandwidth=bandwidth,
                   skip=plan.skipped)
-        results.append(bench_zaya(config, q, model, steps=steps, compiled=options.compile, **kw))
+        for g in group_experts_from or (options.group_experts_from,):
+            model.decode_options = replace(options, group_experts_from=g)
+            label = None
+            if group_experts_from:
+                grouping = "experts a token a threadgroup" if g is None else f"experts grouped from batch {g}"
+                label = f"zaya-mlx (fused decode, {grouping})"
+            results.append(bench_zaya(config, q, model, steps=steps, compiled=options.compile, label=label, **kw))
+        model.decode_options = options
         if plain:
             log(f"zaya-mlx {q or 'bf16'} (fused, not compiled):")
             results.append(bench_zaya(config, q, model, steps=steps, check=False, compiled=False, **kw))

@@ -159,6 +159,8 @@ def kernel_checks(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> list:
     res, norm = layer.post_attention_residual_scale, layer.post_attention_layernorm
     choice = mx.array([[1]], dtype=mx.int32)
     weight = mx.array([[0.75]], dtype=mx.float32)
+    batch = _rnd(3, 1, H, dtype=dtype)  # three tokens, two on one expert, for the grouped form
+    choices, weights = mx.array([1, 0, 1], dtype=mx.int32), mx.array([0.75, 0.5, 0.25], dtype=mx.float32)
 
     proj = attn.qkv_proj
     dw, gw = proj.conv_qk_depthwise, proj.conv_qk_grouped
@@ -197,6 +199,8 @@ def kernel_checks(quant: Optional[str] = "mxfp4", dtype=mx.bfloat16) -> list:
                                                           impl=impl)),
         ("expert MLP with its router", lambda impl: kernels.routed_expert_gather(
             x, r, router, experts.gate_up_proj, experts.down_proj, impl=impl)),
+        ("expert MLP grouped by expert", lambda impl: kernels.expert_gather(
+            batch, choices, weights, experts.gate_up_proj, experts.down_proj, grouped=True, impl=impl)),
         ("CCA step", cca_step),
         ("attention + o_proj", attention),
         ("CCA step inside attention", cca_attention),

@@ -134,3 +134,13 @@ def test_cuda_twins_compile_and_fit_an_sm():
                        timeout=900)
     assert r.returncode == 0, r.stdout[-4000:]
     assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") >= 20
+
+
+def test_step_primitives_counts_the_router_launch_the_grouped_experts_add():
+    """Two layers at batch 3, on one model: grouped from batch 3, each layer has one launch more than a token a
+    threadgroup (the router's own, which the one-token expert kernel runs inside itself); grouped from 4, none."""
+    cmd = [sys.executable, os.path.join(DEV, "step_primitives.py"), "--layers", "2", "--batch", "3",
+           "--group-experts-from", "off,3,4"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    launches = [int(n) for n in re.findall(r"\((\d+) launches\)", out)]
+    assert len(launches) == 3 and launches[1] == launches[0] + 2 and launches[2] == launches[0], out

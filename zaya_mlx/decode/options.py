@@ -11,11 +11,19 @@ class DecodeOptions:
     """fused: run one-token steps through the fused decode step (True), through the plain ops (False), or decide
     (None): on a Metal or CUDA GPU, once the step has passed its check against the plain ops for the model's
     weights. kernels: run the GPU kernels where they cover the shapes (False: their plain-MLX references, which
-    compute the same function). compile: run the step's fixed-shape parts as ``mx.compile``'d functions."""
+    compute the same function). compile: run the step's fixed-shape parts as ``mx.compile``'d functions.
+    group_experts_from: the batch size from which the expert kernel runs grouped by expert (each chosen expert's
+    rows read once for its tokens, after the router's own launch) instead of a token a threadgroup (None, the
+    default: never, since the grouped form's speed on a GPU is not yet measured); the same function either way."""
 
     fused: Optional[bool] = None
     kernels: bool = True
     compile: bool = True
+    group_experts_from: Optional[int] = None
+
+    def groups_experts(self, batch: int) -> bool:
+        """Whether a step of ``batch`` tokens runs the expert kernel grouped by expert."""
+        return self.group_experts_from is not None and batch >= self.group_experts_from
 
     @property
     def impl(self) -> str:

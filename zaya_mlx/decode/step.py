@@ -34,7 +34,7 @@ class FusedDecoder:
 
     def __init__(self, options: DecodeOptions):
         self.options = options
-        self._steps: dict = {}  # (back end, compiled, kernels) -> the step functions
+        self._steps: dict = {}  # (back end, compiled, kernels, group_experts_from) -> the step functions
         self._checked: dict = {}  # back end -> whether the step passed its check
         self._caches = weakref.WeakKeyDictionary()  # a cache's first KV cache -> its StepCache
 
@@ -190,7 +190,7 @@ class FusedDecoder:
         attribute directly are not seen.
         """
         o = self.options
-        key = (kernels.backend(), o.compile, o.kernels)
+        key = (kernels.backend(), o.compile, o.kernels, o.group_experts_from)
         if key not in self._steps:
             self._steps[key] = [_step_function(model, i, o) for i in range(-1, len(model.layers))]
         return self._steps[key]
@@ -214,14 +214,16 @@ def _step_function(model, i: int, options: DecodeOptions):
                                    q_into, last))
     elif nxt is None:
         def fn(out, h, r, last, *into):
-            h, x, r = _mlp_block(cur, out, h, r, into, inner.norm, impl=impl, after=last if i == 0 else None)
+            h, x, r = _mlp_block(cur, out, h, r, into, inner.norm, impl=impl, after=last if i == 0 else None,
+                                 grouped=options.groups_experts(h.shape[0]))
             return x
     else:
         def fn(out, h, r, last, h_attn, h_mlp, r_into, zeros, q_into, state, v_prev, positions, keys, values, filled,
                lpad):
             into = (h_attn, h_mlp, r_into, zeros)
             h, qkv, r = _mlp_block(cur, out, h, r, into, nxt.input_layernorm, nxt.self_attn.qkv_proj.in_proj,
-                                   impl=impl, after=last if i == 0 else None)
+                                   impl=impl, after=last if i == 0 else None,
+                                   grouped=options.groups_experts(h.shape[0]))
             return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, impl,
                                       q_into))
     return mx.compile(fn) if options.compile else fn
@@ -245,10 +247,11 @@ def _attention(layer, qkv, state, v_prev, positions, keys, values, filled, lpad,
     )
 
 
-def _mlp_block(layer, o, h, router_state, into, next_norm, next_proj=None, impl="auto", after=None):
+def _mlp_block(layer, o, h, router_state, into, next_norm, next_proj=None, impl="auto", after=None, grouped=False):
     """From o_proj's output (partial sums, see _attention): residual, MoE, residual, then next_norm (the next
     layer's input norm or the final norm) and next_proj (the next layer's in_proj, or None), in kernels. A dense
-    router runs inside the expert kernel; a quantized one through its plain ops. into: the arrays the kernels write
+    router runs inside the expert kernel, or (grouped: the expert kernel's grouped form, for a batch) in its own
+    launch before it; a quantized one through its plain ops. into: the arrays the kernels write
     in place (StepBuffers.mlp_into): the residual stream after attention and after the MoE, this layer's router
     state, and the expert kernel's zero row; after: an array the first of them must run after (layer 0: the last
     step's output). Returns (h, next_proj(next_norm(h)) or next_norm(h), router state)."""
@@ -260,7 +263,7 @@ def _mlp_block(layer, o, h, router_state, into, next_norm, next_proj=None, impl=
     router = None if any("scales" in lin for lin in (mlp.fc1, mlp.fc2, mlp.out_proj)) else gate.kernel_weights()
     # The router state is written in place only where the expert kernel routes: that kernel also takes x, which orders
     # it after this launch. The router's own kernel or ops would take the state alone, and could run before it.
-    if r_into is not None and (impl == "reference" or router is None or not kernels.routed_kernel_supported(
+    if r_into is not None and (impl == "reference" or router is None or grouped or not kernels.routed_kernel_supported(
             h, r_into, router, experts.gate_up_proj, experts.down_proj)):
         r_into = None
     # r: the router's down-projection plus the previous layer's state; dtype: the activation dtype (the step casts)
@@ -274,10 +277,10 @@ def _mlp_block(layer, o, h, router_state, into, next_norm, next_proj=None, impl=
     if router is None:  # quantized router: its plain ops
         choice, weight, _ = gate.route(r, None)
         y, after = kernels.expert_gather(x, choice, weight, experts.gate_up_proj, experts.down_proj, into=zeros,
-                                         impl=impl)
+                                         grouped=grouped, impl=impl)
     else:
         y, after = kernels.routed_expert_gather(x, r, router, experts.gate_up_proj, experts.down_proj, into=zeros,
-                                                impl=impl)
+                                                grouped=grouped, impl=impl)
 
     res = layer.post_mlp_residual_scale
     h, x, qkv = kernels.residual_norm(  # y: the expert kernel's float32 sum; after: runs this after its adds

@@ -74,6 +74,10 @@ def expert_gather_reference(x, expert, weight, gate_up, down):
 
 _NT = 512
 _CW = 32  # intermediate channels a threadgroup: 64 threadgroups for ZAYA's 2048, one 4-bit chunk of a down row
+MAX_TILE = 2  # tokens a tile of the grouped form: with 3, a thread's registers pass 128 at ZAYA's widths, the most a
+# launch of 512 threads may hold (dev/nvcc_check.py)
+
+
 def kernel_supported(x, gate_up, down) -> bool:
     gu, dn = as_stack(gate_up), as_stack(down)
     a, b = weight_format(gu), weight_format(dn)
@@ -87,18 +91,39 @@ def kernel_supported(x, gate_up, down) -> bool:
             and _CW % chunk_values(*b[:2]) == 0)
 
 
+def _threadgroup_floats(H: int, tokens: int = 1, R: int = 8, ne1: int = 1) -> int:
+    """The body's threadgroup memory in floats: a tile of ``tokens`` padded x rows with their gate/up sums and
+    SwiGLU, and the router's vectors (R, ne1: the placeholders where the launch does not route)."""
+    row = -(-(H + H // 8) // 4) * 4
+    return tokens * (row + 3 * _CW) + 2 * (R + R // 32) + ne1 + _NT // 32
+
+
+def tile_tokens(H: int, qm: int = 0) -> int:
+    """Tokens a threadgroup of the grouped form takes at a time: as many padded x rows as fit its 32 KB, at most
+    MAX_TILE; one for float32 weights (QM 1), whose chunks hold the fewest values and take the most registers."""
+    most = 1 if qm == 1 else MAX_TILE
+    return max((t for t in range(1, most + 1) if 4 * _threadgroup_floats(H, t) <= 32768), default=0)
+
+
+def grouped_kernel_supported(x, gate_up, down) -> bool:
+    """The grouped form's check: the one-token form's, and a tile of at least one token in threadgroup memory."""
+    return kernel_supported(x, gate_up, down) and tile_tokens(x.shape[-1]) >= 1
+
+
 def routed_kernel_supported(x, r, router: router_op.RouterWeights, gate_up, down) -> bool:
     """Both kernels' checks, with threadgroup memory for the router's vectors next to the expert's (32 KB)."""
     if not (kernel_supported(x, gate_up, down) and router_op.kernel_supported(r, router)):
         return False
     H, R, ne1 = x.shape[-1], r.shape[-1], router.out_w.shape[0]
-    floats = H + H // 8 + 3 * _CW + 2 * (R + R // 32) + ne1 + _NT // 32
-    return router_op.threads(R) == _NT and 4 * floats <= 32768 and r.size // R == x.size // H
+    return (router_op.threads(R) == _NT and 4 * _threadgroup_floats(H, 1, R, ne1) <= 32768
+            and r.size // R == x.size // H)
 
 
-def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, into=None, back=None):
+def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, into=None, grouped=False, back=None):
     """The fused launch; the result has x's shape ([N, H], or [B, 1, H] for a decode step), float32.
     routing: (r, router.RouterWeights) to choose each token's expert in the launch (expert and weight: None).
+    grouped: a threadgroup an (expert, channel block), taking the tokens that chose its expert a tile at a time, so
+    each chosen expert's rows are read once for all its tokens (a batch; not with routing).
     into: a float32 zero row of x's shape, made for this launch alone (residual_norm's zeros=True), which the kernel
     adds into in place instead of a new output that MLX fills with zeros first (a launch less). Then the result
     is (into, after): a reader of into must also take ``after`` (residual_norm's after=), so that it runs after the
@@ -118,6 +143,8 @@ def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, into
         r, router = routing
         expert, weight, router_inputs = None, None, router.kernel_inputs()
         router_template = [("TR", r.dtype), *router.template()]
+    if grouped and routing is not None:
+        raise ValueError("the grouped expert kernel takes the tokens' choices, not the router's state")
     wgu, sgu, bgu, (qa, ba, ga) = kernel_parts(gu)
     wd, sd, bd, (qb, bb, gb) = kernel_parts(dn)
     out = launch(
@@ -127,8 +154,9 @@ def expert_gather_kernel(x, expert, weight, gate_up, down, *, routing=None, into
         [("y", tuple(x.shape) if into is None else (1,), mx.float32)],
         template=[("T", x.dtype), ("H", H), ("I", I), ("CW", _CW), ("QA", qa), ("BA", ba), ("GA", ga),
                   ("QB", qb), ("BB", bb), ("GB", gb), ("NE", gu.shape[0]), ("ROUTED", routing is not None),
-                  *router_template, ("IN_PLACE", into is not None), ("NT", _NT)],
-        grid=((I // _CW) * _NT, N, 1),
+                  *router_template, ("IN_PLACE", into is not None), ("NT", _NT), ("GROUPED", grouped),
+                  ("NTOK", N if grouped else 0), ("TT", tile_tokens(H, qa) if grouped else 1)],
+        grid=((I // _CW) * _NT, gu.shape[0] if grouped else N, 1),
         threadgroup=(_NT, 1, 1),
         init_value=0.0 if into is None else None,
         pack=router_op.PACKED,
@@ -140,13 +168,15 @@ def _in_place_supported(x, into) -> bool:
     return into is None or (into.dtype == mx.float32 and into.shape == x.shape)
 
 
-def expert_gather(x, expert, weight, gate_up, down, *, into=None, impl: str = "auto"):
+def expert_gather(x, expert, weight, gate_up, down, *, into=None, grouped=False, impl: str = "auto"):
     """Top-1 expert SwiGLU (see ``expert_gather_reference``); impl: 'auto', 'kernel' or 'reference'. With into (see
-    expert_gather_kernel), returns (into + the result, after), after None where no kernel wrote into in place."""
+    expert_gather_kernel), returns (into + the result, after), after None where no kernel wrote into in place.
+    grouped: the kernel's grouped form (see expert_gather_kernel), the same function."""
     back = backend()
-    if use_kernel(impl, back, lambda: kernel_supported(x, gate_up, down) and _in_place_supported(x, into),
+    supported = grouped_kernel_supported if grouped else kernel_supported
+    if use_kernel(impl, back, lambda: supported(x, gate_up, down) and _in_place_supported(x, into),
                   "the expert kernel"):
-        return expert_gather_kernel(x, expert, weight, gate_up, down, into=into, back=back)
+        return expert_gather_kernel(x, expert, weight, gate_up, down, into=into, grouped=grouped, back=back)
     y = expert_gather_reference(x, expert, weight, gate_up, down)
     return y if into is None else (into + y, None)
 
@@ -156,12 +186,15 @@ def routed_expert_gather_reference(x, r, router: router_op.RouterWeights, gate_u
     return expert_gather_reference(x, *router_op.router_mlp_reference(r, router), gate_up, down)
 
 
-def routed_expert_gather(x, r, router: router_op.RouterWeights, gate_up, down, *, into=None, impl: str = "auto"):
+def routed_expert_gather(x, r, router: router_op.RouterWeights, gate_up, down, *, into=None, grouped=False,
+                         impl: str = "auto"):
     """The router MLP, then top-1 expert SwiGLU (see ``routed_expert_gather_reference``): one launch where the
-    expert kernel can route, else the router's op and the experts' op. into: as for ``expert_gather``.
+    expert kernel can route, else the router's op and the experts' op. into: as for ``expert_gather``. grouped:
+    the router's op, then the experts' grouped form (every token's choice is known before any expert runs).
     impl: 'auto', 'kernel' or 'reference'."""
     back = backend()
-    if use_kernel(impl, back, lambda: routed_kernel_supported(x, r, router, gate_up, down)
-                  and _in_place_supported(x, into), "the routed expert kernel"):
+    if not grouped and use_kernel(impl, back, lambda: routed_kernel_supported(x, r, router, gate_up, down)
+                                  and _in_place_supported(x, into), "the routed expert kernel"):
         return expert_gather_kernel(x, None, None, gate_up, down, routing=(r, router), into=into, back=back)
-    return expert_gather(x, *router_op.router_mlp(r, router, impl=impl), gate_up, down, into=into, impl=impl)
+    return expert_gather(x, *router_op.router_mlp(r, router, impl=impl), gate_up, down, into=into, grouped=grouped,
+                         impl=impl)
