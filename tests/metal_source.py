@@ -225,7 +225,7 @@ def _lazy_zaya(step: Step):
     model.update(tree_map_with_path(
         lambda k, v: v if "balancing_biases" in k or not mx.issubdtype(v.dtype, mx.floating) else v.astype(step.dtype),
         model.parameters()))
-    quantize_as_recipe(model, step.quant)
+    quantize_as_recipe(model, step.quant, lazy=True)
     return model
 
 
