@@ -215,8 +215,7 @@ def main() -> None:
                                    head_tokens=a.head, weights_bytes=weights,
                                    layer_bytes=model_layer_bytes(model), dtype_bytes=dtype.size,
                                    budget_bytes=1 << 50, budget_source="unbounded")
-            r["plan_bytes"] = plan.weights_bytes + plan.layer_bytes + plan.prefix_bytes + plan.activation_bytes + \
-                plan.slots * plan.sequence_bytes
+            r["plan_bytes"] = plan.peak_bytes - plan.host_bytes  # the device's share of the plan
             rows.append(r)
         singles = {r["kv"]: r for r in rows if r["n"] == 1}
         print(f"{'KV':>6} {'N':>3} {'round s':>8} {'prefill s':>9} {'tok/s':>9} {'decode tok/s':>12} "

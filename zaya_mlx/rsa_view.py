@@ -226,7 +226,7 @@ def _parse(key: str, value: str):
         if field is None:
             raise ZayaError(f"/rsa: unknown setting {key!r}")
         default = getattr(RSAParams(), key)
-        kind = type(default) if default is not None else int if field.type == "Optional[int]" else float
+        kind = int if default is None else type(default)  # kv_bits: unset by default, a whole number when given
     if kind is bool:
         if value.lower() not in ("on", "off", "true", "false", "1", "0"):
             raise ZayaError(f"/rsa: {key} is on or off, got {value!r}")

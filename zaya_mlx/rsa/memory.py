@@ -144,14 +144,11 @@ class MemoryPlan:
     def summary(self) -> str:
         return (f"plan: {self.rollouts} rollouts, {self.worst_case_tokens:,} new tokens at most, {self.slots} slots "
                 f"of <= {self.context_bound:,} tokens (prompt {self.prompt_tokens:,}, aggregation prompt <= "
-                f"{self.aggregate_tokens:,}); KV {self.kv_bytes_per_token / 1024:.0f} KB/token{kv_format(self.kv_bits)}, "
-                f"{format_bytes(self.kv_bytes())} for the slots, weights {format_bytes(self.weights_bytes)}, activations "
-                f"{format_bytes(self.activation_bytes)}: {format_bytes(self.peak_bytes)} "
+                f"{self.aggregate_tokens:,}); KV {self.kv_bytes_per_token / 1024:.0f} KB/token"
+                + ("" if self.kv_bits is None else f" ({self.kv_bits}-bit)")
+                + f", {format_bytes(self.kv_bytes())} for the slots, weights {format_bytes(self.weights_bytes)}, "
+                f"activations {format_bytes(self.activation_bytes)}: {format_bytes(self.peak_bytes)} "
                 f"of {format_bytes(self.budget_bytes)} ({self.budget_source})" + "".join(f"; {n}" for n in self.notes))
-
-
-def kv_format(kv_bits: Optional[int]) -> str:
-    return "" if kv_bits is None else f" ({kv_bits}-bit)"
 
 
 def smaller_kv(args, kv_bits: Optional[int]) -> Optional[int]:
