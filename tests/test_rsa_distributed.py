@@ -2,7 +2,8 @@
 MLX's ring back end on 127.0.0.1, each running `zaya rsa` on the tiny model (tests/rsa_host.py), against the same
 run in one process: the answer and every round's rollouts (tokens, parents, candidates) are the same. A host
 with another model is refused on every host before any work; a host that dies mid-round leaves host 0's run
-folder resumable, and it resumes, alone, to the one-process result. Every launch is bounded by a timeout.
+folder resumable (even when the launcher's SIGTERM comes while host 0 saves), and it resumes, alone, to the
+one-process result. Every launch is bounded by a timeout.
 In one process, threads stand in for hosts (a barrier for the collectives) to check the schedule on a scripted
 backend: hosts of different slot counts, in every schedule, and a cancel on one host."""
 
@@ -111,7 +112,8 @@ def test_a_host_with_another_model_is_refused_on_every_host(long_model_dir, tmp_
 def test_a_host_lost_mid_round_leaves_a_run_that_resumes_alone_to_the_same_result(long_model_dir, alone, tmp_path,
                                                                                   run_zaya):
     run = tmp_path / "run"  # one slot a host: rollouts finish two by two, and host 1 dies after the 6th (round 1)
-    done = launch(2, "--die", "1:6", "rsa", *ARGS, "--max-batch", "1", "--model", long_model_dir, "--run", run)
+    done = launch(2, "--die", "1:6", "--term-saving", "0", "rsa", *ARGS, "--max-batch", "1", "--model",
+                  long_model_dir, "--run", run)
     assert f"resume with: zaya rsa --resume {run}" in done.stderr and "Traceback" not in done.stderr, done.stderr
     saved = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     assert [(r["round"], r["index"]) for r in saved][:4] == [(0, 0), (0, 1), (0, 2), (0, 3)]

@@ -422,8 +422,9 @@ def rsa_command(
                              memory_budget=budget, max_batch=max_batch, journal=folder, group=hosts)
     except (KeyboardInterrupt, distributed.HostLost) as e:
         lost = f"{e}; " if isinstance(e, distributed.HostLost) else ""
-        if lost:  # the launcher interrupts the hosts that remain: let that not cut the saving short
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A second Ctrl-C, or mlx.launch ending the hosts that remain when one fails (SIGTERM), must not cut the
+        # saving and its message short.
+        previous = {stop: signal.signal(stop, signal.SIG_IGN) for stop in (signal.SIGINT, signal.SIGTERM)}
         folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
         done = len(folder.finished())
         typer.echo(f"{'error' if lost else 'interrupted'}: {lost}{done} of {params.total_rollouts()} rollouts are "
@@ -432,6 +433,8 @@ def rsa_command(
             sys.stderr.flush()
             sys.stdout.flush()
             os._exit(1)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
         raise typer.Exit(130)
     except ZayaError:
         if fresh:
