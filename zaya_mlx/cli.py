@@ -273,7 +273,7 @@ def serve_command(
 
     if max_body_mb <= 0:
         fail("--max-body-mb must be positive")
-    serve(model or default_model(), host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+    serve(model or default_model, host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
           max_queue=max_queue, max_body=int(max_body_mb * 1e6), rsa_preset=rsa_preset)
 
 
