@@ -4,6 +4,7 @@ gives each sequence what it gets alone; stops, limits, chunked prefill, tokenize
 import copy
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -149,8 +150,8 @@ def test_stop_strings_are_not_emitted(gen):
     assert r.text.startswith("sa") and r.finish_reason == "length"
 
 
-def test_context_limit_is_checked_before_any_compute(gen):
-    model, tokenizer, _ = gen
+def spying(model):
+    """(a stand-in for model that records its forward calls, the list of them)."""
     calls = []
 
     class Spy:
@@ -164,6 +165,12 @@ def test_context_limit_is_checked_before_any_compute(gen):
         def make_cache(self, *a, **k):
             return model.make_cache(*a, **k)
 
+    return Spy, calls
+
+
+def test_context_limit_is_checked_before_any_compute(gen):
+    model, tokenizer, _ = gen
+    Spy, calls = spying(model)
     with pytest.raises(ZayaError, match="context limit of 512") as e:
         stream_generate(Spy(), tokenizer, PROMPT, max_tokens=500)
     assert "\n" not in str(e.value) and not calls
@@ -173,6 +180,26 @@ def test_context_limit_is_checked_before_any_compute(gen):
         batch_generate(Spy(), [PROMPT], max_tokens=510)
     assert not calls
     assert len(generate(Spy(), tokenizer, PROMPT, max_tokens=7, max_context=20).tokens) == 7
+
+
+@pytest.mark.parametrize("prompt,kwargs,message", [
+    (None, {}, r"a prompt is text or token ids \(whole numbers\), got None"),
+    (["a"], {}, r"a prompt is text or token ids \(whole numbers\), got \['a'\]"),
+    ([1, 384], {}, r"token id 384 is outside the model's vocabulary \[0, 384\)"),  # an id past the embedding
+    ([-1], {}, "token id -1 is outside"),
+    (mx.array([1.5]), {}, "a prompt is text or token ids"),
+    ([1, 2], {"max_tokens": "5"}, "max_tokens must be a whole number >= 1, got '5'"),
+    ([1, 2], {"temperature": "hot"}, "temperature must be a number, got 'hot'"),
+])
+def test_bad_prompts_and_settings_are_errors_before_any_compute(gen, prompt, kwargs, message):
+    model, tokenizer, _ = gen
+    assert model.args.vocab_size == 384
+    Spy, calls = spying(model)
+    with pytest.raises(ZayaError, match=message):
+        generate(Spy(), tokenizer, prompt, **{"max_tokens": 2, **kwargs})
+    with pytest.raises(ZayaError, match="outside the model's vocabulary|takes token ids"):
+        batch_generate(Spy(), [[1, 2], [5, 384]] if prompt is None else ["hi"], max_tokens=2)
+    assert not calls
 
 
 def test_prefill_is_chunked(gen):

@@ -237,6 +237,8 @@ def test_malformed_bodies_are_400(server):
         server.client().chat.completions.create(model="ZAYA1-8B", messages="hello")
     with pytest.raises(openai.BadRequestError, match="temperature must be"):
         server.client().chat.completions.create(model="ZAYA1-8B", messages=script("x"), temperature="hot")
+    with pytest.raises(openai.BadRequestError, match="token id 1000000000 is outside the model's vocabulary"):
+        server.client().completions.create(model="ZAYA1-8B", prompt=[1, 10**9])  # past the embedding: never read
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     connection.request("POST", "/v1/chat/completions", body=b'{"messages": [', headers={"Content-Type": "application/json"})
     response = connection.getresponse()

@@ -12,6 +12,9 @@ and every generated token up to and including that one (EOS too), and nothing mo
 from __future__ import annotations
 
 import copy
+import numbers
+import operator
+import reprlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Union
@@ -163,16 +166,24 @@ class StopStrings:
 # --- single-sequence streaming ------------------------------------------------------------------------------------
 
 
-def _prompt_ids(tokenizer, prompt) -> List[int]:
-    if isinstance(prompt, str):
-        ids = encode_prompt(tokenizer, prompt)
-    elif isinstance(prompt, mx.array):
-        ids = [int(t) for t in prompt.reshape(-1).tolist()]
-    else:
-        ids = [int(t) for t in prompt]
+def token_ids(prompt, vocab_size: int) -> List[int]:
+    """A prompt's token ids (whole numbers, or an integer mx.array) as a list, each checked against the vocabulary:
+    an id outside it would read past the embedding."""
+    values = prompt.reshape(-1).tolist() if isinstance(prompt, mx.array) else prompt
+    try:
+        ids = [operator.index(t) for t in values]
+    except TypeError:
+        raise ZayaError(f"a prompt is text or token ids (whole numbers), got {reprlib.repr(prompt)}") from None
     if not ids:
         raise ZayaError("the prompt is empty")
+    outside = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if outside is not None:
+        raise ZayaError(f"token id {outside} is outside the model's vocabulary [0, {vocab_size})")
     return ids
+
+
+def _prompt_ids(model, tokenizer, prompt) -> List[int]:
+    return token_ids(encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else prompt, model.args.vocab_size)
 
 
 def stream_generate(
@@ -247,9 +258,9 @@ def _token_stream(
     """Check everything now; return a generator of, per generated token, (the raw text it released, think
     tags kept; its responses)."""
     tokenizer = require_tokenizer(tokenizer)
-    ids = _prompt_ids(tokenizer, prompt)
-    if max_tokens is None or max_tokens < 1:
-        raise ZayaError(f"max_tokens must be at least 1, got {max_tokens}")
+    ids = _prompt_ids(model, tokenizer, prompt)
+    if not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
+        raise ZayaError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")
     check_sampling(temperature, top_p, top_k, min_p, repetition_penalty)
     if cache is None:
         cache = model.make_cache(kv_bits=kv_bits)
@@ -371,7 +382,9 @@ def batch_generate(
     limits = [int(max_tokens)] * n if isinstance(max_tokens, int) else [int(m) for m in max_tokens]
     if len(limits) != n:
         raise ZayaError(f"max_tokens has {len(limits)} entries for {n} prompts")
-    prompts = [list(map(int, p)) for p in prompts]
+    if any(isinstance(p, str) for p in prompts):
+        raise ZayaError("batch_generate takes token ids: encode text prompts with the tokenizer first")
+    prompts = [token_ids(p, model.args.vocab_size) for p in prompts]
     if prefix_cache is not None:
         held = cache_length(prefix_cache)
         if held != prefix_len:

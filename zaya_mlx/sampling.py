@@ -12,6 +12,7 @@ not touch or depend on MLX's global random state; without one it uses the global
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -26,6 +27,10 @@ Sampler = Callable[[mx.array], mx.array]
 def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                    repetition_penalty: Optional[float] = None) -> None:
     """Raise ZayaError (one line) for a setting outside its range."""
+    for name, value in (("temperature", temperature), ("top-p", top_p), ("top-k", top_k), ("min-p", min_p),
+                        ("repetition penalty", repetition_penalty)):
+        if value is not None and not isinstance(value, numbers.Real):
+            raise ZayaError(f"{name} must be a number, got {value!r}")
     if temperature is None or not 0 <= temperature < math.inf:
         raise ZayaError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
     if not (0.0 < top_p <= 1.0):

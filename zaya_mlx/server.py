@@ -39,7 +39,7 @@ import mlx_lm.server  # noqa: F401  (imported on the main thread: handler thread
 from . import rsa_request
 from .config import DEFAULT_MODEL
 from .errors import ZayaError
-from .generation import context_limit, stream_generate
+from .generation import context_limit, stream_generate, token_ids
 from .openai_api import FINISH_REASONS, ApiError, ChatRequest, ChatStream, RawText, Request, TextRequest, chunk, \
     completion, new_id, prompt_ids, template_messages, text_completion, usage
 from .sampling import check_sampling
@@ -445,12 +445,11 @@ class Handler(BaseHTTPRequestHandler):
         app = self.app
         request = TextRequest.from_body(body, app.temperature, app.top_p)
         self._check_sampling(request)
-        if isinstance(request.prompt, str):
-            ids = encode_prompt(app.tokenizer, request.prompt)
-        else:
-            ids = request.prompt
-            if not all(0 <= t < app.model.args.vocab_size for t in ids):
-                raise ApiError(400, f"prompt token ids must be in [0, {app.model.args.vocab_size})")
+        prompt = encode_prompt(app.tokenizer, request.prompt) if isinstance(request.prompt, str) else request.prompt
+        try:
+            ids = token_ids(prompt, app.model.args.vocab_size)
+        except ZayaError as e:
+            raise ApiError(400, str(e)) from None
         job = self._generation(ids, request)
         raw, rid, model = RawText(app.tokenizer, ids), f"cmpl-{new_id()[9:]}", app.model_id
         if request.stream:
