@@ -580,6 +580,49 @@ def test_a_run_folder_refuses_another_parameter_set_seed_problem_or_model(tok, t
         pass
 
 
+@pytest.mark.parametrize("damage,message", [
+    ({"run": []}, r"run.json is not an RSA run of this version \('list'\)"),
+    ({"run": {"format": rsa.runfolder.FORMAT}}, r"run.json is damaged \(params, seed, messages, model, draws"),
+    ({"seed": "x"}, r"run.json is damaged \(seed: missing or of another type\)"),
+    ({"line": {"tokens": -3}}, r"line 2 is damaged \(tokens is -3, not list\[int\]\)"),
+    ({"line": {"tail_ids": ["x"]}}, r"line 2 is damaged \(tail_ids is \['x'\], not Optional\[list\[int\]\]\)"),
+    ({"line": {"index": -1}}, r"line 2 is damaged \(round and index are counts from 0\)"),
+    ({"line": {"text": 5}}, r"line 2 is damaged \(text is 5, not str\)"),
+])
+def test_a_damaged_run_folder_is_refused_in_one_line(tok, tmp_path, damage, message):
+    """run.json and rollouts.jsonl are read back as written, every field of its type: an edited or damaged folder
+    is named and refused before its values reach the model (a token tail's ids would index its embedding)."""
+    import json
+
+    params = rsa.RSAParams(rsa_n=3, rsa_k=2, rsa_t=1, tail_window_len=40, short_resp_len=60, max_tokens=80)
+    messages = [{"role": "user", "content": PROBLEM}]
+    model = {"path": "scripted", "hash": "0", "dtype": None}
+    folder = rsa.RunFolder.create(tmp_path / "run", params=params, seed=4, messages=messages, model=model)
+    with pytest.raises(KeyboardInterrupt):
+        rsa.run(messages, params, tokenizer=tok, backend=Scripted(tok), seed=4, stop_ids=[IM_END], max_batch=3,
+                journal=folder, on_event=interrupted_after(2))
+    run, lines = tmp_path / "run" / "run.json", (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()
+    if "run" in damage:
+        run.write_text(json.dumps(damage["run"]))
+    elif "line" in damage:
+        lines[1] = json.dumps({**json.loads(lines[1]), **damage["line"]})
+        (tmp_path / "run" / "rollouts.jsonl").write_text("".join(line + "\n" for line in lines))
+    else:
+        run.write_text(json.dumps({**json.loads(run.read_text()), **damage}))
+    with pytest.raises(ZayaError, match=message) as refused:
+        rsa.RunFolder.open(tmp_path / "run").finished()
+    assert "\n" not in str(refused.value)
+
+
+def test_a_token_id_outside_the_vocabulary_never_reaches_the_model(sensitive):
+    model, _ = sensitive
+    backend = rsa.ModelBackend(model, slots=1, stop_ids=())
+    sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+    with pytest.raises(ZayaError, match=f"token id {model.args.vocab_size} is outside the model's vocabulary"):
+        backend.start("k", [1, model.args.vocab_size], max_tokens=2, sampling=sampling, seed=0)
+    backend.close()
+
+
 def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_result(long_model_dir, tmp_path,
                                                                                         run_zaya, monkeypatch):
     import json

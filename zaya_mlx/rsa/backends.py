@@ -79,8 +79,10 @@ class ModelBackend:
         return self.model.make_cache([0], kv_bits=self.kv_bits)
 
     def start(self, key, prompt, *, max_tokens, sampling, seed, prefix=()):
+        from ..generation import token_ids
         from ..sampling import make_sampler
 
+        prompt = token_ids(prompt, self.model.args.vocab_size)  # a run folder's token tails are read from disk
         prefix = tuple(prefix)
         cache = None if self.kv_bits is None else self.new_cache()
         if prefix and len(prompt) > len(prefix) and tuple(prompt[: len(prefix)]) == prefix:

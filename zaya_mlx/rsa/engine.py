@@ -36,6 +36,7 @@ import functools
 import hashlib
 import random
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -95,9 +96,33 @@ class Rollout:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Rollout":
-        """A rollout from its `dataclasses.asdict` form (a run folder's line, another host's message)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """A rollout from its `dataclasses.asdict` form (a run folder's line, another host's message), each field of
+        its declared type (a TypeError names the first that is not: a line edited or damaged is refused whole)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a rollout is an object, not {type(data).__name__}")
+        kinds = typing.get_type_hints(cls)
+        values = {k: v for k, v in data.items() if k in kinds}
+        for name, value in values.items():
+            if not _of_type(value, kinds[name]):
+                kind = kinds[name]
+                raise TypeError(f"{name} is {value!r:.40}, not {kind.__name__ if isinstance(kind, type) else kind}"
+                                .replace("typing.", ""))
+        if values.get("round", 0) < 0 or values.get("index", 0) < 0:
+            raise TypeError("round and index are counts from 0")
+        return cls(**values)
+
+
+def _of_type(value, kind) -> bool:
+    """Whether a JSON value is of a field's type (int, float, str, bool, list[...], Optional[...]); a bool is no int."""
+    if typing.get_origin(kind) is typing.Union:
+        return any(_of_type(value, k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(_of_type(v, typing.get_args(kind)[0]) for v in value)
+    if kind is type(None):
+        return value is None
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
     @property
     def reasoning(self) -> str:

@@ -117,8 +117,13 @@ class RunFolder:
             raise ZayaError(f"--resume {path}: no RSA run there ({RUN} is missing)") from None
         except (OSError, ValueError) as e:
             raise ZayaError(f"--resume {path}: {RUN} is unreadable ({e})") from None
-        if meta.get("format") != FORMAT:
-            raise ZayaError(f"--resume {path}: {RUN} is not an RSA run of this version ({meta.get('format')!r})")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ZayaError(f"--resume {path}: {RUN} is not an RSA run of this version ({found!r})")
+        wrong = [key for key, kind in (("params", dict), ("seed", int), ("messages", list), ("model", dict),
+                                       ("draws", dict)) if not isinstance(meta.get(key), kind) or isinstance(meta[key], bool)]
+        if wrong:
+            raise ZayaError(f"--resume {path}: {RUN} is damaged ({', '.join(wrong)}: missing or of another type)")
         return cls(path, meta)
 
     @property
