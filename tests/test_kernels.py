@@ -893,6 +893,36 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
             assert isinstance(cache[0][0], BatchKVCache)
 
 
+def attention_forms(monkeypatch) -> list:
+    """The attention kernels launched (or traced) from here on, as (the CCA step inside, query heads a threadgroup)."""
+    forms = []
+    real = attention.decode_attention_kernel
+
+    def record(*args, **kw):
+        forms.append((kw.get("step") is not None, kw.get("heads")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(attention, "decode_attention_kernel", record)
+    return forms
+
+
+@gpu_only
+def test_fused_decode_reading_each_key_once_matches_plain_decode(monkeypatch):
+    """DecodeOptions(kv_once_from=2): a batch of 2 whose KV buffer outgrows SINGLE_PASS_MAX (1,022 + 4 positions)
+    gives the plain ops' logits, its attention over the split buffer a threadgroup a KV head (the CCA step in its own
+    launch), the steps before in one launch."""
+    from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
+
+    model = build_zaya(small_config(), None, seed=2, dtype=mx.float32)
+    model.decode_options = DecodeOptions(kv_once_from=2)
+    forms = attention_forms(monkeypatch)
+    errors, cache = fused_vs_plain(model, model.args.vocab_size, 2, context=attention.SINGLE_PASS_MAX - 2, steps=4)
+    assert max(errors) < max(1e-4, F32), errors
+    assert cache[0][0].keys.shape[2] > attention.SINGLE_PASS_MAX
+    rep = model.args.num_attention_heads // model.args.num_key_value_heads
+    assert (True, None) in forms and (False, rep) in forms and set(forms) == {(True, None), (False, rep)}, forms
+
+
 @gpu_only
 @pytest.mark.parametrize("quant", [None, "mxfp4"])
 def test_fused_decode_check_passes_with_the_real_kernels(quant, monkeypatch):
@@ -1002,26 +1032,34 @@ CCA_ATTENTION_CASES = [  # B, NH, NKV, D, T0, T1, RD, length, capacity, left pad
 ]
 
 
+# the cases past SINGLE_PASS_MAX (chunks), where kv_once reads each key and value once
+SPLIT_CASES = [c for c in CCA_ATTENTION_CASES if c[8] > attention.SINGLE_PASS_MAX]
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype,opts", [(mx.bfloat16, None), (mx.bfloat16, dict(group_size=32, bits=4, mode="mxfp4")),
                                         (mx.float32, dict(group_size=64, bits=4))])
-@pytest.mark.parametrize("case", CCA_ATTENTION_CASES)
-def test_cca_attention_kernel_matches_reference(case, dtype, opts):
+@pytest.mark.parametrize("case,kv_once", [(c, False) for c in CCA_ATTENTION_CASES] + [(c, True) for c in SPLIT_CASES])
+def test_cca_attention_kernel_matches_reference(case, kv_once, dtype, opts, monkeypatch):
     """The CCA step inside attention (one launch) against the step's reference, its cache write and attention's
     reference with ZAYA's o_proj: the output, the new states, and the cache written at position length - 1 alone.
-    float32 goes only where half a threadgroup's registers hold its grouped-conv rows (the smaller head)."""
+    float32 goes only where half a threadgroup's registers hold its grouped-conv rows (the smaller head).
+    kv_once: the CCA kernel in its own launch, then attention a threadgroup a KV head (NH / NKV query heads)."""
     B, NH, NKV, D, t0, t1, rd, length, cap, pads, window = case
     a, kw, o_proj = _cca_attention_case(B, NH, NKV, D, t0, t1, rd, dtype, cap, length, seed=length + B,
                                         o_proj=linear(2048, NH * D, dtype, opts, bias=False))
     cca_kw = {k: v for k, v in kw.items() if k != "scale"}
-    if not attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"], o_proj=o_proj, **cca_kw):
+    if not kv_once and not attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"],
+                                                          o_proj=o_proj, **cca_kw):
         assert dtype == mx.float32 and D == 128
         pytest.skip("float32 at head dim 128: the step runs in its own launch")
     lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
     want = _cca_attention_reference(a, kw, length, lp, window, o_proj)
     mx.eval(want)  # before the kernel writes into the cache's buffers
+    forms = attention_forms(monkeypatch)
     got = attention.cca_decode_attention(**a, filled=mx.array([length], mx.int32), left_padding=lp, window=window,
-                                         o_proj=o_proj, impl="kernel", **kw)
+                                         o_proj=o_proj, kv_once=kv_once, impl="kernel", **kw)
+    assert forms == [(False, NH // NKV) if kv_once else (True, None)]
     tol = 2e-2 if dtype == mx.bfloat16 else F32
     assert got[0].dtype == mx.float32 and rel(got[0].sum(axis=1, keepdims=True), want[0]) < tol
     for name, g, w in zip(("keys", "values", "conv_state", "v_prev"), got[1:], want[1:]):
@@ -1033,11 +1071,12 @@ def test_cca_attention_kernel_matches_reference(case, dtype, opts):
 
 @gpu_only
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("case", CCA_ATTENTION_CASES[:3])
-def test_cca_attention_kernel_with_a_quantized_cache(case, bits):
+@pytest.mark.parametrize("case,kv_once", [(c, False) for c in CCA_ATTENTION_CASES[:3]] + [(SPLIT_CASES[0], True)])
+def test_cca_attention_kernel_with_a_quantized_cache(case, kv_once, bits, monkeypatch):
     """The CCA step inside attention on a quantized cache (mlx-lm's layout, group 64): the output against the
     references (the step's, mx.quantize's write, attention over the dequantized cache), the new value's words as
-    mx.quantize packs them, and every other position untouched; one pass and split into chunks."""
+    mx.quantize packs them, and every other position untouched; one pass and split into chunks; kv_once: the CCA
+    kernel writes them, and attention a threadgroup a KV head reads them from the cache."""
     B, NH, NKV, D, t0, t1, rd, length, cap, pads, window = case
     a, kw, o_proj = _cca_attention_case(B, NH, NKV, D, t0, t1, rd, mx.bfloat16, cap, length, seed=length + bits,
                                         o_proj=linear(2048, NH * D, mx.bfloat16, None, bias=False))
@@ -1047,8 +1086,10 @@ def test_cca_attention_kernel_with_a_quantized_cache(case, bits):
     lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
     want = _cca_attention_reference(a, kw, length, lp, window, o_proj)
     mx.eval(want)  # before the kernel writes into the cache's buffers
+    forms = attention_forms(monkeypatch)
     got = attention.cca_decode_attention(**a, filled=mx.array([length], mx.int32), left_padding=lp, window=window,
-                                         o_proj=o_proj, impl="kernel", **kw)
+                                         o_proj=o_proj, kv_once=kv_once, impl="kernel", **kw)
+    assert forms == [(False, NH // NKV) if kv_once else (True, None)]
     assert rel(got[0].sum(axis=1, keepdims=True), want[0]) < 3e-2
     for g, w in zip(got[1:3], want[1:3]):
         for gp, wp in zip(g, w):

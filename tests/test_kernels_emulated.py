@@ -41,13 +41,19 @@ def launches(monkeypatch) -> list:
     return seen
 
 
-def assert_attention_launches(seen, kv_once: bool, rep: int, split: bool):
-    """kv_once: the CCA kernel, then attention with a threadgroup a KV head serving its rep query heads, then the
-    combine; else the one launch with the step inside (a query head a threadgroup), then the combine where split."""
-    got = [(body, t.get("HB"), t.get("HAS_CCA")) for body, t in seen]
+def attention_launches(seen) -> list:
+    """The CCA step's and attention's launches among those seen, as (body, HB, HAS_CCA)."""
+    return [(body, t.get("HB"), t.get("HAS_CCA")) for body, t in seen
+            if body in ("cca_decode.h", "decode_attention.h", "attention_combine.h")]
+
+
+def layer_launches(kv_once: bool, rep: int, split: bool) -> list:
+    """A layer's launches from in_proj's output to o_proj's, as attention_launches gives them. kv_once: the CCA kernel,
+    then attention with a threadgroup a KV head serving its rep query heads, then the combine; else the one launch
+    with the step inside (a query head a threadgroup), then the combine where split."""
     one = [("decode_attention.h", 1, True)] if not kv_once else [("cca_decode.h", None, None),
                                                                   ("decode_attention.h", rep, False)]
-    assert got == one + ([("attention_combine.h", None, None)] if split else []), got
+    return one + ([("attention_combine.h", None, None)] if split else [])
 
 
 def max_rel(a, b) -> float:
@@ -345,7 +351,7 @@ def test_cca_step_inside_attention_body(shape, pads, window, single_pass, kv_onc
     with emulated():
         got = attention.cca_decode_attention(**a, filled=mx.array([filled], mx.int32), left_padding=lp,
                                              window=window, o_proj=o_proj, kv_once=kv_once, impl="kernel", **kw)
-    assert_attention_launches(seen, kv_once, shape[1] // shape[2], cap > single_pass)
+    assert attention_launches(seen) == layer_launches(kv_once, shape[1] // shape[2], cap > single_pass)
     assert got[1] is a["keys"] and got[2] is a["values"]  # written in place
     out = got[0].sum(axis=1, keepdims=True)  # the heads' (or chunks' combined) shares of o_proj
     tol = 2e-2 if dtype == mx.bfloat16 else 1e-5
@@ -399,7 +405,7 @@ def test_cca_step_inside_attention_writes_a_quantized_cache(bits, single_pass, d
     with emulated():
         got = attention.cca_decode_attention(**a, filled=mx.array([filled], mx.int32), left_padding=lp, window=6,
                                              o_proj=o_proj, kv_once=kv_once, impl="kernel", **kw)
-    assert_attention_launches(seen, kv_once, 2, cap > single_pass)
+    assert attention_launches(seen) == layer_launches(kv_once, 2, cap > single_pass)
     assert got[1] is a["keys"] and got[2] is a["values"]  # written in place
     out = got[0].sum(axis=1, keepdims=True)
     assert out.shape == want[0].shape and max_rel(out, want[0]) < (2e-2 if dtype == mx.bfloat16 else 1e-5)
@@ -498,6 +504,26 @@ def test_fused_decode_with_grouped_experts_runs_like_the_plain_ops(monkeypatch):
     assert max(errors) < 1e-4, errors
     forms = [t["GROUPED"] for body, t in seen if body == "expert_mlp.h"]
     assert forms and all(forms), forms
+
+
+def test_fused_decode_reading_each_key_once_runs_like_the_plain_ops(monkeypatch):
+    """From the batch DecodeOptions.kv_once_from names, attention over a buffer that splits into chunks runs as two
+    launches, the CCA kernel and then a threadgroup a KV head serving both its query heads, and the fused step gives
+    the plain ops' logits: a step in one pass (255 keys held, one launch), then the step after the buffer outgrows
+    it (SINGLE_PASS_MAX 256 here)."""
+    from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
+
+    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", 256)
+    monkeypatch.setattr(attention, "CHUNK", 128)
+    model = build_zaya(small_config(), None, seed=2, dtype=mx.float32)
+    model.decode_options = DecodeOptions(compile=False, kv_once_from=1)
+    seen = launches(monkeypatch)
+    errors, cache = fused_vs_plain(model, model.args.vocab_size, 1, context=255, steps=2, fused_context=emulated)
+    assert max(errors) < 1e-4, errors
+    assert cache[0][0].keys.shape[2] > 256
+    layers = len(model.layers)
+    want = layer_launches(False, 2, False) * layers + layer_launches(True, 2, True) * layers
+    assert attention_launches(seen) == want
 
 
 def test_fused_decode_on_a_quantized_cache_runs_the_bodies_like_the_plain_ops():
