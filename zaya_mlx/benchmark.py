@@ -593,6 +593,8 @@ def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,),
             if kv_once_from:
                 forms.append("KV read a query head" if k is None else f"KV read once from batch {k}")
             label = f"zaya-mlx (fused decode, {', '.join(forms)})" if forms else None
+            if label:
+                log(f"{label}:")
             results.append(bench_zaya(config, q, model, steps=steps, compiled=options.compile, label=label, **kw))
         model.decode_options = options
         if plain:
