@@ -1186,7 +1186,7 @@ def _writes(name: str, args) -> bool:
     return name in ("keys", "values") and any(n == "qkv" for n, _ in args)
 
 
-def _recorded_step(monkeypatch, quant, router):
+def _recorded_step(monkeypatch, quant, router, options=DecodeOptions(fused=True, compile=False)):
     """The launches of two fused decode steps (the second and third after a prompt) with the kernels replaced by
     fakes that record them (``_record_launches``). router: None (the small model's, beside
     the expert kernel), "wide" (ZAYA's 256-wide one, inside it) or "mxfp4" (quantized: its plain ops)."""
@@ -1209,7 +1209,7 @@ def _recorded_step(monkeypatch, quant, router):
     cache = model.make_cache()
     model.decode_options = DecodeOptions(fused=False, compile=False)  # the prompt through the plain ops
     mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
-    model.decode_options = DecodeOptions(fused=True, compile=False)
+    model.decode_options = options
     model(mx.array([[9]], dtype=mx.int32), cache)
     launches.clear()
     for _ in range(2):  # two steps on the buffers the first one made, the second's token not from the first's logits
@@ -1221,24 +1221,31 @@ def _writes_in_place(args) -> bool:
     return any(n.startswith(_build.INPLACE_PREFIX) for n, _ in args)
 
 
-@pytest.mark.parametrize("one_launch", [True, False])
+@pytest.mark.parametrize("form", ["one launch", "CCA apart", "KV once"])
 @pytest.mark.parametrize("quant,router", [(None, None), ("mxfp4", None), ("mxfp4", "mxfp4"), (None, "wide")])
-def test_fused_step_orders_every_in_place_write(quant, router, one_launch, monkeypatch):
+def test_fused_step_orders_every_in_place_write(quant, router, form, monkeypatch):
     """MLX orders a step's launches only by the arrays they take (docs/PERFORMANCE.md), so a launch that
     reads an array another launch writes in place must take, through launch outputs, an output of that writer; and a
     writer must so follow the earlier readers of what it overwrites, within a step and from one step to the next
     (whose token need not come from the last one's logits). Checked on the launches of real fused steps, for
     the router inside the expert kernel, beside it (in its own kernel) and quantized (its plain ops, which this does
     not see: the step keeps the router state a new array for any router the expert kernel does not run); and for
-    the CCA step inside attention, or (one_launch False, as for shapes that launch does not cover) in its own
-    launch, which writes the query in place."""
-    if not one_launch:
+    the CCA step inside attention, or in its own launch, which writes the query in place: for shapes that launch does
+    not cover ("CCA apart"), and (DecodeOptions.kv_once_from, "KV once") before attention over a buffer in chunks
+    a KV head a threadgroup."""
+    one_launch = form == "one launch"
+    options = DecodeOptions(fused=True, compile=False, kv_once_from=1 if form == "KV once" else None)
+    if form == "CCA apart":
         monkeypatch.setattr(attention, "cca_kernel_supported", lambda *a, **k: False)
-    launches = _recorded_step(monkeypatch, quant, router)
+    if form == "KV once":
+        monkeypatch.setattr(attention, "SINGLE_PASS_MAX", 0)
+    launches = _recorded_step(monkeypatch, quant, router, options)
     assert any(body == "residual_norm.h" and _writes_in_place(args) for body, args, *_ in launches)
     bodies = {launch.body for launch in launches}
     assert ("cca_decode.h" in bodies) != one_launch
     assert one_launch or any(body == "cca_decode.h" and _writes_in_place(args) for body, args, *_ in launches)
+    if form == "KV once":
+        assert {dict(t)["HB"] for body, *_, t in launches if body == "decode_attention.h"} == {2}
     assert any(any(_writes(n, args) for n in ("keys", "values", "kcache", "vcache")) for _, args, *_ in launches)
     if router == "wide":
         assert "router_mlp.h" not in {launch.body for launch in launches}  # routed inside the expert kernel
