@@ -190,7 +190,10 @@ def test_bad_input_is_one_line(run_zaya, args):
 
 
 @pytest.mark.parametrize("args, says", [(["bench", "--runs", "0"], "'--runs'"), (["bench", "--nope"], "--nope"),
-                                        (["generate"], "'--prompt'"), (["bench", "extra"], "(extra)")])
+                                        (["generate"], "'--prompt'"), (["bench", "extra"], "(extra)"),
+                                        (["rsa", "x", "--memory", "nan"], "'--memory'"),
+                                        (["rsa", "x", "--memory", "inf"], "'--memory'"),
+                                        (["bench", "--bandwidth", "inf"], "'--bandwidth'")])
 def test_usage_errors_are_one_line_too(run_zaya, args, says):
     """What the option parser rejects (a value out of range, an unknown option, a missing one) is one line as well,
     not click's boxed usage message; --help still shows the help."""

@@ -473,9 +473,12 @@ def test_rsa_mode_in_the_chat_ui(sensitive):
     ui.handle("/rsa k=0")
     ui.handle("/rsa bogus")
     ui.handle("/rsa max_batch=-3")
+    ui.handle("/rsa n=abc")
+    ui.handle("/rsa temp=warm")
     out = buf.getvalue()
     assert "--k (rsa_k) must be a whole number >= 1" in out and "unknown argument 'bogus'" in out
     assert "max_batch must be at least 1, got -3" in out
+    assert "/rsa: rsa_n needs a whole number, got 'abc'" in out and "/rsa: temperature needs a number, got 'warm'" in out
     ui.handle("/rsa zyphra off")
     assert ui.prompt_handler == ui.stream_turn and "RSA off · preset zyphra: n=32 k=4 t=8" in buf.getvalue()
 

@@ -302,6 +302,20 @@ def test_port_taken_is_one_line_and_exit_1(folder, run_zaya):
     assert err == f"error: port {port} on 127.0.0.1 is in use (another server?): stop it or pass --port\n"
 
 
+@pytest.mark.parametrize("option,message", [
+    (["--port", "65536"], "error: cannot listen on 127.0.0.1:65536: a port is a number from 0 to 65535\n"),
+    (["--temp", "-1"], "error: temperature must be a number >= 0 (0 is greedy), got -1.0\n"),
+    (["--top-p", "2"], "error: top-p must be in (0, 1], got 2.0\n")])
+def test_bad_settings_are_one_line_before_the_default_model_is_fetched(option, message, run_zaya, monkeypatch):
+    from zaya_mlx import cli
+
+    fetched = []
+    monkeypatch.setattr(cli, "default_model", lambda: fetched.append(1) or "Zyphra/ZAYA1-8B")
+    code, out, err = run_zaya("serve", *option)
+    assert (code, out, err) == (1, "", message)
+    assert not fetched  # nothing downloaded for a server that could not start
+
+
 def test_model_that_does_not_load_starts_no_server(folder, tmp_path, run_zaya):
     import shutil
 

@@ -273,7 +273,7 @@ def serve_command(
 
     if max_body_mb <= 0:
         fail("--max-body-mb must be positive")
-    serve(model or default_model(), host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+    serve(model or default_model, host, port, dtype=dtype, max_tokens=max_tokens, temperature=temp, top_p=top_p,
           max_queue=max_queue, max_body=int(max_body_mb * 1e6), rsa_preset=rsa_preset)
 
 
@@ -310,7 +310,7 @@ def rsa_command(
     run_dir: Optional[str] = typer.Option(None, "--run", help="The run folder (default: a new one under ~/.cache/zaya-mlx/rsa)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this folder where it stopped."),
     presets: bool = typer.Option(False, "--presets", help="Show every preset's plan for this problem and model, then exit."),
-    memory: Optional[float] = typer.Option(None, "--memory", help="Memory budget in GB (default: a safe share)."),
+    memory: Optional[float] = typer.Option(None, "--memory", min=0.1, max=1e5, help="Memory budget in GB (default: a safe share)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most rollouts decoding together (slots)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt (round 0 only, as in Zyphra's proxy)."),
     show_text: bool = typer.Option(False, "--show-text", help="Print the final response's text."),
@@ -502,8 +502,8 @@ def bench_command(
     runs: int = typer.Option(3, "--runs", min=1, help="Timed decode runs; each rate is their median."),
     chunk: int = typer.Option(2048, "--prefill-chunk", min=1, help="Tokens a row of the batch per prefill chunk."),
     model_path: Optional[str] = typer.Option(None, "--model", help="Measure this checkpoint (folder or hub id) instead of random weights."),
-    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", min=0.001, help="The device's memory bandwidth in TB/s, for the bound (default: known for H100 and H200)."),
-    memory: Optional[float] = typer.Option(None, "--memory", min=0.1, help="Memory budget in GB for the plan (default: a share of the machine's)."),
+    bandwidth: Optional[float] = typer.Option(None, "--bandwidth", min=0.001, max=1000, help="The device's memory bandwidth in TB/s, for the bound (default: known for H100 and H200)."),
+    memory: Optional[float] = typer.Option(None, "--memory", min=0.1, max=1e5, help="Memory budget in GB for the plan (default: a share of the machine's)."),
     plain: bool = typer.Option(False, "--plain", help="Also time the model's plain-ops decode path (no fused kernels)."),
     small: bool = typer.Option(False, "--small", help="A tiny model of the same structure (a smoke run)."),
     experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Fewer experts (a token still reads one): the same step, a model that builds in seconds, for A/B runs."),

@@ -234,7 +234,7 @@ def _parse(key: str, value: str):
     try:
         return kind(value)
     except ValueError:
-        raise ZayaError(f"/rsa: {key} needs a {kind.__name__}, got {value!r}") from None
+        raise ZayaError(f"/rsa: {key} needs {'a whole number' if kind is int else 'a number'}, got {value!r}") from None
 
 
 def rsa_slash_command(ui, arg: str) -> None:

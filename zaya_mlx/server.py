@@ -87,6 +87,7 @@ class Server:
 
         if (rsa_preset or DEFAULT_PRESET) not in PRESETS:
             raise ZayaError(f"unknown RSA preset {rsa_preset!r}: use one of {', '.join(PRESETS)}")
+        check_sampling(temperature, top_p)  # the defaults of every request: refused here, not in each answer
         self.max_body, self.max_tokens, self.temperature, self.top_p = max_body, max_tokens, temperature, top_p
         self.rsa_preset, self.heartbeat, self.log = rsa_preset or DEFAULT_PRESET, heartbeat, log
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -226,6 +227,8 @@ def _bind(host: str, port: int, app: Server) -> ThreadingHTTPServer:
     HTTPServer.app = app
     try:
         return HTTPServer((host, port), Handler)
+    except OverflowError:  # the socket module's word for a port out of range
+        raise ZayaError(f"cannot listen on {host}:{port}: a port is a number from 0 to 65535") from None
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise ZayaError(f"port {port} on {host} is in use (another server?): stop it or pass --port") from None
@@ -565,11 +568,14 @@ class Handler(BaseHTTPRequestHandler):
         self._write_event(job, "[DONE]")
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8080, dtype=None, **options) -> None:
+def serve(model: str | Callable[[], str], host: str = "127.0.0.1", port: int = 8080, dtype=None, **options) -> None:
     """Bind first (a taken port fails at once), load the model (a model that does not load starts nothing),
-    then serve until SIGINT or SIGTERM."""
+    then serve until SIGINT or SIGTERM. model: a path or hub id, or a function that gives one, called once the
+    port is bound (the default model, which may be downloaded first)."""
     server = Server(host, port, **options)
     try:
+        if callable(model):
+            model = model()
         t0 = time.perf_counter()
         server.log(f"loading {model}…")
         server.load(model, dtype=dtype)

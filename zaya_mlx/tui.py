@@ -410,7 +410,11 @@ def _cmd_save(ui: "ChatUI", arg: str) -> None:
     path = Path(arg).expanduser()
     data = ui.session.to_json()
     text = data if isinstance(data, str) else json.dumps(data, indent=2, ensure_ascii=False)
-    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
+    try:
+        write_text_atomic(path, text if text.endswith("\n") else text + "\n")
+    except OSError as e:  # a folder, no permission, a full disk: the conversation stays, unsaved
+        ui.note(f"cannot write {path}: {e.strerror or e}")
+        return
     ui.note(f"saved {len(ui.session.messages)} messages to {path}")
 
 
