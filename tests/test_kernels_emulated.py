@@ -330,13 +330,13 @@ def test_attention_body(pads, window, single_pass, monkeypatch):
 @pytest.mark.parametrize("shape,pads,window,single_pass,kv_once", [((2, 4, 2, 64, 2, 2, 32), None, None, 64, False),
                                                                    ((2, 4, 2, 64, 3, 2, 16), [0, 3], 6, 64, False),
                                                                    ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, False),
-                                                                   ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, True),
-                                                                   ((2, 4, 2, 64, 3, 2, 16), [0, 3], 6, 4, True)])
+                                                                   ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, True)])
 def test_cca_step_inside_attention_body(shape, pads, window, single_pass, kv_once, dtype, monkeypatch):
     """decode_attention.h with the CCA step inside (HAS_CCA) against the step's reference, its cache write and
     attention's reference with o_proj: the output, the new states, and the key and value written at position
     filled - 1 alone; with left padding, a sliding window, and (single_pass 4) the split into chunks + combine.
-    kv_once (split): the CCA kernel, then attention a KV head a threadgroup (4 and 2 query heads), alike."""
+    kv_once (split): the CCA kernel, then attention a KV head a threadgroup (its 4 query heads), alike; with a
+    sliding window and 2 query heads a KV head: the quantized cache's test."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
     cap, filled = 20, 13
