@@ -584,6 +584,23 @@ def test_a_grown_kv_buffer_compiles_no_new_variant(monkeypatch):
     assert variants[0] == variants[1]
 
 
+@pytest.mark.parametrize("nh,fits", [(4, True), (6, False)])
+def test_kv_once_falls_back_to_the_one_launch_where_its_heads_do_not_fit(nh, fits, monkeypatch):
+    """kv_once on a buffer in chunks: the CCA kernel, then attention at HB = NH / NKV, where o_proj's lanes take a
+    block of that many heads (bf16 rows at head dim 64: 8 chunks a head, so 16 for 2 heads, but 24 for 3: neither a
+    power of two nor whole SIMD groups); else the one launch, as without it."""
+    launches = _record_launches(monkeypatch)
+    for m in (_build, attention, cca):
+        monkeypatch.setattr(m, "backend", lambda: "cuda")
+    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", 0)
+    a, kw, o_proj = _cca_attention_case(1, nh, 2, 64, 2, 2, 32, mx.bfloat16, 8, 5, seed=1,
+                                        o_proj=linear(40, nh * 64, mx.bfloat16))
+    attention.cca_decode_attention(**a, filled=mx.array([5], mx.int32), o_proj=o_proj, kv_once=True, **kw)
+    bodies = [(launch.body, dict(launch.template).get("HB")) for launch in launches]
+    first = [("cca_decode.h", None), ("decode_attention.h", nh // 2)] if fits else [("decode_attention.h", 1)]
+    assert bodies == first + [("attention_combine.h", None)]
+
+
 @gpu_only
 def test_cca_kernel_decodes_a_sequence():
     """Chained steps: the kernel's states and cache feed the next step as the reference's do."""
