@@ -182,7 +182,8 @@ def test_a_checkpoint_is_measured(run_zaya, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("args", [["--batch", "x"], ["--batch", "1,0"], ["--quant", "int3"], ["--quant", ","],
                                   ["--rows", "16"], ["--rows", "2x0"], ["--kv", "3"], ["--model", "x", "--small"],
                                   ["--group-experts-from", "0"], ["--group-experts-from", "off,x"],
-                                  ["--kv-once-from", "0"], ["--kv-once-from", "of"]])
+                                  ["--kv-once-from", "0"], ["--kv-once-from", "of"],
+                                  ["--json", "/etc/passwd/b.json"], ["--markdown", "/tmp"]])
 def test_bad_input_is_one_line(run_zaya, args):
     code, out, err = run_zaya("bench", "--small", *args)
     assert code == 1

@@ -40,7 +40,8 @@ def test_recipe_file_and_force(src, tmp_path, run_zaya):
     assert block["model.layers.0.self_attn.o_proj"] is False  # quantizable, named by no rule: kept
 
 
-@pytest.mark.parametrize("case", ["unknown recipe", "bad recipe file", "missing src", "not a model", "bad shard size"])
+@pytest.mark.parametrize("case", ["unknown recipe", "bad recipe file", "missing src", "not a model", "bad shard size",
+                                  "out under a file"])
 def test_errors_are_one_line(src, tmp_path, run_zaya, case):
     bad = tmp_path / "bad.json"
     bad.write_text('{"rules": [{"match": "*", "format": "int2"}]}')
@@ -50,9 +51,12 @@ def test_errors_are_one_line(src, tmp_path, run_zaya, case):
         "missing src": [tmp_path / "nowhere", tmp_path / "o"],
         "not a model": [tmp_path, tmp_path / "o"],
         "bad shard size": [src, tmp_path / "o", "--shard-size", "0"],
+        "out under a file": [src, bad / "o"],  # a folder no one can make, root included
     }[case]
     code, _, err = run_zaya("quantize", *args)
     assert code == 1, err
     assert err.startswith("error: ") and err.count("\n") == 1, err
+    if case == "out under a file":
+        assert err == f"error: cannot write {bad / 'o'}: Not a directory\n"
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]

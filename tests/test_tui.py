@@ -149,7 +149,7 @@ def test_turn_commands_multiline_save_and_exit(pane, answer_model, tmp_path):
 
     # A file that cannot be written or read is a line, and the conversation goes on.
     p.type(f"/save {tmp_path}")
-    p.wait_for(r"^cannot write .*: Is a directory")
+    p.wait_for(r"^error: cannot write .*: Is a directory")
     p.type(f"/load {tmp_path / 'none.json'}")
     p.wait_for(r"^cannot read .*: No such file or directory")
     assert not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]  # no temporary file left behind

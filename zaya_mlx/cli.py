@@ -67,6 +67,15 @@ def read_stdin() -> str:
         fail(f"stdin is not valid UTF-8 (byte {e.start + 1} of {len(data)})")
 
 
+def check_output_file(option: str, path: Optional[str]) -> None:
+    """Refuse, before any work, an output file that cannot be one: a folder, or in a folder that does not exist."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir() or not target.resolve().parent.is_dir():
+        fail(f"{option} {path}: {'is a folder' if target.is_dir() else 'its folder does not exist'}; give a file path")
+
+
 # --- the model a command runs without --model --------------------------------------------------------------------
 
 FITS = (f"in bf16 where it fits this machine's memory with a {FIRST_RUN_CONTEXT // 1024}K context, else an MXFP4 copy "
@@ -336,9 +345,7 @@ def rsa_command(
         fail("give a problem, or --resume DIR to continue a run")
     if resume is None and not problem.strip():
         fail("the problem is empty")
-    if json_out and (Path(json_out).is_dir() or not Path(json_out).expanduser().resolve().parent.is_dir()):
-        fail(f"--json {json_out}: {'is a folder' if Path(json_out).is_dir() else 'its folder does not exist'}; "
-             "give a file path")
+    check_output_file("--json", json_out)
     if max_batch is not None and max_batch < 1:
         fail(f"--max-batch must be at least 1, got {max_batch}")
     overrides = dict(
@@ -518,6 +525,8 @@ def bench_command(
     from .benchmark import UNQUANTIZED, markdown, run, to_dict, weight_choices
     from .kv_cache import parse_kv
 
+    check_output_file("--json", json_out)
+    check_output_file("--markdown", markdown_out)
     if model_path is not None and (quant or small or experts):
         raise ZayaError("--model measures the checkpoint as it is: drop --quant, --small and --experts")
     quants = tuple(q.strip() for q in (quant or "bf16,mxfp4").split(",") if q.strip())
@@ -605,6 +614,9 @@ def main() -> None:
         code = app(standalone_mode=False)  # usage errors come here, not to click's boxed message
     except ZayaError as e:
         typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:  # the system refused a file or a socket that no check named first (a full disk, a permission)
+        typer.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
         sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)

@@ -23,8 +23,13 @@ def atomic_path(path):
 
 
 def write_text_atomic(path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write `text` to `path` whole or not at all; a path the system refuses (a folder, no permission, a full disk)
+    is a ZayaError that names it."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ZayaError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def model_file(folder: Path, name) -> Path:

@@ -564,7 +564,6 @@ def quantize(src, out, recipe="mxfp4", force: bool = False, progress: Optional[P
     if "quantization" in ckpt.raw_config or "quantization_config" in ckpt.raw_config:
         raise ZayaError(f"{src} is already quantized: quantize the unquantized checkpoint instead")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out)
     tmp = _own_folder(out, "tmp")
     writer = _ShardWriter(tmp, max_shard_size)
@@ -596,10 +595,13 @@ def _own_folder(out: Path, kind: str) -> Path:
     while True:
         path = out.parent / f".{out.name}.zaya-{kind}-{os.getpid()}-{os.urandom(4).hex()}"
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(path)
             return path
         except FileExistsError:
             continue
+        except OSError as e:
+            raise ZayaError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def _remove_abandoned(out: Path) -> None:

@@ -410,11 +410,7 @@ def _cmd_save(ui: "ChatUI", arg: str) -> None:
     path = Path(arg).expanduser()
     data = ui.session.to_json()
     text = data if isinstance(data, str) else json.dumps(data, indent=2, ensure_ascii=False)
-    try:
-        write_text_atomic(path, text if text.endswith("\n") else text + "\n")
-    except OSError as e:  # a folder, no permission, a full disk: the conversation stays, unsaved
-        ui.note(f"cannot write {path}: {e.strerror or e}")
-        return
+    write_text_atomic(path, text if text.endswith("\n") else text + "\n")  # a refused path: a ZayaError, one line
     ui.note(f"saved {len(ui.session.messages)} messages to {path}")
 
 

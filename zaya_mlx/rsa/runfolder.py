@@ -98,7 +98,10 @@ class RunFolder:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ZayaError(f"--run {path}: {'is a file' if not path.is_dir() else 'is not empty'}; give a new "
                             "folder, or --resume it")
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ZayaError(f"--run {path}: cannot make the folder: {e.strerror or e}") from None
         meta = {"format": FORMAT, "params": params.to_dict(), "seed": seed, "messages": list(messages),
                 "model": model, "draws": {str(r): d for r, d in all_draws(params, seed).items()},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
