@@ -17,11 +17,14 @@
 // waits for another.
 // Template: T (activation dtype: bfloat16 or float32), D, NH, NKV, T0, T1, RD (rope dims, even, <= D), NT
 // (threads, >= D, T1 * D and S * D; each SIMD group holds its grouped-conv rows in registers, 16 bytes a
-// lane and channel, so NT sets the registers a thread may use), EPS (the norm's eps clamp, its float32 bits).
+// lane and channel, so NT sets the registers a thread may use), EPS (the norm's eps clamp, its float32 bits),
+// KVB, KVG (a quantized cache: its bits, 8 or 4, and the values a scale and bias serve; KVB 0: a cache of type T).
 // Inputs: qkv [B, P] (P = C + NKV*D, C = (NH+NKV)*D: q, k, v_current, v_delayed), conv_state [B, S, C]
 // (S = T0-1 + T1-1 >= 1), v_prev [B, NKV*D/2], dw_w [C, T0], dw_b [C], gw_w [C, T1, D], gw_b [C],
 // temp [NKV], offset [B] int32, inv_freq [RD/2] float32,
-// kcache, vcache [B, NKV, CAP, D] (T; written in place), filled [1] int32 (positions held after the write),
+// kcache, vcache [B, NKV, CAP, D] (T; written in place; quantized: [B, NKV, CAP, D * KVB / 32] uint32, with
+// kscales, kbiases, vscales, vbiases [B, NKV, CAP, D / KVG] of type T, else those four absent, the new key and value
+// quantized as mx.quantize does, zk_quantize_kv), filled [1] int32 (positions held after the write),
 // capacity [1] int32 (CAP, read at run time: a grown buffer then compiles no new variant),
 // after (not read: an array that orders this launch after the last reader of an array it writes in place).
 // Outputs: q_out [B, NH, 1, D] (may be written into a given array: ZK_INPLACE), conv_out [B, S, C], vprev_out
@@ -39,6 +42,8 @@ ZK_SHARED float zk_dw[T1 * D + (T1 * D) / 32];  // padded: see zk_pad
 ZK_SHARED float zk_y[D];
 ZK_SHARED float zk_n[D];
 ZK_SHARED float zk_red[NWARP];
+ZK_SHARED float zk_kv[KVB > 0 ? 2 * D : 1];  // a quantized cache: the new key and value
+ZK_SHARED float zk_qp[KVB > 0 ? 4 * D / KVG : 1];
 const zk_cca_out r = zk_cca_step<T, D, NH, NKV, T0, T1, RD, NT>(
     qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, inv_freq, ZK_U2F(EPS), g, b, zk_tid, zk_lane,
     zk_warp, zk_dw, zk_y, zk_n, zk_red, conv_out, true);
@@ -47,10 +52,20 @@ if (zk_tid < D) {
     q_out[(b * NH + g) * D + zk_tid] = static_cast<T>(r.o);
   } else {
     const int h = g - NH;
-    ZK_WRITABLE(T, kcache)[((b * NKV + h) * cap + slot) * D + zk_tid] = static_cast<T>(r.o);
-    ZK_WRITABLE(T, vcache)[((b * NKV + h) * cap + slot) * D + zk_tid] = static_cast<T>(r.v);
+    if (KVB == 0) {  // (zk_writable: kcache and vcache are uint32 words where KVB > 0)
+      zk_writable(kcache)[((b * NKV + h) * cap + slot) * D + zk_tid] = static_cast<T>(r.o);
+      zk_writable(vcache)[((b * NKV + h) * cap + slot) * D + zk_tid] = static_cast<T>(r.v);
+    } else {
+      zk_kv[zk_tid] = zk_round<T>(r.o);
+      zk_kv[D + zk_tid] = zk_round<T>(r.v);
+    }
     if (zk_tid < D / 2) {
       vprev_out[b * VH + h * (D / 2) + zk_tid] = static_cast<T>(r.vd);
     }
   }
+}
+if (KVB > 0 && g >= NH) {  // the whole threadgroup: a key head's
+  ZK_BARRIER();
+  zk_quantize_kv<T, D, KVB, KVG, NT>(zk_kv, zk_qp, kcache, vcache, kscales, kbiases, vscales, vbiases,
+                                      (b * NKV + g - NH) * cap + slot, zk_tid, true);
 }

@@ -189,6 +189,54 @@ ZK_DEV uint32_t zk_affine_q(float x, zk_qparams p) {
   return static_cast<uint32_t>(q < 0.0f ? 0.0f : (q > top ? top : q));
 }
 
+// A new key and value into a quantized cache (KVB bits, KVG values a scale and bias), as mx.quantize packs them: kv
+// [2 * D] (threadgroup memory, the key then the value, rounded to T) quantized a group at a time (its scale and bias
+// from its min and max), each value of kv replaced by the one the cache then holds, so that a launch attending to
+// the new token reads what the next steps will. Every thread of the threadgroup (NT of them) must call it, after a
+// barrier that follows the writes into kv (it holds barriers); qp: threadgroup scratch [4 * D / KVG]. Where write,
+// the words, scales and biases go into the cache's row (b * NKV + kv head) * CAP + position.
+template <typename T, int D, int KVB, int KVG, int NT, typename PL, typename PK, typename PS>
+ZK_DEV void zk_quantize_kv(PL kv, PL qp, PK keys, PK values, PS kscales, PS kbiases, PS vscales, PS vbiases, int row,
+                           int tid, bool write) {
+  constexpr int NG = 2 * D / KVG;                    // groups of the key and value
+  constexpr int PER = 32 / (KVB > 0 ? KVB : 32);  // values a word
+  if (tid < NG) {
+    float lo = 3.0e38f;
+    float hi = 0.0f;
+    for (int i = 0; i < KVG; ++i) {
+      const float x = kv[tid * KVG + i];
+      lo = x < lo ? x : lo;
+      hi = x > hi ? x : hi;
+    }
+    const zk_qparams p = zk_affine_params<KVB>(lo, hi);
+    qp[2 * tid] = p.scale;
+    qp[2 * tid + 1] = p.bias;
+  }
+  ZK_BARRIER();
+  for (int w = tid; w < 2 * D / PER; w += NT) {  // word w of the key (w < D / PER), then of the value
+    const int g = w * PER / KVG;
+    const zk_qparams p = {qp[2 * g], qp[2 * g + 1]};
+    const float s = zk_round<T>(p.scale);
+    const float bias = zk_round<T>(p.bias);
+    uint32_t word = 0;
+    for (int k = 0; k < PER; ++k) {
+      const uint32_t q = zk_affine_q<KVB>(kv[w * PER + k], p);
+      word |= q << (k * KVB);
+      kv[w * PER + k] = s * static_cast<float>(q) + bias;
+    }
+    if (write) {
+      const int half = w < D / PER ? 0 : 1;
+      const int wi = w - half * (D / PER);
+      ZK_STORE_U1(half == 0 ? keys : values, row * (D / PER) + wi, word);
+      if (wi * PER % KVG == 0) {
+        const int gi = row * (D / KVG) + wi * PER / KVG;
+        zk_writable(half == 0 ? kscales : vscales)[gi] = static_cast<T>(p.scale);
+        zk_writable(half == 0 ? kbiases : vbiases)[gi] = static_cast<T>(p.bias);
+      }
+    }
+  }
+}
+
 // Where x[k] lives in a padded threadgroup vector: one spare word after every 32. A SIMD group whose
 // lanes read runs of 4, 8, 16 or 32 consecutive values (one 16-byte weight chunk each) then touches 32
 // different banks per read instead of a few banks many times over.

@@ -105,47 +105,11 @@ if (HAS_CCA) {
   }
   ZK_BARRIER();
   if (KVB > 0) {
-    // A quantized cache: the new key and value quantized as mx.quantize does (a group's scale and bias from its min
-    // and max), and zk_new replaced by the values the cache then holds, so that this step attends to what the next
-    // ones will read. Every threadgroup does it alike; the writer also writes the words, scales and biases.
-    constexpr int PER = 32 / (KVB > 0 ? KVB : 32);  // values a word
-    if (zk_tid < NG) {
-      float lo = 3.0e38f;
-      float hi = 0.0f;
-      for (int i = 0; i < KVG; ++i) {
-        const float x = zk_new[D + zk_tid * KVG + i];
-        lo = x < lo ? x : lo;
-        hi = x > hi ? x : hi;
-      }
-      const zk_qparams p = zk_affine_params<KVB>(lo, hi);
-      zk_qp[2 * zk_tid] = p.scale;
-      zk_qp[2 * zk_tid + 1] = p.bias;
-    }
-    ZK_BARRIER();
-    const bool kv_writer = c == 0 && rs == 0 && h0 % REP == 0;
-    for (int w = zk_tid; w < 2 * D / PER; w += NT) {  // word w of the key (w < D / PER), then of the value
-      const int g = w * PER / KVG;
-      const zk_qparams p = {zk_qp[2 * g], zk_qp[2 * g + 1]};
-      const float s = zk_round<T>(p.scale);
-      const float bias = zk_round<T>(p.bias);
-      uint32_t word = 0;
-      for (int k = 0; k < PER; ++k) {
-        const uint32_t q = zk_affine_q<KVB>(zk_new[D + w * PER + k], p);
-        word |= q << (k * KVB);
-        zk_new[D + w * PER + k] = s * static_cast<float>(q) + bias;
-      }
-      if (kv_writer) {
-        const int half = w < D / PER ? 0 : 1;
-        const int wi = w - half * (D / PER);
-        const int row = (b * NKV + kvh) * CAP + slot;
-        ZK_STORE_U1(half == 0 ? keys : values, row * (D / PER) + wi, word);
-        if (wi * PER % KVG == 0) {
-          const int gi = row * (D / KVG) + wi * PER / KVG;
-          zk_writable(half == 0 ? kscales : vscales)[gi] = static_cast<T>(p.scale);
-          zk_writable(half == 0 ? kbiases : vbiases)[gi] = static_cast<T>(p.bias);
-        }
-      }
-    }
+    // A quantized cache: the new key and value quantized, and zk_new's replaced by the values the cache then holds,
+    // so that this step attends to what the next ones will read. Every threadgroup does it alike; the writer also
+    // writes the words, scales and biases.
+    zk_quantize_kv<T, D, KVB, KVG, NT>(zk_new + D, zk_qp, keys, values, kscales, kbiases, vscales, vbiases,
+                                        (b * NKV + kvh) * CAP + slot, zk_tid, c == 0 && rs == 0 && h0 % REP == 0);
     ZK_BARRIER();
   }
 }

@@ -211,6 +211,8 @@ class Step(typing.NamedTuple):
     split: bool = False  # attention over a buffer in chunks, then a combine launch (long contexts)
     full: bool = False  # ZAYA1-8B's widths and vocabulary (two layers, weights never computed), not the small model's
     grouped: bool = False  # the experts grouped by expert (DecodeOptions.group_experts_from=1), the router apart
+    kv_once: bool = False  # split: each key and value read once (DecodeOptions.kv_once_from=1), the CCA step apart
+    kv_bits: int = 0  # a quantized KV cache's bits, or 0
 
 
 def _lazy_zaya(step: Step):
@@ -245,14 +247,15 @@ def step_launches(step: Step) -> list[Launch]:
     if step.router == "mxfp4":
         nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
                     class_predicate=lambda path, m: ".router_mlp.fc" in path and isinstance(m, nn.Linear))
-    cache = model.make_cache()
+    cache = model.make_cache(kv_bits=step.kv_bits or None)
     real_supported, real_single = attention.cca_kernel_supported, attention.SINGLE_PASS_MAX
     try:
         model.decode_options = DecodeOptions(fused=False, compile=False)
         if not step.full:
             model.decode_options = DecodeOptions(fused=False)
             mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
-        model.decode_options = DecodeOptions(fused=True, compile=False, group_experts_from=1 if step.grouped else None)
+        model.decode_options = DecodeOptions(fused=True, compile=False, group_experts_from=1 if step.grouped else None,
+                                             kv_once_from=1 if step.kv_once else None)
         if not step.cca_inside:
             attention.cca_kernel_supported = lambda *a, **k: False
         if step.split:

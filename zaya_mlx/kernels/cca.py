@@ -141,14 +141,18 @@ def kv_layout(keys, head_dim: int) -> tuple:
     return keys.dtype, tuple(keys.shape), 0, 0
 
 
-def kernel_supported(qkv, conv_state, gw_w, keys, *, n_heads, n_kv_heads, head_dim, rope_dims, quantized=False,
-                     **_) -> bool:
-    """Whether the fused kernel covers these shapes (else the reference runs). quantized: whether the launch takes a
-    quantized cache (attention's with the step inside does; cca_decode.h does not)."""
-    dtype, shape, bits, _ = kv_layout(keys, head_dim)
+def kv_parts(buffer) -> tuple:
+    """A KV buffer as a launch takes it: (the array, None, None), or a quantized cache's (words, scales, biases)."""
+    return tuple(buffer) if isinstance(buffer, (tuple, list)) else (buffer, None, None)
+
+
+def kernel_supported(qkv, conv_state, gw_w, keys, *, n_heads, n_kv_heads, head_dim, rope_dims, **_) -> bool:
+    """Whether the fused kernel covers these shapes (else the reference runs)."""
+    dtype, shape, bits, group = kv_layout(keys, head_dim)
     return (
         conv_state.shape[1] >= 1
-        and (bits == 0 or quantized)
+        # a quantized cache: whole groups a head, and a word's values in one group (zk_quantize_kv)
+        and (bits == 0 or (bits in (4, 8) and head_dim % group == 0 and group % (32 // bits) == 0))
         and dtype == qkv.dtype
         and shape[1] == n_kv_heads
         and shape[3] == head_dim
@@ -244,12 +248,14 @@ def _cca_kernel(
         raise ValueError("the CCA step cannot write its query into one of its inputs")
     step = step_launch(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, n_heads=nh, n_kv_heads=nkv,
                        head_dim=d, rope_dims=rope_dims, rope_base=rope_base, norm_eps=norm_eps)
+    _, (_, _, cap, _), bits, group = kv_layout(keys, d)
+    (kw, ks, kb), (vw, vs, vb) = kv_parts(keys), kv_parts(values)
     q, state, vprev = launch(
         "cca_decode.h", back,
-        [*step.inputs, ("kcache", keys), ("vcache", values), ("filled", filled_array(filled)),
-         ("capacity", constant((keys.shape[2],), mx.int32)), ("after", after)],
+        [*step.inputs, ("kcache", kw), ("vcache", vw), ("kscales", ks), ("kbiases", kb), ("vscales", vs),
+         ("vbiases", vb), ("filled", filled_array(filled)), ("capacity", constant((cap,), mx.int32)), ("after", after)],
         [("q_out", shape_or_into((B, nh, 1, d), q_into), dtype), *step.outputs],
-        template=[*step.template, ("NT", nt)],
+        template=[*step.template, ("NT", nt), ("KVB", bits), ("KVG", group or 64)],
         grid=((nh + nkv) * nt, B, 1),
         threadgroup=(nt, 1, 1),
         pack=PACKED,
