@@ -57,6 +57,6 @@ def test_errors_are_one_line(src, tmp_path, run_zaya, case):
     assert code == 1, err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     if case == "out under a file":
-        assert err == f"error: cannot write {bad / 'o'}: Not a directory\n"
+        assert err == f"error: cannot write {bad / 'o'}: {bad} is a file\n"
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]

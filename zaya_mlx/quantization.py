@@ -592,10 +592,14 @@ _OWN = re.compile(r"\.(?P<name>.+)\.zaya-(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+")
 def _own_folder(out: Path, kind: str) -> Path:
     """A new hidden folder beside OUT that names this process (`.OUT.zaya-tmp-PID-XXXX`), so a later run can tell
     an abandoned one (its process gone, e.g. after SIGKILL) from one in use. Made with the usual mode (umask)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = f"{out.parent} is a file" if out.parent.is_file() else e.strerror or e
+        raise ZayaError(f"cannot write {out}: {reason}") from None
     while True:
         path = out.parent / f".{out.name}.zaya-{kind}-{os.getpid()}-{os.urandom(4).hex()}"
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(path)
             return path
         except FileExistsError:
