@@ -111,6 +111,15 @@ class Rollout:
             raise TypeError("round and index are counts from 0")
         return cls(**values)
 
+    @property
+    def reasoning(self) -> str:
+        return served_split(self.text)[0]
+
+    @property
+    def content(self) -> str:
+        """The answer section, as vLLM's qwen3 parser serves it ("" when the reasoning never closed)."""
+        return served_split(self.text)[1] or ""
+
 
 def _of_type(value, kind) -> bool:
     """Whether a JSON value is of a field's type (int, float, str, bool, list[...], Optional[...]); a bool is no int."""
@@ -123,15 +132,6 @@ def _of_type(value, kind) -> bool:
     if kind in (int, float):
         return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
     return isinstance(value, kind)
-
-    @property
-    def reasoning(self) -> str:
-        return served_split(self.text)[0]
-
-    @property
-    def content(self) -> str:
-        """The answer section, as vLLM's qwen3 parser serves it ("" when the reasoning never closed)."""
-        return served_split(self.text)[1] or ""
 
 
 @dataclass
