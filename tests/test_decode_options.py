@@ -37,3 +37,13 @@ def test_importing_the_package_leaves_the_environment_alone():
     env.pop("MLX_MAX_OPS_PER_BUFFER", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("option", ["group_experts_from", "kv_once_from"])
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "8"])
+def test_a_batch_threshold_is_a_whole_number_from_1(option, value):
+    from zaya_mlx import ZayaError
+
+    with pytest.raises(ZayaError, match=f"DecodeOptions.{option} is a batch size >= 1, or None for never"):
+        DecodeOptions(**{option: value})
+    assert getattr(DecodeOptions(**{option: 1}), option) == 1 and getattr(DecodeOptions(), option) is None

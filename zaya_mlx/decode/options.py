@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..errors import ZayaError
+
 
 @dataclass(frozen=True)
 class DecodeOptions:
@@ -25,6 +27,12 @@ class DecodeOptions:
     compile: bool = True
     group_experts_from: Optional[int] = None
     kv_once_from: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("group_experts_from", "kv_once_from"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ZayaError(f"DecodeOptions.{name} is a batch size >= 1, or None for never; got {value!r}")
 
     def groups_experts(self, batch: int) -> bool:
         """Whether a step of ``batch`` tokens runs the expert kernel grouped by expert."""
