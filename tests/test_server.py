@@ -128,6 +128,22 @@ def test_plain_completion_matches_the_python_api(server, folder):
     assert reply.choices[0].finish_reason == "length"
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 6)
 
+    # vLLM's repetition_penalty, and OpenAI's parameters at the values that ask for nothing (clients send them)
+    reply = server.client().chat.completions.create(model="Zyphra/ZAYA1-8B", messages=messages, max_tokens=6,
+                                                    temperature=0, presence_penalty=0, logprobs=False,
+                                                    extra_body={"repetition_penalty": 3.0})
+    penalised = generate(model, tokenizer, ids, max_tokens=6, repetition_penalty=3.0)
+    assert penalised.text != expected.text  # the penalty changes this prompt's greedy answer
+    assert reply.choices[0].message.content == penalised.answer
+
+
+@pytest.mark.parametrize("option", [{"logit_bias": {"5": 100}}, {"presence_penalty": 0.5}, {"frequency_penalty": 1},
+                                    {"logprobs": True}, {"top_logprobs": 2}])
+def test_parameters_not_implemented_are_refused_not_ignored(server, option):
+    name = next(iter(option))
+    with pytest.raises(openai.BadRequestError, match=f"{name} is not implemented by this server: leave it unset"):
+        server.client().chat.completions.create(model="ZAYA1-8B", messages=script("x"), max_tokens=2, **option)
+
 
 def test_streamed_completion(server, folder):
     from transformers import AutoTokenizer
@@ -435,6 +451,9 @@ def test_rsa_refusals_are_400(server):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, max_tokens=2000, extra_body=RSA)
     with pytest.raises(openai.BadRequestError, match="rsa_n must be a whole number"):
         client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION, extra_body={**RSA, "rsa_n": "many"})
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty is not implemented for RSA requests"):
+        client.chat.completions.create(model="ZAYA1-8B", messages=QUESTION,
+                                       extra_body={**RSA, "repetition_penalty": 1.2})
 
 
 def test_disconnect_cancels_an_rsa_run(server):

@@ -46,10 +46,17 @@ def _get(body: dict, name: str, kinds, default=None, *, low=None, high=None):
     return value
 
 
+# OpenAI's parameters this server does not implement, with the values that ask for nothing: a request that sets one
+# to anything else is refused, so that no answer is sampled, or reported, otherwise than it asked
+NOT_IMPLEMENTED = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                   "logprobs": (None, False), "top_logprobs": (None, 0), "best_of": (None, 1), "echo": (None, False),
+                   "suffix": (None, "")}
+
+
 @dataclass
 class Request:
     """What chat and text completions share: a checked body's sampling and limits. `max_tokens` None means: as
-    many as the context has room for."""
+    many as the context has room for. repetition_penalty: vLLM's (1 or None: off)."""
 
     stream: bool = False
     include_usage: bool = False
@@ -60,9 +67,13 @@ class Request:
     min_p: float = 0.0
     seed: Optional[int] = None
     stop: list = field(default_factory=list)
+    repetition_penalty: Optional[float] = None
 
     @staticmethod
     def common(body: dict, temperature: float, top_p: float) -> dict:
+        for name, asks_nothing in NOT_IMPLEMENTED.items():
+            if body.get(name) not in asks_nothing:
+                raise ApiError(400, f"{name} is not implemented by this server: leave it unset")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -79,6 +90,7 @@ class Request:
             min_p=float(_get(body, "min_p", (int, float), 0.0, low=0, high=1)),
             seed=_get(body, "seed", int, None),
             stop=stop,
+            repetition_penalty=_get(body, "repetition_penalty", (int, float), None, low=0),
         )
 
 

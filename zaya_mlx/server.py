@@ -177,7 +177,8 @@ class Server:
     def generate(self, job: Job, ids: list, request: Request, max_tokens: int) -> None:
         stream = stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
                                  temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                                 min_p=request.min_p, seed=request.seed, stop=request.stop)
+                                 min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+                                 seed=request.seed, stop=request.stop)
         r = None
         with closing(stream):
             for r in stream:
@@ -379,7 +380,7 @@ class Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _check_sampling(request: Request) -> None:
         try:
-            check_sampling(request.temperature, request.top_p, request.top_k, request.min_p)
+            check_sampling(request.temperature, request.top_p, request.top_k, request.min_p, request.repetition_penalty)
         except ZayaError as e:
             raise ApiError(400, str(e)) from None
 
@@ -479,6 +480,8 @@ class Handler(BaseHTTPRequestHandler):
         from . import rsa
 
         app = self.app
+        if request.repetition_penalty not in (None, 1):
+            raise ApiError(400, "repetition_penalty is not implemented for RSA requests: leave it unset")
         sampling = {k: getattr(request, k) for k in ("temperature", "top_p", "top_k", "min_p") if body.get(k) is not None}
         run = rsa_request.parse(body, app.rsa_preset, sampling, request.max_tokens, request.enable_thinking)
         messages = template_messages(request)
