@@ -16,7 +16,7 @@ from kernel_emulator import emulated
 from test_kernels import (BF16_LOGITS, _cca_attention_case, _cca_attention_reference, _expert_inputs, _expert_numpy,
                           _router_weights, linear, rnd)
 from zaya_mlx.decode import DecodeOptions
-from zaya_mlx.kernels import QuantizedStack, attention, cca, experts, head, norms, router
+from zaya_mlx.kernels import attention, cca, experts, head, norms, router
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated kernels")
 

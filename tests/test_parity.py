@@ -23,7 +23,6 @@ from fixtures import (
     fixture_ids,
     legacy_config,
     legacy_name_map,
-    make_config,
     make_reference,
     read_safetensors_folder,
     reference_logits,

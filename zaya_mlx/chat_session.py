@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import mlx.core as mx

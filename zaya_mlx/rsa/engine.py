@@ -31,7 +31,6 @@ one raises `Cancelled` (what finished is kept in the run folder).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import random
