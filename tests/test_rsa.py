@@ -588,6 +588,8 @@ def test_a_run_folder_refuses_another_parameter_set_seed_problem_or_model(tok, t
     ({"line": {"tail_ids": ["x"]}}, r"line 2 is damaged \(tail_ids is \['x'\], not Optional\[list\[int\]\]\)"),
     ({"line": {"index": -1}}, r"line 2 is damaged \(round and index are counts from 0\)"),
     ({"line": {"text": 5}}, r"line 2 is damaged \(text is 5, not str\)"),
+    ({"line": {"index": 3}}, r"line 2 is damaged \(round 0 rollout 3 is not in this run, of 2 rounds\)"),
+    ({"line": {"round": 2}}, r"line 2 is damaged \(round 2 rollout \d+ is not in this run, of 2 rounds\)"),
 ])
 def test_a_damaged_run_folder_is_refused_in_one_line(tok, tmp_path, damage, message):
     """run.json and rollouts.jsonl are read back as written, every field of its type: an edited or damaged folder

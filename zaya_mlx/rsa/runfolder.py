@@ -179,12 +179,16 @@ class RunFolder:
                 f.truncate(end)
                 f.flush()
                 os.fsync(f.fileno())
-        out = []
+        params, out = self.params, []
         for number, line in enumerate(data[:end].splitlines(), start=1):
             try:
-                out.append(Rollout.from_dict(json.loads(line)))
+                rollout = Rollout.from_dict(json.loads(line))
+                if rollout.round >= params.rounds or rollout.index >= params.rollouts_in(rollout.round):
+                    raise ValueError(f"round {rollout.round} rollout {rollout.index} is not in this run, of "
+                                     f"{params.rounds} rounds")
             except (ValueError, TypeError) as e:
                 raise ZayaError(f"{path}: line {number} is damaged ({e}); the lines before it are good") from None
+            out.append(rollout)
         return out
 
     def rollout(self, rollout: Rollout) -> None:
