@@ -8,10 +8,14 @@ arguments as `using`/`constexpr` lines).
 
     python dev/nvcc_check.py                               # nvcc on the PATH (the device machine has it)
     python dev/nvcc_check.py --nvrtc LIB --include DIR...  # NVRTC, as MLX-CUDA compiles: no CUDA toolkit needed
+    python dev/nvcc_check.py --nvrtc LIB ... --only attention_8_2_128  # the cases whose names contain this
 
-The second runs anywhere: `pip download --no-deps nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
-nvidia-cuda-cccl-cu12`, unzip the wheels, and pass .../cuda_nvrtc/lib/libnvrtc.so.12 and the runtime's and CCCL's
-include folders.
+The second runs anywhere: `pip download --no-deps "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-runtime==13.*"` (the
+NVRTC of the CUDA 13.0 toolkit MLX-CUDA 13 finds on an H100 machine), unzip the wheels, put the NVRTC library's
+folder on LD_LIBRARY_PATH (its builtins library loads from there), and pass .../cu13/lib/libnvrtc.so.13, the
+runtime's include folder and the CCCL headers MLX-CUDA's wheel carries (mlx/include/cccl). The target is MLX's for
+the GPU (`--arch`, sm_90a on an H100 or H200), and a launch's registers count as the SM allocates them, 8 a thread
+at a time.
 """
 
 import argparse
@@ -215,22 +219,22 @@ CASES += [attention_case(8, 2, 128, "bf16", True, "mxfp4", None, bits, hb=4) for
 CASES += [combine_case(o) for o in (None, "bf16", "mxfp4", "affine4", "affine8")]
 
 
-def with_nvcc(nvcc: str, folder: str):
+def with_nvcc(nvcc: str, folder: str, arch: str):
     """A compiler for check: nvcc, ptxas's report included."""
     def compile_source(name: str, source: str) -> tuple[bool, str]:
         path = os.path.join(folder, name + ".cu")
         with open(path, "w") as f:
             f.write(source)
-        r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", "-o", os.devnull, "-Xptxas", "-v", path],
+        r = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "-c", "-o", os.devnull, "-Xptxas", "-v", path],
                            capture_output=True, text=True)
         return r.returncode == 0, r.stderr
     return compile_source
 
 
-def with_nvrtc(library: str, includes: list[str]):
+def with_nvrtc(library: str, includes: list[str], arch: str):
     """A compiler for check: NVRTC (what MLX-CUDA compiles with), ptxas's report included."""
     nvrtc = ctypes.CDLL(library)
-    options = [b"--gpu-architecture=sm_90", b"-std=c++17", b"--ptxas-options=-v"]
+    options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--ptxas-options=-v"]
     options += [f"--include-path={d}".encode() for d in includes]
 
     def compile_source(name: str, source: str) -> tuple[bool, str]:
@@ -256,9 +260,10 @@ def check(compile_source, case) -> tuple[bool, str]:
     regs = [ln.strip() for ln in log.splitlines() if "registers" in ln]
     nregs = int(re.search(r"Used (\d+) registers", regs[-1]).group(1)) if regs else 0
     threads = dict(tmpl)["NT"]
-    if nregs * threads > 65536:  # a launch of NT threads would fail: "too many resources requested"
+    allocated = -(-nregs // 8) * 8  # an SM gives each thread its registers in units of 8
+    if allocated * threads > 65536:  # a launch of NT threads would fail: "too many resources requested"
         ok = False
-        spill.append(f"{nregs} registers x {threads} threads > 65536")
+        spill.append(f"{nregs} registers ({allocated} allocated) x {threads} threads > 65536")
     smem = re.search(r"(\d+) bytes smem", regs[-1]) if regs else None
     if smem and int(smem.group(1)) > 32768:  # the same body on Metal gets 32 KB of threadgroup memory
         ok = False
@@ -271,6 +276,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nvrtc", metavar="LIB", help="compile with this NVRTC library instead of nvcc")
     ap.add_argument("--include", action="append", default=[], metavar="DIR", help="an include folder for NVRTC")
+    ap.add_argument("--arch", default="sm_90a", help="the target MLX-CUDA compiles for (an H100 or H200: sm_90a)")
+    ap.add_argument("--only", default="", help="the cases whose names contain this")
     args = ap.parse_args(argv)
     nvcc = shutil.which("nvcc")
     if not (nvcc or args.nvrtc):
@@ -278,11 +285,13 @@ def main(argv=None):
         return 0
     with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         try:
-            compile_source = with_nvrtc(args.nvrtc, args.include) if args.nvrtc else with_nvcc(nvcc, d)
+            compile_source = (with_nvrtc(args.nvrtc, args.include, args.arch) if args.nvrtc
+                              else with_nvcc(nvcc, d, args.arch))
         except OSError as e:
             print(f"error: cannot load NVRTC from {args.nvrtc}: {e}", file=sys.stderr)
             return 2
-        results = list(pool.map(lambda case: check(compile_source, case), CASES))
+        cases = [case for case in CASES if args.only in case[0]]
+        results = list(pool.map(lambda case: check(compile_source, case), cases))
     for _, line in results:
         print(line)
     return 0 if all(ok for ok, _ in results) else 1
