@@ -78,11 +78,10 @@ def cases(cfg: ZayaConfig, B: int, context: int):
     step_kw = dict(n_heads=NH, n_kv_heads=NKV, head_dim=D, rope_dims=cfg.rope_dims(layer),
                    rope_base=cfg.rope_theta(layer))
 
-    def cca_attention(impl, o_proj=None, kv_once=False):
-        """The CCA step, attention and o_proj: on 'auto', one launch (decode_attention.h with HAS_CCA); kv_once, past
-        SINGLE_PASS_MAX keys: the CCA kernel, then attention a threadgroup a KV head (each key and value read once)."""
+    def cca_attention(impl, o_proj=None):
+        """The CCA step, attention and o_proj: on 'auto', one launch (decode_attention.h with HAS_CCA)."""
         return kernels.cca_decode_attention(**cca, offset=positions, keys=keys, values=values, filled=filled,
-                                            scale=D**-0.5, o_proj=o_proj, kv_once=kv_once, impl=impl, **step_kw)[0]
+                                            scale=D**-0.5, o_proj=o_proj, impl=impl, **step_kw)[0]
 
     head = {}
 
@@ -118,8 +117,6 @@ def cases(cfg: ZayaConfig, B: int, context: int):
             q, keys, values, filled, scale=D**-0.5, o_proj=o_proj, impl=impl)),
         (f"CCA step + attention, {context} keys", cca_attention),
         (f"CCA step + attention + o_proj, {context} keys", lambda impl: cca_attention(impl, o_proj)),
-        (f"CCA step + attention + o_proj, each key once, {context} keys",
-         lambda impl: cca_attention(impl, o_proj, kv_once=True)),
     ]
 
 

@@ -20,7 +20,6 @@ made of word ids by a stand-in tokenizer (one id a whitespace word), so a tail o
 
     python bench/bench_rsa.py                                              # GPU: 40 layers, bf16, both parts
     python bench/bench_rsa.py --ns 1,16 --kv bf16,8 --mixed-n 0             # part 1 with an 8-bit KV cache too
-    python bench/bench_rsa.py --ns 1,16 --kv-once-from off,8 --mixed-n 0    # part 1 with each key read once too
     python bench/bench_rsa.py --layers 2 --ns 1,2 --decode 16 --mixed-n 4 --slots 2 --budget 24 --tail 8   # a CPU
 """
 
@@ -35,7 +34,6 @@ from mlx.utils import tree_map
 
 from zaya_mlx import rsa
 from zaya_mlx.config import ZayaConfig
-from zaya_mlx.decode import DecodeOptions
 from zaya_mlx.kv_cache import parse_kv
 from zaya_mlx.model import Model
 from zaya_mlx.rsa.memory import model_layer_bytes, model_weight_bytes
@@ -184,8 +182,6 @@ def main() -> None:
     ap.add_argument("--tail", type=int, default=512, help="tokens (words) a candidate carries")
     ap.add_argument("--decode", type=int, default=256, help="part 1: tokens each rollout generates")
     ap.add_argument("--kv", default="bf16", help="part 1: KV cache formats, e.g. bf16,8,4")
-    ap.add_argument("--kv-once-from", default="off",
-                    help="part 1: DecodeOptions.kv_once_from values, e.g. off,8 (a round of each, same model)")
     ap.add_argument("--mixed-n", type=int, default=16, help="part 2: rollouts a round (0: skip it)")
     ap.add_argument("--slots", type=int, default=8, help="part 2: rollouts decoding together")
     ap.add_argument("--rounds", type=int, default=2, help="part 2: T (T + 1 rounds)")
@@ -206,16 +202,13 @@ def main() -> None:
     rows = []
     ns = [int(x) for x in a.ns.split(",") if x.strip()]
     kvs = [parse_kv(x) for x in a.kv.split(",")]
-    onces = [None if x.strip() == "off" else int(x) for x in a.kv_once_from.split(",")]
     if ns:
         rest = a.c * a.tail
         print(f"one round: {a.head} shared + {a.c} x {a.tail} tail tokens of prompt per rollout, {a.decode} tokens "
               "each")
-        for once, kv_bits, n in [(o, kv_bits, n) for o in onces for kv_bits in kvs for n in ns]:
-            model.decode_options = DecodeOptions(kv_once_from=once)
+        for kv_bits, n in [(kv_bits, n) for kv_bits in kvs for n in ns]:
             one_round(model, n, a.head, rest, 8, seed=99 + n, kv_bits=kv_bits)  # warm-up: compile, allocate
             r = one_round(model, n, a.head, rest, a.decode, seed=n, kv_bits=kv_bits)
-            r["kv_once_from"] = once
             params = rsa.RSAParams(rsa_n=n, rsa_k=a.c, rsa_t=1, tail_window_len=a.tail, tail_unit="tokens",
                                    short_resp_len=a.decode, max_tokens=a.decode, rsa_final_n=0, kv_bits=kv_bits)
             plan = rsa.plan_memory(model.args, params, prompt_tokens=a.head, aggregate_tokens=a.head + rest,
@@ -224,15 +217,15 @@ def main() -> None:
                                    budget_bytes=1 << 50, budget_source="unbounded")
             r["plan_bytes"] = plan.peak_bytes - plan.host_bytes  # the device's share of the plan
             rows.append(r)
-        singles = {(r["kv_once_from"], r["kv"]): r for r in rows if r["n"] == 1}
-        print(f"{'KV once':>7} {'KV':>6} {'N':>3} {'round s':>8} {'prefill s':>9} {'tok/s':>9} {'decode tok/s':>12} "
+        singles = {r["kv"]: r for r in rows if r["n"] == 1}
+        print(f"{'KV':>6} {'N':>3} {'round s':>8} {'prefill s':>9} {'tok/s':>9} {'decode tok/s':>12} "
               f"{'vs N x single':>13} "
               f"{'peak GB':>8} {'plan GB':>8}")
         for r in rows:
-            single = singles.get((r["kv_once_from"], r["kv"]))
+            single = singles.get(r["kv"])
             speed = (r["n"] * single["seconds"] / r["seconds"]) if single else float("nan")
             r["speedup_vs_single_streams"] = speed
-            print(f"{str(r['kv_once_from'] or 'off'):>7} {r['kv']:>6} {r['n']:>3} {r['seconds']:>8.2f} {r['prefill_s']:>9.2f} {r['tokens_per_s']:>9.1f} "
+            print(f"{r['kv']:>6} {r['n']:>3} {r['seconds']:>8.2f} {r['prefill_s']:>9.2f} {r['tokens_per_s']:>9.1f} "
                   f"{r['decode_tokens_per_s']:>12.1f} {speed:>12.2f}x {r['peak_bytes'] / 1e9:>8.2f} "
                   f"{r['plan_bytes'] / 1e9:>8.2f}")
     mixed_rows = mixed(model, a) if a.mixed_n else []

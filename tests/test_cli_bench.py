@@ -73,29 +73,6 @@ def test_both_forms_of_the_expert_kernel_are_timed_in_one_run(run_zaya, tmp_path
     assert (a["bytes_per_step"] - b["bytes_per_step"]) / expert == pytest.approx(2 - 1.75, rel=1e-2)
 
 
-def test_both_kv_reads_and_both_expert_forms_are_timed_in_one_run(run_zaya, tmp_path, monkeypatch):
-    """--kv-once-from off,2 with --group-experts-from off,2: a fused run for each pair, named by both, with the
-    model's options set so; the same bytes for the same expert form (the KV bytes are the same either way)."""
-    options = []
-    real = benchmark.bench_zaya
-
-    def record(config, quant, model, **kw):
-        options.append((model.decode_options.group_experts_from, model.decode_options.kv_once_from))
-        return real(config, quant, model, **kw)
-
-    monkeypatch.setattr(benchmark, "bench_zaya", record)
-    res = bench(run_zaya, tmp_path, "--rows", "2x8", "--kv-once-from", "off,2", "--group-experts-from", "off,2")
-    assert options == [(None, None), (None, 2), (2, None), (2, 2)]
-    names = [r["name"] for r in res]
-    assert names == [f"zaya-mlx (fused decode, {e}, {k})" for e in ("experts a token a threadgroup",
-                                                                    "experts grouped from batch 2")
-                     for k in ("KV read a query head", "KV read once from batch 2")], names
-    rows = [r["rows"][0] for r in res]
-    assert all(r["decode_tps"] > 0 for r in rows)
-    assert rows[0]["bytes_per_step"] == rows[1]["bytes_per_step"] != rows[2]["bytes_per_step"]
-    assert rows[2]["bytes_per_step"] == rows[3]["bytes_per_step"]
-
-
 def test_weights_read_counts_the_experts_a_batch_chooses():
     """All but the experts, and E (1 - (1 - 1/E)^B) experts' share: one expert at batch 1, 10.30 of 16 at 16."""
     assert weights_read(1000 + 1600, 1600, 16, 1) == 1000 + 100
@@ -182,7 +159,6 @@ def test_a_checkpoint_is_measured(run_zaya, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("args", [["--batch", "x"], ["--batch", "1,0"], ["--quant", "int3"], ["--quant", ","],
                                   ["--rows", "16"], ["--rows", "2x0"], ["--kv", "3"], ["--model", "x", "--small"],
                                   ["--group-experts-from", "0"], ["--group-experts-from", "off,x"],
-                                  ["--kv-once-from", "0"], ["--kv-once-from", "of"],
                                   ["--json", "/etc/passwd/b.json"], ["--markdown", "/tmp"]])
 def test_bad_input_is_one_line(run_zaya, args):
     code, out, err = run_zaya("bench", "--small", *args)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
-import itertools
 import os
 import re
 import statistics
@@ -536,7 +535,7 @@ def plan_bench(config: ZayaConfig, model: Model, rows, kv_formats, *, steps: int
 def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,), steps=64, small=False, plain=False,
         experts: int | None = None, runs: int = 3, chunk: int = 2048, bandwidth: float | None = None,
         model_path: str | None = None, memory: float | None = None, options: DecodeOptions | None = None,
-        group_experts_from: tuple | None = None, kv_once_from: tuple | None = None, log=print) -> list[Result]:
+        group_experts_from: tuple | None = None, log=print) -> list[Result]:
     """The whole benchmark; returns one Result per (model, weights) measured. Every model is planned (plan_bench)
     before the first is built. experts: fewer experts than the config's, for quick A/B runs: with top-1 routing a
     token reads one expert either way, so a step's graph and the bytes it reads stay the same (but for the
@@ -546,7 +545,7 @@ def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,),
     options: the models' decode options (their ``kernels``, and ``compile`` for the first fused run; the runs choose
     ``fused``). group_experts_from: a fused run for each of these DecodeOptions.group_experts_from (None: the
     experts never grouped), on the same model, to compare the expert kernel's forms in one run; default: the
-    options' own. kv_once_from: likewise for DecodeOptions.kv_once_from (given both, a run for each pair)."""
+    options' own."""
     options = options or DecodeOptions()
     bandwidth = bandwidth or device_bandwidth()
     budget = (int(memory * 1e9), "--memory") if memory else None
@@ -584,16 +583,12 @@ def run(quants=("bf16", "mxfp4"), rows=((1, 256), (8, 256)), kv_formats=(None,),
         q = None if q in UNQUANTIZED else q
         kw = dict(rows=rows, kv_formats=kv_formats, log=log, runs=runs, chunk=chunk, bandwidth=bandwidth,
                   skip=plan.skipped)
-        for g, k in itertools.product(group_experts_from or (options.group_experts_from,),
-                                      kv_once_from or (options.kv_once_from,)):
-            model.decode_options = replace(options, group_experts_from=g, kv_once_from=k)
-            forms = []
+        for g in group_experts_from or (options.group_experts_from,):
+            model.decode_options = replace(options, group_experts_from=g)
+            label = None
             if group_experts_from:
-                forms.append("experts a token a threadgroup" if g is None else f"experts grouped from batch {g}")
-            if kv_once_from:
-                forms.append("KV read a query head" if k is None else f"KV read once from batch {k}")
-            label = f"zaya-mlx (fused decode, {', '.join(forms)})" if forms else None
-            if label:
+                grouping = "experts a token a threadgroup" if g is None else f"experts grouped from batch {g}"
+                label = f"zaya-mlx (fused decode, {grouping})"
                 log(f"{label}:")
             results.append(bench_zaya(config, q, model, steps=steps, compiled=options.compile, label=label, **kw))
         model.decode_options = options

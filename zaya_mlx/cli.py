@@ -515,7 +515,6 @@ def bench_command(
     small: bool = typer.Option(False, "--small", help="A tiny model of the same structure (a smoke run)."),
     experts: Optional[int] = typer.Option(None, "--experts", min=1, help="Fewer experts (a token still reads one): the same step, a model that builds in seconds, for A/B runs."),
     group_experts_from: Optional[str] = typer.Option(None, "--group-experts-from", help="Comma-separated batch sizes from which the expert kernel runs grouped by expert, or off; a fused run for each, e.g. off,8 (default: the model's, off)."),
-    kv_once_from: Optional[str] = typer.Option(None, "--kv-once-from", help="Comma-separated batch sizes from which attention over a KV buffer of more than 1,024 positions reads each key and value once, or off; a fused run for each (with --group-experts-from, each pair), e.g. off,8 (default: the model's, off)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON here."),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", help="Write the results table (Markdown) here."),
 ) -> None:
@@ -540,12 +539,11 @@ def bench_command(
                       for c in _positive_list(context, "--context", "token counts"))
     kv_formats = tuple(dict.fromkeys(parse_kv(k) for k in kv.split(",") if k.strip())) or (None,)
     grouping = _batch_thresholds(group_experts_from, "--group-experts-from")
-    kv_once = _batch_thresholds(kv_once_from, "--kv-once-from")
     results = run(
         quants=quants, rows=pairs, kv_formats=kv_formats, steps=steps, small=small, plain=plain, experts=experts,
         runs=runs, chunk=chunk,
         bandwidth=bandwidth * 1e12 if bandwidth else None, model_path=model_path, memory=memory,
-        options=decode_options(), group_experts_from=grouping, kv_once_from=kv_once, log=typer.echo,
+        options=decode_options(), group_experts_from=grouping, log=typer.echo,
     )
     table = markdown(results, "zaya bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
                      bandwidth * 1e12 if bandwidth else None)
