@@ -11,9 +11,8 @@
 #             compiles every kernel variant first, so the expert group alone takes 2-4 minutes
 #   bench     `zaya bench` (bf16 and MXFP4, batch 1 and 8, with the plain path): bench/bench_decode.py
 #   quick     MXFP4, batch 1 only
-#   longctx   MXFP4 at 1x256, 1x16384, 16x256, 16x16384 and 32x32768, bf16 and 8-bit KV, each key and value read
-#             once a query head and (from batch 8) once a KV head: tokens/s, bytes a step and the share of the
-#             bandwidth bound (bench/bench_decode.py --rows ... --kv bf16,8 --kv-once-from off,8)
+#   longctx   MXFP4 at 1x256, 1x16384, 16x256, 16x16384 and 32x32768, bf16 and 8-bit KV: tokens/s, bytes a step and
+#             the share of the bandwidth bound (bench/bench_decode.py --rows ... --kv bf16,8)
 #   floor     MXFP4, batch 1, and the same graph with every kernel body emptied: the host's floor (dev/bench_lab.py)
 #   vmlx      MXFP4, batch 1, against vMLX's port in the same run, given its models/zaya.py as .vmlx/zaya.py
 #   kernels   each kernel's GPU time under Nsight Compute (bench/bench_kernels.py)
@@ -69,11 +68,9 @@ for part in "$@"; do
         --json "$OUT/bench.json" --markdown "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     longctx)
-      # batched decode at long context, bf16 and 8-bit KV (rows a GPU's memory cannot hold are skipped, and said),
-      # both KV reads: every row is filled once a read, and the fills take most of the time, so 2 timed runs a row
-      # (not 3) keep the mode in one 10-minute call; a run cut short keeps each row's line in longctx.log
+      # batched decode at long context, bf16 and 8-bit KV (rows a GPU's memory cannot hold are skipped, and said)
       timeout 590 python3 bench/bench_decode.py --quant mxfp4 --rows 1x256,1x16384,16x256,16x16384,32x32768 \
-        --kv bf16,8 --kv-once-from off,8 --steps 32 --runs 2 --prefill-chunk 2048 \
+        --kv bf16,8 --steps 32 --runs 3 --prefill-chunk 2048 \
         --json "$OUT/longctx.json" --markdown "$OUT/longctx.md" 2>&1 | tee "$OUT/longctx.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     floor)

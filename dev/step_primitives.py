@@ -2,10 +2,10 @@
 stubbed by one primitive (MLX's Depends, on the launch's inputs, of outputs made beforehand), the back end read as
 CUDA, so the step's graph has the GPU's shape without a GPU. A 40-layer model of the small config's widths but
 ZAYA's router width, 256, which the expert kernel routes at (the count depends on the layers, the weight format and
-which launches cover the shapes, not on the widths), batch, expert grouping and the KV read as asked.
+which launches cover the shapes, not on the widths), batch, expert grouping and attention in chunks as asked.
 
     python dev/step_primitives.py --batch 16 --group-experts-from off,8
-    python dev/step_primitives.py --batch 16 --split --kv-once-from off,8
+    python dev/step_primitives.py --batch 16 --split --group-experts-from off
 
 Not compiled (mx.compile would trace the stubs' outputs as new arrays): the figures compare forms, and a GPU run of
 `zaya bench` gives the compiled count.
@@ -42,7 +42,6 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--quant", default="mxfp4", help="bf16 or a recipe of zaya quantize")
     ap.add_argument("--group-experts-from", default="off,8", help="comma-separated batch sizes or off")
-    ap.add_argument("--kv-once-from", default="off", help="comma-separated batch sizes or off")
     ap.add_argument("--split", action="store_true",
                     help="attention in chunks, as over a KV buffer past SINGLE_PASS_MAX positions (the count does "
                          "not depend on the length)")
@@ -56,16 +55,13 @@ def main(argv=None) -> int:
         m.backend = lambda: "cuda"
     if args.split:
         attention.SINGLE_PASS_MAX = 0
-    sizes = lambda text: [s.strip() for s in text.split(",")]  # noqa: E731
-    threshold = lambda s: None if s == "off" else int(s)  # noqa: E731
-    for g in sizes(args.group_experts_from):
-        for k in sizes(args.kv_once_from):
-            model.decode_options = DecodeOptions(fused=True, compile=False, group_experts_from=threshold(g),
-                                                 kv_once_from=threshold(k))
-            n, kinds, (ins, outs) = count_primitives(model, model.make_cache, args.batch)
-            print(f"batch {args.batch}, {args.quant}, {'attention in chunks, ' if args.split else ''}experts grouped "
-                  f"from {g}, KV read once from {k}: {n} primitives ({kinds.get('Depends', 0)} launches), {ins} "
-                  f"inputs, {outs} outputs; {kinds}")
+    for g in args.group_experts_from.split(","):
+        threshold = None if g.strip() == "off" else int(g)
+        model.decode_options = DecodeOptions(fused=True, compile=False, group_experts_from=threshold)
+        n, kinds, (ins, outs) = count_primitives(model, model.make_cache, args.batch)
+        print(f"batch {args.batch}, {args.quant}, {'attention in chunks, ' if args.split else ''}experts grouped "
+              f"from {g.strip()}: {n} primitives ({kinds.get('Depends', 0)} launches), {ins} inputs, {outs} outputs; "
+              f"{kinds}")
     return 0
 
 
