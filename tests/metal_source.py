@@ -211,7 +211,6 @@ class Step(typing.NamedTuple):
     split: bool = False  # attention over a buffer in chunks, then a combine launch (long contexts)
     full: bool = False  # ZAYA1-8B's widths and vocabulary (two layers, weights never computed), not the small model's
     grouped: bool = False  # the experts grouped by expert (DecodeOptions.group_experts_from=1), the router apart
-    kv_once: bool = False  # split: each key and value read once (DecodeOptions.kv_once_from=1), the CCA step apart
     kv_bits: int = 0  # a quantized KV cache's bits, or 0
 
 
@@ -254,8 +253,7 @@ def step_launches(step: Step) -> list[Launch]:
         if not step.full:
             model.decode_options = DecodeOptions(fused=False)
             mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
-        model.decode_options = DecodeOptions(fused=True, compile=False, group_experts_from=1 if step.grouped else None,
-                                             kv_once_from=1 if step.kv_once else None)
+        model.decode_options = DecodeOptions(fused=True, compile=False, group_experts_from=1 if step.grouped else None)
         if not step.cca_inside:
             attention.cca_kernel_supported = lambda *a, **k: False
         if step.split:

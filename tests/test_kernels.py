@@ -584,23 +584,6 @@ def test_a_grown_kv_buffer_compiles_no_new_variant(monkeypatch):
     assert variants[0] == variants[1]
 
 
-@pytest.mark.parametrize("nh,fits", [(4, True), (6, False)])
-def test_kv_once_falls_back_to_the_one_launch_where_its_heads_do_not_fit(nh, fits, monkeypatch):
-    """kv_once on a buffer in chunks: the CCA kernel, then attention at HB = NH / NKV, where o_proj's lanes take a
-    block of that many heads (bf16 rows at head dim 64: 8 chunks a head, so 16 for 2 heads, but 24 for 3: neither a
-    power of two nor whole SIMD groups); else the one launch, as without it."""
-    launches = _record_launches(monkeypatch)
-    for m in (_build, attention, cca):
-        monkeypatch.setattr(m, "backend", lambda: "cuda")
-    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", 0)
-    a, kw, o_proj = _cca_attention_case(1, nh, 2, 64, 2, 2, 32, mx.bfloat16, 8, 5, seed=1,
-                                        o_proj=linear(40, nh * 64, mx.bfloat16))
-    attention.cca_decode_attention(**a, filled=mx.array([5], mx.int32), o_proj=o_proj, kv_once=True, **kw)
-    bodies = [(launch.body, dict(launch.template).get("HB")) for launch in launches]
-    first = [("cca_decode.h", None), ("decode_attention.h", nh // 2)] if fits else [("decode_attention.h", 1)]
-    assert bodies == first + [("attention_combine.h", None)]
-
-
 @gpu_only
 def test_cca_kernel_decodes_a_sequence():
     """Chained steps: the kernel's states and cache feed the next step as the reference's do."""
@@ -910,36 +893,6 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
             assert isinstance(cache[0][0], BatchKVCache)
 
 
-def attention_forms(monkeypatch) -> list:
-    """The attention kernels launched (or traced) from here on, as (the CCA step inside, query heads a threadgroup)."""
-    forms = []
-    real = attention.decode_attention_kernel
-
-    def record(*args, **kw):
-        forms.append((kw.get("step") is not None, kw.get("heads")))
-        return real(*args, **kw)
-
-    monkeypatch.setattr(attention, "decode_attention_kernel", record)
-    return forms
-
-
-@gpu_only
-def test_fused_decode_reading_each_key_once_matches_plain_decode(monkeypatch):
-    """DecodeOptions(kv_once_from=2): a batch of 2 whose KV buffer outgrows SINGLE_PASS_MAX (1,022 + 4 positions)
-    gives the plain ops' logits, its attention over the split buffer a threadgroup a KV head (the CCA step in its own
-    launch), the steps before in one launch."""
-    from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
-
-    model = build_zaya(small_config(), None, seed=2, dtype=mx.float32)
-    model.decode_options = DecodeOptions(kv_once_from=2)
-    forms = attention_forms(monkeypatch)
-    errors, cache = fused_vs_plain(model, model.args.vocab_size, 2, context=attention.SINGLE_PASS_MAX - 2, steps=4)
-    assert max(errors) < max(1e-4, F32), errors
-    assert cache[0][0].keys.shape[2] > attention.SINGLE_PASS_MAX
-    rep = model.args.num_attention_heads // model.args.num_key_value_heads
-    assert (True, None) in forms and (False, rep) in forms and set(forms) == {(True, None), (False, rep)}, forms
-
-
 @gpu_only
 @pytest.mark.parametrize("quant", [None, "mxfp4"])
 def test_fused_decode_check_passes_with_the_real_kernels(quant, monkeypatch):
@@ -1049,34 +1002,26 @@ CCA_ATTENTION_CASES = [  # B, NH, NKV, D, T0, T1, RD, length, capacity, left pad
 ]
 
 
-# the cases past SINGLE_PASS_MAX (chunks), where kv_once reads each key and value once
-SPLIT_CASES = [c for c in CCA_ATTENTION_CASES if c[8] > attention.SINGLE_PASS_MAX]
-
-
 @gpu_only
 @pytest.mark.parametrize("dtype,opts", [(mx.bfloat16, None), (mx.bfloat16, dict(group_size=32, bits=4, mode="mxfp4")),
                                         (mx.float32, dict(group_size=64, bits=4))])
-@pytest.mark.parametrize("case,kv_once", [(c, False) for c in CCA_ATTENTION_CASES] + [(c, True) for c in SPLIT_CASES])
-def test_cca_attention_kernel_matches_reference(case, kv_once, dtype, opts, monkeypatch):
+@pytest.mark.parametrize("case", CCA_ATTENTION_CASES)
+def test_cca_attention_kernel_matches_reference(case, dtype, opts):
     """The CCA step inside attention (one launch) against the step's reference, its cache write and attention's
     reference with ZAYA's o_proj: the output, the new states, and the cache written at position length - 1 alone.
-    float32 goes only where half a threadgroup's registers hold its grouped-conv rows (the smaller head).
-    kv_once: the CCA kernel in its own launch, then attention a threadgroup a KV head (NH / NKV query heads)."""
+    float32 goes only where half a threadgroup's registers hold its grouped-conv rows (the smaller head)."""
     B, NH, NKV, D, t0, t1, rd, length, cap, pads, window = case
     a, kw, o_proj = _cca_attention_case(B, NH, NKV, D, t0, t1, rd, dtype, cap, length, seed=length + B,
                                         o_proj=linear(2048, NH * D, dtype, opts, bias=False))
     cca_kw = {k: v for k, v in kw.items() if k != "scale"}
-    if not kv_once and not attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"],
-                                                          o_proj=o_proj, **cca_kw):
+    if not attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"], o_proj=o_proj, **cca_kw):
         assert dtype == mx.float32 and D == 128
         pytest.skip("float32 at head dim 128: the step runs in its own launch")
     lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
     want = _cca_attention_reference(a, kw, length, lp, window, o_proj)
     mx.eval(want)  # before the kernel writes into the cache's buffers
-    forms = attention_forms(monkeypatch)
     got = attention.cca_decode_attention(**a, filled=mx.array([length], mx.int32), left_padding=lp, window=window,
-                                         o_proj=o_proj, kv_once=kv_once, impl="kernel", **kw)
-    assert forms == [(False, NH // NKV) if kv_once else (True, None)]
+                                         o_proj=o_proj, impl="kernel", **kw)
     tol = 2e-2 if dtype == mx.bfloat16 else F32
     assert got[0].dtype == mx.float32 and rel(got[0].sum(axis=1, keepdims=True), want[0]) < tol
     for name, g, w in zip(("keys", "values", "conv_state", "v_prev"), got[1:], want[1:]):
@@ -1087,26 +1032,28 @@ def test_cca_attention_kernel_matches_reference(case, kv_once, dtype, opts, monk
 
 
 @gpu_only
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("case,kv_once", [(c, False) for c in CCA_ATTENTION_CASES[:3]] + [(SPLIT_CASES[0], True)])
-def test_cca_attention_kernel_with_a_quantized_cache(case, kv_once, bits, monkeypatch):
+@pytest.mark.parametrize("case", CCA_ATTENTION_CASES[:3])
+def test_cca_attention_kernel_with_a_quantized_cache(case, bits, dtype):
     """The CCA step inside attention on a quantized cache (mlx-lm's layout, group 64): the output against the
     references (the step's, mx.quantize's write, attention over the dequantized cache), the new value's words as
-    mx.quantize packs them, and every other position untouched; one pass and split into chunks; kv_once: the CCA
-    kernel writes them, and attention a threadgroup a KV head reads them from the cache."""
+    mx.quantize packs them, and every other position untouched; one pass and split into chunks. float32 at head dim
+    128: the CCA kernel in its own launch (cca_decode.h) writes them, in place, and attention reads them."""
     B, NH, NKV, D, t0, t1, rd, length, cap, pads, window = case
-    a, kw, o_proj = _cca_attention_case(B, NH, NKV, D, t0, t1, rd, mx.bfloat16, cap, length, seed=length + bits,
-                                        o_proj=linear(2048, NH * D, mx.bfloat16, None, bias=False))
+    a, kw, o_proj = _cca_attention_case(B, NH, NKV, D, t0, t1, rd, dtype, cap, length, seed=length + bits,
+                                        o_proj=linear(2048, NH * D, dtype, None, bias=False))
     a["keys"], a["values"] = (mx.quantize(a[n], group_size=64, bits=bits) for n in ("keys", "values"))
     cca_kw = {k: v for k, v in kw.items() if k != "scale"}
-    assert attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"], o_proj=o_proj, **cca_kw)
+    one_launch = attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"], o_proj=o_proj,
+                                                **cca_kw)
+    assert one_launch == (dtype == mx.bfloat16)
     lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
     want = _cca_attention_reference(a, kw, length, lp, window, o_proj)
     mx.eval(want)  # before the kernel writes into the cache's buffers
-    forms = attention_forms(monkeypatch)
     got = attention.cca_decode_attention(**a, filled=mx.array([length], mx.int32), left_padding=lp, window=window,
-                                         o_proj=o_proj, kv_once=kv_once, impl="kernel", **kw)
-    assert forms == [(False, NH // NKV) if kv_once else (True, None)]
+                                         o_proj=o_proj, impl="kernel" if one_launch else "auto", **kw)
+    assert got[1] is a["keys"] and got[2] is a["values"]  # written in place: a kernel, not the reference
     assert rel(got[0].sum(axis=1, keepdims=True), want[0]) < 3e-2
     for g, w in zip(got[1:3], want[1:3]):
         for gp, wp in zip(g, w):
@@ -1203,7 +1150,7 @@ def _writes(name: str, args) -> bool:
     return name in ("keys", "values") and any(n == "qkv" for n, _ in args)
 
 
-def _recorded_step(monkeypatch, quant, router, options=DecodeOptions(fused=True, compile=False)):
+def _recorded_step(monkeypatch, quant, router):
     """The launches of two fused decode steps (the second and third after a prompt) with the kernels replaced by
     fakes that record them (``_record_launches``). router: None (the small model's, beside
     the expert kernel), "wide" (ZAYA's 256-wide one, inside it) or "mxfp4" (quantized: its plain ops)."""
@@ -1226,7 +1173,7 @@ def _recorded_step(monkeypatch, quant, router, options=DecodeOptions(fused=True,
     cache = model.make_cache()
     model.decode_options = DecodeOptions(fused=False, compile=False)  # the prompt through the plain ops
     mx.eval(model(mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32), cache))
-    model.decode_options = options
+    model.decode_options = DecodeOptions(fused=True, compile=False)
     model(mx.array([[9]], dtype=mx.int32), cache)
     launches.clear()
     for _ in range(2):  # two steps on the buffers the first one made, the second's token not from the first's logits
@@ -1238,31 +1185,24 @@ def _writes_in_place(args) -> bool:
     return any(n.startswith(_build.INPLACE_PREFIX) for n, _ in args)
 
 
-@pytest.mark.parametrize("form", ["one launch", "CCA apart", "KV once"])
+@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("quant,router", [(None, None), ("mxfp4", None), ("mxfp4", "mxfp4"), (None, "wide")])
-def test_fused_step_orders_every_in_place_write(quant, router, form, monkeypatch):
+def test_fused_step_orders_every_in_place_write(quant, router, one_launch, monkeypatch):
     """MLX orders a step's launches only by the arrays they take (docs/PERFORMANCE.md), so a launch that
     reads an array another launch writes in place must take, through launch outputs, an output of that writer; and a
     writer must so follow the earlier readers of what it overwrites, within a step and from one step to the next
     (whose token need not come from the last one's logits). Checked on the launches of real fused steps, for
     the router inside the expert kernel, beside it (in its own kernel) and quantized (its plain ops, which this does
     not see: the step keeps the router state a new array for any router the expert kernel does not run); and for
-    the CCA step inside attention, or in its own launch, which writes the query in place: for shapes that launch does
-    not cover ("CCA apart"), and (DecodeOptions.kv_once_from, "KV once") before attention over a buffer in chunks
-    a KV head a threadgroup."""
-    one_launch = form == "one launch"
-    options = DecodeOptions(fused=True, compile=False, kv_once_from=1 if form == "KV once" else None)
-    if form == "CCA apart":
+    the CCA step inside attention, or (one_launch False, as for shapes that launch does not cover) in its own
+    launch, which writes the query in place."""
+    if not one_launch:
         monkeypatch.setattr(attention, "cca_kernel_supported", lambda *a, **k: False)
-    if form == "KV once":
-        monkeypatch.setattr(attention, "SINGLE_PASS_MAX", 0)
-    launches = _recorded_step(monkeypatch, quant, router, options)
+    launches = _recorded_step(monkeypatch, quant, router)
     assert any(body == "residual_norm.h" and _writes_in_place(args) for body, args, *_ in launches)
     bodies = {launch.body for launch in launches}
     assert ("cca_decode.h" in bodies) != one_launch
     assert one_launch or any(body == "cca_decode.h" and _writes_in_place(args) for body, args, *_ in launches)
-    if form == "KV once":
-        assert {dict(t)["HB"] for body, *_, t in launches if body == "decode_attention.h"} == {2}
     assert any(any(_writes(n, args) for n in ("keys", "values", "kcache", "vcache")) for _, args, *_ in launches)
     if router == "wide":
         assert "router_mlp.h" not in {launch.body for launch in launches}  # routed inside the expert kernel

@@ -47,12 +47,12 @@ def attention_launches(seen) -> list:
             if body in ("cca_decode.h", "decode_attention.h", "attention_combine.h")]
 
 
-def layer_launches(kv_once: bool, rep: int, split: bool) -> list:
-    """A layer's launches from in_proj's output to o_proj's, as attention_launches gives them. kv_once: the CCA kernel,
-    then attention with a threadgroup a KV head serving its rep query heads, then the combine; else the one launch
-    with the step inside (a query head a threadgroup), then the combine where split."""
-    one = [("decode_attention.h", 1, True)] if not kv_once else [("cca_decode.h", None, None),
-                                                                  ("decode_attention.h", rep, False)]
+def layer_launches(apart: bool, split: bool) -> list:
+    """A layer's launches from in_proj's output to o_proj's, as attention_launches gives them, a query head a
+    threadgroup: the one launch with the step inside, or (apart) the CCA kernel and then attention; then the combine
+    where split."""
+    one = [("decode_attention.h", 1, True)] if not apart else [("cca_decode.h", None, None),
+                                                               ("decode_attention.h", 1, False)]
     return one + ([("attention_combine.h", None, None)] if split else [])
 
 
@@ -327,16 +327,13 @@ def test_attention_body(pads, window, single_pass, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("shape,pads,window,single_pass,kv_once", [((2, 4, 2, 64, 2, 2, 32), None, None, 64, False),
-                                                                   ((2, 4, 2, 64, 3, 2, 16), [0, 3], 6, 64, False),
-                                                                   ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, False),
-                                                                   ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, True)])
-def test_cca_step_inside_attention_body(shape, pads, window, single_pass, kv_once, dtype, monkeypatch):
+@pytest.mark.parametrize("shape,pads,window,single_pass", [((2, 4, 2, 64, 2, 2, 32), None, None, 64),
+                                                           ((2, 4, 2, 64, 3, 2, 16), [0, 3], 6, 64),
+                                                           ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4)])
+def test_cca_step_inside_attention_body(shape, pads, window, single_pass, dtype, monkeypatch):
     """decode_attention.h with the CCA step inside (HAS_CCA) against the step's reference, its cache write and
     attention's reference with o_proj: the output, the new states, and the key and value written at position
-    filled - 1 alone; with left padding, a sliding window, and (single_pass 4) the split into chunks + combine.
-    kv_once (split): the CCA kernel, then attention a KV head a threadgroup (its 4 query heads), alike; with a
-    sliding window and 2 query heads a KV head: the quantized cache's test."""
+    filled - 1 alone; with left padding, a sliding window, and (single_pass 4) the split into chunks + combine."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
     cap, filled = 20, 13
@@ -350,8 +347,8 @@ def test_cca_step_inside_attention_body(shape, pads, window, single_pass, kv_onc
     seen = launches(monkeypatch)
     with emulated():
         got = attention.cca_decode_attention(**a, filled=mx.array([filled], mx.int32), left_padding=lp,
-                                             window=window, o_proj=o_proj, kv_once=kv_once, impl="kernel", **kw)
-    assert attention_launches(seen) == layer_launches(kv_once, shape[1] // shape[2], cap > single_pass)
+                                             window=window, o_proj=o_proj, impl="kernel", **kw)
+    assert attention_launches(seen) == layer_launches(False, cap > single_pass)
     assert got[1] is a["keys"] and got[2] is a["values"]  # written in place
     out = got[0].sum(axis=1, keepdims=True)  # the heads' (or chunks' combined) shares of o_proj
     tol = 2e-2 if dtype == mx.bfloat16 else 1e-5
@@ -384,12 +381,13 @@ def test_attention_body_reads_a_quantized_cache(bits, group, single_pass, monkey
     assert out.shape == ref.shape and max_rel(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("bits,single_pass,dtype,kv_once", [(8, 64, mx.bfloat16, False), (4, 4, mx.float32, False),
-                                                            (8, 4, mx.bfloat16, True), (4, 4, mx.float32, True)])
-def test_cca_step_inside_attention_writes_a_quantized_cache(bits, single_pass, dtype, kv_once, monkeypatch):
+@pytest.mark.parametrize("bits,single_pass,dtype,apart", [(8, 64, mx.bfloat16, False), (4, 4, mx.float32, False),
+                                                          (8, 4, mx.bfloat16, True), (4, 4, mx.float32, True)])
+def test_cca_step_inside_attention_writes_a_quantized_cache(bits, single_pass, dtype, apart, monkeypatch):
     """With a quantized cache the step quantizes the new key and value as mx.quantize does, at position filled - 1
-    alone, and attends to them as the cache then holds them; in one pass and split into chunks; kv_once: the CCA
-    kernel (cca_decode.h) writes them, and attention reads them from the cache."""
+    alone, and attends to them as the cache then holds them; in one pass and split into chunks; apart (as for shapes
+    the one launch does not cover, float32 at head dim 128): the CCA kernel (cca_decode.h) writes them, and attention
+    reads them from the cache."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
     cap, filled, group = 20, 13, 32
@@ -401,11 +399,13 @@ def test_cca_step_inside_attention_writes_a_quantized_cache(bits, single_pass, d
     mx.eval(want)  # before the kernel writes into the cache's buffers
     assert attention.cca_kernel_supported(a["qkv"], a["conv_state"], a["gw_w"], a["keys"], o_proj=o_proj,
                                           **{k: v for k, v in kw.items() if k != "scale"})
+    if apart:
+        monkeypatch.setattr(attention, "cca_kernel_supported", lambda *a, **k: False)
     seen = launches(monkeypatch)
-    with emulated():
+    with emulated():  # 'auto': 'kernel' asks for the one launch
         got = attention.cca_decode_attention(**a, filled=mx.array([filled], mx.int32), left_padding=lp, window=6,
-                                             o_proj=o_proj, kv_once=kv_once, impl="kernel", **kw)
-    assert attention_launches(seen) == layer_launches(kv_once, 2, cap > single_pass)
+                                             o_proj=o_proj, impl="auto" if apart else "kernel", **kw)
+    assert attention_launches(seen) == layer_launches(apart, cap > single_pass)
     assert got[1] is a["keys"] and got[2] is a["values"]  # written in place
     out = got[0].sum(axis=1, keepdims=True)
     assert out.shape == want[0].shape and max_rel(out, want[0]) < (2e-2 if dtype == mx.bfloat16 else 1e-5)
@@ -504,26 +504,6 @@ def test_fused_decode_with_grouped_experts_runs_like_the_plain_ops(monkeypatch):
     assert max(errors) < 1e-4, errors
     forms = [t["GROUPED"] for body, t in seen if body == "expert_mlp.h"]
     assert forms and all(forms), forms
-
-
-def test_fused_decode_reading_each_key_once_runs_like_the_plain_ops(monkeypatch):
-    """From the batch DecodeOptions.kv_once_from names, attention over a buffer that splits into chunks runs as two
-    launches, the CCA kernel and then a threadgroup a KV head serving both its query heads, and the fused step gives
-    the plain ops' logits: a step in one pass (255 keys held, one launch), then the step after the buffer outgrows
-    it (SINGLE_PASS_MAX 256 here)."""
-    from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
-
-    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", 256)
-    monkeypatch.setattr(attention, "CHUNK", 128)
-    model = build_zaya(small_config(), None, seed=2, dtype=mx.float32)
-    model.decode_options = DecodeOptions(compile=False, kv_once_from=1)
-    seen = launches(monkeypatch)
-    errors, cache = fused_vs_plain(model, model.args.vocab_size, 1, context=255, steps=2, fused_context=emulated)
-    assert max(errors) < 1e-4, errors
-    assert cache[0][0].keys.shape[2] > 256
-    layers = len(model.layers)
-    want = layer_launches(False, 2, False) * layers + layer_launches(True, 2, True) * layers
-    assert attention_launches(seen) == want
 
 
 def test_fused_decode_on_a_quantized_cache_runs_the_bodies_like_the_plain_ops():

@@ -15,16 +15,15 @@ pytestmark = pytest.mark.skipif(metal_source.CLANG is None, reason="no clang to 
 
 # Every switch a variant's source turns on: each weight format and activation dtype, the router apart, inside the
 # expert kernel or quantized, the experts grouped by expert, the CCA step inside attention or in its own launch,
-# attention in one pass or in chunks with a combine launch, each key and value read once in chunks, a quantized KV
-# cache; at the small model's shapes and at ZAYA1-8B's.
+# attention in one pass or in chunks with a combine launch, a quantized KV cache written by either CCA launch; at the
+# small model's shapes and at ZAYA1-8B's.
 STEPS = [Step(None, mx.float32, "apart"), Step(None, mx.bfloat16, "inside"), Step("mxfp4", mx.bfloat16, "apart"),
          Step("mxfp4", mx.bfloat16, "inside", cca_inside=False), Step("affine4", mx.bfloat16, "mxfp4", split=True),
          Step("affine8", mx.bfloat16, "inside", split=True),
          Step(None, mx.float32, "inside", cca_inside=False, split=True),
          Step("mxfp4", mx.bfloat16, "inside", full=True), Step("affine4", mx.bfloat16, "inside", full=True, split=True),
          Step(None, mx.float32, "inside", full=True), Step("mxfp4", mx.bfloat16, "inside", full=True, grouped=True),
-         Step("mxfp4", mx.bfloat16, "inside", full=True, split=True, kv_once=True),
-         Step(None, mx.float32, "apart", split=True, kv_once=True, kv_bits=4),
+         Step(None, mx.float32, "apart", cca_inside=False, split=True, kv_bits=4),
          Step("affine8", mx.bfloat16, "inside", split=True, kv_bits=8)]
 BODIES = {"attention_combine", "cca_decode", "decode_attention", "expert_mlp", "matvec", "residual_norm", "router_mlp"}
 

@@ -16,31 +16,21 @@ class DecodeOptions:
     compute the same function). compile: run the step's fixed-shape parts as ``mx.compile``'d functions.
     group_experts_from: the batch size from which the expert kernel runs grouped by expert (each chosen expert's
     rows read once for its tokens, after the router's own launch) instead of a token a threadgroup (None, the
-    default: never, since the grouped form's speed on a GPU is not yet measured); the same function either way.
-    kv_once_from: the batch size from which attention over a KV buffer that splits into chunks reads each key and
-    value once (the CCA step in its own launch, then a threadgroup a KV head and chunk serving all its query heads)
-    instead of once a query head (None, the default: never, since its speed on a GPU is not yet measured); the same
-    function either way."""
+    default: never, since the grouped form's speed on a GPU is not yet measured); the same function either way."""
 
     fused: Optional[bool] = None
     kernels: bool = True
     compile: bool = True
     group_experts_from: Optional[int] = None
-    kv_once_from: Optional[int] = None
 
     def __post_init__(self):
-        for name in ("group_experts_from", "kv_once_from"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ZayaError(f"DecodeOptions.{name} is a batch size >= 1, or None for never; got {value!r}")
+        g = self.group_experts_from
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+            raise ZayaError(f"DecodeOptions.group_experts_from is a batch size >= 1, or None for never; got {g!r}")
 
     def groups_experts(self, batch: int) -> bool:
         """Whether a step of ``batch`` tokens runs the expert kernel grouped by expert."""
         return self.group_experts_from is not None and batch >= self.group_experts_from
-
-    def reads_kv_once(self, batch: int) -> bool:
-        """Whether a step of ``batch`` tokens reads each key and value of a split KV buffer once."""
-        return self.kv_once_from is not None and batch >= self.kv_once_from
 
     @property
     def impl(self) -> str:

@@ -4,9 +4,8 @@ The same function as the plain model's forward for one token, one launch each fo
 the router's down-projection (plus the previous layer's router state), the router MLP and the expert MLP, residual
 scaling + RMSNorm + the next layer's in_proj, and the CCA decode step (which also writes the key and value into the
 cache) with attention and o_proj (zaya_mlx/kernels, sources in metal/; shapes that launch does not cover take one
-more, the CCA step on its own, as does ``DecodeOptions.kv_once_from`` on a buffer that splits into chunks). On the
-CPU, or with ``DecodeOptions(kernels=False)``, the kernels' plain-MLX references run in their place.
-docs/PERFORMANCE.md says why the step is built this way.
+more, the CCA step on its own). On the CPU, or with ``DecodeOptions(kernels=False)``, the kernels' plain-MLX
+references run in their place. docs/PERFORMANCE.md says why the step is built this way.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ class FusedDecoder:
 
     def __init__(self, options: DecodeOptions):
         self.options = options
-        # (back end, compiled, kernels, group_experts_from, kv_once_from) -> the step functions
-        self._steps: dict = {}
+        self._steps: dict = {}  # (back end, compiled, kernels, group_experts_from) -> the step functions
         self._checked: dict = {}  # back end -> whether the step passed its check
         self._caches = weakref.WeakKeyDictionary()  # a cache's first KV cache -> its StepCache
 
@@ -192,7 +190,7 @@ class FusedDecoder:
         attribute directly are not seen.
         """
         o = self.options
-        key = (kernels.backend(), o.compile, o.kernels, o.group_experts_from, o.kv_once_from)
+        key = (kernels.backend(), o.compile, o.kernels, o.group_experts_from)
         if key not in self._steps:
             self._steps[key] = [_step_function(model, i, o) for i in range(-1, len(model.layers))]
         return self._steps[key]
@@ -213,7 +211,7 @@ def _step_function(model, i: int, options: DecodeOptions):
             h = ((h + inner.input_hidden_states_bias) * inner.input_hidden_states_scale).astype(mx.float32)
             qkv = nxt.self_attn.qkv_proj.in_proj(nxt.input_layernorm(h.astype(nxt.input_layernorm.weight.dtype)))
             return (h, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, impl,
-                                   q_into, last, kv_once=options.reads_kv_once(h.shape[0])))
+                                   q_into, last))
     elif nxt is None:
         def fn(out, h, r, last, *into):
             h, x, r = _mlp_block(cur, out, h, r, into, inner.norm, impl=impl, after=last if i == 0 else None,
@@ -227,15 +225,14 @@ def _step_function(model, i: int, options: DecodeOptions):
                                    impl=impl, after=last if i == 0 else None,
                                    grouped=options.groups_experts(h.shape[0]))
             return (h, r, *_attention(nxt, qkv, state, v_prev, positions, keys, values, filled, lpad, window, impl,
-                                      q_into, kv_once=options.reads_kv_once(h.shape[0])))
+                                      q_into))
     return mx.compile(fn) if options.compile else fn
 
 
 def _attention(layer, qkv, state, v_prev, positions, keys, values, filled, lpad, window, impl="auto", q_into=None,
-               after=None, kv_once=False):
+               after=None):
     """From in_proj's output: the CCA step (which writes the new key and value into the cache), attention and
-    o_proj, in one launch where the kernel covers the shapes (kernels.cca_decode_attention; kv_once: two on a buffer
-    that splits into chunks, each key and value read once). q_into: an array the
+    o_proj, in one launch where the kernel covers the shapes (kernels.cca_decode_attention). q_into: an array the
     CCA step may write the query into (StepBuffers.q), or None; after: an array the CCA step must run after.
     Returns (o_proj's output as partial sums [B, P, H] float32 (see kernels.decode_attention), the keys and values
     buffers, the new conv state, the new delayed value)."""
@@ -246,7 +243,7 @@ def _attention(layer, qkv, state, v_prev, positions, keys, values, filled, lpad,
         qkv, state, v_prev, dw.weight, dw.bias, gw.weight, gw.bias, attn.qk_norm.temp, positions, keys, values, filled,
         n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, rope_dims=attn.rope.dims,
         rope_base=attn.rope.base, scale=attn.scale, left_padding=lpad, window=window, o_proj=attn.o_proj,
-        q_into=q_into, after=after, kv_once=kv_once, impl=impl,
+        q_into=q_into, after=after, impl=impl,
     )
 
 

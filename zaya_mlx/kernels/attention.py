@@ -76,8 +76,7 @@ def kernel_supported(q, keys, o_proj=None) -> bool:
     return L == 1 and _heads_supported(NH, D, q.dtype, keys, o_proj)
 
 
-def _heads_supported(NH: int, D: int, dtype, keys, o_proj, heads: int | None = None) -> bool:
-    """heads: the query heads a threadgroup (None: _heads_per_threadgroup's)."""
+def _heads_supported(NH: int, D: int, dtype, keys, o_proj) -> bool:
     kv_dtype, (_, NKV, _, _), bits, group = kv_layout(keys, D)
     # a quantized cache: a lane's D / 32 values in one group, and in whole 32-bit words or within one
     if bits and not (bits in (4, 8) and group % (D // 32) == 0 and D % group == 0
@@ -92,7 +91,7 @@ def _heads_supported(NH: int, D: int, dtype, keys, o_proj, heads: int | None = N
         if D % vpv:
             return False
         # zk_slice_matvec's lanes a row: a head's (one pass: a head block's) chunks, a power of two or 32s
-        chunks = [D // vpv * hb for hb in (1, heads or _heads_per_threadgroup(NH, NKV))]
+        chunks = [D // vpv * hb for hb in (1, _heads_per_threadgroup(NH, NKV))]
         if any(c % 32 and c & (c - 1) for c in chunks):
             return False
     return (
@@ -117,17 +116,16 @@ def cca_kernel_supported(qkv, conv_state, gw_w, keys, *, o_proj=None, **cca_kw) 
 
 
 def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
-                            after=None, back=None, step: cca.StepLaunch | None = None, heads: int | None = None):
+                            after=None, back=None, step: cca.StepLaunch | None = None):
     """step: the CCA step's launch (cca.step_launch), run inside (HAS_CCA) in place of q (None): the keys and values
     are then written in place, and the new conv state and v_prev follow the output(s). keys, values: arrays, or a
-    quantized cache's (words, scales, biases). heads: the query heads a threadgroup, a divisor of NH / NKV (None:
-    HEADS_PER_THREADGROUP's; with the step inside, 1)."""
+    quantized cache's (words, scales, biases)."""
     back = back or backend()
     D = q.shape[-1] if step is None else dict(step.template)["D"]
     dtype, (B, NKV, cap, _), kv_bits, kv_group = kv_layout(keys, D)
     NH = q.shape[1] if step is None else dict(step.template)["NH"]
     split = cap > SINGLE_PASS_MAX
-    hb = 1 if step is not None else heads or _heads_per_threadgroup(NH, NKV)
+    hb = 1 if step is not None else _heads_per_threadgroup(NH, NKV)
     nt, rows = _threads(hb, D), B * NH // hb
     if o_proj is not None:
         wo, wos, wob, (qm, bits, gs) = kernel_parts(as_stack(o_proj))
@@ -194,17 +192,11 @@ def decode_attention(q, keys, values, filled, *, scale: float, left_padding=None
 def cca_decode_attention(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, keys, values, filled, *,
                          n_heads: int, n_kv_heads: int, head_dim: int, rope_dims: int, rope_base: float, scale: float,
                          left_padding=None, window=None, o_proj=None, norm_eps=None, q_into=None, after=None,
-                         kv_once=False, impl="auto"):
+                         impl="auto"):
     """The CCA step with its cache write (cca.cca_decode_step), then attention (decode_attention), for one new token
     a row: one launch where the kernel covers the shapes (decode_attention.h with HAS_CCA), else the two ops.
     Returns (attention's output, as decode_attention's; the keys and values buffers; the new conv state; the new
     delayed value).
-
-    kv_once: for buffers that split into chunks (more than SINGLE_PASS_MAX positions), read each key and value once:
-    the CCA kernel in its own launch, then attention with one threadgroup a KV head and chunk serving all its
-    NH / NKV query heads (the one launch computes a query head a threadgroup, so each of those threadgroups reads
-    its KV head's keys and values, and runs the CCA step, again). Where the two kernels do not cover the shapes,
-    the one launch runs as without it.
 
     q_into, after: for the two ops. q_into: an array the CCA kernel writes the query into, used only where attention
     runs its kernel, which then takes the new delayed value (an output of the CCA launch) as its ``after``:
@@ -214,12 +206,8 @@ def cca_decode_attention(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, 
     kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_dims=rope_dims, rope_base=rope_base,
               norm_eps=norm_eps)
     back = backend()
-    rep = n_heads // n_kv_heads
-    once = (kv_once and impl != "reference" and back != "cpu" and kv_layout(keys, head_dim)[1][2] > SINGLE_PASS_MAX
-            and cca.kernel_supported(qkv, conv_state, gw_w, keys, **kw)
-            and _heads_supported(n_heads, head_dim, qkv.dtype, keys, o_proj, rep))
-    if not once and use_kernel(impl, back, lambda: cca_kernel_supported(qkv, conv_state, gw_w, keys, o_proj=o_proj,
-                                                                        **kw), "the CCA step inside attention"):
+    if use_kernel(impl, back, lambda: cca_kernel_supported(qkv, conv_state, gw_w, keys, o_proj=o_proj, **kw),
+                  "the CCA step inside attention"):
         step = cca.step_launch(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, **kw)
         out, state, v_prev = decode_attention_kernel(None, keys, values, filled, scale=scale, left_padding=left_padding,
                                                      window=window, o_proj=o_proj, back=back, step=step)
@@ -229,11 +217,6 @@ def cca_decode_attention(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, 
     q, keys, values, state, v_prev = cca.cca_decode_step(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset,
                                                          keys, values, filled, q_into=q_into, after=after, impl=impl,
                                                          **kw)
-    after = v_prev if q is q_into else None
-    if once:  # the CCA kernel ran (cca.kernel_supported)
-        out = decode_attention_kernel(q, keys, values, filled, scale=scale, left_padding=left_padding, window=window,
-                                      o_proj=o_proj, after=after, back=back, heads=rep)
-    else:
-        out = decode_attention(q, keys, values, filled, scale=scale, left_padding=left_padding, window=window,
-                               o_proj=o_proj, after=after, impl=impl)
+    out = decode_attention(q, keys, values, filled, scale=scale, left_padding=left_padding, window=window,
+                           o_proj=o_proj, after=v_prev if q is q_into else None, impl=impl)
     return out, keys, values, state, v_prev
