@@ -16,7 +16,8 @@ class DecodeOptions:
     compute the same function). compile: run the step's fixed-shape parts as ``mx.compile``'d functions.
     group_experts_from: the batch size from which the expert kernel runs grouped by expert (each chosen expert's
     rows read once for its tokens, after the router's own launch) instead of a token a threadgroup (None, the
-    default: never, since the grouped form's speed on a GPU is not yet measured); the same function either way."""
+    default: never: on an H100 it gains nothing at batches 8 to 32, docs/PERFORMANCE.md); the same function either
+    way."""
 
     fused: Optional[bool] = None
     kernels: bool = True
