@@ -9,6 +9,7 @@ arguments as `using`/`constexpr` lines).
     python dev/nvcc_check.py                               # nvcc on the PATH (the device machine has it)
     python dev/nvcc_check.py --nvrtc LIB --include DIR...  # NVRTC, as MLX-CUDA compiles: no CUDA toolkit needed
     python dev/nvcc_check.py --nvrtc LIB ... --only attention_8_2_128  # the cases whose names contain this
+    python dev/nvcc_check.py --nvrtc LIB ... --step bf16 --batch 1 --context 1100  # the launches of a decode step
 
 The second runs anywhere: `pip download --no-deps "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-runtime==13.*"` (the
 NVRTC of the CUDA 13.0 toolkit MLX-CUDA 13 finds on an H100 machine), unzip the wheels, put the NVRTC library's
@@ -31,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, router  # noqa: E402
+import mlx.core as mx  # noqa: E402
 
 MOCK_MLX_HEADER = """
 #include <cuda_bf16.h>
@@ -57,6 +59,11 @@ def build(name, body, inputs, outputs, template):
               + [(_build.INPLACE_PREFIX + n, t) for n, t in into])
     outputs = [(n, t) for n, t in outputs if t and not t.startswith("into:")]
     header, source = _build.kernel_source(body, "cuda", absent, views, tuple(n for n, _ in into))
+    return assemble(name, header, source, inputs, outputs, template)
+
+
+def assemble(name, header, source, inputs, outputs, template):
+    """The source NVRTC compiles for a kernel: inputs and outputs as (name, type) pairs, in MLX's order."""
     s = MOCK_MLX_HEADER + header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
     s += f"__global__ void {name}(\n"
     args = [f"    const {CT[t]}* {n}" for n, t in inputs] + [f"    {CT[t]}* {n}" for n, t in outputs]
@@ -216,6 +223,67 @@ CASES += [attention_case(8, 2, 128, "bf16", False, None, None, 8)]
 CASES += [combine_case(o) for o in (None, "bf16", "mxfp4", "affine4", "affine8")]
 
 
+# The launches one fused decode step makes, recorded rather than run: what a model of ZAYA1-8B's shapes launches on
+# a left-padded batch cache (as RSA's rollouts are), with every argument as MLX-CUDA would get it.
+
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "uint32": "u32", "int32": "i32", "uint8": "u8"}
+
+
+def _type(dtype) -> str:
+    return DTYPE_NAMES[str(dtype).split(".")[-1]]
+
+
+class RecordedKernel:
+    """Called like mx.fast.cuda_kernel's result: keeps the launch as a case of this check, returns zeros."""
+
+    def __init__(self, seen, body, inputs, outputs, absent, views, inplace):
+        self.seen, self.body, self.inputs, self.outputs = seen, body, inputs, outputs
+        self.header, self.source = _build.kernel_source(body, "cuda", absent, views, inplace)
+
+    def __call__(self, *, inputs, template, threadgroup, output_shapes, output_dtypes, **_):
+        tmpl = tuple((k, _type(v) if isinstance(v, mx.Dtype) else v) for k, v in template if k != "ZK_DTYPES")
+        ins = tuple((n, _type(a.dtype)) for n, a in zip(self.inputs, inputs))
+        outs = tuple((n, _type(d)) for n, d in zip(self.outputs, output_dtypes))
+        name = f"{self.body.split('.')[0]}_{len(self.seen)}"
+        self.seen.setdefault((self.body, ins, outs, tmpl), (name, self.header, self.source, threadgroup[0]))
+        return [mx.zeros(tuple(shape), d) for shape, d in zip(output_shapes, output_dtypes)]
+
+
+def step_cases(quant: str | None, batch: int, context: int, kv_bits: int | None, config=None) -> list:
+    """The distinct launches of a fused decode step on a 2-layer model of ZAYA1-8B's widths (or ``config``'s),
+    weights as ``quant`` makes them, holding ``context`` positions a row in a left-padded batch cache, as (name,
+    source, threads, template)."""
+    from dataclasses import replace
+
+    from zaya_mlx import kernels
+    from zaya_mlx.benchmark import build_zaya, full_config
+    from zaya_mlx.decode import DecodeOptions
+
+    if config is None:
+        config = full_config(num_hidden_layers=2)
+        config = replace(config, layer_types=config.layer_types[:2])
+    model = build_zaya(config, quant)
+    model.decode_options = DecodeOptions(fused=True, compile=False)
+    cache = model.make_cache([0] * batch, kv_bits=kv_bits)
+    model(mx.zeros((batch, context), mx.int32), cache, last_only=True)
+    seen = {}
+    modules = (_build, attention, cca, experts, head, norms, router, kernels)
+    saved = [_build.get_kernel] + [m.backend for m in modules]
+    _build.get_kernel = lambda body, back, inputs, outputs, absent=(), views=(), inplace=(): RecordedKernel(
+        seen, body, inputs, outputs, absent, views, inplace)
+    for m in modules:
+        m.backend = lambda: "cuda"
+    try:
+        for _ in range(2):  # the first step may set the cache up
+            mx.eval(model(mx.zeros((batch, 1), mx.int32), cache))
+    finally:
+        _build.get_kernel = saved[0]
+        for m, b in zip(modules, saved[1:]):
+            m.backend = b
+    return [(name, assemble(name, header, source, ins, outs, tmpl), threads, dict(tmpl))
+            for (body, ins, outs, tmpl), (name, header, source, threads) in seen.items()]
+
+
 def with_nvcc(nvcc: str, folder: str, arch: str):
     """A compiler for check: nvcc, ptxas's report included."""
     def compile_source(name: str, source: str) -> tuple[bool, str]:
@@ -250,13 +318,17 @@ def with_nvrtc(library: str, includes: list[str], arch: str):
 
 
 def check(compile_source, case) -> tuple[bool, str]:
-    """Compile one case; (ok, its report line, with the compiler's errors when it failed)."""
-    name, body, ins, outs, tmpl = case
-    ok, log = compile_source(name, build(name, body, ins, outs, tmpl))
+    """Compile one case, (name, body, inputs, outputs, template) or a step's (name, source, threads, template); (ok,
+    its report line, with the compiler's errors when it failed)."""
+    if len(case) == 4:
+        name, source, threads, _ = case
+    else:
+        name, body, ins, outs, tmpl = case
+        source, threads = build(name, body, ins, outs, tmpl), dict(tmpl)["NT"]
+    ok, log = compile_source(name, source)
     spill = [ln for ln in log.splitlines() if "spill" in ln and " 0 bytes spill" not in ln]
     regs = [ln.strip() for ln in log.splitlines() if "registers" in ln]
     nregs = int(re.search(r"Used (\d+) registers", regs[-1]).group(1)) if regs else 0
-    threads = dict(tmpl)["NT"]
     allocated = -(-nregs // 8) * 8  # an SM gives each thread its registers in units of 8
     if allocated * threads > 65536:  # a launch of NT threads would fail: "too many resources requested"
         ok = False
@@ -275,6 +347,12 @@ def main(argv=None):
     ap.add_argument("--include", action="append", default=[], metavar="DIR", help="an include folder for NVRTC")
     ap.add_argument("--arch", default="sm_90a", help="the target MLX-CUDA compiles for (an H100 or H200: sm_90a)")
     ap.add_argument("--only", default="", help="the cases whose names contain this")
+    ap.add_argument("--step", metavar="WEIGHTS",
+                    help="instead of the cases, the launches of one fused decode step of a model with these weights "
+                         "(bf16, mxfp4, ...), recorded on this machine")
+    ap.add_argument("--batch", type=int, default=1, help="--step: rows of the left-padded batch")
+    ap.add_argument("--context", type=int, default=1100, help="--step: positions a row holds (past 1,024: chunks)")
+    ap.add_argument("--kv-bits", type=int, default=None, help="--step: a quantized KV cache's bits")
     args = ap.parse_args(argv)
     nvcc = shutil.which("nvcc")
     if not (nvcc or args.nvrtc):
@@ -287,7 +365,9 @@ def main(argv=None):
         except OSError as e:
             print(f"error: cannot load NVRTC from {args.nvrtc}: {e}", file=sys.stderr)
             return 2
-        cases = [case for case in CASES if args.only in case[0]]
+        cases = (step_cases(None if args.step == "bf16" else args.step, args.batch, args.context, args.kv_bits)
+                 if args.step else CASES)
+        cases = [case for case in cases if args.only in case[0]]
         results = list(pool.map(lambda case: check(compile_source, case), cases))
     for _, line in results:
         print(line)

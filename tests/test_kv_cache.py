@@ -179,6 +179,39 @@ def test_a_quantized_batch_gives_each_row_what_it_gives_alone(kv_model32, fused)
         model.decode_options = options
 
 
+def test_on_mlx_cuda_a_quantized_cache_is_read_without_quantized_matmul(kv_model32, monkeypatch):
+    """MLX-CUDA's mx.quantized_matmul has no kernel for attention's shapes (it raises "No implementation for problem
+    shape" for a prompt's queries against a head's keys, or a step's 4 queries a head). Where the back end is CUDA,
+    attention over a quantized cache expands the keys and values instead: a left-padded batch's prompt, then steps,
+    through the plain forward, with quantized_matmul raising as there, give the logits of mlx-lm's quantized
+    attention (float32)."""
+    import zaya_mlx.kv_cache as kv_cache
+
+    model = kv_model32
+    options = model.decode_options
+    model.decode_options = DecodeOptions(fused=False, compile=False)
+    ids = mx.array([fixture_ids(seed=5, length=14)[0], fixture_ids(seed=6, length=14)[0]], dtype=mx.int32)
+    steps = [[[3], [8]], [[5], [1]], [[9], [9]]]
+
+    def run():
+        cache = model.make_cache([0, 4], kv_bits=8)
+        logits = [model(ids, cache)[:, -1]]
+        logits += [model(mx.array(t, dtype=mx.int32), cache)[:, -1] for t in steps]
+        return mx.stack(logits)
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("[quantized_matmul] No implementation for problem shape")
+
+    try:
+        want = run()
+        monkeypatch.setattr(kv_cache, "backend", lambda: "cuda")
+        monkeypatch.setattr(mx, "quantized_matmul", no_kernel)
+        got = run()
+    finally:
+        model.decode_options = options
+    assert mx.abs(got - want).max().item() <= 1e-4 * mx.abs(want).max().item()
+
+
 def test_a_quantized_batch_keeps_the_next_token_distributions(kv_model):
     """The 8-bit bounds above hold for a left-padded batch against the same batch on the model's own cache (the
     largest KL of its rows at each position): the measured prompt and steps, beside the prompt less its first 11

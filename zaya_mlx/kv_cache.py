@@ -3,7 +3,8 @@
 A quantized cache is mlx-lm's ``QuantizedKVCache``: each key or value row of ``head_dim`` values is stored as
 ``bits``-bit integers packed into uint32 words, with a scale and a bias (the activation dtype) for each
 ``group_size`` values (MLX's affine quantization, ``mx.quantize``); attention reads it without expanding it
-(``mx.quantized_matmul``, or the decode kernel's quantized loads). At 8 bits a token's KV takes 53% of bf16's
+(``mx.quantized_matmul``, or the decode kernel's quantized loads; on MLX-CUDA, whose quantized_matmul has no
+kernel for attention's shapes, expanded first: ``attend``). At 8 bits a token's KV takes 53% of bf16's
 bytes, at 4 bits 28%: the bytes decode reads a step at long context, and the memory that decides how many long
 sequences fit. A left-padded batch of such rows (RSA's rollouts under mlx-lm's BatchGenerator) is a
 ``BatchQuantizedKVCache``. docs/kv-cache.md gives the quality figures.
@@ -14,9 +15,11 @@ from __future__ import annotations
 from typing import Optional
 
 import mlx.core as mx
+from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache, dynamic_roll
 
 from .errors import ZayaError
+from .kernels import backend
 from .sizes import KV_GROUP_SIZE  # values sharing a scale and a bias; sizes.py counts the bytes
 
 KV_BITS = (8, 4)  # the quantized formats
@@ -34,6 +37,20 @@ def check_kv_heads(head_dim: int, kv_bits: Optional[int]) -> None:
     if check_kv_bits(kv_bits) is not None and head_dim % KV_GROUP_SIZE:
         raise ZayaError(f"a quantized KV cache needs heads of a multiple of {KV_GROUP_SIZE} values; this model's "
                         f"have {head_dim}")
+
+
+def attend(queries, keys, values, cache, *, scale: float, mask):
+    """Attention over what ``cache.update_and_fetch`` returned: mlx-lm's ``scaled_dot_product_attention``, which
+    reads a quantized cache's keys and values with ``mx.quantized_matmul``. MLX-CUDA's quantized_matmul (0.32) has
+    no kernel for attention's shapes (a prompt's queries, or a head's 4 queries a step, against the keys: "No
+    implementation for problem shape"), so on CUDA the keys and values are expanded first (``mx.dequantize``: the
+    values quantized_matmul multiplies by) and attention runs as over an unquantized cache. The bf16 copy lives
+    for one layer's attention."""
+    bits = getattr(cache, "bits", None)
+    if bits is not None and backend() == "cuda":
+        keys, values = (mx.dequantize(*kv, group_size=cache.group_size, bits=bits) for kv in (keys, values))
+        cache = None
+    return scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask)
 
 
 def parse_kv(name: str) -> Optional[int]:

@@ -12,13 +12,12 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, KVCache, QuantizedKVCache
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from . import kernels, layouts
 from .config import ZayaConfig
-from .kv_cache import KV_GROUP_SIZE, BatchQuantizedKVCache, check_kv_heads
+from .kv_cache import KV_GROUP_SIZE, BatchQuantizedKVCache, attend, check_kv_heads
 from .decode import DecodeOptions, FusedDecoder
 
 ModelArgs = ZayaConfig
@@ -146,8 +145,7 @@ class Attention(nn.Module):
         queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
         if kv_cache is not None:
             keys, values = kv_cache.update_and_fetch(keys, values)
-        # mlx-lm's: a quantized cache's keys and values through mx.quantized_matmul, else the fused kernel
-        out = scaled_dot_product_attention(queries, keys, values, kv_cache, scale=self.scale, mask=mask)
+        out = attend(queries, keys, values, kv_cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

@@ -126,6 +126,26 @@ def test_every_gpu_test_is_in_a_group_the_device_script_runs():
     assert [t for t in gpu_tests if not any(w in t for w in words)] == []
 
 
+def test_nvcc_check_records_the_launches_a_decode_step_makes(monkeypatch):
+    """--step compiles what a fused decode step launches, recorded on this machine: on a left-padded batch whose
+    buffer splits into chunks, the launches docs/PERFORMANCE.md lists for a step (attention with the CCA step inside
+    and its combine, the residual norms with their projections, the router (in its own launch at the small model's
+    width), the expert MLP, the LM head), each assembled as MLX-CUDA gets it, one case a distinct variant."""
+    monkeypatch.syspath_prepend(DEV)
+    import nvcc_check
+    from zaya_mlx.benchmark import small_config
+    from zaya_mlx.kernels import attention
+
+    monkeypatch.setattr(attention, "SINGLE_PASS_MAX", 8)
+    cases = nvcc_check.step_cases(None, batch=2, context=12, kv_bits=None, config=small_config())
+    bodies = {name.rsplit("_", 1)[0] for name, *_ in cases}
+    assert bodies == {"decode_attention", "attention_combine", "residual_norm", "router_mlp", "expert_mlp",
+                      "matvec"}, bodies
+    attn = [t for name, _, _, t in cases if name.startswith("decode_attention")]
+    assert [(t["HAS_CCA"], t["SPLIT"], t["T"]) for t in attn] == [(True, True, "bf16")]
+    assert all("__global__ void " + name + "(" in source for name, source, _, _ in cases)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc to compile the CUDA twins")
 def test_cuda_twins_compile_and_fit_an_sm():
     """dev/nvcc_check.py: every CUDA twin compiles as MLX assembles it, its registers times its threads fit an
