@@ -62,6 +62,32 @@ def test_rows_and_kv_formats_and_the_bytes_a_step_moves(run_zaya, tmp_path):
     assert rows["bf16", 2, 20]["bytes_per_step"] - 40 * 1024 > rows["bf16", 1, 8]["bytes_per_step"] - 8 * 1024
 
 
+def test_a_row_the_back_end_cannot_run_is_reported_and_the_others_are_measured(run_zaya, tmp_path, monkeypatch):
+    """A row whose ops the back end refuses (MLX raises a RuntimeError, as MLX-CUDA's quantized_matmul did for an
+    8-bit cache) is named with what MLX said, in the log, the table and the JSON; the rows after it are still
+    measured, and the command ends with one error line and exit code 1 once the results are written."""
+    real = benchmark.measure_row
+
+    def refusing(forward, make_cache, batch, context, kv, **kw):
+        if kv == "8-bit" and batch == 2:
+            raise RuntimeError("[quantized_matmul] No implementation for problem shape: 2x2x64x4\nmore")
+        return real(forward, make_cache, batch, context, kv, **kw)
+
+    monkeypatch.setattr(benchmark, "measure_row", refusing)
+    out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    code, stdout, err = run_zaya("bench", "--small", "--quant", "bf16", "--rows", "2x8,1x8", "--kv", "8,bf16",
+                                 "--steps", "1", "--runs", "1", "--json", out, "--markdown", table)
+    assert code == 1
+    assert err == ("error: 1 row(s) did not run, the first: 2 x 8 (8-bit KV): [quantized_matmul] No implementation "
+                   "for problem shape: 2x2x64x4\n")
+    assert "2 x 8 (8-bit KV): failed: [quantized_matmul]" in stdout
+    (res,) = json.loads(out.read_text())
+    assert [(r["kv"], r["batch"]) for r in res["rows"]] == [("8-bit", 1), ("bf16", 2), ("bf16", 1)]
+    assert all(r["decode_tps"] > 0 for r in res["rows"])
+    assert res["failed"] == ["2 x 8 (8-bit KV): [quantized_matmul] No implementation for problem shape: 2x2x64x4"]
+    assert "Rows that did not run:" in table.read_text() and "2 x 8 (8-bit KV)" in table.read_text()
+
+
 def test_both_forms_of_the_expert_kernel_are_timed_in_one_run(run_zaya, tmp_path):
     """--group-experts-from off,2: a fused run a form, named so, on one model; at batch 2 the grouped run counts
     the distinct experts two tokens choose (1.75 of 4 on average), the other a token's own each (2)."""

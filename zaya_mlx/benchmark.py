@@ -342,6 +342,7 @@ class Result:
     kv_bytes_per_token: dict = field(default_factory=dict)  # KV format -> bytes
     primitive_kinds: dict = field(default_factory=dict)  # of the first row's step
     rows: list = field(default_factory=list)  # Row, for each KV format and batch x context
+    failed: list = field(default_factory=list)  # "row: what the back end said", for each row that did not run
     max_rel_logit_diff: float | None = None  # fused decode vs the plain path, same weights
 
 
@@ -371,9 +372,18 @@ def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 25
                     continue
                 grouped = fused and model.decode_options.groups_experts(b)
                 moved = weights_read(total, experts, config.num_experts, b, grouped) + b * ctx * kv
-                row = measure_row(model, lambda: model.make_cache(kv_bits=bits), b, ctx, kv_name(bits), steps=steps,
-                                  runs=runs, vocab=config.vocab_size, chunk=chunk, bytes_per_step=moved,
-                                  bandwidth=bandwidth)
+                try:
+                    row = measure_row(model, lambda: model.make_cache(kv_bits=bits), b, ctx, kv_name(bits),
+                                      steps=steps, runs=runs, vocab=config.vocab_size, chunk=chunk,
+                                      bytes_per_step=moved, bandwidth=bandwidth)
+                except RuntimeError as e:  # how MLX says its back end cannot run an op or a kernel: the other
+                    # rows still get measured (a GPU's time is short), and the run ends in an error
+                    said = (str(e).strip().splitlines() or ["RuntimeError"])[0][:200]
+                    res.failed.append(f"{_row_name(b, ctx, bits)}: {said}")
+                    log(f"  {_row_name(b, ctx, bits)}: failed: {said}")
+                    gc.collect()
+                    mx.clear_cache()
+                    continue
                 res.rows.append(row)
                 log(f"  {b} x {ctx}, {kv_name(bits)} KV: {row.line()}")
         if res.rows:
@@ -436,6 +446,9 @@ def markdown(results: list[Result], command: str, bandwidth: float | None = None
             lines.append(f"| {r.name} | {r.quant} | {r.weight_gb:.2f} | {row.kv} | {row.batch} x {row.context} | "
                          f"{row.prefill_tps:,.0f} | {row.decode_tps:,.1f} | {row.ms_per_step:.2f} | "
                          f"{row.bytes_per_step / 1e9:.2f} | {bound} | {row.primitives} | {row.peak_gb:.1f} |")
+    failed = [f"- {r.name}, {r.quant}, {f}" for r in results for f in r.failed]
+    if failed:
+        lines += ["", "Rows that did not run:", *failed]
     return "\n".join(lines) + "\n"
 
 

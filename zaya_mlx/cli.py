@@ -552,6 +552,9 @@ def bench_command(
         write_text_atomic(json_out, json.dumps([to_dict(r) for r in results], indent=1) + "\n")
     if markdown_out:
         write_text_atomic(markdown_out, table)
+    failed = [f for r in results for f in r.failed]
+    if failed:
+        raise ZayaError(f"{len(failed)} row(s) did not run, the first: {failed[0]}")
 
 
 def _batch_thresholds(text: Optional[str], option: str) -> Optional[tuple]:
