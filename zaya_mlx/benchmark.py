@@ -324,7 +324,7 @@ def measure_row(forward, make_cache, batch: int, context: int, kv: str, *, steps
     row.decode_tps, row.decode_runs, row.build_ms = timing.tps, timing.rates, timing.build_ms
     row.eval_ms = step_eval_ms(forward, cache, tok)
     if primitives:
-        row.primitives, _, row.arguments = count_primitives(forward, lambda: cache, batch)
+        row.primitives, _, row.arguments = count_primitives(forward, lambda c=cache: c, batch)
     row.peak_gb = mx.get_peak_memory() / 1e9
     del cache
     gc.collect()
