@@ -255,9 +255,9 @@ def step_cases(quant: str | None, batch: int, context: int, kv_bits: int | None,
     source, threads, template)."""
     from dataclasses import replace
 
-    from zaya_mlx import kernels
     from zaya_mlx.benchmark import build_zaya, full_config
     from zaya_mlx.decode import DecodeOptions
+    from zaya_mlx.kernels import kernels_from
 
     if config is None:
         config = full_config(num_hidden_layers=2)
@@ -267,19 +267,9 @@ def step_cases(quant: str | None, batch: int, context: int, kv_bits: int | None,
     cache = model.make_cache([0] * batch, kv_bits=kv_bits)
     model(mx.zeros((batch, context), mx.int32), cache, last_only=True)
     seen = {}
-    modules = (_build, attention, cca, experts, head, norms, router, kernels)
-    saved = [_build.get_kernel] + [m.backend for m in modules]
-    _build.get_kernel = lambda body, back, inputs, outputs, absent=(), views=(), inplace=(): RecordedKernel(
-        seen, body, inputs, outputs, absent, views, inplace)
-    for m in modules:
-        m.backend = lambda: "cuda"
-    try:
+    with kernels_from(lambda *made: RecordedKernel(seen, *made)):
         for _ in range(2):  # the first step may set the cache up
             mx.eval(model(mx.zeros((batch, 1), mx.int32), cache))
-    finally:
-        _build.get_kernel = saved[0]
-        for m, b in zip(modules, saved[1:]):
-            m.backend = b
     return [(name, assemble(name, header, source, ins, outs, tmpl), threads, dict(tmpl))
             for (body, ins, outs, tmpl), (name, header, source, threads) in seen.items()]
 

@@ -14,7 +14,6 @@ not: a back end's own compiler, memory model or speed. The CUDA twins run on an 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -27,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from zaya_mlx import kernels
-from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, router
+from zaya_mlx.kernels import _build
 
 COMPILER = shutil.which("g++")
 
@@ -214,20 +213,8 @@ class EmulatedKernel:
         return [mx.array(o).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(o) for o, d in zip(outs, output_dtypes)]
 
 
-@contextlib.contextmanager
 def emulated():
     """Inside, the kernels' launchers get emulated kernels and the back end reads 'cuda' (the CUDA side of a
     body's #ifdefs), so the model's fused decode runs its kernels' bodies here. Not under mx.compile: an
     emulated kernel reads its inputs' values."""
-    modules = (_build, attention, cca, experts, head, norms, router, kernels)  # those that ask the back end
-    saved = [_build.get_kernel] + [m.backend for m in modules]
-    _build.get_kernel = lambda body, back, inputs, outputs, absent=(), views=(), inplace=(): EmulatedKernel(
-        body, inputs, outputs, absent, views, inplace)
-    for m in modules:
-        m.backend = lambda: "cuda"
-    try:
-        yield
-    finally:
-        _build.get_kernel = saved[0]
-        for m, b in zip(modules, saved[1:]):
-            m.backend = b
+    return kernels.kernels_from(EmulatedKernel)

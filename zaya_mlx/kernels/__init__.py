@@ -6,6 +6,10 @@ in metal/ (installed as ``zaya_mlx.metal``): one portable body a kernel plus a M
 Each op takes ``impl='reference'`` to run its reference on any back end.
 """
 
+import contextlib
+import sys
+
+from . import _build, attention, cca, experts, head, norms, router
 from ._build import backend, constant
 from .attention import cca_decode_attention, decode_attention, decode_attention_reference
 from .cca import cca_decode_step, cca_decode_step_reference, offset_array
@@ -24,6 +28,7 @@ from .weights import QuantizedStack, as_stack
 __all__ = [
     "backend",
     "constant",
+    "kernels_from",
     "cca_decode_attention",
     "decode_attention",
     "decode_attention_reference",
@@ -45,3 +50,22 @@ __all__ = [
     "router_mlp",
     "router_mlp_reference",
 ]
+
+
+@contextlib.contextmanager
+def kernels_from(make_kernel, back: str = "cuda"):
+    """Inside, the launchers get their kernels from ``make_kernel(body, inputs, outputs, absent, views, inplace)``
+    instead of MLX, and every module here reads ``back`` as the back end: how a body runs where its GPU is not
+    (tests/kernel_emulator.py runs it on the CPU; dev/nvcc_check.py --step records a decode step's launches)."""
+    modules = (_build, attention, cca, experts, head, norms, router, sys.modules[__name__])
+    saved = [_build.get_kernel] + [m.backend for m in modules]
+    _build.get_kernel = lambda body, _back, inputs, outputs, absent=(), views=(), inplace=(): make_kernel(
+        body, inputs, outputs, absent, views, inplace)
+    for m in modules:
+        m.backend = lambda: back
+    try:
+        yield
+    finally:
+        _build.get_kernel = saved[0]
+        for m, b in zip(modules, saved[1:]):
+            m.backend = b
