@@ -625,8 +625,16 @@ def test_a_token_id_outside_the_vocabulary_never_reaches_the_model(sensitive):
     backend.close()
 
 
+@pytest.mark.parametrize("stop,exit_code,says", [
+    (KeyboardInterrupt, 130, "interrupted: "),
+    # the back end refusing an op mid-run, as MLX-CUDA's quantized_matmul did
+    (lambda: RuntimeError("[quantized_matmul] No implementation for problem shape: 4x4x64x12\nmore"), 1,
+     "error: [quantized_matmul] No implementation for problem shape: 4x4x64x12; ")])
 def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_result(long_model_dir, tmp_path,
-                                                                                        run_zaya, monkeypatch):
+                                                                                        run_zaya, monkeypatch, stop,
+                                                                                        exit_code, says):
+    """Stopped mid round 1 by Ctrl-C, or by the back end failing: one line says how many rollouts are saved and how
+    to resume, and the resumed run gives the uninterrupted run's rollouts."""
     import json
     import shutil
 
@@ -647,10 +655,10 @@ def test_an_interrupted_cli_run_on_the_tiny_model_resumes_to_the_uninterrupted_r
         if e.kind == "rollout_finished":
             finished.append(e)
             if len(finished) == 6:  # mid round 1
-                raise KeyboardInterrupt
+                raise stop()
 
-    code, stdout, stderr = run_zaya("rsa", *args, "--run", tmp_path / "cut")
-    assert code == 130 and "6 of 9 rollouts are saved" in stderr
+    got, stdout, stderr = run_zaya("rsa", *args, "--run", tmp_path / "cut")
+    assert got == exit_code and stderr.startswith(says + "6 of 9 rollouts are saved") and stderr.count("\n") == 1
     assert "time: at most" in stdout and "(3 slots, measured" in stdout  # the first run's rate, from its folder
     assert f"zaya rsa --resume {tmp_path / 'cut'}" in stderr
     monkeypatch.setattr(rsa_view.RSAView, "__call__", original)

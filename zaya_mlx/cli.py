@@ -427,22 +427,25 @@ def rsa_command(
         with view:
             result = rsa.run(messages, params, model=llm, tokenizer=tokenizer, seed=seed, on_event=view,
                              memory_budget=budget, max_batch=max_batch, journal=folder, group=hosts)
-    except (KeyboardInterrupt, distributed.HostLost) as e:
-        lost = f"{e}; " if isinstance(e, distributed.HostLost) else ""
+    except (KeyboardInterrupt, distributed.HostLost, RuntimeError) as e:
+        # Ctrl-C; another host lost; or the back end refusing an op or a kernel mid-run (MLX raises RuntimeError):
+        # the finished rollouts are in the run folder either way, so say how many and how to go on.
+        stopped = isinstance(e, KeyboardInterrupt)
+        why = "interrupted: " if stopped else f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}; "
         # A second Ctrl-C, or mlx.launch ending the hosts that remain when one fails (SIGTERM), must not cut the
         # saving and its message short.
         previous = {stop: signal.signal(stop, signal.SIG_IGN) for stop in (signal.SIGINT, signal.SIGTERM)}
         folder.write_rates(tokens=view.state.tokens, seconds=view.state.elapsed(), slots=plan.slots, device=device)
         done = len(folder.finished())
-        typer.echo(f"{'error' if lost else 'interrupted'}: {lost}{done} of {params.total_rollouts()} rollouts are "
-                   f"saved in {folder.path}; resume with: zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
-        if lost:  # the run folder is durable; a group that lost a host can block in its teardown, so leave now
-            sys.stderr.flush()
+        typer.echo(f"{why}{done} of {params.total_rollouts()} rollouts are saved in {folder.path}; resume with: "
+                   f"zaya rsa --resume {shlex.quote(str(folder.path))}", err=True)
+        if isinstance(e, distributed.HostLost):  # the run folder is durable; a group that lost a host can block in
+            sys.stderr.flush()  # its teardown, so leave now
             sys.stdout.flush()
             os._exit(1)
         for stop, handler in previous.items():
             signal.signal(stop, handler)
-        raise typer.Exit(130)
+        raise typer.Exit(130 if stopped else 1)
     except ZayaError:
         if fresh:
             folder.discard()  # refused before any rollout: leave nothing behind
