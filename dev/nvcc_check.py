@@ -307,14 +307,16 @@ def with_nvrtc(library: str, includes: list[str], arch: str):
     return compile_source
 
 
+def built(case) -> tuple:
+    """A case of CASES as a step's cases are: (name, source, threads, template)."""
+    name, body, ins, outs, tmpl = case
+    return name, build(name, body, ins, outs, tmpl), dict(tmpl)["NT"], dict(tmpl)
+
+
 def check(compile_source, case) -> tuple[bool, str]:
-    """Compile one case, (name, body, inputs, outputs, template) or a step's (name, source, threads, template); (ok,
-    its report line, with the compiler's errors when it failed)."""
-    if len(case) == 4:
-        name, source, threads, _ = case
-    else:
-        name, body, ins, outs, tmpl = case
-        source, threads = build(name, body, ins, outs, tmpl), dict(tmpl)["NT"]
+    """Compile one case, (name, source, threads, template); (ok, its report line, with the compiler's errors when it
+    failed)."""
+    name, source, threads, _ = case
     ok, log = compile_source(name, source)
     spill = [ln for ln in log.splitlines() if "spill" in ln and " 0 bytes spill" not in ln]
     regs = [ln.strip() for ln in log.splitlines() if "registers" in ln]
@@ -356,7 +358,7 @@ def main(argv=None):
             print(f"error: cannot load NVRTC from {args.nvrtc}: {e}", file=sys.stderr)
             return 2
         cases = (step_cases(None if args.step == "bf16" else args.step, args.batch, args.context, args.kv_bits)
-                 if args.step else CASES)
+                 if args.step else [built(case) for case in CASES])
         cases = [case for case in cases if args.only in case[0]]
         results = list(pool.map(lambda case: check(compile_source, case), cases))
     for _, line in results:

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 
 from . import kernels
 from .config import ZayaConfig
-from .errors import ZayaError
+from .errors import ZayaError, first_line
 from .decode import DecodeOptions
 from .model import Model
 from .quantization import available_recipes, load_recipe
@@ -378,7 +378,7 @@ def bench_zaya(config: ZayaConfig, quant: str | None, model: Model, rows=((1, 25
                                       bytes_per_step=moved, bandwidth=bandwidth)
                 except RuntimeError as e:  # how MLX says its back end cannot run an op or a kernel: the other
                     # rows still get measured (a GPU's time is short), and the run ends in an error
-                    said = (str(e).strip().splitlines() or ["RuntimeError"])[0][:200]
+                    said = first_line(e)[:200]
                     res.failed.append(f"{_row_name(b, ctx, bits)}: {said}")
                     log(f"  {_row_name(b, ctx, bits)}: failed: {said}")
                     gc.collect()

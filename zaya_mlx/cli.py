@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from .config import DEFAULT_MODEL
-from .errors import ZayaError
+from .errors import ZayaError, first_line
 from .model_cache import FIRST_RUN_CONTEXT
 from .files import write_text_atomic
 from .sizes import format_bytes
@@ -431,7 +431,7 @@ def rsa_command(
         # Ctrl-C; another host lost; or the back end refusing an op or a kernel mid-run (MLX raises RuntimeError):
         # the finished rollouts are in the run folder either way, so say how many and how to go on.
         stopped = isinstance(e, KeyboardInterrupt)
-        why = "interrupted: " if stopped else f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}; "
+        why = "interrupted: " if stopped else f"error: {first_line(e)}; "
         # A second Ctrl-C, or mlx.launch ending the hosts that remain when one fails (SIGTERM), must not cut the
         # saving and its message short.
         previous = {stop: signal.signal(stop, signal.SIG_IGN) for stop in (signal.SIGINT, signal.SIGTERM)}

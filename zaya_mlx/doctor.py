@@ -20,6 +20,7 @@ import mlx.core as mx
 from . import kernels
 from .benchmark import build_zaya, small_config
 from .decode import DecodeOptions
+from .errors import first_line
 
 # max |kernel - reference| / max |reference| that passes: bfloat16 kernels round in another order than MLX's ops
 TOLERANCE = {mx.bfloat16: 5e-2, mx.float32: 1e-3}
@@ -132,8 +133,7 @@ def _compare(name: str, run: Callable[[str], object], dtype) -> KernelCheck:
         got = run("kernel")
         mx.eval(got)
     except (RuntimeError, ValueError) as e:  # how MLX reports a kernel that does not build or launch
-        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return KernelCheck(name, False, f"did not build or run: {message[:160]}")
+        return KernelCheck(name, False, f"did not build or run: {first_line(e)[:160]}")
     err = _relative_error(got, want)
     ok = err <= TOLERANCE[dtype]
     return KernelCheck(name, ok, f"max error {err:.2g} of the largest value" + ("" if ok else " (too large)"))
