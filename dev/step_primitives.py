@@ -20,13 +20,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import mlx.core as mx  # noqa: E402
 
-from zaya_mlx import kernels  # noqa: E402
 from zaya_mlx.benchmark import build_zaya, count_primitives, small_config  # noqa: E402
 from zaya_mlx.decode import DecodeOptions  # noqa: E402
-from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, router  # noqa: E402
+from zaya_mlx.kernels import _build, attention, kernels_from  # noqa: E402
 
 
-def stub_kernel(body, back, inputs, outputs, absent=(), views=(), inplace=()):
+def stub_kernel(body, inputs, outputs, absent=(), views=(), inplace=()):
     """A launch as one primitive: evaluated zero outputs made to depend on the inputs."""
     def call(*, inputs, output_shapes, output_dtypes, **_):
         outs = [_build.constant((0,) * int(mx.zeros(s).size), d).reshape(s) for s, d in
@@ -50,18 +49,16 @@ def main(argv=None) -> int:
     types = [small.layer_types[i % len(small.layer_types)] for i in range(args.layers)]
     config = dataclasses.replace(small, num_hidden_layers=args.layers, layer_types=types, router_hidden_size=256)
     model = build_zaya(config, None if args.quant == "bf16" else args.quant, seed=0)
-    _build.get_kernel = stub_kernel
-    for m in (_build, attention, cca, experts, head, norms, router, kernels):
-        m.backend = lambda: "cuda"
     if args.split:
         attention.SINGLE_PASS_MAX = 0
-    for g in args.group_experts_from.split(","):
-        threshold = None if g.strip() == "off" else int(g)
-        model.decode_options = DecodeOptions(fused=True, compile=False, group_experts_from=threshold)
-        n, kinds, (ins, outs) = count_primitives(model, model.make_cache, args.batch)
-        print(f"batch {args.batch}, {args.quant}, {'attention in chunks, ' if args.split else ''}experts grouped "
-              f"from {g.strip()}: {n} primitives ({kinds.get('Depends', 0)} launches), {ins} inputs, {outs} outputs; "
-              f"{kinds}")
+    with kernels_from(stub_kernel):
+        for g in args.group_experts_from.split(","):
+            threshold = None if g.strip() == "off" else int(g)
+            model.decode_options = DecodeOptions(fused=True, compile=False, group_experts_from=threshold)
+            n, kinds, (ins, outs) = count_primitives(model, model.make_cache, args.batch)
+            print(f"batch {args.batch}, {args.quant}, {'attention in chunks, ' if args.split else ''}experts grouped "
+                  f"from {g.strip()}: {n} primitives ({kinds.get('Depends', 0)} launches), {ins} inputs, {outs} "
+                  f"outputs; {kinds}")
     return 0
 
 

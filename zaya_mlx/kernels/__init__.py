@@ -56,7 +56,8 @@ __all__ = [
 def kernels_from(make_kernel, back: str = "cuda"):
     """Inside, the launchers get their kernels from ``make_kernel(body, inputs, outputs, absent, views, inplace)``
     instead of MLX, and every module here reads ``back`` as the back end: how a body runs where its GPU is not
-    (tests/kernel_emulator.py runs it on the CPU; dev/nvcc_check.py --step records a decode step's launches)."""
+    (tests/kernel_emulator.py runs it on the CPU; dev/nvcc_check.py --step records a decode step's launches;
+    dev/step_primitives.py stands one primitive in for each)."""
     modules = (_build, attention, cca, experts, head, norms, router, sys.modules[__name__])
     saved = [_build.get_kernel] + [m.backend for m in modules]
     _build.get_kernel = lambda body, _back, inputs, outputs, absent=(), views=(), inplace=(): make_kernel(
