@@ -7,9 +7,8 @@ import mlx.core as mx
 import pytest
 
 from zaya_mlx import doctor, kernels
-from zaya_mlx.kernels import _build, attention, cca, experts, head, norms, router
+from zaya_mlx.kernels import _build
 
-KERNEL_MODULES = (_build, attention, cca, experts, head, norms, router, kernels)  # those that ask the back end
 
 
 @pytest.mark.skipif(kernels.backend() != "cpu", reason="a GPU back end runs the kernels (the lead's GPU run)")
@@ -46,7 +45,7 @@ def test_a_bad_weight_format_is_one_line(run_zaya):
 
 def _as_if_on_metal(monkeypatch, kernel):
     """The launchers build Metal kernels through ``kernel`` (in place of mx.fast.metal_kernel)."""
-    for m in KERNEL_MODULES:
+    for m in kernels.BACKEND_READERS:
         monkeypatch.setattr(m, "backend", lambda: "metal")
     monkeypatch.setattr(mx.fast, "metal_kernel", kernel)
     _build.get_kernel.cache_clear()

@@ -1158,10 +1158,9 @@ def _recorded_step(monkeypatch, quant, router):
 
     from zaya_mlx import kernels as kernels_pkg
     from zaya_mlx.benchmark import build_zaya, small_config
-    from zaya_mlx.kernels import router as router_mod
 
     launches = _record_launches(monkeypatch)
-    for m in (_build, attention, cca, experts, head, norms, router_mod, kernels_pkg):
+    for m in kernels_pkg.BACKEND_READERS:
         monkeypatch.setattr(m, "backend", lambda: "cuda")
     cfg = small_config()
     if router == "wide":

@@ -52,21 +52,27 @@ __all__ = [
 ]
 
 
+# The modules that ask backend() where their ops run: what a test or a tool that runs the launchers for another back
+# end than this machine's must redirect.
+BACKEND_READERS = (_build, attention, cca, experts, head, norms, router, sys.modules[__name__])
+
+
 @contextlib.contextmanager
 def kernels_from(make_kernel, back: str = "cuda"):
     """Inside, the launchers get their kernels from ``make_kernel(body, inputs, outputs, absent, views, inplace)``
-    instead of MLX, and every module here reads ``back`` as the back end: how a body runs where its GPU is not
-    (tests/kernel_emulator.py runs it on the CPU; dev/nvcc_check.py --step records a decode step's launches;
-    dev/step_primitives.py stands one primitive in for each)."""
-    modules = (_build, attention, cca, experts, head, norms, router, sys.modules[__name__])
-    saved = [_build.get_kernel] + [m.backend for m in modules]
-    _build.get_kernel = lambda body, _back, inputs, outputs, absent=(), views=(), inplace=(): make_kernel(
-        body, inputs, outputs, absent, views, inplace)
-    for m in modules:
+    instead of MLX (None: from MLX, as outside), and every module here reads ``back`` as the back end: how a body
+    runs where its GPU is not (tests/kernel_emulator.py runs it on the CPU; dev/nvcc_check.py --step records a
+    decode step's launches; dev/step_primitives.py stands one primitive in for each; tests/metal_source.py
+    records the Metal sources MLX would compile)."""
+    saved = [_build.get_kernel] + [m.backend for m in BACKEND_READERS]
+    if make_kernel is not None:
+        _build.get_kernel = lambda body, _back, inputs, outputs, absent=(), views=(), inplace=(): make_kernel(
+            body, inputs, outputs, absent, views, inplace)
+    for m in BACKEND_READERS:
         m.backend = lambda: back
     try:
         yield
     finally:
         _build.get_kernel = saved[0]
-        for m, b in zip(modules, saved[1:]):
+        for m, b in zip(BACKEND_READERS, saved[1:]):
             m.backend = b
