@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import mlx.core as mx  # noqa: E402
 
-from zaya_mlx.benchmark import build_zaya, full_config  # noqa: E402
+from zaya_mlx.benchmark import build_zaya, fill_context, full_config  # noqa: E402
 from zaya_mlx.kernels import attention  # noqa: E402
 
 
@@ -49,9 +49,9 @@ def profile_steps(quant: str, batch: int, context: int, steps: int, experts: int
         config = replace(config, num_experts=experts)
     model = build_zaya(config, None if quant == "bf16" else quant)
     cache = model.make_cache()
-    tok = mx.random.randint(0, config.vocab_size, (batch, context)).astype(mx.int32)
-    for i in range(4 + steps):  # the prompt, three warm-up steps (compiles, the first step's KV copy), then these
-        if i == 4:
+    tok = fill_context(model, cache, batch, context, config.vocab_size)  # the prompt, in chunks
+    for i in range(3 + steps):  # three warm-up steps (compiles, the first step's KV copy), then these
+        if i == 3:
             mx.synchronize()
             _profiler(True)
         logits = model(tok, cache)
