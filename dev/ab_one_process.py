@@ -9,16 +9,20 @@ one model. The changes:
 - ``include``: on CUDA, the helpers and the body as includes of saved files (as assembled) or inline;
 - ``bodies``: the kernels as they are, or with their bodies emptied (lab.empty_kernels): how much of a step
   the GPU's work adds to the host's floor;
-- ``cca-inside``: the CCA step inside attention's launch, or in its own (kernels.cca_decode_attention).
+- ``cca-inside``: the CCA step inside attention's launch, or in its own (kernels.cca_decode_attention);
+- ``heads``: with the CCA step in its own launch, attention serving all query heads of a KV head in one
+  threadgroup (each key read once), or one query head a threadgroup.
 
     python dev/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
     python dev/ab_one_process.py --what include --experts 16            # ZAYA1-8B's full size
 """
 
 import argparse
+import copy
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -68,8 +72,20 @@ def set_cca_inside(model, on: bool):
     reset_kernels(model)
 
 
+HEADS, THREADS = attention.HEADS_PER_THREADGROUP, attention._threads
+
+
+def set_heads(model, on: bool):
+    """The CCA step in its own launch either way; attention with every query head of a KV head in one threadgroup
+    (each key and value read once a chunk, at most 256 threads so that its registers fit) or one a threadgroup."""
+    attention.cca_kernel_supported = lambda *args, **kwargs: False
+    attention.HEADS_PER_THREADGROUP = 8 if on else HEADS
+    attention._threads = (lambda heads, d: min(THREADS(heads, d), 256 if heads > 1 else 512)) if on else THREADS
+    reset_kernels(model)
+
+
 CHANGES = {"source": set_source, "include": set_include, "bodies": set_bodies,
-           "cca-inside": set_cca_inside}
+           "cca-inside": set_cca_inside, "heads": set_heads}
 
 
 def main(argv=None) -> int:
@@ -85,12 +101,16 @@ def main(argv=None) -> int:
     config = benchmark.small_config() if args.small else benchmark.full_config(num_experts=args.experts)
     model = benchmark.build_zaya(config, "mxfp4")
     model.decode_options = DecodeOptions(fused=True)
+    # one prompt for every run, each from a copy of its cache: at 16 x 16,384 a prefill takes longer than a run
+    t0 = time.perf_counter()
+    prompt = model.make_cache()
+    first = benchmark.fill_context(model, prompt, args.batch, args.context, config.vocab_size)
+    print(f"prompt: {args.batch} x {args.context} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
     rates = {True: [], False: []}
     for r in range(args.rounds):
         for on in (True, False) if r % 2 == 0 else (False, True):
             CHANGES[args.what](model, on)
-            timing = benchmark.time_decode(model, model.make_cache, args.batch, args.context, args.steps,
-                                           config.vocab_size)
+            timing, _ = benchmark.decode_run(model, copy.deepcopy(prompt), first, args.steps, warmup=3)
             rates[on].append(timing.tps)
             print(f"round {r} {args.what} {'on' if on else 'off'}: {timing.tps:.1f} tok/s "
                   f"(graph building {timing.build_ms:.2f} ms/step)", flush=True)

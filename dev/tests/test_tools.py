@@ -54,15 +54,17 @@ def test_gpu_step_sums_each_kind_of_kernel_per_step(tmp_path):
     assert [float(line.split()[2]) for line in out[1:]] == [1.0, 2.0, 1.0]
 
 
-@pytest.mark.parametrize("what", ["source", "include"])
+@pytest.mark.parametrize("what", ["source", "include", "heads"])
 def test_one_process_ab_times_both_sides(what):
-    """A smoke run of dev/ab_one_process.py on the CPU: each round times both sides, then the medians."""
+    """A smoke run of dev/ab_one_process.py on the CPU: the prompt filled once, each round times both sides, then
+    the medians."""
     cmd = [sys.executable, os.path.join(DEV, "ab_one_process.py"), "--what", what, "--small", "--rounds", "2",
            "--steps", "2", "--context", "4"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
-    assert [line.split(":")[0] for line in out[:4]] == [f"round 0 {what} on", f"round 0 {what} off",
-                                                         f"round 1 {what} off", f"round 1 {what} on"]
-    assert out[4].startswith(f"median tok/s: {what} on ") and "ratio" in out[4]
+    assert out[0].startswith("prompt: 1 x 4 tokens in ")
+    assert [line.split(":")[0] for line in out[1:5]] == [f"round 0 {what} on", f"round 0 {what} off",
+                                                          f"round 1 {what} off", f"round 1 {what} on"]
+    assert out[5].startswith(f"median tok/s: {what} on ") and "ratio" in out[5]
 
 
 def test_native_stacks_are_summarized_by_function_and_caller(tmp_path):
