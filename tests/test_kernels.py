@@ -199,8 +199,8 @@ def test_on_cuda_the_header_and_body_are_includes_of_files_saved_once_by_their_c
 
 
 def test_an_edited_body_compiles_under_another_name(monkeypatch):
-    """MLX caches a compiled kernel by its name and template arguments (MLX-CUDA on disk too, across processes): a
-    body edited since must get another name, or the old compiled code would run."""
+    """MLX caches a compiled kernel by its name and template arguments for the process: a body edited since (as
+    dev/lab.py empties them) must get another name, or the old compiled code would run."""
     names = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: names.append(kw["name"]) or kw)
 

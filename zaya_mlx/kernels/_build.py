@@ -228,8 +228,8 @@ def packed(arrays: tuple) -> mx.array:
 def kernel_name(body: str, header: str, source: str) -> str:
     """The name MLX gets for a body: its file's stem and a checksum of the source it compiles.
 
-    MLX caches a compiled variant by the kernel's name and template arguments alone, in the process and (CUDA) in
-    its on-disk cache across processes. Without the checksum, a kernel edited since (or a new zaya-mlx version)
+    MLX caches a compiled variant by the kernel's name and template arguments for the process (MLX-CUDA keeps no
+    custom kernel in its on-disk cache: each process compiles the variants it launches). Without the checksum, a kernel edited since (or a new zaya-mlx version)
     would run the old compiled code, and so would the emptied bodies timed for the host's floor (dev/lab.py)."""
     return f"zaya_{body.split('.')[0]}_{zlib.crc32((header + source).encode()):08x}"
 
@@ -238,7 +238,7 @@ def _call_keyed_by_dtypes(kernel, *, inputs, template, output_dtypes, **kwargs):
     """Call an MLX custom kernel with one more template argument, ZK_DTYPES, naming its arguments' dtypes.
 
     MLX-CUDA names a compiled variant by the kernel's name and template arguments alone, and reuses the first
-    variant compiled under a name (kept for the process, and in its on-disk cache), while the generated
+    variant compiled under a name (kept for the process), while the generated
     source types each buffer by its array's dtype. A call whose inputs differ in dtype but not in template
     arguments (float32 residual scales with bfloat16 activations, say) would run code that reads its buffers
     as the wrong types, and return wrong numbers without an error. Metal names variants by dtype already."""
