@@ -169,7 +169,16 @@ def test_turn_commands_multiline_save_and_exit(pane, answer_model, tmp_path):
     p.type(f"/load {saved}")
     p.wait_for(r"^loaded 5 messages from ")
 
-    # Ctrl-C on an empty prompt leaves, with status 0.
+    # Ctrl-C on an empty prompt asks for a second one (a Ctrl-C that comes just after an answer ended does not end
+    # the conversation); a line typed in between starts over; two in a row leave, with status 0.
+    p.wait_prompt()
+    p.send("C-c")
+    p.wait_for(r"^Ctrl-C again to exit")
+    p.type("/think")
+    p.wait_for(r"^reasoning folded")
+    p.wait_prompt()
+    p.send("C-c")
+    p.wait_for(r"^Ctrl-C again to exit", count=2)
     p.wait_prompt()
     p.send("C-c")
     assert p.exit_status(resend="C-c") == 0

@@ -13,7 +13,7 @@ commands. Everything the UI does is one `ChatSession` call.
   the session leaves old turns out of the context, one dim line says so.
 - Input: `> ` prompt with readline editing and history; each line typed is its own input (a burst of lines
   typed ahead runs line by line), a trailing backslash continues the message on the next line, and a paste
-  (bracketed, as terminals send it) arrives as one message. Ctrl-C on an empty prompt, or Ctrl-D, exits.
+  (bracketed, as terminals send it) arrives as one message. Ctrl-C twice on an empty prompt, or Ctrl-D, exits.
 - Library warnings and anything else written to stderr go to a log file while the UI runs (`/stats` names
   it), never onto the screen.
 - Piped stdin (`run_piped`): one prompt per line, answers printed plainly, one per prompt.
@@ -290,7 +290,7 @@ def _cmd_help(ui: "ChatUI", arg: str) -> None:
     for cmd in ui.commands.values():
         table.add_row(Text(cmd.usage, style="bold"), cmd.help)
     table.add_row(Text("text\\", style="bold"), "a trailing backslash continues the message on the next line")
-    table.add_row(Text("Ctrl-C", style="bold"), "stop the answer (kept in the history); on an empty prompt: exit")
+    table.add_row(Text("Ctrl-C", style="bold"), "stop the answer (kept in the history); twice on an empty prompt: exit")
     ui.console.print(table)
 
 
@@ -494,9 +494,12 @@ class ChatUI:
 
     # input
     def read_message(self) -> Optional[str]:
-        """One message (several lines joined), or None to exit. Ctrl-C with text typed clears the line."""
+        """One message (several lines joined), or None to exit. Ctrl-C with text typed clears the line; on an empty
+        prompt it asks for a second one to exit, so that a Ctrl-C meant to stop an answer that has just ended does
+        not end the conversation."""
         lines: list = []
         prompt = PROMPT
+        asked = False  # the last key was a Ctrl-C on an empty prompt
         while True:
             try:
                 line = input(_color_prompt(prompt, self.console))
@@ -507,9 +510,14 @@ class ChatUI:
                 typed = _line_buffer()
                 self.console.print()
                 if lines or typed:
-                    lines, prompt = [], PROMPT
+                    lines, prompt, asked = [], PROMPT, False
                     continue
-                return None
+                if asked:
+                    return None
+                asked = True
+                self.console.print(Text("Ctrl-C again to exit (or Ctrl-D, /exit)", style="dim"))
+                continue
+            asked = False
             lines.append(line)
             if lines[-1].endswith("\\"):
                 lines[-1] = lines[-1][:-1]
