@@ -131,6 +131,7 @@ def test_plain_completion_matches_the_python_api(server, folder):
     # vLLM's repetition_penalty, and OpenAI's parameters at the values that ask for nothing (clients send them)
     reply = server.client().chat.completions.create(model="Zyphra/ZAYA1-8B", messages=messages, max_tokens=6,
                                                     temperature=0, presence_penalty=0, logprobs=False,
+                                                    response_format={"type": "text"},
                                                     extra_body={"repetition_penalty": 3.0})
     penalised = generate(model, tokenizer, ids, max_tokens=6, repetition_penalty=3.0)
     assert penalised.text != expected.text  # the penalty changes this prompt's greedy answer
@@ -138,11 +139,31 @@ def test_plain_completion_matches_the_python_api(server, folder):
 
 
 @pytest.mark.parametrize("option", [{"logit_bias": {"5": 100}}, {"presence_penalty": 0.5}, {"frequency_penalty": 1},
-                                    {"logprobs": True}, {"top_logprobs": 2}])
+                                    {"logprobs": True}, {"top_logprobs": 2},
+                                    {"response_format": {"type": "json_object"}}])
 def test_parameters_not_implemented_are_refused_not_ignored(server, option):
     name = next(iter(option))
     with pytest.raises(openai.BadRequestError, match=f"{name} is not implemented by this server: leave it unset"):
         server.client().chat.completions.create(model="ZAYA1-8B", messages=script("x"), max_tokens=2, **option)
+
+
+def test_a_developer_message_is_the_system_turn_and_an_unknown_role_is_refused(server, folder):
+    """OpenAI's newer clients send the system prompt as role "developer"; ZAYA's template knows only "system" (any
+    other role becomes a turn of that name, which the model never saw)."""
+    from zaya_mlx.generation import generate, load
+    from zaya_mlx.tokenizer import apply_chat_template
+
+    system = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hello the world"}]
+    developer = [{"role": "developer", "content": "Be terse."}, system[1]]
+    reply = server.client().chat.completions.create(model="ZAYA1-8B", messages=developer, max_tokens=6, temperature=0)
+    model, tokenizer = load(folder, dtype="float32")
+    ids = apply_chat_template(tokenizer, system)
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].message.content == generate(model, tokenizer, ids, max_tokens=6).answer
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\]\.role must be one of system, developer, user, "
+                                                     r"assistant, tool, got 'usr'"):
+        server.client().chat.completions.create(model="ZAYA1-8B", max_tokens=2,
+                                                messages=[system[0], {"role": "usr", "content": "hi"}])
 
 
 def test_streamed_completion(server, folder):

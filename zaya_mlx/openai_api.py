@@ -50,7 +50,11 @@ def _get(body: dict, name: str, kinds, default=None, *, low=None, high=None):
 # to anything else is refused, so that no answer is sampled, or reported, otherwise than it asked
 NOT_IMPLEMENTED = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                    "logprobs": (None, False), "top_logprobs": (None, 0), "best_of": (None, 1), "echo": (None, False),
-                   "suffix": (None, "")}
+                   "suffix": (None, ""), "response_format": (None, {"type": "text"})}
+
+# the roles a chat message may have: the chat template writes any role it is given as a turn of that name, which the
+# model never saw; "developer" (OpenAI's newer name for the system role) is written as the system turn
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass
@@ -106,6 +110,9 @@ class ChatRequest(Request):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise ApiError(400, "messages must be a non-empty list of message objects")
+        for i, m in enumerate(messages):
+            if m.get("role") not in ROLES:
+                raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise ApiError(400, "chat_template_kwargs must be an object")
@@ -146,6 +153,9 @@ def template_messages(request: ChatRequest) -> list[dict]:
     from mlx_lm.server import process_message_content
 
     messages = copy.deepcopy(request.messages)
+    for m in messages:
+        if m["role"] == "developer":
+            m["role"] = "system"
     try:
         process_message_content(messages)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
