@@ -7,6 +7,7 @@ from mlx.utils import tree_map
 
 from zaya_mlx import rsa
 from zaya_mlx.config import ZayaConfig
+from zaya_mlx.errors import ZayaError
 from zaya_mlx.model import Model
 from zaya_mlx.rsa.memory import model_layer_bytes, model_weight_bytes
 
@@ -52,3 +53,18 @@ def test_the_plan_covers_the_peak_of_a_batched_round(kv_bits):
     backend.close()
     assert added > SLOTS * (HEAD + REST) * plan.kv_bytes_per_token  # the measurement saw the caches
     assert plan.peak_bytes - plan.weights_bytes - plan.host_bytes >= added
+
+
+@pytest.mark.parametrize("t,short,longest", [(1, 100, (900, 300)), (2, 400, (900, 400)), (0, 100, (64, 300))])
+def test_a_sequence_over_the_context_names_its_prompt_and_new_tokens(t, short, longest):
+    """The longest sequence of a run: round 0's prompt and its budget (short_resp_len, or max_tokens without
+    aggregation rounds), an aggregation prompt and short_resp_len (a middle round), or one and max_tokens (the last);
+    the refusal splits it into the two, so the reader sees which to lower."""
+    args = ZayaConfig(num_hidden_layers=2, hidden_size=64, moe_intermediate_size=64, vocab_size=512,
+                      router_hidden_size=32, num_experts=4, max_position_embeddings=256)
+    params = rsa.RSAParams(rsa_n=2, rsa_k=2, rsa_t=t, tail_window_len=100, tail_unit="tokens", short_resp_len=short,
+                           max_tokens=300, rsa_final_n=0)
+    prompt, new = longest
+    with pytest.raises(ZayaError, match=rf"an RSA sequence may hold {prompt + new:,} tokens \({prompt:,} of "
+                                            rf"prompt, then {new} new\), over the model's context of 256; lower "):
+        rsa.plan_memory(args, params, prompt_tokens=64, aggregate_tokens=900, budget_bytes=1 << 40)

@@ -185,15 +185,18 @@ def plan_memory(args, params, *, prompt_tokens: int, aggregate_tokens: int, head
         raise ZayaError(f"{p.total_rollouts():,} rollouts of up to {p.short_resp_len:,} tokens keep up to "
                         f"{format_bytes(host)} of tokens and text in memory, over the {format_bytes(budget_bytes - weights_bytes)} left "
                         "after the model: lower --n")
-    need = [(prompt_tokens + p.max_tokens_in(0), "--max-tokens" if p.rsa_t == 0 else "--short-resp-len")]
+    # (prompt, new tokens, what lowers them) of the longest sequence of each kind
+    need = [(prompt_tokens, p.max_tokens_in(0), "--max-tokens" if p.rsa_t == 0 else "--short-resp-len")]
     if p.rsa_t > 0:
         tails = "--tail-window-len or --k"
-        need.append((aggregate_tokens + p.short_resp_len if p.rsa_t > 1 else 0, f"--short-resp-len, {tails}"))
-        need.append((aggregate_tokens + p.max_tokens, f"--max-tokens, {tails}"))
-    bound, culprit = max(need)
+        if p.rsa_t > 1:
+            need.append((aggregate_tokens, p.short_resp_len, f"--short-resp-len, {tails}"))
+        need.append((aggregate_tokens, p.max_tokens, f"--max-tokens, {tails}"))
+    prompt, new, culprit = max(need, key=lambda n: n[0] + n[1])
+    bound = prompt + new
     if bound > max_pos:
-        raise ZayaError(f"an RSA sequence may hold {bound:,} tokens, over the model's context of {max_pos:,}; "
-                        f"lower {culprit}")
+        raise ZayaError(f"an RSA sequence may hold {bound:,} tokens ({prompt:,} of prompt, then {new:,} new), over "
+                        f"the model's context of {max_pos:,}; lower {culprit}")
 
     state = state_bytes_per_sequence(args, dtype_bytes)
     V, H = args.vocab_size, args.hidden_size
