@@ -404,7 +404,7 @@ def test_cli_takes_kv_bits_and_a_resume_keeps_it(sensitive_kv, run_zaya, tmp_pat
             "--t", "1", "--short-resp-len", "4", "--max-tokens", "4", "--tail-window-len", "4", "--kv-bits", "8"]
     code, stdout, stderr = run_zaya("rsa", *args, "--run", tmp_path / "run")
     assert code == 0, stderr
-    assert "KB/token (8-bit)" in stdout
+    assert re.search(r"KV [\d.]+ [KMG]?B/token \(8-bit\)", stdout), stdout
     assert json.loads((tmp_path / "run" / "result.json").read_text())["params"]["kv_bits"] == 8
     code, _, stderr = run_zaya("rsa", "--resume", tmp_path / "run", "--kv-bits", "4")
     assert code == 1 and "has kv_bits=8, not 4" in stderr
@@ -499,10 +499,10 @@ def test_rsa_mode_in_the_chat_ui_takes_the_chats_kv_format(sensitive_kv):
     ui = ChatUI(ChatSession(model, tok, kv_bits=8), console=Console(file=buf, width=400, highlight=False))
     ui.handle("/rsa quick n=2 k=2 t=1 tail_window_len=4 short_resp_len=4 max_tokens=4 on")
     ui.handle("What is 2+3?")
-    assert "KB/token (8-bit)" in buf.getvalue()
+    assert re.search(r"KV [\d.]+ [KMG]?B/token \(8-bit\)", buf.getvalue())
     ui.handle("/rsa kv_bits=4")
     ui.handle("What is 2+3?")
-    assert "KB/token (4-bit)" in buf.getvalue()
+    assert re.search(r"KV [\d.]+ [KMG]?B/token \(4-bit\)", buf.getvalue())
 
 
 # --- run folders: interrupt, resume, refuse -----------------------------------------------------------------------

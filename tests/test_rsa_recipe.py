@@ -266,7 +266,7 @@ def test_the_plan_counts_a_quantized_cache_and_names_it_when_a_slot_does_not_fit
         positions = 256 * -(-plan.context_bound // 256) + 4096 * -(-plan.context_bound // 4096)
         assert plan.sequence_bytes == positions * kv[bits] + state
         assert plan.prefix_bytes == 2 * (256 * kv[bits] + state)  # the 250-token head in one 256-token step
-    assert "KV 21 KB/token (8-bit)" in plans[8].summary()
+    assert "KV 21.76 KB/token (8-bit)" in plans[8].summary()  # 40 layers x 2 x 2 heads x (128 + 8) bytes
     budget = plans[8].peak_bytes  # one slot with an 8-bit cache, exactly
     with pytest.raises(ZayaError, match=r"lower --max-tokens, --tail-window-len or --k, --kv-bits 8 \(53% of the KV "
                                         r"bytes\), or raise --memory"):

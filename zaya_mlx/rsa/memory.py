@@ -144,7 +144,7 @@ class MemoryPlan:
     def summary(self) -> str:
         return (f"plan: {self.rollouts} rollouts, {self.worst_case_tokens:,} new tokens at most, {self.slots} slots "
                 f"of <= {self.context_bound:,} tokens (prompt {self.prompt_tokens:,}, aggregation prompt <= "
-                f"{self.aggregate_tokens:,}); KV {self.kv_bytes_per_token / 1024:.0f} KB/token"
+                f"{self.aggregate_tokens:,}); KV {format_bytes(self.kv_bytes_per_token)}/token"
                 + ("" if self.kv_bits is None else f" ({self.kv_bits}-bit)")
                 + f", {format_bytes(self.kv_bytes())} for the slots, weights {format_bytes(self.weights_bytes)}, "
                 f"activations {format_bytes(self.activation_bytes)}: {format_bytes(self.peak_bytes)} "
