@@ -238,7 +238,7 @@ def generate_command(
     if last is not None:
         err.print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | generation: "
                   f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | peak memory "
-                  f"{last.peak_memory_gb:.2f} GB | {last.finish_reason}", style="dim", markup=False)
+                  f"{format_bytes(last.peak_memory_gb * 1e9)} | {last.finish_reason}", style="dim", markup=False)
 
 
 SERVE_EXAMPLE = """With the server running:

@@ -43,6 +43,7 @@ from .generation import context_limit, stream_generate, token_ids
 from .openai_api import FINISH_REASONS, ApiError, ChatRequest, ChatStream, RawText, Request, TextRequest, chunk, \
     completion, new_id, prompt_ids, template_messages, text_completion, usage
 from .sampling import check_sampling
+from .sizes import format_bytes
 
 CHECK_SECONDS = 0.5  # how often a handler checks that its client is still there
 DRAIN_LIMIT = 1 << 28  # most bytes of an oversized body read (and dropped) so the client sees the 413
@@ -189,7 +190,7 @@ class Server:
         if r is not None:
             self.log(f"{job.label}: prompt {r.prompt_tokens} tokens at {r.prompt_tps:.1f} tok/s, "
                      f"{r.generation_tokens} generated at {r.generation_tps:.1f} tok/s, peak memory "
-                     f"{r.peak_memory_gb:.2f} GB ({r.finish_reason})")
+                     f"{format_bytes(r.peak_memory_gb * 1e9)} ({r.finish_reason})")
 
     def run_rsa(self, job: Job, messages: list, run) -> None:
         from . import rsa
