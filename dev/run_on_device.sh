@@ -21,8 +21,9 @@
 #             KDETAIL_ONLY)
 #   profile   one step's cost op by op (dev/profile_decode.py)
 #   ab        this checkout's decode against other checkouts' (AB_OTHER: folders), interleaved AB_REPS times
-#   ab1       one change on and off in one process (dev/ab_one_process.py; AB_WHAT: source, include, bodies or
-#             cca-inside)
+#   ab1       one change on and off in one process (dev/ab_one_process.py; AB_WHAT: source, include, bodies,
+#             cca-inside or heads)
+#   longab    attention at 16 x 16,384: the CCA step inside or apart, and one query head or four a threadgroup
 #   opsgraph  MLX-CUDA's ops a CUDA graph: each value in OPS_SWEEP in its own process, interleaved
 #   native    the decode loop's native stacks under py-spy for NATIVE_SECONDS (dev/profile_native.py); needs py-spy
 #             (on an offline machine, a wheel in dev/wheels/py-spy)
@@ -136,6 +137,15 @@ for part in "$@"; do
       timeout 500 python3 dev/ab_one_process.py --what "${AB_WHAT:-source}" --rounds "${AB_REPS:-6}" --steps 200 \
         2>&1 | tee "$OUT/ab_one_process.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    longab)
+      # attention at 16 x 16,384, each comparison in one process (the prompt filled once; NVRTC compiles every
+      # variant first, a minute or two on a fresh process): the CCA step inside vs apart, then apart with one query
+      # head a threadgroup vs a KV head's four
+      for what in cca-inside heads; do
+        timeout 280 python3 dev/ab_one_process.py --what "$what" --batch 16 --context 16384 --rounds 3 --steps 48 \
+          2>&1 | tee "$OUT/longab-$what.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done ;;
     native)
       command -v py-spy > /dev/null || python3 -m pip install -q --no-index dev/wheels/py-spy/py_spy-*.whl
       timeout 300 python3 dev/profile_native.py --rate "${NATIVE_RATE:-25}" --seconds "${NATIVE_SECONDS:-12}" \
