@@ -268,3 +268,46 @@ def test_long_reasoning_bursts_pastes_and_warnings(pane, alphabet_model, tmp_pat
     p.type(f"/save {saved}")
     p.wait_for(r"^saved 6 messages to ")
     assert json.loads(saved.read_text())["messages"][4]["content"] == "first line\nsecond line"
+
+
+def test_the_model_is_prepared_while_the_first_message_is_typed(answer_model, monkeypatch):
+    """ChatSession.prepare (on a GPU: the fused step's kernels compiled and checked) runs in a thread from the start:
+    it finishes only once typing has begun (so it did not run before the prompt), and the first message is handled
+    only after it has finished."""
+    import builtins
+    import io
+    import threading
+
+    from rich.console import Console
+
+    from zaya_mlx import load
+    from zaya_mlx.chat_session import ChatSession
+    from zaya_mlx.tui import ChatUI
+
+    model, tokenizer = load(answer_model, dtype="float32")
+    ui = ChatUI(ChatSession(model, tokenizer, temperature=0.0, max_tokens=20),
+                console=Console(file=io.StringIO(), width=120))
+    typing, prepared, events = threading.Event(), threading.Event(), []
+
+    def prepare():
+        events.append(("prepare starts", threading.current_thread() is threading.main_thread()))
+        assert typing.wait(10), "the prompt never came up while the model was being prepared"
+        events.append(("prepared", None))
+        prepared.set()
+
+    lines = iter(["hello"])
+
+    def typed(prompt=""):
+        typing.set()
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    handle = ui.handle
+    monkeypatch.setattr(ui.session, "prepare", prepare)
+    monkeypatch.setattr(builtins, "input", typed)
+    monkeypatch.setattr(ui, "handle", lambda text: events.append(("handled", prepared.is_set())) or handle(text))
+    ui.run()
+    assert events == [("prepare starts", False), ("prepared", None), ("handled", True)]
+    assert ui.session.last_answer == "OK"

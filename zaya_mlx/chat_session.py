@@ -167,6 +167,13 @@ class ChatSession:
         self._drop_cache()
         self.stats = ChatStats(context_limit=self.max_context)
 
+    def prepare(self) -> None:
+        """Decide how this session's turns decode, as the model's first call would: on a GPU, the fused step's kernels
+        compile (on CUDA each process compiles them anew, seconds a kernel) and run their check against the plain
+        ops. A UI calls it in a thread while the user types, so that the first answer does not wait for it; it
+        touches no conversation state."""
+        self.model.decoder.enabled(self.model)
+
     def interrupt(self) -> None:
         """Ask a running `send` to end before its next token (then `last_finish_reason` is "interrupted").
 

@@ -14,6 +14,8 @@ commands. Everything the UI does is one `ChatSession` call.
 - Input: `> ` prompt with readline editing and history; each line typed is its own input (a burst of lines
   typed ahead runs line by line), a trailing backslash continues the message on the next line, and a paste
   (bracketed, as terminals send it) arrives as one message. Ctrl-C twice on an empty prompt, or Ctrl-D, exits.
+  While the first message is typed, a thread makes the model's first call (`ChatSession.prepare`: on a GPU the
+  fused step's kernels compile and run their check), and the first message waits for it to end.
 - Library warnings and anything else written to stderr go to a log file while the UI runs (`/stats` names
   it), never onto the screen.
 - Piped stdin (`run_piped`): one prompt per line, answers printed plainly, one per prompt.
@@ -31,6 +33,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -538,9 +541,13 @@ class ChatUI:
         self.console.print(Text("/help for commands · Ctrl-C stops an answer · Ctrl-D exits", style="dim"))
 
     def run(self) -> None:
+        # the model's first call (kernels compiled and checked on a GPU) runs while the first message is typed
+        preparing = threading.Thread(target=self.session.prepare, name="zaya-prepare", daemon=True)
+        preparing.start()
         self.banner()
         while self.running:
             text = self.read_message()
+            preparing.join()  # no model work, nor exit, while it runs
             if text is None:
                 break
             try:
