@@ -8,7 +8,8 @@ one model. The changes:
   and comment in each (MLX-CUDA hashes a kernel's source at every launch);
 - ``include``: on CUDA, the helpers and the body as includes of saved files (as assembled) or inline;
 - ``bodies``: the kernels as they are, or with their bodies emptied (lab.empty_kernels): how much of a step
-  the GPU's work adds to the host's floor;
+  the GPU's work adds to the host's floor; with ``--bodies``, only those kernels' (how much of a step is theirs,
+  without ncu);
 - ``cca-inside``: the CCA step inside attention's launch, or in its own (kernels.cca_decode_attention);
 - ``heads``: with the CCA step in its own launch, attention serving all query heads of a KV head in one
   threadgroup (each key read once), or one query head a threadgroup.
@@ -19,6 +20,7 @@ one model. The changes:
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -56,11 +58,11 @@ def set_include(model, on: bool):
 _EMPTIED = []  # the entered empty_kernels, while the bodies are off
 
 
-def set_bodies(model, on: bool):
+def set_bodies(model, on: bool, bodies=None):
     while _EMPTIED:
         _EMPTIED.pop().__exit__(None, None, None)
     if not on:
-        _EMPTIED.append(empty_kernels(model))
+        _EMPTIED.append(empty_kernels(model, bodies))
         _EMPTIED[-1].__enter__()
 
 
@@ -97,7 +99,12 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--experts", type=int, default=2, help="experts a layer (16: ZAYA1-8B's; a step reads one)")
     ap.add_argument("--small", action="store_true", help="the few-MB model (a smoke run on a CPU)")
+    ap.add_argument("--bodies", default="", help="with --what bodies: the kernel bodies to empty, e.g. "
+                    "expert_mlp.h or decode_attention.h,attention_combine.h (default: all)")
     args = ap.parse_args(argv)
+    change = CHANGES[args.what]
+    if args.what == "bodies" and args.bodies:
+        change = functools.partial(set_bodies, bodies=tuple(args.bodies.split(",")))
     config = benchmark.small_config() if args.small else benchmark.full_config(num_experts=args.experts)
     model = benchmark.build_zaya(config, "mxfp4")
     model.decode_options = DecodeOptions(fused=True)
@@ -109,7 +116,7 @@ def main(argv=None) -> int:
     rates = {True: [], False: []}
     for r in range(args.rounds):
         for on in (True, False) if r % 2 == 0 else (False, True):
-            CHANGES[args.what](model, on)
+            change(model, on)
             timing, _ = benchmark.decode_run(model, copy.deepcopy(prompt), first, args.steps, warmup=3)
             rates[on].append(timing.tps)
             print(f"round {r} {args.what} {'on' if on else 'off'}: {timing.tps:.1f} tok/s "

@@ -96,13 +96,15 @@ def bench_vmlx(config: ZayaConfig, quant: str | None, mod, context: int = 256, s
 
 
 @contextlib.contextmanager
-def empty_kernels(model):
-    """Every custom kernel body emptied, for the model's fused decode: the same graph with no GPU work in our
-    kernels, so a step's time is the host's floor (building and encoding the graph) plus MLX's own ops."""
+def empty_kernels(model, bodies=None):
+    """Every custom kernel body emptied (or those of ``bodies``, file names in metal/), for the model's fused decode:
+    the same graph with no GPU work in those kernels. With all emptied, a step's time is the host's floor (building
+    and encoding the graph) plus MLX's own ops; with some, what a step saves without their GPU work."""
     source = _build._source
     # the body stays in the source, out of the compiler's sight: MLX-CUDA hashes a kernel's source at every launch,
     # so the floor's kernels must be as long as the real ones, helpers included
     _build._source = lambda name: (source(name) if name.startswith("prelude") or name == "common.h"
+                                   or (bodies is not None and name not in bodies)
                                    else "#if 0\n" + source(name) + "\n#endif\n")
     reset_kernels(model)
     try:

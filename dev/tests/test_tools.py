@@ -176,3 +176,23 @@ def test_step_primitives_counts_the_router_launch_the_grouped_experts_add():
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     launches = [int(n) for n in re.findall(r"\((\d+) launches\)", out)]
     assert len(launches) == 3 and launches[1] == launches[0] + 2 and launches[2] == launches[0], out
+
+
+def test_empty_kernels_empties_only_the_bodies_named():
+    """lab.empty_kernels(model, bodies): the named bodies compile to nothing, the others and the shared helpers stay
+    as they are, and leaving restores them all."""
+    sys.path.insert(0, DEV)
+    from lab import empty_kernels
+
+    from zaya_mlx.benchmark import build_zaya, small_config
+    from zaya_mlx.kernels import _build
+
+    model = build_zaya(small_config(), None)
+    whole = {name: _build._source(name) for name in ("expert_mlp.h", "residual_norm.h", "common.h")}
+    with empty_kernels(model, ("expert_mlp.h",)):
+        assert _build._source("expert_mlp.h") == "#if 0\n" + whole["expert_mlp.h"] + "\n#endif\n"
+        assert _build._source("residual_norm.h") == whole["residual_norm.h"]
+        assert _build._source("common.h") == whole["common.h"]
+    with empty_kernels(model):
+        assert _build._source("residual_norm.h").startswith("#if 0\n")
+    assert {name: _build._source(name) for name in whole} == whole
