@@ -278,6 +278,7 @@ def test_the_model_is_prepared_while_the_first_message_is_typed(answer_model, mo
     import io
     import threading
 
+    import mlx.core as mx
     from rich.console import Console
 
     from zaya_mlx import load
@@ -289,8 +290,12 @@ def test_the_model_is_prepared_while_the_first_message_is_typed(answer_model, mo
                 console=Console(file=io.StringIO(), width=120))
     typing, prepared, events = threading.Event(), threading.Event(), []
 
+    stream = mx.default_stream(mx.default_device())
+
     def prepare():
-        events.append(("prepare starts", threading.current_thread() is threading.main_thread()))
+        # in its own thread, but on the main thread's stream (a thread's default stream is its own in MLX)
+        events.append(("prepare starts", threading.current_thread() is threading.main_thread(),
+                       mx.default_stream(mx.default_device()) == stream))
         assert typing.wait(10), "the prompt never came up while the model was being prepared"
         events.append(("prepared", None))
         prepared.set()
@@ -309,5 +314,5 @@ def test_the_model_is_prepared_while_the_first_message_is_typed(answer_model, mo
     monkeypatch.setattr(builtins, "input", typed)
     monkeypatch.setattr(ui, "handle", lambda text: events.append(("handled", prepared.is_set())) or handle(text))
     ui.run()
-    assert events == [("prepare starts", False), ("prepared", None), ("handled", True)]
+    assert events == [("prepare starts", False, True), ("prepared", None), ("handled", True)]
     assert ui.session.last_answer == "OK"

@@ -28,6 +28,7 @@ in the history.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -170,9 +171,23 @@ class ChatSession:
     def prepare(self) -> None:
         """Decide how this session's turns decode, as the model's first call would: on a GPU, the fused step's kernels
         compile (on CUDA each process compiles them anew, seconds a kernel) and run their check against the plain
-        ops. A UI calls it in a thread while the user types, so that the first answer does not wait for it; it
-        touches no conversation state."""
+        ops. It touches no conversation state."""
         self.model.decoder.enabled(self.model)
+
+    def start_preparing(self) -> threading.Thread:
+        """`prepare` in a thread, for a UI to run while the user types its first message; join the thread before
+        the session's next call. The thread works on the calling thread's stream: MLX gives each thread a default
+        stream of its own, and the decode steps it builds (compiled functions, which keep the stream their ops were
+        traced on) would otherwise run every later step on another stream than the rest of the turn."""
+        stream = mx.default_stream(mx.default_device())
+
+        def run():
+            mx.set_default_stream(stream)
+            self.prepare()
+
+        thread = threading.Thread(target=run, name="zaya-prepare", daemon=True)
+        thread.start()
+        return thread
 
     def interrupt(self) -> None:
         """Ask a running `send` to end before its next token (then `last_finish_reason` is "interrupted").

@@ -33,7 +33,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -541,9 +540,7 @@ class ChatUI:
         self.console.print(Text("/help for commands · Ctrl-C stops an answer · Ctrl-D exits", style="dim"))
 
     def run(self) -> None:
-        # the model's first call (kernels compiled and checked on a GPU) runs while the first message is typed
-        preparing = threading.Thread(target=self.session.prepare, name="zaya-prepare", daemon=True)
-        preparing.start()
+        preparing = self.session.start_preparing()  # the model's first call, while the first message is typed
         self.banner()
         while self.running:
             text = self.read_message()

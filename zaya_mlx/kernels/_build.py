@@ -229,8 +229,9 @@ def kernel_name(body: str, header: str, source: str) -> str:
     """The name MLX gets for a body: its file's stem and a checksum of the source it compiles.
 
     MLX caches a compiled variant by the kernel's name and template arguments for the process (MLX-CUDA keeps no
-    custom kernel in its on-disk cache: each process compiles the variants it launches). Without the checksum, a kernel edited since (or a new zaya-mlx version)
-    would run the old compiled code, and so would the emptied bodies timed for the host's floor (dev/lab.py)."""
+    custom kernel in its on-disk cache: each process compiles the variants it launches). Without the checksum, a
+    kernel edited since would run the old compiled code, and so would the emptied bodies timed for the host's floor
+    (dev/lab.py)."""
     return f"zaya_{body.split('.')[0]}_{zlib.crc32((header + source).encode()):08x}"
 
 
