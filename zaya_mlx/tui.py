@@ -544,7 +544,9 @@ class ChatUI:
         self.banner()
         while self.running:
             text = self.read_message()
-            preparing.join()  # no model work, nor exit, while it runs
+            if preparing.is_alive():  # no model work, nor exit, while it runs
+                self.console.print(Text("preparing the model (its GPU kernels build once a process)…", style="dim"))
+                preparing.join()
             if text is None:
                 break
             try:
