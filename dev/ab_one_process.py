@@ -12,7 +12,7 @@ one model. The changes:
   without ncu);
 - ``cca-inside``: the CCA step inside attention's launch, or in its own (kernels.cca_decode_attention);
 - ``heads``: with the CCA step in its own launch, attention serving all query heads of a KV head in one
-  threadgroup (each key read once), or one query head a threadgroup.
+  threadgroup (each key read once, 256 threads), or one query head a threadgroup.
 
     python dev/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
     python dev/ab_one_process.py --what include --experts 16            # ZAYA1-8B's full size
@@ -74,15 +74,14 @@ def set_cca_inside(model, on: bool):
     reset_kernels(model)
 
 
-HEADS, THREADS = attention.HEADS_PER_THREADGROUP, attention._threads
+HEADS = attention.HEADS_PER_THREADGROUP
 
 
 def set_heads(model, on: bool):
     """The CCA step in its own launch either way; attention with every query head of a KV head in one threadgroup
-    (each key and value read once a chunk, at most 256 threads so that its registers fit) or one a threadgroup."""
+    (each key and value read once a chunk) or one a threadgroup."""
     attention.cca_kernel_supported = lambda *args, **kwargs: False
     attention.HEADS_PER_THREADGROUP = 8 if on else HEADS
-    attention._threads = (lambda heads, d: min(THREADS(heads, d), 256 if heads > 1 else 512)) if on else THREADS
     reset_kernels(model)
 
 

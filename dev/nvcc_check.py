@@ -167,10 +167,11 @@ def o_proj_args(o, t, ho=2048):
              ("HAS_OB", o == "affine8")])
 
 
-def attention_case(nh, nkv, d, t, split, o=None, step=None, kv_bits=0):
+def attention_case(nh, nkv, d, t, split, o=None, step=None, kv_bits=0, hb=None):
     """step: (T0, T1, RD) of a CCA step inside (HAS_CCA: no q, the step's inputs and states), or None. kv_bits: a
-    quantized cache's bits (its words, scales and biases; group 64), or 0."""
-    hb = 1 if step else attention._heads_per_threadgroup(nh, nkv)
+    quantized cache's bits (its words, scales and biases; group 64), or 0. hb: query heads a threadgroup (None:
+    as HEADS_PER_THREADGROUP has it)."""
+    hb = hb or (1 if step else attention._heads_per_threadgroup(nh, nkv))
     o_in, o_tmpl = o_proj_args(o, t)
     t0, t1, rd = step or (1, 1, 0)
     step_in = [("qkv", t), ("conv_state", t), ("v_prev", t), ("dw_w", "pack"), ("dw_b", "pack"), ("gw_w", t),
@@ -178,7 +179,7 @@ def attention_case(nh, nkv, d, t, split, o=None, step=None, kv_bits=0):
     kv = "u32" if kv_bits else t
     scales = [(n, t if kv_bits else None) for n in ("kscales", "kbiases", "vscales", "vbiases")]
     return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}{'_cca' if step else ''}"
-            f"{f'_kv{kv_bits}' if kv_bits else ''}",
+            f"{f'_kv{kv_bits}' if kv_bits else ''}{f'_hb{hb}' if hb > 1 else ''}",
             "decode_attention.h",
             [("q", None if step else t), ("keys", kv), ("values", kv), *scales, ("lpad", "i32"), ("filled", "i32"),
              ("meta", "i32"), *o_in, *[(n, k if step else None) for n, k in step_in]],
@@ -220,6 +221,8 @@ CASES += [attention_case(4, 2, 64, t, False, o, (2, 2, 32)) for t in DTYPES for 
 CASES += [attention_case(8, 2, 128, "bf16", split, "mxfp4", (2, 2, 64), bits) for split in (False, True)
           for bits in (8, 4)]  # a quantized KV cache, read and written
 CASES += [attention_case(8, 2, 128, "bf16", False, None, None, 8)]
+# a KV head's four query heads in one threadgroup (each key read once), in chunks, as after the CCA step's own launch
+CASES += [attention_case(8, 2, 128, t, True, "mxfp4", None, bits, hb=4) for t in DTYPES for bits in (0, 8, 4)]
 CASES += [combine_case(o) for o in (None, "bf16", "mxfp4", "affine4", "affine8")]
 
 

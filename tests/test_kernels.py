@@ -939,6 +939,23 @@ def test_decode_attention_kernel_matches_reference(case, dtype):
     assert rel(out, ref) < (1e-2 if dtype == mx.bfloat16 else F32)
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("case", [ATTENTION_CASES[i] for i in (0, 2, 3, 4)])
+def test_decode_attention_kernel_with_a_kv_heads_query_heads_in_one_threadgroup(case, dtype, monkeypatch):
+    """HB = NH / NKV (each key and value read once a chunk; at most 256 threads, so that the registers fit): as the
+    reference, in one pass and in chunks, with left padding and a window."""
+    monkeypatch.setattr(attention, "HEADS_PER_THREADGROUP", 8)
+    B, NH, NKV, D, length, cap, pads, window = case
+    mx.random.seed(length + B)
+    q, keys, values = rnd(B, NH, 1, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype)
+    lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
+    kw = dict(scale=D**-0.5, left_padding=lp, window=window)
+    ref = decode_attention_reference(q, keys, values, length, **kw)
+    out = decode_attention(q, keys, values, mx.array([length], mx.int32), impl="kernel", **kw)
+    assert rel(out, ref) < (1e-2 if dtype == mx.bfloat16 else F32)
+
+
 O_PROJ_FORMATS = [  # activation dtype, o_proj's format (mx.quantize options), bias
     (mx.bfloat16, None, True),
     (mx.float32, dict(group_size=32, bits=4, mode="mxfp4"), False),

@@ -310,11 +310,14 @@ def test_cca_body(shape, dtype, q_in_place):
     assert mx.array_equal(values, ref_values)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("pads,window,single_pass", [(None, None, 64), ([0, 3], 6, 64), ([0, 9], None, 4)])
-def test_attention_body(pads, window, single_pass, monkeypatch):
-    """Grouped heads, left padding, a sliding window, and (single_pass = 4) the split into chunks + combine."""
+def test_attention_body(pads, window, single_pass, heads, monkeypatch):
+    """Grouped heads, left padding, a sliding window, and (single_pass = 4) the split into chunks + combine; a query
+    head a threadgroup, or (heads = 2) both of a KV head's."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
+    monkeypatch.setattr(attention, "HEADS_PER_THREADGROUP", heads)
     mx.random.seed(7)
     B, NH, NKV, D, cap, length = 2, 4, 2, 32, 20, 13
     q, keys, values = rnd(B, NH, 1, D), rnd(B, NKV, cap, D), rnd(B, NKV, cap, D)

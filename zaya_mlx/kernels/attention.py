@@ -66,9 +66,12 @@ def _heads_per_threadgroup(n_heads: int, n_kv_heads: int) -> int:
 
 def _threads(heads: int, head_dim: int) -> int:
     """Threads of a threadgroup serving ``heads`` query heads: at most 16 SIMD groups, whose partial results
-    fit in 28 KB of threadgroup memory (Metal allows 32 KB in all)."""
+    fit in 28 KB of threadgroup memory (Metal allows 32 KB in all); with more than one head, at most 8, so that a
+    thread's registers fit (each head's query and accumulator slices beside the keys and values it loads: 4 heads
+    of 128 take 160 registers a thread in float32 or over a 4-bit cache, which 416 threads could not have;
+    dev/nvcc_check.py)."""
     per_group = heads * (head_dim + 2) * 4
-    return 32 * max(1, min(16, 28672 // per_group))
+    return 32 * max(1, min(16 if heads == 1 else 8, 28672 // per_group))
 
 
 def kernel_supported(q, keys, o_proj=None) -> bool:
