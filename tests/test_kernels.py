@@ -928,15 +928,7 @@ ATTENTION_CASES = [  # B, NH, NKV, D, length, capacity, left padding, window
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_decode_attention_kernel_matches_reference(case, dtype):
-    B, NH, NKV, D, length, cap, pads, window = case
-    mx.random.seed(length + B)
-    q, keys, values = rnd(B, NH, 1, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype)
-    lp = mx.array(pads, dtype=mx.int32) if pads is not None else None
-    kw = dict(scale=D**-0.5, left_padding=lp, window=window)
-    ref = decode_attention_reference(q, keys, values, length, **kw)
-    out = decode_attention(q, keys, values, mx.array([length], mx.int32), impl="kernel", **kw)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert rel(out, ref) < (1e-2 if dtype == mx.bfloat16 else F32)
+    _check_attention_kernel(case, dtype)
 
 
 @gpu_only
@@ -946,6 +938,10 @@ def test_decode_attention_kernel_with_a_kv_heads_query_heads_in_one_threadgroup(
     """HB = NH / NKV (each key and value read once a chunk; at most 256 threads, so that the registers fit): as the
     reference, in one pass and in chunks, with left padding and a window."""
     monkeypatch.setattr(attention, "HEADS_PER_THREADGROUP", 8)
+    _check_attention_kernel(case, dtype)
+
+
+def _check_attention_kernel(case, dtype):
     B, NH, NKV, D, length, cap, pads, window = case
     mx.random.seed(length + B)
     q, keys, values = rnd(B, NH, 1, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype), rnd(B, NKV, cap, D, dtype=dtype)
@@ -953,6 +949,7 @@ def test_decode_attention_kernel_with_a_kv_heads_query_heads_in_one_threadgroup(
     kw = dict(scale=D**-0.5, left_padding=lp, window=window)
     ref = decode_attention_reference(q, keys, values, length, **kw)
     out = decode_attention(q, keys, values, mx.array([length], mx.int32), impl="kernel", **kw)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel(out, ref) < (1e-2 if dtype == mx.bfloat16 else F32)
 
 
