@@ -355,6 +355,22 @@ def test_bad_settings_are_one_line_before_the_default_model_is_fetched(option, m
     assert not fetched  # nothing downloaded for a server that could not start
 
 
+def test_loading_makes_the_models_first_call_before_serving(folder, monkeypatch):
+    """On a GPU the first call compiles the fused step's kernels and checks them: at load, not at the first request."""
+    from zaya_mlx.decode.step import FusedDecoder
+    from zaya_mlx.server import Server
+
+    called = []
+    enabled = FusedDecoder.enabled
+    monkeypatch.setattr(FusedDecoder, "enabled", lambda self, model: called.append(model) or enabled(self, model))
+    server = Server("127.0.0.1", free_port())
+    try:
+        server.load(str(folder))
+    finally:
+        server.httpd.server_close()
+    assert called == [server.model]
+
+
 def test_model_that_does_not_load_starts_no_server(folder, tmp_path, run_zaya):
     import shutil
 
