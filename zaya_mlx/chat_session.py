@@ -169,7 +169,7 @@ class ChatSession:
         self.stats = ChatStats(context_limit=self.max_context)
 
     def prepare(self) -> None:
-        """Decide how this session's turns decode, as the model's first call would: on a GPU, the fused step's kernels
+        """Decide how the conversation's turns decode, as the model's first call would: on a GPU, the fused step's kernels
         compile (on CUDA each process compiles them anew, seconds a kernel) and run their check against the plain
         ops. It touches no conversation state."""
         self.model.decoder.enabled(self.model)
