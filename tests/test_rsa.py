@@ -725,3 +725,21 @@ def test_cli_presets_shows_each_plan_without_running(long_model_dir, run_zaya, t
         assert f"{name}: {rsa.PRESETS[name].description}" in stdout
     assert stdout.count("\n  plan: ") == 3 and stdout.count("\n  time: no rate measured") == 3
     assert not (tmp_path / "run").exists() and "round" not in stdout  # nothing ran
+
+
+def test_the_status_line_shows_rates_and_peak_once_measured():
+    """The engine reports rates and peak memory at most once a second: before that the line leaves them out rather
+    than print 'decode 0, prefill 0 · peak 0.00 GB'; then the peak in format_bytes' units."""
+    import io
+
+    from rich.console import Console
+
+    from zaya_mlx.rsa import RSAEvent
+    from zaya_mlx.rsa_view import RSAView
+
+    view = RSAView(Console(file=io.StringIO()), rsa.RSAParams(rsa_n=2, rsa_k=2, rsa_t=1, short_resp_len=10,
+                                                             max_tokens=10), pipe_every=1e9)
+    line = view.line()
+    assert "decode" not in line and "peak" not in line, line
+    view(RSAEvent("progress", data={"prefill_tps": 1500.0, "decode_tps": 250.4, "peak_bytes": 3_250_000}))
+    assert "tok/s (decode 250, prefill 1,500) · " in view.line() and view.line().endswith(" · peak 3.25 MB")

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from .rsa import RSAEvent, RSAParams, RSAResult
 from .rsa.runfolder import clock
+from .sizes import format_bytes
 
 
 def short(text: str, width: int) -> str:
@@ -103,10 +104,13 @@ class RSAView:
     def line(self) -> str:
         s = self.state
         pending = s.total - s.done - len(s.running)
-        r = s.rates
+        r = s.rates  # measured once a second: none yet in a run's first second
+        split = (f" (decode {r['decode_tps']:,.0f}, prefill {r['prefill_tps']:,.0f})"
+                 if r["decode_tps"] or r["prefill_tps"] else "")
+        peak = f" · peak {format_bytes(r['peak_bytes'])}" if r["peak_bytes"] else ""
         return (f"round {s.round}/{self.p.rsa_t} · {s.done}/{s.total} done, {len(s.running)} running, {pending} "
-                f"pending · {s.tokens:,} tokens · {s.rate():,.1f} tok/s (decode {r['decode_tps']:,.0f}, prefill "
-                f"{r['prefill_tps']:,.0f}) · {clock(s.elapsed())} · {s.eta()} · peak {r['peak_bytes'] / 1e9:.2f} GB")
+                f"pending · {s.tokens:,} tokens · {s.rate():,.1f} tok/s{split} · {clock(s.elapsed())} · {s.eta()}"
+                f"{peak}")
 
     def _refresh(self, force: bool = False) -> None:
         now = time.perf_counter()
