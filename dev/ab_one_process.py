@@ -80,9 +80,8 @@ HEADS = attention.HEADS_PER_THREADGROUP
 def set_heads(model, on: bool):
     """The CCA step in its own launch either way; attention with every query head of a KV head in one threadgroup
     (each key and value read once a chunk) or one a threadgroup."""
-    attention.cca_kernel_supported = lambda *args, **kwargs: False
     attention.HEADS_PER_THREADGROUP = 8 if on else HEADS
-    reset_kernels(model)
+    set_cca_inside(model, False)
 
 
 CHANGES = {"source": set_source, "include": set_include, "bodies": set_bodies,
