@@ -169,10 +169,8 @@ class ChatSession:
         self.stats = ChatStats(context_limit=self.max_context)
 
     def prepare(self) -> None:
-        """Decide how the conversation's turns decode, as the model's first call would: on a GPU, the fused step's kernels
-        compile (on CUDA each process compiles them anew, seconds a kernel) and run their check against the plain
-        ops. It touches no conversation state."""
-        self.model.decoder.enabled(self.model)
+        """The model's first call ahead of the first turn (`Model.prepare_decode`); no conversation state changes."""
+        self.model.prepare_decode()
 
     def start_preparing(self) -> threading.Thread:
         """`prepare` in a thread, for a UI to run while the user types its first message; join the thread before

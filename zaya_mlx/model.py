@@ -354,6 +354,12 @@ class Model(nn.Module):
     def decode_options(self, options: DecodeOptions) -> None:
         self.decoder.options = options
 
+    def prepare_decode(self) -> bool:
+        """Make the decision the model's first call makes, ahead of that call: on a GPU the fused step's kernels
+        compile (on CUDA in every process, seconds a kernel) and run their check against the plain ops. Returns
+        whether one-token steps run fused. For a program that waits for input before its first request."""
+        return self.decoder.enabled(self)
+
     def __call__(self, tokens: mx.array, cache=None, last_only: bool = False) -> mx.array:
         """float32 logits [B, L, V]; last_only: of the last position alone ([B, 1, V]), as generation needs after a
         prompt (the logits of a long prompt, B x L x 262,272 floats, would not fit in memory, nor in one kernel's

@@ -104,14 +104,13 @@ class Server:
 
     def load(self, model: str, dtype=None) -> None:
         """Load the model (here, before serving: a model that does not load never starts a server), and make its
-        first call, which on a GPU compiles the fused step's kernels and runs their check (on CUDA, seconds a kernel
-        in every process), so that the first request does not wait for it."""
+        first call (`Model.prepare_decode`), so that the first request does not wait for it."""
         from .generation import load
         from .tokenizer import require_tokenizer
 
         self.model, self.tokenizer = load(model, dtype=dtype)
         require_tokenizer(self.tokenizer)
-        self.model.decoder.enabled(self.model)
+        self.model.prepare_decode()
         path = Path(model).expanduser()
         self.model_id = path.name if path.exists() else str(model)
         self.names = {self.model_id, str(model), DEFAULT_MODEL, DEFAULT_MODEL.split("/")[1]}
