@@ -150,6 +150,9 @@ def test_turn_commands_multiline_save_and_exit(pane, answer_model, tmp_path):
     # A file that cannot be written or read is a line, and the conversation goes on.
     p.type(f"/save {tmp_path}")
     p.wait_for(r"^error: cannot write .*: Is a directory")
+    p.type(f"/save {tmp_path / 'typo' / 'conv.json'}")  # a mistyped folder is refused, not made
+    p.wait_for(r"^error: cannot write .*typo/conv\.json: its folder")  # (the pane wraps the rest)
+    assert not (tmp_path / "typo").exists()
     p.type(f"/load {tmp_path / 'none.json'}")
     p.wait_for(r"^cannot read .*: No such file or directory")
     assert not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]  # no temporary file left behind

@@ -10,9 +10,9 @@ from .errors import ZayaError
 
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; on success it replaces `path`, on any failure it is removed."""
+    """Yield a temporary path beside `path`; on success it replaces `path`, on any failure it is removed. The folder
+    must exist: a mistyped folder is an error, not a new folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield tmp
@@ -29,7 +29,8 @@ def write_text_atomic(path, text: str) -> None:
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
     except OSError as e:
-        raise ZayaError(f"cannot write {path}: {e.strerror or e}") from None
+        reason = "its folder does not exist" if not Path(path).parent.is_dir() else e.strerror or e
+        raise ZayaError(f"cannot write {path}: {reason}") from None
 
 
 def model_file(folder: Path, name) -> Path:
