@@ -21,6 +21,7 @@ from . import kernels
 from .benchmark import build_zaya, small_config
 from .decode import DecodeOptions
 from .errors import first_line
+from .sizes import format_bytes
 
 # max |kernel - reference| / max |reference| that passes: bfloat16 kernels round in another order than MLX's ops
 TOLERANCE = {mx.bfloat16: 5e-2, mx.float32: 1e-3}
@@ -56,7 +57,7 @@ class Report:
             lines.append(f"  {k.name:<30}{'ok' if k.ok else 'FAILED'}  {k.detail}")
         lines.append(f"decode path:        {self.decode_path} ({self.decode_reason})")
         lines.append(f"short run:          {DECODE_TOKENS} tokens of a tiny random model, {self.tokens_per_s:.1f} tokens/s,"
-                     f" peak memory {self.peak_memory / 2**20:.1f} MiB")
+                     f" peak memory {format_bytes(self.peak_memory)}")
         return "\n".join(lines)
 
 
@@ -69,7 +70,7 @@ def machine() -> dict:
         info["gpu"] = str(device.get("device_name", "unknown"))
     memory = device.get("memory_size") or _physical_memory()
     if memory:
-        info["memory"] = f"{memory / 2**30:.1f} GiB"
+        info["memory"] = format_bytes(memory)
     info["python"] = platform.python_version()
     info["mlx"] = f"{mx.__version__} (back end: {back}, default device: {mx.default_device()})"
     return info
