@@ -9,7 +9,7 @@ one model. The changes:
 - ``include``: on CUDA, the helpers and the body as includes of saved files (as assembled) or inline;
 - ``bodies``: the kernels as they are, or with their bodies emptied (lab.empty_kernels): how much of a step
   the GPU's work adds to the host's floor; with ``--bodies``, only those kernels' (how much of a step is theirs,
-  without ncu);
+  without ncu), several sets in the same rounds with ``;``;
 - ``cca-inside``: the CCA step inside attention's launch, or in its own (kernels.cca_decode_attention);
 - ``heads``: with the CCA step in its own launch, attention serving all query heads of a KV head in one
   threadgroup (each key read once, 256 threads), or one query head a threadgroup.
@@ -59,6 +59,7 @@ _EMPTIED = []  # the entered empty_kernels, while the bodies are off
 
 
 def set_bodies(model, on: bool, bodies=None):
+    """The kernels as they are (on), or with ``bodies`` (default: all) emptied."""
     while _EMPTIED:
         _EMPTIED.pop().__exit__(None, None, None)
     if not on:
@@ -98,11 +99,16 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=2, help="experts a layer (16: ZAYA1-8B's; a step reads one)")
     ap.add_argument("--small", action="store_true", help="the few-MB model (a smoke run on a CPU)")
     ap.add_argument("--bodies", default="", help="with --what bodies: the kernel bodies to empty, e.g. "
-                    "expert_mlp.h or decode_attention.h,attention_combine.h (default: all)")
+                    "expert_mlp.h or decode_attention.h,attention_combine.h (default: all); several sets separated "
+                    "by ';' are each timed against the step as it is, in the same rounds")
     args = ap.parse_args(argv)
     change = CHANGES[args.what]
+    variants = [(f"{args.what} on", functools.partial(change, on=True)),
+                (f"{args.what} off", functools.partial(change, on=False))]
     if args.what == "bodies" and args.bodies:
-        change = functools.partial(set_bodies, bodies=tuple(args.bodies.split(",")))
+        variants = [("as is", functools.partial(set_bodies, on=True))] + [
+            (f"{b} emptied", functools.partial(set_bodies, on=False, bodies=tuple(b.split(","))))
+            for b in args.bodies.split(";")]
     config = benchmark.small_config() if args.small else benchmark.full_config(num_experts=args.experts)
     model = benchmark.build_zaya(config, "mxfp4")
     model.decode_options = DecodeOptions(fused=True)
@@ -111,16 +117,20 @@ def main(argv=None) -> int:
     prompt = model.make_cache()
     first = benchmark.fill_context(model, prompt, args.batch, args.context, config.vocab_size)
     print(f"prompt: {args.batch} x {args.context} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
-    rates = {True: [], False: []}
+    rates = {name: [] for name, _ in variants}
     for r in range(args.rounds):
-        for on in (True, False) if r % 2 == 0 else (False, True):
-            change(model, on)
+        for name, setter in variants if r % 2 == 0 else variants[::-1]:
+            setter(model)
             timing, _ = benchmark.decode_run(model, copy.deepcopy(prompt), first, args.steps, warmup=3)
-            rates[on].append(timing.tps)
-            print(f"round {r} {args.what} {'on' if on else 'off'}: {timing.tps:.1f} tok/s "
-                  f"(graph building {timing.build_ms:.2f} ms/step)", flush=True)
-    on, off = statistics.median(rates[True]), statistics.median(rates[False])
-    print(f"median tok/s: {args.what} on {on:.1f}, off {off:.1f}, ratio {on / off:.3f}")
+            rates[name].append(timing.tps)
+            print(f"round {r} {name}: {timing.tps:.1f} tok/s (graph building {timing.build_ms:.2f} ms/step)",
+                  flush=True)
+    base_name = variants[0][0]
+    base = statistics.median(rates[base_name])
+    for name, _ in variants[1:]:
+        other = statistics.median(rates[name])
+        share = f" (their share of the step: {1 - base / other:.1%})" if args.what == "bodies" else ""
+        print(f"median tok/s: {base_name} {base:.1f}, {name} {other:.1f}, ratio {base / other:.3f}{share}")
     return 0
 
 
