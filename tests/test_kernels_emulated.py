@@ -512,7 +512,8 @@ def test_fused_decode_with_grouped_experts_runs_like_the_plain_ops(monkeypatch):
 def test_fused_decode_on_a_quantized_cache_runs_the_bodies_like_the_plain_ops():
     """With an 8-bit KV cache the fused step (every body emulated: the CCA step inside attention, which writes the
     quantized key and value in place) gives the plain ops' logits (mlx-lm's QuantizedKVCache and quantized
-    attention) for a batch of two; float32 activations (see test_kv_cache). 4 bits: the attention body's tests."""
+    attention) for a batch of two; float32 activations (see test_kernels.py's fused decode on a quantized cache).
+    4 bits: the attention body's tests."""
     from zaya_mlx.benchmark import build_zaya, fused_vs_plain, small_config
 
     bits = 8

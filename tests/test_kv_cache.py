@@ -1,12 +1,12 @@
-"""The quantized KV cache: its quality against the model's own cache over a long generation, and the fused step on
-it against the plain ops."""
+"""The quantized KV cache: its quality against the model's own cache over a long generation, and which decode path
+its steps take (the fused step on it against the plain ops: test_kernels.py)."""
 
 import mlx.core as mx
 import pytest
 
 from fixtures import fixture_ids
 from zaya_mlx import ZayaError
-from zaya_mlx.benchmark import build_zaya, fused_vs_plain, kv_divergence
+from zaya_mlx.benchmark import kv_divergence
 from zaya_mlx.decode import DecodeOptions
 from zaya_mlx.loading import load_model
 
@@ -40,28 +40,11 @@ def test_the_divergence_is_measured_not_assumed(kv_model):
     assert max(kv_divergence(kv_model, prompt, 3, 8)[0]) > 0
 
 
-@pytest.mark.parametrize("bits, pads", [(8, None), (4, None), (8, [0, 5]), (4, [3, 0])])
-def test_the_fused_step_on_a_quantized_cache_gives_the_plain_ops_logits(bits, pads):
-    """The fused step (on a GPU its kernels, on the CPU their references) reads and writes the quantized cache as the
-    plain ops do (mlx-lm's QuantizedKVCache and quantized attention), and a left-padded batch's
-    (BatchQuantizedKVCache). float32 activations: in bfloat16, mx.quantized_matmul rounds the scores, which the
-    kernel and its reference keep in float32 (1-7% of the largest logit apart)."""
-    from zaya_mlx.benchmark import small_config
-
-    model = build_zaya(small_config(), "mxfp4", dtype=mx.float32)  # heads of 64 values
-    model.decode_options = DecodeOptions(fused=True, compile=False)
-    mx.random.seed(3)
-    errors, cache = fused_vs_plain(model, 512, batch=2, context=12, steps=3, kv_bits=bits, left_padding=pads)
-    assert max(errors) < 1e-5
-    assert getattr(cache[0][0], "bits", None) == bits and isinstance(cache[0][0].keys, tuple)
-
-
-
 def test_one_token_steps_take_a_path_that_reads_their_cache(kv_model, monkeypatch):
     """A quantized cache's one-token steps run the fused step where the options choose it (its kernels read the
     packed keys and values), else the plain forward: the plain decode step (decode/plain.py) writes unquantized
     buffers. A bf16 cache's plain steps do take the plain decode step (so the count below can see it), and the
-    quantized cache's plain-forward steps give the plain ops' logits (the fused step's, checked above)."""
+    quantized cache's plain-forward steps give the plain ops' logits (the fused step's: test_kernels.py)."""
     from zaya_mlx.decode import FusedDecoder
 
     calls = []
