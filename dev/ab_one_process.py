@@ -10,7 +10,9 @@ one model. The changes:
 - ``bodies``: the kernels as they are, or with their bodies emptied (lab.empty_kernels): how much of a step
   the GPU's work adds to the host's floor; with ``--bodies``, only those kernels' (how much of a step is theirs,
   without ncu), several sets in the same rounds with ``;``;
-- ``cca-inside``: the CCA step inside attention's launch, or in its own (kernels.cca_decode_attention);
+- ``cca-inside``: the CCA step inside attention's launch wherever the kernel covers it, or never (by default
+  attention.cca_inside_pays chooses by shape);
+- ``fused``: the fused decode step, or the plain decode step (decode/plain.py);
 - ``heads``: with the CCA step in its own launch, attention serving all query heads of a KV head in one
   threadgroup (each key read once, 256 threads), or one query head a threadgroup.
 
@@ -20,6 +22,7 @@ one model. The changes:
 
 import argparse
 import copy
+import dataclasses
 import functools
 import os
 import statistics
@@ -67,11 +70,9 @@ def set_bodies(model, on: bool, bodies=None):
         _EMPTIED[-1].__enter__()
 
 
-CCA_INSIDE = attention.cca_kernel_supported
-
-
 def set_cca_inside(model, on: bool):
-    attention.cca_kernel_supported = CCA_INSIDE if on else (lambda *args, **kwargs: False)
+    """The CCA step inside attention's launch wherever the kernel covers it, or never (whatever it pays)."""
+    attention.cca_inside_pays = lambda *args, **kwargs: on
     reset_kernels(model)
 
 
@@ -85,8 +86,14 @@ def set_heads(model, on: bool):
     set_cca_inside(model, False)
 
 
+def set_fused(model, on: bool):
+    """The fused decode step (its kernels), or the plain decode step (MLX ops only): what a GPU whose kernels failed
+    their check runs."""
+    model.decode_options = dataclasses.replace(model.decode_options, fused=on)
+
+
 CHANGES = {"source": set_source, "include": set_include, "bodies": set_bodies,
-           "cca-inside": set_cca_inside, "heads": set_heads}
+           "cca-inside": set_cca_inside, "heads": set_heads, "fused": set_fused}
 
 
 def main(argv=None) -> int:

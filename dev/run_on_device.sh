@@ -24,8 +24,8 @@
 #   ab1       one change on and off in one process (dev/ab_one_process.py; AB_WHAT: source, include, bodies,
 #             cca-inside or heads)
 #   longab    attention at 16 x 16,384: the CCA step inside or apart, and one query head or four a threadgroup
-#   gpushare  a batch-16 step with each kernel's body emptied in turn (16 x 256: experts, residual norms, attention,
-#             LM head; 16 x 16,384: attention, experts), against the step as it is: their shares, without ncu
+#   gpushare  a batch-16 step with each kernel's body emptied in turn (16 x 256: experts, residual norms, attention;
+#             16 x 16,384: attention, experts), against the step as it is: their shares, without ncu
 #   opsgraph  MLX-CUDA's ops a CUDA graph: each value in OPS_SWEEP in its own process, interleaved
 #   native    the decode loop's native stacks under py-spy for NATIVE_SECONDS (dev/profile_native.py); needs py-spy
 #             (on an offline machine, a wheel in dev/wheels/py-spy)
@@ -142,7 +142,7 @@ for part in "$@"; do
     gpushare)
       # how much of a batch-16 step each kernel's GPU work is, without ncu: the step with those bodies emptied
       # against the step as it is, all sets in one process a context (each prompt filled once)
-      for spec in "256 expert_mlp.h;residual_norm.h;decode_attention.h,attention_combine.h,cca_decode.h;matvec.h" \
+      for spec in "256 expert_mlp.h;residual_norm.h;decode_attention.h,attention_combine.h,cca_decode.h" \
                   "16384 decode_attention.h,attention_combine.h,cca_decode.h;expert_mlp.h"; do
         timeout 285 python3 dev/ab_one_process.py --what bodies --bodies "${spec#* }" --batch 16 \
           --context "${spec%% *}" --rounds 3 --steps 48 2>&1 | tee "$OUT/gpushare-${spec%% *}.log"

@@ -1072,6 +1072,23 @@ def test_cca_attention_kernel_matches_reference(case, dtype, opts):
     assert mx.array_equal(got[2], want[2])
 
 
+def test_the_cca_step_runs_inside_attention_until_split_chunks_repeat_it_too_often():
+    """A one-pass launch repeats no CCA step: inside at any batch. A launch split into 512-key chunks computes each
+    head's step again in every chunk after the first, B x (chunks - 1) repeats a head: inside up to 32 of them (1 x
+    16,384 keys, 33 chunks), apart beyond (2 rows of that, or 16 x 16,384). Shapes only: nothing is allocated."""
+    def pays(batch, cap, bits=0):
+        keys = mx.zeros((batch, 2, cap, 128), mx.bfloat16)
+        if bits:  # a quantized cache's (words, scales, biases), group 64
+            keys = (mx.zeros((batch, 2, cap, 128 * bits // 32), mx.uint32), keys[..., :2], keys[..., :2])
+        return attention.cca_inside_pays(keys, 128)
+
+    assert attention.SINGLE_PASS_MAX == 1024 and attention.CHUNK == 512
+    assert pays(1, 256) and pays(16, 1024) and pays(256, 1024)
+    assert pays(1, 16384 + 512) and pays(16, 1536)  # 32 repeats: 1 x 32, 16 x 2
+    assert not pays(2, 16384 + 512) and not pays(16, 16384) and not pays(17, 1536)
+    assert pays(1, 16384, bits=8) and not pays(16, 16384, bits=8) and not pays(16, 16384, bits=4)
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("bits", [8, 4])

@@ -25,6 +25,8 @@ from .weights import as_stack, chunk_values, kernel_parts, weight_format
 SINGLE_PASS_MAX = 1024  # buffer positions a threadgroup takes in one pass; larger buffers split into CHUNK-key chunks
 CHUNK = 512
 HEADS_PER_THREADGROUP = 1  # query heads a threadgroup: 1 spreads a batch row over NH threadgroups (see the body)
+# the most repeated CCA steps a head (summed over the batch) for which the step still runs inside attention's launch
+CCA_INSIDE_MAX_REPEATS = 32
 # one pass with o_proj: threadgroups to spread o_proj's rows over, each computing its heads' attention (see the body)
 O_PROJ_THREADGROUPS = 32
 
@@ -118,6 +120,15 @@ def cca_kernel_supported(qkv, conv_state, gw_w, keys, *, o_proj=None, **cca_kw) 
     )
 
 
+def cca_inside_pays(keys, head_dim: int) -> bool:
+    """Whether the CCA step should run inside attention's launch where it can. Inside, it saves a launch a layer; but
+    a launch split into chunks computes each head's step again in every chunk, B x (chunks - 1) repeats a head,
+    which at long context and batch 16 cost more than the launch saved (docs/PERFORMANCE.md has the figures)."""
+    _, (B, _, cap, _), _, _ = kv_layout(keys, head_dim)
+    chunks = -(-cap // CHUNK) if cap > SINGLE_PASS_MAX else 1
+    return B * (chunks - 1) <= CCA_INSIDE_MAX_REPEATS
+
+
 def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
                             after=None, back=None, step: cca.StepLaunch | None = None):
     """step: the CCA step's launch (cca.step_launch), run inside (HAS_CCA) in place of q (None): the keys and values
@@ -197,7 +208,7 @@ def cca_decode_attention(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, 
                          left_padding=None, window=None, o_proj=None, norm_eps=None, q_into=None, after=None,
                          impl="auto"):
     """The CCA step with its cache write (cca.cca_decode_step), then attention (decode_attention), for one new token
-    a row: one launch where the kernel covers the shapes (decode_attention.h with HAS_CCA), else the two ops.
+    a row: one launch where the kernel covers the shapes and it pays (``cca_inside_pays``), else the two ops.
     Returns (attention's output, as decode_attention's; the keys and values buffers; the new conv state; the new
     delayed value).
 
@@ -209,8 +220,9 @@ def cca_decode_attention(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, 
     kw = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_dims=rope_dims, rope_base=rope_base,
               norm_eps=norm_eps)
     back = backend()
-    if use_kernel(impl, back, lambda: cca_kernel_supported(qkv, conv_state, gw_w, keys, o_proj=o_proj, **kw),
-                  "the CCA step inside attention"):
+    inside = impl == "kernel" or cca_inside_pays(keys, head_dim)
+    if inside and use_kernel(impl, back, lambda: cca_kernel_supported(qkv, conv_state, gw_w, keys, o_proj=o_proj, **kw),
+                             "the CCA step inside attention"):
         step = cca.step_launch(qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, **kw)
         out, state, v_prev = decode_attention_kernel(None, keys, values, filled, scale=scale, left_padding=left_padding,
                                                      window=window, o_proj=o_proj, back=back, step=step)
