@@ -900,8 +900,10 @@ def test_fused_decode_matches_plain_decode(quant, monkeypatch):
 FUSED_ON_QUANTIZED = {8: 5e-3, 4: 5e-2} if GPU else {8: 1e-5, 4: 1e-5}
 
 
-@pytest.mark.parametrize("bits, pads, batch, context", [(8, None, 2, 12), (4, None, 2, 12), (8, [0, 5], 2, 12),
-                                                        (4, [3, 0], 2, 12), (8, None, 16, 1100)])
+@pytest.mark.parametrize("bits, pads, batch, context", [
+    (8, None, 2, 12), (4, None, 2, 12), (8, [0, 5], 2, 12), (4, [3, 0], 2, 12),
+    pytest.param(8, None, 16, 1100, marks=gpu_only),  # the kernels' split path; on the CPU a minute of references
+])
 def test_fused_decode_on_a_quantized_cache_gives_the_plain_ops_logits(bits, pads, batch, context):
     """The fused step (on a GPU its kernels, on the CPU their references) reads and writes the quantized cache as the
     plain ops do (mlx-lm's QuantizedKVCache and quantized attention), a left-padded batch's
