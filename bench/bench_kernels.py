@@ -79,7 +79,8 @@ def cases(cfg: ZayaConfig, B: int, context: int):
                    rope_base=cfg.rope_theta(layer))
 
     def cca_attention(impl, o_proj=None):
-        """The CCA step, attention and o_proj: on 'auto', one launch (decode_attention.h with HAS_CCA)."""
+        """The CCA step, attention and o_proj: on 'auto', one launch (decode_attention.h with HAS_CCA) where the
+        step pays inside attention's launch (attention.cca_inside_pays), else the step's launch and attention's."""
         return kernels.cca_decode_attention(**cca, offset=positions, keys=keys, values=values, filled=filled,
                                             scale=D**-0.5, o_proj=o_proj, impl=impl, **step_kw)[0]
 

@@ -92,7 +92,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2, help="decode steps profiled")
     ap.add_argument("--experts", type=int, help="fewer experts, to build faster (a step reads one either way)")
     ap.add_argument("--cca-apart", action="store_true",
-                    help="the CCA step in its own launch, not inside attention's (to time both in one call)")
+                    help="the CCA step in its own launch at every shape (by default inside attention's where "
+                    "attention.cca_inside_pays says so)")
     ap.add_argument("--summarize", metavar="CSV", help="print an ncu CSV's GPU time a step by kernel, then exit")
     args = ap.parse_args(argv)
     if args.summarize:
