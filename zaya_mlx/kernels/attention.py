@@ -120,13 +120,17 @@ def cca_kernel_supported(qkv, conv_state, gw_w, keys, *, o_proj=None, **cca_kw) 
     )
 
 
+def key_chunks(capacity: int) -> int:
+    """The chunks attention's launch splits a buffer of ``capacity`` positions into (1: one pass)."""
+    return -(-capacity // CHUNK) if capacity > SINGLE_PASS_MAX else 1
+
+
 def cca_inside_pays(keys, head_dim: int) -> bool:
     """Whether the CCA step should run inside attention's launch where it can. Inside, it saves a launch a layer; but
     a launch split into chunks computes each head's step again in every chunk, B x (chunks - 1) repeats a head,
     which at long context and batch 16 cost more than the launch saved (docs/PERFORMANCE.md has the figures)."""
     _, (B, _, cap, _), _, _ = kv_layout(keys, head_dim)
-    chunks = -(-cap // CHUNK) if cap > SINGLE_PASS_MAX else 1
-    return B * (chunks - 1) <= CCA_INSIDE_MAX_REPEATS
+    return B * (key_chunks(cap) - 1) <= CCA_INSIDE_MAX_REPEATS
 
 
 def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_padding=None, window=None, o_proj=None,
@@ -151,7 +155,7 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
                   ("HAS_OB", bo is not None)]
     o_inputs = [("wo", wo), ("wos", wos), ("wob", wob), ("bo", bo)]
     chunk = CHUNK if split else cap
-    nc = (cap + chunk - 1) // chunk
+    nc = key_chunks(cap)
     # one pass with o_proj: RS threadgroups a head block, each adding o_proj's rows of its share (at least one)
     row_shares = min(ho, max(1, O_PROJ_THREADGROUPS // rows)) if o_proj is not None and not split else 1
     has_cca = step is not None
