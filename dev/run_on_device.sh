@@ -13,6 +13,7 @@
 #   quick     MXFP4, batch 1 only
 #   longctx   MXFP4 at 1x256, 1x16384, 16x256, 16x16384 and 32x32768, bf16 and 8-bit KV: tokens/s, bytes a step and
 #             the share of the bandwidth bound (bench/bench_decode.py --rows ... --kv bf16,8)
+#   rsa       one RSA round at N = 1 and 16 with 16K-token prompts, bf16 (bench/bench_rsa.py, issue 29's ratio)
 #   floor     MXFP4, batch 1, and the same graph with every kernel body emptied: the host's floor (dev/bench_lab.py)
 #   vmlx      MXFP4, batch 1, against vMLX's port in the same run, given its models/zaya.py as .vmlx/zaya.py
 #   kernels   each kernel's GPU time under Nsight Compute (bench/bench_kernels.py)
@@ -75,6 +76,10 @@ for part in "$@"; do
       timeout 590 python3 bench/bench_decode.py --quant mxfp4 --rows 1x256,1x16384,16x256,16x16384,32x32768 \
         --kv bf16,8 --steps 32 --runs 3 --prefill-chunk 2048 \
         --json "$OUT/longctx.json" --markdown "$OUT/longctx.md" 2>&1 | tee "$OUT/longctx.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+    rsa)
+      timeout 560 python3 bench/bench_rsa.py --ns 1,16 --c 4 --tail 4000 --decode 256 --mixed-n 0 \
+        --json "$OUT/rsa.json" 2>&1 | tee "$OUT/rsa.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     floor)
       timeout 400 python3 dev/bench_lab.py --quant mxfp4 --batch 1 --host-floor \
