@@ -13,7 +13,7 @@
 #   quick     MXFP4, batch 1 only
 #   longctx   MXFP4 at 1x256, 1x16384, 16x256, 16x16384 and 32x32768, bf16 and 8-bit KV: tokens/s, bytes a step and
 #             the share of the bandwidth bound (bench/bench_decode.py --rows ... --kv bf16,8)
-#   rsa       one RSA round at N = 1 and 16 with 16K-token prompts, bf16 (bench/bench_rsa.py, issue 29's ratio)
+#   rsa       one RSA round at N = 16 with 16K-token prompts against 16 single streams, bf16 (bench/bench_rsa.py)
 #   floor     MXFP4, batch 1, and the same graph with every kernel body emptied: the host's floor (dev/bench_lab.py)
 #   vmlx      MXFP4, batch 1, against vMLX's port in the same run, given its models/zaya.py as .vmlx/zaya.py
 #   kernels   each kernel's GPU time under Nsight Compute (bench/bench_kernels.py)
