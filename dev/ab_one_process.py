@@ -14,7 +14,9 @@ one model. The changes:
   attention.cca_inside_pays chooses by shape);
 - ``fused``: the fused decode step, or the plain decode step (decode/plain.py);
 - ``heads``: with the CCA step in its own launch, attention serving all query heads of a KV head in one
-  threadgroup (each key read once, 256 threads), or one query head a threadgroup.
+  threadgroup (each key read once, 256 threads), or one query head a threadgroup;
+- ``chunk``: attention's keys a threadgroup past one pass (attention.CHUNK) as it is, or each value of
+  ``--chunks`` (fewer, longer chunks: less merging and a shorter combine, but fewer threadgroups), in the same rounds.
 
     python dev/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
     python dev/ab_one_process.py --what include --experts 16            # ZAYA1-8B's full size
@@ -92,8 +94,17 @@ def set_fused(model, on: bool):
     model.decode_options = dataclasses.replace(model.decode_options, fused=on)
 
 
+CHUNK = attention.CHUNK
+
+
+def set_chunk(model, on: bool, chunk=None):
+    """Attention's keys a threadgroup past one pass: as it is (on), or ``chunk``."""
+    attention.CHUNK = CHUNK if on else chunk
+    reset_kernels(model)
+
+
 CHANGES = {"source": set_source, "include": set_include, "bodies": set_bodies,
-           "cca-inside": set_cca_inside, "heads": set_heads, "fused": set_fused}
+           "cca-inside": set_cca_inside, "heads": set_heads, "fused": set_fused, "chunk": set_chunk}
 
 
 def main(argv=None) -> int:
@@ -108,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bodies", default="", help="with --what bodies: the kernel bodies to empty, e.g. "
                     "expert_mlp.h or decode_attention.h,attention_combine.h (default: all); several sets separated "
                     "by ';' are each timed against the step as it is, in the same rounds")
+    ap.add_argument("--chunks", default="1024,2048", help="with --what chunk: the chunk sizes timed against "
+                    "attention.CHUNK, in the same rounds")
     args = ap.parse_args(argv)
     change = CHANGES[args.what]
     variants = [(f"{args.what} on", functools.partial(change, on=True)),
@@ -116,6 +129,9 @@ def main(argv=None) -> int:
         variants = [("as is", functools.partial(set_bodies, on=True))] + [
             (f"{b} emptied", functools.partial(set_bodies, on=False, bodies=tuple(b.split(","))))
             for b in args.bodies.split(";")]
+    if args.what == "chunk":
+        variants = [(f"chunk {CHUNK}", functools.partial(set_chunk, on=True))] + [
+            (f"chunk {c}", functools.partial(set_chunk, on=False, chunk=int(c))) for c in args.chunks.split(",")]
     config = benchmark.small_config() if args.small else benchmark.full_config(num_experts=args.experts)
     model = benchmark.build_zaya(config, "mxfp4")
     model.decode_options = DecodeOptions(fused=True)
