@@ -17,13 +17,15 @@
 #   floor     MXFP4, batch 1, and the same graph with every kernel body emptied: the host's floor (dev/bench_lab.py)
 #   vmlx      MXFP4, batch 1, against vMLX's port in the same run, given its models/zaya.py as .vmlx/zaya.py
 #   kernels   each kernel's GPU time under Nsight Compute (bench/bench_kernels.py)
-#   gpustep   the GPU's own time for a decode step, kernel by kernel, at batch 1 and 8 (dev/gpu_step.py under ncu)
+#   gpustep   the GPU's own time for a decode step, kernel by kernel, at batch 1 and 8 (dev/gpu_step.py under ncu;
+#             GPUSTEP_ROWS: other batch x context pairs)
 #   kdetail   one kernel launch under ncu's full set: stall reasons and its SASS line by line (KDETAIL_KERNEL,
 #             KDETAIL_ONLY)
 #   profile   one step's cost op by op (dev/profile_decode.py)
 #   ab        this checkout's decode against other checkouts' (AB_OTHER: folders), interleaved AB_REPS times
 #   ab1       one change on and off in one process (dev/ab_one_process.py; AB_WHAT: source, include, bodies,
 #             cca-inside or heads)
+#   chunk     attention's chunk length past one pass (CHUNKS) against 512, at 16 x 16,384 and 1 x 16,384
 #   longab    attention at 16 x 16,384: the CCA step inside or apart, and one query head or four a threadgroup
 #   gpushare  a batch-16 step with each kernel's body emptied in turn (16 x 256: experts, residual norms, attention;
 #             16 x 16,384: attention, experts), against the step as it is: their shares, without ncu
@@ -58,11 +60,12 @@ for part in "$@"; do
         sed "s/^/[${groups[$i]}] /" "$OUT/tests-$i.log" | tee -a "$OUT/tests.log"
       done ;;
     gpustep)
-      for b in 1 8; do
+      # GPUSTEP_ROWS: batch x context pairs (default 1x256 8x256; RSA's regime: 16x256 16x16384 1x16384)
+      for row in ${GPUSTEP_ROWS:-1x256 8x256}; do
         timeout 300 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --print-kernel-base function \
-          --cache-control none --clock-control none python3 dev/gpu_step.py --experts 2 --batch "$b" \
-          > "$OUT/gpustep-b$b.csv" 2>&1 || rc=1
-        python3 dev/gpu_step.py --summarize "$OUT/gpustep-b$b.csv" | tee "$OUT/gpustep-b$b.txt"
+          --cache-control none --clock-control none python3 dev/gpu_step.py --experts 2 --batch "${row%x*}" \
+          --context "${row#*x}" > "$OUT/gpustep-$row.csv" 2>&1 || rc=1
+        python3 dev/gpu_step.py --summarize "$OUT/gpustep-$row.csv" | tee "$OUT/gpustep-$row.txt"
       done ;;
     profile)
       timeout 300 python3 dev/profile_decode.py --quant mxfp4 --batch 1 --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
@@ -151,6 +154,14 @@ for part in "$@"; do
                   "16384 decode_attention.h,attention_combine.h,cca_decode.h;expert_mlp.h"; do
         timeout 285 python3 dev/ab_one_process.py --what bodies --bodies "${spec#* }" --batch 16 \
           --context "${spec%% *}" --rounds 3 --steps 48 2>&1 | tee "$OUT/gpushare-${spec%% *}.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+      done ;;
+    chunk)
+      # attention's keys a threadgroup past one pass: 512 (as it is) against longer chunks, at 16 x 16,384 and
+      # 1 x 16,384, each in one process
+      for row in 16x16384 1x16384; do
+        timeout 280 python3 dev/ab_one_process.py --what chunk --chunks "${CHUNKS:-1024,2048,4096}" --batch "${row%x*}" \
+          --context "${row#*x}" --rounds 2 --steps 32 2>&1 | tee "$OUT/chunk-$row.log"
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       done ;;
     longab)
