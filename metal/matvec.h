@@ -4,7 +4,8 @@
 // reads the matrix once a row, so it serves up to kernels.head.MAX_ROWS rows. Plain-MLX reference:
 // zaya_mlx/kernels/head.py, lm_head_reference.
 //
-// Grid: x = blocks of RPB = NWARP * RPW weight rows, y = row n of x. A SIMD group sums RPW rows, its lanes
+// Grid: x = row n of x, y = blocks of RPB = NWARP * RPW weight rows: the rows of x that read a block run one after
+// another, so all but the first find its weights in L2. A SIMD group sums RPW rows, its lanes
 // reading 16 bytes each along a row (up to four chunks of every row loaded before any is summed); the sums
 // meet in threadgroup memory.
 // Template: T (activation dtype), K (input width), NOUT (outputs), QM (0 bf16, 1 f32, 2 affine, 3 mxfp4), BITS
@@ -21,7 +22,8 @@ constexpr int ITERS = (NV + 31) / 32;
 constexpr int RPB = NWARP * RPW;  // weight rows (outputs) a threadgroup
 constexpr int IB = (ITERS < 4) ? ITERS : 4;
 
-const int n = zk_by;
+const int n = zk_bx;
+const int blk = zk_by;
 
 ZK_SHARED16 float zk_x[K + K / 8];  // padded: see zk_pad4
 ZK_SHARED float zk_s[RPB];
@@ -56,7 +58,7 @@ for (int it0 = 0; it0 < ITERS; it0 += IB) {
   zk_chunk ch[RPW][IB];
   ZK_UNROLL
   for (int i = 0; i < RPW; ++i) {
-    const int row = zk_bx * RPB + zk_warp * RPW + i;
+    const int row = blk * RPB + zk_warp * RPW + i;
     ZK_UNROLL
     for (int c = 0; c < IB; ++c) {
       const int v = (it0 + c) * 32 + zk_lane;
@@ -69,7 +71,7 @@ zk_store_row_sums<RPW>(acc, zk_s, zk_warp, zk_lane);
 ZK_BARRIER();
 
 if (zk_tid < RPB) {
-  const int o = zk_bx * RPB + zk_tid;
+  const int o = blk * RPB + zk_tid;
   if (o < NOUT) {
     y[n * NOUT + o] = static_cast<T>(zk_s[zk_tid]);
   }

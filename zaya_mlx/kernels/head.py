@@ -23,12 +23,20 @@ def lm_head_reference(h, layer):
     return layer.as_linear(h) if hasattr(layer, "as_linear") else layer(h)
 
 
+MAX_BLOCKS = 65535  # the grid's rows of threadgroups (CUDA's limit on a grid's y)
+
+
+def _blocks(nout: int) -> int:
+    """Threadgroups a row of x: blocks of weight rows."""
+    return -(-nout // ((_NT // 32) * _RPW))
+
+
 def kernel_supported(h, layer) -> bool:
     w = as_stack(layer)
     qm = weight_format(w)
     H = h.shape[-1]
     return (qm is not None and w.shape[-1] == H and h.size // H <= MAX_ROWS and H <= MAX_K
-            and H % chunk_values(qm[0], qm[1]) == 0)
+            and H % chunk_values(qm[0], qm[1]) == 0 and _blocks(w.shape[0]) <= MAX_BLOCKS)
 
 
 def lm_head(h, layer, *, impl: str = "auto"):
@@ -45,12 +53,11 @@ def _matvec(x, w, back):
     wt, sc, bi, (qm, bits, gs) = kernel_parts(w)
     K = x.shape[-1]
     nout = wt.shape[0]
-    per_block = (_NT // 32) * _RPW
     return launch(
         "matvec.h", back, [("x", x), ("w", wt), ("scales", sc), ("biases", bi)],
         [("y", tuple(x.shape[:-1]) + (nout,), x.dtype)],
         template=[("T", x.dtype), ("K", K), ("NOUT", nout), ("QM", qm), ("BITS", bits), ("GS", gs), ("RPW", _RPW),
                   ("NT", _NT)],
-        grid=(-(-nout // per_block) * _NT, x.size // K, 1),
+        grid=(x.size // K * _NT, _blocks(nout), 1),
         threadgroup=(_NT, 1, 1),
     )[0]
