@@ -15,6 +15,8 @@ one model. The changes:
 - ``fused``: the fused decode step, or the plain decode step (decode/plain.py);
 - ``heads``: with the CCA step in its own launch, attention serving all query heads of a KV head in one
   threadgroup (each key read once, 256 threads), or one query head a threadgroup;
+- ``head-rows``: the LM head's kernel (metal/matvec.h) for up to head.MAX_ROWS rows and MLX's quantized matmul
+  beyond, as it is, or the kernel up to 32 rows (at batch 8-32);
 - ``chunk``: attention's keys a threadgroup past one pass (attention.CHUNK) as it is, or each value of
   ``--chunks`` (fewer, longer chunks: less merging and a shorter combine, but fewer threadgroups), in the same rounds.
 
@@ -37,7 +39,7 @@ from lab import empty_kernels, reset_kernels  # noqa: E402
 
 from zaya_mlx import benchmark  # noqa: E402
 from zaya_mlx.decode import DecodeOptions  # noqa: E402
-from zaya_mlx.kernels import _build, attention  # noqa: E402
+from zaya_mlx.kernels import _build, attention, head  # noqa: E402
 
 ASSEMBLED = _build.kernel_source
 SAVED = _build.saved_file
@@ -103,8 +105,18 @@ def set_chunk(model, on: bool, chunk=None):
     reset_kernels(model)
 
 
+HEAD_ROWS = head.MAX_ROWS
+
+
+def set_head_rows(model, on: bool):
+    """The LM head's kernel up to head.MAX_ROWS rows as it is, or up to 32."""
+    head.MAX_ROWS = HEAD_ROWS if on else 32
+    reset_kernels(model)
+
+
 CHANGES = {"source": set_source, "include": set_include, "bodies": set_bodies,
-           "cca-inside": set_cca_inside, "heads": set_heads, "fused": set_fused, "chunk": set_chunk}
+           "cca-inside": set_cca_inside, "heads": set_heads, "fused": set_fused, "chunk": set_chunk,
+           "head-rows": set_head_rows}
 
 
 def main(argv=None) -> int:

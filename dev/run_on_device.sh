@@ -24,7 +24,7 @@
 #   profile   one step's cost op by op (dev/profile_decode.py)
 #   ab        this checkout's decode against other checkouts' (AB_OTHER: folders), interleaved AB_REPS times
 #   ab1       one change on and off in one process (dev/ab_one_process.py; AB_WHAT: source, include, bodies,
-#             cca-inside or heads)
+#             cca-inside, heads, fused, chunk or head-rows; AB_ARGS: more of its arguments, e.g. "--batch 16")
 #   chunk     attention's chunk length past one pass (CHUNKS) against 512, at 16 x 16,384 and 1 x 16,384
 #   longab    attention at 16 x 16,384: the CCA step inside or apart, and one query head or four a threadgroup
 #   gpushare  a batch-16 step with each kernel's body emptied in turn (16 x 256: experts, residual norms, attention;
@@ -145,7 +145,7 @@ for part in "$@"; do
     ab1)
       # one change on and off, alternating in one process (no drift between processes): AB_WHAT (default source)
       timeout 500 python3 dev/ab_one_process.py --what "${AB_WHAT:-source}" --rounds "${AB_REPS:-6}" --steps 200 \
-        2>&1 | tee "$OUT/ab_one_process.log"
+        ${AB_ARGS:-} 2>&1 | tee "$OUT/ab_one_process.log"
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     gpushare)
       # how much of a batch-16 step each kernel's GPU work is, without ncu: the step with those bodies emptied
