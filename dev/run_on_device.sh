@@ -100,9 +100,11 @@ for part in "$@"; do
     kdetail)
       # one launch of a kernel under Nsight Compute's full set (stall reasons, memory, occupancy), and its SASS with
       # the samples a line: KDETAIL_KERNEL (a regex, default decode_attention) in the cases of bench_kernels.py
-      # that KDETAIL_ONLY names (default: the CCA step inside attention with o_proj), batch 1, the third launch
+      # that KDETAIL_ONLY names (default: the CCA step inside attention with o_proj), the third launch; KDETAIL_ARGS:
+      # bench_kernels.py's shape (default --batch 1; RSA's attention: "--batch 16 --context 16384" with KDETAIL_ONLY
+      # "attention + o_proj, 16384")
       timeout 300 ncu --set full --import-source no -k "regex:${KDETAIL_KERNEL:-decode_attention}" -s 2 -c 1 \
-        -f -o "$OUT/kdetail" python3 bench/bench_kernels.py --batch 1 --calls 2 --reps 1 \
+        -f -o "$OUT/kdetail" python3 bench/bench_kernels.py ${KDETAIL_ARGS:---batch 1} --calls 2 --reps 1 \
         --only "${KDETAIL_ONLY:-CCA step + attention + o_proj}" > "$OUT/kdetail.log" 2>&1 || rc=1
       ncu -i "$OUT/kdetail.ncu-rep" --page details > "$OUT/kdetail.txt" 2>&1 || rc=1
       ncu -i "$OUT/kdetail.ncu-rep" --page source --csv --print-source sass > "$OUT/kdetail-sass.csv" 2>&1 || rc=1
