@@ -31,9 +31,9 @@
 // Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D] (quantized: [B, NKV, CAP, D * KVB / 32] uint32, with
 // kscales, kbiases, vscales, vbiases [B, NKV, CAP, D / KVG] of type T; else those four absent), lpad [B] int32,
 // filled [1] int32 (L <= CAP),
-// meta [5] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; RS: the
-// row shares in the grid, 1 but in one pass with HAS_O; read at run time, so that a grown buffer or another RS
-// compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or packed, scales, biases, bias;
+// meta [5] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; RS: with
+// HAS_O, o_proj's row shares, in this grid in one pass, else in attention_combine.h's; read at run time, so that a
+// grown buffer or another RS compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or packed, scales, biases, bias;
 // each absent (ZK_ABSENT) where the variant reads none), after (not read: an output of the CCA step where that
 // wrote q in place, which orders this launch after it). L is read on the GPU, so one launch serves every step.
 // With HAS_CCA: no q; keys and values are written in place; and the CCA step's inputs as cca_decode.h names them

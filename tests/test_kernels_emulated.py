@@ -435,13 +435,13 @@ O_PROJ_FORMATS = [("dense", None, True), ("affine", dict(group_size=64, bits=4),
 
 
 @pytest.mark.parametrize("fmt,opts,bias,single_pass,threadgroups",
-                         [(*f, sp, tg) for f in O_PROJ_FORMATS for sp, tg in ((64, 8), (64, 32), (4, 32))]
-                         + [(*O_PROJ_FORMATS[-1], 64, 1024)])  # a row a share: one format is enough
+                         [(*f, sp, tg) for f in O_PROJ_FORMATS for sp, tg in ((64, 8), (64, 32), (4, 8), (4, 32))]
+                         + [(*O_PROJ_FORMATS[-1], sp, 1024) for sp in (64, 4)])  # a row a share: one format is enough
 def test_attention_body_with_o_proj(fmt, opts, bias, single_pass, threadgroups, monkeypatch):
     """o_proj inside attention: the head blocks' shares (or, split into chunks, the combine's per-head shares) sum
-    to o_proj of the plain attention, bias once; 72 output rows leave the last rows of a thread's round empty. In one
-    pass, o_proj's rows are spread over 1 (8 threadgroups for the 8 heads), 4 (18 rows each, so a round ends inside a
-    SIMD group's rows) or 72 threadgroups a head (a row each).
+    to o_proj of the plain attention, bias once; 72 output rows leave the last rows of a thread's round empty.
+    o_proj's rows are spread over 1 (8 threadgroups for the 8 heads, or in chunks 8 merging them), 4 (18 rows each, so
+    a round ends inside a SIMD group's rows) or 72 threadgroups a head (a row each).
     float32 activations: MLX's quantized matmul in bfloat16 rounds too coarsely to be the reference."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "O_PROJ_THREADGROUPS", threadgroups)

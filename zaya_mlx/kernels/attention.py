@@ -27,7 +27,8 @@ CHUNK = 512
 HEADS_PER_THREADGROUP = 1  # query heads a threadgroup: 1 spreads a batch row over NH threadgroups (see the body)
 # the most repeated CCA steps a head (summed over the batch) for which the step still runs inside attention's launch
 CCA_INSIDE_MAX_REPEATS = 32
-# one pass with o_proj: threadgroups to spread o_proj's rows over, each computing its heads' attention (see the body)
+# with o_proj: threadgroups to spread o_proj's rows over, each computing its heads' attention in one pass or merging
+# its head's chunks (see the bodies)
 O_PROJ_THREADGROUPS = 32
 
 
@@ -156,8 +157,9 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     o_inputs = [("wo", wo), ("wos", wos), ("wob", wob), ("bo", bo)]
     chunk = CHUNK if split else cap
     nc = key_chunks(cap)
-    # one pass with o_proj: RS threadgroups a head block, each adding o_proj's rows of its share (at least one)
-    row_shares = min(ho, max(1, O_PROJ_THREADGROUPS // rows)) if o_proj is not None and not split else 1
+    # with o_proj: RS threadgroups a head block in one pass (a head in the combine), each adding o_proj's rows of its
+    # share (at least one)
+    row_shares = min(ho, max(1, O_PROJ_THREADGROUPS // (B * NH if split else rows))) if o_proj is not None else 1
     has_cca = step is not None
     step = cca.no_step(dtype) if step is None else step
     shared = ("T", "D", "NH", "NKV")  # attention's own too
@@ -189,7 +191,7 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     out = launch("attention_combine.h", back, [("part", part), ("ml", ml), ("meta", meta), *o_inputs],
                  [("out", out_shape, out_dtype)],
                  template=[("T", dtype), ("D", D), ("NH", NH), ("NT", nt2), *o_template],
-                 grid=(B * NH * nt2, 1, 1), threadgroup=(nt2, 1, 1))[0]
+                 grid=(B * NH * row_shares * nt2, 1, 1), threadgroup=(nt2, 1, 1))[0]
     return (out, *states) if has_cca else out
 
 
