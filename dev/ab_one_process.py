@@ -17,8 +17,10 @@ one model. The changes:
   threadgroup (each key read once, 256 threads), or one query head a threadgroup;
 - ``head-rows``: the LM head's kernel (metal/matvec.h) for up to head.MAX_ROWS rows and MLX's quantized matmul
   beyond, as it is, or the kernel up to 32 rows (at batch 8-32);
-- ``chunk``: attention's keys a threadgroup past one pass (attention.CHUNK) as it is, or each value of
-  ``--chunks`` (fewer, longer chunks: less merging and a shorter combine, but fewer threadgroups), in the same rounds.
+- ``attention``: attention's launch shape as it is, or as each of ``--configs`` sets it, in the same rounds: the
+  attention module's constants, e.g. ``CHUNK=2048`` (keys a threadgroup past one pass: fewer, longer chunks merge
+  less but fill fewer SMs) or ``HEADS_PER_THREADGROUP=4,CHUNK=256`` (each key read once a KV head, in more
+  chunks). With the CCA step inside attention's launch, one query head a threadgroup whatever the setting.
 
     python dev/ab_one_process.py --what source --rounds 6 --steps 200    # 40 layers, full width, MXFP4, 2 experts
     python dev/ab_one_process.py --what include --experts 16            # ZAYA1-8B's full size
@@ -96,12 +98,19 @@ def set_fused(model, on: bool):
     model.decode_options = dataclasses.replace(model.decode_options, fused=on)
 
 
-CHUNK = attention.CHUNK
+ATTENTION = {name: getattr(attention, name) for name in ("CHUNK", "SINGLE_PASS_MAX", "HEADS_PER_THREADGROUP",
+                                                          "O_PROJ_THREADGROUPS", "CCA_INSIDE_MAX_REPEATS")}
 
 
-def set_chunk(model, on: bool, chunk=None):
-    """Attention's keys a threadgroup past one pass: as it is (on), or ``chunk``."""
-    attention.CHUNK = CHUNK if on else chunk
+def set_attention(model, on: bool, config: str = ""):
+    """Attention's constants as they are (on), or as ``config`` sets them (NAME=VALUE, comma-separated)."""
+    for name, value in ATTENTION.items():
+        setattr(attention, name, value)
+    for item in ([] if on else config.split(",")):
+        name, value = item.split("=")
+        if name not in ATTENTION:
+            raise SystemExit(f"--configs: {name} is not one of {', '.join(ATTENTION)}")
+        setattr(attention, name, int(value))
     reset_kernels(model)
 
 
@@ -115,7 +124,7 @@ def set_head_rows(model, on: bool):
 
 
 CHANGES = {"source": set_source, "include": set_include, "bodies": set_bodies,
-           "cca-inside": set_cca_inside, "heads": set_heads, "fused": set_fused, "chunk": set_chunk,
+           "cca-inside": set_cca_inside, "heads": set_heads, "fused": set_fused, "attention": set_attention,
            "head-rows": set_head_rows}
 
 
@@ -131,8 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bodies", default="", help="with --what bodies: the kernel bodies to empty, e.g. "
                     "expert_mlp.h or decode_attention.h,attention_combine.h (default: all); several sets separated "
                     "by ';' are each timed against the step as it is, in the same rounds")
-    ap.add_argument("--chunks", default="1024,2048", help="with --what chunk: the chunk sizes timed against "
-                    "attention.CHUNK, in the same rounds")
+    ap.add_argument("--configs", default="CHUNK=1024;CHUNK=2048", help="with --what attention: settings of the "
+                    "attention module's constants (NAME=VALUE, comma-separated), several separated by ';', each timed "
+                    "against the constants as they are, in the same rounds")
     args = ap.parse_args(argv)
     change = CHANGES[args.what]
     variants = [(f"{args.what} on", functools.partial(change, on=True)),
@@ -141,9 +151,9 @@ def main(argv=None) -> int:
         variants = [("as is", functools.partial(set_bodies, on=True))] + [
             (f"{b} emptied", functools.partial(set_bodies, on=False, bodies=tuple(b.split(","))))
             for b in args.bodies.split(";")]
-    if args.what == "chunk":
-        variants = [(f"chunk {CHUNK}", functools.partial(set_chunk, on=True))] + [
-            (f"chunk {c}", functools.partial(set_chunk, on=False, chunk=int(c))) for c in args.chunks.split(",")]
+    if args.what == "attention":
+        variants = [("as it is", functools.partial(set_attention, on=True))] + [
+            (c, functools.partial(set_attention, on=False, config=c)) for c in args.configs.split(";")]
     config = benchmark.small_config() if args.small else benchmark.full_config(num_experts=args.experts)
     model = benchmark.build_zaya(config, "mxfp4")
     model.decode_options = DecodeOptions(fused=True)

@@ -24,8 +24,9 @@
 #   profile   one step's cost op by op (dev/profile_decode.py)
 #   ab        this checkout's decode against other checkouts' (AB_OTHER: folders), interleaved AB_REPS times
 #   ab1       one change on and off in one process (dev/ab_one_process.py; AB_WHAT: source, include, bodies,
-#             cca-inside, heads, fused, chunk or head-rows; AB_ARGS: more of its arguments, e.g. "--batch 16")
-#   chunk     attention's chunk length past one pass (CHUNKS) against 512, at 16 x 16,384 and 1 x 16,384
+#             cca-inside, heads, fused, attention or head-rows; AB_ARGS: more of its arguments, e.g. "--batch 16")
+#   attn      attention's launch shapes (ATTN_CONFIGS: the attention module's constants, as dev/ab_one_process.py
+#             --configs takes them) against the library's, at 16 x 16,384 and 1 x 16,384
 #   longab    attention at 16 x 16,384: the CCA step inside or apart, and one query head or four a threadgroup
 #   gpushare  a batch-16 step with each kernel's body emptied in turn (16 x 256: experts, residual norms, attention;
 #             16 x 16,384: attention, experts), against the step as it is: their shares, without ncu
@@ -158,12 +159,12 @@ for part in "$@"; do
           --context "${spec%% *}" --rounds 3 --steps 48 2>&1 | tee "$OUT/gpushare-${spec%% *}.log"
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       done ;;
-    chunk)
-      # attention's keys a threadgroup past one pass: 512 (as it is) against longer chunks, at 16 x 16,384 and
-      # 1 x 16,384, each in one process
+    attn)
+      # attention's launch shapes against the library's, at 16 x 16,384 and 1 x 16,384, each row in one process
       for row in 16x16384 1x16384; do
-        timeout 280 python3 dev/ab_one_process.py --what chunk --chunks "${CHUNKS:-1024,2048,4096}" --batch "${row%x*}" \
-          --context "${row#*x}" --rounds 2 --steps 32 2>&1 | tee "$OUT/chunk-$row.log"
+        timeout 280 python3 dev/ab_one_process.py --what attention --batch "${row%x*}" --context "${row#*x}" \
+          --configs "${ATTN_CONFIGS:-CHUNK=1024;CHUNK=2048;HEADS_PER_THREADGROUP=4,CHUNK=256}" --rounds 2 --steps 32 \
+          2>&1 | tee "$OUT/attn-$row.log"
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       done ;;
     longab)
