@@ -8,9 +8,11 @@
 // compute the same heads, each adds o_proj's rows [rs * HO / RS, (rs + 1) * HO / RS), so o_proj, the longest part
 // at batch 1, spreads over RS times the SMs); y = b * (NH / HB) + head block. A threadgroup serves HB query heads
 // that share a KV head (HB divides NH / NKV): HB = NH / NKV reads each key and value once, a smaller HB
-// spreads a batch row over more threadgroups and shortens each one's work. Each SIMD group walks its keys U at a
-// time (all U loaded before use), lanes along the head dimension (DPL = D / 32 values each), and keeps an
-// online softmax per query head; the SIMD groups are merged through threadgroup memory. Row b attends to
+// spreads a batch row over more threadgroups and shortens each one's work. Each SIMD group takes KS = 32 / LPK
+// keys at once, LPK lanes a key along the head dimension (DPL = D / LPK values a lane: LPK 32 reads 4 bf16 a lane
+// of a head of 128, 16 a whole 16-byte load, and a score's sum then needs 4 shuffles for two keys instead of 5 for
+// one), U of them at a time (all loaded before use), and each of its KS key slots keeps an online softmax per query
+// head; a SIMD group's slots are merged by shuffles, the SIMD groups through threadgroup memory. Row b attends to
 // keys [start_b, L) with start_b = max(left_padding[b], L - W if W > 0 else 0); chunk c covers
 // [start_b + c * CH, start_b + (c + 1) * CH).
 // With HAS_O (one pass), the threadgroup then adds its heads' share of o_proj: W_o[:, heads] times their output
@@ -22,7 +24,7 @@
 // the cache, in place at position L - 1, and the key head's new states. The new key and value are taken from
 // threadgroup memory, not the cache (chunk 0's and row share 0's threadgroups write the cache and states). So the
 // step and attention are one launch: the query never leaves the threadgroup, and a layer has one graph node less.
-// Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, SPLIT (false: one chunk, write
+// Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, LPK (32 or 16), SPLIT (false: one chunk, write
 // the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h), HAS_O, HO,
 // QM, BITS, GS, HAS_OB (o_proj: output rows; weight format as in zk_load_chunk; a bias, added by head block 0),
 // SCALE (the softmax scale's float32 bits), HAS_CCA, T0, T1, RD, EPS (the CCA step's, as cca_decode.h's; without
@@ -44,10 +46,13 @@
 constexpr int NWARP = NT / 32;
 constexpr int REP = NH / NKV;
 constexpr int NHB = NH / HB;  // head blocks a batch row
-constexpr int DPL = D / 32;
-// keys a SIMD group loads at once (each batch is a trip to memory): 8, as long as their 2 * U * DPL values
-// fit in 64 registers a thread (a head dim of 256 takes 4: at 8, 512 threads no longer fit an SM)
-constexpr int U = (DPL <= 4) ? 8 : 32 / DPL;  // D <= 256: U >= 4
+constexpr int KS = 32 / LPK;  // keys a SIMD group takes at once, a key slot each
+constexpr int DPL = D / LPK;
+// keys a key slot loads at once (each batch is a trip to memory): 8, as long as their 2 * U * DPL values
+// fit in 64 registers a thread (a head dim of 256 at LPK 32 takes 4: at 8, 512 threads no longer fit an SM)
+constexpr int U = (DPL <= 4) ? 8 : ((DPL <= 32) ? 32 / DPL : 1);
+const int kslot = zk_lane / LPK;  // this lane's key slot
+const int ksub = zk_lane - kslot * LPK;  // its share of the head dimension: values [ksub * DPL, (ksub + 1) * DPL)
 
 const int c = SPLIT ? zk_bx : 0;
 const int rs = SPLIT ? 0 : zk_bx;
@@ -121,9 +126,9 @@ for (int r = 0; r < HB; ++r) {
   ZK_UNROLL
   for (int j = 0; j < DPL; ++j) {
     if (HAS_CCA) {
-      qv[r][j] = zk_new[zk_lane * DPL + j] * scale;
+      qv[r][j] = zk_new[ksub * DPL + j] * scale;
     } else {
-      qv[r][j] = static_cast<float>(q[(b * NH + h0 + r) * D + zk_lane * DPL + j]) * scale;
+      qv[r][j] = static_cast<float>(q[(b * NH + h0 + r) * D + ksub * DPL + j]) * scale;
     }
   }
 }
@@ -141,14 +146,16 @@ for (int r = 0; r < HB; ++r) {
 }
 
 const int base = (b * NKV + kvh) * CAP;
-for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
-  // All U keys and values are loaded before any is used, with no branch between the loads (a load behind a
-  // branch waits for the loads before it): a key past hi reads key lo and is dropped.
+for (int t0 = lo + zk_warp * U * KS; t0 < hi; t0 += NWARP * U * KS) {
+  // This slot's keys t0 + u * KS + kslot. All U keys and values are loaded before any is used, with no branch
+  // between the loads (a load behind a branch waits for the loads before it): a key past hi reads key lo and is
+  // dropped.
   float kk[U][DPL];
   float vv[U][DPL];
   ZK_UNROLL
   for (int u = 0; u < U; ++u) {
-    const int idx = (base + ((t0 + u < hi) ? t0 + u : lo)) * D + zk_lane * DPL;
+    const int t = t0 + u * KS + kslot;
+    const int idx = (base + ((t < hi) ? t : lo)) * D + ksub * DPL;
     if (KVB > 0) {
       zk_load_qvals<T, DPL, KVB, KVG>(keys, kscales, kbiases, idx, kk[u]);
       zk_load_qvals<T, DPL, KVB, KVG>(values, vscales, vbiases, idx, vv[u]);
@@ -160,15 +167,16 @@ for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
   if (HAS_CCA) {  // the new key and value: this launch's own (zk_new), as the cache may not hold them yet
     ZK_UNROLL
     for (int u = 0; u < U; ++u) {
-      const bool fresh = t0 + u == slot;
+      const bool fresh = t0 + u * KS + kslot == slot;
       ZK_UNROLL
       for (int j = 0; j < DPL; ++j) {
-        kk[u][j] = fresh ? zk_new[D + zk_lane * DPL + j] : kk[u][j];
-        vv[u][j] = fresh ? zk_new[2 * D + zk_lane * DPL + j] : vv[u][j];
+        kk[u][j] = fresh ? zk_new[D + ksub * DPL + j] : kk[u][j];
+        vv[u][j] = fresh ? zk_new[2 * D + ksub * DPL + j] : vv[u][j];
       }
     }
   }
-  // The U scores (their SIMD sums independent of each other), then one online-softmax update for all of them.
+  // The U scores (their sums over the slot's lanes independent of each other), then one online-softmax update for
+  // all of them.
   ZK_UNROLL
   for (int r = 0; r < HB; ++r) {
     float s[U];
@@ -183,12 +191,19 @@ for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
     }
     ZK_UNROLL
     for (int u = 0; u < U; ++u) {
-      s[u] = zk_simd_sum(s[u]);
+      if (LPK == 32) {
+        s[u] = zk_simd_sum(s[u]);
+      } else {
+        ZK_UNROLL
+        for (int o = LPK / 2; o > 0; o >>= 1) {
+          s[u] += zk_simd_xor(s[u], o);
+        }
+      }
     }
     float mn = m[r];
     ZK_UNROLL
     for (int u = 0; u < U; ++u) {
-      mn = (t0 + u < hi && s[u] > mn) ? s[u] : mn;
+      mn = (t0 + u * KS + kslot < hi && s[u] > mn) ? s[u] : mn;
     }
     const float corr = zk_exp(m[r] - mn);
     l[r] *= corr;
@@ -198,7 +213,7 @@ for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
     }
     ZK_UNROLL
     for (int u = 0; u < U; ++u) {
-      const float p = (t0 + u < hi) ? zk_exp(s[u] - mn) : 0.0f;
+      const float p = (t0 + u * KS + kslot < hi) ? zk_exp(s[u] - mn) : 0.0f;
       l[r] += p;
       ZK_UNROLL
       for (int j = 0; j < DPL; ++j) {
@@ -209,7 +224,25 @@ for (int t0 = lo + zk_warp * U; t0 < hi; t0 += NWARP * U) {
   }
 }
 
-// Merge the SIMD groups: each writes its (m, l, acc), then thread i finishes output value i.
+// Merge a SIMD group's key slots (lanes LPK apart hold the same values of different slots), then the SIMD groups:
+// each writes its (m, l, acc), then thread i finishes output value i.
+ZK_UNROLL
+for (int o = LPK; o < 32; o <<= 1) {
+  ZK_UNROLL
+  for (int r = 0; r < HB; ++r) {
+    const float m2 = zk_simd_xor(m[r], o);
+    const float l2 = zk_simd_xor(l[r], o);
+    const float mm = (m2 > m[r]) ? m2 : m[r];
+    const float f1 = (l[r] > 0.0f) ? zk_exp(m[r] - mm) : 0.0f;
+    const float f2 = (l2 > 0.0f) ? zk_exp(m2 - mm) : 0.0f;
+    l[r] = l[r] * f1 + l2 * f2;
+    ZK_UNROLL
+    for (int j = 0; j < DPL; ++j) {
+      acc[r][j] = acc[r][j] * f1 + zk_simd_xor(acc[r][j], o) * f2;
+    }
+    m[r] = mm;
+  }
+}
 ZK_SHARED float zk_m[NWARP * HB];
 ZK_SHARED float zk_l[NWARP * HB];
 ZK_SHARED float zk_acc[NWARP * HB * D];
@@ -220,9 +253,11 @@ for (int r = 0; r < HB; ++r) {
     zk_m[zk_warp * HB + r] = m[r];
     zk_l[zk_warp * HB + r] = l[r];
   }
-  ZK_UNROLL
-  for (int j = 0; j < DPL; ++j) {
-    zk_acc[(zk_warp * HB + r) * D + zk_lane * DPL + j] = acc[r][j];
+  if (kslot == 0) {
+    ZK_UNROLL
+    for (int j = 0; j < DPL; ++j) {
+      zk_acc[(zk_warp * HB + r) * D + ksub * DPL + j] = acc[r][j];
+    }
   }
 }
 ZK_BARRIER();

@@ -310,14 +310,16 @@ def test_cca_body(shape, dtype, q_in_place):
     assert mx.array_equal(values, ref_values)
 
 
+@pytest.mark.parametrize("lanes", [32, 16])
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("pads,window,single_pass", [(None, None, 64), ([0, 3], 6, 64), ([0, 9], None, 4)])
-def test_attention_body(pads, window, single_pass, heads, monkeypatch):
+def test_attention_body(pads, window, single_pass, heads, lanes, monkeypatch):
     """Grouped heads, left padding, a sliding window, and (single_pass = 4) the split into chunks + combine; a query
-    head a threadgroup, or (heads = 2) both of a KV head's."""
+    head a threadgroup, or (heads = 2) both of a KV head's; a key a SIMD group, or (lanes 16) two at once."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
     monkeypatch.setattr(attention, "HEADS_PER_THREADGROUP", heads)
+    monkeypatch.setattr(attention, "LANES_PER_KEY", lanes)
     mx.random.seed(7)
     B, NH, NKV, D, cap, length = 2, 4, 2, 32, 20, 13
     q, keys, values = rnd(B, NH, 1, D), rnd(B, NKV, cap, D), rnd(B, NKV, cap, D)
@@ -330,15 +332,18 @@ def test_attention_body(pads, window, single_pass, heads, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("shape,pads,window,single_pass", [((2, 4, 2, 64, 2, 2, 32), None, None, 64),
-                                                           ((2, 4, 2, 64, 3, 2, 16), [0, 3], 6, 64),
-                                                           ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4)])
-def test_cca_step_inside_attention_body(shape, pads, window, single_pass, dtype, monkeypatch):
+@pytest.mark.parametrize("shape,pads,window,single_pass,lanes", [((2, 4, 2, 64, 2, 2, 32), None, None, 64, 32),
+                                                                 ((2, 4, 2, 64, 3, 2, 16), [0, 3], 6, 64, 16),
+                                                                 ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, 32),
+                                                                 ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, 16)])
+def test_cca_step_inside_attention_body(shape, pads, window, single_pass, lanes, dtype, monkeypatch):
     """decode_attention.h with the CCA step inside (HAS_CCA) against the step's reference, its cache write and
     attention's reference with o_proj: the output, the new states, and the key and value written at position
-    filled - 1 alone; with left padding, a sliding window, and (single_pass 4) the split into chunks + combine."""
+    filled - 1 alone; with left padding, a sliding window, and (single_pass 4) the split into chunks + combine;
+    lanes 16: a SIMD group's two key slots take the new key from threadgroup memory as a whole group does."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
+    monkeypatch.setattr(attention, "LANES_PER_KEY", lanes)
     cap, filled = 20, 13
     a, kw, o_proj = _cca_attention_case(*shape, dtype, cap, filled, seed=sum(shape),
                                         o_proj=linear(40, shape[1] * shape[3], dtype))
@@ -365,12 +370,15 @@ def test_cca_step_inside_attention_body(shape, pads, window, single_pass, dtype,
     assert mx.array_equal(got[2], want[2])  # the value is copied, not computed
 
 
+@pytest.mark.parametrize("lanes", [32, 16])
 @pytest.mark.parametrize("bits,group,single_pass", [(8, 32, 64), (4, 32, 64), (8, 64, 4)])
-def test_attention_body_reads_a_quantized_cache(bits, group, single_pass, monkeypatch):
+def test_attention_body_reads_a_quantized_cache(bits, group, single_pass, lanes, monkeypatch):
     """Keys and values as mx.quantize packs them (two groups a row at group 32; 4 bits: a lane's two values in half a
-    word), read in place: attention over the dequantized cache, in one pass and split into chunks."""
+    word, or with 16 lanes a key its 4 values in one word or half of one), read in place: attention over the
+    dequantized cache, in one pass and split into chunks."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
+    monkeypatch.setattr(attention, "LANES_PER_KEY", lanes)
     mx.random.seed(bits + group)
     B, NH, NKV, D, cap, length = 2, 4, 2, 64, 20, 13
     q = rnd(B, NH, 1, D)

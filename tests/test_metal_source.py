@@ -9,7 +9,7 @@ import pytest
 
 import metal_source
 from metal_source import Step, check_all, step_launches
-from zaya_mlx.kernels import _build, norms
+from zaya_mlx.kernels import _build, attention, norms
 
 pytestmark = pytest.mark.skipif(metal_source.CLANG is None, reason="no clang to check the Metal sources")
 
@@ -26,6 +26,19 @@ STEPS = [Step(None, mx.float32, "apart"), Step(None, mx.bfloat16, "inside"), Ste
          Step(None, mx.float32, "apart", cca_inside=False, split=True, kv_bits=4),
          Step("affine8", mx.bfloat16, "inside", split=True, kv_bits=8)]
 BODIES = {"attention_combine", "cca_decode", "decode_attention", "expert_mlp", "matvec", "residual_norm", "router_mlp"}
+
+
+def test_attention_with_several_keys_a_simd_group_compiles_for_metal(monkeypatch):
+    """attention.LANES_PER_KEY 16: a SIMD group's two key slots, each summing its scores over its lanes by shuffles;
+    in one pass with the CCA step inside, in chunks with it apart, on a quantized cache."""
+    monkeypatch.setattr(attention, "LANES_PER_KEY", 16)
+    launches = [launch for step in (Step("mxfp4", mx.bfloat16, "inside", full=True),
+                                    Step("mxfp4", mx.bfloat16, "inside", full=True, split=True, cca_inside=False),
+                                    Step(None, mx.float32, "apart", split=True, kv_bits=8))
+                for launch in step_launches(step) if "decode_attention" in launch.name]
+    assert len({launch.key() for launch in launches}) >= 3
+    failed = check_all(launches)
+    assert not failed, "\n\n".join(f"{key}:\n{errors[:2000]}" for key, errors in failed)
 
 
 @functools.cache

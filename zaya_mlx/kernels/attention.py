@@ -25,6 +25,7 @@ from .weights import as_stack, chunk_values, kernel_parts, weight_format
 SINGLE_PASS_MAX = 1024  # buffer positions a threadgroup takes in one pass; larger buffers split into CHUNK-key chunks
 CHUNK = 512
 HEADS_PER_THREADGROUP = 1  # query heads a threadgroup: 1 spreads a batch row over NH threadgroups (see the body)
+LANES_PER_KEY = 32  # a SIMD group's lanes a key, 32 or 16 (two keys at once, a 16-byte load a lane: see the body)
 # the most repeated CCA steps a head (summed over the batch) for which the step still runs inside attention's launch
 CCA_INSIDE_MAX_REPEATS = 32
 # with o_proj: threadgroups to spread o_proj's rows over, each computing its heads' attention in one pass or merging
@@ -84,9 +85,10 @@ def kernel_supported(q, keys, o_proj=None) -> bool:
 
 def _heads_supported(NH: int, D: int, dtype, keys, o_proj) -> bool:
     kv_dtype, (_, NKV, _, _), bits, group = kv_layout(keys, D)
-    # a quantized cache: a lane's D / 32 values in one group, and in whole 32-bit words or within one
-    if bits and not (bits in (4, 8) and group % (D // 32) == 0 and D % group == 0
-                     and ((D // 32) * bits % 32 == 0 or 32 % ((D // 32) * bits) == 0)):
+    dpl = D // LANES_PER_KEY
+    # a quantized cache: a lane's D / LANES_PER_KEY values in one group, and in whole 32-bit words or within one
+    if bits and not (bits in (4, 8) and group % dpl == 0 and D % group == 0
+                     and (dpl * bits % 32 == 0 or 32 % (dpl * bits) == 0)):
         return False
     if o_proj is not None:
         w = as_stack(o_proj)
@@ -101,7 +103,8 @@ def _heads_supported(NH: int, D: int, dtype, keys, o_proj) -> bool:
         if any(c % 32 and c & (c - 1) for c in chunks):
             return False
     return (
-        D % 32 == 0
+        LANES_PER_KEY in (32, 16)
+        and D % 32 == 0
         and D <= 256
         and NH % NKV == 0
         and NH // NKV <= 8
@@ -164,7 +167,8 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     step = cca.no_step(dtype) if step is None else step
     shared = ("T", "D", "NH", "NKV")  # attention's own too
     step = step._replace(template=[(k, v) for k, v in step.template if k not in shared] + [("HAS_CCA", has_cca)])
-    template = [("T", dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("SPLIT", split),
+    template = [("T", dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("LPK", LANES_PER_KEY),
+                ("SPLIT", split),
                 *o_template, ("SCALE", float_bits(scale)), *step.template, ("KVB", kv_bits), ("KVG", kv_group or 64)]
     # read at run time: a grown buffer (a new capacity) then compiles no new variant
     meta = constant((window or 0, chunk, cap, nc, row_shares), mx.int32)
