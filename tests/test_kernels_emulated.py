@@ -370,17 +370,17 @@ def test_cca_step_inside_attention_body(shape, pads, window, single_pass, lanes,
     assert mx.array_equal(got[2], want[2])  # the value is copied, not computed
 
 
-@pytest.mark.parametrize("lanes", [32, 16])
+@pytest.mark.parametrize("lanes,D", [(32, 64), (16, 64), (16, 128), (16, 256)])
 @pytest.mark.parametrize("bits,group,single_pass", [(8, 32, 64), (4, 32, 64), (8, 64, 4)])
-def test_attention_body_reads_a_quantized_cache(bits, group, single_pass, lanes, monkeypatch):
-    """Keys and values as mx.quantize packs them (two groups a row at group 32; 4 bits: a lane's two values in half a
-    word, or with 16 lanes a key its 4 values in one word or half of one), read in place: attention over the
-    dequantized cache, in one pass and split into chunks."""
+def test_attention_body_reads_a_quantized_cache(bits, group, single_pass, lanes, D, monkeypatch):
+    """Keys and values as mx.quantize packs them (two groups a row at group 32), read in place: attention over the
+    dequantized cache, in one pass and split into chunks. A lane's D / lanes values: 2 (4 bits: half a word), 4, 8
+    (8 bits: two words in one load) or 16 (four words in one load)."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
     monkeypatch.setattr(attention, "LANES_PER_KEY", lanes)
     mx.random.seed(bits + group)
-    B, NH, NKV, D, cap, length = 2, 4, 2, 64, 20, 13
+    B, NH, NKV, cap, length = 2, 4, 2, 20, 13
     q = rnd(B, NH, 1, D)
     keys, values = (mx.quantize(rnd(B, NKV, cap, D), group_size=group, bits=bits) for _ in range(2))
     lp = mx.array([0, 3], dtype=mx.int32)
