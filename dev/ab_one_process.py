@@ -19,7 +19,8 @@ one model. The changes:
   beyond, as it is, or the kernel up to 32 rows (at batch 8-32);
 - ``attention``: attention's launch shape as it is, or as each of ``--configs`` sets it, in the same rounds: the
   attention module's constants, e.g. ``CHUNK=2048`` (keys a threadgroup past one pass: fewer, longer chunks merge
-  less but fill fewer SMs), ``LANES_PER_KEY=16`` (two keys a SIMD group, a 16-byte load a lane) or
+  less but fill fewer SMs), ``LANES_PER_KEY=16`` (two keys a SIMD group, a 16-byte load a lane), ``FUSED_COMBINE=1``
+  (on CUDA, the chunks merged in attention's launch: a launch less a layer) or
   ``HEADS_PER_THREADGROUP=4,CHUNK=256`` (each key read once a KV head, in more chunks). With the CCA step inside
   attention's launch, one query head a threadgroup whatever the setting.
 
@@ -100,7 +101,7 @@ def set_fused(model, on: bool):
 
 
 ATTENTION = {name: getattr(attention, name) for name in ("CHUNK", "SINGLE_PASS_MAX", "HEADS_PER_THREADGROUP",
-                                                          "LANES_PER_KEY", "O_PROJ_THREADGROUPS",
+                                                          "LANES_PER_KEY", "FUSED_COMBINE", "O_PROJ_THREADGROUPS",
                                                           "CCA_INSIDE_MAX_REPEATS")}
 
 

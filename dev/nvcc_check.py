@@ -167,10 +167,11 @@ def o_proj_args(o, t, ho=2048):
              ("HAS_OB", o == "affine8")])
 
 
-def attention_case(nh, nkv, d, t, split, o=None, step=None, kv_bits=0, hb=None, lanes=32):
+def attention_case(nh, nkv, d, t, split, o=None, step=None, kv_bits=0, hb=None, lanes=32, fuse=False):
     """step: (T0, T1, RD) of a CCA step inside (HAS_CCA: no q, the step's inputs and states), or None. kv_bits: a
     quantized cache's bits (its words, scales and biases; group 64), or 0. hb: query heads a threadgroup (None:
-    as HEADS_PER_THREADGROUP has it). lanes: a SIMD group's lanes a key (LANES_PER_KEY)."""
+    as HEADS_PER_THREADGROUP has it). lanes: a SIMD group's lanes a key (LANES_PER_KEY). fuse: in chunks, merged in
+    the same launch (FUSED_COMBINE)."""
     hb = hb or (1 if step else attention._heads_per_threadgroup(nh, nkv))
     o_in, o_tmpl = o_proj_args(o, t)
     t0, t1, rd = step or (1, 1, 0)
@@ -179,14 +180,16 @@ def attention_case(nh, nkv, d, t, split, o=None, step=None, kv_bits=0, hb=None, 
     kv = "u32" if kv_bits else t
     scales = [(n, t if kv_bits else None) for n in ("kscales", "kbiases", "vscales", "vbiases")]
     return (f"attention_{nh}_{nkv}_{d}_{t}_{'split' if split else 'single'}_{o}{'_cca' if step else ''}"
-            f"{f'_kv{kv_bits}' if kv_bits else ''}{f'_hb{hb}' if hb > 1 else ''}{f'_lpk{lanes}' if lanes < 32 else ''}",
+            f"{f'_kv{kv_bits}' if kv_bits else ''}{f'_hb{hb}' if hb > 1 else ''}{f'_lpk{lanes}' if lanes < 32 else ''}"
+            f"{'_fused' if fuse else ''}",
             "decode_attention.h",
             [("q", None if step else t), ("keys", kv), ("values", kv), *scales, ("lpad", "i32"), ("filled", "i32"),
              ("meta", "i32"), *o_in, *[(n, k if step else None) for n, k in step_in]],
             [("out", "f32" if split or o else t), ("ml", "f32" if split else None),
+             ("fin", ("f32" if o else t) if fuse else None),
              ("conv_out", t if step else None), ("vprev_out", t if step else None)],
             [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)), ("LPK", lanes),
-             ("SPLIT", split), *o_tmpl, ("SCALE", _build.float_bits(d ** -0.5)), ("HAS_CCA", step is not None),
+             ("SPLIT", split), ("FUSE", fuse), *o_tmpl, ("SCALE", _build.float_bits(d ** -0.5)), ("HAS_CCA", step is not None),
              ("T0", t0), ("T1", t1), ("RD", rd), ("EPS", EPS if step else 0), ("KVB", kv_bits), ("KVG", 64)])
 
 
@@ -227,6 +230,11 @@ CASES += [attention_case(8, 2, 128, t, True, "mxfp4", None, bits, hb=4) for t in
 CASES += [attention_case(8, 2, 128, "bf16", False, "mxfp4", (2, 2, 64), lanes=16)]  # (float32: the step apart)
 CASES += [attention_case(8, 2, 128, t, True, "mxfp4", None, bits, hb, 16)
           for t in DTYPES for bits, hb in ((0, None), (8, 4), (4, 4))]
+# in chunks, merged by the last chunk's threadgroup (FUSED_COMBINE): with the CCA step inside and o_proj, apart with
+# a KV head's 4 query heads and a quantized cache, without o_proj
+CASES += [attention_case(8, 2, 128, "bf16", True, "mxfp4", (2, 2, 64), fuse=True),
+          attention_case(8, 2, 128, "bf16", True, "mxfp4", None, 8, 4, fuse=True),
+          attention_case(8, 2, 128, "f32", True, None, fuse=True)]
 CASES += [combine_case(o) for o in (None, "bf16", "mxfp4", "affine4", "affine8")]
 
 

@@ -5,7 +5,7 @@ ZAYA's router width, 256, which the expert kernel routes at (the count depends o
 which launches cover the shapes, not on the widths), batch, expert grouping and attention in chunks as asked.
 
     python dev/step_primitives.py --batch 16 --group-experts-from off,8
-    python dev/step_primitives.py --batch 16 --split --group-experts-from off
+    python dev/step_primitives.py --batch 16 --split --group-experts-from off [--fused-combine]
 
 Not compiled (mx.compile would trace the stubs' outputs as new arrays): the figures compare forms, and a GPU run of
 `zaya bench` gives the compiled count.
@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", action="store_true",
                     help="attention in chunks, as over a KV buffer past SINGLE_PASS_MAX positions (the count does "
                          "not depend on the length)")
+    ap.add_argument("--fused-combine", action="store_true",
+                    help="with --split: the chunks merged in attention's launch (attention.FUSED_COMBINE)")
     args = ap.parse_args(argv)
     small = small_config()
     types = [small.layer_types[i % len(small.layer_types)] for i in range(args.layers)]
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     model = build_zaya(config, None if args.quant == "bf16" else args.quant, seed=0)
     if args.split:
         attention.SINGLE_PASS_MAX = 0
+        attention.FUSED_COMBINE = args.fused_combine
     with kernels_from(stub_kernel):
         for g in args.group_experts_from.split(","):
             threshold = None if g.strip() == "off" else int(g)

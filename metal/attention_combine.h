@@ -7,7 +7,7 @@
 //
 // Grid: x = (b * NH + h) * RS + rs (threadgroups of NT threads, thread d < D merges output value d).
 // Template: T (output dtype), D, NH, NT (>= D), HAS_O, HO, QM, BITS, GS, HAS_OB (as in decode_attention.h).
-// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [5] int32 (NC at 3, RS at 4:
+// Inputs: part [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32 (max, sum), meta [6] int32 (NC at 3, RS at 4:
 // 1 without o_proj), wo, wos,
 // wob, bo (o_proj, as in decode_attention.h).
 // Output: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH, HO] float32.
@@ -18,23 +18,11 @@ const int rs = zk_bx - bh * RS;
 const int d = zk_tid;
 ZK_SHARED float zk_o[HAS_O ? D : 1];
 if (d < D) {
-  float mmax = -3.0e38f;
-  for (int c = 0; c < NC; ++c) {
-    const float mc = ml[(bh * NC + c) * 2];
-    mmax = (ml[(bh * NC + c) * 2 + 1] > 0.0f && mc > mmax) ? mc : mmax;
-  }
-  float sum = 0.0f;
-  float o = 0.0f;
-  for (int c = 0; c < NC; ++c) {
-    const float lc = ml[(bh * NC + c) * 2 + 1];
-    const float f = (lc > 0.0f) ? lc * zk_exp(ml[(bh * NC + c) * 2] - mmax) : 0.0f;
-    sum += f;
-    o += part[(bh * NC + c) * D + d] * f;
-  }
+  const float y = zk_merge_chunks<D>(part, ml, bh, NC, d);
   if (HAS_O) {
-    zk_o[d] = zk_round<T>((sum > 0.0f) ? o / sum : 0.0f);
+    zk_o[d] = zk_round<T>(y);
   } else {
-    out[bh * D + d] = static_cast<T>((sum > 0.0f) ? o / sum : 0.0f);
+    out[bh * D + d] = static_cast<T>(y);
   }
 }
 if (HAS_O) {

@@ -320,6 +320,26 @@ ZK_DEV void zk_add_round(PC ch, PA acc, PX xs, int it0, int lane) {
   }
 }
 
+// Value d of query head bh's attention output from its NC chunks' normalised outputs part [.., NC, D] and their
+// (max, sum) ml [.., NC, 2] (decode attention in chunks): chunk c weighs l_c * exp(m_c - M), an empty chunk nothing.
+template <int D, typename PP, typename PM>
+ZK_DEV float zk_merge_chunks(PP part, PM ml, int bh, int nc, int d) {
+  float mmax = -3.0e38f;
+  for (int c = 0; c < nc; ++c) {
+    const float mc = ml[(bh * nc + c) * 2];
+    mmax = (ml[(bh * nc + c) * 2 + 1] > 0.0f && mc > mmax) ? mc : mmax;
+  }
+  float sum = 0.0f;
+  float o = 0.0f;
+  for (int c = 0; c < nc; ++c) {
+    const float lc = ml[(bh * nc + c) * 2 + 1];
+    const float f = (lc > 0.0f) ? lc * zk_exp(ml[(bh * nc + c) * 2] - mmax) : 0.0f;
+    sum += f;
+    o += static_cast<float>(part[(bh * nc + c) * D + d]) * f;  // (a float32 buffer wherever a variant calls this)
+  }
+  return (sum > 0.0f) ? o / sum : 0.0f;
+}
+
 // Each of a SIMD group's RPW row sums, reduced over its lanes, into sums[warp * RPW + i] (lane 0 writes).
 template <int RPW, typename PA, typename PS>
 ZK_DEV void zk_store_row_sums(PA acc, PS sums, int warp, int lane) {

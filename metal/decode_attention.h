@@ -24,8 +24,9 @@
 // the cache, in place at position L - 1, and the key head's new states. The new key and value are taken from
 // threadgroup memory, not the cache (chunk 0's and row share 0's threadgroups write the cache and states). So the
 // step and attention are one launch: the query never leaves the threadgroup, and a layer has one graph node less.
-// Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, LPK (32 or 16), SPLIT (false: one chunk, write
-// the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h), HAS_O, HO,
+// Template: T (dtype of q, keys, values), D (a multiple of 32), NH, NKV, HB, NT, LPK (32 or 16), SPLIT (false: one
+// chunk, write the output; true: write each chunk's normalised output and its (max, sum) for attention_combine.h),
+// FUSE (in chunks, on CUDA: merge them in this launch instead), HAS_O, HO,
 // QM, BITS, GS, HAS_OB (o_proj: output rows; weight format as in zk_load_chunk; a bias, added by head block 0),
 // SCALE (the softmax scale's float32 bits), HAS_CCA, T0, T1, RD, EPS (the CCA step's, as cca_decode.h's; without
 // it, placeholders), KVB, KVG (a quantized cache: its bits, 8 or 4, and the values a scale and bias serve; KVB 0:
@@ -33,16 +34,18 @@
 // Inputs: q [B, NH, 1, D], keys, values [B, NKV, CAP, D] (quantized: [B, NKV, CAP, D * KVB / 32] uint32, with
 // kscales, kbiases, vscales, vbiases [B, NKV, CAP, D / KVG] of type T; else those four absent), lpad [B] int32,
 // filled [1] int32 (L <= CAP),
-// meta [5] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; RS: with
+// meta [6] int32 (W, CH, CAP, NC: the chunks in the grid, enough for CAP keys; a chunk past L has no keys; RS: with
 // HAS_O, o_proj's row shares, in this grid in one pass, else in attention_combine.h's; read at run time, so that a
-// grown buffer or another RS compiles no new variant), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or packed, scales, biases, bias;
-// each absent (ZK_ABSENT) where the variant reads none), after (not read: an output of the CCA step where that
-// wrote q in place, which orders this launch after it). L is read on the GPU, so one launch serves every step.
+// grown buffer or another RS compiles no new variant; B * NH), wo, wos, wob, bo (o_proj's weight [HO, NH * D] dense or
+// packed, scales, biases, bias; each absent (ZK_ABSENT) where the variant reads none), after (not read: an output
+// of the CCA step where that wrote q in place, which orders this launch after it). L is read on the GPU, so one
+// launch serves every step.
 // With HAS_CCA: no q; keys and values are written in place; and the CCA step's inputs as cca_decode.h names them
 // (qkv, conv_state, v_prev, dw_w, dw_b, gw_w, gw_b, temp, offset, inv_freq).
 // Outputs: SPLIT false: out [B, 1, NH * D] (T), or with HAS_O o_proj's partial sums [B, NH / HB, HO] float32;
-// no ml. SPLIT true: out [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32. With HAS_CCA, also the CCA step's
-// conv_out [B, S, C] and vprev_out [B, NKV * D / 2].
+// no ml. SPLIT true: out [B, NH, NC, D] float32, ml [B, NH, NC, 2] float32; with FUSE also fin (what out is in one
+// pass), and ml followed by the tickets, B * NH / HB int32 words, all zeroed before the launch (without FUSE, fin
+// absent). With HAS_CCA, also the CCA step's conv_out [B, S, C] and vprev_out [B, NKV * D / 2].
 constexpr int NWARP = NT / 32;
 constexpr int REP = NH / NKV;
 constexpr int NHB = NH / HB;  // head blocks a batch row
@@ -289,6 +292,40 @@ for (int i = zk_tid; i < HB * D; i += NT) {
     out[(b * NH + h) * D + d] = static_cast<T>((sum > 0.0f) ? o / sum : 0.0f);
   }
 }
+#ifdef ZK_GRID_FENCE
+// FUSE (in chunks, CUDA only: see ZK_GRID_FENCE): the last of a head block's NC chunk threadgroups to finish merges
+// the chunks as attention_combine.h does, into fin (or, with HAS_O, adds the head block's share of o_proj there), so
+// the combine takes no launch of its own. Each threadgroup fences its chunk's results before it takes a ticket (an
+// int32 a grid row after ml's B * NH * NC * 2 floats, zeroed by the launch's init value as ml is: no output of its
+// own); the one that takes ticket NC - 1 sees them all.
+if (SPLIT && FUSE) {
+  ZK_SHARED int zk_ticket[1];
+  ZK_GRID_FENCE();
+  ZK_BARRIER();
+  if (zk_tid == 0) {
+    zk_ticket[0] = ZK_TICKET(ml + meta[5] * NC * 2, zk_by);
+  }
+  ZK_BARRIER();
+  if (zk_ticket[0] == NC - 1) {
+    ZK_GRID_FENCE();
+    for (int i = zk_tid; i < HB * D; i += NT) {
+      const int r = i / D;
+      const int d = i - r * D;
+      const float y = zk_merge_chunks<D>(out, ml, b * NH + h0 + r, NC, d);
+      if (HAS_O) {
+        zk_o[r * D + d] = zk_round<T>(y);
+      } else {
+        fin[(b * NH + h0 + r) * D + d] = static_cast<T>(y);
+      }
+    }
+    if (HAS_O) {
+      ZK_BARRIER();
+      zk_slice_matvec<QM, BITS, GS, NH * D, HB * D, NT>(wo, wos, wob, bo, HAS_OB && h0 == 0, zk_o, h0 * D,
+                                                        fin + (b * NHB + h0 / HB) * HO, zk_tid, 0, HO);
+    }
+  }
+}
+#endif
 if (HAS_O && !SPLIT) {
   ZK_BARRIER();
   zk_slice_matvec<QM, BITS, GS, NH * D, HB * D, NT>(wo, wos, wob, bo, HAS_OB && h0 == 0, zk_o, h0 * D,

@@ -15,6 +15,12 @@
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 #define ZK_ATOMIC_ADD(ptr, i, v) atomicAdd(&(ptr)[(i)], (v))
+// A fence that orders this thread's writes to device memory before its later ones as every thread of the launch
+// sees them, and ZK_TICKET(p, i), an atomic p[i] += 1 on an int32 buffer that returns p[i] before: together, the
+// last threadgroup of several can take over their results in the same launch. Only CUDA's prelude defines them
+// (Metal's device-scope fence needs MSL 3.2): a body uses them inside #ifdef ZK_GRID_FENCE.
+#define ZK_GRID_FENCE() __threadfence()
+#define ZK_TICKET(ptr, i) atomicAdd(reinterpret_cast<int*>(ptr) + (i), 1)
 #define ZK_ABSENT(name) float* const name = nullptr;
 #define ZK_VIEW(name, pack, offset) const float* const name = (pack) + (offset);
 #define ZK_INPLACE(name, src) const auto name = zk_writable(src);

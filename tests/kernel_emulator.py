@@ -91,6 +91,8 @@ thread_local zk_context zk_ctx;
 #define ZK_LDS4(arr, i) (reinterpret_cast<const float4*>(arr)[(i)])
 #define ZK_WRITABLE(T, ptr) const_cast<T*>(ptr)
 #define ZK_ATOMIC_ADD(ptr, i, v) std::atomic_ref<float>((ptr)[(i)]).fetch_add((v))
+#define ZK_GRID_FENCE() std::atomic_thread_fence(std::memory_order_seq_cst)
+#define ZK_TICKET(ptr, i) std::atomic_ref<int>(reinterpret_cast<int*>(ptr)[(i)]).fetch_add(1)
 #define ZK_ABSENT(name) float* const name = nullptr;
 #define ZK_VIEW(name, pack, offset) const float* const name = (pack) + (offset);
 #define ZK_INPLACE(name, src) const auto name = zk_writable(src);

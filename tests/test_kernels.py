@@ -982,6 +982,18 @@ def test_decode_attention_kernel_with_two_keys_a_simd_group(case, dtype, heads, 
     _check_attention_kernel(case, dtype)
 
 
+@gpu_only
+@pytest.mark.parametrize("heads", [1, 8])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("case", [ATTENTION_CASES[i] for i in (3, 4, 7)])
+def test_decode_attention_kernel_merges_its_chunks_in_the_same_launch(case, dtype, heads, monkeypatch):
+    """FUSED_COMBINE (CUDA; elsewhere the combine launch): in chunks, each head block's last chunk's threadgroup
+    merges the chunks, as the reference, with left padding and a window, a query head a threadgroup or a KV head's."""
+    monkeypatch.setattr(attention, "FUSED_COMBINE", True)
+    monkeypatch.setattr(attention, "HEADS_PER_THREADGROUP", heads)
+    _check_attention_kernel(case, dtype)
+
+
 def _check_attention_kernel(case, dtype):
     B, NH, NKV, D, length, cap, pads, window = case
     mx.random.seed(length + B)
@@ -1058,16 +1070,18 @@ CCA_ATTENTION_CASES = [  # B, NH, NKV, D, T0, T1, RD, length, capacity, left pad
 
 
 @gpu_only
-@pytest.mark.parametrize("lanes", [32, 16])
+@pytest.mark.parametrize("lanes,fused", [(32, False), (16, False), (32, True)])
 @pytest.mark.parametrize("dtype,opts", [(mx.bfloat16, None), (mx.bfloat16, dict(group_size=32, bits=4, mode="mxfp4")),
                                         (mx.float32, dict(group_size=64, bits=4))])
 @pytest.mark.parametrize("case", CCA_ATTENTION_CASES)
-def test_cca_attention_kernel_matches_reference(case, dtype, opts, lanes, monkeypatch):
+def test_cca_attention_kernel_matches_reference(case, dtype, opts, lanes, fused, monkeypatch):
     """The CCA step inside attention (one launch) against the step's reference, its cache write and attention's
     reference with ZAYA's o_proj: the output, the new states, and the cache written at position length - 1 alone.
     float32 goes only where half a threadgroup's registers hold its grouped-conv rows (the smaller head). lanes 16:
-    two key slots a SIMD group, each taking the new key from threadgroup memory."""
+    two key slots a SIMD group, each taking the new key from threadgroup memory; fused: in chunks, the last chunk's
+    threadgroup merges them and applies o_proj (CUDA)."""
     monkeypatch.setattr(attention, "LANES_PER_KEY", lanes)
+    monkeypatch.setattr(attention, "FUSED_COMBINE", fused)
     B, NH, NKV, D, t0, t1, rd, length, cap, pads, window = case
     a, kw, o_proj = _cca_attention_case(B, NH, NKV, D, t0, t1, rd, dtype, cap, length, seed=length + B,
                                         o_proj=linear(2048, NH * D, dtype, opts, bias=False))

@@ -312,14 +312,18 @@ def test_cca_body(shape, dtype, q_in_place):
 
 @pytest.mark.parametrize("lanes", [32, 16])
 @pytest.mark.parametrize("heads", [1, 2])
-@pytest.mark.parametrize("pads,window,single_pass", [(None, None, 64), ([0, 3], 6, 64), ([0, 9], None, 4)])
-def test_attention_body(pads, window, single_pass, heads, lanes, monkeypatch):
-    """Grouped heads, left padding, a sliding window, and (single_pass = 4) the split into chunks + combine; a query
-    head a threadgroup, or (heads = 2) both of a KV head's; a key a SIMD group, or (lanes 16) two at once."""
+@pytest.mark.parametrize("pads,window,single_pass,fused", [(None, None, 64, False), ([0, 3], 6, 64, False),
+                                                           ([0, 9], None, 4, False), ([0, 9], None, 4, True)])
+def test_attention_body(pads, window, single_pass, fused, heads, lanes, monkeypatch):
+    """Grouped heads, left padding, a sliding window, and (single_pass = 4) the split into chunks + combine, or
+    (fused) the chunks merged by the last one's threadgroup in the same launch; a query head a threadgroup, or
+    (heads = 2) both of a KV head's; a key a SIMD group, or (lanes 16) two at once."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
     monkeypatch.setattr(attention, "HEADS_PER_THREADGROUP", heads)
     monkeypatch.setattr(attention, "LANES_PER_KEY", lanes)
+    monkeypatch.setattr(attention, "FUSED_COMBINE", fused)
+    seen = launches(monkeypatch)
     mx.random.seed(7)
     B, NH, NKV, D, cap, length = 2, 4, 2, 32, 20, 13
     q, keys, values = rnd(B, NH, 1, D), rnd(B, NKV, cap, D), rnd(B, NKV, cap, D)
@@ -329,21 +333,26 @@ def test_attention_body(pads, window, single_pass, heads, lanes, monkeypatch):
         out = attention.decode_attention_kernel(q, keys, values, mx.array([length], mx.int32), scale=D**-0.5,
                                                 left_padding=lp, window=window, back="cuda")
     assert out.shape == ref.shape and max_rel(out, ref) < 1e-5
+    assert ("attention_combine.h" in [body for body, _ in seen]) == (single_pass < 20 and not fused)
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("shape,pads,window,single_pass,lanes", [((2, 4, 2, 64, 2, 2, 32), None, None, 64, 32),
-                                                                 ((2, 4, 2, 64, 3, 2, 16), [0, 3], 6, 64, 16),
-                                                                 ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, 32),
-                                                                 ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, 16)])
-def test_cca_step_inside_attention_body(shape, pads, window, single_pass, lanes, dtype, monkeypatch):
+@pytest.mark.parametrize("shape,pads,window,single_pass,lanes,fused",
+                         [((2, 4, 2, 64, 2, 2, 32), None, None, 64, 32, False),
+                          ((2, 4, 2, 64, 3, 2, 16), [0, 3], 6, 64, 16, False),
+                          ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, 32, False),
+                          ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, 16, False),
+                          ((2, 4, 1, 64, 2, 2, 0), [0, 9], None, 4, 32, True)])
+def test_cca_step_inside_attention_body(shape, pads, window, single_pass, lanes, fused, dtype, monkeypatch):
     """decode_attention.h with the CCA step inside (HAS_CCA) against the step's reference, its cache write and
     attention's reference with o_proj: the output, the new states, and the key and value written at position
     filled - 1 alone; with left padding, a sliding window, and (single_pass 4) the split into chunks + combine;
-    lanes 16: a SIMD group's two key slots take the new key from threadgroup memory as a whole group does."""
+    lanes 16: a SIMD group's two key slots take the new key from threadgroup memory as a whole group does; fused: the
+    chunks merged and o_proj applied by the last chunk's threadgroup, no combine launch."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "CHUNK", 4)
     monkeypatch.setattr(attention, "LANES_PER_KEY", lanes)
+    monkeypatch.setattr(attention, "FUSED_COMBINE", fused)
     cap, filled = 20, 13
     a, kw, o_proj = _cca_attention_case(*shape, dtype, cap, filled, seed=sum(shape),
                                         o_proj=linear(40, shape[1] * shape[3], dtype))
@@ -356,7 +365,7 @@ def test_cca_step_inside_attention_body(shape, pads, window, single_pass, lanes,
     with emulated():
         got = attention.cca_decode_attention(**a, filled=mx.array([filled], mx.int32), left_padding=lp,
                                              window=window, o_proj=o_proj, impl="kernel", **kw)
-    assert attention_launches(seen) == layer_launches(False, cap > single_pass)
+    assert attention_launches(seen) == layer_launches(False, cap > single_pass and not fused)
     assert got[1] is a["keys"] and got[2] is a["values"]  # written in place
     out = got[0].sum(axis=1, keepdims=True)  # the heads' (or chunks' combined) shares of o_proj
     tol = 2e-2 if dtype == mx.bfloat16 else 1e-5
@@ -442,18 +451,22 @@ O_PROJ_FORMATS = [("dense", None, True), ("affine", dict(group_size=64, bits=4),
                   ("mxfp4", dict(group_size=32, bits=4, mode="mxfp4"), False)]
 
 
-@pytest.mark.parametrize("fmt,opts,bias,single_pass,threadgroups",
-                         [(*f, sp, tg) for f in O_PROJ_FORMATS for sp, tg in ((64, 8), (64, 32), (4, 8), (4, 32))]
-                         + [(*O_PROJ_FORMATS[-1], sp, 1024) for sp in (64, 4)])  # a row a share: one format is enough
-def test_attention_body_with_o_proj(fmt, opts, bias, single_pass, threadgroups, monkeypatch):
+@pytest.mark.parametrize("fmt,opts,bias,single_pass,threadgroups,fused",
+                         [(*f, sp, tg, False) for f in O_PROJ_FORMATS
+                          for sp, tg in ((64, 8), (64, 32), (4, 8), (4, 32))]
+                         + [(*O_PROJ_FORMATS[-1], sp, 1024, False) for sp in (64, 4)]  # a row a share: one format
+                         + [(*f, 4, 32, True) for f in O_PROJ_FORMATS])
+def test_attention_body_with_o_proj(fmt, opts, bias, single_pass, threadgroups, fused, monkeypatch):
     """o_proj inside attention: the head blocks' shares (or, split into chunks, the combine's per-head shares) sum
     to o_proj of the plain attention, bias once; 72 output rows leave the last rows of a thread's round empty.
     o_proj's rows are spread over 1 (8 threadgroups for the 8 heads, or in chunks 8 merging them), 4 (18 rows each, so
-    a round ends inside a SIMD group's rows) or 72 threadgroups a head (a row each).
+    a round ends inside a SIMD group's rows) or 72 threadgroups a head (a row each); fused: in chunks, each head's
+    last chunk's threadgroup merges them and adds all its rows, with no combine launch.
     float32 activations: MLX's quantized matmul in bfloat16 rounds too coarsely to be the reference."""
     monkeypatch.setattr(attention, "SINGLE_PASS_MAX", single_pass)
     monkeypatch.setattr(attention, "O_PROJ_THREADGROUPS", threadgroups)
     monkeypatch.setattr(attention, "CHUNK", 4)
+    monkeypatch.setattr(attention, "FUSED_COMBINE", fused)
     mx.random.seed(11)
     B, NH, NKV, D, cap, length, HO = 2, 4, 2, 64, 20, 13, 72
     q, keys, values = rnd(B, NH, 1, D), rnd(B, NKV, cap, D), rnd(B, NKV, cap, D)

@@ -26,6 +26,9 @@ SINGLE_PASS_MAX = 1024  # buffer positions a threadgroup takes in one pass; larg
 CHUNK = 512
 HEADS_PER_THREADGROUP = 1  # query heads a threadgroup: 1 spreads a batch row over NH threadgroups (see the body)
 LANES_PER_KEY = 32  # a SIMD group's lanes a key, 32 or 16 (two keys at once, a 16-byte load a lane: see the body)
+# in chunks on CUDA: the last chunk's threadgroup of a head block merges the chunks in the same launch (a launch less
+# a layer; see the body), where a device-scope fence makes that safe; Metal keeps the combine launch
+FUSED_COMBINE = False
 # the most repeated CCA steps a head (summed over the batch) for which the step still runs inside attention's launch
 CCA_INSIDE_MAX_REPEATS = 32
 # with o_proj: threadgroups to spread o_proj's rows over, each computing its heads' attention in one pass or merging
@@ -167,11 +170,12 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     step = cca.no_step(dtype) if step is None else step
     shared = ("T", "D", "NH", "NKV")  # attention's own too
     step = step._replace(template=[(k, v) for k, v in step.template if k not in shared] + [("HAS_CCA", has_cca)])
+    fuse = split and FUSED_COMBINE and back == "cuda"
     template = [("T", dtype), ("D", D), ("NH", NH), ("NKV", NKV), ("HB", hb), ("NT", nt), ("LPK", LANES_PER_KEY),
-                ("SPLIT", split),
+                ("SPLIT", split), ("FUSE", fuse),
                 *o_template, ("SCALE", float_bits(scale)), *step.template, ("KVB", kv_bits), ("KVG", kv_group or 64)]
     # read at run time: a grown buffer (a new capacity) then compiles no new variant
-    meta = constant((window or 0, chunk, cap, nc, row_shares), mx.int32)
+    meta = constant((window or 0, chunk, cap, nc, row_shares, B * NH), mx.int32)
     lpad = left_padding.astype(mx.int32) if left_padding is not None else constant((0,) * B, mx.int32)
     (kw, ks, kb), (vw, vs, vb) = cca.kv_parts(keys), cca.kv_parts(values)
     inputs = [("q", q), ("keys", kw), ("values", vw), ("kscales", ks), ("kbiases", kb), ("vscales", vs),
@@ -180,15 +184,25 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
     # o_proj's input: [B, 1, NH * D], the same memory as [B, NH, 1, D] (no reshape node); or o_proj's partial sums
     out_shape, out_dtype = ((B, 1, NH * D), dtype) if o_proj is None else ((B, rows // B, ho), mx.float32)
     if not split:
-        out, _, *states = launch("decode_attention.h", back, inputs,
-                                 [("out", out_shape, out_dtype), ("ml", None, mx.float32), *step.outputs],
-                                 template=template, grid=(nt * row_shares, rows, 1), threadgroup=(nt, 1, 1),
-                                 pack=cca.PACKED)
+        out, _, _, *states = launch("decode_attention.h", back, inputs,
+                                    [("out", out_shape, out_dtype), ("ml", None, mx.float32), ("fin", None, out_dtype),
+                                     *step.outputs],
+                                    template=template, grid=(nt * row_shares, rows, 1), threadgroup=(nt, 1, 1),
+                                    pack=cca.PACKED)
         return (out, *states) if has_cca else out
-    part, ml, *states = launch("decode_attention.h", back, inputs,
-                               [("out", (B, NH, nc, D), mx.float32), ("ml", (B, NH, nc, 2), mx.float32),
-                                *step.outputs],
-                               template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1), pack=cca.PACKED)
+    part = ("out", (B, NH, nc, D), mx.float32)
+    if fuse:
+        # the last chunk's threadgroup of each head block writes the output; ml ends in a ticket a head block, and
+        # every output starts zeroed
+        _, _, out, *states = launch("decode_attention.h", back, inputs,
+                                    [part, ("ml", (B * NH * nc * 2 + rows,), mx.float32), ("fin", out_shape, out_dtype),
+                                     *step.outputs],
+                                    template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1),
+                                    pack=cca.PACKED, init_value=0)
+        return (out, *states) if has_cca else out
+    part, ml, _, *states = launch("decode_attention.h", back, inputs,
+                                  [part, ("ml", (B, NH, nc, 2), mx.float32), ("fin", None, out_dtype), *step.outputs],
+                                  template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1), pack=cca.PACKED)
     nt2 = max(32, D) if o_proj is None else max(256, D)  # with o_proj, 256 threads share its rows
     if o_proj is not None:
         out_shape = (B, NH, ho)
