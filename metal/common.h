@@ -140,17 +140,17 @@ ZK_DEV void zk_load_qvals(P words, PS scales, PS biases, int idx, PO out) {
   if (N >= PER) {
     // the N / PER words in one load where they make 8 or 16 bytes (idx / PER is a multiple of N / PER)
     constexpr int NW = (N >= PER) ? N / PER : 1;
-    uint32_t ws[NW];
+    uint32_t ws[(NW > 4) ? NW : 4];
     if (NW == 4) {
       const uint4 w4 = ZK_LOAD_U4(words, idx / (4 * PER));
       ws[0] = w4.x;
-      ws[NW > 1 ? 1 : 0] = w4.y;
-      ws[NW > 2 ? 2 : 0] = w4.z;
-      ws[NW > 3 ? 3 : 0] = w4.w;
+      ws[1] = w4.y;
+      ws[2] = w4.z;
+      ws[3] = w4.w;
     } else if (NW == 2) {
       const uint2 w2 = ZK_LOAD_U2(words, idx / (2 * PER));
       ws[0] = w2.x;
-      ws[NW > 1 ? 1 : 0] = w2.y;
+      ws[1] = w2.y;
     } else {
       ZK_UNROLL
       for (int w = 0; w < NW; ++w) {

@@ -190,18 +190,19 @@ def decode_attention_kernel(q, keys, values, filled, *, scale: float, left_paddi
                                     template=template, grid=(nt * row_shares, rows, 1), threadgroup=(nt, 1, 1),
                                     pack=cca.PACKED)
         return (out, *states) if has_cca else out
-    part = ("out", (B, NH, nc, D), mx.float32)
+    chunk_out = ("out", (B, NH, nc, D), mx.float32)
     if fuse:
         # the last chunk's threadgroup of each head block writes the output; ml ends in a ticket a head block, and
         # every output starts zeroed
         _, _, out, *states = launch("decode_attention.h", back, inputs,
-                                    [part, ("ml", (B * NH * nc * 2 + rows,), mx.float32), ("fin", out_shape, out_dtype),
-                                     *step.outputs],
+                                    [chunk_out, ("ml", (B * NH * nc * 2 + rows,), mx.float32),
+                                     ("fin", out_shape, out_dtype), *step.outputs],
                                     template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1),
                                     pack=cca.PACKED, init_value=0)
         return (out, *states) if has_cca else out
     part, ml, _, *states = launch("decode_attention.h", back, inputs,
-                                  [part, ("ml", (B, NH, nc, 2), mx.float32), ("fin", None, out_dtype), *step.outputs],
+                                  [chunk_out, ("ml", (B, NH, nc, 2), mx.float32), ("fin", None, out_dtype),
+                                   *step.outputs],
                                   template=template, grid=(nc * nt, rows, 1), threadgroup=(nt, 1, 1), pack=cca.PACKED)
     nt2 = max(32, D) if o_proj is None else max(256, D)  # with o_proj, 256 threads share its rows
     if o_proj is not None:
