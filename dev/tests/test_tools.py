@@ -67,6 +67,19 @@ def test_one_process_ab_times_both_sides(what):
     assert out[5].startswith(f"median tok/s: {what} on ") and "ratio" in out[5]
 
 
+def test_one_process_ab_times_attention_settings_against_the_library():
+    """--what attention on the CPU: the constants as they are, then each --configs setting, in the same rounds; a
+    name that is not one of attention's constants is one line and exit 1."""
+    cmd = [sys.executable, os.path.join(DEV, "ab_one_process.py"), "--what", "attention", "--small", "--rounds", "1",
+           "--steps", "2", "--context", "4", "--configs", "CHUNK=2;LANES_PER_KEY=16"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
+    assert [line.split(":")[0] for line in out[1:4]] == ["round 0 as it is", "round 0 CHUNK=2",
+                                                         "round 0 LANES_PER_KEY=16"]
+    assert out[4].startswith("median tok/s: as it is ") and "CHUNK=2" in out[4] and "LANES_PER_KEY=16" in out[5]
+    bad = subprocess.run(cmd[:-1] + ["CHUNKS=2"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("--configs: CHUNKS is not one of")
+
+
 def test_native_stacks_are_summarized_by_function_and_caller(tmp_path):
     """py-spy's raw stacks (outermost first, a count a line): 10 samples, 8 of them in the string hash under two
     callers (6 and 2), 2 in malloc. Lines of one function count as one; a caller is the frame right above."""
@@ -159,13 +172,14 @@ def test_cuda_twins_compile_and_fit_an_sm():
 
 
 def test_step_primitives_counts_the_combine_launch_attention_in_chunks_adds():
-    """Two layers at batch 3: with attention in chunks (--split), each layer has one launch more, the combine."""
+    """Two layers at batch 3: with attention in chunks (--split), each layer has one launch more, the combine; with
+    the chunks merged in attention's launch (--fused-combine), none."""
     cmd = [sys.executable, os.path.join(DEV, "step_primitives.py"), "--layers", "2", "--batch", "3",
            "--group-experts-from", "off"]
     outs = [subprocess.run(cmd + split, capture_output=True, text=True, check=True, timeout=300).stdout
-            for split in ([], ["--split"])]
+            for split in ([], ["--split"], ["--split", "--fused-combine"])]
     launches = [int(n) for out in outs for n in re.findall(r"\((\d+) launches\)", out)]
-    assert len(launches) == 2 and launches[1] == launches[0] + 2, outs
+    assert len(launches) == 3 and launches[1] == launches[0] + 2 and launches[2] == launches[0], outs
 
 
 def test_step_primitives_counts_the_router_launch_the_grouped_experts_add():
