@@ -660,6 +660,16 @@ def test_lm_head_kernel_takes_only_rows_of_its_width():
         assert not head.kernel_supported(rnd(5, 1, 256, dtype=mx.bfloat16), linear(1001, 256, mx.bfloat16, opts))
 
 
+def test_lm_head_kernel_takes_only_heads_its_grid_can_hold():
+    """A grid's rows of threadgroups (its y, at most 65,535 on CUDA) hold blocks of 8 weight rows: 524,280 rows fit,
+    one more goes to MLX's matmul. (Weights of zeros, never multiplied: the check reads shapes.)"""
+    h = mx.zeros((1, 1, 32), mx.bfloat16)
+    for rows, fits in ((65535 * 8, True), (65535 * 8 + 1, False)):
+        layer = nn.Linear(32, 8, bias=False)
+        layer.weight = mx.zeros((rows, 32), mx.bfloat16)
+        assert head.kernel_supported(h, layer) == fits
+
+
 @gpu_only
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("fmt,opts", FORMATS)
