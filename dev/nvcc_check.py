@@ -188,9 +188,9 @@ def attention_case(nh, nkv, d, t, split, o=None, step=None, kv_bits=0, hb=None, 
             [("out", "f32" if split or o else t), ("ml", "f32" if split else None),
              ("fin", ("f32" if o else t) if fuse else None),
              ("conv_out", t if step else None), ("vprev_out", t if step else None)],
-            [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)), ("LPK", lanes),
-             ("SPLIT", split), ("FUSE", fuse), *o_tmpl, ("SCALE", _build.float_bits(d ** -0.5)), ("HAS_CCA", step is not None),
-             ("T0", t0), ("T1", t1), ("RD", rd), ("EPS", EPS if step else 0), ("KVB", kv_bits), ("KVG", 64)])
+            [("T", t), ("D", d), ("NH", nh), ("NKV", nkv), ("HB", hb), ("NT", attention._threads(hb, d)),
+             ("LPK", lanes), ("SPLIT", split), ("FUSE", fuse), *o_tmpl, ("SCALE", _build.float_bits(d ** -0.5)),
+             ("HAS_CCA", step is not None), ("T0", t0), ("T1", t1), ("RD", rd), ("EPS", EPS if step else 0), ("KVB", kv_bits), ("KVG", 64)])
 
 
 def combine_case(o, t="bf16", d=128):

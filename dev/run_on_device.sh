@@ -161,10 +161,10 @@ for part in "$@"; do
       done ;;
     attn)
       # attention's launch shapes against the library's, at 16 x 16,384 and 1 x 16,384, each row in one process
+      configs=${ATTN_CONFIGS:-FUSED_COMBINE=1;LANES_PER_KEY=16;CHUNK=2048;HEADS_PER_THREADGROUP=4,LANES_PER_KEY=16,CHUNK=256}
       for row in 16x16384 1x16384; do
         timeout 280 python3 dev/ab_one_process.py --what attention --batch "${row%x*}" --context "${row#*x}" \
-          --configs "${ATTN_CONFIGS:-FUSED_COMBINE=1;LANES_PER_KEY=16;CHUNK=2048;HEADS_PER_THREADGROUP=4,LANES_PER_KEY=16,CHUNK=256}" --rounds 2 --steps 32 \
-          2>&1 | tee "$OUT/attn-$row.log"
+          --configs "$configs" --rounds 2 --steps 32 2>&1 | tee "$OUT/attn-$row.log"
         [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       done ;;
     longab)

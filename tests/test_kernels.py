@@ -930,8 +930,6 @@ def test_fused_decode_on_a_quantized_cache_gives_the_plain_ops_logits(bits, pads
     assert getattr(cache[0][0], "bits", None) == bits and isinstance(cache[0][0].keys, tuple)
 
 
-
-
 @gpu_only
 @pytest.mark.parametrize("quant", [None, "mxfp4"])
 def test_fused_decode_check_passes_with_the_real_kernels(quant, monkeypatch):
